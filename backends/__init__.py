@@ -1,0 +1,1 @@
+"""qpass backends (lowering). The repository folder ``backends/`` is installed as ``qpass.backends``."""

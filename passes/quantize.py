@@ -1,0 +1,183 @@
+"""Insert weight and activation quantizers on every selected linear-like node (round-to-nearest).
+
+Matches   linear(x, W[, b]), addmm(b, x, W'), mm(x, W'), matmul(x, W') with W a 2-D parameter
+Changes   W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
+          x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric)           (dynamic activations)
+            or qpass.fake_quantize(x, scale, zero_point, block, fmt)           (static, from observers)
+Requires  calibration data for static activations (one run for all observed inputs)
+Preserves nothing (adds nodes and buffers)
+
+One quantizer node per consumer: q/k/v reading the same input each get their own activation quantizer,
+which is what backends need to fuse each linear on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch.fx import GraphModule
+
+from qpass.calibration import observe
+from qpass.errors import RecipeError
+from qpass.graph import (
+    META_QUANT,
+    LinearSite,
+    add_tensor,
+    get_attr,
+    insert_call,
+    linear_sites,
+    param_of,
+    select,
+)
+from qpass.pass_infra import Context, Pass, PassResult
+from qpass.primitives import OBSERVERS, choose_qparams, ops
+from qpass.primitives.spec import IntFormat, PerChannel, PerHead, PerTensor, PerToken, QSpec
+
+
+@dataclass(frozen=True)
+class ObserverConfig:
+    """How static scales are estimated from calibration data."""
+
+    kind: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+
+    def __post_init__(self):
+        if not 0.0 < self.percentile <= 100.0:
+            raise RecipeError("percentile", f"must be in (0, 100], got {self.percentile}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise RecipeError("averaging_constant", f"must be in (0, 1], got {self.averaging_constant}")
+
+    def make(self, spec: QSpec):
+        kwargs = {"moving_average": {"averaging_constant": self.averaging_constant},
+                  "percentile": {"percentile": self.percentile}}.get(self.kind, {})
+        return OBSERVERS[self.kind](spec, **kwargs)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    name: ClassVar[str] = "quantize"
+    field_docs: ClassVar[dict] = {
+        "weights": "weight quantizer (null: keep weights in float); scales from min-max",
+        "activations": "input quantizer of each linear (null: none); dynamic per_token or static per_tensor",
+        "targets": "module-path globs to quantize",
+        "ignore": "module-path globs to leave in float (a bare name matches as a suffix: lm_head)",
+        "observer": "static activation scale estimator: {kind: minmax|moving_average|percentile|mse, ...}",
+    }
+
+    weights: QSpec | None = QSpec(IntFormat(8), PerChannel(0))
+    activations: QSpec | None = None
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
+
+    def __post_init__(self):
+        w, a = self.weights, self.activations
+        if w is not None:
+            if w.dynamic:
+                raise RecipeError("weights.dynamic", "weights are quantized once, offline; set dynamic: false")
+            if isinstance(w.granularity, (PerToken, PerHead)):
+                raise RecipeError("weights.granularity", "weights take per_tensor, per_channel or per_group")
+            if getattr(w.granularity, "axis", 0) not in (0, 1, -1, -2):
+                raise RecipeError("weights.axis", "a weight is [out, in]: axis is 0 (out) or 1 (in)")
+        if a is not None:
+            if isinstance(a.granularity, PerHead):
+                raise RecipeError("activations.granularity", "per_head is for the KV cache (kv_cache pass)")
+            if not a.dynamic and not isinstance(a.granularity, (PerTensor, PerChannel)):
+                raise RecipeError("activations.granularity", "static activation scales are per_tensor or "
+                                  "per_channel (axis -1); use dynamic: true for per_token / per_group")
+            if isinstance(a.granularity, PerChannel) and a.granularity.axis != -1:
+                raise RecipeError("activations.axis", "activation channels are the last axis: use axis: -1")
+        if not self.targets:
+            raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Insert round-to-nearest weight quantizers and dynamic or static activation quantizers on linears."""
+
+    config: QuantizeConfig = QuantizeConfig()
+    name: ClassVar[str] = "quantize"
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        cfg = self.config
+        sites = linear_sites(gm)
+        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "quantize")
+        todo = [s for s in sites if s.path in chosen]
+        skipped = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
+        act_qparams = self._static_activation_qparams(gm, ctx, todo)
+        for site in todo:
+            if cfg.weights is not None:
+                self._quantize_weight(gm, site, cfg.weights, ctx)
+            if cfg.activations is not None:
+                self._quantize_input(gm, site, cfg.activations, act_qparams.get(site.input.name))
+        stats = {"linears": len(todo), "weights_quantized": len(todo) if cfg.weights else 0,
+                 "inputs_quantized": len(todo) if cfg.activations else 0, "skipped": len(skipped)}
+        return PassResult(modified=bool(todo) and (cfg.weights or cfg.activations) is not None,
+                          stats=stats, near_misses=skipped)
+
+    # -- weights
+    def _quantize_weight(self, gm: GraphModule, site: LinearSite, spec: QSpec, ctx: Context) -> None:
+        w = param_of(gm, site.weight).detach()
+        w_use = w.t() if site.weight_use is not site.weight else w
+        block = weight_block_size(spec, use_in_axis=site.use_in_axis)
+        if ctx.restoring:   # numbers come from the saved state dict
+            scale, zp = _placeholder(w_use.shape, block, spec)
+        else:
+            scale, zp = choose_qparams(w_use, spec, block_size=block)
+        self._insert_fq(gm, site, site.weight_use, scale, zp, block, spec, role="weight",
+                        name=f"{site.weight.target}_scale")
+
+    # -- activations
+    def _quantize_input(self, gm: GraphModule, site: LinearSite, spec: QSpec, qparams) -> None:
+        x = site.input
+        block = spec.block_size(x.meta["val"].shape)
+        if spec.dynamic:
+            fq = insert_call(gm, site.node, ops.fake_quantize_dynamic, (x, list(block), spec.format.name,
+                             spec.symmetric), "quantize", val_like=x)
+            fq.meta[META_QUANT] = {"role": "input", "site": site.node.name, "path": site.path, "spec": spec}
+            site.node.replace_input_with(x, fq)
+            return
+        scale, zp = qparams
+        self._insert_fq(gm, site, x, scale, zp, block, spec, role="input", name=f"{site.node.name}_input_scale")
+
+    def _insert_fq(self, gm, site, src, scale, zp, block, spec, *, role: str, name: str) -> None:
+        s_node = get_attr(gm, site.node, add_tensor(gm, name, scale))
+        z_node = get_attr(gm, site.node, add_tensor(gm, name.replace("scale", "zero_point"), zp)) \
+            if zp is not None else None
+        fq = insert_call(gm, site.node, ops.fake_quantize, (src, s_node, z_node, list(block), spec.format.name),
+                         "quantize", val_like=src)
+        fq.meta[META_QUANT] = {"role": role, "site": site.node.name, "path": site.path, "spec": spec}
+        site.node.replace_input_with(src, fq)
+
+    def _static_activation_qparams(self, gm: GraphModule, ctx: Context, todo: list[LinearSite]) -> dict:
+        spec = self.config.activations
+        if spec is None or spec.dynamic or not todo:
+            return {}
+        inputs = {s.input.name: s.input for s in todo}
+        if ctx.restoring:
+            return {k: _placeholder(n.meta["val"].shape, spec.block_size(n.meta["val"].shape), spec)
+                    for k, n in inputs.items()}
+        calib = ctx.require_calibration("quantize with static activations")
+        observers = ctx.get(("act_observers", spec, self.config.observer, tuple(inputs)), lambda: observe(
+            gm, inputs, lambda k, n: self.config.observer.make(spec), calib,
+            desc="quantize: observing linear inputs", progress=ctx.progress))
+        return {k: obs.qparams() for k, obs in observers.items()}
+
+
+def weight_block_size(spec: QSpec, use_in_axis: int) -> tuple[int, int]:
+    """Block size of a weight quantizer on the weight *as the matmul consumes it* ([out, in] for linear,
+    [in, out] for mm/addmm/matmul). Spec axes are in canonical [out, in] terms."""
+    canonical = spec.granularity.block_size((0, 0))   # [out, in]; only block entries matter
+    return canonical if use_in_axis == 1 else (canonical[1], canonical[0])
+
+
+def _placeholder(shape, block, spec: QSpec):
+    """Scale/zero-point tensors of the right shape for restoring (values are loaded afterwards)."""
+    sshape = [1 if b == -1 else -(-int(n) // b) for n, b in zip(shape, block)]
+    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(sshape)
+    return torch.ones(sshape), zp
+
+
+__all__ = ["Quantize", "QuantizeConfig", "ObserverConfig", "weight_block_size"]

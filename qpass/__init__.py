@@ -1,0 +1,38 @@
+"""qpass: quantize LLMs the way a compiler optimizes programs.
+
+    import qpass
+    qm = qpass.apply(model, "recipes/w8a8.yaml", calib_data=[input_ids])
+    print(qm.report); qm(input_ids).logits; qm.save("out/"); qpass.load("out/")
+
+Import names: the repository folders ``qpass/`` (core), ``passes/`` and ``backends/`` install as
+``qpass``, ``qpass.passes`` and ``qpass.backends``.
+"""
+from . import primitives as primitives
+from ._api import QuantizedModel as QuantizedModel
+from ._api import apply as apply
+from ._api import load as load
+from .capture import capture as capture
+from .errors import (
+    ArtifactError as ArtifactError,
+    CalibrationError as CalibrationError,
+    CaptureError as CaptureError,
+    PassError as PassError,
+    QpassError as QpassError,
+    QuantizationError as QuantizationError,
+    RecipeError as RecipeError,
+    TargetNotFoundError as TargetNotFoundError,
+    UnsupportedOpError as UnsupportedOpError,
+)
+from .primitives.spec import (
+    FloatFormat as FloatFormat,
+    IntFormat as IntFormat,
+    LutFormat as LutFormat,
+    PerChannel as PerChannel,
+    PerGroup as PerGroup,
+    PerHead as PerHead,
+    PerTensor as PerTensor,
+    PerToken as PerToken,
+    QSpec as QSpec,
+)
+from .recipe import Recipe as Recipe
+from .version import __version__ as __version__

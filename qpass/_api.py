@@ -1,0 +1,193 @@
+"""``qpass.apply(model, recipe, calib_data)`` -> QuantizedModel; ``QuantizedModel.save`` / ``qpass.load``.
+
+Saved directories hold no pickle and no serialized graph: ``model.safetensors`` (every parameter and
+buffer of the quantized graph), ``recipe.yaml``, ``qpass.json`` (versions, capture facts, report) and, for
+Hugging Face models, ``config.json``. Loading rebuilds the model from its config, captures it the same way,
+replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the tensors:
+the result is the saved graph, bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .calibration import CalibrationSet
+from .capture import capture, default_example_inputs
+from .errors import ArtifactError
+from .graph import META_CAPTURE
+from .pass_infra import Context, Pipeline, Report
+from .recipe import Recipe, as_recipe
+from .version import __version__
+
+ARTIFACT_FORMAT = 1
+_FILES = ("model.safetensors", "recipe.yaml", "qpass.json")
+
+
+class QuantizedModel(nn.Module):
+    """A quantized graph plus the recipe that made it. Called like the model: ``qm(input_ids).logits``."""
+
+    def __init__(self, graph_module: GraphModule, recipe: Recipe, report: Report, source: dict):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recipe = recipe
+        self.report = report
+        self.source = source   # {"hf_config": dict | None, "model_class": str, "example_inputs": [...]}
+
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            if set(kwargs) - {"input_ids"}:
+                raise TypeError(f"QuantizedModel takes input_ids only, got {sorted(kwargs)}")
+            args = (kwargs["input_ids"], *args)
+        return self.graph_module(*args)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the model to `directory` (created; an existing non-empty one is an error). Nothing is
+        left behind if writing fails."""
+        directory = os.fspath(directory)
+        if os.path.isdir(directory) and os.listdir(directory):
+            raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".qpass-save-", dir=parent)
+        try:
+            safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
+                                         metadata={"format": "qpass", "qpass_version": __version__})
+            with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
+                f.write(self.recipe.to_yaml())
+            meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
+                    **_transformers_version(), "source": self.source, "report": _jsonable(self.report.to_dict())}
+            with open(os.path.join(tmp, "qpass.json"), "w") as f:
+                json.dump(meta, f, indent=2)
+            if self.source.get("hf_config") is not None:
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(self.source["hf_config"], f, indent=2)
+            if os.path.isdir(directory):
+                os.rmdir(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_data: Iterable | None = None,
+          *, example_inputs: tuple | None = None, progress: bool = True) -> QuantizedModel:
+    """Capture `model` (a copy: the original is not modified) and run the recipe's passes over it.
+
+    `recipe`: a Recipe, a dict, or a YAML path. `calib_data`: token-id tensors ([seq] or [batch, seq]) or
+    dicts with 'input_ids' (tuples of tensors for non-HF modules); needed by passes that calibrate.
+    """
+    recipe = as_recipe(recipe)
+    calib = CalibrationSet(calib_data) if calib_data is not None else None
+    if isinstance(model, QuantizedModel):
+        gm, source = copy.deepcopy(model.graph_module), model.source
+        recipe = Recipe(model.recipe.passes + recipe.passes, verify=recipe.verify)
+    else:
+        source = _source(model, example_inputs)
+        gm = model if isinstance(model, GraphModule) else capture(copy.deepcopy(model), example_inputs)
+        if gm is model:
+            gm = copy.deepcopy(model)
+    report = run_recipe(gm, recipe, Context(calib, progress=progress))
+    return QuantizedModel(gm, recipe, report, source)
+
+
+def run_recipe(gm: GraphModule, recipe: Recipe, ctx: Context) -> Report:
+    from qpass.passes import make_pass
+
+    return Pipeline([make_pass(c) for c in recipe.passes], verify=recipe.verify).run(gm, ctx)
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
+    """Load a directory written by ``QuantizedModel.save``. Hugging Face models are rebuilt from
+    config.json; other modules need `model` (an instance of the same architecture, any weights)."""
+    directory = os.fspath(directory)
+    missing = [f for f in _FILES if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
+                            fix="pass a directory written by QuantizedModel.save")
+    with open(os.path.join(directory, "qpass.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{directory!r} has artefact format {meta.get('format')}, this qpass reads "
+                            f"{ARTIFACT_FORMAT} (written by qpass {meta.get('qpass_version')})",
+                            fix="load it with the qpass version that wrote it")
+    recipe = Recipe.from_yaml(os.path.join(directory, "recipe.yaml"))
+    source = meta["source"]
+    if model is None:
+        if source.get("hf_config") is None:
+            raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
+                                "model", fix="pass model=<an instance of that class> to qpass.load")
+        model = _model_from_config(source["hf_config"])
+    gm = capture(model, _example_inputs(source, model))
+    run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
+    _load_tensors(gm, os.path.join(directory, "model.safetensors"))
+    report = Report()
+    return QuantizedModel(gm, recipe, report, source)
+
+
+def _load_tensors(gm: GraphModule, path: str) -> None:
+    missing, unexpected = safetensors.torch.load_model(gm, path, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{path!r} does not match the rebuilt graph (missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]})",
+                            fix="load with the same model class/config and qpass version that saved it")
+
+
+def _model_from_config(cfg: dict) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def _source(model: nn.Module, example_inputs) -> dict:
+    if isinstance(model, GraphModule):
+        info = model.meta.get(META_CAPTURE, {})
+        return {"hf_config": None, "model_class": info.get("model_class", "GraphModule"),
+                "example_inputs": _shapes(example_inputs)}
+    cfg = getattr(model, "config", None)
+    return {"hf_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+            "model_class": type(model).__name__, "example_inputs": _shapes(example_inputs)}
+
+
+def _shapes(example_inputs) -> list | None:
+    if example_inputs is None:
+        return None
+    xs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in xs]
+
+
+def _example_inputs(source: dict, model: nn.Module):
+    spec = source.get("example_inputs")
+    if spec is None:
+        return default_example_inputs(model) if getattr(model, "config", None) is not None else None
+    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
+
+
+def _transformers_version() -> dict:
+    try:
+        import transformers
+        return {"transformers_version": transformers.__version__}
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return {}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

@@ -1,0 +1,124 @@
+"""Capture: a model -> an aten-level ``torch.fx.GraphModule`` via ``torch.export.export(strict=False)``.
+
+Hugging Face causal LMs are exported through a one-line wrapper so the graph is called like the model with
+positional token ids (``gm(input_ids)`` returns the model's output object, with ``.logits``), with
+``use_cache=False`` baked in and dynamic batch and sequence dimensions. The wrapper's attribute prefix is
+recorded in ``gm.meta[META_PREFIX]`` so module paths read like the model's own
+(``model.layers.0.self_attn.k_proj``, ``lm_head``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import CaptureError
+from .graph import META_CAPTURE, META_PREFIX
+
+log = logging.getLogger("qpass.capture")
+_WRAP = "model"  # attribute under which the HF model sits in the wrapper; stripped from module paths
+
+
+class _CausalLM(nn.Module):
+    """Fixes the call convention for export: positional token ids, no KV cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        setattr(self, _WRAP, model)
+
+    def forward(self, input_ids):
+        return getattr(self, _WRAP)(input_ids=input_ids, use_cache=False)
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return cfg is not None and hasattr(cfg, "vocab_size") and hasattr(model, "get_output_embeddings")
+
+
+def default_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor]:
+    """Random token ids from the model's vocabulary (sizes > 1: export specializes on 0 and 1)."""
+    vocab = int(model.config.vocab_size)
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return (torch.randint(0, vocab, (batch, seq), generator=g).to(device),)
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None, *, dynamic_shapes=None) -> GraphModule:
+    """Export `model` to an aten-level GraphModule with dynamic batch (and sequence) dimensions.
+
+    For HF causal LMs `example_inputs` defaults to random token ids; the result is called as
+    ``gm(input_ids)``. Other modules need `example_inputs`; by default dim 0 of every tensor input is
+    dynamic (batch), and dim 1 too for integer [batch, seq] inputs and rank >= 3 inputs (sequence).
+    Pass `dynamic_shapes` (torch.export's format) to override.
+    """
+    if isinstance(model, GraphModule) and META_CAPTURE in model.meta:
+        return model
+    hf = is_hf_causal_lm(model)
+    if example_inputs is None:
+        if not hf:
+            raise CaptureError(f"{type(model).__name__} is not a Hugging Face causal LM, so qpass cannot make "
+                               "example inputs for it", fix="pass example_inputs=(tensor, ...)")
+        example_inputs = default_example_inputs(model)
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    root = _CausalLM(model) if hf else model
+    if dynamic_shapes is None:
+        dynamic_shapes = _default_dynamic_shapes(example_inputs, hf, model)
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(root, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised as CaptureError with the cause chained
+        raise _capture_error(model, e) from e
+    finally:
+        model.train(was_training)
+    gm = ep.module()
+    gm.meta[META_PREFIX] = f"{_WRAP}." if hf else ""
+    gm.meta[META_CAPTURE] = {"hf": hf, "model_class": type(model).__name__,
+                             "n_inputs": len(example_inputs)}
+    log.info("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return gm
+
+
+def _default_dynamic_shapes(example_inputs: tuple, hf: bool, model: nn.Module):
+    max_seq = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=max(2, max_seq))
+    if hf:
+        return {"input_ids": {0: batch, 1: seq}}
+    specs = []
+    for x in example_inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            specs.append(None)
+            continue
+        dims = {0: batch}
+        if x.dim() >= 3 or (x.dim() == 2 and not x.is_floating_point()):
+            dims[1] = seq
+        specs.append(dims)
+    return tuple(specs)
+
+
+def _capture_error(model: nn.Module, e: Exception) -> CaptureError:
+    reason = "\n    ".join(str(e).strip().splitlines()[:6]) or type(e).__name__
+    where = _user_frame(e)
+    return CaptureError(
+        f"cannot capture {type(model).__name__} with torch.export (strict=False)\n"
+        f"  reason: {type(e).__name__}: {reason}\n  at: {where}",
+        fix="make the flagged code export-friendly (no data-dependent Python control flow or .item() on "
+            "tensors), or pass example_inputs/dynamic_shapes that match how the model is called")
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost traceback frame outside torch and qpass: the model's own line that failed."""
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    best = None
+    for fr in traceback.extract_tb(e.__traceback__):
+        if not fr.filename.startswith((torch_dir, here)) and "<" not in fr.filename:
+            best = fr
+    if best is None:
+        return "(no model source line in the traceback)"
+    return f"{best.filename}:{best.lineno} in {best.name}: {(best.line or '').strip()}"

@@ -1,0 +1,180 @@
+"""Pass infrastructure: Pass, PassResult, Context (calibration data + cached analyses), Pipeline, Report.
+
+A pass is a frozen object holding its typed config, with one method ``run(gm, ctx) -> PassResult``. It
+reads the graph, its config and ``ctx``; writes only ``gm``; records what it did in ``PassResult.stats``.
+The pipeline runs passes in order, lints after each, drops cached analyses a pass does not declare it
+preserves, adds a report row (stats, node delta, time, optional verify difference) and wraps failures
+in ``PassError("<pass> failed after [...]")``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from .calibration import CalibrationSet, run_graph
+from .errors import PassError, QpassError
+
+log = logging.getLogger("qpass.pipeline")
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    # matches that failed a check: "model.layers.0.mlp.down_proj: in_features 704 % 128 != 0" etc.
+    near_misses: list[str] = field(default_factory=list)
+
+
+class Pass(ABC):
+    """Subclasses are frozen dataclasses with a `config` field and `name` = the recipe kind."""
+
+    name: ClassVar[str]
+    preserves: ClassVar[tuple[str, ...]] = ()   # analysis keys still valid after this pass
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, gm: GraphModule, ctx: "Context") -> PassResult: ...
+
+
+class Context:
+    """What passes share: calibration data, cached analyses, and whether we are *restoring* a saved model
+    (then passes rebuild structure only; numbers come from the saved state dict)."""
+
+    def __init__(self, calib: CalibrationSet | None = None, *, restoring: bool = False,
+                 progress: bool = True):
+        self.calib = calib
+        self.restoring = restoring
+        self.progress = progress
+        self._cache: dict[Any, Any] = {}
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """A cached analysis (e.g. activation statistics), computed on first use."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def invalidate(self, keep: Iterable[Any] = ()) -> None:
+        keep = set(keep)
+        self._cache = {k: v for k, v in self._cache.items() if (k[0] if isinstance(k, tuple) else k) in keep}
+
+    def require_calibration(self, who: str) -> CalibrationSet:
+        from .errors import CalibrationError
+
+        if self.calib is None or len(self.calib) == 0:
+            raise CalibrationError(f"{who} needs calibration data and none was given",
+                                   fix="pass calib_data=[input_ids, ...] to qpass.apply (token-id tensors or "
+                                       "dicts with 'input_ids'), or use dynamic activations")
+        return self.calib
+
+
+@dataclass
+class ReportRow:
+    name: str
+    stats: dict
+    nodes_added: int
+    nodes_removed: int
+    seconds: float
+    near_misses: list[str] = field(default_factory=list)
+    verify: dict | None = None   # {"max_abs_diff": .., "mean_abs_diff": ..} vs the previous stage
+
+
+class Report:
+    """One row per pass; ``report["quantize"].stats``; ``print(report)`` shows a table."""
+
+    def __init__(self, rows: list[ReportRow] | None = None):
+        self.rows = rows or []
+
+    def __getitem__(self, name: str) -> ReportRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no pass named {name!r} in this report (passes: {[r.name for r in self.rows]})")
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def to_dict(self) -> list[dict]:
+        return [vars(r).copy() for r in self.rows]
+
+    def __str__(self) -> str:
+        head = ["pass", "nodes +/-", "time", "verify max|Δ|", "stats"]
+        body = []
+        for r in self.rows:
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
+            ver = f"{r.verify['max_abs_diff']:.3g}" if r.verify else "-"
+            body.append([r.name, f"+{r.nodes_added}/-{r.nodes_removed}", f"{r.seconds:.2f}s", ver, stats])
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        for r in self.rows:
+            lines += [f"  {r.name}: skipped {m}" for m in r.near_misses[:20]]
+            if len(r.near_misses) > 20:
+                lines.append(f"  {r.name}: ... {len(r.near_misses) - 20} more")
+        return "\n".join(lines)
+
+
+class Pipeline:
+    def __init__(self, passes: list[Pass], *, verify: bool = False, verify_samples: int = 2):
+        self.passes = passes
+        self.verify = verify
+        self.verify_samples = verify_samples
+
+    def run(self, gm: GraphModule, ctx: Context) -> Report:
+        report, done = Report(), []
+        verify_inputs = self._verify_inputs(ctx)
+        ref = self._outputs(gm, verify_inputs)
+        for p in self.passes:
+            before = set(gm.graph.nodes)
+            t0 = time.perf_counter()
+            try:
+                result = p.run(gm, ctx)
+                gm.graph.lint()
+                gm.recompile()
+            except QpassError as e:
+                if isinstance(e, PassError):
+                    raise
+                # qpass errors already say what and how to fix: keep their type, add the pipeline position
+                e.args = (f"{e}\n  in pass: {p.name} (after {done})",) + e.args[1:]
+                raise
+            except Exception as e:  # noqa: BLE001 - chained
+                raise PassError(p.name, done, e) from e
+            seconds = time.perf_counter() - t0
+            after = set(gm.graph.nodes)
+            row = ReportRow(p.name, result.stats, len(after - before), len(before - after), seconds,
+                            result.near_misses)
+            if result.modified:
+                ctx.invalidate(keep=p.preserves)
+            if verify_inputs:
+                out = self._outputs(gm, verify_inputs)
+                row.verify = _diff(ref, out)
+                ref = out
+            log.info("%s: %s (%.2fs)", p.name, result.stats, seconds)
+            report.rows.append(row)
+            done.append(p.name)
+        return report
+
+    def _verify_inputs(self, ctx: Context):
+        if not self.verify or ctx.restoring or ctx.calib is None:
+            return []
+        return ctx.calib.samples[: self.verify_samples]
+
+    @staticmethod
+    def _outputs(gm: GraphModule, inputs) -> list[torch.Tensor]:
+        return [run_graph(gm, x) for x in inputs]
+
+
+def _diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    d = [(x.float() - y.float()).abs() for x, y in zip(a, b)]
+    return {"max_abs_diff": max(float(t.max()) for t in d),
+            "mean_abs_diff": sum(float(t.mean()) for t in d) / len(d)}

@@ -1,0 +1,126 @@
+"""The quantization primitives as ``torch.library`` custom ops, so a pass inserts one opaque node per
+quantizer and every backend matches that one op.
+
+    qpass::quantize(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt) -> Tensor
+    qpass::dequantize(Tensor codes, Tensor scale, Tensor? zero_point, int[] block_size, str fmt,
+                      ScalarType out_dtype) -> Tensor
+    qpass::fake_quantize(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt) -> Tensor
+    qpass::fake_quantize_dynamic(Tensor x, int[] block_size, str fmt, bool symmetric) -> Tensor
+
+Semantics, dtypes and edge cases are those of ``qpass.primitives.quant`` (the real kernels call it).
+Outputs are contiguous and never alias an input. Each op has a fake kernel (output shape = input shape, so
+graphs with dynamic batch/sequence dims export and re-export), which checks the static arguments.
+
+Autograd: ``fake_quantize`` -> straight-through estimator for x, masked to elements that are not clipped;
+LSQ gradient for ``scale`` (int formats; none for fp8/fp4/nf4, whose scale gets no gradient); none for the
+zero point (see ``quant.fake_quantize_grads``). ``fake_quantize_dynamic`` -> identity for x (LLM-QAT: the
+dynamic scale is not differentiated). ``quantize`` / ``dequantize`` are not differentiable.
+
+The module-level names ``quantize``, ``dequantize``, ``fake_quantize`` and ``fake_quantize_dynamic`` are
+the ``OpOverload`` handles (``torch.ops.qpass.<name>.default``), the values ``node.target`` takes in graphs.
+Importing this module more than once (e.g. under two names) registers the ops only once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qpass.errors import QuantizationError
+from qpass.primitives import quant
+
+NAMESPACE = "qpass"
+OP_NAMES = ("quantize", "dequantize", "fake_quantize", "fake_quantize_dynamic")
+
+
+def _check_static(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, block_size, fmt: str) -> None:
+    """Checks that do not depend on (possibly symbolic) sizes: ranks and the format name."""
+    quant.parse_format(fmt)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t is not None and t.dim() != x.dim():
+            raise QuantizationError(f"{name} must have the rank of the input ({x.dim()}), got {t.dim()}")
+    if len(block_size) != x.dim():
+        raise QuantizationError(f"block size {tuple(block_size)} does not match a rank-{x.dim()} input")
+
+
+def _fq_setup_context(ctx, inputs, output) -> None:
+    x, scale, zero_point, block_size, fmt = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.block_size, ctx.fmt = list(block_size), fmt
+
+
+def _fq_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, grad_scale = quant.fake_quantize_grads(
+        x, scale, zero_point, ctx.block_size, ctx.fmt, grad, need_scale=ctx.needs_input_grad[1]
+    )
+    return grad_x, grad_scale, None, None, None
+
+
+def _dyn_backward(ctx, grad):
+    return grad, None, None, None
+
+
+def _register() -> None:
+    @torch.library.custom_op("qpass::quantize", mutates_args=())
+    def quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int],
+                 fmt: str) -> Tensor:
+        return quant.quantize(x, scale, zero_point, block_size, fmt).contiguous()
+
+    @quantize.register_fake
+    def _(x, scale, zero_point, block_size, fmt):
+        _check_static(x, scale, zero_point, block_size, fmt)
+        return x.new_empty(x.shape, dtype=quant.codes_dtype(fmt, zero_point is None))
+
+    @torch.library.custom_op("qpass::dequantize", mutates_args=())
+    def dequantize(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int],
+                   fmt: str, out_dtype: torch.dtype) -> Tensor:
+        return quant.dequantize(codes, scale, zero_point, block_size, fmt, out_dtype).contiguous()
+
+    @dequantize.register_fake
+    def _(codes, scale, zero_point, block_size, fmt, out_dtype):
+        _check_static(codes, scale, zero_point, block_size, fmt)
+        return codes.new_empty(codes.shape, dtype=out_dtype)
+
+    @torch.library.custom_op("qpass::fake_quantize", mutates_args=())
+    def fake_quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int],
+                      fmt: str) -> Tensor:
+        return quant.fake_quantize(x, scale, zero_point, block_size, fmt).contiguous()
+
+    @fake_quantize.register_fake
+    def _(x, scale, zero_point, block_size, fmt):
+        _check_static(x, scale, zero_point, block_size, fmt)
+        return x.new_empty(x.shape)
+
+    fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup_context)
+
+    @torch.library.custom_op("qpass::fake_quantize_dynamic", mutates_args=())
+    def fake_quantize_dynamic(x: Tensor, block_size: list[int], fmt: str, symmetric: bool) -> Tensor:
+        return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric).contiguous()
+
+    @fake_quantize_dynamic.register_fake
+    def _(x, block_size, fmt, symmetric):
+        _check_static(x, None, None, block_size, fmt)
+        if not symmetric and quant.parse_format(fmt).kind != "int":
+            raise QuantizationError(f"{fmt} is symmetric only", fix="pass symmetric=True")
+        return x.new_empty(x.shape)
+
+    fake_quantize_dynamic.register_autograd(_dyn_backward)
+
+
+def _registered() -> bool:
+    try:
+        getattr(torch.ops.qpass, OP_NAMES[-1])
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if not _registered():
+    _register()
+
+quantize = torch.ops.qpass.quantize.default
+dequantize = torch.ops.qpass.dequantize.default
+fake_quantize = torch.ops.qpass.fake_quantize.default
+fake_quantize_dynamic = torch.ops.qpass.fake_quantize_dynamic.default

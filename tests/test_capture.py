@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass.graph import linear_sites, module_path
+from tests import toy
+
+
+@pytest.mark.parametrize("family", toy.FAMILIES)
+def test_capture_equals_eager_at_other_shapes(family):
+    model = toy.hf_model(family)
+    gm = qpass.capture(model)
+    for shape in [(3, 11), (1, 1), (2, 7)]:    # none equals the export example (2, 8)
+        ids = toy.token_ids(*shape)
+        with torch.no_grad():
+            ref = model(ids).logits
+            out = gm(ids).logits
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() <= 1e-5
+
+
+EXPECTED = {   # linear-like sites per family: (count, op kinds, a module path that must be there)
+    "llama": (2 * 7 + 1, {"aten.linear.default"}, "model.layers.0.self_attn.k_proj"),
+    "mistral": (2 * 7 + 1, {"aten.linear.default"}, "model.layers.1.mlp.down_proj"),
+    "qwen2": (2 * 7 + 1, {"aten.linear.default"}, "model.layers.0.self_attn.q_proj"),
+    "opt": (2 * 6 + 1, {"aten.linear.default"}, "model.decoder.layers.0.fc1"),
+    "gpt2": (2 * 4 + 1, {"aten.addmm.default", "aten.linear.default"}, "transformer.h.0.attn.c_attn"),
+    "llama_tied": (2 * 7 + 1, {"aten.linear.default"}, "lm_head"),
+}
+
+
+@pytest.mark.parametrize("family", toy.FAMILIES)
+def test_linear_sites_are_found_structurally(family):
+    gm = qpass.capture(toy.hf_model(family))
+    sites = linear_sites(gm)
+    n, kinds, path = EXPECTED[family]
+    assert len(sites) == n
+    assert {str(s.node.target) for s in sites} == kinds
+    assert path in {s.path for s in sites}
+    assert "lm_head" in {s.path for s in sites}
+
+
+def test_gpt2_conv1d_weight_layout():
+    gm = qpass.capture(toy.hf_model("gpt2"))
+    site = next(s for s in linear_sites(gm) if s.path == "transformer.h.0.attn.c_attn")
+    assert str(site.node.target) == "aten.addmm.default"
+    w = gm.get_parameter(site.weight.target)
+    assert w.shape == (32, 96)          # Conv1D stores [in, out]
+    assert site.in_axis == 0 and site.use_in_axis == 0
+
+
+class MatmulHead(nn.Module):
+    """Falcon/Gemma-style: a matmul against a transposed parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 8))
+
+    def forward(self, x):
+        return torch.matmul(x, self.w.t())
+
+
+def test_matmul_with_transposed_parameter_is_a_linear_site():
+    gm = qpass.capture(MatmulHead(), (torch.randn(2, 3, 8),))
+    (site,) = linear_sites(gm)
+    assert str(site.node.target) == "aten.matmul.default"
+    assert site.in_axis == 1 and site.weight_use is not site.weight
+
+
+def test_tied_embeddings_stay_tied_in_the_graph():
+    model = toy.hf_model("llama_tied")
+    gm = qpass.capture(model)
+    emb = dict(gm.named_parameters(remove_duplicate=False))
+    names = [k for k in emb if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")]
+    assert len(names) == 2 and emb[names[0]] is emb[names[1]]
+
+
+def test_module_paths_strip_the_wrapper():
+    gm = qpass.capture(toy.hf_model("llama"))
+    paths = {module_path(gm, n) for n in gm.graph.nodes}
+    assert "model.layers.0.mlp.gate_proj" in paths
+    assert not any(p.startswith("model.model.") for p in paths)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:   # data-dependent Python control flow: not exportable
+            return x * 2
+        return x
+
+
+def test_capture_error_names_class_line_and_reason():
+    with pytest.raises(qpass.CaptureError) as e:
+        qpass.capture(DataDependent(), (torch.randn(2, 4),))
+    msg = str(e.value)
+    assert "DataDependent" in msg
+    assert "test_capture.py" in msg and "x.sum() > 0" in msg
+    assert "reason:" in msg and "fix:" in msg
+
+
+def test_non_hf_module_needs_example_inputs():
+    with pytest.raises(qpass.CaptureError, match="example_inputs"):
+        qpass.capture(toy.TinyMLP())

@@ -1,0 +1,104 @@
+"""Tiny modules and tiny Hugging Face configs for tests."""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+from torch.nn import functional as F
+
+
+class TinyMLP(nn.Module):
+    """Two linears with a ReLU between: the smallest graph with two linear sites."""
+
+    def __init__(self, d: int = 16, hidden: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class TinyDecoderLayer(nn.Module):
+    """One pre-norm decoder block: RMSNorm -> q/k/v -> SDPA -> o_proj; RMSNorm -> SwiGLU MLP."""
+
+    def __init__(self, d: int = 16, heads: int = 2, ffn: int = 40, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = heads
+        self.input_layernorm = RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.post_attention_layernorm = RMSNorm(d)
+        self.gate_proj = nn.Linear(d, ffn, bias=False)
+        self.up_proj = nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o_proj(a)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def mlp_input(batch: int = 3, d: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, d, generator=torch.Generator().manual_seed(seed))
+
+
+def seq_input(batch: int = 2, t: int = 5, d: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, t, d, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- tiny random Hugging Face causal LMs
+
+_COMMON = dict(vocab_size=96, max_position_embeddings=64)
+
+
+def hf_config(family: str):
+    """A tiny config of one architecture family (random weights, seeded)."""
+    if family == "llama":
+        return transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **_COMMON)
+    if family == "mistral":
+        return transformers.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                          **_COMMON)
+    if family == "qwen2":
+        return transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, **_COMMON)
+    if family == "opt":
+        return transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                      word_embed_proj_dim=32, **_COMMON)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96)
+    if family == "llama_tied":
+        return transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                        **_COMMON)
+    raise KeyError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2", "llama_tied")
+
+
+def hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family))
+    return model.eval()
+
+
+def token_ids(batch: int = 2, t: int = 7, vocab: int = 96, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
