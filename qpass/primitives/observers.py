@@ -119,13 +119,13 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.max_val = self.max_val + c * (mx - self.max_val)
 
 
-def _block_counts(shape, block_size) -> Tensor:
+def _block_counts(shape, block_size, device) -> Tensor:
     """Number of real elements in each block (partial last blocks are smaller), flattened."""
-    counts = torch.ones((), dtype=torch.float64)
+    counts = torch.ones((), dtype=torch.float64, device=device)
     for n, b in zip(shape, block_size):
         bb = n if b == -1 else b
         nb = quant.scale_shape((n,), (b,))[0]
-        c = torch.full((nb,), float(bb), dtype=torch.float64)
+        c = torch.full((nb,), float(bb), dtype=torch.float64, device=device)
         c[-1] = n - (nb - 1) * bb
         counts = (counts.unsqueeze(-1) * c)
     return counts.reshape(-1)
@@ -155,7 +155,7 @@ class PercentileObserver(Observer):
     def _observe(self, x):
         vals = quant.blocks(x, self.block_size, fill=torch.nan).flatten(0, -2)
         k = max(1, self.max_values // vals.shape[0])
-        counts = _block_counts(x.shape, self.block_size)
+        counts = _block_counts(x.shape, self.block_size, x.device)
         self._count = counts if self._count is None else self._count + counts
         hi = vals.abs() if self.spec.symmetric else vals
         self._top = _keep(self._top, hi.nan_to_num(-torch.inf), k, largest=True)

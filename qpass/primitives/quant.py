@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from qpass.errors import QuantizationError
-from qpass.primitives.spec import FLOAT_MAX, Format, QSpec, format_from_name
+from qpass.primitives.spec import Format, QSpec, format_from_name
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

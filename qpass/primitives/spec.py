@@ -16,9 +16,9 @@ from typing import ClassVar, Union
 
 @dataclass(frozen=True)
 class IntFormat:
-    """Uniform integer codes. Symmetric: [-2^(b-1), 2^(b-1)-1] with scale = absmax / (2^(b-1)-1) (the
-    most negative code is never produced by rounding: the grid is symmetric). Asymmetric: [0, 2^b - 1]
-    with a zero point."""
+    """Uniform integer codes. Symmetric: [-2^(b-1), 2^(b-1)-1] with min-max scale = absmax / (2^(b-1)-1),
+    so min-max scales never produce the most negative code (the grid is symmetric); a clipped scale
+    (percentile, MSE, learned) can. Asymmetric: [0, 2^b - 1] with a zero point."""
 
     bits: int
     kind: ClassVar[str] = "int"

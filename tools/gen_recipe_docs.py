@@ -1,0 +1,13 @@
+"""Regenerate docs/recipes.md (the recipe schema reference) from the pass config dataclasses."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from qpass.recipe import schema_markdown  # noqa: E402
+
+path = os.path.join(ROOT, "docs", "recipes.md")
+with open(path, "w") as f:
+    f.write(schema_markdown())
+print(f"wrote {os.path.relpath(path, ROOT)}")
