@@ -19,13 +19,15 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.calibration import observe
-from qpass.errors import RecipeError
+from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import (
     META_QUANT,
     LinearSite,
     add_tensor,
+    describe,
     get_attr,
     insert_call,
+    is_quantizer,
     linear_sites,
     param_of,
     select,
@@ -106,6 +108,7 @@ class Quantize(Pass):
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "quantize")
         todo = [s for s in sites if s.path in chosen]
         skipped = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
+        _refuse_double_quantization(gm, todo, cfg)
         act_qparams = self._static_activation_qparams(gm, ctx, todo)
         for site in todo:
             if cfg.weights is not None:
@@ -164,6 +167,16 @@ class Quantize(Pass):
             gm, inputs, lambda k, n: self.config.observer.make(spec), calib,
             desc="quantize: observing linear inputs", progress=ctx.progress))
         return {k: obs.qparams() for k, obs in observers.items()}
+
+
+def _refuse_double_quantization(gm: GraphModule, todo: list[LinearSite], cfg: QuantizeConfig) -> None:
+    for site in todo:
+        for role, spec, node in (("weights", cfg.weights, site.weight_use), ("activations", cfg.activations,
+                                                                                site.input)):
+            if spec is not None and is_quantizer(node):
+                raise QuantizationError(
+                    f"{role} of {describe(gm, site.node)} are already quantized by an earlier pass",
+                    fix=f"set {role}: null in this quantize pass, or use targets/ignore to skip this module")
 
 
 def weight_block_size(spec: QSpec, use_in_axis: int) -> tuple[int, int]:

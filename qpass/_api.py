@@ -88,14 +88,13 @@ def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_
     """
     recipe = as_recipe(recipe)
     calib = CalibrationSet(calib_data) if calib_data is not None else None
-    if isinstance(model, QuantizedModel):
+    if isinstance(model, QuantizedModel):   # continue from a quantized model: run only the new passes
         gm, source = copy.deepcopy(model.graph_module), model.source
-        recipe = Recipe(model.recipe.passes + recipe.passes, verify=recipe.verify)
-    else:
-        source = _source(model, example_inputs)
-        gm = model if isinstance(model, GraphModule) else capture(copy.deepcopy(model), example_inputs)
-        if gm is model:
-            gm = copy.deepcopy(model)
+        report = run_recipe(gm, recipe, Context(calib, progress=progress))
+        full = Recipe(model.recipe.passes + recipe.passes, verify=recipe.verify)
+        return QuantizedModel(gm, full, Report(model.report.rows + report.rows), source)
+    source = _source(model, example_inputs)
+    gm = copy.deepcopy(model) if isinstance(model, GraphModule) else capture(copy.deepcopy(model), example_inputs)
     report = run_recipe(gm, recipe, Context(calib, progress=progress))
     return QuantizedModel(gm, recipe, report, source)
 

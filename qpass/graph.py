@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import TargetNotFoundError
+from .primitives import ops as qops
 
 aten = torch.ops.aten
 
@@ -26,6 +27,11 @@ META_ORIGIN = "qpass_origin"      # node.meta: which pass inserted the node
 META_QUANT = "qpass_quant"        # node.meta: what a quantizer node quantizes ("weight"/"input", site)
 
 _TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+QUANTIZERS = {qops.fake_quantize, qops.fake_quantize_dynamic}
+
+
+def is_quantizer(n) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in QUANTIZERS
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,10 @@ def module_path(gm: GraphModule, node: Node) -> str:
 
 
 def source_line(node: Node) -> str:
+    """The innermost model-code frame of the node's stack trace (torch's own frames skipped)."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    lines = [ln for ln in lines if "/torch/" not in ln] or lines
     return lines[-1] if lines else ""
 
 
@@ -86,9 +94,13 @@ def _is_param(gm: GraphModule, target: str) -> bool:
 
 
 def _weight_source(gm: GraphModule, n: Node) -> tuple[Node, bool] | None:
-    """Follow n back through transposes to a get_attr parameter; return (get_attr, transposed?)."""
+    """Follow n back through transposes (and quantizers already inserted) to a get_attr parameter;
+    return (get_attr, transposed?)."""
     flips = 0
-    while n.op == "call_function" and n.target in _TRANSPOSES:
+    while n.op == "call_function" and (n.target in _TRANSPOSES or n.target in QUANTIZERS):
+        if n.target in QUANTIZERS:
+            n = n.args[0]
+            continue
         if n.target is aten.permute.default and list(n.args[1]) not in ([1, 0], [-1, -2]):
             return None
         if n.target is aten.transpose.int and sorted(a % 2 for a in n.args[1:3]) != [0, 1]:

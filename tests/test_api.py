@@ -116,3 +116,16 @@ def test_bad_calibration_data_is_a_clear_error():
         qpass.apply(toy.hf_model("llama"), "recipes/w8a8.yaml", calib_data=toy.token_ids())
     with pytest.raises(qpass.CalibrationError, match="without 'input_ids'"):
         qpass.apply(toy.hf_model("llama"), "recipes/w8a8.yaml", calib_data=[{"ids": toy.token_ids()}])
+
+
+def test_quantized_graph_exports_again_with_dynamic_shapes():
+    qm = qpass.apply(toy.hf_model("llama"), "recipes/w4a16_g128.yaml")
+    qm = qpass.apply(qm, {"passes": [{"quantize": {"weights": None, "activations": {
+        "granularity": "per_token", "dynamic": True}, "ignore": ["lm_head"]}}]})
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=32)
+    ep = torch.export.export(qm.graph_module, (toy.token_ids(),), dynamic_shapes=({0: batch, 1: seq},),
+                             strict=False)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"qpass.fake_quantize.default", "qpass.fake_quantize_dynamic.default"} <= ops
+    ids = toy.token_ids(batch=3, t=11)
+    assert torch.equal(ep.module()(ids).logits, qm(ids).logits)

@@ -147,3 +147,12 @@ def test_minmax_static_scale_matches_the_calibration_absmax():
     first = next(n for n in qm.graph_module.graph.nodes if str(n.target) == FQ)
     scale = qm.graph_module.get_buffer(first.args[1].target)
     torch.testing.assert_close(scale.flatten(), (x.abs().max() / 127).reshape(1))
+
+
+def test_stacked_quantize_passes_see_through_quantizers_and_refuse_doubles():
+    model = toy.hf_model("llama")
+    qm = qpass.apply(model, Recipe([QuantizeConfig(weights=W8), QuantizeConfig(weights=None, activations=A8)]))
+    counts = op_counts(qm.graph_module)
+    assert counts[FQ] == 15 and counts[FQD] == 15
+    with pytest.raises(qpass.QuantizationError, match=r"(?s)weights of node .*already quantized.*fix: set weights: null"):
+        qpass.apply(model, Recipe([QuantizeConfig(weights=W8), QuantizeConfig(weights=W8)]))
