@@ -143,7 +143,9 @@ class Quantize(Pass):
             site.node.replace_input_with(x, fq)
             return
         scale, zp = qparams
-        self._insert_fq(gm, site, x, scale, zp, block, spec, role="input", name=f"{site.node.name}_input_scale")
+        # NOTE: named by module path, so the same recipe on another capture (the decode graph) gets the same names
+        self._insert_fq(gm, site, x, scale, zp, block, spec, role="input",
+                        name=f"{site.path or site.node.name}_input_scale")
 
     def _insert_fq(self, gm, site, src, scale, zp, block, spec, *, role: str, name: str) -> None:
         s_node = get_attr(gm, site.node, add_tensor(gm, name, scale))

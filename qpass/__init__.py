@@ -12,6 +12,7 @@ from ._api import QuantizedModel as QuantizedModel
 from ._api import apply as apply
 from ._api import load as load
 from .capture import capture as capture
+from .capture import capture_decode as capture_decode
 from .errors import (
     ArtifactError as ArtifactError,
     CalibrationError as CalibrationError,
@@ -34,5 +35,6 @@ from .primitives.spec import (
     PerToken as PerToken,
     QSpec as QSpec,
 )
+from .lower import lower as lower
 from .recipe import Recipe as Recipe
 from .version import __version__ as __version__

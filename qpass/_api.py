@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .calibration import CalibrationSet
-from .capture import capture, default_example_inputs
+from .capture import capture, capture_decode, default_example_inputs
 from .errors import ArtifactError
 from .graph import META_CAPTURE
 from .pass_infra import Context, Pipeline, Report
@@ -49,6 +49,38 @@ class QuantizedModel(nn.Module):
                 raise TypeError(f"QuantizedModel takes input_ids only, got {sorted(kwargs)}")
             args = (kwargs["input_ids"], *args)
         return self.graph_module(*args)
+
+    def decode_graph(self, max_cache_len: int, batch_size: int = 1) -> GraphModule:
+        """The same quantized model as a prefill/decode step with a static KV cache (Hugging Face models):
+        ``step(input_ids, cache_position) -> logits``. Built by capturing the decode step, replaying the
+        recipe on it and loading this model's tensors; cached per (batch size, cache length)."""
+        key = (batch_size, max_cache_len)
+        cache = self.__dict__.setdefault("_decoders", {})
+        if key not in cache:
+            if self.source.get("hf_config") is None:
+                raise ArtifactError(f"generation needs a Hugging Face causal LM; this is a {self.source.get('model_class')}")
+            gm = capture_decode(_model_from_config(self.source["hf_config"]), max_cache_len=max_cache_len,
+                                batch_size=batch_size)
+            run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
+            missing, unexpected = gm.load_state_dict(self.graph_module.state_dict(), strict=False)
+            if unexpected or [k for k in missing if "_cache_" not in k and "cumulative_length" not in k]:
+                raise ArtifactError(f"the decode graph does not match the quantized graph (missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]})", fix="report this as a qpass bug")
+            cache[key] = gm
+        return cache[key]
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                 max_cache_len: int | None = None) -> torch.Tensor:
+        """Greedy (or sampled) generation with an incremental KV cache; returns prompt + new tokens."""
+        from .generate import generate
+
+        input_ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        need = input_ids.shape[1] + max_new_tokens
+        length = max_cache_len or max(64, -(-need // 64) * 64)
+        step = self.decode_graph(length, input_ids.shape[0])
+        return generate(lambda ids, pos: step(input_ids=ids, cache_position=pos), input_ids, max_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model to `directory` (created; an existing non-empty one is an error). Nothing is

@@ -8,6 +8,7 @@ recorded in ``gm.meta[META_PREFIX]`` so module paths read like the model's own
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import traceback
@@ -122,3 +123,46 @@ def _user_frame(e: BaseException) -> str:
     if best is None:
         return "(no model source line in the traceback)"
     return f"{best.filename}:{best.lineno} in {best.name}: {(best.line or '').strip()}"
+
+
+def capture_decode(model: nn.Module, *, max_cache_len: int, batch_size: int = 1) -> GraphModule:
+    """Export an HF causal LM's step with a static KV cache: ``gm(input_ids, cache_position) -> logits``.
+
+    One graph serves prefill (``input_ids`` [batch, T], ``cache_position`` = arange(p, p + T)) and decode
+    (T = 1); the cache lives in the graph's buffers ``key_cache_{i}`` / ``value_cache_{i}`` ([batch,
+    kv_heads, max_cache_len, head_dim]) and is written with ``index_copy_`` at ``cache_position``.
+    Positions past the current one are masked, so a new generation simply starts again at position 0.
+    The batch size is fixed at export time (static cache).
+    """
+    import warnings
+
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    if not is_hf_causal_lm(model):
+        raise CaptureError(f"{type(model).__name__} is not a Hugging Face causal LM; decode graphs need one")
+    gen = copy.deepcopy(model.generation_config)
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    was_training = model.training
+    model.eval()
+    try:
+        root = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
+        seq = torch.export.Dim("seq", min=1, max=max(2, max_cache_len - 1))
+        ids = torch.zeros((batch_size, 4), dtype=torch.long, device=next(model.parameters()).device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*requires gradient.*")   # cache tensors, not params
+            ep = torch.export.export(root, (), {"input_ids": ids, "cache_position": torch.arange(4)},
+                                     dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                                     strict=False)
+            gm = ep.module()
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised as CaptureError with the cause chained
+        raise _capture_error(model, e) from e
+    finally:
+        model.generation_config = gen
+        model.train(was_training)
+    gm.meta[META_PREFIX] = f"{_WRAP}."
+    gm.meta[META_CAPTURE] = {"hf": True, "model_class": type(model).__name__, "n_inputs": 2, "decode": True,
+                             "max_cache_len": max_cache_len, "batch_size": batch_size}
+    return gm

@@ -1,0 +1,1 @@
+"""ONNX QDQ backend (qpass.backends.onnx_qdq)."""

@@ -1,0 +1,1 @@
+"""Packed PyTorch kernels backend (qpass.backends.torch_packed)."""
