@@ -8,6 +8,8 @@ their prefix. The last, shorter window is kept when it has at least 2 tokens. Pe
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -63,3 +65,63 @@ def compare(reference: Callable, candidate: Callable, ids, window: int = 256) ->
         n += w.numel()
         max_diff = max(max_diff, float((a - b).abs().max()))
     return {"kl": kl / n, "top1_agreement": agree / n, "max_abs_logit_diff": max_diff, "tokens": n}
+
+
+def weight_bytes(model) -> dict:
+    """Storage of the linear-layer weights as a packed backend holds them: quantized weights at their
+    format's bits (codes packed), one fp16 scale per block and zero points at the code width; unquantized
+    weights at their dtype's size. `model`: a QuantizedModel, a captured GraphModule or an HF model."""
+    from torch.fx import GraphModule
+
+    from .capture import capture
+    from .graph import META_QUANT, is_quantizer, linear_sites, param_of
+
+    gm = getattr(model, "graph_module", model)
+    if not isinstance(gm, GraphModule):
+        gm = capture(model)
+    total, numel = 0.0, 0
+    for site in linear_sites(gm):
+        w = param_of(gm, site.weight)
+        numel += w.numel()
+        fq = site.weight_use if is_quantizer(site.weight_use) else None
+        if fq is None:
+            total += w.numel() * w.element_size()
+            continue
+        bits = fq.meta[META_QUANT]["spec"].bits
+        n_scales = gm.get_buffer(fq.args[1].target).numel()
+        total += w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.args[2] is not None else 0)
+    return {"linear_weight_bytes": int(round(total)), "linear_weights": numel,
+            "bits_per_weight": 8 * total / max(numel, 1)}
+
+
+def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,
+             progress: bool = True) -> list[dict]:
+    """One row for FP and one per recipe (a path, dict or Recipe), all on the same eval windows and the
+    same calibration windows (consecutive full `window`-token windows of `calib_ids`)."""
+    from ._api import apply
+
+    calib = [w.unsqueeze(0) for w in calib_ids.split(window) if w.numel() == window][:calib_samples]
+    fp = perplexity(model, eval_ids, window, progress=progress)
+    fp_bytes = weight_bytes(model)
+    rows = [{"name": "FP32", "perplexity": fp.perplexity, "kl": 0.0, "top1_agreement": 1.0, **fp_bytes,
+             "seconds": 0.0}]
+    for path in recipes:
+        t0 = time.perf_counter()
+        qm = apply(model, path, calib_data=calib, progress=progress)
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(qm, eval_ids, window, progress=progress)
+        c = compare(model, qm, eval_ids, window)
+        name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
+        rows.append({"name": name, "recipe": str(path),
+                     "perplexity": ppl.perplexity, "kl": c["kl"], "top1_agreement": c["top1_agreement"],
+                     **weight_bytes(qm), "seconds": seconds})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| recipe | perplexity | KL(FP‖Q)/token | top-1 agreement | linear weight bytes | bits/weight |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | "
+                     f"{r['linear_weight_bytes']:,} | {r['bits_per_weight']:.2f} |")
+    return "\n".join(lines)

@@ -1,3 +1,5 @@
+import pathlib
+
 import pytest
 import yaml
 
@@ -41,8 +43,7 @@ def test_python_construction_equals_yaml():
     assert r == Recipe.from_str(W4A8)
 
 
-@pytest.mark.parametrize("name", ["w8a8.yaml", "w4a16_g128.yaml", "w8a16.yaml", "w8a8_static.yaml",
-                                  "w16.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in pathlib.Path("recipes").glob("*.yaml")))
 def test_presets_load_and_round_trip(name):
     r = Recipe.from_yaml(f"recipes/{name}")
     assert Recipe.from_str(r.to_yaml()) == r

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+import qpass
+from qpass.eval import compare, perplexity, weight_bytes, windows
+from tests import toy
+
+
+def test_windows_are_consecutive_and_keep_a_partial_tail():
+    ws = windows(torch.arange(11), 4)
+    assert [w.tolist() for w in ws] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert [w.tolist() for w in windows(torch.arange(9), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 1-token tail dropped
+    with pytest.raises(ValueError):
+        windows(torch.arange(5), 1)
+
+
+def test_perplexity_matches_a_hand_computed_case():
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])   # next-token table
+
+    def bigram(ids):
+        return probs[ids].log()
+
+    ids = torch.tensor([0, 1, 2, 2, 0])       # windows of 3: [0,1,2] and [2,0]
+    res = perplexity(bigram, ids, window=3)
+    nll = -(math.log(0.25) + math.log(0.1)) - math.log(0.2)   # p(1|0), p(2|1); p(0|2); no cross-window term
+    assert res.tokens == 3
+    assert res.nll == pytest.approx(nll)
+    assert res.perplexity == pytest.approx(math.exp(nll / 3))
+
+
+def test_compare_of_a_model_with_itself():
+    model = toy.hf_model("llama")
+    c = compare(model, model, toy.token_ids(1, 40)[0], window=16)
+    assert c["kl"] == pytest.approx(0.0, abs=1e-7) and c["top1_agreement"] == 1.0 and c["tokens"] == 40
+
+
+def test_weight_bytes_of_fp_and_int4_models():
+    model = toy.hf_model("llama")
+    fp = weight_bytes(model)
+    assert fp["bits_per_weight"] == 32.0
+    qm = qpass.apply(model, {"passes": [{"quantize": {"weights": {"bits": 4, "granularity": "per_group",
+                                                                  "group_size": 16}}}]})
+    q = weight_bytes(qm)
+    assert q["linear_weights"] == fp["linear_weights"]
+    assert 4.0 < q["bits_per_weight"] < 4.0 + 16 / 16 + 0.2      # 4 bits + one fp16 scale per 16 weights
