@@ -127,7 +127,7 @@ def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_
         return QuantizedModel(gm, full, Report(model.report.rows + report.rows), source)
     source = _source(model, example_inputs)
     gm = copy.deepcopy(model) if isinstance(model, GraphModule) else capture(copy.deepcopy(model), example_inputs)
-    report = run_recipe(gm, recipe, Context(calib, progress=progress))
+    report = run_recipe(gm, recipe, Context(calib, progress=progress, teacher=model))
     return QuantizedModel(gm, recipe, report, source)
 
 

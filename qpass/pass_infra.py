@@ -48,10 +48,11 @@ class Context:
     (then passes rebuild structure only; numbers come from the saved state dict)."""
 
     def __init__(self, calib: CalibrationSet | None = None, *, restoring: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, teacher=None):
         self.calib = calib
         self.restoring = restoring
         self.progress = progress
+        self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
         self._cache: dict[Any, Any] = {}
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:

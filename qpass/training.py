@@ -1,0 +1,179 @@
+"""Distillation training of a fake-quantized graph (LLM-QAT §2.3): the student is the quantized graph, the
+teacher the full-precision model; loss = KL(p_teacher || p_student) over the vocabulary at every position
+(optionally mixed with next-token cross-entropy). AdamW, cosine schedule (no warm-up by default), gradient
+accumulation and clipping, checkpoint + resume, and DistributedDataParallel when run under torchrun.
+
+Determinism: the order of training sequences is a seeded permutation; rank r of w takes rows
+[r::w] of every global batch, so one process and N processes see the same global batches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .calibration import logits_of
+
+log = logging.getLogger("qpass.training")
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
+                 ce_weight: float = 0.0) -> torch.Tensor:
+    """Mean over positions of KL(p_T || p_S) (same gradient as the paper's soft cross-entropy), plus
+    `ce_weight` x next-token cross-entropy on `targets` when given. Logits are [batch, seq, vocab]."""
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
+    loss = F.kl_div(s, t, log_target=True, reduction="batchmean")
+    if ce_weight and targets is not None:
+        ce = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
+        loss = (1 - ce_weight) * loss + ce_weight * ce
+    return loss
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 8            # global batch (sequences per optimizer step, all ranks together)
+    grad_accum: int = 1            # micro-batches per step (batch_size must divide by grad_accum * world)
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    ce_weight: float = 0.0
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+
+
+def cosine_lr(step: int, s: TrainSettings) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine from 1 to min_lr_ratio."""
+    if step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    t = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_rows(step: int, micro: int, n_data: int, s: TrainSettings, rank: int, size: int) -> torch.Tensor:
+    """Row indices of this rank's micro-batch `micro` at optimizer step `step` (seeded epoch order)."""
+    per_micro = s.batch_size // s.grad_accum
+    start = step * s.batch_size + micro * per_micro
+    epoch = start // n_data
+    order = torch.randperm(n_data, generator=torch.Generator().manual_seed(s.seed + epoch))
+    idx = torch.arange(start, start + per_micro) % n_data
+    return order[idx][rank::size]
+
+
+class Trainer:
+    """Trains the float parameters in `params` of `student` against `teacher` on `data` [n, seq]."""
+
+    def __init__(self, student: nn.Module, teacher: Callable, data: torch.Tensor, params: list[nn.Parameter],
+                 settings: TrainSettings, *, progress: bool = True):
+        self.rank, self.size = world()
+        s = settings
+        if s.batch_size % (s.grad_accum * self.size):
+            raise ValueError(f"batch_size {s.batch_size} must be divisible by grad_accum ({s.grad_accum}) x "
+                             f"world size ({self.size})")
+        self.student, self.teacher, self.data, self.s = student, teacher, data, s
+        self.params = params
+        self.model = student
+        if self.size > 1:
+            self.model = nn.parallel.DistributedDataParallel(student, find_unused_parameters=False)
+        self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: cosine_lr(i, s))
+        self.step, self.progress, self.history = 0, progress, []
+
+    def micro_loss(self, rows: torch.Tensor) -> torch.Tensor:
+        ids = self.data[rows]
+        with torch.no_grad():
+            t = logits_of(self.teacher(ids))
+        return distill_loss(logits_of(self.model(ids)), t, ids, self.s.ce_weight)
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the global mean loss."""
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(self.s.grad_accum):
+            loss = self.micro_loss(batch_rows(self.step, micro, len(self.data), self.s, self.rank, self.size))
+            (loss / self.s.grad_accum).backward()
+            total += float(loss.detach()) / self.s.grad_accum
+        if self.size > 1:
+            t = torch.tensor([total])
+            dist.all_reduce(t)
+            total = float(t) / self.size
+        if self.s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.history.append(total)
+        return total
+
+    def fit(self) -> list[float]:
+        bar = tqdm(total=self.s.steps, initial=self.step, desc="QAT", disable=not self.progress or self.rank != 0)
+        while self.step < self.s.steps:
+            loss = self.train_step()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
+            bar.update(1)
+            if self.s.checkpoint_dir and self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
+                self.save_checkpoint(self.s.checkpoint_dir)
+        bar.close()
+        return self.history
+
+    # -- checkpoints: safetensors for tensors, JSON for the rest; no pickle
+    def save_checkpoint(self, directory: str) -> None:
+        if self.rank != 0:
+            return
+        os.makedirs(directory, exist_ok=True)
+        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        meta = {"step": self.step, "history": self.history, "param_groups": opt["param_groups"],
+                "scheduler": self.sched.state_dict(), "n_params": len(self.params)}
+        tmp = os.path.join(directory, ".checkpoint.tmp")
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(os.path.join(directory, "trainer.json.tmp"), "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, os.path.join(directory, "checkpoint.safetensors"))
+        os.replace(os.path.join(directory, "trainer.json.tmp"), os.path.join(directory, "trainer.json"))
+
+    def load_checkpoint(self, directory: str) -> bool:
+        path = os.path.join(directory, "checkpoint.safetensors")
+        if not os.path.isfile(path):
+            return False
+        tensors = safetensors.torch.load_file(path)
+        with open(os.path.join(directory, "trainer.json")) as f:
+            meta = json.load(f)
+        if meta["n_params"] != len(self.params):
+            raise ValueError(f"checkpoint in {directory} has {meta['n_params']} trainable tensors, this run "
+                             f"has {len(self.params)}: it belongs to another recipe")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"])
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict(meta["scheduler"])
+        self.step, self.history = meta["step"], meta["history"]
+        return True

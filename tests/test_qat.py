@@ -1,0 +1,178 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from torch.nn import functional as F
+
+import qpass
+from qpass import Recipe
+from qpass.datagen import GenerationSettings, generate_data, hf_step
+from qpass.generate import generate
+from qpass.graph import META_QUANT
+from qpass.passes import QatConfig
+from qpass.training import Trainer, TrainSettings, distill_loss
+from tests import toy
+
+W4A8 = {"quantize": {"weights": {"bits": 4, "granularity": "per_channel"},
+                     "activations": {"bits": 8, "granularity": "per_token", "dynamic": True}}}
+
+
+def peaky_llama(seed=0):
+    """A random tiny Llama with confident predictions (so distillation has something to fix)."""
+    model = toy.hf_model("llama", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def test_generation_greedy_prefix_then_sampling():
+    model = toy.hf_model("llama")
+    s = GenerationSettings(samples=6, seq_len=12, greedy_lengths=(3, 5), batch_size=4, seed=0)
+    a = generate_data(model, s, progress=False)
+    assert a.shape == (6, 12)
+    assert torch.equal(a, generate_data(model, s, progress=False))          # seeded: deterministic
+    b = generate_data(model, GenerationSettings(**{**s.__dict__, "seed": 1}), progress=False)
+    assert not torch.equal(a, b)
+    # rows come grouped by greedy length: 3 start tokens x j=3, then the same 3 x j=5
+    for row, j in zip(a, [3, 3, 3, 5, 5, 5]):
+        greedy = generate(hf_step(model), row[:1].unsqueeze(0), j - 1)[0]
+        assert torch.equal(row[:j], greedy)                                  # first j tokens are top-1
+    assert torch.equal(a[:3, 0], a[3:, 0])                                   # same start tokens
+
+
+def test_generated_data_is_cached_and_reused(tmp_path):
+    model = toy.hf_model("llama")
+    s = GenerationSettings(samples=3, seq_len=6, greedy_lengths=(3,), seed=0)
+    a = generate_data(model, s, cache_dir=str(tmp_path), model_id="toy", progress=False)
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].endswith(".safetensors")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()                     # a cache hit must not call the model
+    assert torch.equal(generate_data(model, s, cache_dir=str(tmp_path), model_id="toy", progress=False), a)
+
+
+def test_distill_loss_hand_case():
+    s = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    t = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    ps, pt = F.softmax(s, -1), F.softmax(t, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    assert distill_loss(s, t) == pytest.approx(float(kl), rel=1e-6)
+    assert float(distill_loss(t, t)) == pytest.approx(0.0, abs=1e-7)
+    ids = torch.tensor([[0, 1]])
+    mixed = distill_loss(s, t, ids, ce_weight=0.25)
+    ce = F.cross_entropy(s[0, :1], ids[0, 1:])
+    assert mixed == pytest.approx(float(0.75 * kl + 0.25 * ce), rel=1e-6)
+
+
+def test_unquantized_student_has_zero_loss():
+    model = toy.hf_model("llama")
+    qm = qpass.apply(model, Recipe([]))
+    ids = toy.token_ids(2, 9)
+    loss = distill_loss(qm(ids).logits, model(ids).logits)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradients_reach_weights_and_learnable_scales():
+    from qpass.passes.qat import make_scales_learnable
+
+    qm = qpass.apply(toy.hf_model("llama"), {"passes": [W4A8]})
+    gm = qm.graph_module
+    scales = make_scales_learnable(gm)
+    assert len(scales) == 15
+    loss = qm(toy.token_ids()).logits.pow(2).mean()
+    loss.backward()
+    w = gm.get_parameter("model.model.layers.0.mlp.down_proj.weight")
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert all(s.grad is not None for s in scales) and sum(float(s.grad.abs().sum()) for s in scales) > 0
+
+
+def test_qat_pass_lowers_the_distillation_loss_and_keeps_structure(tmp_path):
+    model = peaky_llama()
+    qat = {"qat": {"samples": 16, "seq_len": 24, "steps": 12, "batch_size": 8, "lr": 3e-4, "cache_dir": None,
+                   "seed": 0}}
+    rtn = qpass.apply(model, {"passes": [W4A8]})
+    qm = qpass.apply(model, {"passes": [W4A8, qat]}, progress=False)
+    stats = qm.report["qat"].stats
+    assert stats["last_loss"] < stats["first_loss"]
+    assert qm.report["qat"].nodes_added == 0
+    held_out = toy.token_ids(4, 24, seed=99)
+    with torch.no_grad():
+        ref = model(held_out).logits
+        assert distill_loss(qm(held_out).logits, ref) < distill_loss(rtn(held_out).logits, ref)
+    qm.save(tmp_path / "m")                                   # trained weights survive save/load exactly
+    assert torch.equal(qpass.load(tmp_path / "m")(held_out).logits, qm(held_out).logits)
+
+
+def test_peqa_trains_only_scales():
+    model = peaky_llama()
+    rec = {"passes": [W4A8, {"qat": {"samples": 8, "seq_len": 16, "steps": 3, "batch_size": 4, "lr": 1e-3,
+                                     "trainable": "scales", "cache_dir": None}}]}
+    qm = qpass.apply(model, rec, progress=False)
+    gm = qm.graph_module
+    assert torch.equal(gm.get_parameter("model.model.layers.0.mlp.down_proj.weight"),
+                       model.model.layers[0].mlp.down_proj.weight)
+    assert qm.report["qat"].stats["trainable_tensors"] == 15
+    scale_nodes = [n for n in gm.graph.nodes if n.meta.get(META_QUANT, {}).get("role") == "weight"]
+    assert all(n.args[1].target in dict(gm.named_parameters()) for n in scale_nodes)
+
+
+def test_config_errors_name_their_path():
+    with pytest.raises(qpass.RecipeError, match=r"passes\[0\]\.qat\.grad_accum"):
+        Recipe.from_dict({"passes": [{"qat": {"batch_size": 8, "grad_accum": 3}}]})
+    with pytest.raises(qpass.RecipeError, match=r"passes\[0\]\.qat\.trainable.*did you mean 'scales'"):
+        Recipe.from_dict({"passes": [{"qat": {"trainable": "scale"}}]})
+    with pytest.raises(qpass.CalibrationError, match="teacher"):
+        qm = qpass.apply(toy.hf_model("llama"), {"passes": [W4A8]})
+        qpass.apply(qm, Recipe([QatConfig(steps=1, samples=2, seq_len=8, batch_size=2)]))
+
+
+# ----------------------------------------------------------------------------- trainer mechanics
+
+
+def one_step(steps_before: int = 0):
+    """The shared single-step scenario (also run by tests/helpers/ddp_qat_step.py under torchrun)."""
+    model = peaky_llama()
+    qm = qpass.apply(model, {"passes": [W4A8]}, progress=False)
+    data = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(5))
+    params = [p for p in qm.graph_module.parameters()]
+    trainer = Trainer(qm.graph_module, lambda ids: model(input_ids=ids, use_cache=False), data, params,
+                      TrainSettings(steps=4, batch_size=8, lr=1e-3, seed=0), progress=False)
+    loss = trainer.train_step()
+    grads = {n: p.grad.detach().clone() for n, p in qm.graph_module.named_parameters() if p.grad is not None}
+    return loss, grads
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    "tests/helpers/ddp_qat_step.py", str(out)], check=True, env=env, timeout=300,
+                   capture_output=True)
+    ddp = safetensors.torch.load_file(str(out))
+    loss, grads = one_step()
+    assert float(ddp["loss"]) == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == {k for k in ddp if k != "loss"}
+    for k, g in grads.items():
+        torch.testing.assert_close(ddp[k], g, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_from_checkpoint_gives_the_same_next_loss(tmp_path):
+    def trainer():
+        model = peaky_llama()
+        qm = qpass.apply(model, {"passes": [W4A8]}, progress=False)
+        data = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(5))
+        return Trainer(qm.graph_module, lambda ids: model(input_ids=ids, use_cache=False), data,
+                       list(qm.graph_module.parameters()), TrainSettings(steps=6, batch_size=4, lr=1e-3),
+                       progress=False)
+
+    a = trainer()
+    for _ in range(3):
+        a.train_step()
+    a.save_checkpoint(str(tmp_path))
+    expected = a.train_step()
+    b = trainer()
+    assert b.load_checkpoint(str(tmp_path)) and b.step == 3
+    assert b.train_step() == pytest.approx(expected, rel=1e-6)
