@@ -65,6 +65,10 @@ def cosine_lr(step: int, s: TrainSettings) -> float:
 
 
 def world() -> tuple[int, int]:
+    """(rank, world size); under torchrun (WORLD_SIZE > 1) the process group is started here if needed
+    (gloo on CPU, nccl when CUDA is available)."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
