@@ -97,25 +97,38 @@ def weight_bytes(model) -> dict:
 def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,
              progress: bool = True) -> list[dict]:
     """One row for FP and one per recipe (a path, dict or Recipe), all on the same eval windows and the
-    same calibration windows (consecutive full `window`-token windows of `calib_ids`)."""
+    same calibration windows (consecutive full `window`-token windows of `calib_ids`). The FP logits are
+    computed once; each quantized model runs each window once (perplexity, KL and top-1 together)."""
     from ._api import apply
 
     calib = [w.unsqueeze(0) for w in calib_ids.split(window) if w.numel() == window][:calib_samples]
-    fp = perplexity(model, eval_ids, window, progress=progress)
-    fp_bytes = weight_bytes(model)
-    rows = [{"name": "FP32", "perplexity": fp.perplexity, "kl": 0.0, "top1_agreement": 1.0, **fp_bytes,
-             "seconds": 0.0}]
+    wins = windows(eval_ids, window)
+    with torch.no_grad():
+        ref = [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1) for w in wins]
+    rows = [{"name": "FP32", **_scores(ref, ref, wins), **weight_bytes(model), "seconds": 0.0}]
     for path in recipes:
         t0 = time.perf_counter()
         qm = apply(model, path, calib_data=calib, progress=progress)
         seconds = time.perf_counter() - t0
-        ppl = perplexity(qm, eval_ids, window, progress=progress)
-        c = compare(model, qm, eval_ids, window)
+        with torch.no_grad():
+            out = [F.log_softmax(logits_of(qm(w.unsqueeze(0)))[0].float(), -1)
+                   for w in tqdm(wins, desc="evaluating", disable=not progress, leave=False)]
         name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
-        rows.append({"name": name, "recipe": str(path),
-                     "perplexity": ppl.perplexity, "kl": c["kl"], "top1_agreement": c["top1_agreement"],
-                     **weight_bytes(qm), "seconds": seconds})
+        rows.append({"name": name, "recipe": str(path), **_scores(ref, out, wins), **weight_bytes(qm),
+                     "seconds": seconds})
     return rows
+
+
+def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.Tensor]) -> dict:
+    """Perplexity of `out` and its agreement with `ref` (lists of per-window log-probabilities)."""
+    nll, n_pred, kl, agree, n = 0.0, 0, 0.0, 0, 0
+    for r, o, w in zip(ref, out, wins):
+        nll += float(-o[:-1].gather(-1, w[1:, None]).sum())
+        n_pred += w.numel() - 1
+        kl += float((r.exp() * (r - o)).sum())
+        agree += int((r.argmax(-1) == o.argmax(-1)).sum())
+        n += w.numel()
+    return {"perplexity": math.exp(nll / n_pred), "kl": kl / n, "top1_agreement": agree / n}
 
 
 def markdown(rows: list[dict]) -> str:

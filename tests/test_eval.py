@@ -45,3 +45,18 @@ def test_weight_bytes_of_fp_and_int4_models():
     q = weight_bytes(qm)
     assert q["linear_weights"] == fp["linear_weights"]
     assert 4.0 < q["bits_per_weight"] < 4.0 + 16 / 16 + 0.2      # 4 bits + one fp16 scale per 16 weights
+
+
+def test_evaluate_agrees_with_perplexity_and_compare():
+    from qpass.eval import evaluate
+
+    model = toy.hf_model("llama")
+    ids = toy.token_ids(1, 70, seed=4)[0]
+    rows = evaluate(model, ["recipes/w4a16_g128.yaml"], ids, ids, window=16, calib_samples=2, progress=False)
+    qm = qpass.apply(model, "recipes/w4a16_g128.yaml")
+    assert rows[0]["perplexity"] == pytest.approx(perplexity(model, ids, 16).perplexity, rel=1e-5)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[0]["top1_agreement"] == 1.0
+    assert rows[1]["perplexity"] == pytest.approx(perplexity(qm, ids, 16).perplexity, rel=1e-5)
+    c = compare(model, qm, ids, 16)
+    assert rows[1]["kl"] == pytest.approx(c["kl"], rel=1e-4, abs=1e-8)
+    assert rows[1]["top1_agreement"] == pytest.approx(c["top1_agreement"])

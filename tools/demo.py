@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "w8a8.yaml"))
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"))
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--max-eval-tokens", type=int, default=16384)
+    ap.add_argument("--max-eval-tokens", type=int, default=8192)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
