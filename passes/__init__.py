@@ -2,11 +2,17 @@
 
 The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
+from .qat import Qat, QatConfig
+from .kv_cache import KvCache, KvCacheConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
+from .smoothquant import SmoothQuant, SmoothQuantConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
 PASSES = {
     "quantize": (QuantizeConfig, Quantize),
+    "qat": (QatConfig, Qat),
+    "smoothquant": (SmoothQuantConfig, SmoothQuant),
+    "kv_cache": (KvCacheConfig, KvCache),
 }
 
 
@@ -15,4 +21,5 @@ def make_pass(config):
     return PASSES[type(config).name][1](config)
 
 
-__all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"]
+__all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
+           "Qat", "QatConfig", "KvCache", "KvCacheConfig"]

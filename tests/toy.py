@@ -88,10 +88,21 @@ def hf_config(family: str):
         return transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                         **_COMMON)
+    if family == "llama_eager":   # attention as softmax(q @ k^T) @ v matmuls instead of SDPA
+        return transformers.LlamaConfig(hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager",
+                                        **_COMMON)
+    if family == "phi3":      # fused qkv_proj and gate_up_proj
+        return transformers.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **_COMMON)
+    if family == "gpt_neox":  # fused query_key_value (per-head interleaved), parallel residual, GELU
+        return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, **_COMMON)
     raise KeyError(family)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2", "llama_tied")
+FUSED_FAMILIES = ("phi3", "gpt_neox")   # fused projections (not in FAMILIES: other tests parametrize over it)
 
 
 def hf_model(family: str, seed: int = 0):
@@ -102,3 +113,67 @@ def hf_model(family: str, seed: int = 0):
 
 def token_ids(batch: int = 2, t: int = 7, vocab: int = 96, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+def char_tokenizer():
+    """A 96-token character-level fast tokenizer (fits the tiny configs' vocab_size)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = (" \n" + string.ascii_letters + string.digits + string.punctuation)[:94]
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
+
+
+def save_hf_dir(path, family: str = "llama", tokenizer: bool = True, seed: int = 0) -> str:
+    """Write hf_model(family) (and a char tokenizer) with save_pretrained into `path`; return the path."""
+    import os
+
+    path = os.fspath(path)
+    hf_model(family, seed).save_pretrained(path)
+    if tokenizer:
+        char_tokenizer().save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------- trained layers (GPTQ / AWQ tests)
+
+
+def correlated_input(n: int = 256, d: int = 32, outliers: int = 2, seed: int = 0) -> torch.Tensor:
+    """[n, d] inputs with correlated channels and a few large-magnitude channels, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    x = torch.randn(n, d, generator=g) @ mix
+    x[:, :outliers] *= 20.0
+    return x
+
+
+def trained_mlp(d: int = 32, hidden: int = 64, steps: int = 300, seed: int = 0) -> tuple[TinyMLP, torch.Tensor]:
+    """A TinyMLP fitted (Adam) to a random teacher on correlated inputs; returns (model, training inputs)."""
+    model, teacher = TinyMLP(d, hidden, seed=seed), TinyMLP(d, hidden, seed=seed + 1)
+    x = correlated_input(512, d, seed=seed)
+    with torch.no_grad():
+        y = teacher(x)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    return model.eval(), x
+
+
+_CAPTURED: dict = {}
+
+
+def captured(family: str, seed: int = 0):
+    """(model, qpass.capture(model)) of `hf_model(family, seed)`, captured once per test process. qpass.apply
+    works on a copy of a GraphModule, so tests can share it (do not change it in place)."""
+    import qpass
+
+    if (family, seed) not in _CAPTURED:
+        model = hf_model(family, seed)
+        _CAPTURED[family, seed] = (model, qpass.capture(model))
+    return _CAPTURED[family, seed]

@@ -1,0 +1,357 @@
+"""Quantize the keys and values attention consumes (KV-cache quantization, LLM-QAT / KIVI style).
+
+Matches   ``scaled_dot_product_attention(q, k, v)`` and eager attention ``softmax(q @ kᵀ ...) @ v``; K and V
+          are walked back through repeat_kv (unsqueeze/expand/reshape) to the kv-head tensor
+          [batch, kv_heads, seq, head_dim]: after RoPE for K (``k_position: post_rope``, what a cache
+          stores) or before it (``pre_rope``, LLM-QAT's k_proj output). In a static-cache decode graph
+          (``qpass.capture_decode``) the kv-head tensor is the cache buffer, so the quantizer goes on the
+          tensor written into it (``index_copy_(cache, 2, pos, k)``): a backend can store it low-bit.
+Changes   k -> qpass.fake_quantize_dynamic(k, block, fmt, symmetric)      (scales per token / head / group)
+            or qpass.fake_quantize(k, scale, zero_point, block, fmt)      (static, calibrated per head or
+                                                                           per channel; KIVI keys)
+          block on [batch, kv_heads, seq, head_dim]:
+            per_token (1, -1, 1, -1)  one scale per token across heads (LLM-QAT)
+            per_head  dynamic (1, 1, 1, -1) per token and head;  static (-1, 1, -1, -1) per head
+            per_channel (axis -1) static (-1, 1, -1, 1);  dynamic (1, 1, -1, 1) over the sequence (KIVI;
+                      not causal, so refused on decode graphs)
+            per_group (1, 1, 1, g) per token and head, groups of g channels;  per_tensor (-1, -1, -1, -1)
+Requires  calibration data for static scales (one run for all of them)
+Preserves nothing (adds nodes and buffers). Differentiable: straight-through gradients for QAT.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpass.calibration import observe
+from qpass.errors import QuantizationError, RecipeError
+from qpass.graph import (
+    META_QUANT,
+    add_tensor,
+    get_attr,
+    insert_call,
+    is_quantizer,
+    linear_sites,
+    module_path,
+    select,
+)
+from qpass.pass_infra import Context, Pass, PassResult
+from qpass.primitives import ops
+from qpass.primitives import quant as Q
+from qpass.primitives.spec import Granularity, IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
+
+aten = torch.ops.aten
+
+_REPEAT = {aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default,
+           aten._unsafe_view.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+           aten.repeat_interleave.self_int}
+_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+           aten.permute.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
+           aten.chunk.default, aten.alias.default, aten.contiguous.default, aten.clone.default,
+           aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.narrow.default, aten.to.dtype,
+           aten._to_copy.default, operator.getitem}
+_CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
+_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_PASS_PROBS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.dropout.default,
+               aten.type_as.default}
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+
+
+def kv_block(g: Granularity, dynamic: bool) -> tuple[int, int, int, int]:
+    """Block size of a K/V quantizer on [batch, kv_heads, seq, head_dim] (see the module docstring)."""
+    if isinstance(g, PerTensor):
+        return (-1, -1, -1, -1)
+    if isinstance(g, PerToken):
+        return (1, -1, 1, -1)
+    if isinstance(g, PerHead):
+        return (1, 1, 1, -1) if g.per_token else (1, 1, -1, -1) if dynamic else (-1, 1, -1, -1)
+    if isinstance(g, PerChannel):
+        return (1, 1, -1, 1) if dynamic else (-1, 1, -1, 1)
+    return (1, 1, 1, g.group_size)
+
+
+def _check_spec(spec: QSpec | None, field: str) -> None:
+    if spec is None:
+        return
+    g = spec.granularity
+    if isinstance(g, (PerChannel, PerGroup)) and g.axis not in (-1, 3):
+        raise RecipeError(f"{field}.axis", "K/V channels are the last axis (head_dim): use axis: -1")
+    per_token = isinstance(g, (PerToken, PerGroup)) or (isinstance(g, PerHead) and g.per_token)
+    if per_token and not spec.dynamic:
+        raise RecipeError(f"{field}.dynamic", "per-token scales are computed at run time; set dynamic: true")
+
+
+@dataclass(frozen=True)
+class KvCacheConfig:
+    name: ClassVar[str] = "kv_cache"
+    field_docs: ClassVar[dict] = {
+        "keys": "K quantizer (null: keep K in float): per_token (dynamic), per_head (dynamic: per token and "
+                "head; static: per head), per_channel with axis -1 (static: KIVI keys), per_group, per_tensor",
+        "values": "V quantizer (null: keep V in float); same granularities as keys",
+        "k_position": "quantize K after RoPE (what a cache stores) or before it (LLM-QAT: the k_proj output)",
+        "targets": "module-path globs of the attention modules to quantize (e.g. model.layers.*.self_attn)",
+        "ignore": "module-path globs of attention modules to leave in float",
+    }
+
+    keys: QSpec | None = QSpec(IntFormat(8), PerToken(), dynamic=True)
+    values: QSpec | None = QSpec(IntFormat(8), PerToken(), dynamic=True)
+    k_position: Literal["post_rope", "pre_rope"] = "post_rope"
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.keys is None and self.values is None:
+            raise RecipeError("keys", "nothing to quantize: set keys or values (or drop this pass)")
+        _check_spec(self.keys, "keys")
+        _check_spec(self.values, "values")
+        if self.k_position not in ("post_rope", "pre_rope"):
+            raise RecipeError("k_position", f"must be post_rope or pre_rope, got {self.k_position!r}")
+        if not self.targets:
+            raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
+
+
+@dataclass(frozen=True)
+class _Point:
+    """Where one K or V quantizer goes: `src` is quantized for `user` (None: for every use of src)."""
+
+    attn: Node
+    role: str                      # "key" | "value"
+    src: Node
+    user: Node | None              # the cache write whose source is src, or None
+    position: str                  # "attention_input" | "pre_rope" | "cache_write"
+    path: str
+
+
+@dataclass(frozen=True)
+class KvCache(Pass):
+    """Fake-quantize K and V where attention consumes them (or where a static cache is written)."""
+
+    config: KvCacheConfig = KvCacheConfig()
+    name: ClassVar[str] = "kv_cache"
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        cfg = self.config
+        sites = attention_sites(gm)
+        chosen = select([module_path(gm, a) for a, _, _ in sites], cfg.targets, cfg.ignore, "kv_cache")
+        points, near = [], []
+        for attn, k, v in sites:
+            path = module_path(gm, attn)
+            if path not in chosen:
+                near.append(f"{path or attn.name}: excluded by targets/ignore")
+                continue
+            for role, spec, t in (("key", cfg.keys, k), ("value", cfg.values, v)):
+                if spec is None:
+                    continue
+                found = _find_point(gm, attn, role, t, role == "key" and cfg.k_position == "pre_rope")
+                if isinstance(found, str):
+                    near.append(f"{path}: {found}")
+                elif any(q.src is found.src and q.user is found.user for q in points):
+                    near.append(f"{path}: {role} {found.src.name} is shared with another attention; quantized once")
+                else:
+                    points.append(found)
+        specs = {"key": cfg.keys, "value": cfg.values}
+        _refuse_sequence_scales_at_cache_writes(gm, points, specs)
+        qparams = self._static_qparams(gm, ctx, points, specs)
+        for p in points:
+            self._insert(gm, p, specs[p.role], qparams.get(p))
+        stats = {"attention_sites": len(sites), "keys_quantized": sum(p.role == "key" for p in points),
+                 "values_quantized": sum(p.role == "value" for p in points),
+                 "cache_writes": sum(p.position == "cache_write" for p in points)}
+        return PassResult(modified=bool(points), stats=stats, near_misses=near)
+
+    def _insert(self, gm: GraphModule, p: _Point, spec: QSpec, qparams) -> None:
+        block = list(kv_block(spec.granularity, spec.dynamic))
+        before = p.user if p.user is not None else p.src.next
+        meta = {k: p.src.meta[k] for k in ("nn_module_stack", "stack_trace") if k in p.src.meta}
+        if spec.dynamic:
+            fq = insert_call(gm, before, ops.fake_quantize_dynamic, (p.src, block, spec.format.name,
+                             spec.symmetric), "kv_cache", val_like=p.src, **meta)
+        else:
+            scale, zp = qparams
+            stem = f"{p.path or p.attn.name}.{p.role[0]}_scale"
+            s_node = get_attr(gm, before, add_tensor(gm, stem, scale))
+            z_node = get_attr(gm, before, add_tensor(gm, stem.replace("scale", "zero_point"), zp)) \
+                if zp is not None else None
+            fq = insert_call(gm, before, ops.fake_quantize, (p.src, s_node, z_node, block, spec.format.name),
+                             "kv_cache", val_like=p.src, **meta)
+        fq.meta[META_QUANT] = {"role": p.role, "site": p.attn.name, "path": p.path, "spec": spec,
+                               "block_size": tuple(block), "position": p.position}
+        if p.user is not None:
+            p.user.replace_input_with(p.src, fq)
+        else:
+            p.src.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
+
+    def _static_qparams(self, gm: GraphModule, ctx: Context, points: list[_Point], specs: dict) -> dict:
+        static = [p for p in points if not specs[p.role].dynamic]
+        if not static:
+            return {}
+        if ctx.restoring:   # shapes only; the values come from the saved state dict
+            return {p: _placeholder(p.src, specs[p.role]) for p in static}
+        calib = ctx.require_calibration("kv_cache with static (per_head / per_channel) scales")
+        nodes = {p: p.src for p in static}
+        obs = observe(gm, nodes, lambda p, n: BlockMinMax(specs[p.role]), calib,
+                      desc="kv_cache: observing K/V", progress=ctx.progress)
+        return {p: o.qparams() for p, o in obs.items()}
+
+
+class BlockMinMax:
+    """Running min/max per block of a [batch, kv_heads, seq, head_dim] tensor (static K/V scales)."""
+
+    def __init__(self, spec: QSpec):
+        self.spec, self.block = spec, kv_block(spec.granularity, False)
+        self.mn = self.mx = None
+
+    def update(self, x: torch.Tensor) -> None:
+        mn, mx = Q.block_minmax(x.float(), self.block)
+        self.mn = mn if self.mn is None else torch.minimum(self.mn, mn)
+        self.mx = mx if self.mx is None else torch.maximum(self.mx, mx)
+
+    def qparams(self):
+        return Q.qparams_from_minmax(self.mn, self.mx, self.spec)
+
+
+def _placeholder(src: Node, spec: QSpec):
+    shape = Q.scale_shape([int(d) if isinstance(d, int) else 1 for d in src.meta["val"].shape],
+                          kv_block(spec.granularity, False))
+    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(shape, dtype=torch.int32)
+    return torch.ones(shape), zp
+
+
+def _refuse_sequence_scales_at_cache_writes(gm: GraphModule, points: list[_Point], specs: dict) -> None:
+    for p in points:
+        spec = specs[p.role]
+        if p.position == "cache_write" and spec.dynamic and kv_block(spec.granularity, True)[2] == -1:
+            raise QuantizationError(
+                f"{p.role}s of {p.path} are written to a static cache a few tokens at a time, so dynamic "
+                f"{type(spec.granularity).__name__} scales over the sequence cannot be computed there",
+                fix=f"use static (calibrated) scales for {p.role}s (dynamic: false), or per_token / per_head "
+                    "dynamic scales")
+
+
+# ------------------------------------------------------------------------------------- finding K and V
+
+
+def attention_sites(gm: GraphModule) -> list[tuple[Node, Node, Node]]:
+    """(attention node, K as consumed, V as consumed) for every SDPA and eager softmax attention."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is aten.scaled_dot_product_attention.default:
+            k = n.args[1] if len(n.args) > 1 else n.kwargs["key"]
+            v = n.args[2] if len(n.args) > 2 else n.kwargs["value"]
+            out.append((n, k, v))
+        elif n.target in _SOFTMAX:
+            pv, qk = _probs_matmul(n), _scores_matmul(n.args[0])
+            kt = qk.args[1] if qk is not None else None
+            if pv is None or kt is None or not _is_last_two_swap(kt):
+                continue
+            out.append((pv, kt.args[0], pv.args[1]))
+    return out
+
+
+def _probs_matmul(softmax: Node) -> Node | None:
+    n = softmax
+    while True:
+        users = list(n.users)
+        mm = [u for u in users if u.target in _MATMULS and u.args[0] is n]
+        if mm:
+            return mm[0]
+        nxt = [u for u in users if u.target in _PASS_PROBS]
+        if len(nxt) != 1:
+            return None
+        n = nxt[0]
+
+
+def _scores_matmul(n, depth: int = 8) -> Node | None:
+    for _ in range(depth):
+        if not isinstance(n, Node) or n.op != "call_function":
+            return None
+        if n.target in _MATMULS:
+            return n
+        ins = [a for a in n.args if isinstance(a, Node)]
+        if not ins:
+            return None
+        n = ins[0]
+    return None
+
+
+def _is_last_two_swap(n: Node) -> bool:
+    if n.target is aten.transpose.int:
+        rank = n.args[0].meta["val"].dim()
+        return sorted(d % rank for d in n.args[1:3]) == [rank - 2, rank - 1]
+    if n.target is aten.permute.default:
+        p = list(n.args[1])
+        return p[:-2] == list(range(len(p) - 2)) and p[-2:] == [len(p) - 1, len(p) - 2]
+    return False
+
+
+def _find_point(gm: GraphModule, attn: Node, role: str, t: Node, pre_rope: bool) -> _Point | str:
+    """The kv-head tensor feeding attention (through repeat_kv), or a cache write's source."""
+    path = module_path(gm, attn)
+    while isinstance(t, Node) and t.op == "call_function" and t.target in _REPEAT and _rank(t.args[0]) >= 4:
+        t = t.args[0]
+    if not isinstance(t, Node):
+        return f"{role} is not a tensor node"
+    if is_quantizer(t) or (t.target in _CACHE_WRITES and is_quantizer(t.args[3])):
+        raise QuantizationError(f"{role}s of {path or attn.name} are already quantized by an earlier pass",
+                                fix="keep one kv_cache pass per recipe, or use targets/ignore to split them")
+    where = "attention_input"
+    if t.op == "call_function" and t.target in _CACHE_WRITES:
+        write, t, where = t, t.args[3], "cache_write"
+    elif t.op != "call_function":
+        return f"{role} comes from {t.op} {t.target}, not from a computed tensor or a cache write"
+    else:
+        write = None
+    if _rank(t) != 4:
+        return f"{role} tensor {t.name} has rank {_rank(t)}, expected [batch, kv_heads, seq, head_dim]"
+    if pre_rope:
+        pre = _pre_rope(gm, t)
+        if isinstance(pre, str):
+            return pre
+        if pre is not t:
+            return _Point(attn, role, pre, None, "pre_rope", path)
+    return _Point(attn, role, t, write, where, path)
+
+
+def _pre_rope(gm: GraphModule, post: Node) -> Node | str:
+    """K before RoPE: from the linear that produces K, follow layout ops while they form a single chain
+    towards `post`; stop where the chain fans out into the rotation (or reaches `post`: no RoPE)."""
+    if post.target in _LAYOUT:
+        return post
+    sources = {s.node for s in linear_sites(gm)}
+    anc, stack, found = {post}, [post], set()
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in anc:
+                continue
+            anc.add(a)
+            if a in sources:
+                found.add(a)
+            elif a.op == "call_function":
+                stack.append(a)
+    if len(found) != 1:
+        return f"cannot find the K projection before RoPE of {post.name} ({len(found)} linears feed it)"
+    n = found.pop()
+    while n is not post:
+        inside = [u for u in n.users if u in anc]
+        if len(inside) != 1 or inside[0].target not in _LAYOUT:
+            break
+        n = inside[0]
+    if _rank(n) != 4 or list(n.meta["val"].shape) != list(post.meta["val"].shape):
+        return (f"K before RoPE ({n.name}, shape {tuple(n.meta['val'].shape)}) is not laid out like the "
+                f"attention input {tuple(post.meta['val'].shape)} [batch, kv_heads, seq, head_dim]; use "
+                "k_position: post_rope")
+    return n
+
+
+def _rank(n) -> int:
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+__all__ = ["KvCache", "KvCacheConfig", "attention_sites", "kv_block"]
