@@ -1,0 +1,308 @@
+"""Kernels a PackedLinear can run, and the measurement that picks one per (shape, M bucket).
+
+One table, ``KERNELS``: name -> Kernel(exact, applies(mod), bind(mod)). ``bind(mod)`` returns ``run(x)``
+with the module's tensors captured; ``x`` is the module input as the graph gives it (any leading dims, not
+yet quantized) and ``run`` returns [M, N] float32. A module's plan maps an M bucket to a kernel name.
+
+    dequant          every format: fake-quantize the input (if the recipe does), dequantize the weight in
+                     cache-sized row tiles, fp32 matmul. Same math as the fake-quant graph (exact). The
+                     fallback: always a candidate, so a kernel slower than it is never chosen.
+    int4pack         int4 weights (groups 32..256 or per channel, N % 16 == 0) in the CPU int4pack layout:
+                     ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, bf16 scales and zeros and a
+                     bf16 result (the vectorized CPU paths exist for bf16 only).
+    int8pack         int8 per-channel weights: ``aten._weight_int8pack_mm`` with bf16 activations/scales.
+    int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
+                     fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
+                     then the scales: exact up to float rounding of the fp32 reference.
+    int8pack_codes   W8A8 on the int8pack kernel: integer input codes fed as bf16 (exact up to 256), one
+                     bf16 rounding of each output dot product.
+
+Approximate kernels (``exact=False``) round to bf16: relative error of a few 2^-9 per output, see
+docs/benchmarks.md and tests/test_torch_packed.py for the measured bound.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("qpass.backends.torch_packed")
+aten = torch.ops.aten
+
+BUCKETS = (1, 8, 128)          # representative M of: decode (1), small batches (2..16), prefill (> 16)
+FALLBACK = "dequant"
+
+
+def bucket(m: int) -> int:
+    return 1 if m <= 1 else 8 if m <= 16 else 128
+
+
+# ----------------------------------------------------------------------------------------- kernels
+# Each kernel is a binder: bind(mod) -> run(x) -> [M, N] float32, with the tensors it reads captured once
+# (PackedLinear rebinds after a plan change, a reload or a device move), so a call does no module lookups.
+
+_INT4PACK_MM = aten._weight_int4pack_mm_for_cpu.default
+_INT8PACK_MM = aten._weight_int8pack_mm.default
+
+
+def _input(mod):
+    """x -> [M, kp] float input: fake-quantized if the recipe quantizes it, zero-padded to whole groups."""
+    fq, k, pad = (mod.input_fake_quant if mod.act is not None else None), mod.wf.k, mod.wf.kp - mod.wf.k
+
+    def prep(x: Tensor) -> Tensor:
+        x = (fq(x) if fq is not None else x).reshape(-1, k).float()     # no-op for fp32 graphs
+        return F.pad(x, (0, pad)) if pad else x
+    return prep
+
+
+def _bind_dequant(mod):
+    prep, n, rows, bias, deq = _input(mod), mod.wf.n, mod.tile_rows(), mod.bias, mod.dequantize
+
+    def run(x: Tensor) -> Tensor:
+        x = prep(x)
+        if rows >= n:
+            return F.linear(x, deq(), bias)
+        out = x.new_empty(x.shape[0], n)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            out[:, n0:n1] = F.linear(x, deq(n0, n1))
+        return out if bias is None else out.add_(bias)
+    return run
+
+
+def _bind_int4pack(mod):
+    prep, qw, sz, g, bias = _input(mod), mod.qweight, mod.sz, mod.wf.int4pack_group, mod.bias
+
+    def run(x: Tensor) -> Tensor:
+        y = _INT4PACK_MM(prep(x).to(torch.bfloat16), qw, g, sz).float()
+        return y if bias is None else y.add_(bias)
+    return run
+
+
+def _bind_int8pack(mod):
+    prep, qw, s16, bias = _input(mod), mod.qweight, mod.scale_bf16, mod.bias
+    zs = mod.zero_c.float() * mod.row_scale if mod.zero_c is not None else None   # asymmetric: (zp - 128) s
+
+    def run(x: Tensor) -> Tensor:
+        xf = prep(x)
+        y = _INT8PACK_MM(xf.to(torch.bfloat16), qw, s16).float()
+        if zs is not None:
+            y -= xf.sum(-1, keepdim=True) * zs
+        return y if bias is None else y.add_(bias)
+    return run
+
+
+def _codes(mod):
+    """x -> (int8 codes [M, K], scale [M or 1, 1], zero point or None), uint8 codes shifted to int8."""
+    codes = mod.input_codes
+
+    def run(x: Tensor):
+        a, sa, za = codes(x)
+        if za is not None:
+            a, za = (a.to(torch.int16) - 128).to(torch.int8), za - 128
+        return a, sa, za
+    return run
+
+
+def _bind_int_mm(mod):
+    codes, qt, zc, colsum, rs, k, bias = (_codes(mod), mod.qweight.t(), mod.zero_c, mod.colsum, mod.row_scale,
+                                          mod.wf.k, mod.bias)
+
+    def run(x: Tensor) -> Tensor:
+        a, sa, za = codes(x)
+        acc = torch._int_mm(a, qt)
+        if zc is not None:
+            acc -= a.sum(-1, keepdim=True, dtype=torch.int32) * zc
+        if za is not None:
+            zi = za.to(torch.int32)
+            acc -= zi * colsum
+            if zc is not None:
+                acc += k * zi * zc
+        y = acc.float().mul_(sa).mul_(rs)
+        return y if bias is None else y.add_(bias)
+    return run
+
+
+def _bind_int8pack_codes(mod):
+    codes, qw, ones, rs, bias = _codes(mod), mod.qweight, mod.ones_bf16, mod.row_scale, mod.bias
+
+    def run(x: Tensor) -> Tensor:
+        a, sa, za = codes(x)
+        af = a.float() if za is None else a.float() - za          # integers in [-255, 255]: exact in bf16
+        y = _INT8PACK_MM(af.to(torch.bfloat16), qw, ones).float().mul_(sa).mul_(rs)
+        return y if bias is None else y.add_(bias)
+    return run
+
+
+def _cpu(mod) -> bool:
+    return mod.qweight.device.type == "cpu"
+
+
+def _int8_rows(mod) -> bool:
+    return mod.wf.layout == "int8" and mod.wf.bk == -1
+
+
+def _w8a8(mod) -> bool:
+    return _int8_rows(mod) and mod.act is not None and mod.act.integer and mod.act.per_row
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    exact: bool
+    applies: Callable
+    bind: Callable
+    note: str = ""
+
+    def run(self, mod, x: Tensor) -> Tensor:
+        """One call without binding (tools and tests); PackedLinear.forward uses bound runners."""
+        return self.bind(mod)(x)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
+    Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,
+           "_weight_int4pack_mm_for_cpu, bf16 activations"),
+    Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m), _bind_int8pack,
+           "_weight_int8pack_mm, bf16 activations"),
+    Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
+    Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m), _bind_int8pack_codes,
+           "int8 input codes on _weight_int8pack_mm, bf16 result"),
+)}
+
+
+def candidates(mod, policy: str = "auto") -> list[str]:
+    """Kernels that can run `mod` under `policy` ('auto': all; 'exact': exact ones only)."""
+    return [k.name for k in KERNELS.values() if k.applies(mod) and (policy == "auto" or k.exact)]
+
+
+# ------------------------------------------------------------------------------------- measurement
+
+
+def measure(fns: Mapping[str, Callable[[], object]], *, repeats: int = 5, target_s: float = 0.004,
+            prune: float | None = 4.0, prune_above_s: float = 0.01, keep: tuple[str, ...] = ()
+            ) -> dict[str, tuple[float, bool]]:
+    """Median seconds per call of each function.
+
+    Each function gets a warm-up call and a probe (the fastest of 3 calls, robust to load spikes); then
+    `repeats` rounds in which every function runs in turn (interleaved, so load changes hit all alike),
+    each with enough calls to take about `target_s`. A function whose probe is over `prune` x the fastest
+    and over `prune_above_s` seconds is not repeated (it cannot win, and repeating it is what costs) and
+    reports its probe time. Returns {name: (seconds, pruned)}."""
+    probe, failed = {}, {}
+    for name, fn in fns.items():
+        try:
+            fn()
+        except (RuntimeError, NotImplementedError) as e:    # e.g. a shape this device's kernel refuses
+            failed[name] = e
+            continue
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if times[-1] > prune_above_s:       # slow: one probe is enough
+                break
+        probe[name] = min(times)
+    best = min(probe.values())
+    live = [n for n in probe if prune is None or n in keep or probe[n] <= max(prune * best, prune_above_s)]
+    calls = {n: max(1, round(target_s / max(probe[n], 1e-7))) for n in live}
+    samples: dict[str, list[float]] = {n: [] for n in live}
+    for _ in range(repeats):
+        for n in live:
+            fn, k = fns[n], calls[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[n].append((time.perf_counter() - t0) / k)
+    for name, e in failed.items():
+        log.info("kernel %s failed while measuring, not a candidate: %s", name, e)
+    return {n: (statistics.median(samples[n]), False) if n in samples else (probe.get(n, math.inf), True)
+            for n in fns}
+
+
+@dataclass
+class TuneRecord:
+    """One kernel decision: the shape/format it is for, the times measured (ms), and the choice."""
+
+    key: str
+    bucket: int
+    choice: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    fp32_ms: float | None = None
+    modules: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "M": self.bucket, "choice": self.choice, "fp32_ms": self.fp32_ms,
+                "times_ms": self.times_ms, "pruned": self.pruned, "modules": self.modules}
+
+
+def tune_key(mod) -> str:
+    act = mod.act.describe() if mod.act else "-"
+    return f"{mod.wf.n}x{mod.wf.k} {mod.wf.describe()} [{mod.wf.layout}] act={act}{' bias' if mod.bias is not None else ''}"
+
+
+_DECISIONS: dict[tuple, TuneRecord] = {}
+
+
+def tune(mods, policy: str | Mapping = "auto", *, repeats: int = 5, reference: bool = True,
+         cache: bool = True) -> list[TuneRecord]:
+    """Set ``mod.plan`` ({M bucket: kernel}) on every module.
+
+    policy: 'auto' (measure every applicable kernel, pick the fastest), 'exact' (measure exact kernels
+    only), 'reference' (always the dequant fallback, nothing measured), a kernel name (that kernel where
+    it applies, else the fallback) or {bucket: kernel name}. Modules with the same shape and format share
+    one measurement; decisions are cached per process (same key, bucket, thread count)."""
+    groups: dict[str, list] = {}
+    for m in mods:
+        groups.setdefault(tune_key(m), []).append(m)
+    records = []
+    for key, group in groups.items():
+        for b in BUCKETS:
+            rec = replace(_decide(group[0], key, b, policy, repeats, reference, cache),
+                          modules=[m.name for m in group])
+            for m in group:
+                m.plan = {**m.plan, b: rec.choice}
+            records.append(rec)
+    return records
+
+
+def _decide(mod, key: str, b: int, policy, repeats: int, reference: bool, cache: bool) -> TuneRecord:
+    if isinstance(policy, Mapping) or policy not in ("auto", "exact"):
+        want = policy.get(b, FALLBACK) if isinstance(policy, Mapping) else \
+            FALLBACK if policy == "reference" else policy
+        if want not in KERNELS:
+            raise ValueError(f"unknown kernel {want!r}; known: {sorted(KERNELS)}")
+        return TuneRecord(key, b, want if KERNELS[want].applies(mod) else FALLBACK)
+    ck = (key, b, policy, torch.get_num_threads(), reference)
+    if cache and ck in _DECISIONS:
+        return _DECISIONS[ck]
+    names = candidates(mod, policy)
+    rec = TuneRecord(key, b, FALLBACK)
+    if len(names) > 1:
+        x = torch.randn(*([1] * (getattr(mod, "in_rank", 2) - 2)), b, mod.wf.k,
+                        generator=torch.Generator().manual_seed(0)).to(mod.qweight.device)
+        fns = {n: KERNELS[n].bind(mod) for n in names}
+        fns = {n: (lambda f=f: f(x)) for n, f in fns.items()}
+        if reference:
+            w = torch.randn(mod.wf.n, mod.wf.k, device=x.device)
+            x2 = x.reshape(-1, mod.wf.k)
+            fns["fp32"] = lambda: F.linear(x2, w)
+        with torch.no_grad():
+            res = measure(fns, repeats=repeats, keep=("fp32",))
+        rec.times_ms = {n: round(t * 1e3, 4) for n, (t, _) in res.items() if n != "fp32" and t < math.inf}
+        rec.pruned = [n for n, (_, p) in res.items() if p]
+        rec.fp32_ms = round(res["fp32"][0] * 1e3, 4) if reference else None
+        rec.choice = min(names, key=lambda n: res[n][0])
+        log.info("kernel for %s at M=%d: %s (%s)", key, b, rec.choice, rec.times_ms)
+    if cache:
+        _DECISIONS[ck] = rec
+    return rec

@@ -1,0 +1,121 @@
+"""A static K or V cache stored low-bit: codes (+ per-block scales, zero points) instead of floats.
+
+Replaces, in a decode graph, ``index_copy_(cache, 2, pos, kv_quantizer(k))`` (the cache write the
+``kv_cache`` pass quantized): ``forward(k, pos)`` quantizes the new rows exactly as the quantizer does
+(dynamic scales per token / head / group, or the static ones), writes codes and scales at ``pos`` and
+returns the whole cache dequantized [batch, heads, max_len, head_dim] for attention. What attention sees
+is bit for bit the fake-quant graph's cache at every written position; unwritten positions are masked.
+
+Codes: 8-bit formats one byte each (int8 / uint8 / float8 bits), 1-, 2- and 4-bit formats packed along
+head_dim (two int4 codes per byte), other widths one byte per code. Scales float32, one per block.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qpass.primitives import quant as Q
+
+from . import packing as P
+from .linear import storage_codes
+
+
+class PackedKVCache(nn.Module):
+    def __init__(self, shape, fmt: str, block, symmetric: bool, *, scale: Tensor | None = None,
+                 zero_point: Tensor | None = None, name: str = "", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.shape, self.fmt, self.block, self.symmetric = tuple(shape), fmt, list(block), symmetric
+        self.dtype = dtype                           # of the float cache this replaces (what attention reads)
+        self.dynamic, self.name = scale is None, name
+        f = Q.parse_format(fmt)
+        self.bits, self.kind = f.bits, f.kind
+        d = self.shape[-1]
+        width = -(-d * self.bits // 8) if self.bits in P.DENSE_BITS else d
+        self.register_buffer("codes", torch.zeros(*self.shape[:-1], width, dtype=torch.uint8))
+        sshape = Q.scale_shape(self.shape, self.block)
+        if self.dynamic:
+            self.register_buffer("scale", torch.zeros(sshape))
+            self.register_buffer("zero", None if symmetric or f.kind != "int" else torch.zeros(sshape))
+        else:
+            self.register_buffer("scale", scale.detach().float().clone())
+            self.register_buffer("zero", zero_point.detach().clone() if zero_point is not None else None)
+
+    def _encode(self, q: Tensor) -> Tensor:
+        u = storage_codes(q, self.fmt, self.symmetric) if not (self.kind == "int" and self.bits == 8) else q
+        u = u.view(torch.uint8)
+        if self.bits in P.DENSE_BITS:
+            lead = u.shape[:-1]
+            u = P.pack_dense(u.reshape(-1, u.shape[-1]), self.bits).reshape(*lead, -1)
+        return u
+
+    def _decode(self) -> Tensor:
+        u = self.codes
+        if self.bits in P.DENSE_BITS:
+            u = P.unpack_dense(u.reshape(-1, u.shape[-1]), self.bits, self.shape[-1]).reshape(self.shape)
+        if self.kind == "float" and self.bits == 8:
+            return u.view(Q.FP8_DTYPES[self.fmt])
+        if self.kind == "int":
+            if self.bits == 8:
+                return u.view(torch.int8) if self.symmetric else u
+            if self.symmetric:
+                return (u.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+        return u
+
+    def forward(self, k: Tensor, pos: Tensor) -> Tensor:
+        if self._fast:
+            q = self._fast_codes(k.float(), pos)
+        else:
+            if self.dynamic:
+                scale, zp = Q.dynamic_qparams(k, self.block, self.fmt, self.symmetric)
+                self.scale.index_copy_(2, pos, scale)
+                if zp is not None:
+                    self.zero.index_copy_(2, pos, zp)
+            else:
+                scale, zp = self.scale, self.zero
+            q = Q.quantize(k, scale, zp, self.block, self.fmt)
+        self.codes.index_copy_(2, pos, self._encode(q))
+        return self.dequantize()
+
+    @property
+    def _fast(self) -> bool:
+        """Dynamic symmetric int scales over whole dims (per token, per token and head): a short path."""
+        return self.dynamic and self.symmetric and self.kind == "int" and all(b in (1, -1) for b in self.block)
+
+    def _fast_codes(self, k: Tensor, pos: Tensor) -> Tensor:
+        """Codes of `k` and its scales written at `pos`, as ``dynamic_qparams`` + ``quantize`` give them
+        (absmax / qmax floored at SCALE_FLOOR; a block holding inf/NaN dequantizes to NaN either way)."""
+        lo, hi = Q.qrange(self.fmt, True)
+        dims = [i for i, b in enumerate(self.block) if b == -1]
+        s = k.abs().amax(dim=dims, keepdim=True).div_(hi).clamp_(min=Q.SCALE_FLOOR)
+        self.scale.index_copy_(2, pos, s)
+        return (k / s).round_().clamp_(lo, hi).to(torch.int8)
+
+    def dequantize(self) -> Tensor:
+        """The whole cache as floats: (q - z) * s rounded once, as ``Q.dequantize`` computes it, but with the
+        zero point subtracted in integers and one promoting multiply (per-token blocks broadcast as they are)."""
+        q = self._decode()
+        g = self.block[-1]
+        if any(b > 1 for b in self.block[:-1]) or self.kind == "lut" or self.fmt == "fp4_e2m1":
+            return Q.dequantize(q, self.scale, self.zero, self.block, self.fmt, self.dtype)
+        s, z = self.scale, self.zero
+        if g > 1:                                   # groups along head_dim: [.., D/g, g] x [.., D/g, 1]
+            q, s = q.view(*q.shape[:-1], -1, g), s.unsqueeze(-1)
+            z = z.unsqueeze(-1) if z is not None else None
+        if self.kind == "float":
+            q = q.float()
+        elif z is not None:
+            q = q.to(torch.int16) - z.to(torch.int16)
+        return torch.mul(q, s).view(self.shape).to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+    def float_nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return 4 * n
+
+    def extra_repr(self) -> str:
+        kind = "dynamic" if self.dynamic else "static"
+        return f"{list(self.shape)}, {self.fmt} block={self.block} {kind}"

@@ -1,0 +1,266 @@
+"""Rewrite a fake-quantized graph into packed modules (the graph is modified in place).
+
+Matches   QuantLinear (patterns.py): W -> [t] -> weight fq -> [t] -> linear/addmm/mm/matmul(x_fq?, ·)
+Changes   the pattern -> ``call_module PackedLinear(x)`` (one node; the input quantizer moves inside);
+          the float weight, its scale/zero-point buffers and the quantizer nodes are removed, so the
+          lowered model holds only codes + scales. The module replaces the weight's own container
+          (``model.model.layers.0.self_attn.q_proj``) when nothing else lives there, so state-dict names
+          read like the model's (``...q_proj.qweight``).
+          KvWrite (decode graphs): ``index_copy_(cache, 2, pos, kv_fq(k))`` -> ``call_module
+          PackedKVCache(k, pos)``; the float cache buffer is removed.
+Refuses   any other quantizer that is not a K/V quantizer: UnsupportedOpError (node, module, fix).
+
+Why modules rather than ``torch.library`` ops: which kernel runs depends on the number of rows at run
+time (a plan measured per machine), and the int4 weights sit in a CPU-specific layout that must be
+converted to a portable one on save and back on load. A module holds both naturally (state-dict hooks
+and a `plan` attribute); an op would need the plan serialized into its arguments and a global registry for
+the layout conversion. The lowered graph still has one node per linear.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from qpass.errors import UnsupportedOpError
+from qpass.graph import META_ORIGIN, META_QUANT, describe, is_quantizer
+from qpass.primitives import ops as qops
+from qpass.primitives import quant as Q
+
+from .kv import PackedKVCache
+from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
+from .patterns import KV_ROLES, QuantLinear, kv_writes, quant_linears, unsupported_quantizers
+
+aten = torch.ops.aten
+log = logging.getLogger("qpass.backends.torch_packed")
+ORIGIN = "torch_packed"
+
+
+def _attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parent(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    parent, _, name = target.rpartition(".")
+    return (gm.get_submodule(parent) if parent else gm), name
+
+
+def _delete_attr(gm: nn.Module, target: str) -> None:
+    mod, name = _parent(gm, target)
+    for store in (mod._parameters, mod._buffers, mod._modules):
+        if name in store:
+            del store[name]
+            return
+    if hasattr(mod, name):
+        delattr(mod, name)
+
+
+def _tensor(gm: GraphModule, node: Node | None, where: str) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not isinstance(node, Node) or node.op != "get_attr":
+        raise UnsupportedOpError(f"{where} is computed in the graph ({node}), not a stored tensor",
+                                 fix="quantize with scales stored as buffers or parameters (quantize / qat passes)")
+    return _attr(gm, node.target).detach()
+
+
+def _act_format(gm: GraphModule, fq: Node) -> tuple[ActFormat, torch.Tensor | None, torch.Tensor | None]:
+    if fq.target is qops.fake_quantize_dynamic:
+        _, block, fmt, symmetric = fq.args
+        return ActFormat(fmt, tuple(block), bool(symmetric), True), None, None
+    _, s, z, block, fmt = fq.args
+    scale, zp = _tensor(gm, s, "the input scale"), _tensor(gm, z, "the input zero point")
+    return ActFormat(fmt, tuple(block), zp is None, False), scale, zp
+
+
+def _weight_qparams(gm: GraphModule, m: QuantLinear, w: torch.Tensor):
+    """(scale, zero_point, block, fmt) of the weight quantizer, laid out like `w` as the quantizer sees it."""
+    fq = m.weight_fq
+    if fq.target is qops.fake_quantize_dynamic:   # weights are constant: the dynamic scales are fixed
+        _, block, fmt, symmetric = fq.args
+        scale, zp = Q.dynamic_qparams(w, list(block), fmt, symmetric)
+        return scale, (zp.round().to(torch.int32) if zp is not None else None), list(block), fmt
+    _, s, z, block, fmt = fq.args
+    return _tensor(gm, s, "the weight scale"), _tensor(gm, z, "the weight zero point"), list(block), fmt
+
+
+def _apply_transposes(w: torch.Tensor, nodes) -> torch.Tensor:
+    for n in nodes:
+        w = w.permute(*n.args[1]) if n.target is aten.permute.default else \
+            w.transpose(*n.args[1:3]) if n.target is aten.transpose.int else w.t()
+    return w
+
+
+def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, restoring: bool) -> PackedLinear:
+    """The PackedLinear of one pattern (restoring: structure only, tensors are loaded afterwards)."""
+    site = m.site
+    if site.node.target is aten.addmm.default and (site.node.kwargs.get("beta", 1) != 1
+                                                   or site.node.kwargs.get("alpha", 1) != 1):
+        raise UnsupportedOpError("addmm with beta/alpha != 1", describe(gm, site.node),
+                                 fix="report the model; qpass lowers plain linear/addmm/mm/matmul")
+    act, a_scale, a_zero = _act_format(gm, m.input_fq) if m.input_fq is not None else (None, None, None)
+    bias = _tensor(gm, site.bias, "the bias")
+    w = _apply_transposes(_attr(gm, site.weight.target).detach(), m.pre_fq)
+    scale, zp, block, fmt = _weight_qparams(gm, m, w)
+    if m.fq_in_axis == 0:              # the quantizer sees [in, out]: canonical is [out, in]
+        w, scale, block = w.t(), scale.t(), block[::-1]
+        zp = zp.t() if zp is not None else None
+    n, k = w.shape
+    if restoring:
+        bn, bk = _normalize_block(block, n, k)
+        wf = WeightFormat(fmt, zp is None, n, k, bn, bk, choose_layout(fmt, n, k, bn, bk))
+        mod = PackedLinear(wf, act, has_bias=bias is not None, act_zero=a_zero is not None, name=name,
+                           act_qparam_shapes=tuple(a_scale.shape) if a_scale is not None else None)
+    else:
+        mod = PackedLinear.from_weight(w, scale, zp, block, fmt, bias=bias, act=act, act_scale=a_scale,
+                                       act_zero=a_zero, name=name)
+    val = m.x.meta.get("val")
+    mod.in_rank = val.dim() if isinstance(val, torch.Tensor) else 2
+    return mod
+
+
+def _placement(gm: GraphModule, m: QuantLinear, taken: set[str]) -> tuple[str, bool]:
+    """Where the module goes: the weight's container when only this site's weight and bias live there."""
+    container, _, _ = m.site.weight.target.rpartition(".")
+    mine = {m.site.weight.target} | ({m.site.bias.target} if m.site.bias is not None else set())
+    try:
+        mod = gm.get_submodule(container) if container else None
+    except AttributeError:
+        mod = None
+    if mod is not None and container not in taken and not mod._modules and type(mod) is not PackedLinear:
+        local = {f"{container}.{k}" for k in (*mod._parameters, *mod._buffers)}
+        others = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(container + ".")
+                  and n is not m.site.weight and n is not m.site.bias]
+        shared_weight = any(u not in m.chain for u in m.site.weight.users)   # e.g. tied with an embedding
+        if local <= mine and not others and not shared_weight:
+            return container, True
+    base = "qpass_packed." + (m.site.path or m.site.node.name).replace(".", "_")
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name, False
+
+
+def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = None,
+                  restoring: bool = False) -> dict[str, PackedLinear]:
+    """Replace every QuantLinear with a PackedLinear. `shared`: modules to reuse by name (decode graphs
+    share the packed weights of the main graph). Returns {module name: module}."""
+    patterns = [p for p in quant_linears(gm) if p.weight_fq is not None]
+    handled = {p.weight_fq for p in patterns} | {p.input_fq for p in patterns if p.input_fq is not None}
+    unsupported_quantizers(gm, handled | {p.input_fq for p in quant_linears(gm) if p.input_fq is not None})
+    mods, taken, dropped = {}, set(), set()
+    for m in patterns:
+        name, replace_container = _placement(gm, m, taken)
+        taken.add(name)
+        if shared is not None:
+            if name not in shared:
+                raise UnsupportedOpError(f"no packed weights named {name!r} for this graph's linear",
+                                         describe(gm, m.site.node), fix="report this as a qpass bug")
+            mod = shared[name]
+        else:
+            mod = build_linear(gm, m, name, restoring=restoring)
+        mods[name] = mod
+        dropped |= _rewrite(gm, m, name, mod, replace_container)
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for target in sorted(dropped - used):    # float weights, weight scales: nothing reads them any more
+        try:
+            parent, _ = _parent(gm, target)
+        except AttributeError:
+            continue
+        if not isinstance(parent, PackedLinear):  # else it lived in the container the module replaced
+            _delete_attr(gm, target)
+    gm.graph.lint()
+    gm.recompile()
+    return mods
+
+
+def _rewrite(gm: GraphModule, m: QuantLinear, name: str, mod: PackedLinear, replace_container: bool) -> set[str]:
+    """Swap the pattern for the module call; return the targets of the get_attr nodes it erased."""
+    site = m.site
+    if replace_container:
+        parent, attr = _parent(gm, name)
+        setattr(parent, attr, mod)
+    else:
+        gm.add_submodule(name, mod)
+    with gm.graph.inserting_before(site.node):
+        new = gm.graph.call_module(name, (m.x,))
+        out = gm.graph.call_function(aten.add.Tensor, (new, m.bias)) if m.bias is not None else new
+    for node in {new, out}:
+        node.meta.update({k: site.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in site.node.meta})
+        node.meta[META_ORIGIN] = ORIGIN
+    site.node.replace_all_uses_with(out)
+    fq_args = [*m.weight_fq.args[1:3], *(m.input_fq.args[1:3] if m.input_fq is not None else ())]
+    dead = [site.node, *reversed(m.chain), site.weight, m.input_fq, site.bias, *fq_args]
+    erased = set()
+    for n in dead:
+        if isinstance(n, Node) and n.op != "placeholder" and not n.users and n.graph is gm.graph:
+            if n.op == "get_attr":
+                erased.add(n.target)
+            gm.graph.erase_node(n)
+    return erased
+
+
+def lower_kv_cache(gm: GraphModule) -> dict[str, PackedKVCache]:
+    """Replace quantized K/V cache writes with low-bit caches (decode graphs). Returns {name: module}."""
+    mods = {}
+    for w in kv_writes(gm):
+        cache = _attr(gm, w.cache.target)
+        fq = w.fq
+        if fq.target is qops.fake_quantize_dynamic:
+            _, block, fmt, symmetric = fq.args
+            mod = PackedKVCache(cache.shape, fmt, block, bool(symmetric), dtype=cache.dtype)
+        else:
+            _, s, z, block, fmt = fq.args
+            zp = _tensor(gm, z, "the K/V zero point")
+            mod = PackedKVCache(cache.shape, fmt, block, zp is None, scale=_tensor(gm, s, "the K/V scale"),
+                                zero_point=zp, dtype=cache.dtype)
+        name = "qpass_kv." + f"{w.path or w.write.name}_{w.role}".replace(".", "_")
+        mod.name = name
+        gm.add_submodule(name, mod)
+        with gm.graph.inserting_before(w.write):
+            new = gm.graph.call_module(name, (fq.args[0], w.write.args[2]))
+        new.meta.update({k: w.write.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in w.write.meta})
+        new.meta[META_ORIGIN] = ORIGIN
+        w.write.replace_all_uses_with(new)
+        ptr = cache.untyped_storage().data_ptr()
+        for n in (w.write, fq, w.cache, *fq.args[1:3]):
+            if isinstance(n, Node) and not n.users:
+                gm.graph.erase_node(n)
+        _drop_aliases(gm, ptr)
+        mods[name] = mod
+    kept = [n.name for n in gm.graph.nodes if is_quantizer(n) and n.meta.get(META_QUANT, {}).get("role") in KV_ROLES]
+    if kept:
+        log.info("K/V quantizers %s are not at a cache write (e.g. keys quantized before RoPE): they stay "
+                 "fake-quant and those caches stay float", kept)
+    gm.graph.lint()
+    gm.recompile()
+    return mods
+
+
+def _drop_aliases(gm: GraphModule, ptr: int) -> None:
+    """Remove every attribute holding the float cache storage (the buffer and its lifted alias)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users and _storage(gm, n.target) == ptr:
+            gm.graph.erase_node(n)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    names += [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    for mod_name, mod in gm.named_modules():
+        names += [f"{mod_name}.{k}" if mod_name else k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]
+    for name in set(names):
+        if name not in used and _storage(gm, name) == ptr:
+            _delete_attr(gm, name)
+
+
+def _storage(gm: GraphModule, name: str) -> int | None:
+    try:
+        t = _attr(gm, name)
+    except AttributeError:
+        return None
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None

@@ -1,0 +1,142 @@
+"""Bit packing of quantization codes: pure tensor functions, no graphs and no modules.
+
+Codes here are *storage codes*: unsigned integers ``u`` in ``[0, 2^bits)`` laid out ``[N, K]`` (output rows,
+input columns). Three layouts:
+
+* ``dense``     bits in {1, 2, 4}: ``8 // bits`` codes per byte along K, the first code in the lowest bits
+                (int4: two codes per byte, low nibble = even column). ``[N, ceil(K * bits / 8)]`` uint8.
+* ``bitplanes`` any bits in 1..8: plane ``j`` holds bit ``j`` of every code, 8 codes per byte along K
+                (first code in bit 0). ``[bits, N, ceil(K / 8)]`` uint8; exactly ``bits`` bits per code, so
+                3-, 5-, 6- and 7-bit codes waste nothing.
+* ``int4pack``  the layout ``aten._convert_weight_to_int4pack_for_cpu`` produces for the running CPU
+                (it depends on the vector ISA torch dispatches to: blocks of 64 output rows on AVX512, 32 on
+                AVX2). :func:`to_int4pack` calls that op; :func:`from_int4pack` is its inverse, written
+                from the kernel's packing loop and checked once per process by :func:`int4pack_supported`
+                (a probe round trip), so a layout this module does not know is never used.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("qpass.backends.torch_packed")
+aten = torch.ops.aten
+
+DENSE_BITS = (1, 2, 4)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad_cols(u: Tensor, multiple: int) -> Tensor:
+    extra = _ceil(u.shape[-1], multiple) * multiple - u.shape[-1]
+    return torch.nn.functional.pad(u, (0, extra)) if extra else u
+
+
+# ------------------------------------------------------------------------------------------ dense
+
+
+def pack_dense(u: Tensor, bits: int) -> Tensor:
+    """[N, K] codes < 2^bits -> [N, ceil(K*bits/8)] uint8, 8 // bits codes per byte (first in the low bits)."""
+    per = 8 // bits
+    v = _pad_cols(u.to(torch.uint8), per)
+    v = v.view(v.shape[0], -1, per)
+    out = v[..., 0].clone(memory_format=torch.contiguous_format)
+    for i in range(1, per):
+        out |= v[..., i] << (i * bits)
+    return out
+
+
+def unpack_dense(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_dense`: [N, k] uint8 codes."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    if bits == 4:                                   # the common case: two vectorized passes, no broadcast
+        u = torch.stack([packed & 15, packed >> 4], -1)
+    else:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        u = (packed.unsqueeze(-1) >> shifts) & mask
+    u = u.reshape(packed.shape[0], per * packed.shape[1])
+    return u[:, :k] if u.shape[1] != k else u
+
+
+# -------------------------------------------------------------------------------------- bitplanes
+
+
+def pack_bitplanes(u: Tensor, bits: int) -> Tensor:
+    """[N, K] codes < 2^bits -> [bits, N, ceil(K/8)] uint8 bit planes."""
+    v = _pad_cols(u.to(torch.uint8), 8)
+    v = v.view(v.shape[0], -1, 8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=u.device))
+    planes = [(((v >> j) & 1).to(torch.int32) * weights).sum(-1).to(torch.uint8) for j in range(bits)]
+    return torch.stack(planes)
+
+
+def unpack_bitplanes(planes: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_bitplanes`: [N, k] uint8 codes."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    u = None
+    for j in range(bits):
+        b = ((planes[j].unsqueeze(-1) >> shifts) & 1) << j
+        u = b if u is None else u | b
+    return u.reshape(planes.shape[1], -1)[:, :k]
+
+
+# --------------------------------------------------------------------------------------- int4pack
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def _int4pack_block() -> tuple[int, bool]:
+    """(rows per block, 'split' packing of full blocks) for the ISA torch dispatches to on this CPU.
+    From aten/src/ATen/native/cpu/int4mm_kernel.cpp: BLOCK_N = 4 float vectors; full blocks on AVX512 /
+    AVX2 pair row j with row j + BLOCK_N/2 in one byte, partial blocks (and the default ISA) pair rows
+    2j and 2j+1."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap == "AVX512":
+        return 64, True
+    if cap == "AVX2":
+        return 32, True
+    return 32, False
+
+
+def to_int4pack(u: Tensor) -> Tensor:
+    """[N, K] 4-bit codes (N % 16 == 0, K even) -> the CPU int4pack layout (an [N, K/2] uint8 tensor)."""
+    return aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 1)
+
+
+def from_int4pack(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of :func:`to_int4pack` for this CPU: [n, k] uint8 codes."""
+    block, split = _int4pack_block()
+    flat = packed.reshape(-1)
+    full, rem = divmod(n, block)
+    parts = []
+    if full:
+        b = flat[: full * k * block // 2].view(full, k, block // 2)
+        lo, hi = b & 15, b >> 4
+        rows = torch.cat([lo, hi], -1) if split else torch.stack([lo, hi], -1).view(full, k, block)
+        parts.append(rows.permute(0, 2, 1).reshape(full * block, k))
+    if rem:
+        b = flat[full * k * block // 2:].view(k, rem // 2)
+        parts.append(torch.stack([b & 15, b >> 4], -1).view(k, rem).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def int4pack_supported() -> bool:
+    """True when the int4pack kernels run here and :func:`from_int4pack` inverts the layout exactly."""
+    try:
+        block, _ = _int4pack_block()
+        n, k = block + 16, 64        # one full block and one partial block
+        u = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        ok = torch.equal(from_int4pack(to_int4pack(u), n, k), u)
+    except (RuntimeError, NotImplementedError) as e:   # op missing on this build / device
+        log.info("int4pack kernels unavailable: %s", e)
+        return False
+    if not ok:
+        log.warning("the int4pack weight layout of this CPU (%s) is not the one qpass knows; int4 weights "
+                    "use the generic kernel", torch.backends.cpu.get_cpu_capability())
+    return ok

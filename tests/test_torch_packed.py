@@ -1,0 +1,372 @@
+"""Packed PyTorch kernels backend (backends/torch_packed): parity with the fake-quant graph, memory,
+generation, KV cache, save/load, kernel choice and errors.
+
+Tolerances (documented, see docs/benchmarks.md):
+* exact kernels (``dequant``, ``int_mm``) compute what the fake-quant graph computes: the dequantized weights
+  are bit for bit the fake-quantized ones; outputs differ only by float summation order (<= 1e-5 relative).
+* bf16 kernels (``int4pack``, ``int8pack``, ``int8pack_codes``) round activations, scales and results to bf16:
+  max |Δ| <= BF16_BOUND (1%) x max |reference| per linear (6e-3 is the worst seen); greedy tokens may differ only at near-ties of the
+  fake-quant logits (margin <= TIE_BOUND x the logit range).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qpass
+from qpass.backends import torch_packed as tp
+from qpass.primitives import quant as Q
+from qpass.primitives.spec import PerTensor, QSpec, format_from_name
+from tests import toy
+
+BF16_BOUND = 1e-2          # the worst seen is 6e-3
+TIE_BOUND = 0.02
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED = os.path.join(ROOT, "models", "tiny-llama")
+FORMATS = ["int2", "int3", "int4", "int5", "int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"]
+BLOCKS = [(1, -1), (1, 32), (1, 64), (-1, -1), (8, -1), (1, 1), (16, 16), (1, 48)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel(out, ref) -> float:
+    return float((out - ref).abs().max().detach() / ref.abs().max().detach())
+
+
+def force(mod, kernel):
+    mod.plan = dict.fromkeys(tp.BUCKETS, kernel)
+
+
+def recipe(weights=None, activations=None, kv=None, ignore=("lm_head",)):
+    passes = [{"quantize": {"weights": weights, "activations": activations, "ignore": list(ignore)}}]
+    return {"passes": passes + ([{"kv_cache": {"keys": kv, "values": kv}}] if kv else [])}
+
+
+# ------------------------------------------------------------------------------ every format, one linear
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_dequantizes_bit_exactly_and_every_kernel_matches(fmt):
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(96, 200, generator=g), torch.randn(96, generator=g), torch.randn(2, 5, 200, generator=g)
+    for sym in (True, False) if fmt.startswith("int") else (True,):
+        for block in BLOCKS:
+            scale, zp = Q.choose_qparams(w, QSpec(format_from_name(fmt), PerTensor(), symmetric=sym), block_size=block)
+            wfq = Q.fake_quantize(w, scale, zp, block, fmt)
+            mod = tp.PackedLinear.from_weight(w, scale, zp, block, fmt, bias=b)
+            assert torch.equal(mod.dequantize()[:, :200], wfq), (fmt, sym, block)
+            ref = torch.nn.functional.linear(x, wfq, b)
+            for name in tp.kernels.candidates(mod):
+                force(mod, name)
+                bound = 1e-5 if tp.KERNELS[name].exact else BF16_BOUND
+                assert rel(mod(x), ref) <= bound, (fmt, sym, block, name)
+            back = tp.PackedLinear(mod.wf, has_bias=True)
+            back.load_state_dict(mod.state_dict())
+            assert torch.equal(back.dequantize(), mod.dequantize())
+
+
+def test_layouts_and_bytes_per_weight():
+    w = torch.randn(256, 512)
+    bytes_per = {}
+    for fmt, block in [("int4", (1, 128)), ("int8", (1, -1)), ("int3", (1, 64)), ("nf4", (1, 64)),
+                       ("fp8_e4m3", (1, -1)), ("int2", (1, 32))]:
+        mod = tp.PackedLinear.from_weight(w, *Q.choose_qparams(w, QSpec(format_from_name(fmt), PerTensor()),
+                                                               block_size=block), block, fmt)
+        bytes_per[fmt] = (mod.wf.layout, mod.weight_bytes() / (4 * w.numel()))
+    assert bytes_per["int4"][0] in ("int4pack", "dense") and bytes_per["int4"][1] <= 0.16
+    assert bytes_per["int8"] [0] == "int8" and bytes_per["int8"][1] <= 0.27
+    assert bytes_per["int3"][0] == "bitplanes" and bytes_per["int3"][1] <= 3.1 / 32 + 0.02
+    assert bytes_per["nf4"][0] == "dense" and bytes_per["fp8_e4m3"][0] == "fp8" and bytes_per["int2"][0] == "dense"
+
+
+def test_packing_round_trips():
+    g = torch.Generator().manual_seed(1)
+    for bits in (1, 2, 4):
+        u = torch.randint(0, 2**bits, (5, 37), dtype=torch.uint8, generator=g)
+        assert torch.equal(tp.packing.unpack_dense(tp.packing.pack_dense(u, bits), bits, 37), u)
+    for bits in range(1, 9):
+        u = torch.randint(0, 2**bits, (3, 13), dtype=torch.uint8, generator=g)
+        assert torch.equal(tp.packing.unpack_bitplanes(tp.packing.pack_bitplanes(u, bits), bits, 13), u)
+    if tp.packing.int4pack_supported():
+        for n in (16, 48, 96, 144):
+            u = torch.randint(0, 16, (n, 64), dtype=torch.uint8, generator=g)
+            assert torch.equal(tp.packing.from_int4pack(tp.packing.to_int4pack(u), n, 64), u)
+
+
+def test_fast_token_quantizer_is_the_primitive_bit_for_bit():
+    w = torch.randn(16, 40)
+    x = torch.randn(3, 5, 40) * torch.logspace(-8, 3, 5)[None, :, None]
+    x[0, 0, 3], x[1, 1, 0], x[2, 3, 7] = float("inf"), float("nan"), -float("inf")
+    x[2, 2] = 0
+    for fmt in ("int8", "int4"):
+        mod = tp.PackedLinear.from_weight(w, torch.ones(16, 1), None, (1, -1), "int8",
+                                          act=tp.ActFormat(fmt, (1, 1, -1), True, True))
+        ref = Q.fake_quantize_dynamic(x, [1, 1, -1], fmt, True)
+        assert mod.act.fast and torch.equal(mod.input_fake_quant(x).nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int3", "fp8_e4m3", "nf4"])
+def test_kv_cache_module_stores_codes_and_reads_back_the_fake_quant_values(fmt):
+    g = torch.Generator().manual_seed(4)
+    for sym in (True, False) if fmt.startswith("int") else (True,):
+        for block in ([1, -1, 1, -1], [1, 1, 1, -1], [1, 1, 1, 4]):
+            cache = tp.PackedKVCache((1, 2, 16, 8), fmt, block, sym)
+            k = torch.randn(1, 2, 5, 8, generator=g)
+            out = cache(k, torch.arange(3, 8))
+            assert torch.equal(out[:, :, 3:8], Q.fake_quantize_dynamic(k, block, fmt, sym)), (fmt, sym, block)
+        scale = torch.rand(1, 2, 1, 1, generator=g) + 0.1
+        zp = None if sym or not fmt.startswith("int") else torch.full((1, 2, 1, 1), 2, dtype=torch.int32)
+        cache = tp.PackedKVCache((1, 2, 16, 8), fmt, [-1, 1, -1, -1], sym, scale=scale, zero_point=zp)
+        k = torch.randn(1, 2, 4, 8, generator=g)
+        assert torch.equal(cache(k, torch.arange(4))[:, :, :4], Q.fake_quantize(k, scale, zp, [-1, 1, -1, -1], fmt))
+    assert cache.nbytes() < cache.float_nbytes() / (2 if fmt in ("int4", "nf4", "int3") else 1)
+
+
+# ------------------------------------------------------------------------------------- graph lowering
+
+TOY_RECIPES = {
+    "w4_g16": recipe({"bits": 4, "granularity": "per_group", "group_size": 16}, ignore=()),
+    "w4_asym_a8": recipe({"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False},
+                         {"bits": 8, "granularity": "per_token", "dynamic": True}, ignore=()),
+    "w8a8_static": recipe({"bits": 8}, {"bits": 8, "granularity": "per_tensor"}, ignore=()),
+    "nf4_fp8": recipe({"format": "nf4", "granularity": "per_group", "group_size": 16},
+                      {"format": "fp8_e4m3", "granularity": "per_token", "dynamic": True}, ignore=()),
+    "w3_asym_a4": recipe({"bits": 3, "granularity": "per_channel", "symmetric": False},
+                         {"bits": 4, "granularity": "per_token", "dynamic": True, "symmetric": False}, ignore=()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOY_RECIPES))
+def test_toy_graphs_lower_to_packed_modules_matching_fake_quant(name):
+    for module, x in [(toy.TinyMLP(), toy.mlp_input()), (toy.TinyDecoderLayer(), toy.seq_input())]:
+        qm = qpass.apply(module, TOY_RECIPES[name], example_inputs=(x,), calib_data=[(x,)], progress=False)
+        pm = qpass.lower(qm, "torch", kernels="exact")
+        linears = pm.linears()
+        assert len(linears) == len(qpass.graph.linear_sites(qm.graph_module))
+        assert not [n for n in pm.graph_module.graph.nodes if qpass.graph.is_quantizer(n)]
+        state = pm.graph_module.state_dict()
+        assert not [k for k in state if k.endswith("weight_scale") or k.removesuffix(".weight") in linears]
+        torch.testing.assert_close(pm(x), qm(x), rtol=1e-5, atol=1e-5)
+        tp.tune(linears.values(), "auto", repeats=1)                       # whatever wins: within bf16
+        assert rel(pm(x), qm(x)) <= BF16_BOUND
+
+
+def test_a_bf16_model_stays_bf16():
+    module, x = toy.TinyDecoderLayer().to(torch.bfloat16), toy.seq_input().to(torch.bfloat16)
+    qm = qpass.apply(module, TOY_RECIPES["w4_asym_a8"], example_inputs=(x,), progress=False)
+    out = qpass.lower(qm, "torch", kernels="exact")(x)
+    assert out.dtype == torch.bfloat16 and rel(out.float(), qm(x).float()) <= BF16_BOUND   # graph runs in bf16
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama_tied"])
+def test_hf_families_lower_with_exact_kernels(family):
+    qm = qpass.apply(toy.hf_model(family), recipe({"bits": 4, "granularity": "per_group", "group_size": 16},
+                                                  {"bits": 8, "granularity": "per_token", "dynamic": True},
+                                                  ignore=()), progress=False)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    ids = toy.token_ids(2, 9)
+    torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
+    names = set(pm.linears())
+    assert all(n.startswith(("model.", "qpass_packed.")) for n in names) and len(names) >= 9
+    w = pm.weight_bytes()
+    assert w["packed"] < 0.3 * w["fp32"]
+
+
+def test_qpass_lower_torch_keeps_the_quantized_model_intact():
+    qm = qpass.apply(toy.hf_model("llama"), "recipes/w8a8.yaml", progress=False)
+    before = {k: v.clone() for k, v in qm.graph_module.state_dict().items()}
+    pm = qpass.lower(qm, "torch", kernels="reference")
+    after = qm.graph_module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(pm, tp.PackedModel) and "weight bytes" in repr(pm)
+    assert all(set(m.plan.values()) == {"dequant"} for m in pm.linears().values())
+
+
+# -------------------------------------------------------------------------------------- kernel choice
+
+
+def test_kernel_choice_is_measured_and_never_slower_than_the_fallback(monkeypatch):
+    w = torch.randn(64, 256)
+    mod = tp.PackedLinear.from_weight(w, *Q.choose_qparams(w, QSpec(format_from_name("int4"), PerTensor()),
+                                                           block_size=(1, 128)), (1, 128), "int4")
+    recs = tp.tune([mod], "auto", repeats=2, cache=False)
+    assert [r.bucket for r in recs] == list(tp.BUCKETS)
+    for r in recs:
+        assert r.fp32_ms is not None and set(r.times_ms) == set(tp.kernels.candidates(mod))
+        assert r.times_ms[r.choice] <= r.times_ms["dequant"] and mod.plan[r.bucket] == r.choice
+
+    def fake(fns, **kw):                    # deterministic: int4pack slower than the fallback at M = 128
+        return {n: ((3.0 if n == "int4pack" and kw["M"] == 128 else 1.0 if n == "int4pack" else 2.0), False)
+                for n in fns}
+    from qpass.backends.torch_packed import kernels
+    M = {}
+    monkeypatch.setattr(kernels, "measure", lambda fns, **kw: fake(fns, M=M["m"], **kw))
+    for b in tp.BUCKETS:
+        M["m"] = b
+        rec = kernels._decide(mod, "k", b, "auto", 1, True, False)
+        assert rec.choice == ("dequant" if b == 128 or "int4pack" not in rec.times_ms else "int4pack")
+    assert tp.tune([mod], "exact", cache=False)[0].choice == "dequant"
+    assert tp.tune([mod], {1: "int8pack"}, cache=False)[0].choice == "dequant"    # does not apply: fallback
+
+
+def test_w8a8_kernels_use_integer_codes_exactly():
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(3, 4, 64, generator=g)
+    for sym_w, sym_a in [(True, True), (False, False)]:
+        scale, zp = Q.choose_qparams(w, QSpec(format_from_name("int8"), PerTensor(), symmetric=sym_w),
+                                     block_size=(1, -1))
+        mod = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8",
+                                          act=tp.ActFormat("int8", (1, 1, -1), sym_a, True))
+        ref = torch.nn.functional.linear(Q.fake_quantize_dynamic(x, [1, 1, -1], "int8", sym_a),
+                                         Q.fake_quantize(w, scale, zp, (1, -1), "int8"))
+        force(mod, "int_mm")
+        assert rel(mod(x), ref) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_a_quantizer_the_backend_cannot_lower_is_named_with_a_fix():
+    x = toy.mlp_input()
+    qm = qpass.apply(toy.TinyMLP(), recipe({"bits": 8}, ignore=()), example_inputs=(x,), progress=False)
+    g = qm.graph_module.graph
+    relu = next(n for n in g.nodes if n.op == "call_function" and "relu" in str(n.target))
+    with g.inserting_before(relu):
+        fq = g.call_function(qpass.primitives.ops.fake_quantize_dynamic, (relu.args[0], [1, -1], "int8", True))
+    fq.meta["nn_module_stack"] = relu.meta.get("nn_module_stack", {})
+    relu.replace_input_with(relu.args[0], fq)
+    qm.graph_module.recompile()
+    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)fake_quantize_dynamic.*relu.*at node fake_quantize_dynamic.*fix:"):
+        qpass.lower(qm, "torch")
+
+
+# ------------------------------------------------------------------------------- save / load (toy)
+
+
+def test_save_load_restores_packed_weights_without_requantizing(tmp_path, monkeypatch):
+    qm = qpass.apply(toy.hf_model("llama"), "recipes/w4a8_kv4.yaml", progress=False)
+    pm = qpass.lower(qm, "torch", kernels={1: "int4pack", 8: "int4pack", 128: "dequant"})
+    pm.save(tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
+    meta = json.loads((tmp_path / "m" / "qpass.json").read_text())
+    assert meta["backend"] == "torch" and meta["plan"] and meta["linears"]
+    monkeypatch.setattr(tp.PackedLinear, "from_weight", classmethod(lambda *a, **k: pytest.fail("re-quantized")))
+    back = tp.load(tmp_path / "m")
+    ids = toy.token_ids(2, 7)
+    assert torch.equal(back(ids).logits, pm(ids).logits) and back.plan() == pm.plan()
+    with pytest.raises(qpass.ArtifactError, match="not empty"):
+        pm.save(tmp_path / "m")
+    monkeypatch.setattr(tp.model.safetensors.torch, "save_model", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pm.save(tmp_path / "n")
+    assert sorted(os.listdir(tmp_path)) == ["m"]                       # nothing left behind
+    monkeypatch.undo()
+    qm.save(tmp_path / "fq")
+    with pytest.raises(qpass.ArtifactError, match="fake-quant"):
+        tp.load(tmp_path / "fq")
+
+
+def fake_quant_decode_graph(qm, template):
+    """What qm.decode_graph(...) builds, from an already captured decode graph (saves a capture)."""
+    from qpass._api import run_recipe
+    from qpass.pass_infra import Context
+
+    gm = tp.model._copy_template(template)
+    run_recipe(gm, qm.recipe, Context(None, restoring=True, progress=False))
+    gm.load_state_dict(qm.graph_module.state_dict(), strict=False)
+    return gm
+
+
+def test_low_bit_kv_cache_is_stored_and_matches_the_fake_quant_cache():
+    kv4 = {"bits": 4, "granularity": "per_head", "dynamic": True}
+    model = toy.hf_model("llama")
+    qm = qpass.apply(model, recipe({"bits": 4, "granularity": "per_group", "group_size": 16}, kv=kv4),
+                     progress=False)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    template = qpass.capture_decode(model, max_cache_len=64)
+    dg, fq = pm.decode_graph(64, template=template), fake_quant_decode_graph(qm, template)
+    caches = [m for m in dg.modules() if isinstance(m, tp.PackedKVCache)]
+    assert len(caches) == 4 and all(c.codes.dtype == torch.uint8 and c.codes.shape[-1] == 4 for c in caches)
+    assert not [n for n, _ in dg.named_buffers() if "key_cache" in n or "value_cache" in n]
+    ids = toy.token_ids(1, 6)
+    for step in [(ids, torch.arange(6)), (ids[:, :1], torch.tensor([6])), (ids[:, 1:2], torch.tensor([7]))]:
+        torch.testing.assert_close(dg(input_ids=step[0], cache_position=step[1]),
+                                   fq(input_ids=step[0], cache_position=step[1]), rtol=1e-5, atol=1e-5)
+    b = pm.kv_cache_bytes(64)
+    assert b["float_caches"] == 0 and b["packed"] <= 0.25 * b["fp32"]      # head_dim 8: 4 bits + a scale per 8
+
+
+# ---------------------------------------------------------------------------- the bundled trained model
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """(base QuantizedModel with no passes, prompt ids): the bundled model if present, else a tiny config."""
+    import transformers
+
+    torch.set_num_threads(1)
+    if os.path.isfile(os.path.join(BUNDLED, "config.json")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(BUNDLED)
+        prompt = torch.tensor([tok("It is a truth universally acknowledged, that a single man")["input_ids"]])
+    else:
+        model, prompt = toy.hf_model("llama"), toy.token_ids(1, 8)
+    template = qpass.capture_decode(model, max_cache_len=64)        # one decode capture for all recipes
+    return qpass.apply(model, "recipes/w16.yaml", progress=False), prompt, template
+
+
+def greedy_check(qm, pm, prompt, new: int, template=None) -> tuple[int, float]:
+    """Generate with the lowered model, then teacher-force the fake-quant model on that sequence: its
+    greedy choice must be the lowered model's token at every step (the fake-quant model's own greedy
+    decoding is then the same sequence). Returns (steps that differ, largest fake-quant margin there)."""
+    if template is not None:
+        pm.decode_graph(64, template=template)
+    out = pm.generate(prompt, new, max_cache_len=64)
+    with torch.no_grad():
+        logits = qm(out).logits[0, prompt.shape[1] - 1: -1]
+    chosen = out[0, prompt.shape[1]:]
+    top = logits.argmax(-1)
+    diff = (top != chosen).nonzero().flatten()
+    spread = float(logits.max() - logits.min())
+    margins = [float(logits[i, top[i]] - logits[i, chosen[i]]) / spread for i in diff]
+    return len(diff), max(margins, default=0.0)
+
+
+@pytest.mark.parametrize("rec", ["recipes/w8a8.yaml", "recipes/w4a16_g128.yaml", "recipes/w4a8_kv4.yaml"])
+def test_bundled_model_greedy_tokens_equal_fake_quant(bundled, rec):
+    base, prompt, template = bundled
+    qm = qpass.apply(base, rec, progress=False)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    differ, _ = greedy_check(qm, pm, prompt, 32, template)
+    assert differ == 0, f"{rec}: exact kernels changed {differ} greedy tokens"
+    tp.tune(pm.linears().values(), "auto", repeats=2)                     # the measured plan (bf16 kernels)
+    differ, margin = greedy_check(qm, pm, prompt, 32)
+    print(f"{rec}: auto plan {sorted({k for m in pm.linears().values() for k in m.plan.values()})}, "
+          f"{differ} tie steps, max margin {margin:.4f}")
+    assert margin <= TIE_BOUND, f"{rec}: a token differs where the fake-quant margin is {margin:.3f} (not a tie)"
+    w = pm.weight_bytes()
+    assert w["packed"] <= (0.27 if "w8" in rec else 0.16) * w["fp32"]
+
+
+# ------------------------------------------------------------------------------------------- the bench
+
+
+def test_bench_quick_writes_a_report(tmp_path):
+    out = tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    for needle in ("| fp32 |", "int4pack", "memory copy", "decode tok/s", "weight bytes", "Peak RSS", "--quick"):
+        assert needle in text, needle

@@ -1,0 +1,418 @@
+"""Speed and memory of lowered models, as ratios against baselines measured in the same run.
+
+    python tools/bench.py [--quick] [--out docs/benchmarks.md] [--threads N] [--model models/tiny-llama]
+                          [--repeats 5] [--onnx]
+
+Sections (each a table in the report):
+  machine       CPU, ISA torch dispatches to, threads, load average before and after (other jobs share the CPU)
+  bandwidth     memory-copy and memory-read bandwidth of this process: the limit a batch-1 GEMV chases
+  linears       one 4096x4096 and one 4096x11008 (in x out) linear at M = 1, 8, 128: fp32 F.linear vs every
+                packed kernel that applies (W4 g128, W8 per channel, W8A8 per token); ms, x fp32, weight
+                bytes and the weight bandwidth each achieves (bytes / time) next to the copy bandwidth
+  model         the bundled model (models/tiny-llama; a tiny random Llama if absent): FP32 eager
+                (transformers, KV cache) and FP32 graph (the same qpass decode loop, nothing quantized) vs
+                each lowered recipe: prefill and batch-1 decode tokens/s, weight bytes of the linear layers,
+                KV-cache bytes, greedy agreement with the fake-quant model, and the kernel plan measured
+  memory        peak RSS of this process
+Timings are medians of REPEATS rounds after a warm-up; the variants of a table run interleaved in each round
+(so load from other processes spreads over all rows). --quick: small shapes and a tiny random model (a
+smoke run, < 30 s). The report (default docs/benchmarks.md) is written only by this script.
+
+Adding rows: MODEL_PROVIDERS maps a name to ``fn(ctx) -> list[row]`` with rows shaped like the torch ones
+(variant, backend, prefill_tok_s, decode_tok_s, bytes, ...); ratios are computed against the FP32 eager row of
+the same run. ``--onnx`` adds tools/bench_onnx.py's rows (onnxruntime) when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import itertools
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import qpass  # noqa: E402
+from qpass.backends import torch_packed as tp  # noqa: E402
+from qpass.primitives import quant as Q  # noqa: E402
+from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec  # noqa: E402
+
+BUNDLED = os.path.join(ROOT, "models", "tiny-llama")
+FULL = dict(shapes=[(4096, 4096), (4096, 11008)], ms=(1, 8, 128), prompt=128, new=64, copy_mb=512,
+            recipes=["w4a16_g128.yaml", "w8a16.yaml", "w8a8.yaml", "w4a8_kv4.yaml"])
+QUICK = dict(shapes=[(256, 256)], ms=(1, 8, 128), prompt=16, new=8, copy_mb=32, recipes=["w4a8_kv4.yaml"])
+
+
+class Ctx:
+    def __init__(self, args):
+        self.args, self.quick = args, args.quick
+        self.cfg = QUICK if args.quick else FULL
+        self.repeats = args.repeats or (2 if args.quick else 5)
+        self.copy_gbs = self.read_gbs = None
+        self.notes: list[str] = []
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def table(head: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(head) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def machine(ctx: Ctx) -> dict:
+    info = tp.machine()
+    return {"cpu": info["cpu"], "isa": info["isa"], "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "load": os.getloadavg()}
+
+
+def bandwidth(ctx: Ctx) -> str:
+    n = ctx.cfg["copy_mb"] * (1 << 20) // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    res = tp.measure({"copy": lambda: dst.copy_(src), "read": lambda: src.sum()}, repeats=ctx.repeats, prune=None)
+    nbytes = 4 * n
+    ctx.copy_gbs = 2 * nbytes / res["copy"][0] / 1e9           # read + write
+    ctx.read_gbs = nbytes / res["read"][0] / 1e9
+    return table(["measure", "buffer", "time (ms)", "bandwidth"],
+                 [["memory copy (read + write)", f"{nbytes >> 20} MB", f"{res['copy'][0] * 1e3:.2f}",
+                   f"{ctx.copy_gbs:.2f} GB/s"],
+                  ["memory read (sum)", f"{nbytes >> 20} MB", f"{res['read'][0] * 1e3:.2f}", f"{ctx.read_gbs:.2f} GB/s"]])
+
+
+# ------------------------------------------------------------------------------------------ linears
+
+
+def packed_linears(w: torch.Tensor) -> dict[str, tp.PackedLinear]:
+    s4, _ = Q.choose_qparams(w, QSpec(IntFormat(4), PerGroup(128)), block_size=(1, 128))
+    s8, _ = Q.choose_qparams(w, QSpec(IntFormat(8), PerChannel(0)), block_size=(1, -1))
+    act = tp.ActFormat("int8", (1, -1), True, True)
+    return {"W4 g128": tp.PackedLinear.from_weight(w, s4, None, (1, 128), "int4"),
+            "W8": tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8"),
+            "W8A8": tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8", act=act)}
+
+
+def l3_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+    except (OSError, ValueError, KeyError):
+        return 32 << 20
+
+
+def rotating(items: list):
+    """A call that cycles through `items` (copies of one weight), so the working set exceeds the cache."""
+    it = itertools.cycle(items)
+    return lambda *a: next(it)(*a)
+
+
+def linears(ctx: Ctx) -> tuple[str, list[dict]]:
+    rows, out = [], []
+    working_set = 0 if ctx.quick else 4 * l3_bytes()   # a decode step streams every layer: never from cache
+    ctx.notes_linear = (f"Each variant cycles through copies of its weight totalling at least {working_set >> 20} MB "
+                        f"(4x the {l3_bytes() >> 20} MB L3), as consecutive layers do in a model, so no variant "
+                        "runs from cache." if working_set else "--quick: one copy of each weight (runs from cache).")
+    for k, n in ctx.cfg["shapes"]:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+        mods = packed_linears(w)
+        copies = lambda nbytes: max(1, -(-working_set // nbytes))  # noqa: E731
+        ws = [w] + [w.clone() for _ in range(copies(4 * w.numel()) - 1)]
+        for m in ctx.cfg["ms"]:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+            fns = {"fp32": (rotating([lambda xx, wi=wi: F.linear(xx, wi) for wi in ws]), 4 * w.numel(), None)}
+            for label, mod in mods.items():
+                group = [mod] + [copy.deepcopy(mod) for _ in range(copies(mod.weight_bytes()) - 1)]
+                for kern in tp.kernels.candidates(mod):
+                    fns[f"{label} {kern}"] = (rotating([tp.KERNELS[kern].bind(g) for g in group]),
+                                              mod.weight_bytes(), label)
+            fns = {name: ((lambda f=f: f(x)), b, lab) for name, (f, b, lab) in fns.items()}
+            with torch.no_grad():
+                res = tp.measure({name: f for name, (f, _, _) in fns.items()}, repeats=ctx.repeats, keep=("fp32",))
+            best = {}
+            for name, (_, _, label) in fns.items():
+                if label and (label not in best or res[name][0] < res[best[label]][0]):
+                    best[label] = name
+            for name, (_, nbytes, label) in fns.items():
+                t, pruned = res[name]
+                rows.append(dict(shape=f"{k}x{n}", M=m, variant=name, ms=t * 1e3, pruned=pruned,
+                                 speedup=res["fp32"][0] / t, bytes=nbytes, gbs=nbytes / t / 1e9,
+                                 chosen=best.get(label) == name))
+    body = [[r["shape"], r["M"], r["variant"] + (" (chosen)" if r["chosen"] else ""),
+             ("≥ " if r["pruned"] else "") + f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f} MB",
+             f"{r['gbs']:.2f} GB/s", f"{100 * r['gbs'] / ctx.read_gbs:.0f}%"] for r in rows]
+    out.append(table(["in x out", "M", "kernel", "ms", "x fp32", "weight bytes", "weight bandwidth",
+                      "of read bw"], body, "llllrrrr"))
+    out.append("\n" + ctx.notes_linear)
+    return "\n".join(out), rows
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def load_model(ctx: Ctx):
+    import transformers
+
+    if not ctx.quick and os.path.isfile(os.path.join(ctx.args.model, "config.json")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(ctx.args.model, dtype=torch.float32).eval()
+        return model, os.path.relpath(ctx.args.model, ROOT)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval(), "tiny random Llama (2 layers, hidden 128)"
+
+
+class EagerStep:
+    """transformers' own forward with its dynamic KV cache: the FP32 eager baseline."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, None
+
+    def __call__(self, ids, pos):
+        from transformers import DynamicCache
+
+        if int(pos[0]) == 0:
+            self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, cache_position=pos)
+        return out.logits
+
+
+def run_steps(step, prompt: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds for `new` greedy steps, generated sequence)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = step(prompt, torch.arange(prompt.shape[1]))
+        t1 = time.perf_counter()
+        seq = [prompt]
+        tok = logits[:, -1:].argmax(-1)
+        for i in range(new):
+            seq.append(tok)
+            logits = step(tok, torch.tensor([prompt.shape[1] + i]))
+            tok = logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(seq, 1)
+
+
+def torch_rows(ctx: Ctx) -> list[dict]:
+    model, name = load_model(ctx)
+    ctx.model_name = name
+    p, new = ctx.cfg["prompt"], ctx.cfg["new"]
+    length = -(-(p + new + 1) // 64) * 64
+    prompt = torch.randint(0, model.config.vocab_size, (1, p), generator=torch.Generator().manual_seed(0))
+    base = qpass.apply(model, os.path.join(ROOT, "recipes", "w16.yaml"), progress=False)
+    template = qpass.capture_decode(model, max_cache_len=length)
+    fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    variants = {"FP32 eager (transformers)": dict(step=EagerStep(model), backend="torch eager", bytes=fp32_bytes)}
+    fp_graph = tp.lower(base, kernels="reference")
+    g = fp_graph.decode_graph(length, template=template)
+    variants["FP32 graph (qpass decode loop)"] = dict(step=_graph_step(g), backend="torch graph", bytes=fp32_bytes)
+    for rec in ctx.cfg["recipes"]:
+        qm = qpass.apply(base, os.path.join(ROOT, "recipes", rec), progress=False)
+        t0 = time.perf_counter()
+        pm = tp.lower(qm, kernels="auto", repeats=ctx.repeats)
+        lower_s = time.perf_counter() - t0
+        g = pm.decode_graph(length, template=template)
+        wb = pm.weight_bytes()
+        kv = pm.kv_cache_bytes(length)
+        variants[f"{rec[:-5]} packed (auto kernels)"] = dict(
+            step=_graph_step(g), backend="torch packed", qm=qm, pm=pm, weight=wb, kv=kv, lower_s=lower_s,
+            bytes=_graph_bytes(pm.graph_module) + kv["packed"])
+    samples = {v: {"prefill": [], "decode": []} for v in variants}
+    for r in range(ctx.repeats + 1):                       # round 0 is the warm-up
+        for v, d in variants.items():
+            tpre, tdec, seq = run_steps(d["step"], prompt, new)
+            d["seq"] = seq
+            if r:
+                samples[v]["prefill"].append(tpre)
+                samples[v]["decode"].append(tdec)
+    rows = []
+    for v, d in variants.items():
+        row = dict(variant=v, backend=d["backend"], prefill_tok_s=p / statistics.median(samples[v]["prefill"]),
+                   decode_tok_s=new / statistics.median(samples[v]["decode"]), bytes=d["bytes"])
+        if "pm" in d:
+            row.update(weight=d["weight"], kv=d["kv"], lower_s=d["lower_s"], plan=d["pm"].records,
+                       greedy=_greedy(d["qm"], d["seq"], p))
+        rows.append(row)
+    return rows
+
+
+def _graph_step(gm):
+    return lambda ids, pos: gm(input_ids=ids, cache_position=pos)
+
+
+def _graph_bytes(gm) -> int:
+    seen, total = set(), 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _greedy(qm, seq: torch.Tensor, p: int) -> str:
+    """Teacher-force the fake-quant model on the lowered model's greedy tokens: steps where it agrees."""
+    with torch.no_grad():
+        logits = qm(seq).logits[0, p - 1: -1]
+    chosen = seq[0, p:]
+    agree = int((logits.argmax(-1) == chosen).sum())
+    return f"{agree}/{chosen.numel()}"
+
+
+MODEL_PROVIDERS = {"torch": torch_rows}
+
+
+def onnx_provider(ctx: Ctx) -> list[dict]:
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_onnx  # noqa: PLC0415 - optional (onnxruntime)
+
+    rows = bench_onnx.onnx_rows(ctx.args.model, os.path.join(ROOT, "data", "austen", "eval.txt"),
+                                threads=torch.get_num_threads(), prompt=ctx.cfg["prompt"], new_tokens=ctx.cfg["new"],
+                                repeats=ctx.repeats)
+    return [dict(r, backend="onnxruntime") for r in rows]
+
+
+def model_section(ctx: Ctx) -> tuple[str, list[dict]]:
+    rows = []
+    for fn in MODEL_PROVIDERS.values():
+        rows += fn(ctx)
+    base = next(r for r in rows if r["variant"].startswith("FP32 eager"))
+    graph = next((r for r in rows if r["variant"].startswith("FP32 graph")), None)
+    body = []
+    for r in rows:
+        w, kv = r.get("weight"), r.get("kv")
+        same_loop = ratio(r["decode_tok_s"], graph["decode_tok_s"]) if graph and r["backend"].startswith("torch ") \
+            and r is not base else "-"
+        body.append([r["variant"], r["backend"], f"{r['prefill_tok_s']:.0f}", ratio(r["prefill_tok_s"], base["prefill_tok_s"]),
+                     f"{r['decode_tok_s']:.1f}", ratio(r["decode_tok_s"], base["decode_tok_s"]), same_loop,
+                     f"{r['bytes'] / 1e6:.2f} MB",
+                     f"{w['packed'] / 1e6:.2f} MB ({w['packed'] / w['fp32']:.3f}x)" if w else "-",
+                     f"{kv['packed'] / 1e3:.0f} kB ({kv['packed'] / kv['fp32']:.3f}x)" if kv and kv["packed_caches"] else "-",
+                     r.get("greedy", "-")])
+    head = ["variant", "runs on", "prefill tok/s", "x eager", "decode tok/s", "x eager", "x FP32 graph",
+            "model bytes", "linear weight bytes (x fp32)", "KV cache (x fp32)", "greedy = fake-quant"]
+    text = [table(head, body, "ll" + "r" * 9),
+            "\nx eager: against transformers' own forward with its dynamic cache; x FP32 graph: against the same "
+            "static-cache decode loop the lowered models run, with nothing quantized (like for like). Greedy = "
+            "fake-quant: decode steps where the fake-quant model, fed the same tokens, picks the same next token."]
+    plans = [(r["variant"], rec) for r in rows for rec in r.get("plan", [])]
+    if plans:
+        pbody = [[v, rec.key, rec.bucket, rec.choice, f"{rec.fp32_ms:.3f}" if rec.fp32_ms else "-",
+                  ", ".join(f"{k} {t:.3f}" for k, t in rec.times_ms.items()) or "(one candidate)"] for v, rec in plans]
+        text.append("\nKernel plan measured while lowering (ms per call; fp32 = F.linear of the same shape):\n")
+        text.append(table(["variant", "linear (N x K, format)", "M", "chosen", "fp32", "candidates"], pbody, "llrlrl"))
+    return "\n".join(text), rows
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def notes(ctx: Ctx, lin: list[dict], mod: list[dict]) -> list[str]:
+    out = []
+    for shape in sorted({r["shape"] for r in lin}):
+        def best(prefix, m):
+            rs = [r for r in lin if r["shape"] == shape and r["M"] == m and r["variant"].startswith(prefix)]
+            return max(rs, key=lambda r: r["speedup"]) if rs else None
+        w4, w8a8 = best("W4 g128", 1), best("W8A8", 128)
+        if w4:
+            bound = "memory-bound" if w4["gbs"] > 0.5 * ctx.read_gbs else "compute-bound (far from the memory limit)"
+            out.append(f"{shape}, M = 1: best W4 g128 kernel ({w4['variant']}) runs at {w4['speedup']:.2f}x fp32 "
+                       f"({'meets' if w4['speedup'] >= 3 else 'misses'} the 3x target); it streams "
+                       f"{w4['gbs']:.2f} GB/s of weights against {ctx.read_gbs:.2f} GB/s memory read and "
+                       f"{ctx.copy_gbs:.2f} GB/s memory copy: {bound}.")
+        if w8a8:
+            out.append(f"{shape}, M = 128: best W8A8 kernel ({w8a8['variant']}) runs at {w8a8['speedup']:.2f}x fp32.")
+    intmm = [r for r in lin if r["variant"].endswith("int_mm")]
+    if intmm and all(r["speedup"] < 1 for r in intmm):
+        out.append(f"`torch._int_mm` is slower than fp32 at every shape here ({ctx.isa} without VNNI int8 dot "
+                   "products takes a slow path), so the measured plans never choose it on this machine.")
+    base = next((r for r in mod if r["variant"].startswith("FP32 eager")), None)
+    for r in mod:
+        if base and "weight" in r:
+            out.append(f"{r['variant']}: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x and prefill "
+                       f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x the FP32 eager model; lowering "
+                       f"(incl. kernel measurement) took {r['lower_s']:.1f} s.")
+    return out
+
+
+def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elapsed: float, notes_: list[str]) -> str:
+    load0, load1 = info["load"], os.getloadavg()
+    lines = ["# Benchmarks", "",
+             f"Generated by `{cmd}` on {datetime.date.today().isoformat()} in {elapsed:.0f} s; do not edit by hand "
+             "(rerun the command).", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} dispatching to {info['isa']}, "
+             f"Python {info['python']}. **{info['threads']} thread(s)**"
+             + (" (other jobs were running: load average "
+                f"{load0[0]:.1f} at start, {load1[0]:.1f} at end, on {info['cores']} cores)" if max(load0[0], load1[0]) > 0.5
+                else "") + ".", "",
+             "Every ratio compares rows measured in this run: medians of "
+             f"{ctx.repeats} interleaved rounds after a warm-up. '≥' marks a kernel measured once and dropped because "
+             "it was far slower than the best (it cannot be chosen).", ""]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    if notes_:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes_] + [""]
+    lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant` and `int_mm` compute the fake-quant "
+              "graph's math (dequantized weights bit for bit; outputs within float summation order); `int4pack`, "
+              "`int8pack` and `int8pack_codes` round activations, scales and results to bf16 (max |Δ| ≤ 1% of "
+              "max |output| per linear; 0.6% is the worst seen), so greedy tokens can differ from the fake-quant "
+              "model only at near-ties of its logits.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes and a tiny random model (smoke run)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    ap.add_argument("--threads", type=int, default=None, help="default: 1 if other jobs load the CPU, else all")
+    ap.add_argument("--model", default=BUNDLED)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--onnx", action="store_true", help="add onnxruntime rows (tools/bench_onnx.py)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    threads = args.threads or (1 if os.getloadavg()[0] > 0.5 else os.cpu_count())
+    torch.set_num_threads(threads)
+    ctx = Ctx(args)
+    if args.onnx:
+        MODEL_PROVIDERS["onnx"] = onnx_provider
+    info = machine(ctx)
+    ctx.isa = info["isa"]
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    say("bandwidth")
+    sections = [("Memory bandwidth (this process, same run)", bandwidth(ctx))]
+    say("linears")
+    lin_text, lin_rows = linears(ctx)
+    sections.append(("Single linear layers: packed kernels vs fp32 F.linear", lin_text))
+    say("model")
+    mod_text, mod_rows = model_section(ctx)
+    sections.append((f"Model: {ctx.model_name}, batch 1, prompt {ctx.cfg['prompt']}, {ctx.cfg['new']} decode steps",
+                     mod_text))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sections.append(("Memory", f"Peak RSS of the benchmark process (everything above, Python and torch included): "
+                               f"{rss:.0f} MB."))
+    cmd = "python tools/bench.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    text = render(ctx, info, sections, cmd.strip(), time.perf_counter() - t_start, notes(ctx, lin_rows, mod_rows))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
