@@ -1,0 +1,256 @@
+"""``lower(qm, out_dir)``: a QuantizedModel -> an onnxruntime-ready ONNX directory.
+
+Route: capture (decoder step with a growing KV cache, ``capture.py``) -> FX rewrite of the qpass quantizers
+into ``qpass_onnx`` ops (``patterns.py``) -> ``torch.onnx.export(dynamo=True)`` with our translation table
+(``translations.py``) and opset 21 -> onnx-ir post-passes (int4 initializers, I/O dimension names, metadata)
+-> ``model.onnx`` (+ ``model.onnx_data`` over 2 GB), ``config.json``, tokenizer files, ``recipe.yaml``,
+``qpass.json``. Everything is written into a temporary directory next to `out_dir` and renamed at the end.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qpass.errors import ArtifactError, UnsupportedOpError
+from qpass.version import __version__
+
+from . import capture, patterns
+from .translations import TABLE
+
+log = logging.getLogger("qpass.onnx")
+OPSET = 21
+EXTERNAL_DATA_BYTES = 1_900_000_000      # protobuf's hard limit is 2 GiB; stay clear of it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json",
+                   "chat_template.jinja")
+SESSION_CONFIG_KEY = "qpass.session_config"
+
+
+@dataclass
+class OnnxArtifact:
+    """What `lower` wrote: the directory, the per-linear lowering report and the I/O names."""
+
+    path: str
+    report: patterns.LoweringReport
+    inputs: list[str]
+    outputs: list[str]
+    session_config: dict
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.path, "model.onnx")
+
+
+def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy_level: int = 4,
+          int8_weights: str = "u8", fused_accuracy_level: int = 0, decoder: bool | None = None,
+          external_data: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
+          progress: Callable[[str], None] | None = None) -> OnnxArtifact:
+    """Lower `qm` to ONNX in `out_dir` (created; an existing non-empty directory is an error).
+
+    w4a8 / accuracy_level / int8_weights: see ``patterns.LowerOptions``. fused_accuracy_level: the
+    ``session.qdq_matmulnbits_accuracy_level`` recorded for onnxruntime's DequantizeLinear+MatMul ->
+    MatMulNBits fusion (0: exact w.r.t. the fake-quant graph, the default; 4: int8 activations inside the
+    kernel, faster; onnxruntime itself defaults to 4 when nothing is set). decoder: export the KV-cache
+    decoder step (default for Hugging Face models) or the plain graph. external_data: None = only above
+    ~2 GB. tokenizer_dir: copy tokenizer / generation-config files from there.
+    """
+    say = progress or (lambda msg: log.info("%s", msg))
+    opts = patterns.LowerOptions(w4a8=w4a8, accuracy_level=accuracy_level, int8_weights=int8_weights)
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ArtifactError(f"{out_dir!r} exists and is not empty", fix="choose a new directory")
+    patterns.check_supported(qm.graph_module)
+    hf = qm.source.get("hf_config") is not None
+    decoder = hf if decoder is None else decoder
+    say("capturing the decoder step" if decoder else "preparing the graph")
+    gm, args, shapes, inputs, outputs = _graph(qm, decoder)
+    report = patterns.rewrite(gm, opts)
+    say(f"lowered quantizers:\n{report}")
+    say("exporting to ONNX (torch.onnx, dynamo)")
+    model = _export(gm, args, shapes, inputs, outputs)
+    fold_int4_casts(model)
+    session_config = {"session.qdq_matmulnbits_accuracy_level": str(fused_accuracy_level)}
+    _annotate(model, qm, session_config, decoder)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".qpass-onnx-", dir=parent)
+    try:
+        say("writing model.onnx, config, tokenizer, recipe and qpass.json")
+        _save(model, tmp, external_data)
+        _write_side_files(tmp, qm, report, inputs, outputs, session_config, opts, tokenizer_dir)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return OnnxArtifact(out_dir, report, inputs, outputs, session_config)
+
+
+# ------------------------------------------------------------------------------------------- graph
+
+
+class _Logits(nn.Module):
+    """The no-cache HF graph returns an output object: export its logits only."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, input_ids):
+        return self.gm(input_ids).logits
+
+
+def decoder_names(n_layers: int) -> tuple[list[str], list[str]]:
+    kv = lambda stem: [f"{stem}.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]  # noqa: E731
+    return ["input_ids", "attention_mask", "position_ids", *kv("past_key_values")], ["logits", *kv("present")]
+
+
+def _graph(qm, decoder: bool):
+    if decoder:
+        gm, args, shapes = capture.capture_step(qm)
+        inputs, outputs = decoder_names(len(args[3]))
+        return gm, args, shapes, inputs, outputs
+    gm = copy.deepcopy(qm.graph_module)
+    spec = qm.source.get("example_inputs")
+    if qm.source.get("hf_config") is not None:
+        vocab = int(qm.source["hf_config"]["vocab_size"])
+        ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+        seq = {0: torch.export.Dim("batch_size", min=1), 1: torch.export.Dim("sequence_length", min=1)}
+        wrapped = _Logits(gm)
+        return wrapped, (ids,), ({"input_ids": seq},)[0], ["input_ids"], ["logits"]
+    if spec is None:
+        raise UnsupportedOpError("this QuantizedModel has no recorded example inputs to export with",
+                                 fix="quantize it with qpass.apply(model, recipe, example_inputs=(x,))")
+    args = tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
+    auto = torch.export.Dim.AUTO
+    shapes = tuple({d: auto for d in range(a.dim())} for a in args)
+    return gm, args, shapes, [f"input_{i}" for i in range(len(args))], ["output"]
+
+
+def _export(gm, args, shapes, inputs, outputs):
+    import warnings
+
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)     # "torchvision is not installed" notes from the exporter's registry
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                                        output_names=outputs, custom_translation_table=TABLE, opset_version=OPSET,
+                                        optimize=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
+    return program.model
+
+
+# ------------------------------------------------------------------------------------- post-passes
+
+
+def fold_int4_casts(model) -> int:
+    """``Cast(int8 initializer, to=INT4/UINT4)`` -> an INT4/UINT4 initializer (packed two per byte on disk)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    targets = {ir.DataType.INT4: ml_dtypes.int4, ir.DataType.UINT4: ml_dtypes.uint4}
+    graph, folded = model.graph, 0
+    for node in list(graph):
+        to = node.attributes.get("to")
+        src = node.inputs[0] if node.op_type == "Cast" and node.inputs else None
+        if src is None or to is None or ir.DataType(to.value) not in targets or not src.is_initializer():
+            continue
+        if len(src.uses()) != 1 or src.const_value is None:
+            continue
+        arr = src.const_value.numpy().astype(targets[ir.DataType(to.value)])
+        name = src.name
+        out = node.outputs[0]
+        graph.remove(node, safe=False)
+        graph.initializers.pop(name)
+        new = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType(to.value)),
+                       const_value=ir.tensor(arr, dtype=ir.DataType(to.value), name=name))
+        graph.register_initializer(new)
+        out.replace_all_uses_with(new)
+        folded += 1
+    return folded
+
+
+def _annotate(model, qm, session_config: dict, decoder: bool) -> None:
+    model.producer_name = "qpass"
+    model.producer_version = __version__
+    model.metadata_props["qpass.version"] = __version__
+    model.metadata_props["qpass.recipe"] = qm.recipe.to_yaml()
+    model.metadata_props[SESSION_CONFIG_KEY] = json.dumps(session_config)
+    if decoder:
+        _name_dims(model)
+
+
+def _name_dims(model) -> None:
+    """Dimension names of the optimum convention on the graph inputs and outputs."""
+    import onnx_ir as ir
+
+    names = {"input_ids": ("batch_size", "sequence_length"), "position_ids": ("batch_size", "sequence_length"),
+             "attention_mask": ("batch_size", "total_sequence_length"),
+             "logits": ("batch_size", "sequence_length", None)}
+    for v in list(model.graph.inputs) + list(model.graph.outputs):
+        dims = names.get(v.name)
+        if v.name.startswith("past_key_values."):
+            dims = ("batch_size", None, "past_sequence_length", None)
+        elif v.name.startswith("present."):
+            dims = ("batch_size", None, "total_sequence_length", None)
+        if dims is None or v.shape is None:
+            continue
+        v.shape = ir.Shape([d if d is not None else old for d, old in zip(dims, v.shape)])
+
+
+def _save(model, directory: str, external_data: bool | None) -> None:
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    path = os.path.join(directory, "model.onnx")
+    if external:
+        ir.save(model, path, external_data="model.onnx_data", size_threshold_bytes=1024)
+    else:
+        ir.save(model, path)
+
+
+def _write_side_files(directory: str, qm, report, inputs, outputs, session_config, opts, tokenizer_dir) -> None:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import transformers
+
+    if qm.source.get("hf_config") is not None:
+        cfg = dict(qm.source["hf_config"])
+        cfg["use_cache"] = True
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    with open(os.path.join(directory, "recipe.yaml"), "w") as f:
+        f.write(qm.recipe.to_yaml())
+    copied = []
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(os.fspath(tokenizer_dir), name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(directory, name))
+                copied.append(name)
+    meta = {"format": "qpass-onnx", "qpass_version": __version__, "opset": OPSET,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                         "onnxscript": onnxscript.__version__},
+            "inputs": inputs, "outputs": outputs, "session_config": session_config,
+            "options": {"w4a8": opts.w4a8, "accuracy_level": opts.accuracy_level,
+                        "int8_weights": opts.int8_weights},
+            "lowering": [vars(r) for r in report.rows], "tokenizer_files": copied}
+    with open(os.path.join(directory, "qpass.json"), "w") as f:
+        json.dump(meta, f, indent=2)

@@ -1,0 +1,310 @@
+"""FX rewrite: qpass fake-quant nodes -> the ``qpass_onnx`` ops of the form onnxruntime runs fast.
+
+Matches   every linear-like site (``qpass.graph.linear_sites``) whose weight and/or input is fake-quantized,
+          then every other qpass quantizer (KV cache, ...)
+Changes   a table keyed by (weight kind, input kind) picks the lowering of each linear:
+            int weights, float input           dq_matmul        -> DequantizeLinear + MatMul (MatMulNBits)
+            int8 weights, per-token int8 input int8_dyn_matmul  -> MatMulInteger chain (MatMulIntegerToFloat)
+            int<=4 weights, per-token int8     matmul_nbits     -> MatMulNBits, accuracy_level 4 (W4A8)
+            int weights, other input           qdq / qdq_dynamic on the input + dq_matmul (exact, unfused)
+          other quantizers become qdq (static scales) or qdq_dynamic (scales from the tensor), with
+          permute/reshape around them when their blocks span several axes (per-token K/V across heads);
+          a K/V quantizer on cat([past_key_values input, new]) moves onto `new` (``_Rewriter.past_cache``)
+Requires  integer formats (fp8 / fp4 / nf4 raise UnsupportedOpError naming the node)
+Preserves the function: the rewritten graph runs in torch and equals the fake-quant graph up to float
+          rounding (W4A8 MatMulNBits is checked at accuracy level 0 there; level 4 is onnxruntime's kernel)
+
+Weights become integer buffers (codes laid out [K, N]); the float weights are dropped from the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qpass.errors import UnsupportedOpError
+from qpass.graph import (META_QUANT, LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites,
+                         param_of)
+from qpass.primitives import ops as qops
+from qpass.primitives import quantize as quantize_codes
+
+from . import ops
+from .qdq import Lowered, LoweringReport, QdqRewrites, check_int
+
+aten = torch.ops.aten
+NBITS_BLOCKS = (16, 32, 64, 128, 256)   # block sizes onnxruntime's MatMulNBits kernels take
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    """How quantized linears are lowered (see docs/onnx.md for the measurements behind the defaults).
+
+    w4a8:         "matmulnbits": com.microsoft.MatMulNBits with accuracy_level (4: int8 activations inside the
+                  kernel, per block of K), fast; "qdq": exact per-token Q/DQ + DequantizeLinear, unfused, slow.
+    int8_weights: storage of int8 weights that meet int8 activations. "u8": codes + 128 with zero point 128
+                  (exact on every x86 CPU: onnxruntime's U8U8 kernels); "s8": int8 codes (U8S8, fastest with
+                  AVX-VNNI, but onnxruntime's AVX2 kernel saturates int16 pair sums, a large error on CPUs
+                  without VNNI).
+    """
+
+    w4a8: Literal["matmulnbits", "qdq"] = "matmulnbits"
+    accuracy_level: int = 4
+    int8_weights: Literal["u8", "s8"] = "u8"
+
+    def __post_init__(self):
+        if self.w4a8 not in ("matmulnbits", "qdq"):
+            raise UnsupportedOpError(f"w4a8 must be 'matmulnbits' or 'qdq', got {self.w4a8!r}")
+        if self.int8_weights not in ("u8", "s8"):
+            raise UnsupportedOpError(f"int8_weights must be 'u8' or 's8', got {self.int8_weights!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UnsupportedOpError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
+
+
+# --------------------------------------------------------------------------------------------- kinds
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """A fake-quantized weight as integer codes laid out [K, N] with its scale layout."""
+
+    codes: torch.Tensor          # int8 (symmetric) or uint8 (asymmetric), [K, N]
+    scale: torch.Tensor          # [ceil(K/block), N] (block > 0), [N] or 0-d (block == 0)
+    zero_point: torch.Tensor | None
+    block: int
+    bits: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+
+def _input_kind(gm: GraphModule, n: Node | None) -> str:
+    if n is None:
+        return "float"
+    bits = check_int(gm, n)
+    if n.target is qops.fake_quantize_dynamic:
+        block, _, symmetric = n.args[1:4]
+        per_token = all(b == 1 for b in block[:-1]) and block[-1] == -1
+        return "token8" if per_token and symmetric and bits == 8 else "other"
+    return "static8" if bits == 8 and _is_per_tensor(gm, n) else "other"
+
+
+def _is_per_tensor(gm: GraphModule, n: Node) -> bool:
+    return getattr(gm, n.args[1].target).numel() == 1
+
+
+def _weight(gm: GraphModule, site: LinearSite, fq: Node) -> _Weight:
+    bits = check_int(gm, fq)
+    w = param_of(gm, site.weight)
+    w_use = w.detach().t() if _flips(fq.args[0], site.weight) % 2 else w.detach()
+    scale = getattr(gm, fq.args[1].target).detach()
+    zp = getattr(gm, fq.args[2].target).detach() if fq.args[2] is not None else None
+    block = list(fq.args[3])
+    codes = quantize_codes(w_use, scale, zp, block, fq.args[4])
+    if site.use_in_axis == 1:                   # consumed [out, in]: lay out as [K, N]
+        codes, scale = codes.t(), scale.t()
+        zp = None if zp is None else zp.t()
+        block = block[::-1]
+    b_k, b_n = block
+    if b_n == 1 and b_k > 0:                    # per group along K (possibly partial last group)
+        lay = (scale.float().contiguous(), None if zp is None else zp.to(torch.uint8).contiguous(), b_k)
+    elif b_n == 1 and b_k == -1:                # per output channel
+        lay = (scale.reshape(-1).float(), None if zp is None else zp.reshape(-1).to(torch.uint8), 0)
+    elif b_n == -1 and b_k == -1:               # per tensor
+        lay = (scale.reshape(()).float(), None if zp is None else zp.reshape(()).to(torch.uint8), 0)
+    else:
+        raise UnsupportedOpError(f"onnx_qdq lowers per-tensor, per-channel (output) and per-group (input) "
+                                 f"weight scales; this weight has block size {tuple(fq.args[3])}",
+                                 where=describe(gm, site.node), fix="use the torch backend for this model")
+    return _Weight(codes.contiguous(), lay[0], lay[1], lay[2], bits)
+
+
+# ------------------------------------------------------------------------------------------ handlers
+
+
+class _Rewriter(QdqRewrites):
+    def __init__(self, gm: GraphModule, opts: LowerOptions):
+        self.gm, self.opts, self.report = gm, opts, LoweringReport()
+
+    def buffer(self, before: Node, name: str, value: torch.Tensor | None) -> Node | None:
+        if value is None:
+            return None
+        return get_attr(self.gm, before, add_tensor(self.gm, name, value.contiguous()))
+
+    def call(self, before: Node, op, args: tuple, like: Node | None = None) -> Node:
+        with self.gm.graph.inserting_before(before):
+            n = self.gm.graph.call_function(op, args)
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in before.meta:
+                n.meta[key] = before.meta[key]
+        if like is not None and "val" in like.meta:
+            n.meta["val"] = like.meta["val"]
+        return n
+
+    # -- linears
+    def linear(self, site: LinearSite) -> None:
+        wq = site.weight_use if is_quantizer(site.weight_use) else None
+        xq = site.input if is_quantizer(site.input) and _role(site.input) == "input" else None
+        if wq is None and xq is None:
+            return
+        bias_arg = site.node.args[0] if site.node.target is aten.addmm.default else \
+            (site.node.args[2] if len(site.node.args) > 2 else site.node.kwargs.get("bias"))
+        if bias_arg is not None and site.bias is None:
+            raise UnsupportedOpError("onnx_qdq lowers linears whose bias is a parameter; this one is computed",
+                                     where=describe(self.gm, site.node), fix="use the torch backend")
+        w = _weight(self.gm, site, wq) if wq is not None else None
+        kind = _input_kind(self.gm, xq)
+        name = f"{site.weight.target}"
+        fused = next((h for rule, h in FUSED if w is not None and rule(w, kind, self.opts)), None)
+        if fused is not None:
+            new, form, note = getattr(self, fused)(site, xq.args[0], w, name)
+        else:
+            x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
+            new, form, note = self._dq_matmul(site, x, w, name, kind)
+        if "val" in site.node.meta:
+            new.meta["val"] = site.node.meta["val"]
+        site.node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(site.node)
+        self.report.rows.append(Lowered(site.path or site.node.name, form, note))
+
+    def _dq_matmul(self, site, x, w: _Weight | None, name: str, kind: str):
+        if w is None:
+            weight = site.weight_use if site.use_in_axis == 0 else self.call(site.node, aten.t.default,
+                                                                             (site.weight_use,))
+            mm = self.call(site.node, aten.matmul.default, (x, weight))
+            out = mm if site.bias is None else self.call(site.node, aten.add.Tensor, (mm, site.bias))
+            return out, "float MatMul, Q/DQ input", "activation-only quantizers run as Q/DQ (unfused)"
+        codes, zp = w.codes, w.zero_point
+        if kind == "static8" and w.bits == 8 and self.opts.int8_weights == "u8":
+            codes, zp = _to_u8(codes, zp, w.scale)
+        node = self.call(site.node, ops.dq_matmul, (
+            x, self.buffer(site.node, f"{name}_codes", codes), self.buffer(site.node, f"{name}_dq_scale", w.scale),
+            self.buffer(site.node, f"{name}_dq_zero_point", zp), w.block, w.bits, site.bias))
+        gran = f"g{w.block}" if w.block else ("per-channel" if w.scale.dim() else "per-tensor")
+        note = ""
+        if w.block and w.block not in NBITS_BLOCKS:
+            note = f"group size {w.block} is not one of {NBITS_BLOCKS}: DequantizeLinear + MatMul stay unfused"
+        if kind == "static8":
+            form = f"W{w.bits}A8 static: Q/DQ input + DQ weight ({gran})"
+            if w.bits != 8:
+                note = "int8 Q/DQ activations with sub-8-bit weights do not fuse in onnxruntime (exact, slow)"
+        elif kind == "other":
+            form = f"W{w.bits} + Q/DQ input ({gran})"
+            note = note or "this activation quantizer has no fused onnxruntime kernel: Q/DQ, exact, unfused"
+        else:
+            form = f"W{w.bits}A16: DequantizeLinear + MatMul ({gran})"
+        if kind == "token8" and w.bits <= 4:
+            form, note = f"W{w.bits}A8: Q/DQ input + DQ weight ({gran})", "w4a8='qdq' (or asymmetric weights): exact, unfused"
+        elif kind == "token8":
+            note = "per-token int8 activations fuse with symmetric per-channel int8 weights only (exact, unfused)"
+        return node, form, note
+
+    def _int8_dynamic(self, site, x, w: _Weight, name: str):
+        codes, w_zp = (w.codes, 0) if self.opts.int8_weights == "s8" else \
+            ((w.codes.to(torch.int16) + 128).to(torch.uint8), 128)
+        node = self.call(site.node, ops.int8_dyn_matmul, (
+            x, self.buffer(site.node, f"{name}_codes", codes), self.buffer(site.node, f"{name}_dq_scale", w.scale),
+            site.bias, w_zp))
+        return node, f"W8A8 per-token: MatMulInteger ({self.opts.int8_weights} weights)", ""
+
+    def _nbits(self, site, x, w: _Weight, name: str):
+        k, n = w.codes.shape
+        block = w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k)
+        if block is None:
+            return self._dq_matmul(site, x, w, name, "token8")  # no MatMulNBits block fits: exact Q/DQ form
+        rows = -(-k // block)
+        if w.block:                                  # per group: repeat each group's scale over its blocks
+            idx = (torch.arange(rows) * block) // w.block
+            scales = w.scale[idx]
+        else:                                        # per channel / tensor: the same scale in every block
+            scales = w.scale.reshape(1, -1).expand(rows, n) if w.scale.dim() else w.scale.expand(rows, n)
+        unsigned = (w.codes.to(torch.int16) + 2 ** (4 - 1)).to(torch.uint8).t()       # [N, K], zero point 8
+        packed = ops.pack_nbits(unsigned, block, 4)
+        node = self.call(site.node, ops.matmul_nbits, (
+            x, self.buffer(site.node, f"{name}_nbits", packed),
+            self.buffer(site.node, f"{name}_scales", scales.t().contiguous()), site.bias, k, n, 4, block,
+            self.opts.accuracy_level))
+        return node, f"W{w.bits}A8: MatMulNBits(block {block}, accuracy_level {self.opts.accuracy_level})", \
+            "W4A8 runs int8 activations per block of K inside MatMulNBits (not per token): see docs/onnx.md"
+
+
+
+# (weight, input kind, options) -> the _Rewriter method of a fused form; anything else is _dq_matmul
+FUSED = [
+    (lambda w, kind, o: kind == "token8" and w.bits == 8 and w.symmetric and w.block == 0, "_int8_dynamic"),
+    (lambda w, kind, o: kind == "token8" and w.bits <= 4 and w.symmetric and o.w4a8 == "matmulnbits", "_nbits"),
+]
+
+
+def _nbits_block(group: int, k: int) -> int | None:
+    """A MatMulNBits block that a per-group (`group` > 0) or per-channel (0) scale layout fits exactly."""
+    if group == 0:
+        return min(128, max(16, 1 << (k - 1).bit_length()))
+    for b in sorted(NBITS_BLOCKS, reverse=True):
+        if group % b == 0:
+            return b
+    return None
+
+
+def _to_u8(codes: torch.Tensor, zp: torch.Tensor | None, scale: torch.Tensor):
+    """Symmetric int8 codes -> uint8 codes + 128 with zero point 128 (the same values, exactly)."""
+    if zp is not None:
+        return codes, zp
+    return (codes.to(torch.int16) + 128).to(torch.uint8), torch.full(scale.shape, 128, dtype=torch.uint8)
+
+
+def _flips(n: Node, weight: Node) -> int:
+    """Transposes between the stored weight and `n` (what the weight quantizer reads)."""
+    count = 0
+    while n is not weight:
+        count, n = count + 1, n.args[0]
+    return count
+
+
+def _role(n: Node) -> str:
+    return n.meta.get(META_QUANT, {}).get("role", "")
+
+
+def check_supported(gm: GraphModule) -> None:
+    """Raise UnsupportedOpError for the first quantizer with a non-integer format (before any export work)."""
+    for n in gm.graph.nodes:
+        if is_quantizer(n):
+            check_int(gm, n)
+
+
+def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringReport:
+    """Rewrite every qpass quantizer of `gm` in place (see the module docstring); drop the float weights
+    and quantizer buffers nothing reads any more."""
+    r = _Rewriter(gm, opts)
+    for site in linear_sites(gm):
+        r.linear(site)
+    for n in list(gm.graph.nodes):
+        if is_quantizer(n) and n.users and not r.past_cache(n):
+            r.standalone(n)
+    _erase_dead(gm)
+    gm.recompile()
+    return r.report
+
+
+def _erase_dead(gm: GraphModule) -> None:
+    """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, aten.t.default, aten.transpose.int,
+                aten.permute.default, aten.numpy_T.default}
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if not n.users and (n.op == "get_attr" or (n.op == "call_function" and n.target in dead_ops)):
+                gm.graph.erase_node(n)
+                changed = True
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            if leaf in mod._parameters:
+                del mod._parameters[leaf]
+            elif leaf in mod._buffers:
+                del mod._buffers[leaf]

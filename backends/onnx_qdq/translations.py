@@ -1,0 +1,131 @@
+"""onnxscript translations of the ``qpass_onnx`` ops: the ``custom_translation_table`` of torch.onnx.export.
+
+Each function builds exactly the ONNX pattern that onnxruntime (1.31, CPU) fuses, as measured in
+docs/onnx.md:
+  dq_matmul         DequantizeLinear(codes [K,N], opset-21 block_size on axis 0 | per-axis 1) -> MatMul
+                    -> com.microsoft.MatMulNBits (4- and 8-bit) after graph optimization
+  int8_dyn_matmul   per-token scale = max|x| / 127; codes = round(x / scale) + 128 as uint8 (zero point 128:
+                    the symmetric int8 codes, exactly); MatMulInteger -> Cast -> Mul(scale * w_scale)
+                    -> com.microsoft.MatMulIntegerToFloat (which takes a per-row A scale)
+  matmul_nbits      com.microsoft.MatMulNBits, unsigned codes with the default zero point 2^(bits-1)
+  qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
+                    ReduceMax / ReduceMin over each block)
+Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
+initializers after export.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript
+from onnxscript import opset21 as op
+
+from . import ops
+
+msft = onnxscript.values.Opset("com.microsoft", 1)
+FLOAT, UINT8 = ir.DataType.FLOAT, ir.DataType.UINT8
+
+
+def _matmul_nbits_schema() -> onnx.defs.OpSchema:
+    """com.microsoft.MatMulNBits as the exporter needs it (the ONNX registry does not hold contrib ops)."""
+    S, P, A = onnx.defs.OpSchema, onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    opt = S.FormalParameterOption.Optional
+    return S("MatMulNBits", "com.microsoft", 1, inputs=[
+        P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
+        P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)"], ""), ("T4", ["tensor(int32)"], "")],
+        attributes=[A("K", S.AttrType.INT), A("N", S.AttrType.INT), A("bits", S.AttrType.INT),
+                    A("block_size", S.AttrType.INT), A("accuracy_level", S.AttrType.INT, required=False)])
+
+
+_MATMUL_NBITS = onnxscript.values.Op(msft, "MatMulNBits", _matmul_nbits_schema())
+def _const(value, dtype) -> "onnxscript.ir.Value":
+    return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+
+def _container(bits: int, signed: bool) -> ir.DataType:
+    if bits <= 4:
+        return ir.DataType.INT4 if signed else ir.DataType.UINT4
+    return ir.DataType.INT8 if signed else ir.DataType.UINT8
+
+
+def dq_matmul(x, codes, scale, zero_point=None, block: int = 0, bits: int = 8, bias=None):
+    signed = codes.dtype == ir.DataType.INT8
+    if bits <= 4:
+        codes = op.Cast(codes, to=_container(bits, signed))
+        zero_point = None if zero_point is None else op.Cast(zero_point, to=_container(bits, signed))
+    if block > 0:
+        w = op.DequantizeLinear(codes, scale, zero_point, axis=0, block_size=block)
+    else:
+        w = op.DequantizeLinear(codes, scale, zero_point, axis=1)
+    y = op.MatMul(x, w)
+    return y if bias is None else op.Add(y, bias)
+
+
+def int8_dyn_matmul(x, codes, w_scale, bias=None, w_zp: int = 128):
+    amax = op.ReduceMax(op.Abs(x), _const([-1], np.int64), keepdims=1)
+    scale = op.Max(op.Div(amax, _const(127.0, np.float32)), _const(ops.SCALE_FLOOR, np.float32))
+    q = op.Round(op.Div(x, scale))
+    q = op.Cast(op.Clip(op.Add(q, _const(128.0, np.float32)), _const(0.0, np.float32),
+                        _const(255.0, np.float32)), to=UINT8)
+    a_zp = _const(128, np.uint8)
+    if w_zp:
+        acc = op.MatMulInteger(q, codes, a_zp, _const(w_zp, np.uint8))
+    else:
+        acc = op.MatMulInteger(q, codes, a_zp)
+    y = op.Mul(op.Cast(acc, to=FLOAT), op.Mul(scale, w_scale))
+    # NOTE: y - (-bias), not Add: onnxruntime (1.31) folds a bias Add into MatMulIntegerToFloat, whose kernel
+    # applies a per-row A scale after adding the bias, i.e. scales the bias too (wrong). Sub is not folded.
+    return y if bias is None else op.Sub(y, op.Neg(bias))
+
+
+def matmul_nbits(x, packed, scales, bias=None, k: int = 0, n: int = 0, bits: int = 4, block: int = 128,
+                 accuracy_level: int = 0):
+    return _MATMUL_NBITS(x, packed, scales, None, None, bias, K=k, N=n, bits=bits, block_size=block,
+                            accuracy_level=accuracy_level)
+
+
+def qdq(x, scale, zero_point=None, axis: int = 0, block: int = 0, bits: int = 8, signed: bool = True):
+    if zero_point is not None and bits <= 4:
+        zero_point = op.Cast(zero_point, to=_container(bits, signed))
+    if zero_point is None:
+        q = op.QuantizeLinear(x, scale, axis=axis, block_size=block, output_dtype=_container(bits, signed))
+    else:
+        q = op.QuantizeLinear(x, scale, zero_point, axis=axis, block_size=block)
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block)
+
+
+def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
+    if block == 0:
+        mn, mx = op.ReduceMin(x, keepdims=0), op.ReduceMax(x, keepdims=0)
+    else:   # [..., D] -> [..., D / block, block], reduced over the last axis
+        shape = op.Concat(op.Shape(x, end=-1), _const([-1, block], np.int64), axis=0)
+        xg = op.Reshape(x, shape)
+        last = _const([-1], np.int64)
+        mn, mx = op.ReduceMin(xg, last, keepdims=0), op.ReduceMax(xg, last, keepdims=0)
+    floor = _const(ops.SCALE_FLOOR, np.float32)
+    if symmetric:
+        qmax = float(2 ** (bits - 1) - 1)
+        scale = op.Max(op.Div(op.Max(op.Neg(mn), mx), _const(qmax, np.float32)), floor)
+        q = op.QuantizeLinear(x, scale, axis=-1, block_size=block, output_dtype=_container(bits, True))
+        return op.DequantizeLinear(q, scale, axis=-1, block_size=block)
+    zero = _const(0.0, np.float32)
+    qmax = float(2**bits - 1)
+    lo, hi = op.Min(mn, zero), op.Max(mx, zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), _const(qmax, np.float32)), floor)
+    zp = op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero, _const(qmax, np.float32))
+    zp = op.Cast(zp, to=_container(bits, False))
+    q = op.QuantizeLinear(x, scale, zp, axis=-1, block_size=block)
+    return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
+
+
+TABLE = {
+    ops.dq_matmul: dq_matmul,
+    ops.int8_dyn_matmul: int8_dyn_matmul,
+    ops.matmul_nbits: matmul_nbits,
+    ops.qdq: qdq,
+    ops.qdq_dynamic: qdq_dynamic,
+}

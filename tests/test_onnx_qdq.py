@@ -1,0 +1,117 @@
+"""ONNX QDQ backend: what onnxruntime fuses, real integer initializers, parity with the fake-quant graph, the
+optimum-style decoder directory and incremental generation."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import qpass
+from qpass import Recipe
+from tests import toy
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+from qpass.backends import onnx_qdq  # noqa: E402  (needs onnx / onnxscript)
+from qpass.backends.onnx_qdq import patterns  # noqa: E402
+
+W = {"bits": 8, "granularity": "per_channel", "symmetric": True}
+W4G32 = {"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": True}
+A_TOKEN = {"bits": 8, "granularity": "per_token", "dynamic": True}
+A_STATIC = {"bits": 8, "granularity": "per_tensor", "symmetric": True}
+
+
+def recipe(weights, activations=None, **extra):
+    q = {"weights": weights, **({"activations": activations} if activations else {}), **extra}
+    return Recipe.from_dict({"version": 1, "passes": [{"quantize": q}]})
+
+
+def mlp_qm(rec):
+    """fc1: K=64 (two groups of 32), fc2: K=80 (groups 32, 32 and a partial 16). Inputs [batch, seq, d] like an
+    LLM's (with 2-D inputs onnxruntime turns MatMul + bias Add into Gemm before it looks for MatMulNBits)."""
+    model = toy.TinyMLP(d=64, hidden=80)
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
+    calib = [(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(s)),) for s in range(2)]
+    return qpass.apply(model, rec, calib_data=calib, example_inputs=(x,), progress=False), x
+
+
+def optimized_ops(path, tmp_path, **config) -> dict[str, int]:
+    opt = str(tmp_path / "optimized.onnx")
+    onnx_qdq.session(path, optimized_model_path=opt, config=config)
+    counts: dict[str, int] = {}
+    for n in onnx.load(opt).graph.node:
+        key = f"{n.domain + '.' if n.domain else ''}{n.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def run(path, x):
+    sess = onnx_qdq.session(path)
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def test_int4_groups_are_int4_initializers_and_fuse_into_matmulnbits(tmp_path):
+    qm, x = mlp_qm(recipe(W4G32))
+    art = qpass.lower(qm, "onnx", tmp_path / "m", external_data=True)      # as for models over 2 GB
+    assert os.path.isfile(os.path.join(art.path, "model.onnx_data"))
+    model = onnx.load(art.model_path)
+    inits = {i.name: i for i in model.graph.initializer}
+    int4 = [i for i in inits.values() if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 2 and not [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT and
+                                    len(i.dims) == 2 and min(i.dims) > 3]       # no float weight left
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert [a.i for n in dq for a in n.attribute if a.name == "block_size"] == [32, 32]
+    assert optimized_ops(art.path, tmp_path)["com.microsoft.MatMulNBits"] == 2
+    torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activations", [A_TOKEN, A_STATIC], ids=["per_token", "static"])
+def test_w8a8_fuses_into_integer_matmuls(tmp_path, activations):
+    qm, x = mlp_qm(recipe(W, activations))
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    ops = optimized_ops(art.path, tmp_path)
+    assert ops.get("com.microsoft.MatMulIntegerToFloat", 0) + ops.get("com.microsoft.DynamicQuantizeMatMul", 0) == 2
+    assert "MatMul" not in ops
+    torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-4, rtol=1e-4)
+
+
+def test_w4a8_is_matmulnbits_with_int8_activations(tmp_path):
+    qm, x = mlp_qm(recipe(W4G32, A_TOKEN))
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    nbits = [n for n in onnx.load(art.model_path).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and {a.name: a.i for a in nbits[0].attribute}["accuracy_level"] == 4
+    ref = qm(x).detach()
+    assert float((run(art.path, x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    exact = copy.deepcopy(qm.graph_module)            # the exact, unfused alternative, checked before export
+    report = patterns.rewrite(exact, onnx_qdq.LowerOptions(w4a8="qdq"))
+    assert all("Q/DQ input" in r.form for r in report.rows)
+    torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_integer_formats_are_refused_with_the_node(tmp_path):
+    qm, _ = mlp_qm(recipe({"format": "nf4", "granularity": "per_group", "group_size": 32}))
+    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)nf4.*fc1.*fix: use the torch backend"):
+        qpass.lower(qm, "onnx", tmp_path / "m")
+    assert not os.path.exists(tmp_path / "m")
+
+
+# -------------------------------------------------------------------------------- optimum-style quantizer
+# (the decoder directory itself, its optimum I/O names and incremental generation: tests/test_lower_cli.py,
+# which lowers the toy Llama once through tools/lower.py)
+
+
+def test_optimum_style_quantizer_runs_qpass_then_lowers(tmp_path, monkeypatch):
+    src = toy.save_hf_dir(tmp_path / "llama")
+    calls = {}
+    monkeypatch.setattr(qpass, "lower", lambda qm, backend, out, **kw: calls.update(backend=backend, out=out, **kw))
+    q = onnx_qdq.QpassOnnxQuantizer.from_pretrained(src)
+    rec = recipe(W, A_STATIC, ignore=["lm_head"])
+    saved = q.quantize(save_dir=tmp_path / "out", recipe=rec, calib_data=["the cat sat on the mat"],
+                       progress_bar=False, w4a8="qdq")
+    assert saved == tmp_path / "out" and calls == {"backend": "onnx", "out": tmp_path / "out", "w4a8": "qdq",
+                                                   "tokenizer_dir": src}
+    assert q.quantized.report["quantize"].stats["inputs_quantized"] == 14      # calibrated from the text
+    with pytest.raises(qpass.ArtifactError, match="file_prefix"):
+        q.quantize(save_dir=tmp_path / "x", file_prefix="decoder_model", recipe=rec)

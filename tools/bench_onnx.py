@@ -1,0 +1,207 @@
+"""ONNX rows of the benchmark: qpass's ONNX graphs vs the FP32 ONNX of the same model and vs onnxruntime's own
+``MatMulNBitsQuantizer`` applied to that FP32 ONNX, all in onnxruntime (CPU).
+
+    python tools/bench_onnx.py [--model models/tiny-llama] [--eval data/austen/eval.txt] [--threads 1]
+                               [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 4096]
+    python tools/bench_onnx.py --parity      # ORT logits vs the fake-quant model, per recipe
+
+Rows: prefill tokens/s (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW one-token
+steps after that prompt, growing cache), perplexity over EVAL-TOKENS held-out tokens (windows of 256).
+Every variant runs through the same feed loop (``onnx_qdq.runtime.DecoderRunner``); timings are medians
+over REPEATS rounds that visit the variants in turn, so load from other processes spreads over all rows.
+``onnx_rows(...)`` returns the rows for tools/bench.py.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build(model, work: str, levels=(0, 4)) -> dict[str, tuple[str, dict]]:
+    """{row name: (model directory or file, session config)}."""
+    import qpass
+
+    def ours(recipe: str) -> str:
+        out = os.path.join(work, os.path.basename(recipe)[:-5])
+        if not os.path.isfile(os.path.join(out, "model.onnx")):
+            shutil.rmtree(out, ignore_errors=True)
+            qpass.lower(qpass.apply(model, os.path.join(ROOT, "recipes", recipe), progress=False), "onnx", out)
+        return out
+
+    fp32 = ours("w16.yaml")
+    rows = {"FP32 (ONNX, same exporter)": (fp32, {})}
+    w4 = ours("w4a16_g128.yaml")
+    for level in levels:
+        acc = {"session.qdq_matmulnbits_accuracy_level": str(level)}
+        rows[f"qpass W4A16 g128, acc {level}"] = (w4, acc)
+        rows[f"ORT MatMulNBitsQuantizer g128 sym, acc {level}"] = (ort_quantized(fp32, work, level), {})
+    rows["qpass W8A8 (per-token)"] = (ours("w8a8.yaml"), {})
+    rows["qpass W4A8KV4 (MatMulNBits acc 4)"] = (ours("w4a8_kv4.yaml"), {})
+    return rows
+
+
+def ort_quantized(fp32_dir: str, work: str, level: int) -> str:
+    """onnxruntime's MatMulNBitsQuantizer (RTN, block 128, symmetric) on the FP32 ONNX, lm_head excluded (as
+    in qpass's recipes)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    out = os.path.join(work, f"ort_nbits_acc{level}.onnx")
+    if os.path.isfile(out):
+        return out
+    model = onnx.load(os.path.join(fp32_dir, "model.onnx"))
+    lm_head = [n.name for n in model.graph.node if "logits" in n.output]
+    cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=level)
+    q = MatMulNBitsQuantizer(model, block_size=128, is_symmetric=True, accuracy_level=level,
+                             nodes_to_exclude=lm_head, algo_config=cfg)
+    q.process()
+    q.model.save_model_to_file(out, use_external_data_format=False)
+    return out
+
+
+def measure(rows: dict, ids, eval_ids, *, threads: int, prompt: int, new_tokens: int, repeats: int) -> list[dict]:
+    import torch
+
+    from qpass.backends.onnx_qdq import runtime
+    from qpass.eval import windows
+
+    runners = {name: runtime.DecoderRunner(runtime.session(path, threads=threads, config=cfg))
+               for name, (path, cfg) in rows.items()}
+    x = ids[:prompt].unsqueeze(0)
+    times = {name: {"prefill": [], "decode": []} for name in rows}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            logits = run(x, torch.arange(prompt))
+            t1 = time.perf_counter()
+            tok = logits[:, -1:].argmax(-1)
+            for i in range(new_tokens):
+                tok = run(tok, torch.tensor([prompt + i]))[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            times[name]["prefill"].append(prompt / (t1 - t0))
+            times[name]["decode"].append(new_tokens / (t2 - t1))
+    out = []
+    for name, run in runners.items():
+        nll, n = 0.0, 0
+        for w in windows(eval_ids, 256):
+            lg = run(w.unsqueeze(0), torch.arange(w.numel()))[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(lg, w[1:], reduction="sum"))
+            n += w.numel() - 1
+        path = rows[name][0]
+        out.append({"variant": name, "prefill_tok_s": statistics.median(times[name]["prefill"]),
+                    "decode_tok_s": statistics.median(times[name]["decode"]), "perplexity": math.exp(nll / n),
+                    "bytes": _size(path)})
+    return out
+
+
+def _size(path: str) -> int:
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.startswith("model.onnx")] \
+        if os.path.isdir(path) else [path]
+    return sum(os.path.getsize(f) for f in files)
+
+
+def onnx_rows(model_dir: str, eval_file: str, *, threads: int = 1, prompt: int = 128, new_tokens: int = 64,
+              repeats: int = 5, eval_tokens: int = 4096, work: str | None = None) -> list[dict]:
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with open(eval_file, encoding="utf-8") as f:
+        ids = tok(f.read(), return_tensors="pt").input_ids[0]
+    work = work or os.path.join(ROOT, ".cache", "bench-onnx", os.path.basename(os.path.normpath(model_dir)))
+    os.makedirs(work, exist_ok=True)
+    rows = build(model, work)
+    return measure(rows, ids, ids[:eval_tokens], threads=threads, prompt=prompt, new_tokens=new_tokens,
+                   repeats=repeats)
+
+
+def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[str], *, windows_n: int = 4,
+                eval_tokens: int = 4096) -> list[dict]:
+    """ORT logits vs the fake-quant QuantizedModel per recipe (calibrated on 16 x 256 tokens of calib_file):
+    max / mean |Δlogit| over `windows_n` held-out windows of 256, perplexity of both over `eval_tokens`."""
+    import torch
+    import transformers
+
+    import qpass
+    from qpass.backends import onnx_qdq
+    from qpass.eval import perplexity, windows
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    read = lambda f: tok(open(f, encoding="utf-8").read(), return_tensors="pt").input_ids[0]  # noqa: E731
+    calib_ids, eval_ids = read(calib_file), read(eval_file)[:eval_tokens]
+    calib = [w.unsqueeze(0) for w in calib_ids[: 16 * 256].split(256)]
+    work = os.path.join(ROOT, ".cache", "bench-onnx", "parity")
+    rows = []
+    with torch.no_grad():
+        for rec in recipes:
+            qm = qpass.apply(model, os.path.join(ROOT, "recipes", rec), calib_data=calib, progress=False)
+            out = os.path.join(work, rec[:-5])
+            shutil.rmtree(out, ignore_errors=True)
+            qpass.lower(qm, "onnx", out)
+            levels = {"": {}} if "a16" not in rec else {"": {}, " (ORT default accuracy 4)": {
+                "session.qdq_matmulnbits_accuracy_level": "4"}}
+            for suffix, cfg in levels.items():
+                sess = onnx_qdq.session(out, config=cfg)
+                ort_logits = lambda x, sess=sess: onnx_qdq.logits(sess, x)  # noqa: E731
+                d = [(ort_logits(w.unsqueeze(0)) - qm(w.unsqueeze(0)).logits).abs()
+                     for w in windows(eval_ids, 256)[:windows_n]]
+                rows.append({"recipe": rec + suffix, "max": max(float(x.max()) for x in d),
+                             "mean": sum(float(x.mean()) for x in d) / len(d),
+                             "ppl_ort": perplexity(ort_logits, eval_ids, 256).perplexity,
+                             "ppl_fq": perplexity(qm, eval_ids, 256).perplexity})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]                                   # FP32 ONNX of the same exporter
+    head = ("| variant | prefill tok/s | x FP32 | decode tok/s | x FP32 | perplexity | model bytes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|")
+    body = [f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
+            f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['perplexity']:.3f} | "
+            f"{r['bytes'] / 1e6:.1f} MB |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama"))
+    ap.add_argument("--eval", default=os.path.join(ROOT, "data", "austen", "eval.txt"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--parity", action="store_true", help="print the parity table instead of timings")
+    ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
+    args = ap.parse_args(argv)
+    import onnxruntime
+
+    if args.parity:
+        rows = parity_rows(args.model, args.eval, args.calib, ["w8a8.yaml", "w4a16_g128.yaml", "w4a8_kv4.yaml"],
+                           eval_tokens=args.eval_tokens)
+        print("| recipe | max |Δlogit| | mean |Δlogit| | perplexity ORT | perplexity fake-quant |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['recipe']} | {r['max']:.3g} | {r['mean']:.3g} | {r['ppl_ort']:.3f} | {r['ppl_fq']:.3f} |")
+        return 0
+
+    rows = onnx_rows(args.model, args.eval, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
+                     repeats=args.repeats, eval_tokens=args.eval_tokens)
+    print(f"onnxruntime {onnxruntime.__version__}, CPU, {args.threads} thread(s), prompt {args.prompt}, "
+          f"{args.new_tokens} decode steps, median of {args.repeats}; perplexity over {args.eval_tokens} tokens")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
