@@ -2,6 +2,8 @@
 
 The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
+from .awq import Awq, AwqConfig
+from .gptq import Gptq, GptqConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
@@ -13,6 +15,8 @@ PASSES = {
     "qat": (QatConfig, Qat),
     "smoothquant": (SmoothQuantConfig, SmoothQuant),
     "kv_cache": (KvCacheConfig, KvCache),
+    "awq": (AwqConfig, Awq),
+    "gptq": (GptqConfig, Gptq),
 }
 
 
@@ -22,4 +26,4 @@ def make_pass(config):
 
 
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
-           "Qat", "QatConfig", "KvCache", "KvCacheConfig"]
+           "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig"]

@@ -53,6 +53,7 @@ class Context:
         self.restoring = restoring
         self.progress = progress
         self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
+        self.upcoming: tuple = ()   # configs of the passes after the running one (AWQ reads quantize's spec)
         self._cache: dict[Any, Any] = {}
 
     def get(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -135,7 +136,8 @@ class Pipeline:
         report, done = Report(), []
         verify_inputs = self._verify_inputs(ctx)
         ref = self._outputs(gm, verify_inputs)
-        for p in self.passes:
+        for i, p in enumerate(self.passes):
+            ctx.upcoming = tuple(getattr(q, "config", None) for q in self.passes[i + 1:])
             before = set(gm.graph.nodes)
             t0 = time.perf_counter()
             try:

@@ -1,0 +1,204 @@
+"""Re-round the weights the quantize pass inserted with GPTQ (Frantar et al. 2023).
+
+Matches   every linear whose weight goes through a ``qpass.fake_quantize`` weight quantizer (inserted by an
+          earlier ``quantize`` pass), selected by targets/ignore; its QSpec (int2..8, symmetric or not,
+          per-tensor / per-channel / per-group with a partial last group; float and nf4 grids too)
+Changes   the float weight W -> W_gptq (exactly representable: fake_quantize(W_gptq) == W_gptq) and the
+          quantizer's scale / zero-point buffers, in place; no nodes added or removed
+          per linear input: H = 2/n sum x x^T (linears reading the same input share it); the reference
+          column loop with dampening, lazy batches, act-order and static groups (qpass.primitives.gptq)
+Requires  calibration data; block by block (qpass.sequential): block i is calibrated on the outputs of
+          blocks 0..i-1 as already re-rounded (``feed: quantized``) or of the float model (``feed: float``);
+          with ``true_sequential`` the linears of a block are done in dependency order (q/k/v, o, gate/up,
+          down), each observed with the earlier ones quantized and the later ones in float
+Preserves graph structure
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch.fx import GraphModule
+
+from qpass.errors import QuantizationError, RecipeError
+from qpass.graph import META_QUANT, LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.pass_infra import Context, Pass, PassResult
+from qpass.primitives import quant as Q
+from qpass.primitives.gptq import HessianAccumulator, gptq, reconstruction_error
+from qpass.sequential import Sweep
+
+log = logging.getLogger("qpass.gptq")
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    name: ClassVar[str] = "gptq"
+    field_docs: ClassVar[dict] = {
+        "damp": "dampening, a fraction of mean(diag H) added to the diagonal (raised 10x while Cholesky fails)",
+        "block_size": "columns per lazy batch update",
+        "act_order": "quantize columns by decreasing diag(H) (desc_act); groups stay contiguous in the "
+                     "original order (scales computed when the sweep first reaches a group)",
+        "static_groups": "compute every group's scale from the original weights before the sweep",
+        "sequential": "calibrate block by block (false: one run of the whole model with float weights)",
+        "true_sequential": "within a block, quantize linears in dependency order, re-observing in between "
+                           "(with sequential and feed: quantized)",
+        "feed": "inputs of block i+1: `quantized` (block i as re-rounded) or `float` (the float model)",
+        "targets": "module-path globs of quantized linears to re-round",
+        "ignore": "module-path globs to leave as the quantize pass rounded them",
+    }
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    sequential: bool = True
+    true_sequential: bool = True
+    feed: Literal["quantized", "float"] = "quantized"
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not 0.0 <= self.damp < 10.0:
+            raise RecipeError("damp", f"must be in [0, 10) (a fraction of mean(diag H); 0.01 = 1%), got {self.damp}")
+        if self.block_size < 1:
+            raise RecipeError("block_size", f"must be a positive number of columns, got {self.block_size}")
+        if not self.targets:
+            raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
+
+
+@dataclass(frozen=True)
+class Gptq(Pass):
+    """Re-round quantized weights with GPTQ (second-order error feedback), block by block."""
+
+    config: GptqConfig = GptqConfig()
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        if ctx.restoring:   # weights and scales come from the saved state dict
+            return PassResult(modified=False, stats={"restored": True})
+        cfg = self.config
+        sites = linear_sites(gm)
+        quantized = [s for s in sites if _weight_quantizer(s) is not None]
+        if sites and not quantized:
+            raise QuantizationError(
+                f"gptq found no quantized weights among the {len(sites)} linears (e.g. {describe(gm, sites[0].node)})",
+                fix="place '- quantize: {weights: {bits: 4, granularity: per_group, group_size: 128}}' before "
+                    "'- gptq' in the recipe: gptq re-rounds the weights that pass inserted")
+        chosen = select([s.path for s in quantized], cfg.targets, cfg.ignore, "gptq") if quantized else set()
+        near = [f"{s.path}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
+        todo = []
+        for s in (s for s in quantized if s.path in chosen):
+            why = _unsupported(gm, s)
+            if why:
+                near.append(f"{s.path or s.node.name}: {why}")
+            else:
+                todo.append(s)
+        stats = {"linears": 0, "hessians": 0, "mean_error_ratio": None, "improved": 0, "damp_raised": 0}
+        if not todo:
+            return PassResult(modified=False, stats=stats, near_misses=near)
+        calib = ctx.require_calibration("gptq")
+        errors, hessians = {}, 0
+        left = {s.node for s in todo}
+        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="gptq")
+        for step in sweep:
+            mine = [s for s in todo if step.contains(s.node)]
+            # NOTE: re-rounding overwrites the float weights, so only `feed: quantized` can observe a block again
+            staged = cfg.true_sequential and cfg.sequential and cfg.feed == "quantized"
+            for stage in (_stages(mine) if staged else [mine]) if mine else []:
+                bypass = {_weight_quantizer(s) for s in todo if s.node in left}
+                inputs = {s.input: s.input for s in stage}
+                accs = step.observe(inputs, lambda k, n: HessianAccumulator(), bypass=bypass)
+                hessians += len(accs)
+                for s in stage:
+                    errors[s.path or s.node.name] = self._requantize(gm, s, accs[s.input])
+                    left.discard(s.node)
+            if not left:
+                break
+        ratios = [e["ratio"] for e in errors.values()]
+        stats.update(linears=len(errors), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
+                     improved=sum(r < 1 for r in ratios),
+                     damp_raised=sum(e["damp"] > cfg.damp for e in errors.values()),
+                     blocks=len(sweep.blocks), errors=errors)
+        return PassResult(modified=True, stats=stats, near_misses=near)
+
+    def _requantize(self, gm: GraphModule, site: LinearSite, acc: HessianAccumulator) -> dict:
+        """GPTQ one linear and write weight and qparams back in their stored layouts."""
+        cfg, fq = self.config, _weight_quantizer(site)
+        spec = fq.meta[META_QUANT]["spec"]
+        flip = site.use_in_axis == 0                        # quantizer laid out on [in, out] (mm family)
+        block = tuple(fq.args[3])[::-1] if flip else tuple(fq.args[3])
+        param = param_of(gm, site.weight)
+        scale_t = param_of(gm, fq.args[1])
+        zp_t = param_of(gm, fq.args[2]) if fq.args[2] is not None else None
+        w = (param if site.in_axis == 1 else param.t()).detach().clone()          # canonical [out, in]
+        canon = (lambda t: t.t() if flip else t)
+        rtn = Q.fake_quantize(w, canon(scale_t.detach()), None if zp_t is None else canon(zp_t.detach()), block,
+                              fq.args[4])
+        res = gptq(w, acc.hessian, spec, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
+                   act_order=cfg.act_order, static_groups=cfg.static_groups)
+        with torch.no_grad():
+            param.copy_(res.weight if site.in_axis == 1 else res.weight.t())
+            scale_t.copy_(canon(res.scale))
+            if zp_t is not None:
+                zp_t.copy_(canon(res.zero_point))
+        err, err_rtn = reconstruction_error(w, res.weight, acc.xtx), reconstruction_error(w, rtn, acc.xtx)
+        return {"gptq": err, "rtn": err_rtn, "ratio": err / err_rtn if err_rtn > 0 else 1.0, "damp": res.damp}
+
+
+def _weight_quantizer(site: LinearSite):
+    n = site.weight_use
+    return n if is_quantizer(n) and n.meta.get(META_QUANT, {}).get("role") == "weight" else None
+
+
+def _unsupported(gm: GraphModule, site: LinearSite) -> str | None:
+    """Why GPTQ cannot re-round this weight, or None."""
+    fq = _weight_quantizer(site)
+    if fq.meta[META_QUANT]["spec"].dynamic or len(fq.args) < 5:
+        return "weight quantizer is not a static fake_quantize"
+    return shared_weight(gm, site)
+
+
+def shared_weight(gm: GraphModule, site: LinearSite) -> str | None:
+    """Why the weight of `site` cannot be changed on its own (used elsewhere or tied storage), or None."""
+    allowed = site.weight_use if is_quantizer(site.weight_use) else site.node
+    users = _terminal_users(site.weight)
+    if users != [allowed]:
+        return f"weight {site.weight.target} is also used by {[u.name for u in users if u is not allowed]} (tied)"
+    ptr = param_of(gm, site.weight).untyped_storage().data_ptr()
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name != site.weight.target and t.untyped_storage().data_ptr() == ptr:
+            return f"weight {site.weight.target} shares storage with {name} (tied); changing it would change both"
+    return None
+
+
+def _terminal_users(n) -> list:
+    """Users of a parameter, looking through transposes (how linear_sites consumes weights)."""
+    out = []
+    for u in n.users:
+        if u.op == "call_function" and u.target in (torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+                                                    torch.ops.aten.permute.default, torch.ops.aten.numpy_T.default):
+            out += _terminal_users(u)
+        else:
+            out.append(u)
+    return out
+
+
+def _stages(sites: list[LinearSite]) -> list[list[LinearSite]]:
+    """Sites grouped by how many of the other sites lie on their longest input path (q/k/v: 0, o: 1, ...)."""
+    nodes = {s.node for s in sites}
+    if not sites:
+        return []
+    graph = sites[0].node.graph
+    depth: dict = {}
+    for n in graph.nodes:
+        depth[n] = max((depth.get(a, 0) + (a in nodes) for a in n.all_input_nodes), default=0)
+    by: dict[int, list[LinearSite]] = {}
+    for s in sites:
+        by.setdefault(depth[s.node], []).append(s)
+    return [by[k] for k in sorted(by)]
+
+
+__all__ = ["Gptq", "GptqConfig", "shared_weight"]
