@@ -8,6 +8,7 @@ the result is the saved graph, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -31,6 +32,26 @@ from .version import __version__
 
 ARTIFACT_FORMAT = 1
 _FILES = ("model.safetensors", "recipe.yaml", "qpass.json")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, prefix: str = ".qpass-save-"):
+    """Yield a temporary directory beside `directory`; on success it becomes `directory` (which must not
+    exist or be empty), on any failure it is removed: no partial output is ever left behind."""
+    directory = os.fspath(directory)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(directory):
+            os.rmdir(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class QuantizedModel(nn.Module):
@@ -73,25 +94,15 @@ class QuantizedModel(nn.Module):
                  temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                  max_cache_len: int | None = None) -> torch.Tensor:
         """Greedy (or sampled) generation with an incremental KV cache; returns prompt + new tokens."""
-        from .generate import generate
+        from .generate import generate_cached
 
-        input_ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
-        need = input_ids.shape[1] + max_new_tokens
-        length = max_cache_len or max(64, -(-need // 64) * 64)
-        step = self.decode_graph(length, input_ids.shape[0])
-        return generate(lambda ids, pos: step(input_ids=ids, cache_position=pos), input_ids, max_new_tokens,
-                        do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
+        return generate_cached(self.decode_graph, input_ids, max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, top_k=top_k, seed=seed, max_cache_len=max_cache_len)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model to `directory` (created; an existing non-empty one is an error). Nothing is
         left behind if writing fails."""
-        directory = os.fspath(directory)
-        if os.path.isdir(directory) and os.listdir(directory):
-            raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".qpass-save-", dir=parent)
-        try:
+        with atomic_directory(directory) as tmp:
             safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
                                          metadata={"format": "qpass", "qpass_version": __version__})
             with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
@@ -103,12 +114,6 @@ class QuantizedModel(nn.Module):
             if self.source.get("hf_config") is not None:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(self.source["hf_config"], f, indent=2)
-            if os.path.isdir(directory):
-                os.rmdir(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_data: Iterable | None = None,

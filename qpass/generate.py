@@ -49,3 +49,13 @@ def generate(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_i
         if i + 1 < max_new_tokens:
             logits = step(tok, torch.tensor([t + i]))
     return torch.cat(out, dim=1)
+
+
+def generate_cached(decode_graph: Callable[[int, int], Callable], input_ids: torch.Tensor, max_new_tokens: int,
+                    *, max_cache_len: int | None = None, **kwargs) -> torch.Tensor:
+    """`generate` over a static-cache step graph ``decode_graph(max_cache_len, batch_size)`` (called as
+    ``step(input_ids=..., cache_position=...)``), with a cache length rounded up to a multiple of 64."""
+    input_ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+    need = input_ids.shape[1] + max_new_tokens
+    step = decode_graph(max_cache_len or max(64, -(-need // 64) * 64), input_ids.shape[0])
+    return generate(lambda ids, pos: step(input_ids=ids, cache_position=pos), input_ids, max_new_tokens, **kwargs)

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qpass._api import atomic_directory
 from qpass.errors import ArtifactError, UnsupportedOpError
 from qpass.version import __version__
 
@@ -80,19 +80,10 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     fold_int4_casts(model)
     session_config = {"session.qdq_matmulnbits_accuracy_level": str(fused_accuracy_level)}
     _annotate(model, qm, session_config, decoder)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".qpass-onnx-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".qpass-onnx-") as tmp:
         say("writing model.onnx, config, tokenizer, recipe and qpass.json")
         _save(model, tmp, external_data)
         _write_side_files(tmp, qm, report, inputs, outputs, session_config, opts, tokenizer_dir)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return OnnxArtifact(out_dir, report, inputs, outputs, session_config)
 
 

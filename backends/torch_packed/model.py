@@ -13,8 +13,6 @@ import copy
 import json
 import os
 import platform
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 
@@ -23,7 +21,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qpass._api import _example_inputs, _jsonable, _model_from_config, _transformers_version, run_recipe
+from qpass._api import (
+    _example_inputs,
+    _jsonable,
+    _model_from_config,
+    _transformers_version,
+    atomic_directory,
+    run_recipe,
+)
 from qpass.capture import capture, capture_decode
 from qpass.errors import ArtifactError
 from qpass.graph import META_CAPTURE
@@ -130,26 +135,16 @@ class PackedModel(nn.Module):
                  temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                  max_cache_len: int | None = None) -> torch.Tensor:
         """Greedy (or sampled) generation with an incremental KV cache; returns prompt + new tokens."""
-        from qpass.generate import generate
+        from qpass.generate import generate_cached
 
-        input_ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
-        need = input_ids.shape[1] + max_new_tokens
-        length = max_cache_len or max(64, -(-need // 64) * 64)
-        step = self.decode_graph(length, input_ids.shape[0])
-        return generate(lambda ids, pos: step(input_ids=ids, cache_position=pos), input_ids, max_new_tokens,
-                        do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
+        return generate_cached(self.decode_graph, input_ids, max_new_tokens, do_sample=do_sample,
+                               temperature=temperature, top_k=top_k, seed=seed, max_cache_len=max_cache_len)
 
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike) -> None:
         """Write the lowered model to `directory` (created; an existing non-empty one is an error). Nothing
         is left behind if writing fails."""
-        directory = os.fspath(directory)
-        if os.path.isdir(directory) and os.listdir(directory):
-            raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".qpass-save-", dir=parent)
-        try:
+        with atomic_directory(directory) as tmp:
             safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
                                          metadata={"format": "qpass", "backend": BACKEND, "qpass_version": __version__})
             with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
@@ -167,12 +162,6 @@ class PackedModel(nn.Module):
             if self.source.get("hf_config") is not None:
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(self.source["hf_config"], f, indent=2)
-            if os.path.isdir(directory):
-                os.rmdir(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, *, kernels=None) -> "PackedModel":

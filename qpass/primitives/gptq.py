@@ -41,12 +41,17 @@ class HessianAccumulator:
     def __init__(self) -> None:
         self.xtx: Tensor | None = None
         self.tokens = 0
+        self._part: Tensor | None = None     # reused product buffer (no [in, in] allocation per update)
 
     def update(self, x: Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1])
         x2 = x2.to(torch.promote_types(x2.dtype, torch.float32))
-        part = (x2.t() @ x2).double()
-        self.xtx = part if self.xtx is None else self.xtx.add_(part)
+        if self._part is None or self._part.dtype != x2.dtype:
+            self._part = x2.new_empty(x2.shape[1], x2.shape[1])
+            self.xtx = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device) \
+                if self.xtx is None else self.xtx
+        torch.mm(x2.t(), x2, out=self._part)
+        self.xtx.add_(self._part)
         self.tokens += x2.shape[0]
 
     @property
@@ -71,12 +76,16 @@ def hessian_inverse_factor(h: Tensor, percdamp: float, *, retries: int = 8) -> t
     When Cholesky fails the dampening is raised 10x (with a warning), up to `retries` times."""
     h = h.double()
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     damp = percdamp
     for attempt in range(retries + 1):
-        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inv = torch.cholesky_inverse(chol)
+            del chol
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0 and bool(torch.isfinite(u).all()):
                 return u, damp
         new = damp * 10 if damp > 0 else 0.01
@@ -111,10 +120,11 @@ def gptq(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = N
 
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm[:, None], perm[None, :]]
     order = perm if perm is not None else torch.arange(in_f, device=W.device)
     col_block = (order // width).tolist()                                # quantizer block of each position
     U, damp = hessian_inverse_factor(H, percdamp)
+    del H
     U = U.to(dtype)
 
     positions: dict[int, list[int]] = {}                                 # column block -> its positions
