@@ -24,7 +24,7 @@ import qpass  # noqa: E402
 from qpass.eval import evaluate, markdown  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "models", "tiny-llama")
-PRESETS = ["w8a16.yaml", "w8a8.yaml", "w8a8_static.yaml", "w4a16_g128.yaml", "w4a16.yaml", "w3a16_g64.yaml"]
+PRESETS = ["w8a8.yaml", "w4a16_g128.yaml", "w4a16.yaml", "w3a16_g64.yaml"]
 
 
 def load(path: str | None):
@@ -76,14 +76,14 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "w8a8.yaml"))
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"))
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--max-eval-tokens", type=int, default=8192)
+    ap.add_argument("--max-eval-tokens", type=int, default=4096)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
     model, eval_ids, calib_ids, what = load(args.model)
     eval_ids = eval_ids[: args.max_eval_tokens]
-    calib = [w.unsqueeze(0) for w in calib_ids.split(args.window) if w.numel() == args.window][:32]
+    calib = [w.unsqueeze(0) for w in calib_ids.split(args.window) if w.numel() == args.window][:16]
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
 
     recipe = qpass.Recipe.from_yaml(args.recipe)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     presets = [os.path.join(ROOT, "recipes", p) for p in PRESETS]
     if os.path.abspath(args.recipe) not in presets:
         presets.insert(0, os.path.abspath(args.recipe))
-    rows = evaluate(model, presets, eval_ids, calib_ids, window=args.window, calib_samples=32, progress=False)
+    rows = evaluate(model, presets, eval_ids, calib_ids, window=args.window, calib_samples=16, progress=False)
     print(f"FP vs quantized over {eval_ids.numel()} held-out tokens (windows of {args.window}):")
     print(markdown(rows))
     os.makedirs(args.out, exist_ok=True)
