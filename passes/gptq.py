@@ -26,7 +26,7 @@ from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import META_QUANT, LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import quant as Q
-from qpass.primitives.gptq import HessianAccumulator, gptq, reconstruction_error
+from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from qpass.sequential import Sweep
 
 log = logging.getLogger("qpass.gptq")
@@ -137,7 +137,7 @@ class Gptq(Pass):
         canon = (lambda t: t.t() if flip else t)
         rtn = Q.fake_quantize(w, canon(scale_t.detach()), None if zp_t is None else canon(zp_t.detach()), block,
                               fq.args[4])
-        res = gptq(w, acc.hessian, spec, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
+        res = gptq_quantize(w, acc.hessian, spec, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
                    act_order=cfg.act_order, static_groups=cfg.static_groups)
         with torch.no_grad():
             param.copy_(res.weight if site.in_axis == 1 else res.weight.t())

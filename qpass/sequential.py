@@ -8,9 +8,9 @@ a block boundary (hidden states, rotary tables, masks) for every sample, and one
 Blocks come from the graph, not from per-architecture tables: the module paths of the nodes
 (``nn_module_stack``) are scanned for ``<prefix>.<integer>`` components (``model.layers.3``,
 ``transformer.h.3``, ``model.decoder.layers.3``); the prefix whose indexed modules cover the most nodes is
-the block list. The graph (in topological order) is cut after the last node of each block, giving
-segments ``stem`` (embeddings, masks, rotary tables, block 0's nodes are not in it), ``<prefix>.0`` ..
-``<prefix>.<n-1>`` and ``tail`` (final norm, LM head). A graph without such paths is one segment.
+the block list. The graph (in topological order) is cut before block 0 and after the last node of each
+block, giving segments ``stem`` (embeddings, masks, rotary tables), ``<prefix>.0`` .. ``<prefix>.<n-1>`` and
+``tail`` (final norm, LM head). A graph without such paths is one segment, ``graph``.
 
 Execution is an FX interpreter over one segment at a time: ``get_attr`` nodes are read when used (so a pass
 changing parameters in place is seen at once), values are freed after their last use, and only the values
@@ -25,6 +25,13 @@ layer is float until it is quantized).
             stats = step.observe({s.input.name: s.input for s in todo}, lambda key, node: Obs())
             ...change the weights of `todo`...
         # next iteration: this segment is run again (changed) to feed the next one
+
+With ``feed="float"`` the next segment gets the outputs of this segment's first observation (taken before
+the caller changed anything). Not done yet (TODO(#8)): blocks are not loaded lazily. The graph holds every
+parameter; a model larger than memory would need capture from a meta-device model, a hook here that
+materializes a segment's ``get_attr`` tensors from the safetensors shards before it runs and writes them
+out after ``_outputs``, the quantize pass going through the same hook, and ``QuantizedModel.save`` writing
+shard by shard.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from qpass.graph import META_QUANT, is_quantizer, linear_sites, op_counts, param
 from qpass.passes import GptqConfig, QuantizeConfig
 from qpass.primitives import choose_qparams
 from qpass.primitives import quant as Q
-from qpass.primitives.gptq import HessianAccumulator, gptq, reconstruction_error
+from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from tests import toy
 
 W4G8 = QSpec(IntFormat(4), PerGroup(8))
@@ -58,7 +58,7 @@ def test_gptq_beats_rtn_on_a_random_layer_and_stays_representable(spec, act_orde
     w, x = layer()
     acc = HessianAccumulator()
     acc.update(x)
-    res = gptq(w, acc.hessian, spec, act_order=act_order, static_groups=static, block_size=32)
+    res = gptq_quantize(w, acc.hessian, spec, act_order=act_order, static_groups=static, block_size=32)
     block = spec.block_size(w.shape)
     assert torch.equal(Q.fake_quantize(res.weight, res.scale, res.zero_point, block, spec.format.name), res.weight)
     assert reconstruction_error(w, res.weight, acc.xtx) < 0.9 * reconstruction_error(w, rtn(w, spec), acc.xtx)
@@ -67,15 +67,15 @@ def test_gptq_beats_rtn_on_a_random_layer_and_stays_representable(spec, act_orde
 def test_identity_hessian_reduces_to_rtn():
     w, _ = layer()
     for spec in SPECS:
-        res = gptq(w, torch.eye(w.shape[1]), spec, act_order=True)
+        res = gptq_quantize(w, torch.eye(w.shape[1]), spec, act_order=True)
         assert torch.equal(res.weight, rtn(w, spec))
 
 
 def test_lazy_batches_match_column_by_column_updates():
     w, x = layer()
     h = 2 * x.double().T @ x.double() / x.shape[0]
-    a = gptq(w.double(), h, SPECS[0], block_size=128)        # float64: no rounding noise between the two
-    b = gptq(w.double(), h, SPECS[0], block_size=1)
+    a = gptq_quantize(w.double(), h, SPECS[0], block_size=128)     # float64: no rounding noise between the two
+    b = gptq_quantize(w.double(), h, SPECS[0], block_size=1)
     assert torch.equal(a.weight, b.weight)
 
 
@@ -83,10 +83,10 @@ def test_act_order_permutation_is_undone():
     w, x = layer()
     h = 2 * x.double().T @ x.double() / x.shape[0]
     spec = QSpec(IntFormat(4), PerChannel(0))            # row scales do not depend on the column order
-    res = gptq(w, h, spec, act_order=True)
+    res = gptq_quantize(w, h, spec, act_order=True)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
     assert torch.equal(res.perm, perm) and not torch.equal(perm, torch.arange(len(perm)))
-    manual = gptq(w[:, perm], h[perm][:, perm], spec)
+    manual = gptq_quantize(w[:, perm], h[perm][:, perm], spec)
     assert torch.equal(res.weight, manual.weight[:, torch.argsort(perm)])
 
 
@@ -94,7 +94,7 @@ def test_static_groups_take_rtn_scales_from_the_original_weights():
     w, x = layer()
     acc = HessianAccumulator()
     acc.update(x)
-    res = gptq(w, acc.hessian, W4G8, act_order=True, static_groups=True)
+    res = gptq_quantize(w, acc.hessian, W4G8, act_order=True, static_groups=True)
     scale, _ = choose_qparams(w, W4G8)
     assert torch.equal(res.scale, scale)
 
@@ -107,7 +107,7 @@ def test_cholesky_failure_raises_dampening_with_a_warning():
     handler.emit = records.append
     logging.getLogger("qpass.gptq").addHandler(handler)
     try:
-        res = gptq(w, 2 * x.T @ x, W4G8, percdamp=0.0)
+        res = gptq_quantize(w, 2 * x.T @ x, W4G8, percdamp=0.0)
     finally:
         logging.getLogger("qpass.gptq").removeHandler(handler)
     assert res.damp > 0 and any("Cholesky" in r.getMessage() for r in records)

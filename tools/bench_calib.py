@@ -37,7 +37,7 @@ def one(args) -> dict:
     from tools.eval import data_files, tokens
 
     torch.manual_seed(args.seed)
-    _, calib_path = data_files(args.model_dir, None, args.calib_path)
+    _, calib_path = data_files(args.model_dir, args.calib_path, args.calib_path)   # the eval text is not read
     tok = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     ids = tokens(tok, calib_path)
@@ -80,9 +80,12 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), args.model_dir, "--one", "--recipe", recipe,
                "--window", str(args.window), "--calib-samples", str(args.calib_samples), "--seed", str(args.seed)]
         cmd += [x for s in args.set for x in ("--set", s)] + (["--calib", args.calib_path] if args.calib_path else [])
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"error: {recipe} failed:\n{proc.stderr[-3000:]}")
+        out = proc.stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    sets = f" (--set {' '.join(args.set)})" if args.set else ""
+    sets = f" (--set {', --set '.join(args.set)})" if args.set else ""
     print(f"model {args.model_dir}; {rows[0]['calib_samples']} calibration windows of {args.window} tokens{sets}")
     print("| recipe | calibration s | RSS before MiB | peak RSS MiB | added MiB |")
     print("|---|---|---|---|---|")

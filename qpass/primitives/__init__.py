@@ -3,6 +3,14 @@
 Importing this package registers the ``qpass::*`` ops (once). Never imports torch.fx.
 """
 from qpass.primitives import ops as ops  # registers torch.ops.qpass.*
+from qpass.primitives.awq import awq_scales as awq_scales
+from qpass.primitives.awq import clip_search as clip_search
+from qpass.primitives.awq import output_error as output_error
+from qpass.primitives.awq import scale_search as scale_search
+from qpass.primitives.gptq import GptqResult as GptqResult
+from qpass.primitives.gptq import HessianAccumulator as HessianAccumulator
+from qpass.primitives.gptq import gptq_quantize as gptq_quantize
+from qpass.primitives.gptq import reconstruction_error as reconstruction_error
 from qpass.primitives.observers import OBSERVERS as OBSERVERS
 from qpass.primitives.observers import MinMaxObserver as MinMaxObserver
 from qpass.primitives.observers import MovingAverageMinMaxObserver as MovingAverageMinMaxObserver

@@ -96,8 +96,9 @@ def hessian_inverse_factor(h: Tensor, percdamp: float, *, retries: int = 8) -> t
                             fix="check the calibration data (NaN/inf activations?) or raise gptq.damp")
 
 
-def gptq(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = None, percdamp: float = 0.01,
-         block_size: int = 128, act_order: bool = False, static_groups: bool = False) -> GptqResult:
+def gptq_quantize(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = None,
+                  percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  static_groups: bool = False) -> GptqResult:
     """Quantize ``w`` ([out, in]) with GPTQ given the input Hessian ``h`` ([in, in]) and the quantizer
     `spec` laid out with the canonical `block` (default ``spec.block_size(w.shape)``)."""
     out_f, in_f = w.shape
@@ -127,14 +128,25 @@ def gptq(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = N
     del H
     U = U.to(dtype)
 
+    Q = _sweep(W, U, qp, col_block, block_size, lazy_groups=width > 1 and not static_groups)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return GptqResult(Q.to(w.dtype), qp.scale, qp.zero_point, damp, perm)
+
+
+def _sweep(W: Tensor, U: Tensor, qp: "_ColumnQParams", col_block: list[int], block_size: int,
+           lazy_groups: bool) -> Tensor:
+    """The column loop on (permuted) W, updated in place; returns the quantized columns. `col_block[p]`:
+    the quantizer column block of position p; with `lazy_groups`, lazy batches are also cut where a block
+    is first reached, so its qparams are computed from fully updated weights."""
+    in_f = W.shape[1]
     positions: dict[int, list[int]] = {}                                 # column block -> its positions
     for p, b in enumerate(col_block):
         positions.setdefault(b, []).append(p)
     cuts = set(range(0, in_f, block_size))
-    if width > 1 and not static_groups:                                  # first touch of each column block
+    if lazy_groups:
         cuts |= {ps[0] for ps in positions.values()}
     cuts = sorted(cuts) + [in_f]
-
     Q = torch.zeros_like(W)
     for i1, i2 in zip(cuts[:-1], cuts[1:]):
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -142,7 +154,7 @@ def gptq(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = N
         for i in range(i2 - i1):
             b = col_block[i1 + i]
             if not qp.ready[b]:
-                if width == 1:
+                if len(positions[b]) == 1:
                     qp.compute(b, W1[:, i:i + 1])
                 else:   # i == 0 (a cut): W[:, i1:] holds every update so far
                     qp.compute(b, W[:, positions[b]])
@@ -153,10 +165,7 @@ def gptq(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = N
             W1[:, i:] -= err @ U1[i:i + 1, i:]
             Err1[:, i] = err[:, 0]
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return GptqResult(Q.to(w.dtype), qp.scale, qp.zero_point, damp, perm)
+    return Q
 
 
 class _ColumnQParams:
@@ -189,4 +198,4 @@ def reconstruction_error(w: Tensor, w_hat: Tensor, xtx: Tensor) -> float:
     return float(((d @ xtx.double()) * d).sum())
 
 
-__all__ = ["HessianAccumulator", "GptqResult", "gptq", "hessian_inverse_factor", "reconstruction_error"]
+__all__ = ["HessianAccumulator", "GptqResult", "gptq_quantize", "hessian_inverse_factor", "reconstruction_error"]
