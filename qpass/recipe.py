@@ -46,7 +46,7 @@ RECIPE_VERSION = 1
 
 FORMATS = ("int", *FLOAT_MAX, "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_head")
-_QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic")
+_QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range")
 
 
 def qspec_from_dict(d: Any, path: str) -> QSpec:
@@ -69,8 +69,12 @@ def qspec_from_dict(d: Any, path: str) -> QSpec:
     dynamic = _typed(d.get("dynamic", False), bool, f"{path}.dynamic")
     if fmt.kind != "int" and not symmetric:
         raise RecipeError(f"{path}.symmetric", f"{fmt_name} is scaled by absmax and is symmetric only; set true")
+    full_range = _typed(d.get("full_range", False), bool, f"{path}.full_range")
+    if full_range and (fmt.kind != "int" or not symmetric or dynamic):
+        raise RecipeError(f"{path}.full_range", "applies to symmetric integer quantizers with static scales "
+                          "(weights, static activations); remove it or set symmetric: true, dynamic: false")
     gran = _granularity_from_dict(d, path, dynamic)
-    return QSpec(format=fmt, granularity=gran, symmetric=symmetric, dynamic=dynamic)
+    return QSpec(format=fmt, granularity=gran, symmetric=symmetric, dynamic=dynamic, full_range=full_range)
 
 
 def _granularity_from_dict(d: Mapping, path: str, dynamic: bool):
@@ -115,6 +119,8 @@ def qspec_to_dict(spec: QSpec) -> dict:
         d["axis"] = g.axis
     d["symmetric"] = spec.symmetric
     d["dynamic"] = spec.dynamic
+    if spec.full_range:
+        d["full_range"] = True
     return d
 
 
@@ -131,7 +137,8 @@ class Codec:
 CODECS: dict[Any, Codec] = {
     QSpec: Codec(qspec_from_dict, qspec_to_dict,
                  "mapping: {format: int|fp8_e4m3|fp8_e5m2|fp4_e2m1|nf4, bits: 2..8, granularity: "
-                 "per_tensor|per_channel|per_group|per_token|per_head, group_size, axis, symmetric, dynamic}"),
+                 "per_tensor|per_channel|per_group|per_token|per_head, group_size, axis, symmetric, dynamic, "
+                 "full_range (symmetric int, static: all 2^b codes, as onnxruntime's MLAS)}"),
 }
 
 

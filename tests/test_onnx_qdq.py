@@ -67,6 +67,29 @@ def test_int4_groups_are_int4_initializers_and_fuse_into_matmulnbits(tmp_path):
     torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [W4G32, W], ids=["int4_g32", "int8"])
+def test_two_dim_inputs_with_bias_and_relu_still_fuse_into_matmulnbits(tmp_path, weights):
+    """OPT flattens tokens to [tokens, d] before fc1 (bias, then ReLU): onnxruntime must not turn the MatMul into
+    a (Fused)Gemm that keeps dequantizing the weight at run time."""
+    model = toy.TinyMLP(d=64, hidden=80)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    qm = qpass.apply(model, recipe(weights), example_inputs=(x,), progress=False)
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    ops = optimized_ops(art.path, tmp_path)
+    assert ops.get("com.microsoft.MatMulNBits") == 2 and "DequantizeLinear" not in ops, ops
+    assert not {"Gemm", "com.microsoft.FusedGemm"} & set(ops), ops
+    torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_full_range_int4_negative_scales_lower_exactly_to_matmulnbits(tmp_path):
+    qm, x = mlp_qm(recipe({**W4G32, "full_range": True}))
+    scales = [v for k, v in qm.graph_module.state_dict().items() if k.endswith("weight_scale")]
+    assert scales and all(bool((s < 0).any()) and bool((s > 0).any()) for s in scales)
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    assert optimized_ops(art.path, tmp_path)["com.microsoft.MatMulNBits"] == 2
+    torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("activations", [A_TOKEN, A_STATIC], ids=["per_token", "static"])
 def test_w8a8_fuses_into_integer_matmuls(tmp_path, activations):
     qm, x = mlp_qm(recipe(W, activations))

@@ -49,6 +49,13 @@ def test_presets_load_and_round_trip(name):
     assert Recipe.from_str(r.to_yaml()) == r
 
 
+def test_full_range_round_trips_and_is_omitted_when_false():
+    r = Recipe.from_dict(q(weights={"bits": 4, "granularity": "per_group", "group_size": 128, "full_range": True}))
+    assert r.passes[0].weights.full_range and "full_range: true" in r.to_yaml()
+    assert Recipe.from_str(r.to_yaml()) == r
+    assert "full_range" not in Recipe.from_dict(q(weights={"bits": 4})).to_yaml()
+
+
 def test_every_format_round_trips():
     for fmt in ["int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"]:
         d = {"passes": [{"quantize": {"weights": {"format": fmt, "granularity": "per_group", "group_size": 32}}}]}
@@ -108,6 +115,12 @@ BAD = [
      "number"),
     (q(observer={"knd": "mse"}), "passes[0].quantize.observer.knd", "did you mean 'kind'"),
     (q(weights=[4]), "passes[0].quantize.weights", "expected a mapping"),
+    (q(weights={"bits": 4, "symmetric": False, "full_range": True}), "passes[0].quantize.weights.full_range",
+     "symmetric"),
+    (q(weights={"format": "nf4", "full_range": True}), "passes[0].quantize.weights.full_range", "integer"),
+    (q(activations={"granularity": "per_token", "dynamic": True, "full_range": True}),
+     "passes[0].quantize.activations.full_range", "static"),
+    (q(weights={"full_range": 1}), "passes[0].quantize.weights.full_range", "expected bool"),
 ]
 
 

@@ -137,6 +137,8 @@ def test_kv_cache_module_stores_codes_and_reads_back_the_fake_quant_values(fmt):
 
 TOY_RECIPES = {
     "w4_g16": recipe({"bits": 4, "granularity": "per_group", "group_size": 16}, ignore=()),
+    "w4_g16_full_range": recipe({"bits": 4, "granularity": "per_group", "group_size": 16, "full_range": True},
+                                ignore=()),
     "w4_asym_a8": recipe({"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False},
                          {"bits": 8, "granularity": "per_token", "dynamic": True}, ignore=()),
     "w8a8_static": recipe({"bits": 8}, {"bits": 8, "granularity": "per_tensor"}, ignore=()),

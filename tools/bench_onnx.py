@@ -2,11 +2,12 @@
 ``MatMulNBitsQuantizer`` applied to that FP32 ONNX, all in onnxruntime (CPU).
 
     python tools/bench_onnx.py [--model models/tiny-llama] [--eval data/austen/eval.txt] [--threads 1]
-                               [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 4096]
+                               [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 0 (all)]
     python tools/bench_onnx.py --parity      # ORT logits vs the fake-quant model, per recipe
 
 Rows: prefill tokens/s (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW one-token
-steps after that prompt, growing cache), perplexity over EVAL-TOKENS held-out tokens (windows of 256).
+steps after that prompt, growing cache); over EVAL-TOKENS held-out tokens (windows of 256): perplexity, and
+KL(FP32 ‖ variant) per token and top-1 agreement against the FP32 ONNX row.
 Every variant runs through the same feed loop (``onnx_qdq.runtime.DecoderRunner``); timings are medians
 over REPEATS rounds that visit the variants in turn, so load from other processes spreads over all rows.
 ``onnx_rows(...)`` returns the rows for tools/bench.py.
@@ -38,10 +39,11 @@ def build(model, work: str, levels=(0, 4)) -> dict[str, tuple[str, dict]]:
 
     fp32 = ours("w16.yaml")
     rows = {"FP32 (ONNX, same exporter)": (fp32, {})}
-    w4 = ours("w4a16_g128.yaml")
+    w4, w4_full = ours("w4a16_g128.yaml"), ours("w4a16_g128_full_range.yaml")
     for level in levels:
         acc = {"session.qdq_matmulnbits_accuracy_level": str(level)}
         rows[f"qpass W4A16 g128, acc {level}"] = (w4, acc)
+        rows[f"qpass W4A16 g128 full_range, acc {level}"] = (w4_full, acc)
         rows[f"ORT MatMulNBitsQuantizer g128 sym, acc {level}"] = (ort_quantized(fp32, work, level), {})
     rows["qpass W8A8 (per-token)"] = (ours("w8a8.yaml"), {})
     rows["qpass W4A8KV4 (MatMulNBits acc 4)"] = (ours("w4a8_kv4.yaml"), {})
@@ -51,8 +53,12 @@ def build(model, work: str, levels=(0, 4)) -> dict[str, tuple[str, dict]]:
 def ort_quantized(fp32_dir: str, work: str, level: int) -> str:
     """onnxruntime's MatMulNBitsQuantizer (RTN, block 128, symmetric) on the FP32 ONNX, lm_head excluded (as
     in qpass's recipes)."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # per-node INFO
 
     out = os.path.join(work, f"ort_nbits_acc{level}.onnx")
     if os.path.isfile(out):
@@ -88,18 +94,39 @@ def measure(rows: dict, ids, eval_ids, *, threads: int, prompt: int, new_tokens:
             t2 = time.perf_counter()
             times[name]["prefill"].append(prompt / (t1 - t0))
             times[name]["decode"].append(new_tokens / (t2 - t1))
+    quality = _quality(runners, eval_ids)
     out = []
-    for name, run in runners.items():
-        nll, n = 0.0, 0
-        for w in windows(eval_ids, 256):
-            lg = run(w.unsqueeze(0), torch.arange(w.numel()))[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(lg, w[1:], reduction="sum"))
-            n += w.numel() - 1
+    for name in runners:
         path = rows[name][0]
         out.append({"variant": name, "prefill_tok_s": statistics.median(times[name]["prefill"]),
-                    "decode_tok_s": statistics.median(times[name]["decode"]), "perplexity": math.exp(nll / n),
+                    "decode_tok_s": statistics.median(times[name]["decode"]), **quality[name],
                     "bytes": _size(path)})
     return out
+
+
+def _quality(runners: dict, eval_ids) -> dict[str, dict]:
+    """Perplexity of every variant over non-overlapping 256-token windows of `eval_ids`, and its mean
+    KL(first variant ‖ variant) per token and top-1 agreement with the first variant (the FP32 model)."""
+    import torch
+    import torch.nn.functional as F
+
+    from qpass.eval import windows
+
+    names = list(runners)
+    acc = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in names}
+    n = 0
+    for w in windows(eval_ids, 256):
+        ref = None
+        for name in names:
+            lp = F.log_softmax(runners[name](w.unsqueeze(0), torch.arange(w.numel()))[0, :-1].float(), -1)
+            ref = lp if ref is None else ref
+            a = acc[name]
+            a["nll"] += float(F.nll_loss(lp, w[1:], reduction="sum"))
+            a["kl"] += float((ref.exp() * (ref - lp)).sum())
+            a["agree"] += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+        n += w.numel() - 1
+    return {name: {"perplexity": math.exp(a["nll"] / n), "kl": a["kl"] / n, "top1": a["agree"] / n}
+            for name, a in acc.items()}
 
 
 def _size(path: str) -> int:
@@ -120,7 +147,7 @@ def onnx_rows(model_dir: str, eval_file: str, *, threads: int = 1, prompt: int =
     work = work or os.path.join(ROOT, ".cache", "bench-onnx", os.path.basename(os.path.normpath(model_dir)))
     os.makedirs(work, exist_ok=True)
     rows = build(model, work)
-    return measure(rows, ids, ids[:eval_tokens], threads=threads, prompt=prompt, new_tokens=new_tokens,
+    return measure(rows, ids, ids[:eval_tokens] if eval_tokens else ids, threads=threads, prompt=prompt, new_tokens=new_tokens,
                    repeats=repeats)
 
 
@@ -164,11 +191,11 @@ def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[s
 
 def table(rows: list[dict]) -> str:
     base = rows[0]                                   # FP32 ONNX of the same exporter
-    head = ("| variant | prefill tok/s | x FP32 | decode tok/s | x FP32 | perplexity | model bytes |\n"
-            "|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| variant | prefill tok/s | x FP32 | decode tok/s | x FP32 | perplexity | KL(FP‖Q)/token | top-1 = FP | "
+            "model bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
             f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['perplexity']:.3f} | "
-            f"{r['bytes'] / 1e6:.1f} MB |" for r in rows]
+            f"{r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['bytes'] / 1e6:.1f} MB |" for r in rows]
     return "\n".join([head, *body])
 
 
@@ -180,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for the quality columns (0: all)")
     ap.add_argument("--parity", action="store_true", help="print the parity table instead of timings")
     ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
     args = ap.parse_args(argv)
@@ -198,7 +225,8 @@ def main(argv=None) -> int:
     rows = onnx_rows(args.model, args.eval, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
                      repeats=args.repeats, eval_tokens=args.eval_tokens)
     print(f"onnxruntime {onnxruntime.__version__}, CPU, {args.threads} thread(s), prompt {args.prompt}, "
-          f"{args.new_tokens} decode steps, median of {args.repeats}; perplexity over {args.eval_tokens} tokens")
+          f"{args.new_tokens} decode steps, median of {args.repeats}; quality over "
+          f"{args.eval_tokens or 'all'} held-out tokens of {os.path.relpath(args.eval, ROOT)}")
     print(table(rows))
     return 0
 

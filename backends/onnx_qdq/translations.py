@@ -62,7 +62,10 @@ def dq_matmul(x, codes, scale, zero_point=None, block: int = 0, bits: int = 8, b
     else:
         w = op.DequantizeLinear(codes, scale, zero_point, axis=1)
     y = op.MatMul(x, w)
-    return y if bias is None else op.Add(y, bias)
+    # NOTE: y - (-bias), not Add: with a 2-D input (OPT flattens tokens before fc1/fc2) onnxruntime (1.31) turns
+    # MatMul + Add into Gemm (then FusedGemm with a ReLU) before it fuses DequantizeLinear + MatMul into
+    # MatMulNBits, so the weight would be dequantized at every call. Sub is not folded into Gemm.
+    return y if bias is None else op.Sub(y, op.Neg(bias))
 
 
 def int8_dyn_matmul(x, codes, w_scale, bias=None, w_zp: int = 128):

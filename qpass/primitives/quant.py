@@ -196,10 +196,16 @@ def block_minmax(x: Tensor, block_size: BlockSize) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------- qparams
 
 
-def _qparams(mn: Tensor, mx: Tensor, fmt: str, symmetric: bool, *, int_zp: bool):
+def _qparams(mn: Tensor, mx: Tensor, fmt: str, symmetric: bool, *, int_zp: bool, full_range: bool = False):
     """Min-max formulas. Non-finite min/max give a NaN scale (and zero point) for that block."""
     f = parse_format(fmt)
     mn, mx = mn.float(), mx.float()
+    if full_range:   # the largest-magnitude value (sign kept) -> the most negative code
+        extreme = torch.where(mx > -mn, mx.clamp(min=0), mn.clamp(max=0))   # a tie takes min (as MLAS)
+        scale = extreme / qrange(fmt, True)[0]
+        floor = torch.where(scale < 0, -SCALE_FLOOR, SCALE_FLOOR)
+        scale = torch.where(scale.abs() < SCALE_FLOOR, floor, scale)
+        return torch.where(torch.isfinite(scale), scale, torch.nan), None
     if symmetric:
         scale = torch.maximum(-mn, mx).clamp(min=0) / qrange(fmt, True)[1]
     else:
@@ -218,12 +224,13 @@ def qparams_from_minmax(min_val: Tensor, max_val: Tensor, spec: QSpec) -> tuple[
     """Scale (float32) and zero point (int32, or None when symmetric) from per-block min and max.
 
     Symmetric: scale = max(|min|, |max|) / qmax (qmax = 2^(b-1)-1 for int, the format max for fp8/fp4, 1
-    for nf4). Asymmetric int: the range is widened to include 0, scale = (max - min) / (2^b - 1), zero
+    for nf4); with ``spec.full_range``: scale = v / -2^(b-1), v the one of min/max of larger magnitude
+    (negative when v > 0). Asymmetric int: the range is widened to include 0, scale = (max - min) / (2^b - 1), zero
     point = clamp(round(-min / scale), 0, 2^b - 1). Scales are floored at SCALE_FLOOR.
     """
     check_finite(min_val, "qparams_from_minmax(min_val)")
     check_finite(max_val, "qparams_from_minmax(max_val)")
-    return _qparams(min_val, max_val, spec.format.name, spec.symmetric, int_zp=True)
+    return _qparams(min_val, max_val, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range)
 
 
 def choose_qparams(x: Tensor, spec: QSpec, *, block_size: BlockSize | None = None):
@@ -238,7 +245,7 @@ def choose_qparams(x: Tensor, spec: QSpec, *, block_size: BlockSize | None = Non
     if x.numel() == 0:
         return _qparams(x.new_zeros(shape), x.new_zeros(shape), spec.format.name, spec.symmetric, int_zp=True)
     mn, mx = block_minmax(x, block_size)
-    return _qparams(mn, mx, spec.format.name, spec.symmetric, int_zp=True)
+    return _qparams(mn, mx, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range)
 
 
 # -------------------------------------------------------------------------------------- code grids

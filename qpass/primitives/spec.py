@@ -167,16 +167,25 @@ def _axis(axis: int, ndim: int) -> int:
 
 @dataclass(frozen=True)
 class QSpec:
-    """One quantizer: format + granularity + symmetry + whether scales are computed at run time."""
+    """One quantizer: format + granularity + symmetry + whether scales are computed at run time.
+
+    ``full_range`` (symmetric integer, static scales only): use all 2^b codes. The block's value of largest
+    magnitude maps exactly to the most negative code -2^(b-1), so its scale carries that value's sign
+    (scale = v / -2^(b-1)): int4 gets 16 levels of max|w| / 8 instead of 15 of max|w| / 7. This is
+    onnxruntime's MLAS / ``MatMulNBitsQuantizer`` symmetric scheme; the codes and the dequantization
+    (code * scale) are unchanged, so every backend runs it as is."""
 
     format: Format = IntFormat(8)
     granularity: Granularity = PerChannel(0)
     symmetric: bool = True
     dynamic: bool = False
+    full_range: bool = False
 
     def __post_init__(self):
         if self.format.kind != "int" and not self.symmetric:
             raise ValueError(f"{self.format.name} is symmetric only (scale by absmax); set symmetric: true")
+        if self.full_range and (self.format.kind != "int" or not self.symmetric or self.dynamic):
+            raise ValueError("full_range applies to symmetric integer quantizers with static scales only")
 
     def block_size(self, shape) -> tuple[int, ...]:
         return self.granularity.block_size(tuple(shape))

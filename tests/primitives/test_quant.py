@@ -65,6 +65,50 @@ def test_int_roundtrip_within_half_step(d, shape_block, fmt, symmetric):
 
 
 @settings(max_examples=60, deadline=None)
+@given(st.data(), shapes_and_blocks(), st.sampled_from(INT_FORMATS))
+def test_full_range_uses_every_code_and_maps_the_extreme_exactly(d, shape_block, fmt):
+    shape, block = shape_block
+    x = d.draw(data(shape))
+    bits = int(fmt[3:])
+    spec = QSpec(IntFormat(bits), PerTensor(), full_range=True)
+    scale, zp = quant.choose_qparams(x, spec, block_size=block)
+    assert zp is None
+    codes = quant.quantize(x, scale, None, block, fmt)
+    dq = quant.dequantize(codes, scale, None, block, fmt, out_dtype=x.dtype)
+    s = quant.expand_to(scale, block, x.shape).expand(x.shape)
+    extreme = s * -(2 ** (bits - 1))                                             # the signed largest |x|
+    assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= 2 ** (bits - 1) - 1
+    big = x.abs() >= extreme.abs() * (1 - 1e-6)                                  # the extreme itself
+    assert (codes[big & (extreme.abs() > 1e-9)] == -(2 ** (bits - 1))).all()
+    # every value is within half a step, except the other side's values beyond (2^(b-1) - 1) steps, which clip
+    other = (x.sign() != extreme.sign()) & (x.abs() > s.abs() * (2 ** (bits - 1) - 0.5))
+    err = (x - dq).abs()
+    assert (err[~other] <= s.abs()[~other] * 0.5001 + 1e-6 * x.abs()[~other]).all()
+    assert (err[other] <= s.abs()[other] * 1.0001 + 1e-6 * x.abs()[other]).all()
+    # one more level than the restricted grid: the step is max|x| / 2^(b-1), not max|x| / (2^(b-1) - 1)
+    ref, _ = quant.choose_qparams(x, QSpec(IntFormat(bits), PerTensor()), block_size=block)
+    assert torch.allclose(scale.abs(), ref * (2 ** (bits - 1) - 1) / 2 ** (bits - 1), rtol=1e-5, atol=1e-12)
+
+
+def test_full_range_beats_the_restricted_grid_on_gaussian_weights():
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    err = {}
+    for full in (False, True):
+        spec = QSpec(IntFormat(4), PerGroup(128), full_range=full)
+        s, _ = quant.choose_qparams(w, spec)
+        err[full] = float((quant.fake_quantize(w, s, None, spec.block_size(w.shape), "int4") - w).pow(2).mean())
+    assert err[True] < 0.9 * err[False]
+
+
+def test_full_range_is_refused_where_it_has_no_meaning():
+    for kw in ({"symmetric": False}, {"dynamic": True, "granularity": PerToken()}):
+        with pytest.raises(ValueError, match="full_range"):
+            QSpec(IntFormat(4), **{"granularity": PerTensor(), **kw}, full_range=True)
+    with pytest.raises(ValueError, match="full_range"):
+        QSpec(FloatFormat("fp8_e4m3"), PerTensor(), full_range=True)
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.data(), shapes_and_blocks(max_rank=3, max_dim=7), st.sampled_from(OTHER_FORMATS))
 def test_float_and_lut_formats_round_to_nearest(d, shape_block, fmt):
     shape, block = shape_block
