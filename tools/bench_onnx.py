@@ -189,6 +189,37 @@ def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[s
     return rows
 
 
+def compare_codes(ours_dir: str, ort_file: str) -> dict:
+    """Decode the INT4 weights of a qpass W4 ONNX (DequantizeLinear initializers) and of an ORT
+    MatMulNBitsQuantizer model (MatMulNBits B/scales), pair the linears in graph order, count differing codes
+    and scales."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    ours, ort = onnx.load(os.path.join(ours_dir, "model.onnx")), onnx.load(ort_file)
+    ui, oi = {i.name: i for i in ours.graph.initializer}, {i.name: i for i in ort.graph.initializer}
+    dqs = [n for n in ours.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in ui
+           and ui[n.input[0]].data_type == onnx.TensorProto.INT4]
+    nbits = [n for n in ort.graph.node if n.op_type == "MatMulNBits"]
+    if len(dqs) != len(nbits):
+        raise SystemExit(f"{len(dqs)} int4 DequantizeLinear vs {len(nbits)} MatMulNBits: not the same layers")
+    total = codes_differ = scales_differ = 0
+    for dq, nb in zip(dqs, nbits):
+        k, n = (a.i for a in nb.attribute if a.name in ("K", "N"))
+        b = numpy_helper.to_array(oi[nb.input[1]])
+        theirs = np.stack([b & 0xF, b >> 4], -1).reshape(n, -1)[:, :k].astype(np.int32) - 8
+        their_s = numpy_helper.to_array(oi[nb.input[2]]).reshape(n, -1)
+        mine = numpy_helper.to_array(ui[dq.input[0]]).astype(np.int32)
+        my_s = numpy_helper.to_array(ui[dq.input[1]])
+        if {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0:      # [K, N] blocked along K
+            mine, my_s = mine.T, my_s.T
+        total += theirs.size
+        codes_differ += int((theirs != mine).sum())
+        scales_differ += int((their_s != my_s).sum())
+    return {"linears": len(dqs), "codes": total, "codes_differ": codes_differ, "scales_differ": scales_differ}
+
+
 def table(rows: list[dict]) -> str:
     base = rows[0]                                   # FP32 ONNX of the same exporter
     head = ("| variant | prefill tok/s | x FP32 | decode tok/s | x FP32 | perplexity | KL(FP‖Q)/token | top-1 = FP | "
@@ -209,6 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for the quality columns (0: all)")
     ap.add_argument("--parity", action="store_true", help="print the parity table instead of timings")
+    ap.add_argument("--codes", action="store_true", help="after the table: compare the INT4 codes and scales of "
+                    "qpass's full_range W4 g128 graph with MatMulNBitsQuantizer's")
     ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
     args = ap.parse_args(argv)
     import onnxruntime
@@ -228,6 +261,9 @@ def main(argv=None) -> int:
           f"{args.new_tokens} decode steps, median of {args.repeats}; quality over "
           f"{args.eval_tokens or 'all'} held-out tokens of {os.path.relpath(args.eval, ROOT)}")
     print(table(rows))
+    if args.codes:
+        work = os.path.join(ROOT, ".cache", "bench-onnx", os.path.basename(os.path.normpath(args.model)))
+        print(compare_codes(os.path.join(work, "w4a16_g128_full_range"), os.path.join(work, "ort_nbits_acc0.onnx")))
     return 0
 
 
