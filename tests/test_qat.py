@@ -176,3 +176,22 @@ def test_resume_from_checkpoint_gives_the_same_next_loss(tmp_path):
     b = trainer()
     assert b.load_checkpoint(str(tmp_path)) and b.step == 3
     assert b.train_step() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_qat_model_lowers_to_both_backends_with_its_trained_weights_and_scales(tmp_path):
+    model = peaky_llama()
+    rec = {"passes": [W4A8, {"qat": {"samples": 8, "seq_len": 16, "steps": 3, "batch_size": 4, "lr": 1e-3,
+                                     "learnable_scales": True, "cache_dir": None}}]}
+    qm = qpass.apply(model, rec, progress=False)
+    rtn = qpass.apply(model, {"passes": [W4A8]}, progress=False)
+    x = toy.token_ids(2, 12, seed=7)
+    with torch.no_grad():
+        ref = qm(x).logits
+        assert not torch.allclose(ref, rtn(x).logits)            # training changed the model
+        packed = qpass.lower(qm, "torch", kernels="exact")
+        torch.testing.assert_close(packed(x).logits, ref, atol=1e-4, rtol=1e-4)
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    art = qpass.lower(qm, "onnx", tmp_path / "onnx", w4a8="qdq")   # the exact (unfused) W4A8 form
+    torch.testing.assert_close(onnx_qdq.logits(art.path, x), ref, atol=1e-3, rtol=1e-3)
