@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qpass.datagen import GenerationSettings, generate_data, text_data
+from qpass.distill import feature_taps, module_outputs
 from qpass.errors import CalibrationError, RecipeError
 from qpass.graph import META_QUANT, linear_sites
 from qpass.pass_infra import Context, Pass, PassResult
@@ -46,6 +47,9 @@ class QatConfig:
         "cache_dir": "where generated data is cached (reused when the settings match)",
         "checkpoint_dir": "save trainer state every checkpoint_every steps; an existing checkpoint is resumed",
         "tokenizer": "tokenizer for a text-file data source (default: the model's own directory)",
+        "intermediate": "module paths (globs match at their own depth: model.layers.* = every decoder layer) whose "
+                        "outputs are distilled too: normalized MSE to the teacher's, added to the logit loss",
+        "intermediate_weight": "weight of the intermediate-output loss",
     }
 
     data: str = "generated"
@@ -71,6 +75,8 @@ class QatConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     tokenizer: str | None = None
+    intermediate: tuple[str, ...] = ()
+    intermediate_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
@@ -90,6 +96,8 @@ class QatConfig:
             raise RecipeError("greedy_lengths", f"each must be in [1, seq_len], got {list(self.greedy_lengths)}")
         if self.temperature <= 0:
             raise RecipeError("temperature", f"must be > 0, got {self.temperature}")
+        if self.intermediate_weight < 0:
+            raise RecipeError("intermediate_weight", f"must be >= 0, got {self.intermediate_weight}")
         if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
             raise RecipeError("checkpoint_every", "needs checkpoint_dir (and must be >= 0)")
 
@@ -98,6 +106,7 @@ class QatConfig:
         return TrainSettings(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
                              weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                              min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip, ce_weight=ce,
+                             feature_weight=self.intermediate_weight if self.intermediate else 0.0,
                              seed=self.seed, checkpoint_dir=self.checkpoint_dir,
                              checkpoint_every=self.checkpoint_every)
 
@@ -114,6 +123,9 @@ class Qat(Pass):
     config: QatConfig = QatConfig()
     name: ClassVar[str] = "qat"
 
+    def streaming_refusal(self) -> str | None:
+        return "qat trains every parameter of the model at once, which needs every weight in memory"
+
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         scales = make_scales_learnable(gm) if (cfg.learnable_scales or cfg.trainable == "scales") else []
@@ -127,6 +139,7 @@ class Qat(Pass):
         if not params:
             raise CalibrationError(f"qat: trainable={cfg.trainable} selects no parameter",
                                    fix="use trainable: all, or quantize weights before qat")
+        outputs = module_outputs(gm, cfg.intermediate, "qat.intermediate") if cfg.intermediate else {}
         t0 = time.perf_counter()
         data = self._data(teacher, ctx)
         flags = {p: p.requires_grad for p in gm.parameters()}
@@ -135,16 +148,18 @@ class Qat(Pass):
         for p in params:
             p.requires_grad_(True)
         try:
-            trainer = Trainer(gm, lambda ids: teacher(input_ids=ids, use_cache=False), data, params,
-                              cfg.train_settings(), progress=ctx.progress)
-            if cfg.checkpoint_dir:
-                trainer.load_checkpoint(cfg.checkpoint_dir)
-            history = trainer.fit()
+            with feature_taps(gm, teacher, outputs) as features:
+                trainer = Trainer(gm, lambda ids: teacher(input_ids=ids, use_cache=False), data, params,
+                                  cfg.train_settings(), progress=ctx.progress, features=features if outputs else None)
+                if cfg.checkpoint_dir:
+                    trainer.load_checkpoint(cfg.checkpoint_dir)
+                history = trainer.fit()
         finally:
             for p, f in flags.items():
                 p.requires_grad_(f)
         stats = {"steps": cfg.steps, "samples": len(data), "data": cfg.data,
                  "trainable_tensors": len(params), "trainable_params": sum(p.numel() for p in params),
+                 "intermediate": sorted(outputs),
                  "first_loss": round(history[0], 6) if history else None,
                  "last_loss": round(history[-1], 6) if history else None,
                  "seconds": round(time.perf_counter() - t0, 1)}

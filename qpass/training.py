@@ -51,6 +51,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     ce_weight: float = 0.0
+    feature_weight: float = 0.0    # x the intermediate-output loss (qpass.distill), when features are given
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
@@ -88,7 +89,9 @@ class Trainer:
     """Trains the float parameters in `params` of `student` against `teacher` on `data` [n, seq]."""
 
     def __init__(self, student: nn.Module, teacher: Callable, data: torch.Tensor, params: list[nn.Parameter],
-                 settings: TrainSettings, *, progress: bool = True):
+                 settings: TrainSettings, *, progress: bool = True, features: tuple[dict, dict] | None = None):
+        """`features`: (student, teacher) dicts {name: tensor} that the two forwards fill (qpass.distill's
+        feature_taps); their loss, x ``settings.feature_weight``, is added to the logit loss."""
         self.rank, self.size = world()
         s = settings
         if s.batch_size % (s.grad_accum * self.size):
@@ -102,12 +105,18 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: cosine_lr(i, s))
         self.step, self.progress, self.history = 0, progress, []
+        self.features = features
 
     def micro_loss(self, rows: torch.Tensor) -> torch.Tensor:
         ids = self.data[rows]
         with torch.no_grad():
             t = logits_of(self.teacher(ids))
-        return distill_loss(logits_of(self.model(ids)), t, ids, self.s.ce_weight)
+        loss = distill_loss(logits_of(self.model(ids)), t, ids, self.s.ce_weight)
+        if self.features is not None and self.s.feature_weight:
+            from .distill import feature_loss
+
+            loss = loss + self.s.feature_weight * feature_loss(*self.features)
+        return loss
 
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns the global mean loss."""

@@ -195,3 +195,42 @@ def test_a_qat_model_lowers_to_both_backends_with_its_trained_weights_and_scales
 
     art = qpass.lower(qm, "onnx", tmp_path / "onnx", w4a8="qdq")   # the exact (unfused) W4A8 form
     torch.testing.assert_close(onnx_qdq.logits(art.path, x), ref, atol=1e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------- intermediate-output distillation
+
+
+def test_module_outputs_are_the_decoder_layers_hidden_states():
+    from qpass.distill import feature_taps, module_outputs
+
+    model = toy.hf_model("llama")
+    gm = qpass.capture(model)
+    before = len(gm.graph.nodes)
+    outs = module_outputs(gm, ["model.layers.*"], "qat.intermediate")
+    assert list(outs) == [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    x = toy.token_ids(2, 9)
+    with torch.no_grad(), feature_taps(gm, model, outs) as (student, teacher):
+        gm(x)
+        hidden = model(x, output_hidden_states=True).hidden_states
+        for i, path in enumerate(outs):
+            torch.testing.assert_close(student[path], teacher[path])
+            if i + 1 < len(outs):                              # the last one is normed in hidden_states
+                torch.testing.assert_close(teacher[path], hidden[i + 1])
+    assert len(gm.graph.nodes) == before and not [m for m in dict(gm.named_modules()) if "_qpass_feature" in m]
+
+
+def test_intermediate_distillation_trains_and_its_errors_name_the_path():
+    model = peaky_llama()
+    qat = {"samples": 16, "seq_len": 16, "steps": 6, "batch_size": 8, "lr": 3e-4, "cache_dir": None, "seed": 0}
+    plain = qpass.apply(model, {"passes": [W4A8, {"qat": qat}]}, progress=False)
+    feat = qpass.apply(model, {"passes": [W4A8, {"qat": {**qat, "intermediate": ["model.layers.*"],
+                                                         "intermediate_weight": 5.0}}]}, progress=False)
+    stats = feat.report["qat"].stats
+    assert stats["intermediate"] == ["model.layers.0", "model.layers.1"]
+    assert stats["first_loss"] > plain.report["qat"].stats["first_loss"]   # the feature term is in the loss
+    assert stats["last_loss"] < stats["first_loss"] and feat.report["qat"].nodes_added == 0
+    with pytest.raises(qpass.errors.TargetNotFoundError, match=r"qat.intermediate\[0\]"):
+        qpass.apply(model, {"passes": [W4A8, {"qat": {**qat, "intermediate": ["model.layerz.*"]}}]},
+                    progress=False)
+    with pytest.raises(qpass.errors.RecipeError, match="intermediate_weight"):
+        Recipe.from_dict({"passes": [{"qat": {"intermediate": ["model.layers.*"], "intermediate_weight": -1}}]})
