@@ -348,6 +348,14 @@ def dynamic_qparams(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool)
 def fake_quantize_dynamic(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool) -> Tensor:
     """Fake-quantize `x` with min-max qparams computed from `x` itself, per block (per-token activations:
     block (1, ..., 1, -1)). A block holding inf/NaN comes out all NaN; other blocks are unaffected."""
+    if symmetric and x.dtype == torch.float32 and fmt.startswith("int") and x.numel() and \
+            all(b == 1 for b in block_size[:-1]) and block_size[-1] in (-1, x.shape[-1]):
+        # per-token symmetric int (the activation quantizer of every W8A8 / W4A8 recipe): the same float32
+        # operations as the general path (scale = absmax / qmax floored, round(x / scale) clamped, times scale;
+        # an inf/NaN token makes its scale inf/NaN and so its outputs NaN) in four fused passes, ~2.5x faster.
+        lo, hi = qrange(fmt, True)
+        scale = x.abs().amax(-1, keepdim=True).div_(hi).clamp_(min=SCALE_FLOOR)
+        return (x / scale).round_().clamp_(lo, hi).mul_(scale)
     scale, zp = dynamic_qparams(x, block_size, fmt, symmetric)
     return fake_quantize(x, scale, zp, block_size, fmt)
 

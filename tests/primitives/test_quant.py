@@ -215,3 +215,21 @@ def test_dynamic_equals_static_with_own_qparams(fmt, symmetric):
         scale, zp = quant.choose_qparams(x, _spec(fmt, symmetric), block_size=block)
         want = quant.fake_quantize(x, scale, zp, block, fmt)
         assert torch.equal(quant.fake_quantize_dynamic(x, block, fmt, symmetric), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(INT_FORMATS), st.integers(1, 3), st.integers(1, 40))
+def test_per_token_fast_path_equals_the_general_path(d, fmt, rank, last):
+    """fake_quantize_dynamic's per-token symmetric fast path is the general block path bit for bit,
+    including tokens holding inf / NaN (all NaN) and all-zero tokens."""
+    shape = (*([3] * (rank - 1)), last)
+    x = d.draw(data(shape))
+    if d.draw(st.booleans()):
+        flat = x.reshape(-1, last)
+        flat[0, d.draw(st.integers(0, last - 1))] = d.draw(st.sampled_from([float("inf"), float("-inf"), float("nan")]))
+        if flat.shape[0] > 1:
+            flat[-1] = 0.0
+    block = (*([1] * (rank - 1)), -1)
+    scale, _ = quant.dynamic_qparams(x, block, fmt, True)
+    general = quant.fake_quantize(x, scale, None, block, fmt)
+    assert torch.equal(quant.fake_quantize_dynamic(x, block, fmt, True).nan_to_num(7.0), general.nan_to_num(7.0))
