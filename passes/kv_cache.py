@@ -40,6 +40,7 @@ from qpass.graph import (
     select,
 )
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.recipe import QSPEC_KEYS
 from qpass.primitives import ops
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import Granularity, IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
@@ -102,6 +103,21 @@ class KvCacheConfig:
     k_position: Literal["post_rope", "pre_rope"] = "post_rope"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+
+    @staticmethod
+    def expand_shorthand(data: dict, path: str) -> dict:
+        """``kv_cache: {bits: 4, granularity: per_token}`` (one spec for K and V, as LLM-QAT writes it) ->
+        ``keys`` and ``values`` both set to it; per-token scales are dynamic unless `dynamic` says otherwise."""
+        spec = {k: data.pop(k) for k in QSPEC_KEYS if k in data}
+        if not spec:
+            return data
+        both = [k for k in ("keys", "values") if k in data]
+        if both:
+            raise RecipeError(f"{path}.{both[0]}", f"give either one spec for K and V ({', '.join(spec)} at the "
+                              "top level) or keys/values, not both")
+        if spec.get("granularity") == "per_token":
+            spec.setdefault("dynamic", True)
+        return {**data, "keys": spec, "values": dict(spec)}
 
     def __post_init__(self):
         if self.keys is None and self.values is None:

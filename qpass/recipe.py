@@ -47,6 +47,7 @@ RECIPE_VERSION = 1
 FORMATS = ("int", *FLOAT_MAX, "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_head")
 _QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range")
+QSPEC_KEYS = _QSPEC_KEYS
 
 
 def qspec_from_dict(d: Any, path: str) -> QSpec:
@@ -145,6 +146,9 @@ CODECS: dict[Any, Codec] = {
 def config_from_dict(cls: type, data: Any, path: str):
     """Build dataclass `cls` from a mapping, strictly (unknown keys, wrong types -> RecipeError)."""
     data = {} if data is None else _expect_mapping(data, path)
+    shorthand = getattr(cls, "expand_shorthand", None)        # a config's own sugar, e.g. kv_cache: {bits: 4}
+    if shorthand is not None:
+        data = shorthand(dict(data), path)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     _check_keys(data, names, path)
@@ -370,6 +374,9 @@ def schema_markdown() -> str:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
             shown = _dump_value(default, hints[f.name]) if default != "required" else default
             lines.append(f"| `{f.name}` | {_type_doc(hints[f.name])} | `{shown}` | {docs.get(f.name, '')} |")
+        sugar = getattr(cfg_cls, "expand_shorthand", None)
+        if sugar is not None and sugar.__doc__:
+            lines += ["", "Shorthand: " + " ".join(sugar.__doc__.split())]
         lines.append("")
     return "\n".join(lines)
 

@@ -170,3 +170,29 @@ def test_bare_pass_name_uses_defaults():
     r = Recipe.from_dict({"passes": ["quantize"]})
     assert r.passes == (QuantizeConfig(),)
     assert QuantizeConfig().weights == QSpec(IntFormat(8), PerChannel(0))
+
+
+ISSUE_7_RECIPE = """
+passes:
+  - quantize: {weights: {bits: 4, granularity: per_channel}, activations: {bits: 8, granularity: per_token, dynamic: true}, ignore: [lm_head]}
+  - kv_cache: {bits: 4, granularity: per_token}
+  - qat: {data: generated, samples: 512, seq_len: 256, steps: 1000, batch_size: 8, lr: 2.0e-5, loss: kd, trainable: all, seed: 0}
+"""
+
+
+def test_llm_qat_recipe_shape_with_one_kv_spec_parses_to_the_long_form():
+    r = Recipe.from_str(ISSUE_7_RECIPE)
+    long_form = Recipe.from_yaml("recipes/llm_qat_w4a8kv4_rtn.yaml")
+    assert r.passes[:2] == long_form.passes[:2]
+    assert Recipe.from_str(r.to_yaml()) == r
+
+
+@pytest.mark.parametrize("kv,path,word", [
+    ({"bits": 4, "keys": {"bits": 8}}, "passes[0].kv_cache.keys", "not both"),
+    ({"bits": 4, "granularity": "per_token", "dynamic": False}, "passes[0].kv_cache.keys.dynamic", "dynamic: true"),
+    ({"bits": 9}, "passes[0].kv_cache.keys.bits", "[2, 8]"),
+])
+def test_kv_shorthand_errors_name_their_path(kv, path, word):
+    with pytest.raises(RecipeError) as e:
+        Recipe.from_dict({"passes": [{"kv_cache": kv}]})
+    assert e.value.path.startswith(path) and word in str(e.value)
