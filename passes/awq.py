@@ -16,6 +16,7 @@ Preserves graph structure
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -87,6 +88,11 @@ class Awq(Pass):
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
 
+    def streaming_refusal(self) -> str | None:
+        if not self.config.sequential:
+            return "sequential: false calibrates the whole model in one run, which needs every weight in memory"
+        return None
+
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # parameters only: the saved state dict holds the scaled and clipped values
             return PassResult(modified=False, stats={"restored": True})
@@ -112,17 +118,22 @@ class Awq(Pass):
         clip = self._clip_plan(gm, sites, todo, spec, near)
         found = {"alphas": {}, "loss_vs_rtn": {}, "mean_clip_ratio": {}}
         left = {s.node for s in todo}
-        for step in Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="awq"):
-            mine = [s for s in todo if step.contains(s.node)]
-            if mine:
-                obs = step.observe({s.input: s.input for s in mine}, lambda k, n: _InputStats())
-                local = [g for g in groups if all(step.contains(c.site.node) for c in g.consumers)
-                         and (cfg.feed == "float" or step.contains(g.producer.node))]
-                col_scale = self._scale(gm, local, obs, spec, found)
-                self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, spec, found)
-                left -= {s.node for s in mine}
-            if not left:
-                break
+        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="awq",
+                      store=ctx.store)
+        with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
+            for step in steps:
+                mine = [s for s in todo if step.contains(s.node)]
+                if mine:
+                    obs = step.observe({s.input: s.input for s in mine}, lambda k, n: _InputStats())
+                    local = [g for g in groups if all(step.contains(c.site.node) for c in g.consumers)
+                             and (cfg.feed == "float" or step.contains(g.producer.node))]
+                    # NOTE: with feed: float a producer may sit outside this block; on disk it must be loaded too
+                    with ctx.loaded(p.target for g in local for p, _ in g.producer.params):
+                        col_scale = self._scale(gm, local, obs, spec, found)
+                    self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, spec, found)
+                    left -= {s.node for s in mine}
+                if not left:
+                    break
         near += [f"{g.name}: group not scaled, its linears and producer are in different blocks"
                  for g in groups if g.name not in found["alphas"]]
         stats.update(groups_scaled=len(found["alphas"]), linears_clipped=len(found["mean_clip_ratio"]), **found)

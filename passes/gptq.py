@@ -15,6 +15,7 @@ Preserves graph structure
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -76,6 +77,11 @@ class Gptq(Pass):
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
 
+    def streaming_refusal(self) -> str | None:
+        if not self.config.sequential:
+            return "sequential: false calibrates the whole model in one run, which needs every weight in memory"
+        return None
+
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # weights and scales come from the saved state dict
             return PassResult(modified=False, stats={"restored": True})
@@ -102,21 +108,23 @@ class Gptq(Pass):
         calib = ctx.require_calibration("gptq")
         errors, hessians = {}, 0
         left = {s.node for s in todo}
-        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="gptq")
-        for step in sweep:
-            mine = [s for s in todo if step.contains(s.node)]
-            # NOTE: re-rounding overwrites the float weights, so only `feed: quantized` can observe a block again
-            staged = cfg.true_sequential and cfg.sequential and cfg.feed == "quantized"
-            for stage in (_stages(mine) if staged else [mine]) if mine else []:
-                bypass = {_weight_quantizer(s) for s in todo if s.node in left}
-                inputs = {s.input: s.input for s in stage}
-                accs = step.observe(inputs, lambda k, n: HessianAccumulator(), bypass=bypass)
-                hessians += len(accs)
-                for s in stage:
-                    errors[s.path or s.node.name] = self._requantize(gm, s, accs[s.input])
-                    left.discard(s.node)
-            if not left:
-                break
+        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="gptq",
+                      store=ctx.store)
+        with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
+            for step in steps:
+                mine = [s for s in todo if step.contains(s.node)]
+                # NOTE: re-rounding overwrites the float weights, so only `feed: quantized` can observe a block again
+                staged = cfg.true_sequential and cfg.sequential and cfg.feed == "quantized"
+                for stage in (_stages(mine) if staged else [mine]) if mine else []:
+                    bypass = {_weight_quantizer(s) for s in todo if s.node in left}
+                    inputs = {s.input: s.input for s in stage}
+                    accs = step.observe(inputs, lambda k, n: HessianAccumulator(), bypass=bypass)
+                    hessians += len(accs)
+                    for s in stage:
+                        errors[s.path or s.node.name] = self._requantize(gm, s, accs[s.input])
+                        left.discard(s.node)
+                if not left:
+                    break
         ratios = [e["ratio"] for e in errors.values()]
         stats.update(linears=len(errors), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
                      improved=sum(r < 1 for r in ratios),

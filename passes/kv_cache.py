@@ -21,6 +21,7 @@ Preserves nothing (adds nodes and buffers). Differentiable: straight-through gra
 from __future__ import annotations
 
 import operator
+from functools import partial
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -28,6 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpass.calibration import observe
+from qpass.sequential import observe_by_block
 from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import (
     META_QUANT,
@@ -209,8 +211,9 @@ class KvCache(Pass):
             return {p: _placeholder(p.src, specs[p.role]) for p in static}
         calib = ctx.require_calibration("kv_cache with static (per_head / per_channel) scales")
         nodes = {p: p.src for p in static}
-        obs = observe(gm, nodes, lambda p, n: BlockMinMax(specs[p.role]), calib,
-                      desc="kv_cache: observing K/V", progress=ctx.progress)
+        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
+        obs = run(gm, nodes, lambda p, n: BlockMinMax(specs[p.role]), calib,
+                  desc="kv_cache: observing K/V", progress=ctx.progress)
         return {p: o.qparams() for p, o in obs.items()}
 
 

@@ -13,6 +13,7 @@ which is what backends need to fuse each linear on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar, Literal
 
 import torch
@@ -34,6 +35,7 @@ from qpass.graph import (
 )
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import OBSERVERS, choose_qparams, ops
+from qpass.sequential import observe_by_block
 from qpass.primitives.spec import IntFormat, PerChannel, PerHead, PerTensor, PerToken, QSpec
 
 
@@ -122,13 +124,15 @@ class Quantize(Pass):
 
     # -- weights
     def _quantize_weight(self, gm: GraphModule, site: LinearSite, spec: QSpec, ctx: Context) -> None:
-        w = param_of(gm, site.weight).detach()
-        w_use = w.t() if site.weight_use is not site.weight else w
         block = weight_block_size(spec, use_in_axis=site.use_in_axis)
+        flip = site.weight_use is not site.weight                  # consumed transposed (mm family)
         if ctx.restoring:   # numbers come from the saved state dict
-            scale, zp = _placeholder(w_use.shape, block, spec)
+            shape = param_of(gm, site.weight).shape
+            scale, zp = _placeholder(shape[::-1] if flip else shape, block, spec)
         else:
-            scale, zp = choose_qparams(w_use, spec, block_size=block)
+            with ctx.loaded([site.weight.target]):   # weights on disk: one linear in memory at a time
+                w = param_of(gm, site.weight).detach()
+                scale, zp = choose_qparams(w.t() if flip else w, spec, block_size=block)
         self._insert_fq(gm, site, site.weight_use, scale, zp, block, spec, role="weight",
                         name=f"{site.weight.target}_scale")
 
@@ -165,7 +169,8 @@ class Quantize(Pass):
             return {k: _placeholder(n.meta["val"].shape, spec.block_size(n.meta["val"].shape), spec)
                     for k, n in inputs.items()}
         calib = ctx.require_calibration("quantize with static activations")
-        observers = ctx.get(("act_observers", spec, self.config.observer, tuple(inputs)), lambda: observe(
+        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
+        observers = ctx.get(("act_observers", spec, self.config.observer, tuple(inputs)), lambda: run(
             gm, inputs, lambda k, n: self.config.observer.make(spec), calib,
             desc="quantize: observing linear inputs", progress=ctx.progress))
         return {k: obs.qparams() for k, obs in observers.items()}

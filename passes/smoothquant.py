@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +29,7 @@ from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import choose_qparams
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import IntFormat, PerChannel, PerHead, PerToken, QSpec
+from qpass.sequential import observe_by_block
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,13 @@ class SmoothQuant(Pass):
         observed = self._observe(gm, ctx, todo)
         alphas = {}
         for g in todo:
-            x_absmax = [observed[c.site.input.name].absmax for c in g.consumers]
-            a = self._search(gm, g, observed) if cfg.alpha == "search" else cfg.alpha
-            s = smoothing_scales(to_channels(g, x_absmax), to_channels(g, [weight_absmax(gm, c.site)
-                                                                           for c in g.consumers]),
-                                 a, cfg.min_scale, g.consumed)
-            fold_scales(gm, g, s)
+            with ctx.loaded([p.target for p, _ in g.producer.params] + [c.site.weight.target for c in g.consumers]):
+                x_absmax = [observed[c.site.input.name].absmax for c in g.consumers]
+                a = self._search(gm, g, observed) if cfg.alpha == "search" else cfg.alpha
+                s = smoothing_scales(to_channels(g, x_absmax), to_channels(g, [weight_absmax(gm, c.site)
+                                                                               for c in g.consumers]),
+                                     a, cfg.min_scale, g.consumed)
+                fold_scales(gm, g, s)
             alphas[g.name] = a
         stats.update(groups_smoothed=len(todo), linears_smoothed=sum(len(g.consumers) for g in todo))
         if cfg.alpha == "search":
@@ -127,7 +130,8 @@ class SmoothQuant(Pass):
         calib = ctx.require_calibration("smoothquant")
         nodes = {c.site.input.name: c.site.input for g in groups for c in g.consumers}
         keep = -(-self.config.search_tokens // len(calib)) if self.config.alpha == "search" else 0
-        return ctx.get(("smoothquant_inputs", tuple(nodes), keep), lambda: observe(
+        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
+        return ctx.get(("smoothquant_inputs", tuple(nodes), keep), lambda: run(
             gm, nodes, lambda k, n: InputStats(keep), calib, desc="smoothquant: observing linear inputs",
             progress=ctx.progress))
 

@@ -3,13 +3,16 @@
     import qpass
     qm = qpass.apply(model, "recipes/w8a8.yaml", calib_data=[input_ids])
     print(qm.report); qm(input_ids).logits; qm.save("out/"); qpass.load("out/")
+    qpass.apply_from_disk("hf_model_dir/", "recipes/gptq_w4a16_g128.yaml", "out/", calib_data=[input_ids])
 
 Import names: the repository folders ``qpass/`` (core), ``passes/`` and ``backends/`` install as
 ``qpass``, ``qpass.passes`` and ``qpass.backends``.
 """
 from . import primitives as primitives
 from ._api import QuantizedModel as QuantizedModel
+from ._api import StreamResult as StreamResult
 from ._api import apply as apply
+from ._api import apply_from_disk as apply_from_disk
 from ._api import load as load
 from .capture import capture as capture
 from .capture import capture_decode as capture_decode

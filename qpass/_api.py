@@ -1,10 +1,12 @@
-"""``qpass.apply(model, recipe, calib_data)`` -> QuantizedModel; ``QuantizedModel.save`` / ``qpass.load``.
+"""``qpass.apply(model, recipe, calib_data)`` -> QuantizedModel; ``QuantizedModel.save`` / ``qpass.load``;
+``qpass.apply_from_disk(model_dir, recipe, out_dir, calib_data)`` for models that do not fit in memory.
 
 Saved directories hold no pickle and no serialized graph: ``model.safetensors`` (every parameter and
-buffer of the quantized graph), ``recipe.yaml``, ``qpass.json`` (versions, capture facts, report) and, for
-Hugging Face models, ``config.json``. Loading rebuilds the model from its config, captures it the same way,
-replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the tensors:
-the result is the saved graph, bit for bit.
+buffer of the quantized graph; ``apply_from_disk`` writes ``model-0000i-of-0000n.safetensors`` shards and
+``model.safetensors.index.json`` instead), ``recipe.yaml``, ``qpass.json`` (versions, capture facts, report)
+and, for Hugging Face models, ``config.json``. Loading rebuilds the model from its config, captures it the
+same way, replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the
+tensors: the result is the saved graph, bit for bit.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors.torch
@@ -24,14 +27,15 @@ from torch.fx import GraphModule
 
 from .calibration import CalibrationSet
 from .capture import capture, capture_decode, default_example_inputs
-from .errors import ArtifactError
-from .graph import META_CAPTURE
+from .errors import ArtifactError, RecipeError
+from .graph import META_CAPTURE, META_PREFIX
 from .pass_infra import Context, Pipeline, Report
 from .recipe import Recipe, as_recipe
 from .version import __version__
 
 ARTIFACT_FORMAT = 1
-_FILES = ("model.safetensors", "recipe.yaml", "qpass.json")
+_FILES = ("recipe.yaml", "qpass.json")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")   # one file, or shards and their index
 
 
 @contextlib.contextmanager
@@ -104,16 +108,24 @@ class QuantizedModel(nn.Module):
         left behind if writing fails."""
         with atomic_directory(directory) as tmp:
             safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
-                                         metadata={"format": "qpass", "qpass_version": __version__})
-            with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
-                f.write(self.recipe.to_yaml())
-            meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
-                    **_transformers_version(), "source": self.source, "report": _jsonable(self.report.to_dict())}
-            with open(os.path.join(tmp, "qpass.json"), "w") as f:
-                json.dump(meta, f, indent=2)
-            if self.source.get("hf_config") is not None:
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(self.source["hf_config"], f, indent=2)
+                                         metadata=_TENSOR_METADATA)
+            _write_description(tmp, self.recipe, self.source, self.report)
+
+
+_TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
+
+
+def _write_description(directory: str, recipe: Recipe, source: dict, report: Report) -> None:
+    """recipe.yaml, qpass.json and (Hugging Face models) config.json: everything but the tensors."""
+    with open(os.path.join(directory, "recipe.yaml"), "w") as f:
+        f.write(recipe.to_yaml())
+    meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
+            **_transformers_version(), "source": source, "report": _jsonable(report.to_dict())}
+    with open(os.path.join(directory, "qpass.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if source.get("hf_config") is not None:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(source["hf_config"], f, indent=2)
 
 
 def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_data: Iterable | None = None,
@@ -136,6 +148,83 @@ def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_
     return QuantizedModel(gm, recipe, report, source)
 
 
+@dataclass(frozen=True)
+class StreamResult:
+    """What ``apply_from_disk`` did: the artefact directory (``qpass.load`` reads it), the report, and how
+    many parameter bytes were in memory at most (``peak_bytes``, names in ``peak_names``) of ``param_bytes``."""
+
+    directory: str
+    report: Report
+    peak_bytes: int
+    param_bytes: int
+    peak_names: tuple[str, ...] = ()
+
+
+def apply_from_disk(model_dir: str | os.PathLike, recipe: Recipe | Mapping | str | os.PathLike,
+                    out_dir: str | os.PathLike, calib_data: Iterable | None = None, *,
+                    progress: bool = True) -> StreamResult:
+    """Run the recipe on the Hugging Face model in `model_dir` (config.json + safetensors) without holding
+    its weights: each pass loads the parameters it works on (one linear, or one block of a block-by-block
+    sweep) and writes back what it changed; the result goes to `out_dir` shard by shard (created; nothing
+    is left there if anything fails). Same numbers as ``qpass.apply(model, recipe, calib_data)`` with
+    block-by-block calibration; passes that need the whole model at once (qat, ``sequential: false``) are
+    refused before anything runs."""
+    from .offload import Checkpoint, write_shards
+    from .sequential import segment_attrs
+
+    recipe = as_recipe(recipe)
+    passes = _streaming_passes(recipe)
+    calib = CalibrationSet(calib_data) if calib_data is not None else None
+    ckpt, cfg = Checkpoint(model_dir), _read_config(os.fspath(model_dir))
+    with atomic_directory(out_dir) as tmp:
+        gm, store, source = _capture_from_disk(ckpt, cfg, os.path.join(tmp, ".scratch"))
+        report = Pipeline(passes).run(gm, Context(calib, progress=progress, store=store))
+        write_shards(gm, store, tmp, segment_attrs(gm), _TENSOR_METADATA)
+        shutil.rmtree(store.scratch)
+        _write_description(tmp, recipe, source, report)
+    return StreamResult(os.fspath(out_dir), report, store.stats.peak_bytes, store.nbytes,
+                        tuple(store.stats.peak_names))
+
+
+def _streaming_passes(recipe: Recipe) -> list:
+    """The recipe's passes, or a RecipeError naming the first that needs the whole model in memory."""
+    from qpass.passes import make_pass
+
+    passes = [make_pass(c) for c in recipe.passes]
+    for i, p in enumerate(passes):
+        why = p.streaming_refusal()
+        if why:
+            raise RecipeError(f"passes[{i}].{p.name}", f"{why}\n  fix: run this recipe with qpass.apply(model, "
+                              "recipe) on a model loaded in memory")
+    if recipe.verify:
+        raise RecipeError("verify", "verify runs the whole model after every pass, which needs every weight in "
+                          "memory\n  fix: set verify: false, or use qpass.apply in memory")
+    return passes
+
+
+def _capture_from_disk(ckpt, cfg: dict, scratch: str):
+    """(graph, its WeightStore, source) for the model of `cfg` whose weights are in `ckpt`: built with meta
+    parameters, captured through fake ones, every parameter then an OnDisk stand-in."""
+    from .offload import WeightStore, checkpoint_sources, fake_parameters, skeleton_parameters
+
+    with skeleton_parameters():
+        model = _model_from_config(cfg)
+    names = ckpt.names_for(model)
+    ckpt.load_buffers(model, names)
+    gm = capture(fake_parameters(model))
+    store = WeightStore(gm, checkpoint_sources(gm, ckpt, names, gm.meta.get(META_PREFIX, "")), scratch)
+    return gm, store, {"hf_config": cfg, "model_class": type(model).__name__, "example_inputs": None}
+
+
+def _read_config(model_dir: str) -> dict:
+    import transformers
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ArtifactError(f"{model_dir!r} has no config.json", fix="pass a Hugging Face model directory "
+                            "written by save_pretrained (config.json + safetensors)")
+    return transformers.AutoConfig.from_pretrained(model_dir).to_dict()
+
+
 def run_recipe(gm: GraphModule, recipe: Recipe, ctx: Context) -> Report:
     from qpass.passes import make_pass
 
@@ -147,6 +236,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
     config.json; other modules need `model` (an instance of the same architecture, any weights)."""
     directory = os.fspath(directory)
     missing = [f for f in _FILES if not os.path.isfile(os.path.join(directory, f))]
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in _WEIGHTS):
+        missing.append(" or ".join(_WEIGHTS))
     if missing:
         raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
                             fix="pass a directory written by QuantizedModel.save")
@@ -165,12 +256,17 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
         model = _model_from_config(source["hf_config"])
     gm = capture(model, _example_inputs(source, model))
     run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
-    _load_tensors(gm, os.path.join(directory, "model.safetensors"))
+    _load_tensors(gm, directory)
     report = Report()
     return QuantizedModel(gm, recipe, report, source)
 
 
-def _load_tensors(gm: GraphModule, path: str) -> None:
+def _load_tensors(gm: GraphModule, directory: str) -> None:
+    if os.path.isfile(os.path.join(directory, _WEIGHTS[1])):   # shards (apply_from_disk): one at a time
+        from .offload import load_shards
+
+        return load_shards(gm, directory)
+    path = os.path.join(directory, _WEIGHTS[0])
     missing, unexpected = safetensors.torch.load_model(gm, path, strict=False)
     if missing or unexpected:
         raise ArtifactError(f"{path!r} does not match the rebuilt graph (missing {sorted(missing)[:5]}, "

@@ -8,18 +8,23 @@ in ``PassError("<pass> failed after [...]")``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.fx import GraphModule
 
 from .calibration import CalibrationSet, run_graph
 from .errors import PassError, QpassError
+
+if TYPE_CHECKING:
+    from .offload import WeightStore
 
 log = logging.getLogger("qpass.pipeline")
 
@@ -42,17 +47,24 @@ class Pass(ABC):
     @abstractmethod
     def run(self, gm: GraphModule, ctx: "Context") -> PassResult: ...
 
+    def streaming_refusal(self) -> str | None:
+        """Why this pass cannot run with the weights on disk (``qpass.apply_from_disk``), or None. Checked
+        before anything runs; a pass that reads an unloaded weight anyway fails at that read."""
+        return None
+
 
 class Context:
-    """What passes share: calibration data, cached analyses, and whether we are *restoring* a saved model
-    (then passes rebuild structure only; numbers come from the saved state dict)."""
+    """What passes share: calibration data, cached analyses, whether we are *restoring* a saved model
+    (then passes rebuild structure only; numbers come from the saved state dict), and in streaming mode the
+    store the weights are on (passes read weights inside ``ctx.loaded(names)``)."""
 
     def __init__(self, calib: CalibrationSet | None = None, *, restoring: bool = False,
-                 progress: bool = True, teacher=None):
+                 progress: bool = True, teacher=None, store: WeightStore | None = None):
         self.calib = calib
         self.restoring = restoring
         self.progress = progress
         self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
+        self.store = store          # None: every parameter is in memory
         self.upcoming: tuple = ()   # configs of the passes after the running one (AWQ reads quantize's spec)
         self._cache: dict[Any, Any] = {}
 
@@ -61,6 +73,11 @@ class Context:
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
+
+    def loaded(self, names: Iterable[str]) -> AbstractContextManager:
+        """Parameters `names` (get_attr targets) hold their values inside the with-block: read from disk in
+        streaming mode and written back if changed; a no-op when the model is in memory."""
+        return self.store.loaded(names) if self.store is not None else contextlib.nullcontext()
 
     def invalidate(self, keep: Iterable[Any] = ()) -> None:
         keep = set(keep)

@@ -27,18 +27,22 @@ layer is float until it is quantized).
         # next iteration: this segment is run again (changed) to feed the next one
 
 With ``feed="float"`` the next segment gets the outputs of this segment's first observation (taken before
-the caller changed anything). Not done yet (TODO(#8)): blocks are not loaded lazily. The graph holds every
-parameter; a model larger than memory would need capture from a meta-device model, a hook here that
-materializes a segment's ``get_attr`` tensors from the safetensors shards before it runs and writes them
-out after ``_outputs``, the quantize pass going through the same hook, and ``QuantizedModel.save`` writing
-shard by shard.
+the caller changed anything).
+
+Weights on disk (``qpass.apply_from_disk``, ``qpass.offload``): given a ``store``, the sweep loads the
+parameters a segment reads (its ``get_attr`` inputs) before the segment runs and releases them after its
+outputs are computed: changed ones go to a scratch file, the others back to disk. Peak memory then holds one
+segment's weights (the stem's embeddings, one block, or the tail's head), its activations and the carried
+values, not the whole model. ``observe_by_block`` is ``qpass.calibration.observe`` done this way, for passes
+that calibrate on the graph as it is (static activation scales, SmoothQuant).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.fx import GraphModule, Interpreter, Node
@@ -47,6 +51,9 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSet
 from .errors import CalibrationError
 from .graph import is_quantizer, module_path
+
+if TYPE_CHECKING:
+    from .offload import WeightStore
 
 log = logging.getLogger("qpass.sequential")
 
@@ -101,13 +108,15 @@ def find_blocks(gm: GraphModule) -> list[Block]:
 
 class Sweep:
     """Iterate over the segments of `gm` (see the module docstring), carrying every calibration sample's
-    boundary values from one segment to the next. ``blocks=False``: one segment, the whole graph."""
+    boundary values from one segment to the next. ``blocks=False``: one segment, the whole graph. With a
+    `store` (weights on disk), each segment's parameters are in memory only during its step."""
 
     def __init__(self, gm: GraphModule, calib: CalibrationSet, *, blocks: bool = True, feed: Feed = "quantized",
-                 progress: bool = True, desc: str = "calibrating"):
+                 progress: bool = True, desc: str = "calibrating", store: WeightStore | None = None):
         if feed not in ("quantized", "float"):
             raise ValueError(f"feed must be 'quantized' or 'float', got {feed!r}")
         self.gm, self.calib, self.feed, self.progress, self.desc = gm, calib, feed, progress, desc
+        self.store = store
         found = find_blocks(gm) if blocks else []
         self.blocks = found
         self.carried_bytes: list[int] = []   # tensor bytes kept for all samples after each segment but the last
@@ -131,15 +140,25 @@ class Sweep:
         bar = tqdm(total=len(self.names), desc=self.desc, disable=not self.progress, leave=False)
         try:
             for k, name in enumerate(self.names):
-                step = Step(self, k, name, envs)
-                yield step
-                bar.update(1)
-                if k + 1 < len(self.names):
-                    envs = step._outputs()
-                    self.carried_bytes.append(_nbytes(envs))
-                step._release()
+                # NOTE: a caller that breaks out of the loop must close the iterator (contextlib.closing):
+                # the with-block then writes back what the segment changed, and a failure to do so raises
+                # there; left to the garbage collector, such an exception would be printed and ignored
+                with self.store.loaded(self.attrs(k)) if self.store is not None else contextlib.nullcontext():
+                    step = Step(self, k, name, envs)
+                    yield step
+                    bar.update(1)
+                    if k + 1 < len(self.names):
+                        envs = step._outputs()
+                        self.carried_bytes.append(_nbytes(envs))
+                    step._release()
         finally:
             bar.close()
+
+    def attrs(self, k: int) -> list[str]:
+        """The get_attr targets segment k reads (what must be in memory to run it), in graph order."""
+        nodes, _ = self._segment(k)
+        return list(dict.fromkeys(a.target for n in nodes if n.op != "get_attr"
+                                  for a in n.all_input_nodes if a.op == "get_attr"))
 
     # -- segment bookkeeping (recomputed on the current graph: passes may change it between steps)
     def _segment(self, k: int) -> tuple[list[Node], dict[Node, int]]:
@@ -258,6 +277,30 @@ class Step:
         self._envs, self._pending = [], None
 
 
+def observe_by_block(gm: GraphModule, nodes: Mapping[Any, Node], make: Callable[[Any, Node], Any],
+                     calib: CalibrationSet, *, store: WeightStore | None = None, desc: str = "calibrating",
+                     progress: bool = True) -> dict[Any, Any]:
+    """``qpass.calibration.observe`` one segment at a time (the graph as it is, every observer fed the same
+    values): with a `store`, only one segment's weights are in memory."""
+    out: dict[Any, Any] = {}
+    left = dict(nodes)
+    with contextlib.closing(iter(Sweep(gm, calib, progress=progress, desc=desc, store=store))) as steps:
+        for step in steps:
+            mine = {k: n for k, n in left.items() if step.contains(n)}
+            if mine:
+                out.update(step.observe(mine, make))
+                left = {k: n for k, n in left.items() if k not in mine}
+            if not left:
+                break
+    return {k: out[k] for k in nodes}
+
+
+def segment_attrs(gm: GraphModule) -> list[list[str]]:
+    """The get_attr targets of each segment (stem, blocks, tail), as a Sweep would load them."""
+    sweep = Sweep(gm, CalibrationSet([]), progress=False)
+    return [sweep.attrs(k) for k in range(len(sweep))]
+
+
 def _nbytes(envs: list[dict]) -> int:
     seen, total = set(), 0
     for env in envs:
@@ -268,4 +311,4 @@ def _nbytes(envs: list[dict]) -> int:
     return total
 
 
-__all__ = ["Block", "find_blocks", "Sweep", "Step"]
+__all__ = ["Block", "find_blocks", "Sweep", "Step", "observe_by_block", "segment_attrs"]

@@ -7,7 +7,7 @@ from qpass.calibration import CalibrationSet, observe
 from qpass.graph import linear_sites, param_of
 from qpass.passes import AwqConfig, GptqConfig, QuantizeConfig
 from qpass.primitives.gptq import HessianAccumulator
-from qpass.sequential import Sweep, find_blocks
+from qpass.sequential import Sweep, find_blocks, observe_by_block
 from tests import toy
 
 W4G8 = QSpec(IntFormat(4), PerGroup(8))
@@ -60,6 +60,17 @@ def test_block_by_block_statistics_equal_whole_model_calibration(graphs, family)
     for k in whole:
         assert torch.equal(seq[k].xtx, whole[k].xtx) and torch.equal(seq[k].absmax, whole[k].absmax), k
     assert steps[1][1] == steps[2][1] > 0 and steps[-1] == ("tail", 1)   # one block at a time; lm_head last
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_observe_by_block_equals_observe_on_a_quantized_graph(graphs, family):
+    gm = qpass.apply(graphs[family], Recipe([QuantizeConfig(weights=W4G8)])).graph_module   # the graph as it is
+    data = calib()
+    inputs = {s.input.name: s.input for s in linear_sites(gm)}
+    whole = observe(gm, inputs, lambda k, n: Stats(), data, progress=False)
+    seq = observe_by_block(gm, inputs, lambda k, n: Stats(), data, progress=False)
+    assert list(seq) == list(whole)
+    assert all(torch.equal(seq[k].xtx, whole[k].xtx) and torch.equal(seq[k].absmax, whole[k].absmax) for k in whole)
 
 
 def test_sequential_gptq_with_float_inputs_equals_whole_model_gptq(graphs):
