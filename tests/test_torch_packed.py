@@ -2,7 +2,7 @@
 generation, KV cache, save/load, kernel choice and errors.
 
 Tolerances (documented, see docs/benchmarks.md):
-* exact kernels (``dequant``, ``int_mm``) compute what the fake-quant graph computes: the dequantized weights
+* exact kernels (``dequant``, ``int_mm``, ``q4avx2``) compute what the fake-quant graph computes: the dequantized weights
   are bit for bit the fake-quantized ones; outputs differ only by float summation order (<= 1e-5 relative).
 * bf16 kernels (``int4pack``, ``int8pack``, ``int8pack_codes``) round activations, scales and results to bf16:
   max |Δ| <= BF16_BOUND (1%) x max |reference| per linear (6e-3 is the worst seen); greedy tokens may differ only at near-ties of the
@@ -84,7 +84,7 @@ def test_layouts_and_bytes_per_weight():
         mod = tp.PackedLinear.from_weight(w, *Q.choose_qparams(w, QSpec(format_from_name(fmt), PerTensor()),
                                                                block_size=block), block, fmt)
         bytes_per[fmt] = (mod.wf.layout, mod.weight_bytes() / (4 * w.numel()))
-    assert bytes_per["int4"][0] in ("int4pack", "dense") and bytes_per["int4"][1] <= 0.16
+    assert bytes_per["int4"][0] in ("q4", "int4pack", "dense") and bytes_per["int4"][1] <= 0.16
     assert bytes_per["int8"] [0] == "int8" and bytes_per["int8"][1] <= 0.27
     assert bytes_per["int3"][0] == "bitplanes" and bytes_per["int3"][1] <= 3.1 / 32 + 0.02
     assert bytes_per["nf4"][0] == "dense" and bytes_per["fp8_e4m3"][0] == "fp8" and bytes_per["int2"][0] == "dense"
@@ -98,6 +98,11 @@ def test_packing_round_trips():
     for bits in range(1, 9):
         u = torch.randint(0, 2**bits, (3, 13), dtype=torch.uint8, generator=g)
         assert torch.equal(tp.packing.unpack_bitplanes(tp.packing.pack_bitplanes(u, bits), bits, 13), u)
+    for n in (1, 4, 7, 37):                                   # q4: full blocks of 4 rows + a partial one
+        u = torch.randint(0, 16, (n, 48), dtype=torch.uint8, generator=g)
+        q = tp.packing.to_q4(u)
+        assert q.shape == (n, 24) and torch.equal(tp.packing.from_q4(q, n, 48), u)
+        assert torch.equal(tp.packing.from_q4(q.reshape(-1)[n // 4 * 96:], n % 4, 48), u[n // 4 * 4:])
     if tp.packing.int4pack_supported():
         for n in (16, 48, 96, 144):
             u = torch.randint(0, 16, (n, 64), dtype=torch.uint8, generator=g)
@@ -236,6 +241,141 @@ def test_w8a8_kernels_use_integer_codes_exactly():
         assert rel(mod(x), ref) <= 1e-6
 
 
+# ------------------------------------------------------------------------------ native int4 kernel
+
+
+@pytest.fixture
+def q4lib():
+    """The native q4 library, or a skip saying why this machine has none."""
+    lib = tp.native.q4()
+    if lib is None:
+        pytest.skip(f"native int4 kernel not available here: {tp.native.status()}")
+    return lib
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """An empty kernel cache folder and no loaded library; the library is forgotten again afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(tp.native.ENV_DISABLE, raising=False)
+    tp.native.reset()
+    yield tmp_path / "cache" / "qpass" / "kernels"
+    tp.native.reset()
+
+
+def int4_linear(n, k, block, *, symmetric=True, full_range=False, seed=0, layout=None):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int4"), PerTensor(), symmetric=symmetric, full_range=full_range)
+    scale, zp = Q.choose_qparams(w, spec, block_size=block)
+    mod = tp.PackedLinear.from_weight(w, scale, zp, block, "int4", bias=b, layout=layout)
+    return mod, Q.fake_quantize(w, scale, zp, block, "int4"), b
+
+
+Q4_CASES = [  # (N, K, block, symmetric, full_range): N % 4 != 0, partial last groups, per channel, odd K
+    (37, 200, (1, 32), True, False), (37, 200, (1, 64), False, False), (64, 300, (1, 128), True, True),
+    (6, 256, (1, 16), True, True), (21, 200, (1, -1), True, False), (21, 203, (1, -1), False, False),
+    (40, 96, (1, 48), True, False), (24, 128, (-1, -1), True, True), (24, 128, (8, -1), False, False),
+    (32, 96, (16, 16), True, False)]
+
+
+@pytest.mark.parametrize("case", Q4_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{'sym' if c[3] else 'asym'}"
+                         f"{'-full' if c[4] else ''}")
+def test_native_q4_kernel_equals_the_dequant_kernel(q4lib, case):
+    n, k, block, symmetric, full_range = case
+    mod, wfq, b = int4_linear(n, k, block, symmetric=symmetric, full_range=full_range)
+    assert mod.wf.layout == "q4" and "q4avx2" in tp.kernels.candidates(mod, "exact")
+    assert torch.equal(mod.dequantize()[:, :k], wfq)
+    if full_range:
+        assert (mod.scale < 0).any()                    # negative scales reach the kernel
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 3, 4, 8, 17):                          # direct path (M <= 4) and dequantized tiles (M > 4)
+        x = torch.randn(m, k, generator=g)
+        ref = torch.nn.functional.linear(x, wfq, b)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "q4avx2")
+            out = mod(x)
+            force(mod, "dequant")
+            assert rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads, rel(out, ref))
+
+
+def test_native_q4_kernel_takes_any_input_layout_and_dtype(q4lib):
+    mod, wfq, b = int4_linear(20, 64, (1, 32))
+    force(mod, "q4avx2")
+    x = torch.randn(64, 6, 3).permute(1, 2, 0)[:, :2]    # non-contiguous, leading dims
+    torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, wfq, b), rtol=1e-5, atol=1e-5)
+    xb = x.to(torch.bfloat16)
+    assert mod(xb).dtype == torch.bfloat16
+    assert mod(torch.randn(0, 64)).shape == (0, 20)
+
+
+def test_native_kernel_is_built_once_into_the_cache(fresh_native):
+    if tp.native.disabled():
+        pytest.skip(tp.native.disabled())
+    path = tp.native.library_path([*tp.native.compiler(), *tp.native.FLAGS, *tp.native.OPENMP],
+                                  tp.native.SOURCE.read_bytes())
+    path.write_bytes(b"not a library")                                     # a damaged cache entry is rebuilt
+    lib = tp.native.q4()
+    if lib is None:
+        pytest.skip(f"no native build here: {tp.native.status()}")
+    files = sorted(p.name for p in fresh_native.iterdir())
+    assert os.path.dirname(lib.file) == str(fresh_native) and not [f for f in files if ".tmp" in f], files
+    if lib.file == str(path):                                              # else the build without OpenMP
+        assert path.stat().st_size > 1000 and files == [path.name]
+    built = os.stat(lib.file).st_mtime_ns
+    tp.native.reset()
+    assert tp.native.q4().file == lib.file and os.stat(lib.file).st_mtime_ns == built   # reused, not rebuilt
+
+
+def test_a_failed_compile_falls_back_to_torch_kernels(fresh_native, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert tp.native.q4() is None
+    assert "unavailable" in tp.native.status() or tp.native.disabled()
+    mod, wfq, b = int4_linear(32, 128, (1, 64))
+    assert mod.wf.layout in ("int4pack", "dense") and "q4avx2" not in tp.kernels.candidates(mod)
+    force(mod, "q4avx2")                                                   # a plan naming it runs the fallback
+    x = torch.randn(3, 128)
+    assert rel(mod(x), torch.nn.functional.linear(x, wfq, b)) <= 1e-5
+    monkeypatch.setenv("CC", "false")                                      # a compiler that fails
+    tp.native.reset()
+    assert tp.native.q4() is None
+
+
+def test_the_env_var_disables_the_native_kernel(q4lib, monkeypatch):
+    before, wfq, b = int4_linear(32, 128, (1, 64))                         # built while enabled: q4 layout
+    force(before, "q4avx2")
+    monkeypatch.setenv(tp.native.ENV_DISABLE, "1")
+    assert not tp.native.available() and tp.native.ENV_DISABLE in tp.native.status()
+    after, _, _ = int4_linear(32, 128, (1, 64))
+    assert before.wf.layout == "q4" and after.wf.layout in ("int4pack", "dense")
+    assert "q4avx2" not in tp.kernels.candidates(before) + tp.kernels.candidates(after)
+    x = torch.randn(2, 128)
+    before.plan = before.plan                                              # rebind: q4avx2 no longer applies
+    assert rel(before(x), torch.nn.functional.linear(x, wfq, b)) <= 1e-5
+    monkeypatch.delenv(tp.native.ENV_DISABLE)
+    assert tp.native.available()
+
+
+def test_saved_int4_weights_do_not_depend_on_the_layout(q4lib, tmp_path):
+    import safetensors.torch
+
+    for i, (block, sym) in enumerate([((1, 32), True), ((1, -1), False)]):
+        q4, _, _ = int4_linear(37, 200, block, symmetric=sym)
+        dense, _, _ = int4_linear(37, 200, block, symmetric=sym, layout="dense")
+        state = q4.state_dict()
+        assert q4.wf.layout == "q4" and torch.equal(state["qweight"], dense.state_dict()["qweight"])
+        assert not any(k.startswith("q4_") for k in state)                 # derived buffers are not saved
+        back = tp.PackedLinear(dense.wf, has_bias=True)                    # as on a machine without the kernel
+        back.load_state_dict(state)
+        assert torch.equal(back.dequantize(), q4.dequantize())
+        path = str(tmp_path / f"{i}.safetensors")                          # and back, through safetensors
+        safetensors.torch.save_model(back, path)
+        again = tp.PackedLinear(q4.wf, has_bias=True)
+        safetensors.torch.load_model(again, path)
+        assert torch.equal(again.qweight, q4.qweight) and torch.equal(again.dequantize(), q4.dequantize())
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
@@ -258,7 +398,7 @@ def test_a_quantizer_the_backend_cannot_lower_is_named_with_a_fix():
 
 def test_save_load_restores_packed_weights_without_requantizing(tmp_path, monkeypatch):
     qm = qpass.apply(toy.hf_model("llama"), "recipes/w4a8_kv4.yaml", progress=False)
-    pm = qpass.lower(qm, "torch", kernels={1: "int4pack", 8: "int4pack", 128: "dequant"})
+    pm = qpass.lower(qm, "torch", kernels={1: "q4avx2", 8: "int4pack", 128: "dequant"})   # whichever applies
     pm.save(tmp_path / "m")
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
     meta = json.loads((tmp_path / "m" / "qpass.json").read_text())
@@ -300,6 +440,11 @@ def test_low_bit_kv_cache_is_stored_and_matches_the_fake_quant_cache():
     dg, fq = pm.decode_graph(64, template=template), fake_quant_decode_graph(qm, template)
     caches = [m for m in dg.modules() if isinstance(m, tp.PackedKVCache)]
     assert len(caches) == 4 and all(c.codes.dtype == torch.uint8 and c.codes.shape[-1] == 4 for c in caches)
+    aten = torch.ops.aten                               # simplify(): no runtime checks, K/V heads not repeated
+    assert not [n for n in dg.graph.nodes if n.target is aten._assert_tensor_metadata.default]
+    attention = [n for n in dg.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(attention) == 2 and all(n.kwargs.get("enable_gqa") for n in attention)
+    assert all(n.args[i].meta["val"].shape[1] == 2 for n in attention for i in (1, 2))   # the 2 K/V heads
     assert not [n for n, _ in dg.named_buffers() if "key_cache" in n or "value_cache" in n]
     ids = toy.token_ids(1, 6)
     for step in [(ids, torch.arange(6)), (ids[:, :1], torch.tensor([6])), (ids[:, 1:2], torch.tensor([7]))]:
@@ -359,6 +504,17 @@ def test_bundled_model_greedy_tokens_equal_fake_quant(bundled, rec):
     assert margin <= TIE_BOUND, f"{rec}: a token differs where the fake-quant margin is {margin:.3f} (not a tie)"
     w = pm.weight_bytes()
     assert w["packed"] <= (0.27 if "w8" in rec else 0.16) * w["fp32"]
+
+
+@pytest.mark.parametrize("rec", ["recipes/w4a16_g128.yaml", "recipes/w4a8_kv4.yaml"])
+def test_bundled_model_on_the_native_kernel_keeps_greedy_tokens(bundled, q4lib, rec):
+    base, prompt, template = bundled
+    qm = qpass.apply(base, rec, progress=False)
+    pm = qpass.lower(qm, "torch", kernels="q4avx2")
+    plans = {k for m in pm.linears().values() for k in m.plan.values()}
+    assert plans == {"q4avx2"}, plans
+    differ, _ = greedy_check(qm, pm, prompt, 32, template)
+    assert differ == 0, f"{rec}: the native kernel changed {differ} greedy tokens"
 
 
 # ------------------------------------------------------------------------------------------- the bench

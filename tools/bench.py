@@ -1,14 +1,18 @@
 """Speed and memory of lowered models, as ratios against baselines measured in the same run.
 
-    python tools/bench.py [--quick] [--out docs/benchmarks.md] [--threads N] [--model models/tiny-llama]
-                          [--repeats 5] [--onnx]
+    python tools/bench.py [--quick] [--out docs/benchmarks.md] [--threads N] [--linear-threads 1,2]
+                          [--model models/tiny-llama] [--repeats 5] [--onnx]
 
 Sections (each a table in the report):
-  machine       CPU, ISA torch dispatches to, threads, load average before and after (other jobs share the CPU)
+  machine       CPU, ISA torch dispatches to, threads, whether the native int4 kernel built, load average
+                before and after (other jobs share the CPU)
   bandwidth     memory-copy and memory-read bandwidth of this process: the limit a batch-1 GEMV chases
-  linears       one 4096x4096 and one 4096x11008 (in x out) linear at M = 1, 8, 128: fp32 F.linear vs every
-                packed kernel that applies (W4 g128, W8 per channel, W8A8 per token); ms, x fp32, weight
-                bytes and the weight bandwidth each achieves (bytes / time) next to the copy bandwidth
+  linears       one 4096x4096 and one 4096x11008 (in x out) linear at M = 1, 8, 128, at each thread count of
+                --linear-threads (default: 1 and all cores): fp32 F.linear vs every packed kernel that
+                applies (W4 g128, W8 per channel, W8A8 per token; W4 also in the int4pack layout when the
+                native q4 layout is the one lowering picks, so both int4 kernels are compared); ms, x fp32
+                (fp32 at the same thread count), weight bytes and the weight bandwidth each achieves
+                (bytes / time) next to the copy bandwidth
   model         the bundled model (models/tiny-llama; a tiny random Llama if absent): FP32 eager
                 (transformers, KV cache) and FP32 graph (the same qpass decode loop, nothing quantized) vs
                 each lowered recipe: prefill and batch-1 decode tokens/s, weight bytes of the linear layers,
@@ -58,6 +62,9 @@ class Ctx:
         self.cfg = QUICK if args.quick else FULL
         self.repeats = args.repeats or (2 if args.quick else 5)
         self.copy_gbs = self.read_gbs = None
+        cores = os.cpu_count() or 1
+        self.linear_threads = [int(t) for t in args.linear_threads.split(",")] if args.linear_threads else \
+            [torch.get_num_threads()] if args.quick else sorted({1, cores})
         self.notes: list[str] = []
 
 
@@ -78,7 +85,8 @@ def table(head: list[str], rows: list[list], align: str | None = None) -> str:
 def machine(ctx: Ctx) -> dict:
     info = tp.machine()
     return {"cpu": info["cpu"], "isa": info["isa"], "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "load": os.getloadavg()}
+            "torch": torch.__version__, "python": platform.python_version(), "load": os.getloadavg(),
+            "native": tp.native.status()}
 
 
 def bandwidth(ctx: Ctx) -> str:
@@ -97,13 +105,20 @@ def bandwidth(ctx: Ctx) -> str:
 # ------------------------------------------------------------------------------------------ linears
 
 
-def packed_linears(w: torch.Tensor) -> dict[str, tp.PackedLinear]:
+def packed_linears(w: torch.Tensor) -> dict[str, tuple[str, tp.PackedLinear, bool]]:
+    """{row prefix: (format label, module, chosen by lowering)}: the modules lowering builds, plus W4 in the
+    int4pack layout when lowering picks another one (int4pack's kernel is then never a candidate)."""
     s4, _ = Q.choose_qparams(w, QSpec(IntFormat(4), PerGroup(128)), block_size=(1, 128))
     s8, _ = Q.choose_qparams(w, QSpec(IntFormat(8), PerChannel(0)), block_size=(1, -1))
     act = tp.ActFormat("int8", (1, -1), True, True)
-    return {"W4 g128": tp.PackedLinear.from_weight(w, s4, None, (1, 128), "int4"),
-            "W8": tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8"),
-            "W8A8": tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8", act=act)}
+    w4 = tp.PackedLinear.from_weight(w, s4, None, (1, 128), "int4")
+    mods = {"W4 g128": ("W4 g128", w4, True)}
+    if w4.wf.layout != "int4pack" and tp.packing.int4pack_supported() and w4.wf.int4pack_group:
+        mods["W4 g128 [int4pack layout]"] = ("W4 g128", tp.PackedLinear.from_weight(
+            w, s4, None, (1, 128), "int4", layout="int4pack"), False)
+    mods["W8"] = ("W8", tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8"), True)
+    mods["W8A8"] = ("W8A8", tp.PackedLinear.from_weight(w, s8, None, (1, -1), "int8", act=act), True)
+    return mods
 
 
 def l3_bytes() -> int:
@@ -123,6 +138,24 @@ def rotating(items: list):
 
 def linears(ctx: Ctx) -> tuple[str, list[dict]]:
     rows, out = [], []
+    threads = torch.get_num_threads()
+    for t in ctx.linear_threads:
+        torch.set_num_threads(t)
+        rows += _linears(ctx, t)
+    torch.set_num_threads(threads)
+    body = [[r["shape"], r["threads"], r["M"], r["variant"] + (" (chosen)" if r["chosen"] else ""),
+             ("≥ " if r["pruned"] else "") + f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f} MB",
+             f"{r['gbs']:.2f} GB/s", f"{100 * r['gbs'] / ctx.read_gbs:.0f}%"] for r in rows]
+    out.append(table(["in x out", "threads", "M", "kernel", "ms", "x fp32", "weight bytes", "weight bandwidth",
+                      "of read bw"], body, "lllllrrrr"))
+    out.append("\n" + ctx.notes_linear + " x fp32: against F.linear at the same thread count and M, measured "
+               "interleaved with the kernels of its row group. (chosen): the kernel the per-shape measurement "
+               "of lowering would pick among those of the layout lowering uses.")
+    return "\n".join(out), rows
+
+
+def _linears(ctx: Ctx, threads: int) -> list[dict]:
+    rows = []
     working_set = 0 if ctx.quick else 4 * l3_bytes()   # a decode step streams every layer: never from cache
     ctx.notes_linear = (f"Each variant cycles through copies of its weight totalling at least {working_set >> 20} MB "
                         f"(4x the {l3_bytes() >> 20} MB L3), as consecutive layers do in a model, so no variant "
@@ -134,31 +167,28 @@ def linears(ctx: Ctx) -> tuple[str, list[dict]]:
         ws = [w] + [w.clone() for _ in range(copies(4 * w.numel()) - 1)]
         for m in ctx.cfg["ms"]:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
-            fns = {"fp32": (rotating([lambda xx, wi=wi: F.linear(xx, wi) for wi in ws]), 4 * w.numel(), None)}
-            for label, mod in mods.items():
+            fns = {"fp32": (rotating([lambda xx, wi=wi: F.linear(xx, wi) for wi in ws]), 4 * w.numel(), None, False)}
+            for prefix, (label, mod, lowered) in mods.items():
                 group = [mod] + [copy.deepcopy(mod) for _ in range(copies(mod.weight_bytes()) - 1)]
-                for kern in tp.kernels.candidates(mod):
-                    fns[f"{label} {kern}"] = (rotating([tp.KERNELS[kern].bind(g) for g in group]),
-                                              mod.weight_bytes(), label)
-            fns = {name: ((lambda f=f: f(x)), b, lab) for name, (f, b, lab) in fns.items()}
+                kerns = tp.kernels.candidates(mod) if lowered else ["int4pack"]
+                for kern in kerns:
+                    name = f"{label} {kern}" + ("" if lowered else f" ({prefix[len(label) + 1:].strip('[]')})")
+                    fns[name] = (rotating([tp.KERNELS[kern].bind(g) for g in group]), mod.weight_bytes(), label,
+                                 lowered)
+            fns = {name: ((lambda f=f: f(x)), b, lab, low) for name, (f, b, lab, low) in fns.items()}
             with torch.no_grad():
-                res = tp.measure({name: f for name, (f, _, _) in fns.items()}, repeats=ctx.repeats, keep=("fp32",))
+                res = tp.measure({name: f for name, (f, _, _, _) in fns.items()}, repeats=ctx.repeats,
+                                 keep=("fp32",))
             best = {}
-            for name, (_, _, label) in fns.items():
-                if label and (label not in best or res[name][0] < res[best[label]][0]):
+            for name, (_, _, label, lowered) in fns.items():
+                if label and lowered and (label not in best or res[name][0] < res[best[label]][0]):
                     best[label] = name
-            for name, (_, nbytes, label) in fns.items():
+            for name, (_, nbytes, label, _) in fns.items():
                 t, pruned = res[name]
-                rows.append(dict(shape=f"{k}x{n}", M=m, variant=name, ms=t * 1e3, pruned=pruned,
+                rows.append(dict(shape=f"{k}x{n}", threads=threads, M=m, variant=name, ms=t * 1e3, pruned=pruned,
                                  speedup=res["fp32"][0] / t, bytes=nbytes, gbs=nbytes / t / 1e9,
                                  chosen=best.get(label) == name))
-    body = [[r["shape"], r["M"], r["variant"] + (" (chosen)" if r["chosen"] else ""),
-             ("≥ " if r["pruned"] else "") + f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f} MB",
-             f"{r['gbs']:.2f} GB/s", f"{100 * r['gbs'] / ctx.read_gbs:.0f}%"] for r in rows]
-    out.append(table(["in x out", "M", "kernel", "ms", "x fp32", "weight bytes", "weight bandwidth",
-                      "of read bw"], body, "llllrrrr"))
-    out.append("\n" + ctx.notes_linear)
-    return "\n".join(out), rows
+    return rows
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -322,29 +352,38 @@ def model_section(ctx: Ctx) -> tuple[str, list[dict]]:
 
 def notes(ctx: Ctx, lin: list[dict], mod: list[dict]) -> list[str]:
     out = []
-    for shape in sorted({r["shape"] for r in lin}):
+    for shape, threads in sorted({(r["shape"], r["threads"]) for r in lin}):
         def best(prefix, m):
-            rs = [r for r in lin if r["shape"] == shape and r["M"] == m and r["variant"].startswith(prefix)]
+            rs = [r for r in lin if r["shape"] == shape and r["threads"] == threads and r["M"] == m
+                  and r["variant"].startswith(prefix)]
             return max(rs, key=lambda r: r["speedup"]) if rs else None
-        w4, w8a8 = best("W4 g128", 1), best("W8A8", 128)
+        w4, w8a8, where = best("W4 g128", 1), best("W8A8", 128), f"{shape}, {threads} thread(s)"
         if w4:
             bound = "memory-bound" if w4["gbs"] > 0.5 * ctx.read_gbs else "compute-bound (far from the memory limit)"
-            out.append(f"{shape}, M = 1: best W4 g128 kernel ({w4['variant']}) runs at {w4['speedup']:.2f}x fp32 "
+            out.append(f"{where}, M = 1: best W4 g128 kernel ({w4['variant']}) runs at {w4['speedup']:.2f}x fp32 "
                        f"({'meets' if w4['speedup'] >= 3 else 'misses'} the 3x target); it streams "
                        f"{w4['gbs']:.2f} GB/s of weights against {ctx.read_gbs:.2f} GB/s memory read and "
-                       f"{ctx.copy_gbs:.2f} GB/s memory copy: {bound}.")
+                       f"{ctx.copy_gbs:.2f} GB/s memory copy (one thread): {bound}.")
         if w8a8:
-            out.append(f"{shape}, M = 128: best W8A8 kernel ({w8a8['variant']}) runs at {w8a8['speedup']:.2f}x fp32.")
+            out.append(f"{where}, M = 128: best W8A8 kernel ({w8a8['variant']}) runs at {w8a8['speedup']:.2f}x fp32.")
     intmm = [r for r in lin if r["variant"].endswith("int_mm")]
     if intmm and all(r["speedup"] < 1 for r in intmm):
         out.append(f"`torch._int_mm` is slower than fp32 at every shape here ({ctx.isa} without VNNI int8 dot "
                    "products takes a slow path), so the measured plans never choose it on this machine.")
     base = next((r for r in mod if r["variant"].startswith("FP32 eager")), None)
+    graph = next((r for r in mod if r["variant"].startswith("FP32 graph")), None)
+    if base and graph:
+        out.append(f"The decode loop the lowered models run (static KV cache of the full length, attention over "
+                   f"all of it, masked) is itself {graph['decode_tok_s'] / base['decode_tok_s']:.2f}x the eager "
+                   "model's speed with nothing quantized (FP32 graph row): a packed model beats eager only when "
+                   "its kernels win back more than that.")
     for r in mod:
         if base and "weight" in r:
-            out.append(f"{r['variant']}: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x and prefill "
-                       f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x the FP32 eager model; lowering "
-                       f"(incl. kernel measurement) took {r['lower_s']:.1f} s.")
+            kernels = sorted({rec.choice for rec in r.get("plan", [])})
+            out.append(f"{r['variant']}: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x eager and "
+                       + (f"{r['decode_tok_s'] / graph['decode_tok_s']:.2f}x the FP32 graph, " if graph else "")
+                       + f"prefill {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x eager; kernels {kernels}; "
+                       f"lowering (incl. kernel measurement) took {r['lower_s']:.1f} s.")
     return out
 
 
@@ -354,7 +393,8 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
              f"Generated by `{cmd}` on {datetime.date.today().isoformat()} in {elapsed:.0f} s; do not edit by hand "
              "(rerun the command).", "",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} dispatching to {info['isa']}, "
-             f"Python {info['python']}. **{info['threads']} thread(s)**"
+             f"Python {info['python']}. Native int4 kernel: {info['native']}. **{info['threads']} thread(s)** for the "
+             "model table (the linear table says its own)"
              + (" (other jobs were running: load average "
                 f"{load0[0]:.1f} at start, {load1[0]:.1f} at end, on {info['cores']} cores)" if max(load0[0], load1[0]) > 0.5
                 else "") + ".", "",
@@ -365,11 +405,11 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
         lines += [f"## {title}", "", body, ""]
     if notes_:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes_] + [""]
-    lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant` and `int_mm` compute the fake-quant "
-              "graph's math (dequantized weights bit for bit; outputs within float summation order); `int4pack`, "
-              "`int8pack` and `int8pack_codes` round activations, scales and results to bf16 (max |Δ| ≤ 1% of "
-              "max |output| per linear; 0.6% is the worst seen), so greedy tokens can differ from the fake-quant "
-              "model only at near-ties of its logits.", ""]
+    lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm` and `q4avx2` compute the "
+              "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
+              "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "
+              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen), so greedy tokens "
+              "can differ from the fake-quant model only at near-ties of its logits.", ""]
     return "\n".join(lines)
 
 
@@ -378,6 +418,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes and a tiny random model (smoke run)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     ap.add_argument("--threads", type=int, default=None, help="default: 1 if other jobs load the CPU, else all")
+    ap.add_argument("--linear-threads", default=None, help="thread counts of the linear table, e.g. 1,2 "
+                    "(default: 1 and all cores)")
     ap.add_argument("--model", default=BUNDLED)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--onnx", action="store_true", help="add onnxruntime rows (tools/bench_onnx.py)")

@@ -2,11 +2,15 @@
 
 One table, ``KERNELS``: name -> Kernel(exact, applies(mod), bind(mod)). ``bind(mod)`` returns ``run(x)``
 with the module's tensors captured; ``x`` is the module input as the graph gives it (any leading dims, not
-yet quantized) and ``run`` returns [M, N] float32. A module's plan maps an M bucket to a kernel name.
+yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan maps an M bucket to a kernel name.
 
     dequant          every format: fake-quantize the input (if the recipe does), dequantize the weight in
                      cache-sized row tiles, fp32 matmul. Same math as the fake-quant graph (exact). The
                      fallback: always a candidate, so a kernel slower than it is never chosen.
+    q4avx2           int4 weights in the q4 layout (groups of 16k columns or per channel, any N, symmetric
+                     or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
+                     with torch's thread count). fp32 activations and accumulation: exact up to summation
+                     order. Only where the library builds on this machine.
     int4pack         int4 weights (groups 32..256 or per channel, N % 16 == 0) in the CPU int4pack layout:
                      ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, bf16 scales and zeros and a
                      bf16 result (the vectorized CPU paths exist for bf16 only).
@@ -32,6 +36,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 log = logging.getLogger("qpass.backends.torch_packed")
 aten = torch.ops.aten
@@ -74,6 +80,35 @@ def _bind_dequant(mod):
             n1 = min(n, n0 + rows)
             out[:, n0:n1] = F.linear(x, deq(n0, n1))
         return out if bias is None else out.add_(bias)
+    return run
+
+
+def _bind_q4avx2(mod):
+    """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
+    [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds)."""
+    wf, fq = mod.wf, (mod.input_fake_quant if mod.act is not None else None)
+    k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, native.q4().linear
+    scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
+    zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
+    tensors = (mod.qweight, scale, zero, mod.bias)              # kept alive with the pointers below
+    qw, s, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    threads = torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        if fq is not None:
+            x = fq(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        if k16 != k:
+            x = F.pad(x, (0, k16 - k))
+        elif not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n)
+        m = x.numel() // k16
+        if call(x.data_ptr(), m, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
+            raise RuntimeError(f"q4avx2 failed for a {m}x{k} input and {n}x{k} weights (bad shape or out of memory)")
+        return out
+    run.tensors = tensors
     return run
 
 
@@ -168,6 +203,8 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
+    Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
+           "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
     Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
     Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m), _bind_int8pack,

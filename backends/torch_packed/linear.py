@@ -15,10 +15,21 @@ so ``dequantize`` here reproduces ``qpass.primitives.fake_quantize`` bit for bit
 module too, because which kernel runs decides whether it is applied as fake-quant (float kernels) or as
 integer codes (``int_mm``).
 
+Memory layout of int4 weights (one copy, chosen by :func:`choose_layout` when the module is built or
+loaded): ``q4`` when our own kernel (native.py, csrc/q4avx2.c) builds on this machine and the groups are
+whole 16-column chunks (group % 16 == 0, or per channel); else ``int4pack`` when torch's CPU int4pack kernel
+takes the shape; else ``dense``. q4 wins over int4pack whenever it is available: its kernel computes in fp32
+(exact, where int4pack rounds activations, scales and results to bf16) and measured faster at every shape
+and M in docs/benchmarks.md (the W4 int4pack rows there are a second module built with ``layout="int4pack"``),
+and the ``dequant`` fallback reads any layout through :meth:`PackedLinear.codes`. So the layout is a fixed
+function of the format and of what this machine can run, never of a timing, and stays reproducible.
+
 State dict: ``qweight`` (canonical layout: int4 is two codes per byte, low nibble first, even when the
-running kernel keeps the CPU int4pack layout in memory), ``scale``, ``zero`` (asymmetric), ``bias``,
-``input_scale`` / ``input_zero`` (static activations). Kernel-specific tensors (bf16 scale/zero pairs,
-column sums) are derived buffers, rebuilt after loading and never saved.
+running kernel keeps the q4 or CPU int4pack layout in memory; loading converts it to this machine's layout,
+so saved models do not depend on which kernels the saving or the loading machine has), ``scale``, ``zero``
+(asymmetric), ``bias``, ``input_scale`` / ``input_zero`` (static activations). Kernel-specific tensors (bf16
+scale/zero pairs, column sums, per-row scales of block-quantized q4 weights) are derived buffers, rebuilt
+after loading and never saved.
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ from torch import Tensor, nn
 
 from qpass.primitives import quant as Q
 
+from . import native
 from . import packing as P
 from .kernels import BUCKETS, FALLBACK, KERNELS, bucket
 
@@ -50,7 +62,7 @@ class WeightFormat:
     k: int                    # in features
     bn: int                   # block along N (-1: whole dim)
     bk: int                   # block along K (-1: whole dim); >1: groups
-    layout: str               # 'int4pack' | 'dense' | 'bitplanes' | 'int8' | 'fp8'
+    layout: str               # 'q4' | 'int4pack' | 'dense' | 'bitplanes' | 'int8' | 'fp8'
 
     @property
     def kind(self) -> str:
@@ -64,6 +76,18 @@ class WeightFormat:
     def kp(self) -> int:
         """K padded to whole groups (the input is zero-padded to this width)."""
         return _round_up(self.k, self.bk) if self.bk > 1 else self.k
+
+    @property
+    def k16(self) -> int:
+        """kp rounded up to 16: the width of the q4 layout (and of the input its kernel reads)."""
+        return _round_up(self.kp, 16)
+
+    @property
+    def q4_group(self) -> int | None:
+        """Columns per scale in the q4 kernel (k16 for per channel), or None if q4 cannot hold the format."""
+        if self.fmt != "int4" or self.bk == 1 or (self.bk > 1 and self.bk % 16):
+            return None
+        return self.bk if self.bk > 1 else self.k16
 
     @functools.cached_property
     def int4pack_group(self) -> int | None:
@@ -114,6 +138,8 @@ class ActFormat:
 def choose_layout(fmt: str, n: int, k: int, bn: int, bk: int) -> str:
     f = Q.parse_format(fmt)
     wf = WeightFormat(fmt, True, n, k, bn, bk, "dense")
+    if wf.q4_group and native.available():
+        return "q4"
     if fmt == "int4" and wf.int4pack_group and P.int4pack_supported():
         return "int4pack"
     if f.kind == "int" and f.bits == 8:
@@ -174,7 +200,7 @@ class PackedLinear(nn.Module):
 
     def _qweight_shape(self, layout: str) -> tuple[int, ...]:
         wf = self.wf
-        return {"int4pack": (wf.n, wf.kp // 2), "dense": (wf.n, -(-wf.kp * wf.bits // 8)),
+        return {"q4": (wf.n, wf.k16 // 2), "int4pack": (wf.n, wf.kp // 2), "dense": (wf.n, -(-wf.kp * wf.bits // 8)),
                 "bitplanes": (wf.bits, wf.n, -(-wf.kp // 8)), "int8": (wf.n, wf.kp),
                 "fp8": (wf.n, wf.kp)}[layout]
 
@@ -210,6 +236,13 @@ class PackedLinear(nn.Module):
         wf = self.wf
         if wf.kp > wf.k:   # zero bytes: code 0 (the padded input columns are 0, so any code works)
             u = torch.nn.functional.pad(u.view(torch.uint8), (0, wf.kp - wf.k)).view(u.dtype)
+        return self._to_layout(u)
+
+    def _to_layout(self, u: Tensor) -> Tensor:
+        """Storage codes [N, kp] -> the in-memory layout."""
+        wf = self.wf
+        if wf.layout == "q4":
+            return P.to_q4(torch.nn.functional.pad(u, (0, wf.k16 - wf.kp)) if wf.k16 > wf.kp else u)
         if wf.layout == "int4pack":
             return P.to_int4pack(u)
         if wf.layout == "dense":
@@ -219,9 +252,12 @@ class PackedLinear(nn.Module):
         return u.contiguous()
 
     def codes(self, n0: int = 0, n1: int | None = None) -> Tensor:
-        """Storage codes of rows [n0, n1) as [rows, kp] (n0 a multiple of 64 for int4pack)."""
+        """Storage codes of rows [n0, n1) as [rows, kp] (n0 a multiple of 64 for int4pack, of 4 for q4)."""
         wf, n1 = self.wf, self.wf.n if n1 is None else n1
         qw = self.qweight
+        if wf.layout == "q4":
+            u = P.from_q4(qw.reshape(-1)[n0 * wf.k16 // 2: n1 * wf.k16 // 2], n1 - n0, wf.k16)
+            return u[:, :wf.kp] if wf.k16 > wf.kp else u
         if wf.layout == "int4pack":
             return P.from_int4pack(qw.reshape(-1)[n0 * wf.kp // 2: n1 * wf.kp // 2], n1 - n0, wf.kp)
         if wf.layout == "dense":
@@ -322,7 +358,10 @@ class PackedLinear(nn.Module):
         self._bind()
 
     def _bind(self) -> None:
+        # NOTE: a plan may name a kernel that does not apply here (a plan saved where the native kernel was
+        # built, loaded where it is not, or disabled since): such buckets run the fallback.
         kernels = {b: self._plan.get(b, FALLBACK) for b in BUCKETS}
+        kernels = {b: k if KERNELS[k].applies(self) else FALLBACK for b, k in kernels.items()}
         bound = {k: KERNELS[k].bind(self) for k in set(kernels.values())}
         self._runners = {b: bound[k] for b, k in kernels.items()}
 
@@ -334,10 +373,12 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._runners[bucket(x.numel() // self.wf.k)](x)
-        return y.reshape(*x.shape[:-1], self.wf.n).to(x.dtype)          # kernels compute in fp32
+        if y.dim() != x.dim():
+            y = y.reshape(*x.shape[:-1], self.wf.n)
+        return y if y.dtype == x.dtype else y.to(x.dtype)               # kernels compute in fp32
 
     # ------------------------------------------------------------------------ derived + state dict
-    DERIVED = ("sz", "scale_bf16", "ones_bf16", "row_scale", "zero_c", "colsum")
+    DERIVED = ("sz", "scale_bf16", "ones_bf16", "row_scale", "zero_c", "colsum", "q4_scale", "q4_zero")
 
     def refresh(self) -> None:
         """Rebuild the kernel-side buffers (bf16 scale/zero pairs, per-row scales, column sums) from the
@@ -351,6 +392,11 @@ class PackedLinear(nn.Module):
             rep = (wf.kp if wf.bk == -1 else wf.bk) // g4
             sz = torch.stack([s, zero.expand_as(s)], -1).repeat_interleave(rep, dim=1)
             d["sz"] = sz.transpose(0, 1).contiguous().to(torch.bfloat16)           # [groups, N, 2]
+        if wf.layout == "q4":                     # the kernel reads one scale (and zero) per row and group
+            groups = self.scale.shape[1]
+            for t, name in ((self.scale, "q4_scale"), (self.zero, "q4_zero")):
+                if t is not None and (wf.bn != 1 or not t.is_contiguous()):
+                    d[name] = self._rows(t, 0, wf.n).expand(wf.n, groups).contiguous()
         if wf.layout == "int8" and wf.bk == -1:
             s = self._rows(self.scale, 0, wf.n).reshape(-1).expand(wf.n).contiguous()
             d["scale_bf16"] = s.to(torch.bfloat16)
@@ -363,17 +409,18 @@ class PackedLinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self._bind()
 
+    MACHINE_LAYOUTS = ("q4", "int4pack")     # held in memory only: saved as the portable dense layout
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.wf.layout == "int4pack":
+        if self.wf.layout in self.MACHINE_LAYOUTS:
             destination[prefix + "qweight"] = P.pack_dense(self.codes(), 4)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "qweight"
-        if self.wf.layout == "int4pack" and key in state_dict:
-            u = P.unpack_dense(state_dict[key], 4, self.wf.kp)
-            state_dict[key] = P.to_int4pack(u)
+        if self.wf.layout in self.MACHINE_LAYOUTS and key in state_dict:
+            state_dict[key] = self._to_layout(P.unpack_dense(state_dict[key], 4, self.wf.kp))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.refresh()

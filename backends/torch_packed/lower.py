@@ -8,6 +8,12 @@ Changes   the pattern -> ``call_module PackedLinear(x)`` (one node; the input qu
           read like the model's (``...q_proj.qweight``).
           KvWrite (decode graphs): ``index_copy_(cache, 2, pos, kv_fq(k))`` -> ``call_module
           PackedKVCache(k, pos)``; the float cache buffer is removed.
+simplify  (after lowering) export's ``_assert_tensor_metadata`` nodes and casts to the dtype a tensor
+          already has are removed, and attention over repeated K/V heads (RepeatedKv) takes the grouped heads
+          directly (``enable_gqa``: same kernel, same result bit for bit, no copy of every cache per step).
+          A decode step of a small model is mostly per-op overhead: on the bundled model (1 thread) the
+          checks and casts took ~7% of a W4 decode step, the K/V repeats ~40 us per attention call, and
+          removing both made it ~20% faster (7.2 -> 5.7 ms per token).
 Refuses   any other quantizer that is not a K/V quantizer: UnsupportedOpError (node, module, fix).
 
 Why modules rather than ``torch.library`` ops: which kernel runs depends on the number of rows at run
@@ -31,7 +37,7 @@ from qpass.primitives import quant as Q
 
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
-from .patterns import KV_ROLES, QuantLinear, kv_writes, quant_linears, unsupported_quantizers
+from .patterns import KV_ROLES, QuantLinear, kv_writes, quant_linears, repeated_kv, unsupported_quantizers
 
 aten = torch.ops.aten
 log = logging.getLogger("qpass.backends.torch_packed")
@@ -264,3 +270,42 @@ def _storage(gm: GraphModule, name: str) -> int | None:
     except AttributeError:
         return None
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+
+def simplify(gm: GraphModule) -> dict[str, int]:
+    """Remove per-step overhead the lowered graph does not need (see the module doc). Returns counts."""
+    stats = {"checks": 0, "casts": 0, "gqa_attention": 0}
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is aten._assert_tensor_metadata.default and not n.users:
+            gm.graph.erase_node(n)
+            stats["checks"] += 1
+        elif n.target is aten.to.dtype and _same_dtype_cast(n):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            stats["casts"] += 1
+    for m in repeated_kv(gm):
+        dead = [m.attention.args[1], m.attention.args[2]]
+        m.attention.args = (m.attention.args[0], m.key, m.value, *m.attention.args[3:])
+        m.attention.kwargs = {**m.attention.kwargs, "enable_gqa": True}
+        for rep in dict.fromkeys(dead):         # reshape <- expand <- unsqueeze, each used only by the next
+            chain = [rep, rep.args[0], rep.args[0].args[0]]
+            for node in chain:
+                if not node.users:
+                    gm.graph.erase_node(node)
+        stats["gqa_attention"] += 1
+    if any(stats.values()):
+        gm.graph.lint()
+        gm.recompile()
+    return stats
+
+
+def _same_dtype_cast(n: Node) -> bool:
+    """aten::to.dtype(self, dtype, non_blocking=False, copy=False, memory_format=None) that returns self."""
+    src, dtype = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("dtype")
+    copy = n.args[3] if len(n.args) > 3 else n.kwargs.get("copy", False)
+    fmt = n.args[4] if len(n.args) > 4 else n.kwargs.get("memory_format")
+    val = src.meta.get("val") if isinstance(src, Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype == dtype and not copy and fmt in (None, torch.preserve_format)

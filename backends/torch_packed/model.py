@@ -36,10 +36,11 @@ from qpass.pass_infra import Context
 from qpass.recipe import Recipe
 from qpass.version import __version__
 
+from . import native
 from .kernels import BUCKETS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
-from .lower import lower_kv_cache, lower_linears
+from .lower import lower_kv_cache, lower_linears, simplify
 
 BACKEND = "torch"
 ARTIFACT_FORMAT = 1
@@ -55,7 +56,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "native": native.available()}
 
 
 class PackedModel(nn.Module):
@@ -127,6 +128,7 @@ class PackedModel(nn.Module):
             _share_tensors(gm, self.graph_module)
             lower_linears(gm, shared=self.linears())
             lower_kv_cache(gm)
+            simplify(gm)
             self._decoders[key] = gm
         return self._decoders[key]
 
@@ -216,6 +218,7 @@ def lower(qm, *, kernels: str | Mapping = "auto", repeats: int = 5) -> PackedMod
     left in float (embeddings, norms, an ignored lm_head) are shared with it, not copied."""
     gm = _copy_graph(qm.graph_module)
     mods = lower_linears(gm)
+    simplify(gm)
     records = tune(list(mods.values()), kernels, repeats=repeats)
     return PackedModel(gm, qm.recipe, qm.source, kernels=kernels, records=records)
 
@@ -253,6 +256,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
     del model
     run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
     mods = lower_linears(gm, restoring=True)
+    simplify(gm)
     path = os.path.join(directory, "model.safetensors")
     miss, unexpected = safetensors.torch.load_model(gm, path, strict=False)
     if miss or unexpected:

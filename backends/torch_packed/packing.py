@@ -1,7 +1,7 @@
 """Bit packing of quantization codes: pure tensor functions, no graphs and no modules.
 
 Codes here are *storage codes*: unsigned integers ``u`` in ``[0, 2^bits)`` laid out ``[N, K]`` (output rows,
-input columns). Three layouts:
+input columns). Four layouts:
 
 * ``dense``     bits in {1, 2, 4}: ``8 // bits`` codes per byte along K, the first code in the lowest bits
                 (int4: two codes per byte, low nibble = even column). ``[N, ceil(K * bits / 8)]`` uint8.
@@ -13,6 +13,12 @@ input columns). Three layouts:
                 AVX2). :func:`to_int4pack` calls that op; :func:`from_int4pack` is its inverse, written
                 from the kernel's packing loop and checked once per process by :func:`int4pack_supported`
                 (a probe round trip), so a layout this module does not know is never used.
+* ``q4``        int4 for our own kernel (csrc/q4avx2.c): K a multiple of 16, rows in blocks of 4 (the last
+                block holds the N % 4 remaining rows). Block b starts at byte ``4b * K/2``; in it, the
+                16-column chunk c of row r is the 8 bytes at ``(c * R + r) * 8`` (R rows in the block), byte j
+                holding column ``16c + j`` in its low nibble and ``16c + 8 + j`` in its high nibble: an 8-byte
+                load widened to 8 lanes gives 8 + 8 columns without shuffles, and a block is one sequential
+                stream. ``[N, K/2]`` uint8 (the row index is nominal: bytes are interleaved within blocks).
 """
 from __future__ import annotations
 
@@ -140,3 +146,31 @@ def int4pack_supported() -> bool:
         log.warning("the int4pack weight layout of this CPU (%s) is not the one qpass knows; int4 weights "
                     "use the generic kernel", torch.backends.cpu.get_cpu_capability())
     return ok
+
+
+# --------------------------------------------------------------------------------------------- q4
+
+Q4_BLOCK = 4
+
+
+def to_q4(u: Tensor) -> Tensor:
+    """[N, K] 4-bit codes (K % 16 == 0) -> the q4 layout, [N, K/2] uint8."""
+    n, k = u.shape
+    c, full = k // 16, n // Q4_BLOCK * Q4_BLOCK
+    b = u.to(torch.uint8).reshape(n, c, 2, 8)
+    b = b[:, :, 0] | (b[:, :, 1] << 4)                                   # [N, chunks, 8]
+    parts = [b[:full].view(full // Q4_BLOCK, Q4_BLOCK, c, 8).transpose(1, 2).reshape(-1)]
+    if full < n:
+        parts.append(b[full:].transpose(0, 1).reshape(-1))
+    return torch.cat(parts).view(n, k // 2)
+
+
+def from_q4(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of :func:`to_q4` for ``n`` rows starting at a block boundary: [n, k] uint8 codes."""
+    c, full = k // 16, n // Q4_BLOCK * Q4_BLOCK
+    flat = packed.reshape(-1)
+    parts = [flat[: full * k // 2].view(full // Q4_BLOCK, c, Q4_BLOCK, 8).transpose(1, 2).reshape(full, c, 8)]
+    if full < n:
+        parts.append(flat[full * k // 2:].view(c, n - full, 8).transpose(0, 1))
+    b = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return torch.stack([b & 15, b >> 4], 2).reshape(n, k)

@@ -5,6 +5,9 @@ QuantLinear   linear-like node (``linear`` / ``addmm`` / ``mm`` / ``matmul``, se
               input is optionally ``x -> input quantizer -> matmul``.
 KvWrite       ``index_copy_(cache, 2, pos, kv_quantizer(k))`` in a static-cache decode graph: the K/V cache
               write the ``kv_cache`` pass quantized (META_QUANT role ``key`` / ``value``).
+RepeatedKv    ``scaled_dot_product_attention(q, rep(k), rep(v), ...)`` with grouped K/V heads repeated by
+              ``rep(t) = reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d])`` (transformers'
+              ``repeat_kv``, which exported graphs keep): SDPA can take the K/V heads as they are.
 Every other quantizer is either a K/V quantizer outside a cache write (kept as fake-quant: it is the
 no-cache graph's simulation of the stored cache) or something this backend cannot lower
 (:func:`unsupported_quantizers` -> UnsupportedOpError naming node, module and a fix).
@@ -108,3 +111,49 @@ def unsupported_quantizers(gm: GraphModule, handled: set[Node]) -> None:
             where=describe(gm, n),
             fix="quantize only linear layers (quantize/qat passes) and the KV cache (kv_cache pass) for the "
                 "torch backend, or run the fake-quant model itself (qm(...)) for this recipe")
+
+
+@dataclass(frozen=True)
+class RepeatedKv:
+    attention: Node             # scaled_dot_product_attention(q, rep(key), rep(value), ...)
+    key: Node                   # [b, kv_heads, l, d] before the repeat
+    value: Node
+
+
+def repeated_kv(gm: GraphModule) -> list[RepeatedKv]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not aten.scaled_dot_product_attention.default:
+            continue
+        if len(n.args) > 7 or n.kwargs.get("enable_gqa", False) or len(n.args) < 3:
+            continue
+        k, v = _unrepeated(n.args[1]), _unrepeated(n.args[2])
+        if k is not None and v is not None and _shape(k) is not None and _shape(k)[1] == _shape(v)[1]:
+            out.append(RepeatedKv(n, k, v))
+    return out
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    val = n.meta.get("val") if isinstance(n, Node) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape)
+
+
+def _unrepeated(n) -> Node | None:
+    """t if n is reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d]) with static shapes."""
+    if not (isinstance(n, Node) and n.target in (aten.reshape.default, aten.view.default) and len(n.users) == 1):
+        return None
+    e = n.args[0]
+    if not (isinstance(e, Node) and e.target is aten.expand.default and len(e.users) == 1):
+        return None
+    u = e.args[0]
+    if not (isinstance(u, Node) and u.target is aten.unsqueeze.default and u.args[1] == 2 and len(u.users) == 1):
+        return None
+    t, out, mid = u.args[0], _shape(n), _shape(e)
+    src = _shape(t)
+    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5:
+        return None
+    b, h, l, d = src
+    ok = mid == (b, h, mid[2], l, d) and out == (b, h * mid[2], l, d)
+    return t if ok else None

@@ -1,0 +1,290 @@
+/* int4 x fp32 linear layer for x86-64 with AVX2 + FMA; backends/torch_packed/native.py compiles and loads it.
+ *
+ *     out[m, n] = bias[n] + sum_k x[m, k] * (u[n, k] - z[n, g]) * s[n, g],      g = k / group
+ *
+ * Layout "q4" of the 4-bit storage codes u (K rounded up to k16, a multiple of 16; rows in blocks of 4, the
+ * last block holding the N % 4 remaining rows if any): block b (rows 4b .. 4b + R - 1) starts at byte
+ * 4b * k16 / 2; in it, the 16-column chunk c of row r is the 8 bytes at (c * R + r) * 8, byte j holding
+ * u[16c + j] in its low nibble and u[16c + 8 + j] in its high nibble. One widening 8-byte load (8 int32
+ * lanes) gives columns 16c .. 16c + 7 (`& 15`) and 16c + 8 .. 16c + 15 (`>> 4`) with no other shuffle, and
+ * a block of 4 rows is one sequential stream (the hardware prefetcher follows it; we prefetch ahead too,
+ * which made streaming from DRAM as fast as running from cache: 4 separate row streams were ~1.6x slower).
+ *
+ * s: fp32 scales [N, k16 / group] (any sign); z: uint8 zero points of the same shape, or NULL for symmetric
+ * codes (z = 8, u = q + 8). group: a multiple of 16 that divides k16 (per channel: group = k16).
+ * x: fp32 [M, k16] (padding columns zero), out: fp32 [M, N], bias: fp32 [N] or NULL.
+ *
+ * M <= DIRECT_M (decode, small batches): codes are widened and multiplied unscaled; per (input row, output
+ * row, group) the dot product is scaled once, the zero point entering as z * s * sum(x over the group), so
+ * the inner loop is one load, and/shift, two int->float conversions and 2 * MB FMAs per 16 codes, for 4
+ * (or 2) output rows and MB input rows at once. Larger M: a 4-row x KC-column tile is dequantized exactly as
+ * fake-quant does it ((u - z) * s, one rounding) into an L1 buffer and multiplied with 3 input rows at a
+ * time. fp32 throughout: the results differ from dequantize + fp32 matmul only by summation order.
+ * Threads: OpenMP over blocks of output rows, `threads` of them (the caller passes torch's thread count),
+ * handed out dynamically in runs of CHUNK blocks.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define RB 4                   /* output rows per block (the layout's block) */
+#define KC 256                 /* columns per dequantized tile */
+#define MC 32                  /* input rows per pass over the weights in the tile path (x block stays in L2) */
+#define DIRECT_M 4             /* M up to which the direct path runs (the tile path is faster beyond) */
+#define PREFETCH 1024          /* bytes ahead of the current chunk */
+#define PARALLEL_MIN (1 << 17) /* multiply-adds below which one thread beats forking */
+#define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
+                                  does not hold the others up) */
+
+int q4_abi_version(void) { return 2; }
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE __m256i load_codes(const uint8_t *p) { /* 8 bytes -> 8 int32 lanes */
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+/* ------------------------------------------------------------------------------------------- direct */
+
+/* sum_g s[g] * z[g] * xs[g] (z NULL: z = 8) over the `groups` groups of one output row */
+INLINE float zero_term(const float *s, const uint8_t *z, const float *xs, int64_t groups) {
+    float t = 0.f;
+    int64_t g = 0;
+    if (!z) {
+        __m256 a = _mm256_setzero_ps();
+        for (; g + 8 <= groups; g += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(xs + g), a);
+        t = hsum(a);
+    }
+    for (; g < groups; g++) t += s[g] * xs[g] * (z ? (float)z[g] : 1.f);
+    return z ? t : 8.f * t;
+}
+
+/* R output rows (row r: codes at w + 8r, chunk stride cs bytes; scales s + r * groups) x MB input rows
+ * (x + m * ldx, group sums xsum + m * groups) -> out[m * ldo + r].
+ * Per group, each 8-lane dot product is folded to 4 lanes and scaled into a 4-lane total: the horizontal
+ * sums wait until the end (a 4-row hadd reduction per group cost ~15% of the g128 time); the zero-point
+ * term sum_g s z sum(x over g) is subtracted at the end too. */
+INLINE void direct(const int R, const int MB, const float *x, int64_t ldx, const float *xsum,
+                   const uint8_t *w, int64_t cs, const float *s, const uint8_t *z, int64_t groups,
+                   int64_t gchunks, const float *bias, float *out, int64_t ldo) {
+    const __m256i mask = _mm256_set1_epi32(15);
+    __m256 acc[4][RB];
+    __m128 tot[4][RB];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tot[m][r] = _mm_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        for (int m = 0; m < MB; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+        for (int64_t c = g * gchunks; c < (g + 1) * gchunks; c++) {
+            const uint8_t *wc = w + c * cs;
+            _mm_prefetch((const char *)(wc + PREFETCH), _MM_HINT_T0);
+            __m256 lo[RB], hi[RB];
+            for (int r = 0; r < R; r++) {
+                const __m256i v = load_codes(wc + 8 * r);
+                lo[r] = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+                hi[r] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+            }
+            for (int m = 0; m < MB; m++) {
+                const __m256 xl = _mm256_loadu_ps(x + m * ldx + 16 * c);
+                const __m256 xh = _mm256_loadu_ps(x + m * ldx + 16 * c + 8);
+                for (int r = 0; r < R; r++)
+                    acc[m][r] = _mm256_fmadd_ps(hi[r], xh, _mm256_fmadd_ps(lo[r], xl, acc[m][r]));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m128 sv = _mm_broadcast_ss(s + r * groups + g);
+            for (int m = 0; m < MB; m++) {
+                const __m256 a = acc[m][r];
+                tot[m][r] = _mm_fmadd_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)), sv,
+                                         tot[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        float res[RB];
+        if (R == RB) {
+            _mm_storeu_ps(res, _mm_hadd_ps(_mm_hadd_ps(tot[m][0], tot[m][1]), _mm_hadd_ps(tot[m][2], tot[m][3])));
+        } else {
+            for (int r = 0; r < R; r++) {
+                const __m128 t = _mm_hadd_ps(tot[m][r], tot[m][r]);
+                res[r] = _mm_cvtss_f32(_mm_hadd_ps(t, t));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float zt = zero_term(s + r * groups, z ? z + r * groups : NULL, xsum + m * groups, groups);
+            out[m * ldo + r] = res[r] - zt + (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+/* One layout block (R rows from n0) against input rows [0, M): up to 4 input rows per pass. */
+static void direct_block(const float *x, int64_t mrows, int64_t k16, const float *xsum, const uint8_t *w,
+                         int64_t n, int64_t n0, int R, const float *s, const uint8_t *z, int64_t groups,
+                         int64_t gchunks, const float *bias, float *out) {
+    const uint8_t *wb = w + n0 * (k16 / 2);
+    const float *sb = s + n0 * groups, *bb = bias ? bias + n0 : NULL;
+    const uint8_t *zb = z ? z + n0 * groups : NULL;
+    const int64_t cs = 8 * R;
+    if (R < RB) { /* the last, partial block: one row at a time */
+        for (int r = 0; r < R; r++)
+            for (int64_t m = 0; m < mrows; m++)
+                direct(1, 1, x + m * k16, k16, xsum + m * groups, wb + 8 * r, cs, sb + r * groups,
+                       zb ? zb + r * groups : NULL, groups, gchunks, bb ? bb + r : NULL, out + m * n + n0 + r, n);
+        return;
+    }
+    int64_t m = 0;
+    if (mrows == 1) {
+        direct(4, 1, x, k16, xsum, wb, cs, sb, zb, groups, gchunks, bb, out + n0, n);
+        return;
+    }
+    for (; m + 4 <= mrows; m += 4)  /* 4 input rows x 2 output rows: 8 accumulators */
+        for (int h = 0; h < 2; h++)
+            direct(2, 4, x + m * k16, k16, xsum + m * groups, wb + 16 * h, cs, sb + 2 * h * groups,
+                   zb ? zb + 2 * h * groups : NULL, groups, gchunks, bb ? bb + 2 * h : NULL,
+                   out + m * n + n0 + 2 * h, n);
+    for (; m + 2 <= mrows; m += 2)
+        direct(4, 2, x + m * k16, k16, xsum + m * groups, wb, cs, sb, zb, groups, gchunks, bb, out + m * n + n0, n);
+    for (; m < mrows; m++)
+        direct(4, 1, x + m * k16, k16, xsum + m * groups, wb, cs, sb, zb, groups, gchunks, bb, out + m * n + n0, n);
+}
+
+static int direct_all(const float *x, int64_t mrows, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                      const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    const int64_t groups = k16 / group, gchunks = group / 16, blocks = (n + RB - 1) / RB;
+    float *xsum = malloc(sizeof(float) * mrows * groups);
+    if (!xsum) return -1;
+    for (int64_t m = 0; m < mrows; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t k = g * group; k < (g + 1) * group; k += 8)
+                a = _mm256_add_ps(a, _mm256_loadu_ps(x + m * k16 + k));
+            xsum[m * groups + g] = hsum(a);
+        }
+    const int parallel = threads > 1 && mrows * n * k16 >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * RB;
+        direct_block(x, mrows, k16, xsum, w, n, n0, n - n0 < RB ? (int)(n - n0) : RB, s, z, groups, gchunks, bias,
+                     out);
+    }
+    free(xsum);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- tile */
+
+/* Dequantize R rows (row r: codes at w + 8r, chunk stride cs) x columns [k0, k0 + kc) into wt[r * KC + j]. */
+INLINE void dequant_tile(const int R, const uint8_t *w, int64_t cs, const float *s, const uint8_t *z,
+                         int64_t groups, int64_t gchunks, int64_t k0, int64_t kc, float *wt) {
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (int64_t c = 0; c < kc / 16; c++) {
+        const int64_t chunk = k0 / 16 + c, g = chunk / gchunks;
+        for (int r = 0; r < R; r++) {
+            const __m256 sv = _mm256_set1_ps(s[r * groups + g]);
+            const __m256 zv = _mm256_set1_ps(z ? (float)z[r * groups + g] : 8.f);
+            const __m256i v = load_codes(w + chunk * cs + 8 * r);
+            const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+            const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+            _mm256_store_ps(wt + r * KC + 16 * c, _mm256_mul_ps(_mm256_sub_ps(lo, zv), sv));
+            _mm256_store_ps(wt + r * KC + 16 * c + 8, _mm256_mul_ps(_mm256_sub_ps(hi, zv), sv));
+        }
+    }
+}
+
+/* acc[m * RB + r] (8 partial sums) += x[m, 0 : kc] . wt[r] for MB input rows and R weight rows. */
+INLINE void tile_mul(const int MB, const int R, const float *x, int64_t ldx, const float *wt, int64_t kc,
+                     __m256 *acc) {
+    __m256 c[3][RB];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) c[m][r] = acc[m * RB + r];
+    for (int64_t k = 0; k < kc; k += 8) {
+        __m256 wv[RB];
+        for (int r = 0; r < R; r++) wv[r] = _mm256_load_ps(wt + r * KC + k);
+        for (int m = 0; m < MB; m++) {
+            const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+            for (int r = 0; r < R; r++) c[m][r] = _mm256_fmadd_ps(xv, wv[r], c[m][r]);
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) acc[m * RB + r] = c[m][r];
+}
+
+INLINE void tile_rows(const int R, const float *x, int64_t mrows, int64_t k16, const uint8_t *w, int64_t cs,
+                      int64_t n, const float *s, const uint8_t *z, int64_t groups, int64_t gchunks,
+                      const float *bias, float *out, float *wt, __m256 *acc) {
+    for (int64_t i = 0; i < mrows * RB; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < k16; k0 += KC) {
+        const int64_t kc = k16 - k0 < KC ? k16 - k0 : KC;
+        dequant_tile(R, w, cs, s, z, groups, gchunks, k0, kc, wt);
+        int64_t m = 0;
+        for (; m + 3 <= mrows; m += 3) tile_mul(3, R, x + m * k16 + k0, k16, wt, kc, acc + m * RB);
+        if (mrows - m == 2) tile_mul(2, R, x + m * k16 + k0, k16, wt, kc, acc + m * RB);
+        if (mrows - m == 1) tile_mul(1, R, x + m * k16 + k0, k16, wt, kc, acc + m * RB);
+    }
+    for (int64_t m = 0; m < mrows; m++)
+        for (int r = 0; r < R; r++) out[m * n + r] = hsum(acc[m * RB + r]) + (bias ? bias[r] : 0.f);
+}
+
+static int tile_all(const float *x, int64_t mrows, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                    const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    const int64_t groups = k16 / group, gchunks = group / 16, blocks = (n + RB - 1) / RB;
+    int failed = 0;
+    const int parallel = threads > 1 && mrows * n * k16 >= PARALLEL_MIN;
+    #pragma omp parallel num_threads(threads) if (parallel)
+    {
+        float *wt = aligned_alloc(32, sizeof(float) * RB * KC);
+        __m256 *acc = aligned_alloc(32, sizeof(__m256) * RB * MC);
+        if (!wt || !acc) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t m0 = 0; m0 < mrows; m0 += MC) {
+            const int64_t mr = mrows - m0 < MC ? mrows - m0 : MC;
+            #pragma omp for schedule(dynamic, CHUNK)
+            for (int64_t b = 0; b < blocks; b++) {
+                const int64_t n0 = b * RB;
+                const int R = n - n0 < RB ? (int)(n - n0) : RB;
+                const uint8_t *wb = w + n0 * (k16 / 2);
+                if (!wt || !acc) continue;
+                if (R == RB) {
+                    tile_rows(RB, x + m0 * k16, mr, k16, wb, 8 * RB, n, s + n0 * groups, z ? z + n0 * groups : NULL,
+                              groups, gchunks, bias ? bias + n0 : NULL, out + m0 * n + n0, wt, acc);
+                } else {
+                    for (int r = 0; r < R; r++)
+                        tile_rows(1, x + m0 * k16, mr, k16, wb + 8 * r, 8 * R, n, s + (n0 + r) * groups,
+                                  z ? z + (n0 + r) * groups : NULL, groups, gchunks, bias ? bias + n0 + r : NULL,
+                                  out + m0 * n + n0 + r, wt, acc);
+                }
+            }
+        }
+        free(wt);
+        free(acc);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The entry point. Returns 0, or -1 on bad arguments or a failed allocation (out is then undefined). */
+int q4_linear(const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+              const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    if (m <= DIRECT_M) return direct_all(x, m, k16, w, n, s, z, group, bias, out, threads);
+    return tile_all(x, m, k16, w, n, s, z, group, bias, out, threads);
+}
+
+/* For tests and tuning: force one path (0: direct, 1: tile). */
+int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                   const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    return path ? tile_all(x, m, k16, w, n, s, z, group, bias, out, threads)
+                : direct_all(x, m, k16, w, n, s, z, group, bias, out, threads);
+}
