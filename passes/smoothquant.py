@@ -37,7 +37,7 @@ class SmoothQuantConfig:
     name: ClassVar[str] = "smoothquant"
     field_docs: ClassVar[dict] = {
         "alpha": "migration strength in [0, 1] (0.5 for OPT, 0.8 for LLaMA in the paper), or `search`: a "
-                 "grid search per group",
+                 "grid search per group (a group no grid value improves is left unsmoothed; its alpha is null)",
         "search_step": "grid step of `alpha: search` (0.05: 21 values from 0 to 1)",
         "search_tokens": "calibration tokens kept per group input for `alpha: search`",
         "weights": "weight quantizer assumed by `alpha: search` (not inserted: use the quantize pass)",
@@ -116,12 +116,14 @@ class SmoothQuant(Pass):
             with ctx.loaded([p.target for p, _ in g.producer.params] + [c.site.weight.target for c in g.consumers]):
                 x_absmax = [observed[c.site.input.name].absmax for c in g.consumers]
                 a = self._search(gm, g, observed) if cfg.alpha == "search" else cfg.alpha
-                s = smoothing_scales(to_channels(g, x_absmax), to_channels(g, [weight_absmax(gm, c.site)
-                                                                               for c in g.consumers]),
-                                     a, cfg.min_scale, g.consumed)
-                fold_scales(gm, g, s)
+                if a is not None:
+                    s = smoothing_scales(to_channels(g, x_absmax), to_channels(g, [weight_absmax(gm, c.site)
+                                                                                   for c in g.consumers]),
+                                         a, cfg.min_scale, g.consumed)
+                    fold_scales(gm, g, s)
             alphas[g.name] = a
-        stats.update(groups_smoothed=len(todo), linears_smoothed=sum(len(g.consumers) for g in todo))
+        smoothed = [g for g in todo if alphas[g.name] is not None]
+        stats.update(groups_smoothed=len(smoothed), linears_smoothed=sum(len(g.consumers) for g in smoothed))
         if cfg.alpha == "search":
             stats["alphas"] = alphas
         return PassResult(modified=True, stats=stats, near_misses=near)
@@ -135,15 +137,18 @@ class SmoothQuant(Pass):
             gm, nodes, lambda k, n: InputStats(keep), calib, desc="smoothquant: observing linear inputs",
             progress=ctx.progress))
 
-    def _search(self, gm: GraphModule, g: FoldGroup, observed: dict) -> float:
-        """The grid alpha minimising sum over consumers of ||X W^T - Q(X / s) Q(W s)^T||^2."""
+    def _search(self, gm: GraphModule, g: FoldGroup, observed: dict) -> float | None:
+        """The grid alpha minimising sum over consumers of ||X W^T - Q(X / s) Q(W s)^T||^2, or None (leave the
+        group unsmoothed) when no grid value beats s = 1. alpha = 0 is not the identity: s = 1 / max|W|."""
         cfg = self.config
         xs = [observed[c.site.input.name].sample() for c in g.consumers]
         ws = [canonical_weight(gm, c.site).double() for c in g.consumers]
         refs = [x @ w.t() for x, w in zip(xs, ws)]
         x_max = to_channels(g, [observed[c.site.input.name].absmax for c in g.consumers])
         w_max = to_channels(g, [weight_absmax(gm, c.site) for c in g.consumers])
-        best, best_err = cfg.grid[0], math.inf
+        best = None
+        best_err = sum(float(((_fq_act(x, cfg.activations) @ _fq_weight(w, cfg.weights).t() - ref) ** 2).sum())
+                       for x, w, ref in zip(xs, ws, refs))
         for a in cfg.grid:
             s = smoothing_scales(x_max, w_max, a, cfg.min_scale, g.consumed)
             err = 0.0

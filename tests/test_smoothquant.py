@@ -46,8 +46,29 @@ def test_alpha_search_chooses_a_grid_value_per_group():
     cfg = SmoothQuantConfig(alpha="search", search_step=0.25, search_tokens=64)
     qm = qpass.apply(gm, Recipe([cfg]), calib_data=CALIB, progress=False)
     alphas = qm.report["smoothquant"].stats["alphas"]
-    assert len(alphas) == 9 and set(alphas.values()) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert len(alphas) == 9 and set(alphas.values()) <= {None, 0.0, 0.25, 0.5, 0.75, 1.0}
     assert rel(qm(ids).logits.detach(), gm(ids).logits.detach()) <= 1e-4
+    stats = qm.report["smoothquant"].stats
+    assert stats["groups_smoothed"] == sum(a is not None for a in alphas.values())
+
+
+def test_alpha_search_leaves_a_group_alone_when_no_grid_value_beats_no_smoothing(monkeypatch):
+    """alpha = 0 is s = 1 / max|W|, not the identity: the search also scores s = 1 and keeps it when best."""
+    from qpass.passes import smoothquant as sq
+
+    gm = toy.captured("llama")[1]
+    cfg = SmoothQuantConfig(alpha="search", search_step=0.5, search_tokens=32)
+    # every grid value yields wildly uneven scales (1e3 and 1e-3 on alternate channels, which per-token and
+    # per-channel quantizers cannot absorb): s = 1 must win in every group
+    def uneven(x, w, alpha, floor, used=None):
+        return torch.where(torch.arange(len(x)) % 2 == 0, 1e3, 1e-3).to(torch.float64)
+    monkeypatch.setattr(sq, "smoothing_scales", uneven)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    qm = qpass.apply(gm, Recipe([cfg]), calib_data=CALIB, progress=False)
+    stats = qm.report["smoothquant"].stats
+    assert stats["groups_smoothed"] == 0 and set(stats["alphas"].values()) == {None}
+    after = qm.graph_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_smoothing_scales_formula():
