@@ -310,6 +310,60 @@ def test_native_q4_kernel_takes_any_input_layout_and_dtype(q4lib):
     assert mod(torch.randn(0, 64)).shape == (0, 20)
 
 
+I8_CASES = [(37, 200, True), (6, 45, False), (21, 203, True), (64, 96, False), (9, 16, True)]   # N % 4, K % 16
+
+
+def w8a8_linear(n, k, *, bias=True, full_range=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int8"), PerTensor(), symmetric=True, full_range=full_range)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, -1))
+    return tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8", bias=b if bias else None,
+                                       act=tp.ActFormat("int8", (1, 1, -1), True, True))
+
+
+@pytest.mark.parametrize("case", I8_CASES, ids=lambda c: f"{c[0]}x{c[1]}{'-bias' if c[2] else ''}")
+def test_native_i8_kernel_equals_the_int_mm_kernel(q4lib, case):
+    n, k, bias = case
+    for full_range in (False, True):                    # full range: weight codes at -128
+        mod = w8a8_linear(n, k, bias=bias, full_range=full_range)
+        assert "i8avx2" in tp.kernels.candidates(mod, "exact")
+        if full_range:
+            assert mod.qweight.min() == -128
+        g = torch.Generator().manual_seed(1)
+        for m in (1, 5, 17, 128):
+            x = torch.randn(2, m, k, generator=g) * torch.rand(2, m, 1, generator=g) * 10
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                force(mod, "i8avx2")
+                out = mod(x)
+                force(mod, "int_mm")
+                ref = mod(x)
+                assert out.shape == ref.shape == (2, m, n)
+                assert rel(out, ref) <= 1e-6, (m, threads, full_range, rel(out, ref))
+
+
+@pytest.mark.parametrize("k", [16, 45, 203, 4096])
+def test_native_i8_kernel_sums_extreme_codes_exactly(q4lib, k):
+    """Codes at -128 and 127 on both sides (what a saturating int16 pair sum would get wrong): the int32
+    sums are exact, so with unit scales the outputs are the integer dot products themselves."""
+    g = torch.Generator().manual_seed(k)
+    n = 7
+    for m in (1, 5, 17, 128):
+        a = torch.where(torch.rand(m, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+        w = torch.where(torch.rand(n, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+        a[0], w[0] = -128, -128                          # one all (-128)(-128) row pair: k * 16384
+        w[1] = 127
+        exact = a.long() @ w.long().t()
+        assert exact[0, 0] == k * 16384
+        ones_m, ones_n = torch.ones(m), torch.ones(n)
+        for threads in (1, 2):
+            out = torch.empty(m, n)
+            assert q4lib.i8_linear(a.data_ptr(), m, k, w.data_ptr(), n, ones_m.data_ptr(), ones_n.data_ptr(), None,
+                                   out.data_ptr(), threads) == 0
+            assert torch.equal(out, exact.float()), (m, threads)    # |sums| < 2^24: exact in fp32
+
+
 def test_native_kernel_is_built_once_into_the_cache(fresh_native):
     if tp.native.disabled():
         pytest.skip(tp.native.disabled())
@@ -350,6 +404,7 @@ def test_the_env_var_disables_the_native_kernel(q4lib, monkeypatch):
     after, _, _ = int4_linear(32, 128, (1, 64))
     assert before.wf.layout == "q4" and after.wf.layout in ("int4pack", "dense")
     assert "q4avx2" not in tp.kernels.candidates(before) + tp.kernels.candidates(after)
+    assert "i8avx2" not in tp.kernels.candidates(w8a8_linear(8, 32))
     x = torch.randn(2, 128)
     before.plan = before.plan                                              # rebind: q4avx2 no longer applies
     assert rel(before(x), torch.nn.functional.linear(x, wfq, b)) <= 1e-5

@@ -405,7 +405,7 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
         lines += [f"## {title}", "", body, ""]
     if notes_:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes_] + [""]
-    lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm` and `q4avx2` compute the "
+    lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
               "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "
               "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen), so greedy tokens "

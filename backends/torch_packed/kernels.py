@@ -18,6 +18,11 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
     int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
                      fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
                      then the scales: exact up to float rounding of the fp32 reference.
+    i8avx2           W8A8 with symmetric int8 codes on both sides (per-token or per-tensor input, per-channel
+                     or per-tensor weights): our own C kernel (native.py, csrc/q4avx2.c ``i8_linear``: int16
+                     vpmaddwd on AVX2, OpenMP with torch's thread count) on the module's int8 [N, K] weights,
+                     the same input codes as int_mm: int32 sums exact, then the same fp32 scaling steps.
+                     Only where the library builds on this machine.
     int8pack_codes   W8A8 on the int8pack kernel: integer input codes fed as bf16 (exact up to 256), one
                      bf16 rounding of each output dot product.
 
@@ -165,6 +170,33 @@ def _bind_int_mm(mod):
     return run
 
 
+def _bind_i8avx2(mod):
+    """i8_linear through ctypes on the input codes int_mm uses (``_codes``; symmetric: no zero points)."""
+    codes, k, n, call = _codes(mod), mod.wf.k, mod.wf.n, native.q4().i8_linear
+    tensors = (mod.qweight, mod.row_scale, mod.bias)             # kept alive with the pointers below
+    qw, rs, b = (t.data_ptr() if t is not None else None for t in tensors)
+    threads = torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        a, sa, _ = codes(x)
+        a = (a if a.dtype == torch.int8 else a.to(torch.int8)).contiguous()
+        m = a.shape[0]
+        sa = sa.float().reshape(-1).expand(m).contiguous()
+        out = torch.empty(m, n)
+        if call(a.data_ptr(), m, k, qw, n, sa.data_ptr(), rs, b, out.data_ptr(), threads()):
+            raise RuntimeError(f"i8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def _i8avx2_applies(mod) -> bool:
+    return (_w8a8(mod) and mod.act.symmetric and mod.wf.symmetric and mod.wf.k == mod.wf.kp and _cpu(mod)
+            and mod.qweight.dtype == torch.int8 and mod.qweight.is_contiguous()
+            and mod.row_scale.dtype == torch.float32 and (mod.bias is None or mod.bias.dtype == torch.float32)
+            and native.available())
+
+
 def _bind_int8pack_codes(mod):
     codes, qw, ones, rs, bias = _codes(mod), mod.qweight, mod.ones_bf16, mod.row_scale, mod.bias
 
@@ -210,6 +242,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m), _bind_int8pack,
            "_weight_int8pack_mm, bf16 activations"),
     Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
+    Kernel("i8avx2", True, _i8avx2_applies, _bind_i8avx2, "own AVX2 int8 x int8 -> int32 kernel (csrc/q4avx2.c)"),
     Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m), _bind_int8pack_codes,
            "int8 input codes on _weight_int8pack_mm, bf16 result"),
 )}

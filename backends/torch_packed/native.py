@@ -2,6 +2,8 @@
 
     csrc/q4avx2.c     int4 x fp32 linear layer (AVX2 + FMA, OpenMP over output rows) on the ``q4`` layout
                       (packing.py); exact up to fp32 summation order. See the file's header for the math.
+                      Also ``i8_linear``: int8 x int8 -> int32 W8A8 linear (exact integer sums, then the fp32
+                      scales), on the module's int8 [N, K] weights; see its comment in the same file.
 
 Build: ``$CC`` (default ``cc``) ``-O3 -mavx2 -mfma -fopenmp -shared -fPIC`` (without ``-fopenmp`` if that
 fails: one thread) into ``$XDG_CACHE_HOME/qpass/kernels/q4avx2-<hash>.so`` (``~/.cache`` by default; a
@@ -36,10 +38,12 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_I8_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 _lock = threading.Lock()
 _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one build attempt per process
@@ -58,6 +62,8 @@ class Q4Library:
         self.linear.restype, self.linear.argtypes = ctypes.c_int, _ARGS
         self.path = lib.q4_linear_path
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
+        self.i8_linear = lib.i8_linear
+        self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         self._lib = lib
 
 
@@ -192,3 +198,13 @@ def _self_check(lib: Q4Library) -> None:
                           out.data_ptr(), 1)
             if rc != 0 or not torch.allclose(out, ref[:m], rtol=1e-4, atol=1e-4):
                 raise ValueError(f"self-check failed (path {path}, M={m}, rc={rc})")
+    k = 45                                                   # i8_linear: a 16-column tail, codes at -128
+    a = torch.randint(-128, 128, (3, k), dtype=torch.int8, generator=g)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    a[0, 0], w8[0, 0] = -128, -128
+    sa, ws = torch.rand(3, generator=g), torch.rand(n, generator=g)
+    ref = (a.long() @ w8.long().t()).float() * sa[:, None] * ws
+    out = torch.empty(3, n)
+    rc = lib.i8_linear(a.data_ptr(), 3, k, w8.data_ptr(), n, sa.data_ptr(), ws.data_ptr(), None, out.data_ptr(), 1)
+    if rc != 0 or not torch.allclose(out, ref, rtol=1e-6, atol=0):
+        raise ValueError(f"self-check failed (i8_linear, rc={rc})")

@@ -22,6 +22,9 @@
  * time. fp32 throughout: the results differ from dequantize + fp32 matmul only by summation order.
  * Threads: OpenMP over blocks of output rows, `threads` of them (the caller passes torch's thread count),
  * handed out dynamically in runs of CHUNK blocks.
+ *
+ * The same library holds i8_linear, the W8A8 kernel (int8 x int8 -> int32, then fp32 scales; see its comment
+ * at the end of the file).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -37,7 +40,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 2; }
+int q4_abi_version(void) { return 3; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -287,4 +290,119 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
     if (threads < 1) threads = 1;
     return path ? tile_all(x, m, k16, w, n, s, z, group, bias, out, threads)
                 : direct_all(x, m, k16, w, n, s, z, group, bias, out, threads);
+}
+
+/* ------------------------------------------------------------------------------------------ int8 x int8
+ *
+ *     out[m, n] = (float)(sum_k a[m, k] * w[n, k]) * sa[m] * ws[n]  (+ bias[n])
+ *
+ * a: int8 codes [M, K] (dynamic per-token input codes), w: int8 codes [N, K] (the module's int8 weight layout,
+ * K contiguous: no repacking, no second copy), sa: fp32 [M], ws: fp32 [N], bias: fp32 [N] or NULL.
+ * The dot products are exact int32 sums (|a w| <= 2^14, K < 2^17) for every int8 code, -128 included.
+ *
+ * Without VNNI the int8 multiply on AVX2 is either vpmaddubsw (u8 x s8 -> s16 pairs, saturating; the
+ * llama.cpp sign trick |a| x sign(w, a) avoids the saturation but needs a vpsignb per (a, w) pair and is
+ * wrong for a = w = -128) or vpmaddwd on int16 (s16 x s16 -> s32 pairs, never saturates). Both cost two
+ * multiply uops per 32 products; vpmaddwd needs no sign fix-up and measured 1.3-1.4x faster here (AMD EPYC,
+ * 2 x 4 tile: 35 ms vs 45 ms for 120 x 4096 x 4096), so: the input is widened once to int16 (zero-padded to
+ * k16 columns, a multiple of 16), each 16-code weight chunk is widened with one vpmovsxbw and multiplied with
+ * MR = 2 input rows at once, for NR = 4 weight rows (8 int32 accumulators). The weight rows of a block stay
+ * in L1 while the int16 input streams by (cache-blocking K measured no faster). Columns beyond the last
+ * whole 16 are summed in scalar code (weight rows are not padded). Threads: OpenMP over blocks of 4 output
+ * columns (weight rows), dynamic in runs of CHUNK.
+ */
+#define I8_NR 4
+#define I8_MR 2
+
+INLINE int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* acc[m * I8_NR + r] = a[m] . w[r] over the first kv columns (a multiple of 16), mr input rows, nr weight rows */
+INLINE void i8_tile(const int mr, const int nr, const int16_t *a, int64_t lda, const int8_t *w, int64_t ldw,
+                    int64_t kv, int32_t *acc) {
+    __m256i c[I8_MR][I8_NR];
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) c[m][r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 16) {
+        __m256i wv[I8_NR];
+        for (int r = 0; r < nr; r++) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * ldw + k)));
+        for (int m = 0; m < mr; m++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(a + m * lda + k));
+            for (int r = 0; r < nr; r++) c[m][r] = _mm256_add_epi32(c[m][r], _mm256_madd_epi16(av, wv[r]));
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) acc[m * I8_NR + r] = hsum_i32(c[m][r]);
+}
+
+/* out = (float)acc * sa * ws (+ bias), rounded step by step as torch does it (no fused multiply-add) */
+#if defined(__clang__)
+static void i8_store(const int32_t *acc, int mr, int nr, const float *sa, const float *ws, const float *bias,
+                     float *out, int64_t ldo) {
+#pragma clang fp contract(off)
+#else
+__attribute__((optimize("fp-contract=off")))
+static void i8_store(const int32_t *acc, int mr, int nr, const float *sa, const float *ws, const float *bias,
+                     float *out, int64_t ldo) {
+#endif
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++) {
+            float y = (float)acc[m * I8_NR + r] * sa[m];
+            y = y * ws[r];
+            out[m * ldo + r] = bias ? y + bias[r] : y;
+        }
+}
+
+static void i8_block(const int nr, const int8_t *a8, const int16_t *a, int64_t mrows, int64_t k, int64_t k16,
+                     const int8_t *w, const float *sa, const float *ws, const float *bias, float *out, int64_t n) {
+    const int64_t kv = k & ~(int64_t)15;
+    int32_t acc[I8_MR * I8_NR];
+    for (int64_t m = 0; m < mrows; m += I8_MR) {
+        const int mr = mrows - m < I8_MR ? (int)(mrows - m) : I8_MR;
+        if (mr == I8_MR && nr == I8_NR) i8_tile(I8_MR, I8_NR, a + m * k16, k16, w, k, kv, acc);
+        else if (mr == 1 && nr == I8_NR) i8_tile(1, I8_NR, a + m * k16, k16, w, k, kv, acc);
+        else
+            for (int i = 0; i < mr; i++)
+                for (int r = 0; r < nr; r++) i8_tile(1, 1, a + (m + i) * k16, k16, w + r * k, k, kv, acc + i * I8_NR + r);
+        if (kv < k)
+            for (int i = 0; i < mr; i++)
+                for (int r = 0; r < nr; r++) {
+                    int32_t t = 0;
+                    for (int64_t j = kv; j < k; j++) t += (int32_t)a8[(m + i) * k + j] * (int32_t)w[r * k + j];
+                    acc[i * I8_NR + r] += t;
+                }
+        i8_store(acc, mr, nr, sa + m, ws, bias, out + m * n, n);
+    }
+}
+
+/* The W8A8 entry point. Returns 0, or -1 on bad arguments or a failed allocation (out is then undefined). */
+int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa, const float *ws,
+              const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k <= 0) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t k16 = (k + 15) & ~(int64_t)15, blocks = (n + I8_NR - 1) / I8_NR;
+    int16_t *a = aligned_alloc(32, sizeof(int16_t) * m * k16);
+    if (!a) return -1;
+    for (int64_t i = 0; i < m; i++) {
+        int64_t j = 0;
+        for (; j + 16 <= k; j += 16)
+            _mm256_store_si256((__m256i *)(a + i * k16 + j),
+                               _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a8 + i * k + j))));
+        for (; j < k; j++) a[i * k16 + j] = a8[i * k + j];
+        for (; j < k16; j++) a[i * k16 + j] = 0;
+    }
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * I8_NR;
+        i8_block(n - n0 < I8_NR ? (int)(n - n0) : I8_NR, a8, a, m, k, k16, w + n0 * k, sa, ws + n0,
+                 bias ? bias + n0 : NULL, out + n0, n);
+    }
+    free(a);
+    return 0;
 }
