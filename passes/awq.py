@@ -88,11 +88,6 @@ class Awq(Pass):
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
 
-    def streaming_refusal(self) -> str | None:
-        if not self.config.sequential:
-            return "sequential: false calibrates the whole model in one run, which needs every weight in memory"
-        return None
-
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # parameters only: the saved state dict holds the scaled and clipped values
             return PassResult(modified=False, stats={"restored": True})

@@ -77,11 +77,6 @@ class Gptq(Pass):
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
 
-    def streaming_refusal(self) -> str | None:
-        if not self.config.sequential:
-            return "sequential: false calibrates the whole model in one run, which needs every weight in memory"
-        return None
-
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # weights and scales come from the saved state dict
             return PassResult(modified=False, stats={"restored": True})

@@ -49,7 +49,10 @@ class Pass(ABC):
 
     def streaming_refusal(self) -> str | None:
         """Why this pass cannot run with the weights on disk (``qpass.apply_from_disk``), or None. Checked
-        before anything runs; a pass that reads an unloaded weight anyway fails at that read."""
+        before anything runs; a pass that reads an unloaded weight anyway fails at that read. Default: a
+        block-by-block pass (a config with ``sequential``) refuses its whole-model mode."""
+        if getattr(getattr(self, "config", None), "sequential", True) is False:
+            return "sequential: false calibrates the whole model in one run, which needs every weight in memory"
         return None
 
 
