@@ -13,14 +13,6 @@ from tests import toy
 W3G8 = QSpec(IntFormat(3), PerGroup(8), symmetric=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():   # tiny tensors: threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return toy.captured("llama")

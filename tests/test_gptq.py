@@ -18,14 +18,6 @@ SPECS = [QSpec(IntFormat(4), PerGroup(32)), QSpec(IntFormat(3), PerChannel(0), s
          QSpec(IntFormat(2), PerGroup(16), symmetric=False), QSpec(IntFormat(8), PerGroup(20))]   # 20: partial group
 
 
-@pytest.fixture(autouse=True)
-def one_thread():   # tiny tensors: threads only add contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def llama():
     return toy.captured("llama")

@@ -13,14 +13,6 @@ from tests import toy
 W4G8 = QSpec(IntFormat(4), PerGroup(8))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def graphs():
     return {f: toy.captured(f)[1] for f in ("llama", "opt", "gpt2")}

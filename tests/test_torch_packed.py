@@ -119,6 +119,13 @@ def test_fast_token_quantizer_is_the_primitive_bit_for_bit():
                                           act=tp.ActFormat(fmt, (1, 1, -1), True, True))
         ref = Q.fake_quantize_dynamic(x, [1, 1, -1], fmt, True)
         assert mod.act.fast and torch.equal(mod.input_fake_quant(x).nan_to_num(7.0), ref.nan_to_num(7.0))
+        # the integer kernels' input codes are the general path's codes, on every finite token
+        scale, _ = Q.dynamic_qparams(x, [1, 1, -1], fmt, True)
+        finite = torch.isfinite(x).all(-1).reshape(-1)
+        codes, s, _ = mod.input_codes(x)
+        ref_codes = Q.quantize(x, scale, None, [1, 1, -1], fmt).reshape(-1, 40)
+        assert torch.equal(codes[finite], ref_codes[finite].to(codes.dtype))
+        assert torch.equal(s[finite], scale.reshape(-1, 1)[finite])
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "int3", "fp8_e4m3", "nf4"])

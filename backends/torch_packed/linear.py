@@ -315,27 +315,17 @@ class PackedLinear(nn.Module):
         a = self.act
         if a is None:
             return x
-        if a.fast and x.dtype == torch.float32:
-            s, lo, hi = self._token_scale(x)
-            return (x / s).round_().clamp_(lo, hi).mul_(s)
-        if a.dynamic:
+        if a.dynamic:          # per-token symmetric int takes the primitive's fast path
             return Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric)
         return Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
-
-    def _token_scale(self, x: Tensor):
-        """Per-token symmetric int scale, as ``qpass.primitives.dynamic_qparams`` computes it: absmax / qmax
-        floored at SCALE_FLOOR. A row holding inf or NaN gets an inf/NaN scale, so it comes out all NaN,
-        as the primitive's NaN scale makes it; every other row is bit for bit the primitive's."""
-        lo, hi = Q.qrange(self.act.fmt, True)
-        return x.abs().amax(-1, keepdim=True).div_(hi).clamp_(min=Q.SCALE_FLOOR), lo, hi
 
     def input_codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Integer codes of the input as [M, K] (int8, or uint8 when asymmetric), scale [M or 1, 1] and
         zero point [M or 1, 1] (None when symmetric): exactly the codes the input fake-quant rounds to."""
         a, x = self.act, x.float()
         if a.fast:
-            s, lo, hi = self._token_scale(x)
-            q = (x / s).round_().clamp_(lo, hi).to(torch.int8)
+            s = Q.token_scale(x, a.fmt)
+            q = (x / s).round_().clamp_(*Q.qrange(a.fmt, True)).to(torch.int8)
             return q.reshape(-1, self.wf.k), s.reshape(-1, 1), None
         if a.dynamic:
             scale, zp = Q.dynamic_qparams(x, list(a.block), a.fmt, a.symmetric)
