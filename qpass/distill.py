@@ -67,6 +67,9 @@ def feature_taps(gm: GraphModule, teacher: nn.Module, outputs: dict[str, Node]) 
     and of `teacher` while the context is open."""
     student: dict[str, torch.Tensor] = {}
     teach: dict[str, torch.Tensor] = {}
+    if not outputs:            # nothing to tap: leave the graph (and its compiled code) alone
+        yield student, teach
+        return
     taps, hooks = [], []
     try:
         for i, (path, node) in enumerate(outputs.items()):
