@@ -26,6 +26,12 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
     int8pack_codes   W8A8 on the int8pack kernel: integer input codes fed as bf16 (exact up to 256), one
                      bf16 rounding of each output dot product.
 
+Input quantizers: where the native library is there, the common one (dynamic symmetric per-token int of <= 8
+bits, ``ActFormat.fast``) runs as one ``native.token_quant`` call instead of ~5 torch ops: its codes in i8avx2,
+its fake-quant values in q4avx2, int4pack and int8pack (fp32 inputs only, others keep the torch path). The
+same codes, scales and values as the torch ops, bit for bit. The dequant fallback keeps the torch ops: it is
+the reference the other kernels are tested against.
+
 Approximate kernels (``exact=False``) round to bf16: relative error of a few 2^-9 per output, see
 docs/benchmarks.md and tests/test_torch_packed.py for the measured bound.
 """
@@ -41,6 +47,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from qpass.primitives import quant as Q
 
 from . import native
 
@@ -63,9 +71,36 @@ _INT4PACK_MM = aten._weight_int4pack_mm_for_cpu.default
 _INT8PACK_MM = aten._weight_int8pack_mm.default
 
 
-def _input(mod):
-    """x -> [M, kp] float input: fake-quantized if the recipe quantizes it, zero-padded to whole groups."""
-    fq, k, pad = (mod.input_fake_quant if mod.act is not None else None), mod.wf.k, mod.wf.kp - mod.wf.k
+def _native_act_bits(mod) -> int | None:
+    """Bits of the module's input quantizer where native.token_quant computes it in one call (dynamic
+    symmetric per-token int of <= 8 bits, ``ActFormat.fast``, and the library is there); else None."""
+    a = mod.act
+    if a is None or not a.fast or not native.available():
+        return None
+    bits = Q.parse_format(a.fmt).bits
+    return bits if 2 <= bits <= 8 else None
+
+
+def _fake_quant(mod):
+    """The module's input fake-quant as a function, or None without one: ``native.token_quant`` for fp32
+    inputs where it applies (bit for bit ``mod.input_fake_quant``), else ``mod.input_fake_quant``."""
+    if mod.act is None:
+        return None
+    fq, bits = mod.input_fake_quant, _native_act_bits(mod)
+    if bits is None:
+        return fq
+    tq, f32 = native.token_quant, torch.float32
+
+    def run(x: Tensor) -> Tensor:
+        return tq(x, bits, codes=False)[0] if x.dtype is f32 else fq(x)
+    return run
+
+
+def _input(mod, *, torch_only: bool = False):
+    """x -> [M, kp] float input: fake-quantized if the recipe quantizes it, zero-padded to whole groups.
+    torch_only: the input quantizer as the primitive computes it, never natively (the dequant reference)."""
+    fq = (mod.input_fake_quant if mod.act is not None else None) if torch_only else _fake_quant(mod)
+    k, pad = mod.wf.k, mod.wf.kp - mod.wf.k
 
     def prep(x: Tensor) -> Tensor:
         x = (fq(x) if fq is not None else x).reshape(-1, k).float()     # no-op for fp32 graphs
@@ -74,7 +109,7 @@ def _input(mod):
 
 
 def _bind_dequant(mod):
-    prep, n, rows, bias, deq = _input(mod), mod.wf.n, mod.tile_rows(), mod.bias, mod.dequantize
+    prep, n, rows, bias, deq = _input(mod, torch_only=True), mod.wf.n, mod.tile_rows(), mod.bias, mod.dequantize
 
     def run(x: Tensor) -> Tensor:
         x = prep(x)
@@ -91,7 +126,7 @@ def _bind_dequant(mod):
 def _bind_q4avx2(mod):
     """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
     [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds)."""
-    wf, fq = mod.wf, (mod.input_fake_quant if mod.act is not None else None)
+    wf, fq = mod.wf, _fake_quant(mod)
     k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, native.q4().linear
     scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
     zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
@@ -171,18 +206,25 @@ def _bind_int_mm(mod):
 
 
 def _bind_i8avx2(mod):
-    """i8_linear through ctypes on the input codes int_mm uses (``_codes``; symmetric: no zero points)."""
+    """i8_linear through ctypes on the input codes int_mm uses (``_codes``; symmetric: no zero points). For
+    the common dynamic per-token quantizer the codes and scales come from one native.token_quant call (the
+    same codes and scales, bit for bit, on finite tokens; a token holding inf/NaN gets a NaN scale, so its
+    outputs are all NaN as in the fake-quant graph). Returns [..., N] (x's leading dims)."""
     codes, k, n, call = _codes(mod), mod.wf.k, mod.wf.n, native.q4().i8_linear
     tensors = (mod.qweight, mod.row_scale, mod.bias)             # kept alive with the pointers below
     qw, rs, b = (t.data_ptr() if t is not None else None for t in tensors)
-    threads = torch.get_num_threads
+    threads, bits, tq = torch.get_num_threads, _native_act_bits(mod), native.token_quant
 
     def run(x: Tensor) -> Tensor:
-        a, sa, _ = codes(x)
-        a = (a if a.dtype == torch.int8 else a.to(torch.int8)).contiguous()
-        m = a.shape[0]
-        sa = sa.float().reshape(-1).expand(m).contiguous()
-        out = torch.empty(m, n)
+        if bits is not None:
+            a, sa = tq(x, bits, codes=True)                      # int8 [M, K], fp32 [M], both contiguous
+            m = a.shape[0]
+        else:
+            a, sa, _ = codes(x)
+            a = (a if a.dtype == torch.int8 else a.to(torch.int8)).contiguous()
+            m = a.shape[0]
+            sa = sa.float().reshape(-1).expand(m).contiguous()
+        out = torch.empty(*x.shape[:-1], n)        # x's leading dims: nothing left for the module to reshape
         if call(a.data_ptr(), m, k, qw, n, sa.data_ptr(), rs, b, out.data_ptr(), threads()):
             raise RuntimeError(f"i8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
         return out

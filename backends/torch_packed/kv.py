@@ -48,10 +48,10 @@ class PackedKVCache(nn.Module):
             u = P.pack_dense(u.reshape(-1, u.shape[-1]), self.bits).reshape(*lead, -1)
         return u
 
-    def _decode(self) -> Tensor:
-        u = self.codes
+    def _decode(self, n: int | None = None) -> Tensor:
+        u = self.codes if n is None else self.codes[:, :, :n]
         if self.bits in P.DENSE_BITS:
-            u = P.unpack_dense(u.reshape(-1, u.shape[-1]), self.bits, self.shape[-1]).reshape(self.shape)
+            u = P.unpack_dense(u.reshape(-1, u.shape[-1]), self.bits, self.shape[-1]).reshape(*u.shape[:-1], -1)
         if self.kind == "float" and self.bits == 8:
             return u.view(Q.FP8_DTYPES[self.fmt])
         if self.kind == "int":
@@ -61,7 +61,8 @@ class PackedKVCache(nn.Module):
                 return (u.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
         return u
 
-    def forward(self, k: Tensor, pos: Tensor) -> Tensor:
+    def forward(self, k: Tensor, pos: Tensor, n_keys: int | None = None) -> Tensor:
+        """Write `k` at `pos`; return the cache dequantized (its first `n_keys` slots only, when given)."""
         if self._fast:
             q = self._fast_codes(k.float(), pos)
         else:
@@ -74,7 +75,7 @@ class PackedKVCache(nn.Module):
                 scale, zp = self.scale, self.zero
             q = Q.quantize(k, scale, zp, self.block, self.fmt)
         self.codes.index_copy_(2, pos, self._encode(q))
-        return self.dequantize()
+        return self.dequantize(n_keys)
 
     @property
     def _fast(self) -> bool:
@@ -90,14 +91,20 @@ class PackedKVCache(nn.Module):
         self.scale.index_copy_(2, pos, s)
         return (k / s).round_().clamp_(lo, hi).to(torch.int8)
 
-    def dequantize(self) -> Tensor:
-        """The whole cache as floats: (q - z) * s rounded once, as ``Q.dequantize`` computes it, but with the
-        zero point subtracted in integers and one promoting multiply (per-token blocks broadcast as they are)."""
-        q = self._decode()
+    def dequantize(self, n: int | None = None) -> Tensor:
+        """The cache as floats, all of it or its first `n` slots: (q - z) * s rounded once, as
+        ``Q.dequantize`` computes it, but with the zero point subtracted in integers and one promoting
+        multiply (per-token blocks broadcast as they are)."""
+        if n is not None and n >= self.shape[2]:
+            n = None
+        if n is not None and self.block[2] not in (1, -1):   # blocks spanning positions: decode all, then cut
+            return self.dequantize()[:, :, :n]
+        shape = self.shape if n is None else (*self.shape[:2], n, self.shape[3])
+        q = self._decode(n)
+        s, z = self._slots(self.scale, n), self._slots(self.zero, n)
         g = self.block[-1]
         if any(b > 1 for b in self.block[:-1]) or self.kind == "lut" or self.fmt == "fp4_e2m1":
-            return Q.dequantize(q, self.scale, self.zero, self.block, self.fmt, self.dtype)
-        s, z = self.scale, self.zero
+            return Q.dequantize(q, s, z, self.block, self.fmt, self.dtype)
         if g > 1:                                   # groups along head_dim: [.., D/g, g] x [.., D/g, 1]
             q, s = q.view(*q.shape[:-1], -1, g), s.unsqueeze(-1)
             z = z.unsqueeze(-1) if z is not None else None
@@ -105,7 +112,12 @@ class PackedKVCache(nn.Module):
             q = q.float()
         elif z is not None:
             q = q.to(torch.int16) - z.to(torch.int16)
-        return torch.mul(q, s).view(self.shape).to(self.dtype)
+        return torch.mul(q, s).view(shape).to(self.dtype)
+
+    @staticmethod
+    def _slots(t: Tensor | None, n: int | None) -> Tensor | None:
+        """A scale/zero tensor cut to the first n positions (dim 2) when it has one entry per position."""
+        return t if t is None or n is None or t.shape[2] == 1 else t[:, :, :n]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)

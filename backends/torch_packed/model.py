@@ -41,6 +41,7 @@ from .kernels import BUCKETS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
 from .lower import lower_kv_cache, lower_linears, simplify
+from .runtime import optimize_decode
 
 BACKEND = "torch"
 ARTIFACT_FORMAT = 1
@@ -102,15 +103,17 @@ class PackedModel(nn.Module):
         return {n: dict(m.plan) for n, m in self.linears().items()}
 
     # -------------------------------------------------------------------------------- generation
-    def decode_graph(self, max_cache_len: int, batch_size: int = 1, *, template: GraphModule | None = None
-                     ) -> GraphModule:
+    def decode_graph(self, max_cache_len: int, batch_size: int = 1, *, template: GraphModule | None = None,
+                     optimize: bool = True) -> GraphModule:
         """The lowered prefill/decode step with a static KV cache (stored low-bit when the recipe quantizes
         it): ``step(input_ids, cache_position) -> logits``. Packed weights and every other tensor are shared
         with the main graph; cached per (batch size, cache length).
 
         template: an unmodified ``qpass.capture_decode`` graph of the same architecture, cache length and
-        batch size, copied instead of capturing again (for lowering many recipes of one model)."""
-        key = (batch_size, max_cache_len)
+        batch size, copied instead of capturing again (for lowering many recipes of one model).
+        optimize: run the decode runtime passes (runtime.py: attention over the written cache prefix, fused
+        RMSNorm/RoPE, flat attribute access); False keeps the lowered graph as it is (for comparisons)."""
+        key = (batch_size, max_cache_len, optimize)
         if key not in self._decoders:
             if self.source.get("hf_config") is None:
                 raise ArtifactError(f"generation needs a Hugging Face causal LM; this is a {self.source.get('model_class')}")
@@ -129,6 +132,8 @@ class PackedModel(nn.Module):
             lower_linears(gm, shared=self.linears())
             lower_kv_cache(gm)
             simplify(gm)
+            if optimize:
+                optimize_decode(gm)
             self._decoders[key] = gm
         return self._decoders[key]
 
@@ -141,6 +146,10 @@ class PackedModel(nn.Module):
 
         return generate_cached(self.decode_graph, input_ids, max_new_tokens, do_sample=do_sample,
                                temperature=temperature, top_k=top_k, seed=seed, max_cache_len=max_cache_len)
+
+    def _apply(self, fn, recurse=True):
+        self._decoders.clear()        # decode graphs hold the tensors they were built with: rebuild after a move
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike) -> None:

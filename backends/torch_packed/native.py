@@ -4,6 +4,11 @@
                       (packing.py); exact up to fp32 summation order. See the file's header for the math.
                       Also ``i8_linear``: int8 x int8 -> int32 W8A8 linear (exact integer sums, then the fp32
                       scales), on the module's int8 [N, K] weights; see its comment in the same file.
+                      And three small fp32 ops of the decode step, each one call in place of several torch ops
+                      (at 256-wide layers the ops' dispatch costs far more than their arithmetic), bit for bit
+                      torch's results: :func:`token_quant` (per-token symmetric int input quantization, codes
+                      or fake-quant values), :func:`rms_norm` (HF LlamaRMSNorm in fp32, up to the summation
+                      order of the mean) and :func:`rope` (x * cos + rotate_half(x) * sin).
 
 Build: ``$CC`` (default ``cc``) ``-O3 -mavx2 -mfma -fopenmp -shared -fPIC`` (without ``-fopenmp`` if that
 fails: one thread) into ``$XDG_CACHE_HOME/qpass/kernels/q4avx2-<hash>.so`` (``~/.cache`` by default; a
@@ -15,7 +20,9 @@ the one torch already loaded (same soname), so there is one OpenMP runtime and o
 
 Optional by design: where the CPU lacks AVX2/FMA (as torch sees it), there is no compiler, the build or the
 check fails, or ``QPASS_NO_NATIVE=1`` is set, :func:`q4` returns None (logged once) and the backend works as
-without it (int4 weights use the int4pack or dense layouts and torch's kernels).
+without it (int4 weights use the int4pack or dense layouts and torch's kernels). The op wrappers
+(:func:`token_quant`, :func:`rms_norm`, :func:`rope`) assume the library is there: callers check
+:func:`available` first (once, when they bind) and keep their torch path otherwise.
 """
 from __future__ import annotations
 
@@ -38,19 +45,24 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _I8_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_TQ_ARGS = [_P, _I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P]          # token_quant
+_RMS_ARGS = [_P, _I, _I, _P, ctypes.c_float, _P]                          # rms_norm_f32
+_ROPE_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]                 # rope_f32
 
 _lock = threading.Lock()
 _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one build attempt per process
 
 
 class Q4Library:
-    """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``path`` forces a code path."""
+    """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``path`` forces a code path,
+    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``) and ``rope`` (``rope_f32``) the others."""
 
     def __init__(self, path: str):
         self.file = path
@@ -64,6 +76,11 @@ class Q4Library:
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
+        for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
+                               ("rope", "rope_f32", _ROPE_ARGS)):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = ctypes.c_int, args
+            setattr(self, name, f)
         self._lib = lib
 
 
@@ -109,6 +126,118 @@ def reset() -> None:
     """Forget the loaded library (tests: rebuild with another compiler or cache folder)."""
     with _lock:
         _state.clear()
+
+
+# ------------------------------------------------------------------------------------------ small ops
+# One ctypes call each; the library must be there (callers check available() when they bind). Kept short:
+# they run thousands of times a second, so a call is a few checks, torch.empty and the C call.
+
+_QRANGE = {b: (-(1 << (b - 1)), (1 << (b - 1)) - 1) for b in range(2, 9)}     # symmetric int codes
+
+
+def _lib() -> Q4Library:
+    lib = _state.get("lib")
+    if lib is None:
+        lib = q4()
+        if lib is None:
+            raise RuntimeError(f"native kernels unavailable: {status()}")
+    return lib
+
+
+def token_quant(x: torch.Tensor, bits: int, *, codes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int quantization of x [..., K] (computed on x.float()) with `bits` (2..8):
+
+        s = max(max_k |x| / qmax, SCALE_FLOOR),   q = clamp(round_half_even(x / s), qmin, qmax)
+
+    (qmin, qmax = -2^(b-1), 2^(b-1) - 1). Returns (int8 codes q [M, K] if `codes` else the fake-quant values
+    q * s, fp32 of x's shape; scales s fp32 [M]), M = x.numel() / K. Bit for bit ``Q.token_scale`` then
+    ``(x / s).round_().clamp_(qmin, qmax)`` (codes, as ``PackedLinear.input_codes``) and ``.mul_(s)``
+    (``Q.fake_quantize_dynamic(x, [1, ..., -1], f"int{bits}", True)``) on finite tokens; a token holding inf or
+    NaN gets s = NaN, codes 0 and values NaN (fake_quantize_dynamic's all-NaN token)."""
+    if x.dtype is not torch.float32:
+        x = x.float()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    try:
+        lo, hi = _QRANGE[bits]
+    except KeyError:
+        raise ValueError(f"token_quant takes 2..8 bits, not {bits}") from None
+    scales = torch.empty(m, dtype=torch.float32)
+    if codes:
+        out = torch.empty(m, k, dtype=torch.int8)
+        cp, fp = out.data_ptr(), None
+    else:
+        out = torch.empty_like(x)                        # x is contiguous fp32 here (2x cheaper than by shape)
+        cp, fp = None, out.data_ptr()
+    if m and _lib().token_quant(x.data_ptr(), m, k, lo, hi, cp, fp, scales.data_ptr()):
+        raise RuntimeError(f"token_quant failed for a {m}x{k} input, {bits} bits")
+    return out, scales
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm in fp32 over the last dim of x [..., D] (fp32), weight fp32 [D]:
+
+        out = weight * (x * r),   r = 1 / sqrt(mean(x^2) + eps)   (eps rounded to fp32, as torch does)
+
+    Returns a contiguous fp32 tensor of x's shape. Equal to ``weight * (x * torch.rsqrt(x.pow(2).mean(-1,
+    keepdim=True) + eps))`` up to the summation order of the mean (the sum of squares is accumulated in double
+    and the mean rounded to fp32 once): bit for bit where torch's fp32 sum is exact."""
+    if x.dtype is not torch.float32 or weight.dtype is not torch.float32:
+        raise TypeError(f"rms_norm takes fp32 tensors, not {x.dtype} / {weight.dtype}")
+    d = x.shape[-1]
+    if weight.numel() != d:
+        raise ValueError(f"rms_norm: weight of {weight.numel()} values for rows of {d}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    out = torch.empty_like(x)
+    if x.numel() and _lib().rms_norm(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr()):
+        raise RuntimeError(f"rms_norm failed for rows of {d}")
+    return out
+
+
+def _rope_table(c: torch.Tensor, b: int, t: int, d: int) -> torch.Tensor:
+    """cos/sin [b or 1, 1, t, d] or [b or 1, t, d] -> contiguous fp32 [b, t, d]."""
+    if c.dtype is not torch.float32:
+        raise TypeError(f"rope takes fp32 cos/sin, not {c.dtype}")
+    if c.dim() == 4:
+        if c.shape[1] != 1:
+            raise ValueError(f"rope: cos/sin of shape {tuple(c.shape)}, expected [B, 1, T, D] or [B, T, D]")
+        c = c.squeeze(1)
+    if c.shape != (b, t, d):
+        c = c.expand(b, t, d)                       # raises on a shape that does not broadcast
+    return c if c.is_contiguous() else c.contiguous()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x fp32 [B, H, T, D] (any strides; a last dim that is not contiguous is copied):
+
+        out = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
+
+    cos/sin fp32 [B, 1, T, D] or [B, T, D] (batch 1 broadcasts). Bit for bit torch's expression (no fused
+    multiply-add). Returns [B, H, T, D] as the transpose(1, 2) view of a contiguous [B, T, H, D] buffer."""
+    if x.dtype is not torch.float32:
+        raise TypeError(f"rope takes fp32 tensors, not {x.dtype}")
+    b, h, t, d = x.shape
+    if d % 2:
+        raise ValueError(f"rope needs an even head dim, not {d}")
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    # contiguous [B, 1, T, D] / [B, T, D] tables already have the memory of [B, T, D]: used as they are (a
+    # view op costs ~1.5 us, as much as the C call)
+    shape = cos.shape
+    if not (cos.dtype is sin.dtype is torch.float32 and sin.shape == shape and cos.is_contiguous()
+            and sin.is_contiguous() and (shape == (b, 1, t, d) or shape == (b, t, d))):
+        cos, sin = _rope_table(cos, b, t, d), _rope_table(sin, b, t, d)
+    out = torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=torch.float32)   # [B, T, H, D] memory
+    sb, sh, st, _ = x.stride()
+    if out.numel() and _lib().rope(x.data_ptr(), b, h, t, d, sb, sh, st, cos.data_ptr(), sin.data_ptr(),
+                                   out.data_ptr()):
+        raise RuntimeError(f"rope failed for x of shape {tuple(x.shape)}")
+    return out
 
 
 def compiler() -> list[str]:
@@ -208,3 +337,38 @@ def _self_check(lib: Q4Library) -> None:
     rc = lib.i8_linear(a.data_ptr(), 3, k, w8.data_ptr(), n, sa.data_ptr(), ws.data_ptr(), None, out.data_ptr(), 1)
     if rc != 0 or not torch.allclose(out, ref, rtol=1e-6, atol=0):
         raise ValueError(f"self-check failed (i8_linear, rc={rc})")
+    _self_check_ops(lib, g)
+
+
+def _self_check_ops(lib: Q4Library, g: torch.Generator) -> None:
+    """token_quant, rms_norm and rope against their torch compositions, bit for bit (rms_norm on small
+    integers, whose sums of squares are exact in fp32): 45 columns, so the 8-wide loops and the masked tails
+    both run."""
+    k = 45
+    x = torch.randn(4, k, generator=g) * torch.tensor([[1e-3], [1.0], [30.0], [0.0]])
+    x[1, :10] = torch.arange(10) + 0.5                      # ties at 8 bits: s = 127 / 127 = 1 in row 1
+    x[1, 10] = 127.0
+    for bits in (4, 8):
+        lo, hi = _QRANGE[bits]
+        s = x.abs().amax(-1, keepdim=True).div_(hi).clamp_(min=1e-12)
+        q = (x / s).round_().clamp_(lo, hi)
+        codes, fq, sc = torch.empty(4, k, dtype=torch.int8), torch.empty(4, k), torch.empty(4)
+        rc = lib.token_quant(x.data_ptr(), 4, k, lo, hi, codes.data_ptr(), fq.data_ptr(), sc.data_ptr())
+        if rc != 0 or not (torch.equal(codes, q.to(torch.int8)) and torch.equal(fq, q * s)
+                           and torch.equal(sc, s.view(-1))):
+            raise ValueError(f"self-check failed (token_quant, {bits} bits, rc={rc})")
+    x = torch.randint(-8, 9, (3, k), generator=g).float()
+    w = torch.randn(k, generator=g)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    out = torch.empty(3, k)
+    rc = lib.rms_norm(x.data_ptr(), 3, k, w.data_ptr(), 1e-6, out.data_ptr())
+    if rc != 0 or not torch.equal(out, ref):
+        raise ValueError(f"self-check failed (rms_norm, rc={rc})")
+    b, h, t, d = 2, 3, 4, 20                                 # half = 10: one 8-wide step and a scalar tail
+    x = torch.randn(b, t, h, d, generator=g).transpose(1, 2)
+    cos, sin = torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)
+    ref = x * cos[:, None] + torch.cat((-x[..., d // 2:], x[..., :d // 2]), -1) * sin[:, None]
+    out = torch.empty(b, t, h, d)
+    rc = lib.rope(x.data_ptr(), b, h, t, d, *x.stride()[:3], cos.data_ptr(), sin.data_ptr(), out.data_ptr())
+    if rc != 0 or not torch.equal(out.transpose(1, 2), ref):
+        raise ValueError(f"self-check failed (rope, rc={rc})")

@@ -24,10 +24,13 @@
  * handed out dynamically in runs of CHUNK blocks.
  *
  * The same library holds i8_linear, the W8A8 kernel (int8 x int8 -> int32, then fp32 scales; see its comment
- * at the end of the file).
+ * further down), and three small fp32 ops of the decode step that replace chains of torch ops bit for bit
+ * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include <stdlib.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -40,7 +43,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 3; }
+int q4_abi_version(void) { return 4; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -404,5 +407,164 @@ int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n
                  bias ? bias + n0 : NULL, out + n0, n);
     }
     free(a);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ small fp32 ops
+ *
+ * Three ops of a decode step that are a handful of torch ops each (and at small widths cost far more in
+ * dispatch than in arithmetic). Each computes exactly the float operations of its torch reference, in the
+ * same order, so the results are bit for bit torch's (rms_norm_f32: up to the summation order of the mean):
+ *
+ *     token_quant    per row of x [M, K]: s = max(max|x| / qmax, 1e-12) (SCALE_FLOOR), q = clamp(rint(x / s),
+ *                    qmin, qmax) (IEEE division, round half to even), as qpass.primitives.quant.token_scale
+ *                    then (x / s).round_().clamp_(qmin, qmax); writes the int8 codes q and/or the fake-quant
+ *                    values q * s, and s. A row holding inf or NaN gets s = NaN: codes 0, values NaN (as
+ *                    fake_quantize_dynamic makes such a token all NaN).
+ *     rms_norm_f32   out = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row (HF LlamaRMSNorm in fp32; the sum
+ *                    of squares in double, the mean rounded to float).
+ *     rope_f32       out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[d/2:], x[:d/2]).
+ *
+ * No fused multiply-add anywhere in them (the file is built with -mfma, and GCC contracts even separate
+ * _mm256_mul_ps / _mm256_add_ps intrinsics): fp-contract is off for these functions, as for i8_store. Tails
+ * (row lengths not a multiple of 8) use masked loads and stores, so there is no scalar libm call either.
+ */
+#if defined(__clang__)
+#define NO_FMA
+#define NO_FMA_BODY _Pragma("clang fp contract(off)")
+#else
+#define NO_FMA __attribute__((optimize("fp-contract=off")))
+#define NO_FMA_BODY
+#endif
+
+/* lanes [0, n) set, n in 0..8: the mask of a row's last, partial 8 columns */
+INLINE __m256i tail_mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 8 integer-valued floats in [-128, 127] -> 8 int8 in the low 8 bytes */
+INLINE __m128i to_i8(__m256 q) {
+    const __m256i v = _mm256_cvtps_epi32(q);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    return _mm_packs_epi16(w, w);
+}
+
+/* Per-token symmetric int quantization of x [m, k] (contiguous) to codes in [qmin, qmax] (an int format of
+ * at most 8 bits: qmin = -2^(b-1), qmax = 2^(b-1) - 1). codes: int8 [m, k] or NULL; fq: fp32 [m, k] (q * s)
+ * or NULL; scales: fp32 [m]. Returns 0, or -1 on bad arguments. */
+NO_FMA int token_quant(const float *x, int64_t m, int64_t k, int qmin, int qmax, int8_t *codes, float *fq,
+                       float *scales) {
+    NO_FMA_BODY
+    if (m < 0 || k <= 0 || qmin < -128 || qmin >= 0 || qmax <= 0 || qmax > 127 || !scales) return -1;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inf = _mm256_set1_ps(INFINITY);
+    const __m256 lo = _mm256_set1_ps((float)qmin), hi = _mm256_set1_ps((float)qmax);
+    const int64_t kv = k & ~(int64_t)7;
+    const __m256i tail = tail_mask(k - kv);
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * k;
+        __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int64_t j = 0; j < kv; j += 8) {
+            const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + j), absmask);
+            amax = _mm256_max_ps(amax, a);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));            /* inf or NaN */
+        }
+        if (kv < k) {                                                                /* masked lanes read 0 */
+            const __m256 a = _mm256_and_ps(_mm256_maskload_ps(xr + kv, tail), absmask);
+            amax = _mm256_max_ps(amax, a);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+        }
+        if (_mm256_movemask_ps(bad)) {                       /* a non-finite token: NaN scale, NaN values */
+            scales[i] = NAN;
+            if (codes) memset(codes + i * k, 0, (size_t)k);
+            if (fq)
+                for (int64_t j = 0; j < k; j++) fq[i * k + j] = NAN;
+            continue;
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float s = _mm_cvtss_f32(h) / (float)qmax;
+        if (s < 1e-12f) s = 1e-12f;                                                 /* SCALE_FLOOR */
+        scales[i] = s;
+        const __m256 sv = _mm256_set1_ps(s);
+        for (int64_t j = 0; j < kv; j += 8) {
+            const __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(
+                _mm256_div_ps(_mm256_loadu_ps(xr + j), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+            if (fq) _mm256_storeu_ps(fq + i * k + j, _mm256_mul_ps(q, sv));
+            if (codes) _mm_storel_epi64((__m128i *)(codes + i * k + j), to_i8(q));
+        }
+        if (kv < k) {
+            const __m256 q = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(
+                _mm256_div_ps(_mm256_maskload_ps(xr + kv, tail), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+            if (fq) _mm256_maskstore_ps(fq + i * k + kv, tail, _mm256_mul_ps(q, sv));
+            if (codes) {
+                int8_t c[16];
+                _mm_storeu_si128((__m128i *)c, to_i8(q));
+                memcpy(codes + i * k + kv, c, (size_t)(k - kv));
+            }
+        }
+    }
+    return 0;
+}
+
+/* RMSNorm of x [m, d] (contiguous) with weight w [d]: out [m, d]. Returns 0, or -1 on bad arguments. */
+NO_FMA int rms_norm_f32(const float *x, int64_t m, int64_t d, const float *w, float eps, float *out) {
+    NO_FMA_BODY
+    if (m < 0 || d <= 0) return -1;
+    const int64_t dv = d & ~(int64_t)7;
+    const __m256i tail = tail_mask(d - dv);
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * d;
+        float *o = out + i * d;
+        __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();   /* float squares are exact in double */
+        for (int64_t j = 0; j < d; j += 8) {                          /* j == dv < d: the masked tail */
+            const __m256 v = j < dv ? _mm256_loadu_ps(xr + j) : _mm256_maskload_ps(xr + j, tail);
+            const __m256d l = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            const __m256d u = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            a0 = _mm256_add_pd(a0, _mm256_mul_pd(l, l));
+            a1 = _mm256_add_pd(a1, _mm256_mul_pd(u, u));
+        }
+        a0 = _mm256_add_pd(a0, a1);
+        const __m128d t = _mm_add_pd(_mm256_castpd256_pd128(a0), _mm256_extractf128_pd(a0, 1));
+        const float mean = (float)(_mm_cvtsd_f64(_mm_add_sd(t, _mm_unpackhi_pd(t, t))) / (double)d);
+        const float r = 1.f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + eps)));
+        const __m256 rv = _mm256_set1_ps(r);
+        for (int64_t j = 0; j < dv; j += 8)
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_mul_ps(_mm256_loadu_ps(xr + j), rv)));
+        if (dv < d)
+            _mm256_maskstore_ps(o + dv, tail, _mm256_mul_ps(_mm256_maskload_ps(w + dv, tail),
+                                                            _mm256_mul_ps(_mm256_maskload_ps(xr + dv, tail), rv)));
+    }
+    return 0;
+}
+
+/* Rotary embedding of x [b, h, t, d] (element strides sb, sh, st; the last dim contiguous; d even) with
+ * cos, sin [b, t, d] (contiguous): out [b, t, h, d] (contiguous). Returns 0, or -1 on bad arguments. */
+NO_FMA int rope_f32(const float *x, int64_t b, int64_t h, int64_t t, int64_t d, int64_t sb, int64_t sh,
+                    int64_t st, const float *cos, const float *sin, float *out) {
+    NO_FMA_BODY
+    if (b < 0 || h < 0 || t < 0 || d <= 0 || d % 2) return -1;
+    const int64_t half = d / 2, hv = half & ~(int64_t)7;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t ti = 0; ti < t; ti++) {
+            const float *c = cos + (bi * t + ti) * d, *s = sin + (bi * t + ti) * d;
+            for (int64_t hi = 0; hi < h; hi++) {
+                const float *xr = x + bi * sb + hi * sh + ti * st;
+                float *o = out + ((bi * t + ti) * h + hi) * d;
+                for (int64_t j = 0; j < hv; j += 8) {
+                    const __m256 x1 = _mm256_loadu_ps(xr + j), x2 = _mm256_loadu_ps(xr + half + j);
+                    const __m256 r1 = _mm256_mul_ps(_mm256_xor_ps(x2, sign), _mm256_loadu_ps(s + j));  /* -x2 s */
+                    const __m256 r2 = _mm256_mul_ps(x1, _mm256_loadu_ps(s + half + j));
+                    _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + j)), r1));
+                    _mm256_storeu_ps(o + half + j, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + half + j)), r2));
+                }
+                for (int64_t j = hv; j < half; j++) {
+                    const float x1 = xr[j], x2 = xr[half + j];
+                    o[j] = x1 * c[j] + (-x2) * s[j];
+                    o[half + j] = x2 * c[half + j] + x1 * s[half + j];
+                }
+            }
+        }
     return 0;
 }

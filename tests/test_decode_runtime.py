@@ -1,0 +1,162 @@
+"""Decode runtime passes (backends/torch_packed/runtime.py): each fires where it should, leaves other graphs
+alone, and keeps the step's function: bit for bit for RoPE and the calling convention; within float
+summation order (rtol/atol 1e-5) for prefix attention (the attention kernel sums a shorter row) and RMSNorm
+(its mean is summed natively)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpass
+from qpass.backends import torch_packed as tp
+from qpass.backends.torch_packed import native, runtime
+from tests import toy
+
+aten = torch.ops.aten
+W4 = {"bits": 4, "granularity": "per_group", "group_size": 16}
+KV4 = {"bits": 4, "granularity": "per_token", "dynamic": True}
+KV8_STATIC = {"bits": 8, "granularity": "per_channel", "axis": -1}
+
+
+def recipe(kv=None, activations=None):
+    passes = [{"quantize": {"weights": W4, "activations": activations, "ignore": ["lm_head"]}}]
+    return {"passes": passes + ([{"kv_cache": {"keys": kv, "values": kv}}] if kv else [])}
+
+
+def lowered(family="llama", kv=None, activations=None, calib=False):
+    model = toy.hf_model(family)
+    kw = {"calib_data": [toy.token_ids(1, 12, seed=s) for s in range(2)]} if calib else {}
+    qm = qpass.apply(model, recipe(kv, activations), progress=False, **kw)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    return pm, qpass.capture_decode(model, max_cache_len=64)
+
+
+def steps(batch=1):
+    ids = toy.token_ids(batch, 9)
+    return [(ids[:, :6], torch.arange(6))] + [(ids[:, i:i + 1], torch.tensor([i])) for i in range(6, 9)]
+
+
+def run(gm, batch=1):
+    with torch.no_grad():
+        return [gm(input_ids=ids, cache_position=pos) for ids, pos in steps(batch)]
+
+
+def count(gm, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is target)
+
+
+@pytest.mark.parametrize("kv", [None, KV4, KV8_STATIC], ids=["float_cache", "kv4_dynamic", "kv8_static"])
+def test_prefix_attention_cuts_the_cache_and_keeps_the_logits(kv):
+    pm, template = lowered(kv=kv, calib=kv is KV8_STATIC)
+    ref = pm.decode_graph(64, template=template, optimize=False)
+    pm._decoders.clear()                            # a second, unoptimized decode graph to rewrite
+    gm = pm.decode_graph(64, template=template, optimize=False)
+    assert runtime.prefix_attention(gm) == 2                    # one per layer
+    cut = [n for n in gm.graph.nodes if n.target is runtime.n_keys]
+    assert len(cut) == 1
+    for n in gm.graph.nodes:
+        if n.target is aten.scaled_dot_product_attention.default:
+            k, v, mask = n.args[1:4]
+            assert mask.target is aten.slice.Tensor and mask.args[3] is cut[0]
+            for t in (k, v):
+                assert (t.args[3] if t.target is aten.slice.Tensor else t.args[2]) is cut[0]
+    pm._decoders.clear()
+    for a, b in zip(run(gm), run(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_cache_dequantizes_only_the_prefix():
+    cache = tp.PackedKVCache((1, 2, 16, 8), "int4", [1, 1, 1, -1], True)
+    k = torch.randn(1, 2, 5, 8)
+    full = cache(k, torch.arange(5))
+    part = cache.dequantize(5)
+    assert part.shape == (1, 2, 5, 8) and torch.equal(part, full[:, :, :5])
+    assert torch.equal(cache.dequantize(64), full)              # past the end: the whole cache
+
+
+def test_prefix_attention_leaves_graphs_without_a_static_cache_alone():
+    pm, _ = lowered()
+    before = len(pm.graph_module.graph.nodes)
+    assert runtime.prefix_attention(pm.graph_module) == 0
+    assert len(pm.graph_module.graph.nodes) == before
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2/FMA or no C compiler)")
+def test_rms_norm_and_rope_fuse_on_llama_and_keep_the_step():
+    pm, template = lowered(kv=KV4)
+    ref = pm.decode_graph(64, template=template, optimize=False)
+    pm._decoders.clear()
+    gm = pm.decode_graph(64, template=template, optimize=False)
+    assert runtime.fuse_rms_norm(gm) == 5                      # 2 per layer + the final norm
+    assert runtime.fuse_rope(gm) == 4                          # q and k per layer
+    assert count(gm, runtime.rms_norm) == 5 and count(gm, runtime.rope) == 4
+    for op in (aten.rsqrt.default, aten.mean.dim, aten.pow.Tensor_Scalar, aten.neg.default, aten.cat.default):
+        assert count(gm, op) == 0, op
+    pm._decoders.clear()
+    for a, b in zip(run(gm), run(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2/FMA or no C compiler)")
+def test_fusions_find_nothing_on_gpt2():
+    pm, template = lowered("gpt2")
+    gm = pm.decode_graph(64, template=template, optimize=False)
+    assert runtime.fuse_rms_norm(gm) == 0 and runtime.fuse_rope(gm) == 0     # LayerNorm, learned positions
+
+
+def test_a_mismatched_pattern_is_not_fused():
+    """An RMSNorm whose normalised value is also used elsewhere must keep its aten ops."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w = g.get_attr("w")
+    p = g.call_function(aten.pow.Tensor_Scalar, (x, 2))
+    m = g.call_function(aten.mean.dim, (p, [-1], True))
+    a = g.call_function(aten.add.Tensor, (m, 1e-5))
+    r = g.call_function(aten.rsqrt.default, (a,))
+    inner = g.call_function(aten.mul.Tensor, (x, r))
+    out = g.call_function(aten.mul.Tensor, (w, inner))
+    g.output((out, inner))                                     # `inner` escapes
+    root = torch.nn.Module()
+    root.w = torch.nn.Parameter(torch.ones(8))
+    gm = torch.fx.GraphModule(root, g)
+    for n in gm.graph.nodes:
+        n.meta["val"] = torch.empty(1, 8)
+    assert runtime.fuse_rms_norm(gm) == 0
+
+
+def test_freeze_calls_packed_modules_directly_and_keeps_the_calling_convention():
+    pm, template = lowered(kv=KV4)
+    ref = pm.decode_graph(64, template=template, optimize=False)
+    pm._decoders.clear()
+    gm = pm.decode_graph(64, template=template, optimize=False)
+    stats = runtime.freeze(gm)
+    assert stats["guards"] == 1 and stats["direct_calls"] == 14 + 4 and stats.get("plain_call") == 1
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert all("." not in n.target for n in gm.graph.nodes if n.op == "get_attr")
+    assert any(isinstance(m, tp.PackedLinear) for m in gm.modules())     # the module tree is still there
+    pm._decoders.clear()
+    for a, b in zip(run(gm), run(ref)):
+        assert torch.equal(a, b)
+    ids, pos = steps()[0]
+    assert gm(ids, pos).shape == (1, 6, 96)                    # positional arguments work too
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_optimized_decode_generates_the_same_tokens(family):
+    from qpass.generate import generate
+
+    pm, _ = lowered(family, kv=KV4 if family != "gpt2" else None)
+    prompt = toy.token_ids(2, 5)
+    fast = pm.generate(prompt, 12, max_cache_len=64)          # batch 2, optimized
+    assert not [n for n in pm.decode_graph(64, 2).graph.nodes if n.op == "call_module"]
+    slow_graph = pm.decode_graph(64, 2, optimize=False)
+    slow = generate(lambda ids, pos: slow_graph(input_ids=ids, cache_position=pos), prompt, 12)
+    assert torch.equal(fast, slow)
+
+
+def test_moving_the_model_rebuilds_decode_graphs():
+    pm, template = lowered()
+    pm.decode_graph(64, template=template)
+    assert pm._decoders
+    pm.float()
+    assert not pm._decoders
