@@ -53,10 +53,12 @@ def test_prefix_attention_cuts_the_cache_and_keeps_the_logits(kv):
     gm = pm.decode_graph(64, template=template, optimize=False)
     assert runtime.prefix_attention(gm) == 2                    # one per layer
     cut = [n for n in gm.graph.nodes if n.target is runtime.n_keys]
-    assert len(cut) == 1
+    assert len(cut) == 1 and count(gm, runtime.additive_mask) == 1
     for n in gm.graph.nodes:
         if n.target is aten.scaled_dot_product_attention.default:
             k, v, mask = n.args[1:4]
+            assert mask.target is runtime.additive_mask                # made once, shared by both layers
+            mask = mask.args[0]
             assert mask.target is aten.slice.Tensor and mask.args[3] is cut[0]
             for t in (k, v):
                 assert (t.args[3] if t.target is aten.slice.Tensor else t.args[2]) is cut[0]

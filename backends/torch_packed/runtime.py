@@ -10,14 +10,18 @@ prefix_attention  Attention reads the whole static cache (max_cache_len slots) a
                   the step, so any causal mask hides them: K, V and the mask are cut to their first n slots
                   (slice views) and a low-bit cache (PackedKVCache) dequantizes only those n slots instead of
                   all of them. The masked slots only ever added exact zeros to the softmax; what changes is
-                  the attention kernel's vectorized summation over a shorter row (~1e-7 differences).
+                  the attention kernel's vectorized summation over a shorter row (~1e-7 differences). A
+                  boolean mask is turned into the additive float mask once per step rather than inside
+                  every attention call (the same values attention makes of it).
                   Decode graphs are captured for causal LMs only (capture_decode), where this holds.
 fuse_rms_norm     ``w * (x * rsqrt(mean(x^2, -1) + eps))`` (6 aten calls) -> one native call (csrc: the sum
                   of squares in double; differs from torch's float sum in the last bits of the mean only).
 fuse_rope         ``x * cos + cat(-x2, x1) * sin`` (7 aten calls) -> one native call, bit for bit.
 freeze            The step's calling convention without the pytree (de)flattening and export's input guard;
                   parameters, buffers and packed modules read from flat attributes (one dict lookup instead of
-                  a chain of ``__getattr__``); packed modules called through ``forward`` (no hook dispatch).
+                  a chain of ``__getattr__``); packed modules called through ``forward`` (no hook dispatch);
+                  export's grad-mode regions (``wrap_with_set_grad_enabled``, HF's rotary tables) called as
+                  plain functions under ``torch.set_grad_enabled``.
                   The frozen graph is a runner: it keeps its module tree (state_dict, named_modules work) but
                   is not meant to be edited, copied or moved afterwards (PackedModel rebuilds it instead).
 
@@ -83,6 +87,12 @@ def n_keys(cache_position: torch.Tensor) -> int:
     return int(cache_position.max()) + 1
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `mask` allows attending, -inf elsewhere: what scaled_dot_product_attention turns a boolean
+    mask into (``convert_boolean_attn_mask``), so passing this instead gives the same result bit for bit."""
+    return torch.where(mask.logical_not(), float("-inf"), 0.0).to(dtype)
+
+
 def prefix_attention(gm: GraphModule) -> int:
     """Cut attention to the written prefix of the static cache (see the module doc). Returns sites changed."""
     info = gm.meta.get(META_CAPTURE, {})
@@ -115,9 +125,21 @@ def prefix_attention(gm: GraphModule) -> int:
                     cut[t] = gm.graph.call_function(aten.slice.Tensor, (t, dim, 0, count))
         return cut[t]
 
+    additive: dict[Node, Node] = {}
+
+    def float_mask(mask: Node, q: Node) -> Node:
+        """The cut boolean mask as the additive float mask attention converts it to on every call, made once."""
+        cut_mask, qv = prefix(mask, -1), _val(q)
+        if _val(mask).dtype != torch.bool or qv is None:
+            return cut_mask
+        if mask not in additive:
+            with gm.graph.inserting_after(cut_mask):
+                additive[mask] = gm.graph.call_function(additive_mask, (cut_mask, qv.dtype))
+        return additive[mask]
+
     for n in sites:
         q, k, v, mask, *rest = n.args
-        n.args = (q, prefix(k, 2), prefix(v, 2), prefix(mask, -1), *rest)
+        n.args = (q, prefix(k, 2), prefix(v, 2), float_mask(mask, q), *rest)
     gm.graph.lint()
     gm.recompile()
     return len(sites)
@@ -270,14 +292,27 @@ def _slice(n: Node, start: int, end: int | None, d: int) -> bool:
 
 # -------------------------------------------------------------------------------------- freeze
 
+_WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+
+
+def grad_mode_call(enabled: bool, fn, *args):
+    """What export's ``wrap_with_set_grad_enabled`` region does, without the higher-order op's dispatch
+    (~0.3 ms per call here: it is where the rotary tables are computed, once per step)."""
+    with torch.set_grad_enabled(enabled):
+        return fn(*args)
+
+
 
 def freeze(gm: GraphModule) -> dict[str, int]:
     """Cheap calling convention and attribute access (see the module doc). Returns counts."""
-    stats = {"guards": 0, "flat_attributes": 0, "direct_calls": 0}
+    stats = {"guards": 0, "flat_attributes": 0, "direct_calls": 0, "grad_mode_calls": 0}
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
             gm.graph.erase_node(n)
             stats["guards"] += 1
+        elif n.op == "call_function" and n.target is _WRAP_GRAD:
+            n.target = grad_mode_call
+            stats["grad_mode_calls"] += 1
     aliases: dict[int, str] = {}
 
     def alias(obj) -> str:
