@@ -143,14 +143,26 @@ def test_freeze_calls_packed_modules_directly_and_keeps_the_calling_convention()
     assert gm(ids, pos).shape == (1, 6, 96)                    # positional arguments work too
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+FIRES = {  # family: (rms_norm, rope) sites; every family: attention cut in both layers, direct calls only
+    "llama": (5, 4), "mistral": (5, 4), "qwen2": (5, 4), "phi3": (5, 4),
+    "gpt2": (0, 0),             # LayerNorm, learned positions
+    "gpt_neox": (0, 4),         # LayerNorm; RoPE on the first quarter of head_dim (partial rotary)
+}
+
+
+@pytest.mark.parametrize("family", list(FIRES))
 def test_optimized_decode_generates_the_same_tokens(family):
     from qpass.generate import generate
 
     pm, _ = lowered(family, kv=KV4 if family != "gpt2" else None)
     prompt = toy.token_ids(2, 5)
     fast = pm.generate(prompt, 12, max_cache_len=64)          # batch 2, optimized
-    assert not [n for n in pm.decode_graph(64, 2).graph.nodes if n.op == "call_module"]
+    gm = pm.decode_graph(64, 2)
+    stats = gm.meta[runtime.META_RUNTIME]
+    assert stats["prefix_attention"] == 2 and stats["plain_call"] == 1
+    if native.available():
+        assert (stats["rms_norm"], stats["rope"]) == FIRES[family]
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
     slow_graph = pm.decode_graph(64, 2, optimize=False)
     slow = generate(lambda ids, pos: slow_graph(input_ids=ids, cache_position=pos), prompt, 12)
     assert torch.equal(fast, slow)

@@ -322,3 +322,201 @@ def test_without_the_library_the_torch_quantizer_is_bound(monkeypatch):
     force(mod, "dequant")
     x = torch.randn(3, 64)
     assert torch.equal(mod(x), torch.nn.functional.linear(mod.input_fake_quant(x), mod.dequantize())) and calls == []
+
+
+# ------------------------------------------------------------------------------- low-bit K/V cache
+# PackedKVCache's common formats (dynamic symmetric int4 / int8, block [1, 1, 1, -1] or [1, -1, 1, -1], fp32 rows) go through
+# native.kv_store / kv_load; asserted: the same `codes` and `scale` bytes as its torch path and the same
+# outputs, bit for bit (sign of zeros included); non-finite rows NaN; bad positions an IndexError, nothing
+# written; every other format (and bf16 rows, QPASS_NO_NATIVE) on the torch path.
+
+KV_BLOCK = [1, 1, 1, -1]
+
+
+def torch_path_cache(monkeypatch, *args, **kwargs) -> tp.PackedKVCache:
+    """A PackedKVCache on its torch path: the library looks unavailable when it decides (its first call)."""
+    cache = tp.PackedKVCache(*args, **kwargs)
+    with monkeypatch.context() as mp:
+        mp.setattr(native, "available", lambda: False)
+        assert cache._native_ready() is False
+    cache._native = False
+    return cache
+
+
+def spy_kv(monkeypatch) -> list:
+    calls, store, load = [], native.kv_store, native.kv_load
+    monkeypatch.setattr(native, "kv_store", lambda *a: calls.append("store") or store(*a))
+    monkeypatch.setattr(native, "kv_load", lambda *a: calls.append("load") or load(*a))
+    return calls
+
+
+def kv_rows(g: torch.Generator, b: int, h: int, t: int, d: int) -> torch.Tensor:
+    """[b, h, t, d] as a transposed view of [b, t, h, d] (what k_proj(x).view(...).transpose(1, 2) gives): rows
+    at magnitudes from below the scale floor to 1e30, one of exact .5 ties at 4 bits, one all zero."""
+    mags = torch.tensor([1e-30, 1e-7, 1e-3, 1.0, 30.0, 1e30])
+    x = torch.randn(b, t, h, d, generator=g) * mags[torch.randint(0, len(mags), (b, t, h, 1), generator=g)]
+    if t > 1:
+        x[0, 0, 0] = 0.25 * (torch.arange(d) % 14 - 7 + 0.5)        # s = 1.75 / 7 = 0.25: x / s = j + 0.5
+        x[0, 0, 0, 0] = 1.75
+        x[-1, 1, -1] = 0.0
+    return x.transpose(1, 2)
+
+
+def assert_same_cache(a: tp.PackedKVCache, b: tp.PackedKVCache) -> None:
+    assert a.codes.dtype == b.codes.dtype == torch.uint8 and a.codes.shape == b.codes.shape
+    assert a.scale.dtype == b.scale.dtype == torch.float32 and a.scale.shape == b.scale.shape
+    assert torch.equal(a.codes, b.codes) and torch.equal(bits_of(a.scale), bits_of(b.scale))
+    assert a.nbytes() == b.nbytes()
+    assert {k: (v.shape, v.dtype) for k, v in a.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in b.state_dict().items()}
+
+
+@pytest.mark.parametrize("block", [KV_BLOCK, [1, -1, 1, -1]], ids=["per_head", "per_token"])
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("b", [1, 2])
+@pytest.mark.parametrize("h", [1, 4])
+@pytest.mark.parametrize("d", [8, 32])
+def test_kv_cache_native_path_stores_and_returns_what_the_torch_path_does(fmt, b, h, d, block, monkeypatch):
+    g = torch.Generator().manual_seed(1000 * b + 100 * h + d + len(fmt))
+    shape = (b, h, 16, d)
+    ref = torch_path_cache(monkeypatch, shape, fmt, block, True)
+    cache = tp.PackedKVCache(shape, fmt, block, True)
+    calls = spy_kv(monkeypatch)
+    k = kv_rows(g, b, h, 5, d)                                             # prefill
+    for n_keys in (None, 5):
+        pos = torch.arange(5)
+        out, want = cache(k, pos, n_keys), ref(k, pos, n_keys)
+        assert out.shape == want.shape == (b, h, 16 if n_keys is None else 5, d) and out.dtype == torch.float32
+        assert torch.equal(bits_of(out), bits_of(want))
+        assert_same_cache(cache, ref)
+    assert calls == ["store", "load"] * 2                                  # the native path ran, twice
+    for p in range(5, 12):                                                 # decode steps, one row each
+        k = kv_rows(g, b, h, 1, d) if p % 2 else torch.randn(b, h, 1, d, generator=g)
+        pos = torch.tensor([p])
+        n_keys = None if p % 3 == 0 else p + 1
+        out, want = cache(k, pos, n_keys), ref(k, pos, n_keys)
+        assert torch.equal(bits_of(out), bits_of(want)), p
+        assert_same_cache(cache, ref)
+        # what attention sees at the written slots: the fake-quant values of the rows
+        assert torch.equal(out[:, :, p:p + 1], Q.fake_quantize_dynamic(k, block, fmt, True))
+    assert len(calls) == 2 * (2 + 7)
+    assert torch.equal(cache.dequantize(), ref.dequantize()) and torch.equal(cache.dequantize(7), ref.dequantize(7))
+    # rewriting slots (a prefix again, positions out of order) and n_keys past the end
+    k, pos = kv_rows(g, b, h, 3, d), torch.tensor([4, 0, 2])
+    assert torch.equal(bits_of(cache(k, pos, 64)), bits_of(ref(k, pos, 64)))
+    assert_same_cache(cache, ref)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_kv_cache_native_path_non_finite_rows(fmt, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 3, 8, 32)
+    ref = torch_path_cache(monkeypatch, shape, fmt, KV_BLOCK, True)
+    cache = tp.PackedKVCache(shape, fmt, KV_BLOCK, True)
+    k = torch.randn(2, 3, 4, 32, generator=g)
+    cache(k, torch.arange(4))
+    ref(k, torch.arange(4))
+    k = torch.randn(2, 3, 2, 32, generator=g)
+    k[1, 2, 0, 5] = float("inf")
+    k[0, 1, 1, 31] = float("nan")
+    k[0, 0, 1, :] = -float("inf")
+    pos = torch.tensor([5, 2])                                             # overwrites slot 2
+    out, want = cache(k, pos), ref(k, pos)
+    bad = torch.zeros(2, 3, 8, dtype=torch.bool)
+    bad[1, 2, 5] = bad[0, 1, 2] = bad[0, 0, 2] = True
+    assert out[bad].isnan().all() and not out[~bad].isnan().any()
+    assert torch.equal(bits_of(out[~bad]), bits_of(want[~bad]))
+    # the scale torch gives such a row (absmax / qmax): NaN when it holds a NaN, else inf; codes q = 0
+    assert cache.scale[1, 2, 5].isinf().all() and cache.scale[0, 0, 2].isinf().all() and cache.scale[0, 1, 2].isnan()
+    assert torch.equal(cache.scale[~bad], ref.scale[~bad])
+    assert torch.equal(cache.scale[bad].isnan(), ref.scale[bad].isnan())
+    zero = 0x88 if fmt == "int4" else 0
+    assert (cache.codes[bad] == zero).all() and torch.equal(cache.codes[~bad], ref.codes[~bad])
+    k = torch.randn(2, 3, 1, 32, generator=g)                              # the slot written again: finite
+    out, want = cache(k, torch.tensor([2])), ref(k, torch.tensor([2]))
+    assert out[:, :, 2].isfinite().all() and torch.equal(out[:, :, 2], want[:, :, 2])
+
+
+def test_kv_cache_native_path_rejects_positions_outside_the_cache(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    for fmt in ("int4", "int8"):
+        cache = tp.PackedKVCache((1, 2, 8, 16), fmt, KV_BLOCK, True)
+        cache(torch.randn(1, 2, 3, 16, generator=g), torch.arange(3))
+        assert cache._native is True
+        codes, scale = cache.codes.clone(), cache.scale.clone()
+        for pos in ([8], [-1], [3, 4, 100], [2**40]):
+            k = torch.randn(1, 2, len(pos), 16, generator=g)
+            with pytest.raises(IndexError, match="outside the cache's 8 slots"):
+                cache(k, torch.tensor(pos))
+            assert torch.equal(cache.codes, codes) and torch.equal(cache.scale, scale)    # nothing written
+    with pytest.raises(ValueError):                                        # rows that do not fit the cache
+        native.kv_store(torch.randn(1, 2, 1, 8), torch.tensor([0]), cache.codes, cache.scale, 8)
+    with pytest.raises(ValueError):
+        native.kv_store(torch.randn(1, 2, 2, 16), torch.tensor([0]), cache.codes, cache.scale, 8)
+    with pytest.raises(TypeError):
+        native.kv_store(torch.randn(1, 2, 1, 16).double(), torch.tensor([0]), cache.codes, cache.scale, 8)
+    with pytest.raises(ValueError):
+        native.kv_load(cache.codes, cache.scale, -1, 8)
+
+
+def test_kv_cache_native_wrappers_take_any_strides_and_int32_positions():
+    g = torch.Generator().manual_seed(9)
+    for bits, fmt in ((4, "int4"), (8, "int8")):
+        a = tp.PackedKVCache((2, 3, 6, 10), fmt, KV_BLOCK, True)
+        b = tp.PackedKVCache((2, 3, 6, 10), fmt, KV_BLOCK, True)
+        k = torch.randn(2, 3, 4, 20, generator=g)[..., ::2]                # last dim strided: copied
+        native.kv_store(k, torch.tensor([5, 0, 3, 1], dtype=torch.int32), a.codes, a.scale, bits)
+        native.kv_store(k.contiguous(), torch.tensor([5, 0, 3, 1]), b.codes, b.scale, bits)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+        out = native.kv_load(a.codes, a.scale, 4, bits, torch.bfloat16)
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 4, 10)
+        assert torch.equal(out, a.dequantize(4).to(torch.bfloat16))
+        assert native.kv_load(a.codes, a.scale, 0, bits).shape == (2, 3, 0, 10)
+
+
+def test_kv_cache_other_formats_keep_the_torch_path(monkeypatch):
+    g = torch.Generator().manual_seed(10)
+    calls = spy_kv(monkeypatch)
+    shape = (1, 2, 16, 8)
+    others = [
+        tp.PackedKVCache(shape, "int8", [-1, 1, -1, 1], True, scale=torch.rand(1, 2, 1, 8, generator=g) + 0.1),
+        tp.PackedKVCache(shape, "int4", KV_BLOCK, False),                  # asymmetric
+        tp.PackedKVCache(shape, "int8", KV_BLOCK, False),
+        tp.PackedKVCache(shape, "int2", KV_BLOCK, True),
+        tp.PackedKVCache(shape, "int4", [1, 1, 1, 4], True),               # groups along head_dim
+        tp.PackedKVCache(shape, "fp8_e4m3", KV_BLOCK, True),
+    ]
+    for cache in others:
+        k = torch.randn(1, 2, 5, 8, generator=g)
+        out = cache(k, torch.arange(5))
+        assert cache._native_bits is None and cache._native is False, cache
+        if cache.dynamic:
+            assert torch.equal(out[:, :, :5], Q.fake_quantize_dynamic(k, cache.block, cache.fmt, cache.symmetric))
+    assert calls == []
+    cache = tp.PackedKVCache(shape, "int4", KV_BLOCK, True, dtype=torch.bfloat16)   # bf16 rows: torch path
+    kb = torch.randn(1, 2, 5, 8, generator=g).to(torch.bfloat16)
+    out = cache(kb, torch.arange(5))
+    assert cache._native is True and calls == [] and out.dtype == torch.bfloat16
+    k = torch.randn(1, 2, 1, 8, generator=g)                               # fp32 rows: native, cast to bf16
+    out = cache(k, torch.tensor([5]), 6)
+    assert calls == ["store", "load"] and out.dtype == torch.bfloat16 and out.shape == (1, 2, 6, 8)
+    monkeypatch.setenv(native.ENV_DISABLE, "1")                            # QPASS_NO_NATIVE: the torch path
+    cache = tp.PackedKVCache(shape, "int4", KV_BLOCK, True)
+    calls.clear()
+    cache(torch.randn(1, 2, 5, 8, generator=g), torch.arange(5))
+    assert cache._native is False and calls == []
+
+
+def test_kv_cache_decides_again_after_to_and_copies(monkeypatch):
+    import copy
+
+    cache = tp.PackedKVCache((1, 2, 8, 8), "int8", KV_BLOCK, True)
+    k = torch.randn(1, 2, 3, 8)
+    out = cache(k, torch.arange(3))
+    assert cache._native is True
+    twin = copy.deepcopy(cache)
+    assert twin._native is None and torch.equal(twin.dequantize(), out)
+    cache.to(torch.float32)
+    assert cache._native is None
+    calls = spy_kv(monkeypatch)
+    assert torch.equal(twin(k, torch.arange(3)), out) and calls == ["store", "load"]

@@ -8,6 +8,11 @@ is bit for bit the fake-quant graph's cache at every written position; unwritten
 
 Codes: 8-bit formats one byte each (int8 / uint8 / float8 bits), 1-, 2- and 4-bit formats packed along
 head_dim (two int4 codes per byte), other widths one byte per code. Scales float32, one per block.
+
+The common formats, dynamic symmetric int4 / int8 with a scale per token and head (block [1, 1, 1, -1]) or per
+token over all heads (block [1, -1, 1, -1], LLM-QAT's per-token KV), with fp32 rows: where the native library is there (native.available(), decided at the first call), a step is two
+native calls (``native.kv_store``, ``native.kv_load``) instead of ~25 torch ops. They store the same bytes
+(codes and scales) as the torch path and return the same values, bit for bit.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from torch import Tensor, nn
 
 from qpass.primitives import quant as Q
 
+from . import native
 from . import packing as P
 from .linear import storage_codes
 
@@ -31,6 +37,12 @@ class PackedKVCache(nn.Module):
         self.bits, self.kind = f.bits, f.kind
         d = self.shape[-1]
         width = -(-d * self.bits // 8) if self.bits in P.DENSE_BITS else d
+        # the native store / load (see the module doc): its bits where the format is the common one, else None;
+        # _native: whether they are used, decided at the first call (None: not yet; reset by .to() and the like)
+        common = (self.dynamic and symmetric and f.kind == "int" and self.block in ([1, 1, 1, -1], [1, -1, 1, -1])
+                  and (self.bits == 8 or (self.bits == 4 and d % 2 == 0)))
+        self._native_bits = self.bits if common else None
+        self._native: bool | None = None
         self.register_buffer("codes", torch.zeros(*self.shape[:-1], width, dtype=torch.uint8))
         sshape = Q.scale_shape(self.shape, self.block)
         if self.dynamic:
@@ -63,6 +75,14 @@ class PackedKVCache(nn.Module):
 
     def forward(self, k: Tensor, pos: Tensor, n_keys: int | None = None) -> Tensor:
         """Write `k` at `pos`; return the cache dequantized (its first `n_keys` slots only, when given)."""
+        use = self._native
+        if use is None:
+            use = self._native = self._native_ready()
+        if use and k.dtype is torch.float32:
+            buf = self._buffers                     # one dict lookup each instead of nn.Module.__getattr__
+            codes, scale = buf["codes"], buf["scale"]
+            native.kv_store(k, pos, codes, scale, self._native_bits)
+            return native.kv_load(codes, scale, n_keys, self._native_bits, self.dtype)
         if self._fast:
             q = self._fast_codes(k.float(), pos)
         else:
@@ -76,6 +96,22 @@ class PackedKVCache(nn.Module):
             q = Q.quantize(k, scale, zp, self.block, self.fmt)
         self.codes.index_copy_(2, pos, self._encode(q))
         return self.dequantize(n_keys)
+
+    def _native_ready(self) -> bool:
+        """Whether forward takes the native store / load (fp32 rows permitting): the common format, CPU buffers
+        as created (fp32 scales) and the library there (native.available(): not with QPASS_NO_NATIVE set)."""
+        codes, scale = self._buffers["codes"], self._buffers["scale"]
+        return (self._native_bits is not None and codes.device.type == "cpu" and scale.device.type == "cpu"
+                and codes.dtype == torch.uint8 and scale.dtype == torch.float32 and native.available())
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native = None                         # buffers moved or cast: decide again at the next call
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_native_bits", None)  # pickled before the native path: the torch path
+        self._native = None                         # unpickled (deep copies too): decide again, here
 
     @property
     def _fast(self) -> bool:

@@ -9,6 +9,9 @@
                       torch's results: :func:`token_quant` (per-token symmetric int input quantization, codes
                       or fake-quant values), :func:`rms_norm` (HF LlamaRMSNorm in fp32, up to the summation
                       order of the mean) and :func:`rope` (x * cos + rotate_half(x) * sin).
+                      And the store / load of PackedKVCache's common format (dynamic symmetric int4 / int8,
+                      a scale per token and head): :func:`kv_store`, :func:`kv_load`, one call each in place
+                      of ~25 torch ops per cache access, storing the bytes the torch path stores.
 
 Build: ``$CC`` (default ``cc``) ``-O3 -mavx2 -mfma -fopenmp -shared -fPIC`` (without ``-fopenmp`` if that
 fails: one thread) into ``$XDG_CACHE_HOME/qpass/kernels/q4avx2-<hash>.so`` (``~/.cache`` by default; a
@@ -21,8 +24,8 @@ the one torch already loaded (same soname), so there is one OpenMP runtime and o
 Optional by design: where the CPU lacks AVX2/FMA (as torch sees it), there is no compiler, the build or the
 check fails, or ``QPASS_NO_NATIVE=1`` is set, :func:`q4` returns None (logged once) and the backend works as
 without it (int4 weights use the int4pack or dense layouts and torch's kernels). The op wrappers
-(:func:`token_quant`, :func:`rms_norm`, :func:`rope`) assume the library is there: callers check
-:func:`available` first (once, when they bind) and keep their torch path otherwise.
+(:func:`token_quant`, :func:`rms_norm`, :func:`rope`, :func:`kv_store`, :func:`kv_load`) assume the library
+is there: callers check :func:`available` first (once, when they bind) and keep their torch path otherwise.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 4
+ABI_VERSION = 6
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -55,6 +58,8 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _TQ_ARGS = [_P, _I, _I, ctypes.c_int, ctypes.c_int, _P, _P, _P]          # token_quant
 _RMS_ARGS = [_P, _I, _I, _P, ctypes.c_float, _P]                          # rms_norm_f32
 _ROPE_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]                 # rope_f32
+_KVS_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, ctypes.c_int, ctypes.c_int, _P, _P]   # kv_store
+_KVL_ARGS = [_P, _P, _I, _I, _I, _I, ctypes.c_int, _I, _P]                 # kv_load
 
 _lock = threading.Lock()
 _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one build attempt per process
@@ -62,7 +67,8 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 
 class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``path`` forces a code path,
-    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``) and ``rope`` (``rope_f32``) the others."""
+    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store`` and
+    ``kv_load`` the others."""
 
     def __init__(self, path: str):
         self.file = path
@@ -77,7 +83,8 @@ class Q4Library:
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
-                               ("rope", "rope_f32", _ROPE_ARGS)):
+                               ("rope", "rope_f32", _ROPE_ARGS), ("kv_store", "kv_store", _KVS_ARGS),
+                               ("kv_load", "kv_load", _KVL_ARGS)):
             f = getattr(lib, fn)
             f.restype, f.argtypes = ctypes.c_int, args
             setattr(self, name, f)
@@ -240,6 +247,65 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kv_store(k: torch.Tensor, pos: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int) -> None:
+    """Quantize the rows of k fp32 [B, H, T, D] (any strides; a last dim that is not contiguous is copied) and
+    write them at slots pos int64 [T] of a low-bit cache, in place: codes uint8 [B, H, max_len, W] and scales
+    fp32 [B, H, max_len, 1] (contiguous: PackedKVCache's ``codes`` / ``scale`` buffers), or [B, 1, max_len, 1]
+    for one scale per token over all heads (block [1, -1, 1, -1]; told apart by the size). Per row (per token
+    over all heads when shared), as :func:`token_quant`:
+
+        s = max(max |k| / qmax, SCALE_FLOOR),   q = clamp(round_half_even(k / s), qmin, qmax)
+
+    bits 8: W = D, the int8 q as a byte; bits 4: W = D / 2 (D even), u = q + 8 two per byte, the first in the
+    low nibble (packing.pack_dense). A row holding inf/NaN gets q = 0 and scale NaN (a NaN in it) or inf (as
+    torch's absmax / qmax). IndexError (nothing written) for a position outside [0, max_len)."""
+    if k.dtype is not torch.float32:
+        raise TypeError(f"kv_store takes fp32 rows, not {k.dtype}")
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if pos.dtype is not torch.int64 or not pos.is_contiguous():
+        pos = pos.to(torch.int64).contiguous()
+    b, h, t, d = k.shape
+    cb, ch, max_len, w = codes.shape
+    if (cb != b or ch != h or pos.numel() != t or w != (d >> 1 if bits == 4 else d) or codes.dtype is not torch.uint8
+            or scales.dtype is not torch.float32 or scales.numel() not in (b * h * max_len, b * max_len)
+            or not codes.is_contiguous() or not scales.is_contiguous()):
+        raise ValueError(f"kv_store: rows {tuple(k.shape)} at {tuple(pos.shape)} positions do not fit a {bits}-bit "
+                         f"cache of codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)} "
+                         f"{scales.dtype} (both contiguous)")
+    sb, sh, st, _ = k.stride()
+    shared = int(scales.numel() != b * h * max_len)
+    rc = _lib().kv_store(k.data_ptr(), b, h, t, d, sb, sh, st, pos.data_ptr(), max_len, bits, shared,
+                         codes.data_ptr(), scales.data_ptr())
+    if rc:
+        if rc == -1:
+            raise IndexError(f"kv_store: positions {pos.tolist()} outside the cache's {max_len} slots [0, {max_len})")
+        raise ValueError(f"kv_store failed (rc={rc}) for rows {tuple(k.shape)}, {bits} bits")
+
+
+def kv_load(codes: torch.Tensor, scales: torch.Tensor, n: int | None, bits: int,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The first n slots (all of them: n None or >= max_len) of a cache written by :func:`kv_store`,
+    dequantized: [B, H, n, D] contiguous = q * s (one fp32 multiply, bit for bit torch's int8 codes times the
+    fp32 scales), cast to `dtype` when that is not fp32."""
+    b, h, max_len, w = codes.shape
+    d = w << 1 if bits == 4 else w
+    if n is None or n > max_len:
+        n = max_len
+    elif n < 0:
+        raise ValueError(f"kv_load: {n} slots")
+    if not (codes.dtype is torch.uint8 and scales.dtype is torch.float32 and codes.is_contiguous()
+            and scales.is_contiguous() and scales.numel() in (b * h * max_len, b * max_len)):
+        raise ValueError(f"kv_load: codes {tuple(codes.shape)} {codes.dtype} and scales {tuple(scales.shape)} "
+                         f"{scales.dtype} are not a contiguous {bits}-bit cache")
+    out = torch.empty(b, h, n, d)
+    per = 1 if scales.numel() == b * h * max_len else h             # heads sharing a scale
+    if out.numel() and _lib().kv_load(codes.data_ptr(), scales.data_ptr(), b * h, max_len, n, d, bits, per,
+                                      out.data_ptr()):
+        raise ValueError(f"kv_load failed for codes {tuple(codes.shape)}, {bits} bits")
+    return out if dtype is torch.float32 else out.to(dtype)
+
+
 def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
@@ -372,3 +438,40 @@ def _self_check_ops(lib: Q4Library, g: torch.Generator) -> None:
     rc = lib.rope(x.data_ptr(), b, h, t, d, *x.stride()[:3], cos.data_ptr(), sin.data_ptr(), out.data_ptr())
     if rc != 0 or not torch.equal(out.transpose(1, 2), ref):
         raise ValueError(f"self-check failed (rope, rc={rc})")
+    _self_check_kv(lib, g)
+
+
+def _self_check_kv(lib: Q4Library, g: torch.Generator) -> None:
+    """kv_store then kv_load against the torch formulas (PackedKVCache's torch path), bit for bit: rows of 22
+    columns (the 16- and 8-wide loops and their tails), a transposed input, two positions of 5 slots, a row of
+    exact .5 ties and one holding inf."""
+    b, h, t, d, slots = 2, 3, 2, 22, 5
+    x = (torch.randn(b, t, h, d, generator=g) * torch.rand(b, t, h, 1, generator=g) * 10).transpose(1, 2)
+    x[0, 1, 0] = 0.25 * (torch.arange(d) % 14 - 7 + 0.5)                   # s = 7 * 0.25 / 7: ties at 4 bits
+    x[0, 1, 0, 0] = 1.75
+    x[1, 2, 1, 3] = float("inf")
+    pos = torch.tensor([3, 1])
+    for bits, shared in ((4, 0), (8, 0), (4, 1), (8, 1)):        # shared: one scale per token over all heads
+        lo, hi = _QRANGE[bits]
+        s = x.abs().amax((1, 3) if shared else -1, keepdim=True).div_(hi).clamp_(min=1e-12)
+        q = (x / s).round_().clamp_(lo, hi).nan_to_num_(0.0).to(torch.int8)     # the inf row: codes 0
+        width = d // 2 if bits == 4 else d
+        codes = torch.zeros(b, h, slots, width, dtype=torch.uint8)
+        scales = torch.zeros(b, 1 if shared else h, slots, 1)
+        ref_codes, ref_scales = codes.clone(), scales.clone()
+        u = (q.to(torch.int16) + 8).to(torch.uint8) if bits == 4 else q.view(torch.uint8)
+        ref_codes[:, :, pos] = u[..., 0::2] | (u[..., 1::2] << 4) if bits == 4 else u
+        ref_scales[:, :, pos] = s
+        rc = lib.kv_store(x.data_ptr(), b, h, t, d, *x.stride()[:3], pos.data_ptr(), slots, bits, shared,
+                          codes.data_ptr(), scales.data_ptr())
+        out = torch.empty(b, h, 4, d)
+        rc2 = lib.kv_load(codes.data_ptr(), scales.data_ptr(), b * h, slots, 4, d, bits, h if shared else 1,
+                          out.data_ptr())
+        c = ref_codes[:, :, :4]
+        ref_q = c.view(torch.int8) if bits == 8 else \
+            torch.stack([c & 15, c >> 4], -1).view(b, h, 4, d).to(torch.int8) - 8
+        ref_out = ref_q * ref_scales[:, :, :4]
+        if rc != 0 or rc2 != 0 or not (torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+                                      and torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
+                                      and out[1, 2, 1].isnan().all()):
+            raise ValueError(f"self-check failed (kv_store / kv_load, {bits} bits, shared {shared}, rc={rc}, {rc2})")

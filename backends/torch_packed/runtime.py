@@ -41,15 +41,17 @@ from .linear import PackedLinear
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
+META_RUNTIME = "qpass_runtime"            # gm.meta key: what optimize_decode changed
 
 
 def optimize_decode(gm: GraphModule, *, native_ops: bool = True) -> dict[str, int]:
-    """All passes, in order; returns how many sites each changed."""
+    """All passes, in order; returns (and records in ``gm.meta[META_RUNTIME]``) how many sites each changed."""
     stats = {"prefix_attention": prefix_attention(gm)}
     if native_ops and native.available():
         stats["rms_norm"] = fuse_rms_norm(gm)
         stats["rope"] = fuse_rope(gm)
     stats.update(freeze(gm))
+    gm.meta[META_RUNTIME] = stats
     return stats
 
 

@@ -25,7 +25,8 @@
  *
  * The same library holds i8_linear, the W8A8 kernel (int8 x int8 -> int32, then fp32 scales; see its comment
  * further down), and three small fp32 ops of the decode step that replace chains of torch ops bit for bit
- * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end).
+ * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end),
+ * and the store / load of a low-bit K/V cache (kv_store, kv_load; the comment before them, at the end).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -43,7 +44,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 4; }
+int q4_abi_version(void) { return 6; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -563,6 +564,160 @@ NO_FMA int rope_f32(const float *x, int64_t b, int64_t h, int64_t t, int64_t d, 
                     const float x1 = xr[j], x2 = xr[half + j];
                     o[j] = x1 * c[j] + (-x2) * s[j];
                     o[half + j] = x2 * c[half + j] + x1 * s[half + j];
+                }
+            }
+        }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------- low-bit K/V cache
+ *
+ * The common formats of backends/torch_packed/kv.py (PackedKVCache): dynamic symmetric int4 or int8, one scale
+ * per (batch, head, slot), i.e. block [1, 1, 1, -1], or one per (batch, slot) over all heads (block
+ * [1, -1, 1, -1], "shared", LLM-QAT's per-token KV). The cache of shape [B, H, max_len, D] is held as
+ *
+ *     scales  fp32 [B, H, max_len]            (the module's `scale` buffer [B, H, max_len, 1]; shared: [B, max_len])
+ *     codes   uint8 [B, H, max_len, W]        bits 8: W = D, the int8 code q as a byte;
+ *                                             bits 4: W = D / 2 (D even), u = q + 8, byte j = u[2j] | u[2j+1] << 4
+ *
+ * kv_store  quantizes each row of k [B, H, T, D] as token_quant does (s = max(max|x| / qmax, 1e-12),
+ *           q = clamp(rint(x / s), qmin, qmax); shared: max over the row in every head) and writes s and the
+ *           codes at slot pos[t]. A row (shared: a token) holding inf or
+ *           NaN gets codes q = 0 and the scale torch's `x.abs().amax() / qmax` gives it: NaN if it holds a
+ *           NaN, else inf (it dequantizes to NaN either way: 0 * inf); so the bytes stored are those of the
+ *           torch path (kv.py), up to the NaN's payload. Every position is checked (0 <= p < max_len) before
+ *           anything is written: -1 if one is not, the cache untouched.
+ * kv_load   out [B * H, n, D] (contiguous) = (float)q * s for the first n slots: one fp32 multiply per value,
+ *           bit for bit torch's `q * s` (int8 codes times the fp32 scale, promoted).
+ * One thread (a decode step writes a row or a few and reads a few thousand values per head).
+ */
+
+/* 8 int8 codes q in [-8, 7] (the low 8 bytes) -> their 4 packed storage bytes (u = q + 8, the first code of a
+ * pair in the low nibble) in the low 32 bits */
+INLINE int32_t pack_nibbles(__m128i q) {
+    const __m128i u = _mm_add_epi8(q, _mm_set1_epi8(8));
+    const __m128i v = _mm_and_si128(_mm_or_si128(u, _mm_srli_epi16(u, 4)), _mm_set1_epi16(0x00ff));
+    return _mm_cvtsi128_si32(_mm_packus_epi16(v, v));
+}
+
+/* max |x| over the d values of a row (0 for d = 0); *bad |= whether one is inf or NaN, *nan |= whether one is NaN */
+INLINE float kv_row_amax(const float *xr, int64_t d, int64_t dv, __m256i tail, int *bad, int *nan) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), inf = _mm256_set1_ps(INFINITY);
+    __m256 amax = _mm256_setzero_ps(), nf = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j += 8) {                              /* j == dv < d: the masked tail (0s) */
+        const __m256 a = _mm256_and_ps(j < dv ? _mm256_loadu_ps(xr + j) : _mm256_maskload_ps(xr + j, tail), absmask);
+        amax = _mm256_max_ps(amax, a);
+        nf = _mm256_or_ps(nf, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));                   /* inf or NaN */
+    }
+    if (_mm256_movemask_ps(nf)) {
+        *bad = 1;
+        for (int64_t j = 0; j < d; j++) *nan |= xr[j] != xr[j];
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* the codes of one row with scale s into c (bits 8: d bytes; bits 4: d / 2 bytes) */
+INLINE void kv_row_codes(const float *xr, int64_t d, int64_t dv, __m256i tail, float s, int bits, uint8_t *c) {
+    const int qmax = (1 << (bits - 1)) - 1;
+    const __m256 lo = _mm256_set1_ps((float)(-qmax - 1)), hi = _mm256_set1_ps((float)qmax), sv = _mm256_set1_ps(s);
+    for (int64_t j = 0; j < d; j += 8) {
+        const __m256 x = j < dv ? _mm256_loadu_ps(xr + j) : _mm256_maskload_ps(xr + j, tail);
+        const __m128i q = to_i8(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_round_ps(
+            _mm256_div_ps(x, sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
+        const int64_t n = j < dv ? 8 : d - dv;                          /* columns of this step */
+        if (bits == 8) {
+            if (n == 8) _mm_storel_epi64((__m128i *)(c + j), q);
+            else {
+                int8_t tmp[16];
+                _mm_storeu_si128((__m128i *)tmp, q);
+                memcpy(c + j, tmp, (size_t)n);
+            }
+        } else {
+            const int32_t p = pack_nibbles(q);
+            memcpy(c + j / 2, &p, (size_t)(n / 2));                   /* little endian: bytes in order */
+        }
+    }
+}
+
+/* Write rows of k [b, h, t, d] (element strides sb, sh, st; the last dim contiguous) at slots pos[0 .. t) of a
+ * cache with max_len slots: codes [b, h, max_len, W] and scales [b, h, max_len] (shared = 0: a scale per token
+ * and head) or [b, max_len] (shared = 1: one scale per token over all heads, block [1, -1, 1, -1]).
+ * bits: 4 (d even) or 8. Returns 0; -1 if a position is out of range (nothing written); -2 on other bad
+ * arguments. */
+NO_FMA int kv_store(const float *k, int64_t b, int64_t h, int64_t t, int64_t d, int64_t sb, int64_t sh,
+                    int64_t st, const int64_t *pos, int64_t max_len, int bits, int shared, uint8_t *codes,
+                    float *scales) {
+    NO_FMA_BODY
+    if (b < 0 || h < 0 || t < 0 || d <= 0 || max_len < 0 || (bits != 4 && bits != 8) || (bits == 4 && d % 2))
+        return -2;
+    for (int64_t ti = 0; ti < t; ti++)
+        if (pos[ti] < 0 || pos[ti] >= max_len) return -1;
+    const float qmax = (float)((1 << (bits - 1)) - 1);
+    const int64_t w = bits == 8 ? d : d / 2, dv = d & ~(int64_t)7, groups = shared ? 1 : h, per = shared ? h : 1;
+    const __m256i tail = tail_mask(d - dv);
+    for (int64_t bi = 0; bi < b; bi++)
+        for (int64_t gi = 0; gi < groups; gi++)            /* a group: the heads that share one scale */
+            for (int64_t ti = 0; ti < t; ti++) {
+                int bad = 0, nan = 0;
+                float amax = 0.f;
+                for (int64_t hi_ = gi * per; hi_ < (gi + 1) * per; hi_++) {
+                    const float a = kv_row_amax(k + bi * sb + hi_ * sh + ti * st, d, dv, tail, &bad, &nan);
+                    amax = a > amax ? a : amax;
+                }
+                float s = amax / qmax;
+                if (s < 1e-12f) s = 1e-12f;                                              /* SCALE_FLOOR */
+                if (bad) s = nan ? NAN : INFINITY;   /* codes 0, scale NaN (a NaN) or inf: as torch stores them */
+                scales[(bi * groups + gi) * max_len + pos[ti]] = s;
+                for (int64_t hi_ = gi * per; hi_ < (gi + 1) * per; hi_++) {
+                    uint8_t *c = codes + ((bi * h + hi_) * max_len + pos[ti]) * w;
+                    if (bad) memset(c, bits == 8 ? 0 : 0x88, (size_t)w);
+                    else kv_row_codes(k + bi * sb + hi_ * sh + ti * st, d, dv, tail, s, bits, c);
+                }
+            }
+    return 0;
+}
+
+/* The first n slots of a cache (codes [bh, max_len, W], scales [bh / per, max_len]: `per` consecutive heads
+ * share a scale, as above) dequantized: out [bh, n, d] = (float)q * s. Returns 0, or -1 on bad arguments. */
+NO_FMA int kv_load(const uint8_t *codes, const float *scales, int64_t bh, int64_t max_len, int64_t n, int64_t d,
+                   int bits, int64_t per, float *out) {
+    NO_FMA_BODY
+    if (bh < 0 || max_len < 0 || n < 0 || n > max_len || d <= 0 || (bits != 4 && bits != 8) || (bits == 4 && d % 2)
+        || per < 1)
+        return -1;
+    const int64_t w = bits == 8 ? d : d / 2;
+    const int64_t step = bits == 8 ? 8 : 16, dv = d - d % step;
+    const __m128i low = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    for (int64_t i = 0; i < bh; i++)
+        for (int64_t p = 0; p < n; p++) {
+            const uint8_t *c = codes + (i * max_len + p) * w;
+            const float s = scales[(i / per) * max_len + p];
+            const __m256 sv = _mm256_set1_ps(s);
+            float *o = out + (i * n + p) * d;
+            if (bits == 8) {
+                for (int64_t j = 0; j < dv; j += 8) {
+                    const __m128i v = _mm_loadl_epi64((const __m128i *)(c + j));
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                    _mm256_storeu_ps(o + j, _mm256_mul_ps(q, sv));
+                }
+                for (int64_t j = dv; j < d; j++) o[j] = (float)(int8_t)c[j] * s;
+            } else {
+                for (int64_t j = 0; j < dv; j += 16) {                 /* 8 bytes: columns j .. j + 15 */
+                    const __m128i v = _mm_loadl_epi64((const __m128i *)(c + j / 2));
+                    const __m128i u = _mm_unpacklo_epi8(_mm_and_si128(v, low),
+                                                        _mm_and_si128(_mm_srli_epi16(v, 4), low));
+                    const __m128i q = _mm_sub_epi8(u, eight);
+                    _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), sv));
+                    _mm256_storeu_ps(o + j + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                        _mm_srli_si128(q, 8))), sv));
+                }
+                for (int64_t j = dv; j < d; j += 2) {
+                    const uint8_t v = c[j / 2];
+                    o[j] = (float)((int)(v & 15) - 8) * s;
+                    o[j + 1] = (float)((int)(v >> 4) - 8) * s;
                 }
             }
         }
