@@ -174,3 +174,16 @@ def test_moving_the_model_rebuilds_decode_graphs():
     assert pm._decoders
     pm.float()
     assert not pm._decoders
+
+
+def test_generate_reuses_a_decode_graph_that_is_long_enough():
+    pm, _ = lowered()
+    short, long_ = toy.token_ids(1, 5), toy.token_ids(1, 70, seed=4)
+    a = pm.generate(short, 8)                                   # cache 64
+    b = pm.generate(long_, 8)                                   # needs 78: cache 128
+    assert sorted(n for _, n, _ in pm._decoders) == [64, 128]
+    c = pm.generate(toy.token_ids(1, 60, seed=5), 10)          # needs 70: the 128 graph, no new capture
+    assert sorted(n for _, n, _ in pm._decoders) == [64, 128]
+    assert torch.equal(a, pm.generate(short, 8))                # the smallest graph that fits: 64
+    assert torch.equal(a, pm.generate(short, 8, max_cache_len=128))  # a longer cache: the same tokens
+    assert c.shape == (1, 70) and b.shape == (1, 78)

@@ -141,9 +141,17 @@ class PackedModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                  max_cache_len: int | None = None) -> torch.Tensor:
-        """Greedy (or sampled) generation with an incremental KV cache; returns prompt + new tokens."""
+        """Greedy (or sampled) generation with an incremental KV cache; returns prompt + new tokens. Without
+        `max_cache_len`, a decode graph already built for this batch size that is long enough is reused
+        (attention reads only the written prefix, so a longer cache costs memory, not time); else one is
+        built with the cache rounded up to a multiple of 64."""
         from qpass.generate import generate_cached
 
+        if max_cache_len is None:
+            ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+            need = ids.shape[1] + max_new_tokens
+            fits = [n for (b, n, opt) in self._decoders if b == ids.shape[0] and opt and n >= need]
+            max_cache_len = min(fits, default=None)
         return generate_cached(self.decode_graph, input_ids, max_new_tokens, do_sample=do_sample,
                                temperature=temperature, top_k=top_k, seed=seed, max_cache_len=max_cache_len)
 
