@@ -9,8 +9,8 @@
                       torch's results: :func:`token_quant` (per-token symmetric int input quantization, codes
                       or fake-quant values), :func:`rms_norm` (HF LlamaRMSNorm in fp32, up to the summation
                       order of the mean) and :func:`rope` (x * cos + rotate_half(x) * sin).
-                      And the store / load of PackedKVCache's common format (dynamic symmetric int4 / int8,
-                      a scale per token and head): :func:`kv_store`, :func:`kv_load`, one call each in place
+                      And the store / load of PackedKVCache's common formats (dynamic symmetric int4 / int8,
+                      a scale per token and head or per token): :func:`kv_store`, :func:`kv_load`, one call each in place
                       of ~25 torch ops per cache access, storing the bytes the torch path stores.
 
 Build: ``$CC`` (default ``cc``) ``-O3 -mavx2 -mfma -fopenmp -shared -fPIC`` (without ``-fopenmp`` if that
