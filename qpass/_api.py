@@ -84,8 +84,8 @@ class QuantizedModel(nn.Module):
         if key not in cache:
             if self.source.get("hf_config") is None:
                 raise ArtifactError(f"generation needs a Hugging Face causal LM; this is a {self.source.get('model_class')}")
-            gm = capture_decode(_model_from_config(self.source["hf_config"]), max_cache_len=max_cache_len,
-                                batch_size=batch_size)
+            model = _model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
+            gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
             run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
             missing, unexpected = gm.load_state_dict(self.graph_module.state_dict(), strict=False)
             if unexpected or [k for k in missing if "_cache_" not in k and "cumulative_length" not in k]:
@@ -253,7 +253,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
         if source.get("hf_config") is None:
             raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
                                 "model", fix="pass model=<an instance of that class> to qpass.load")
-        model = _model_from_config(source["hf_config"])
+        model = _model_from_config(source["hf_config"], _source_dtype(source))
     gm = capture(model, _example_inputs(source, model))
     run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
     _load_tensors(gm, directory)
@@ -274,13 +274,24 @@ def _load_tensors(gm: GraphModule, directory: str) -> None:
                             fix="load with the same model class/config and qpass version that saved it")
 
 
-def _model_from_config(cfg: dict) -> nn.Module:
+def _model_from_config(cfg: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture of `cfg` with fresh weights, built in `dtype` the way ``from_pretrained(dtype=...)``
+    builds it (default: float32; buffers computed in float32, like rotary frequencies, stay float32)."""
     import transformers
 
     config = transformers.AutoConfig.for_model(**cfg)
     with torch.device("cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     return model.eval()
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating dtype holding most of a module's parameter values (None: no floating parameters)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _source(model: nn.Module, example_inputs) -> dict:
@@ -289,8 +300,17 @@ def _source(model: nn.Module, example_inputs) -> dict:
         return {"hf_config": None, "model_class": info.get("model_class", "GraphModule"),
                 "example_inputs": _shapes(example_inputs)}
     cfg = getattr(model, "config", None)
+    dtype = _float_dtype(model)
     return {"hf_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
-            "model_class": type(model).__name__, "example_inputs": _shapes(example_inputs)}
+            "model_class": type(model).__name__, "example_inputs": _shapes(example_inputs),
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
+
+
+def _source_dtype(source: dict) -> torch.dtype | None:
+    """The floating dtype the model was quantized in (None for artefacts written before it was recorded)."""
+    name = source.get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        else None
 
 
 def _shapes(example_inputs) -> list | None:

@@ -187,3 +187,46 @@ def test_generate_reuses_a_decode_graph_that_is_long_enough():
     assert torch.equal(a, pm.generate(short, 8))                # the smallest graph that fits: 64
     assert torch.equal(a, pm.generate(short, 8, max_cache_len=128))  # a longer cache: the same tokens
     assert c.shape == (1, 70) and b.shape == (1, 78)
+
+
+def test_a_bf16_model_decodes_in_bf16_with_its_own_weights():
+    """The decode graph is built in the model's dtype and shares its tensors (it once kept the fresh fp32
+    weights of the rebuilt architecture for everything the recipe left in float); fusions that need fp32
+    stand aside."""
+    from qpass.generate import generate
+
+    for model in (toy.hf_model("llama").to(torch.bfloat16),                 # cast: rotary buffer bf16 too
+                  _from_config_bf16()):                                       # built in bf16: rotary fp32
+        qm = qpass.apply(model, recipe(KV4), progress=False)
+        pm = qpass.lower(qm, "torch", kernels="exact")
+        ids = toy.token_ids(1, 6)
+        for gm, ref in ((pm.decode_graph(64), pm(ids).logits), (qm.decode_graph(64), qm(ids).logits)):
+            assert {p.dtype for p in gm.parameters()} == {torch.bfloat16}
+            out = gm(input_ids=ids, cache_position=torch.arange(6))
+            assert out.dtype == torch.bfloat16                      # bf16 rounding, not other weights:
+            assert float((out.float() - ref.float()).abs().max()) <= 1e-2 * float(ref.float().abs().max())
+        stats = pm.decode_graph(64).meta[runtime.META_RUNTIME]
+        assert stats["rms_norm"] == stats["rope"] == 0 and stats["prefix_attention"] == 2
+        slow = pm.decode_graph(64, optimize=False)
+        assert torch.equal(pm.generate(ids, 8),
+                           generate(lambda i, c: slow(input_ids=i, cache_position=c), ids, 8))
+
+
+def _from_config_bf16():
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(toy.hf_config("llama"), dtype=torch.bfloat16).eval()
+
+
+def test_a_saved_bf16_model_loads_in_bf16(tmp_path):
+    model = _from_config_bf16()
+    qm = qpass.apply(model, recipe(), progress=False)
+    assert qm.source["dtype"] == "bfloat16"
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    qm.save(tmp_path / "fq")
+    pm.save(tmp_path / "packed")
+    ids = toy.token_ids(1, 6)
+    for saved, loaded in ((qm, qpass.load(tmp_path / "fq")), (pm, tp.load(tmp_path / "packed"))):
+        assert {p.dtype for p in loaded.graph_module.parameters()} == {torch.bfloat16}
+        assert torch.equal(loaded(ids).logits, saved(ids).logits)

@@ -23,8 +23,10 @@ from torch.fx import GraphModule
 
 from qpass._api import (
     _example_inputs,
+    _float_dtype,
     _jsonable,
     _model_from_config,
+    _source_dtype,
     _transformers_version,
     atomic_directory,
     run_recipe,
@@ -125,8 +127,8 @@ class PackedModel(nn.Module):
                                         f"{max_cache_len} and {batch_size}", fix="capture one with those sizes")
                 gm = _copy_template(template)
             else:
-                gm = capture_decode(_model_from_config(self.source["hf_config"]), max_cache_len=max_cache_len,
-                                    batch_size=batch_size)
+                model = _model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
+                gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
             run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
             _share_tensors(gm, self.graph_module)
             lower_linears(gm, shared=self.linears())
@@ -193,16 +195,27 @@ class PackedModel(nn.Module):
 
 
 def _share_tensors(dst: GraphModule, src: GraphModule) -> None:
-    """Point dst's parameters/buffers at src's tensors of the same name (no copies)."""
+    """Point dst's parameters/buffers at src's tensors of the same name (no copies). A tensor of another dtype
+    (a float32 rotary buffer of a model cast to bf16 with ``.to``) gets src's values copied in instead; one
+    of another shape means the graphs are not of the same model: ArtifactError."""
     state = src.state_dict(keep_vars=True)
     for store in ("_parameters", "_buffers"):
         for mod_name, mod in dst.named_modules():
+            if isinstance(mod, (PackedLinear, PackedKVCache)):
+                continue
             for k, t in list(getattr(mod, store).items()):
                 name = f"{mod_name}.{k}" if mod_name else k
                 other = state.get(name)
-                if t is not None and other is not None and other.shape == t.shape and other.dtype == t.dtype \
-                        and not isinstance(mod, (PackedLinear, PackedKVCache)):
+                if t is None or other is None:
+                    continue
+                if other.shape != t.shape:
+                    raise ArtifactError(f"the decode graph's {name} is {tuple(t.shape)}, the lowered model's "
+                                        f"{tuple(other.shape)}", fix="report this as a qpass bug")
+                if other.dtype == t.dtype:
                     getattr(mod, store)[k] = other
+                else:
+                    with torch.no_grad():
+                        t.copy_(other)
 
 
 def _copy_template(gm: GraphModule) -> GraphModule:
@@ -268,7 +281,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
         if source.get("hf_config") is None:
             raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
                                 "model", fix="pass model=<an instance of that class> to load")
-        model = _model_from_config(source["hf_config"])
+        model = _model_from_config(source["hf_config"], _source_dtype(source))
     gm = capture(model, _example_inputs(source, model))
     del model
     run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
