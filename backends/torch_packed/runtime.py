@@ -1,8 +1,9 @@
 """Passes that make a lowered decode graph cheap to run one token at a time (``PackedModel.decode_graph``).
 
 A decode step of a small model is mostly fixed per-op cost, not arithmetic: on the bundled model (6 layers,
-256 wide, 1 thread) a W4 step ran ~340 aten calls, 42 packed linears and ~420 ``nn.Module.__getattr__``
-lookups in ~5.3 ms, of which the linear kernels were ~0.7 ms. These passes cut that fixed cost; each keeps
+256 wide) a step is a few hundred aten calls, one packed-module call per linear and K/V cache, and a chain
+of ``nn.Module.__getattr__`` lookups per parameter and module, against a few microseconds of arithmetic per
+linear. These passes cut that fixed cost (tools/bench.py reports decode with them on and off); each keeps
 the step's function up to float summation order (bit for bit where stated):
 
 prefix_attention  Attention reads the whole static cache (max_cache_len slots) and masks the unwritten
@@ -164,14 +165,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fuse_rms_norm(gm: GraphModule) -> int:
     """``mul(w, mul(x, rsqrt(add(mean(pow(x, 2), [-1], True), eps))))`` (either operand order) -> rms_norm."""
+    return _fuse(gm, rms_norm, lambda n: _match_rms_norm(gm, n))
+
+
+def _fuse(gm: GraphModule, fn, match) -> int:
+    """Replace every node n where ``match(n)`` gives (args, nodes that die with n) by ``fn(*args)``."""
     count = 0
     for n in list(gm.graph.nodes):
-        m = _match_rms_norm(gm, n)
+        m = match(n)
         if m is None:
             continue
-        x, w, eps, dead = m
+        args, dead = m
         with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(rms_norm, (x, w, eps))
+            new = gm.graph.call_function(fn, args)
         new.meta["val"] = n.meta.get("val")
         n.replace_all_uses_with(new)
         _erase_dead(gm, [n, *dead])
@@ -207,7 +213,7 @@ def _match_rms_norm(gm: GraphModule, n: Node):
         if not (_fp32(x, n) and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
                 and weight.dim() == 1 and xv.shape[-1] == weight.shape[0]):
             continue
-        return x, w, float(add.args[1]), [inner, r, add, mean, p]
+        return (x, w, float(add.args[1])), [inner, r, add, mean, p]
     return None
 
 
@@ -227,22 +233,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def fuse_rope(gm: GraphModule) -> int:
     """``add(mul(x, cos), mul(cat([neg(slice(x, -1, d/2, end)), slice(x, -1, 0, d/2)], -1), sin))`` -> rope."""
-    count = 0
-    for n in list(gm.graph.nodes):
-        m = _match_rope(n)
-        if m is None:
-            continue
-        x, cos, sin, dead = m
-        with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(rope, (x, cos, sin))
-        new.meta["val"] = n.meta.get("val")
-        n.replace_all_uses_with(new)
-        _erase_dead(gm, [n, *dead])
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    return _fuse(gm, rope, _match_rope)
 
 
 def _last(dim, rank: int) -> bool:
@@ -280,7 +271,7 @@ def _match_rope(n: Node):
             cv, sv = _val(cos), _val(sin)
             if not (cv.dim() == 4 and cv.shape[1] == 1 and cv.shape[-1] == d and tuple(cv.shape) == tuple(sv.shape)):
                 continue
-            return x, cos, sin, [a, b, cat, neg, hi, lo]
+            return (x, cos, sin), [a, b, cat, neg, hi, lo]
     return None
 
 
