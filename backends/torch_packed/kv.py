@@ -110,8 +110,7 @@ class PackedKVCache(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("_native_bits", None)  # pickled before the native path: the torch path
-        self._native = None                         # unpickled (deep copies too): decide again, here
+        self._native = None                         # deep copies: decide again, here
 
     @property
     def _fast(self) -> bool:
