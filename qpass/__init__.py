@@ -13,7 +13,7 @@ from ._api import QuantizedModel as QuantizedModel
 from ._api import StreamResult as StreamResult
 from ._api import apply as apply
 from ._api import apply_from_disk as apply_from_disk
-from ._api import load as load
+from .artifacts import load as load
 from .capture import capture as capture
 from .capture import capture_decode as capture_decode
 from .errors import (

@@ -1,61 +1,35 @@
 """``qpass.apply(model, recipe, calib_data)`` -> QuantizedModel; ``QuantizedModel.save`` / ``qpass.load``;
 ``qpass.apply_from_disk(model_dir, recipe, out_dir, calib_data)`` for models that do not fit in memory.
 
-Saved directories hold no pickle and no serialized graph: ``model.safetensors`` (every parameter and
-buffer of the quantized graph; ``apply_from_disk`` writes ``model-0000i-of-0000n.safetensors`` shards and
-``model.safetensors.index.json`` instead), ``recipe.yaml``, ``qpass.json`` (versions, capture facts, report)
-and, for Hugging Face models, ``config.json``. Loading rebuilds the model from its config, captures it the
-same way, replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the
-tensors: the result is the saved graph, bit for bit.
+What a saved directory holds, how it is sealed with digests and how it is loaded is in ``qpass.artifacts``.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import safetensors.torch
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from . import artifacts
+from .artifacts import (  # NOTE: backends/ import these aliases from here until they use qpass.artifacts (#14)
+    _jsonable as _jsonable,
+    _transformers_version as _transformers_version,
+    atomic_directory as atomic_directory,
+    example_inputs as _example_inputs,
+    model_from_config as _model_from_config,
+    source_dtype as _source_dtype,
+)
 from .calibration import CalibrationSet
-from .capture import capture, capture_decode, default_example_inputs
+from .capture import capture, capture_decode
 from .errors import ArtifactError, RecipeError
 from .graph import META_CAPTURE, META_PREFIX
 from .pass_infra import Context, Pipeline, Report
 from .recipe import Recipe, as_recipe
-from .version import __version__
-
-ARTIFACT_FORMAT = 1
-_FILES = ("recipe.yaml", "qpass.json")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")   # one file, or shards and their index
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, prefix: str = ".qpass-save-"):
-    """Yield a temporary directory beside `directory`; on success it becomes `directory` (which must not
-    exist or be empty), on any failure it is removed: no partial output is ever left behind."""
-    directory = os.fspath(directory)
-    if os.path.isdir(directory) and os.listdir(directory):
-        raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(directory):
-            os.rmdir(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class QuantizedModel(nn.Module):
@@ -104,28 +78,9 @@ class QuantizedModel(nn.Module):
                                temperature=temperature, top_k=top_k, seed=seed, max_cache_len=max_cache_len)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the model to `directory` (created; an existing non-empty one is an error). Nothing is
-        left behind if writing fails."""
-        with atomic_directory(directory) as tmp:
-            safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
-                                         metadata=_TENSOR_METADATA)
-            _write_description(tmp, self.recipe, self.source, self.report)
-
-
-_TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
-
-
-def _write_description(directory: str, recipe: Recipe, source: dict, report: Report) -> None:
-    """recipe.yaml, qpass.json and (Hugging Face models) config.json: everything but the tensors."""
-    with open(os.path.join(directory, "recipe.yaml"), "w") as f:
-        f.write(recipe.to_yaml())
-    meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
-            **_transformers_version(), "source": source, "report": _jsonable(report.to_dict())}
-    with open(os.path.join(directory, "qpass.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    if source.get("hf_config") is not None:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(source["hf_config"], f, indent=2)
+        """Write the model to `directory` (created; an existing non-empty one is an error), sealed and in
+        canonical bytes (``qpass.artifacts``). Nothing is left behind if writing fails."""
+        artifacts.save(self, directory)
 
 
 def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_data: Iterable | None = None,
@@ -179,9 +134,9 @@ def apply_from_disk(model_dir: str | os.PathLike, recipe: Recipe | Mapping | str
     with atomic_directory(out_dir) as tmp:
         gm, store, source = _capture_from_disk(ckpt, cfg, os.path.join(tmp, ".scratch"))
         report = Pipeline(passes).run(gm, Context(calib, progress=progress, store=store))
-        write_shards(gm, store, tmp, segment_attrs(gm), _TENSOR_METADATA)
+        write_shards(gm, store, tmp, segment_attrs(gm), artifacts.TENSOR_METADATA)
         shutil.rmtree(store.scratch)
-        _write_description(tmp, recipe, source, report)
+        artifacts.write_description(tmp, recipe, source, report)
     return StreamResult(os.fspath(out_dir), report, store.stats.peak_bytes, store.nbytes,
                         tuple(store.stats.peak_names))
 
@@ -231,60 +186,6 @@ def run_recipe(gm: GraphModule, recipe: Recipe, ctx: Context) -> Report:
     return Pipeline([make_pass(c) for c in recipe.passes], verify=recipe.verify).run(gm, ctx)
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
-    """Load a directory written by ``QuantizedModel.save``. Hugging Face models are rebuilt from
-    config.json; other modules need `model` (an instance of the same architecture, any weights)."""
-    directory = os.fspath(directory)
-    missing = [f for f in _FILES if not os.path.isfile(os.path.join(directory, f))]
-    if not any(os.path.isfile(os.path.join(directory, f)) for f in _WEIGHTS):
-        missing.append(" or ".join(_WEIGHTS))
-    if missing:
-        raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
-                            fix="pass a directory written by QuantizedModel.save")
-    with open(os.path.join(directory, "qpass.json")) as f:
-        meta = json.load(f)
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{directory!r} has artefact format {meta.get('format')}, this qpass reads "
-                            f"{ARTIFACT_FORMAT} (written by qpass {meta.get('qpass_version')})",
-                            fix="load it with the qpass version that wrote it")
-    recipe = Recipe.from_yaml(os.path.join(directory, "recipe.yaml"))
-    source = meta["source"]
-    if model is None:
-        if source.get("hf_config") is None:
-            raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
-                                "model", fix="pass model=<an instance of that class> to qpass.load")
-        model = _model_from_config(source["hf_config"], _source_dtype(source))
-    gm = capture(model, _example_inputs(source, model))
-    run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
-    _load_tensors(gm, directory)
-    report = Report()
-    return QuantizedModel(gm, recipe, report, source)
-
-
-def _load_tensors(gm: GraphModule, directory: str) -> None:
-    if os.path.isfile(os.path.join(directory, _WEIGHTS[1])):   # shards (apply_from_disk): one at a time
-        from .offload import load_shards
-
-        return load_shards(gm, directory)
-    path = os.path.join(directory, _WEIGHTS[0])
-    missing, unexpected = safetensors.torch.load_model(gm, path, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(f"{path!r} does not match the rebuilt graph (missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]})",
-                            fix="load with the same model class/config and qpass version that saved it")
-
-
-def _model_from_config(cfg: dict, dtype: torch.dtype | None = None) -> nn.Module:
-    """The architecture of `cfg` with fresh weights, built in `dtype` the way ``from_pretrained(dtype=...)``
-    builds it (default: float32; buffers computed in float32, like rotary frequencies, stay float32)."""
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**cfg)
-    with torch.device("cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
-    return model.eval()
-
-
 def _float_dtype(module: nn.Module) -> torch.dtype | None:
     """The floating dtype holding most of a module's parameter values (None: no floating parameters)."""
     counts: dict[torch.dtype, int] = {}
@@ -306,40 +207,8 @@ def _source(model: nn.Module, example_inputs) -> dict:
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
 
 
-def _source_dtype(source: dict) -> torch.dtype | None:
-    """The floating dtype the model was quantized in (None for artefacts written before it was recorded)."""
-    name = source.get("dtype")
-    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
-        else None
-
-
 def _shapes(example_inputs) -> list | None:
     if example_inputs is None:
         return None
     xs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in xs]
-
-
-def _example_inputs(source: dict, model: nn.Module):
-    spec = source.get("example_inputs")
-    if spec is None:
-        return default_example_inputs(model) if getattr(model, "config", None) is not None else None
-    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
-
-
-def _transformers_version() -> dict:
-    try:
-        import transformers
-        return {"transformers_version": transformers.__version__}
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return {}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)

@@ -16,7 +16,7 @@ with ``model.safetensors.index.json``) becomes a graph without its weights:
 
 Passes reach the store through ``Context.loaded(names)`` (a no-op in memory); ``qpass.sequential.Sweep``
 loads each segment's parameters while the segment is calibrated. ``write_shards`` writes the result one
-segment at a time. A change is seen through the parameter's version counter: passes change weights in
+segment at a time, in canonical bytes (``qpass.artifacts``, which also reads it back: ``load_shards``). A change is seen through the parameter's version counter: passes change weights in
 place (``copy_``, ``mul_``), never by assigning ``.data`` or a new parameter.
 """
 from __future__ import annotations
@@ -34,10 +34,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.fx import GraphModule
 
+from .artifacts import INDEX, SINGLE, load_shards, write_safetensors
 from .errors import ArtifactError, RecipeError
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------ reading a checkpoint
@@ -356,7 +354,8 @@ def write_shards(gm: GraphModule, store: WeightStore, directory: str, segments: 
                  metadata: dict[str, str]) -> dict:
     """Write gm's state dict as ``model-0000i-of-0000n.safetensors`` (one file per segment: each tensor goes
     with the first segment that reads it, tensors no node reads go last) and ``model.safetensors.index.json``;
-    only one segment's parameters are in memory at a time. Tied names are written once."""
+    only one segment's parameters are in memory at a time. Tied names are written once. The same graph and
+    values give the same bytes (canonical safetensors headers, sorted index)."""
     state = gm.state_dict(keep_vars=True)          # stand-ins stay stand-ins (keep_vars: no detach)
     seen_ids, chunks = set(), []
     for attrs in segments + [list(state)]:
@@ -372,34 +371,14 @@ def write_shards(gm: GraphModule, store: WeightStore, directory: str, segments: 
         name = f"model-{i + 1:05d}-of-{len(chunks):05d}.safetensors"
         with store.loaded(chunk):
             tensors = {k: _attr(gm, k).detach().contiguous() for k in chunk}
-            safetensors.torch.save_file(tensors, os.path.join(directory, name), metadata=metadata)
+            write_safetensors(tensors, os.path.join(directory, name), metadata)
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
         weight_map.update(dict.fromkeys(chunk, name))
     index = {"metadata": {**metadata, "total_size": str(total)}, "weight_map": weight_map}
     with open(os.path.join(directory, INDEX), "w") as f:
-        json.dump(index, f, indent=2)
+        json.dump(index, f, indent=2, sort_keys=True)
     return index
-
-
-def load_shards(gm: GraphModule, directory: str) -> None:
-    """Load a sharded state dict (``write_shards``) into gm, one file at a time; every name of gm must be
-    covered (a tied name by its twin) and every stored name known."""
-    with open(os.path.join(directory, INDEX)) as f:
-        weight_map = json.load(f)["weight_map"]
-    expected = gm.state_dict(keep_vars=True)
-    done, unexpected = set(), []
-    for name in sorted(set(weight_map.values())):
-        part = safetensors.torch.load_file(os.path.join(directory, name))
-        unexpected += [k for k in part if k not in expected]
-        gm.load_state_dict({k: v for k, v in part.items() if k in expected}, strict=False)
-        done |= {id(expected[k]) for k in part if k in expected}
-        del part
-    missing = [k for k, v in expected.items() if id(v) not in done]
-    if missing or unexpected:
-        raise ArtifactError(f"{directory!r} does not match the rebuilt graph (missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]})",
-                            fix="load with the same model class/config and qpass version that saved it")
 
 
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:

@@ -1,0 +1,414 @@
+"""Saved model directories (artefacts): what ``QuantizedModel.save`` and ``qpass.apply_from_disk`` write and
+``qpass.load`` reads.
+
+    qm.save("out/m")                 # or qpass.apply_from_disk(hf_dir, recipe, "out/m", calib_data=...)
+    qm2 = qpass.load("out/m")        # the same graph, bit for bit; qpass.artifacts.read("out/m") only checks
+
+A directory (format 2) holds no pickle and no serialized graph:
+
+    recipe.yaml                       the recipe (``Recipe.to_yaml``)
+    config.json                       the Hugging Face config the model is rebuilt from (HF models only)
+    model.safetensors                 every parameter and buffer of the quantized graph; apply_from_disk writes
+      or model-0000i-of-0000n.safetensors + model.safetensors.index.json    shards and their index instead
+    qpass.json                        format, versions, source facts (class, dtype, example input shapes), the
+                                      report without timings, and the size and SHA-256 of every file above
+
+Sealed. ``qpass.json["files"]`` lists every file loading reads, with its size and SHA-256, and ``seal`` is the
+SHA-256 of qpass.json's own load-relevant part (format, source, files). ``read`` checks all of it before
+anything is built: a recipe.yaml edited by hand (bits 8 -> 4), a truncated shard or a garbled qpass.json raise
+an ``ArtifactError`` naming the file, never a raw parser error or silently different logits. This guards
+against damage and edits, not against forgery: anyone can recompute the digests.
+
+NOTE: full digests rather than size + header digest. Loading reads every byte of every tensor file anyway, and
+hashing runs at memory speed on the page-cached bytes (about 1.5-2 GB/s per core with SHA-NI), which is small
+next to rebuilding and capturing the model. On the bundled tiny-llama (25 MB) it adds about 15 ms to a
+2.5 s load (``tools/bench_artifacts.py``). A header digest would miss a changed or flipped tensor value, which is
+exactly the silent damage this exists to catch. Sizes are compared first, so a truncated file fails at once.
+
+Deterministic. The same graph gives the same bytes: safetensors orders tensors by dtype and name, and its
+header is rewritten here in sorted key order (the library writes the metadata map in hash order, different on
+every call); JSON is written in a fixed key order; timings are not saved (they stay in ``qm.report`` in
+memory). So the same recipe, data and seed give identical directories, and the digests identify a result.
+
+Loading rebuilds the model from config.json (other modules are passed in as ``model=``), captures it the same
+way, replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the tensors,
+checking each one's name, shape and dtype against the rebuilt graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from torch.fx import GraphModule
+
+from .capture import capture, default_example_inputs
+from .errors import ArtifactError, RecipeError
+from .pass_infra import Context, Report
+from .recipe import Recipe
+from .version import __version__
+
+if TYPE_CHECKING:
+    from ._api import QuantizedModel
+
+ARTIFACT_FORMAT = 2          # 2: files digested and sealed in qpass.json, HF config only in config.json
+META, RECIPE, CONFIG = "qpass.json", "recipe.yaml", "config.json"
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"   # one file, or shards and their index
+TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
+_SEALED = ("format", "source", "files")   # the part of qpass.json that loading depends on
+_AGAIN = "save the model again (qm.save), or quantize it again"
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, prefix: str = ".qpass-save-") -> Iterator[str]:
+    """Yield a temporary directory beside `directory`; on success it becomes `directory` (which must not
+    exist or be empty), on any failure it is removed: no partial output is ever left behind."""
+    directory = os.fspath(directory)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(directory):
+            os.rmdir(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def save(qm: QuantizedModel, directory: str | os.PathLike) -> None:
+    """``qm.save(directory)``: the single-file layout (created; an existing non-empty directory is an error).
+    Nothing is left behind if writing fails."""
+    with atomic_directory(directory) as tmp:
+        save_module(qm.graph_module, os.path.join(tmp, SINGLE))
+        write_description(tmp, qm.recipe, qm.source, qm.report)
+
+
+def save_module(module: nn.Module, path: str, metadata: dict[str, str] = TENSOR_METADATA) -> None:
+    """Every parameter and buffer of `module` (shared tensors once, as ``safetensors.torch.save_model``
+    does), in canonical bytes."""
+    safetensors.torch.save_model(module, path, metadata=dict(metadata))   # NOTE: save_model adds to the dict
+    _canonical_header(path)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] = TENSOR_METADATA):
+    """``safetensors.torch.save_file`` in canonical bytes: the same tensors always give the same file."""
+    safetensors.torch.save_file(tensors, path, metadata=dict(metadata))
+    _canonical_header(path)
+
+
+def _canonical_header(path: str) -> None:
+    """Rewrite a safetensors header with sorted keys. The data order is already canonical (safetensors sorts
+    tensors by dtype, then name); the header's metadata map is written in hash order."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        text = json.dumps(json.loads(f.read(n)), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)              # the data starts 8-byte aligned, as safetensors writes it
+        if len(text) == n:
+            f.seek(8)
+            f.write(text)
+            return
+        data = f.read()
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
+
+
+def write_description(directory: str, recipe: Recipe, source: dict, report: Report) -> None:
+    """recipe.yaml, config.json (Hugging Face models) and qpass.json, which seals them and the tensor files
+    already in `directory` (``model.safetensors``, or the index and every shard it names)."""
+    with open(os.path.join(directory, RECIPE), "w") as f:
+        f.write(recipe.to_yaml())
+    files = [RECIPE, *_written_weights(directory)]
+    if source.get("hf_config") is not None:
+        with open(os.path.join(directory, CONFIG), "w") as f:
+            json.dump(source["hf_config"], f, indent=2, sort_keys=True)
+        files.append(CONFIG)
+    sealed = _jsonable({"format": ARTIFACT_FORMAT, "source": {k: v for k, v in source.items() if k != "hf_config"},
+                        "files": {name: file_digest(os.path.join(directory, name)) for name in sorted(files)}})
+    meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
+            **_transformers_version(), "source": sealed["source"],
+            "report": _jsonable([{k: v for k, v in row.items() if k != "seconds"} for row in report.to_dict()]),
+            "files": sealed["files"], "seal": _seal(sealed)}
+    with open(os.path.join(directory, META), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+def _written_weights(directory: str) -> list[str]:
+    return [INDEX, *_shards(directory)] if os.path.isfile(os.path.join(directory, INDEX)) else [SINGLE]
+
+
+def file_digest(path: str) -> dict:
+    """{"bytes": size, "sha256": hex digest} of a file (read in chunks)."""
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _seal(sealed: dict) -> str:
+    return hashlib.sha256(json.dumps({k: sealed.get(k) for k in _SEALED}, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A checked artefact directory: every digest matched. `source` is as ``QuantizedModel.source`` (the HF
+    config read from config.json); `weights` are the tensor files, in loading order."""
+
+    directory: str
+    meta: dict
+    recipe: Recipe
+    source: dict
+    weights: tuple[str, ...]
+
+
+def read(directory: str | os.PathLike) -> Artifact:
+    """Check an artefact directory before anything is built: qpass.json parses, has this format and its seal
+    matches, and every file it lists has the recorded size and SHA-256; then parse the recipe and config.
+    Anything wrong raises ArtifactError naming the file and what to do."""
+    directory = os.fspath(directory)
+    meta = _read_meta(directory)
+    for name, want in meta["files"].items():
+        _check_file(directory, name, want)
+    recipe_path = os.path.join(directory, RECIPE)
+    try:
+        recipe = Recipe.from_yaml(recipe_path)
+    except (RecipeError, ValueError) as e:     # digest matched: written by a qpass whose recipes this one refuses
+        raise ArtifactError(f"{recipe_path!r} does not load with qpass {__version__} (saved by "
+                            f"{meta.get('qpass_version')}): {e}",
+                            fix=f"load it with qpass {meta.get('qpass_version')}, or quantize again") from e
+    source = dict(meta["source"])
+    source["hf_config"] = _read_json(directory, CONFIG) if CONFIG in meta["files"] else None
+    if source["hf_config"] is not None and not isinstance(source["hf_config"], dict):
+        raise ArtifactError(f"{os.path.join(directory, CONFIG)!r} is not a JSON object", fix=_AGAIN)
+    return Artifact(directory, meta, recipe, source, _weights(directory, meta["files"]))
+
+
+def _read_meta(directory: str) -> dict:
+    """qpass.json, checked: a JSON object of this format with the sealed keys, and its seal matches."""
+    if not os.path.isfile(os.path.join(directory, META)):
+        found = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        missing = [f for f in (RECIPE, META) if f not in found] + ([] if {SINGLE, INDEX} & found else
+                                                                   [f"{SINGLE} or {INDEX}"])
+        raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
+                            fix="pass a directory written by QuantizedModel.save or qpass.apply_from_disk")
+    path = os.path.join(directory, META)
+    meta = _read_json(directory, META)
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt == 1:
+        raise ArtifactError(f"{directory!r} has artefact format 1 (qpass {meta.get('qpass_version')}), which records "
+                            f"no digests of its files; this qpass reads format {ARTIFACT_FORMAT}",
+                            fix="quantize the model again and save it with this qpass, or load it with qpass "
+                                f"{meta.get('qpass_version')}")
+    if fmt != ARTIFACT_FORMAT:
+        where = "not a JSON object" if not isinstance(meta, dict) else f"artefact format {fmt!r}"
+        raise ArtifactError(f"{path!r} has {where}; this qpass reads format {ARTIFACT_FORMAT}",
+                            fix=f"if another qpass version wrote it, load it with that version; otherwise {_AGAIN}")
+    bad = [k for k, t in (("source", dict), ("files", dict), ("seal", str)) if not isinstance(meta.get(k), t)]
+    bad += [f"files[{n!r}]" for n, d in (meta["files"] if "files" not in bad else {}).items()
+            if not (isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str))]
+    if bad:
+        raise ArtifactError(f"{path!r} lacks or has malformed {bad}", fix=_AGAIN)
+    if meta["seal"] != _seal(meta):
+        raise ArtifactError(f"{path!r} was edited after saving: its seal does not match its format, source and "
+                            "files entries", fix=f"undo the edit, or {_AGAIN}")
+    return meta
+
+
+def _check_file(directory: str, name: str, want: dict) -> None:
+    path = os.path.join(directory, name)
+    if os.path.basename(name) != name or not os.path.isfile(path):
+        raise ArtifactError(f"{path!r} is missing (qpass.json lists it)", fix=f"copy the whole directory, or {_AGAIN}")
+    size = os.path.getsize(path)
+    if size != want["bytes"]:          # cheap, and catches truncation before any hashing
+        raise ArtifactError(f"{path!r} is {size} bytes; it was saved with {want['bytes']} (truncated, or "
+                            "replaced after saving)", fix=f"copy the file again from where it was saved, or {_AGAIN}")
+    if file_digest(path)["sha256"] != want["sha256"]:
+        raise ArtifactError(f"{path!r} was changed after saving (its SHA-256 does not match qpass.json): loading it "
+                            "would give a different model than the one saved", fix=f"undo the edit, or {_AGAIN}; "
+                            "to change the recipe, apply the new recipe to the model and save the result")
+
+
+def _read_json(directory: str, name: str) -> Any:
+    path = os.path.join(directory, name)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactError(f"{path!r} is not readable JSON ({type(e).__name__}: {e})", fix=_AGAIN) from None
+
+
+def _weights(directory: str, files: dict) -> tuple[str, ...]:
+    """The tensor files of a checked artefact: model.safetensors, or the shards its (checked) index names."""
+    if INDEX not in files:
+        if SINGLE not in files:
+            raise ArtifactError(f"{os.path.join(directory, META)!r} lists neither {SINGLE} nor {INDEX}", fix=_AGAIN)
+        return (SINGLE,)
+    shards = _shards(directory)
+    unlisted = [s for s in shards if s not in files]
+    if unlisted:
+        raise ArtifactError(f"{os.path.join(directory, INDEX)!r} names shards that qpass.json does not list: "
+                            f"{unlisted[:3]}", fix=_AGAIN)
+    return shards
+
+
+def _shards(directory: str) -> tuple[str, ...]:
+    """The shard files model.safetensors.index.json names, sorted."""
+    index = _read_json(directory, INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ArtifactError(f"{os.path.join(directory, INDEX)!r} has no weight_map of tensor name -> shard file",
+                            fix=_AGAIN)
+    return tuple(sorted(set(weight_map.values())))
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> QuantizedModel:
+    """``qpass.load``: a directory written by ``QuantizedModel.save`` or ``qpass.apply_from_disk``, checked
+    first (``read``). Hugging Face models are rebuilt from config.json; other modules need `model` (an
+    instance of the same architecture, any weights)."""
+    from ._api import QuantizedModel, run_recipe   # NOTE: _api imports this module
+
+    art = read(directory)
+    source = art.source
+    if model is None:
+        if source.get("hf_config") is None:
+            raise ArtifactError(f"{art.directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
+                                "model", fix="pass model=<an instance of that class> to qpass.load")
+        model = model_from_config(source["hf_config"], source_dtype(source), where=os.path.join(art.directory, CONFIG))
+    gm = capture(model, example_inputs(source, model))
+    run_recipe(gm, art.recipe, Context(None, restoring=True, progress=False))
+    load_tensors(gm, art.directory, art.weights)
+    return QuantizedModel(gm, art.recipe, Report(), source)
+
+
+def load_tensors(gm: GraphModule, directory: str, files: Sequence[str]) -> None:
+    """Load the tensor files into gm, one at a time. Each stored tensor must be a tensor of gm with its shape
+    and dtype, and every tensor of gm must be stored (a tied or aliased one through its twin)."""
+    expected = gm.state_dict(keep_vars=True)
+    done, unexpected = set(), []
+    for name in files:
+        path = os.path.join(directory, name)
+        part = _read_safetensors(path)
+        for key, t in part.items():
+            want = expected.get(key)
+            if want is None:
+                unexpected.append(key)
+            elif t.shape != want.shape or t.dtype != want.dtype:
+                raise ArtifactError(f"{path!r}: {key} is {_describe(t)}; the graph rebuilt from the recipe and "
+                                    f"config expects {_describe(want)}", fix=f"the file does not belong to this "
+                                    f"recipe and config; {_AGAIN}")
+        with torch.no_grad():
+            gm.load_state_dict({k: v for k, v in part.items() if k in expected}, strict=False)
+        done |= {_alias(expected[k]) for k in part if k in expected}
+        del part
+    missing = [k for k, v in expected.items() if _alias(v) not in done]
+    if missing or unexpected:
+        where = os.path.join(directory, files[0]) if len(files) == 1 else f"the shards in {directory!r}"
+        raise ArtifactError(f"{where} does not match the rebuilt graph (missing {sorted(missing)[:5]}, unexpected "
+                            f"{sorted(unexpected)[:5]})", fix="load with the same model class/config and qpass "
+                            "version that saved it")
+
+
+def load_shards(gm: GraphModule, directory: str) -> None:
+    """Load the shards of an ``apply_from_disk`` artefact into gm (no digest check: ``read`` does that)."""
+    load_tensors(gm, directory, _shards(directory))
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path!r} is not a readable safetensors file ({e})", fix=_AGAIN) from None
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _alias(t: torch.Tensor) -> tuple:
+    """Tensors that share memory are stored once (safetensors' save_model keeps one name)."""
+    if t.numel() == 0:
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+# ------------------------------------------------------------------------------ rebuilding the model
+
+
+def model_from_config(cfg: dict, dtype: torch.dtype | None = None, where: str = "the model config") -> nn.Module:
+    """The architecture of `cfg` with fresh weights, built in `dtype` the way ``from_pretrained(dtype=...)``
+    builds it (default: float32; buffers computed in float32, like rotary frequencies, stay float32).
+    `where` names the config in errors (a config.json path)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.for_model(**cfg)
+        with torch.device("cpu"):
+            model = transformers.AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    except (ValueError, KeyError, TypeError) as e:
+        reason = str(e).split(". Should contain")[0][:300]   # transformers lists every known model type
+        raise ArtifactError(f"{where}: transformers {transformers.__version__} cannot build a causal LM from it "
+                            f"(model_type {cfg.get('model_type')!r}): {type(e).__name__}: {reason}",
+                            fix="use the transformers version the model was saved with (qpass.json names it), or "
+                                "a config.json of a causal LM this version knows") from e
+    return model.eval()
+
+
+def source_dtype(source: dict) -> torch.dtype | None:
+    """The floating dtype the model was quantized in (None where it was not recorded)."""
+    name = source.get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        else None
+
+
+def example_inputs(source: dict, model: nn.Module):
+    """The example inputs a model was captured with (recorded shapes, zeros), or the HF default."""
+    spec = source.get("example_inputs")
+    if spec is None:
+        return default_example_inputs(model) if getattr(model, "config", None) is not None else None
+    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in spec)
+
+
+def _transformers_version() -> dict:
+    try:
+        import transformers
+        return {"transformers_version": transformers.__version__}
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return {}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+__all__ = ["ARTIFACT_FORMAT", "Artifact", "atomic_directory", "example_inputs", "file_digest", "load",
+           "load_shards", "load_tensors", "model_from_config", "read", "save", "save_module", "source_dtype",
+           "write_description", "write_safetensors"]
