@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 from .generate import generate
+from .hf import cache_kwargs
 
 log = logging.getLogger("qpass.datagen")
 
@@ -49,7 +50,7 @@ def hf_step(model):
     def step(ids, pos):
         if int(pos[0]) == 0:
             state["cache"] = DynamicCache(config=model.config)
-        return model(input_ids=ids, past_key_values=state["cache"], use_cache=True).logits
+        return model(input_ids=ids, **cache_kwargs(model, state["cache"]), use_cache=True).logits
 
     return step
 

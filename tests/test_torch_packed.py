@@ -76,6 +76,15 @@ def test_every_format_dequantizes_bit_exactly_and_every_kernel_matches(fmt):
             assert torch.equal(back.dequantize(), mod.dequantize())
 
 
+def test_int8pack_is_offered_only_for_k_a_multiple_of_16():
+    """torch 2.13's _weight_int8pack_mm segfaults on AVX512-BF16 CPUs for K % 16 != 0 and M > 1."""
+    for k, offered in ((200, False), (208, True)):
+        w = torch.randn(32, k)
+        scale, zp = Q.choose_qparams(w, QSpec(format_from_name("int8"), PerTensor(), symmetric=True), block_size=(1, -1))
+        mod = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8")
+        assert ("int8pack" in tp.kernels.candidates(mod)) is offered, k
+
+
 def test_layouts_and_bytes_per_weight():
     w = torch.randn(256, 512)
     bytes_per = {}

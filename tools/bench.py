@@ -47,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import qpass  # noqa: E402
 from qpass.backends import torch_packed as tp  # noqa: E402
+from qpass.hf import cache_kwargs  # noqa: E402
 from qpass.primitives import quant as Q  # noqa: E402
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec  # noqa: E402
 
@@ -217,7 +218,7 @@ class EagerStep:
 
         if int(pos[0]) == 0:
             self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, cache_position=pos)
+        out = self.model(input_ids=ids, **cache_kwargs(self.model, self.cache), use_cache=True, cache_position=pos)
         return out.logits
 
 

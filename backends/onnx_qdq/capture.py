@@ -23,6 +23,7 @@ from qpass._api import run_recipe
 from qpass.capture import is_hf_causal_lm
 from qpass.errors import ArtifactError, CaptureError
 from qpass.graph import META_CAPTURE, META_PREFIX
+from qpass.hf import cache_kwargs, output_cache
 from qpass.pass_infra import Context
 
 _WRAP = "model"   # same attribute name as qpass.capture's wrapper, so parameter names and paths match
@@ -39,9 +40,10 @@ class DecoderStep(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
-        out = getattr(self, _WRAP)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=cache, use_cache=True)
-        return out.logits, tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        model = getattr(self, _WRAP)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    **cache_kwargs(model, cache), use_cache=True)
+        return out.logits, tuple((layer.keys, layer.values) for layer in output_cache(out).layers)
 
 
 def kv_layout(config) -> tuple[int, int, int]:

@@ -14,7 +14,8 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
     int4pack         int4 weights (groups 32..256 or per channel, N % 16 == 0) in the CPU int4pack layout:
                      ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, bf16 scales and zeros and a
                      bf16 result (the vectorized CPU paths exist for bf16 only).
-    int8pack         int8 per-channel weights: ``aten._weight_int8pack_mm`` with bf16 activations/scales.
+    int8pack         int8 per-channel weights: ``aten._weight_int8pack_mm`` with bf16 activations/scales
+                     (K % 16 == 0 only: the op crashes on AVX512-BF16 CPUs otherwise).
     int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
                      fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
                      then the scales: exact up to float rounding of the fp32 reference.
@@ -262,6 +263,12 @@ def _w8a8(mod) -> bool:
     return _int8_rows(mod) and mod.act is not None and mod.act.integer and mod.act.per_row
 
 
+def _int8pack_k(mod) -> bool:
+    """``_weight_int8pack_mm`` (torch 2.13) segfaults on AVX512-BF16 CPUs when K % 16 != 0 and M > 1 (its
+    vectorized path reads whole 16-wide K chunks): only offer it for K a multiple of 16, on every CPU."""
+    return mod.qweight.shape[-1] % 16 == 0
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str
@@ -281,11 +288,12 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
     Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
-    Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m), _bind_int8pack,
+    Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m) and _int8pack_k(m), _bind_int8pack,
            "_weight_int8pack_mm, bf16 activations"),
     Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
     Kernel("i8avx2", True, _i8avx2_applies, _bind_i8avx2, "own AVX2 int8 x int8 -> int32 kernel (csrc/q4avx2.c)"),
-    Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m), _bind_int8pack_codes,
+    Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m) and _int8pack_k(m),
+           _bind_int8pack_codes,
            "int8 input codes on _weight_int8pack_mm, bf16 result"),
 )}
 
