@@ -219,10 +219,12 @@ def _read_meta(directory: str) -> dict:
                             f"no digests of its files; this qpass reads format {ARTIFACT_FORMAT}",
                             fix="quantize the model again and save it with this qpass, or load it with qpass "
                                 f"{meta.get('qpass_version')}")
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path!r} is not a JSON object", fix=_AGAIN)
     if fmt != ARTIFACT_FORMAT:
-        where = "not a JSON object" if not isinstance(meta, dict) else f"artefact format {fmt!r}"
-        raise ArtifactError(f"{path!r} has {where}; this qpass reads format {ARTIFACT_FORMAT}",
-                            fix=f"if another qpass version wrote it, load it with that version; otherwise {_AGAIN}")
+        raise ArtifactError(f"{path!r} has artefact format {fmt!r} (qpass {meta.get('qpass_version')}); this qpass "
+                            f"reads format {ARTIFACT_FORMAT}", fix=f"load it with the qpass version that wrote it, "
+                            f"or {_AGAIN}")
     bad = [k for k, t in (("source", dict), ("files", dict), ("seal", str)) if not isinstance(meta.get(k), t)]
     bad += [f"files[{n!r}]" for n, d in (meta["files"] if "files" not in bad else {}).items()
             if not (isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str))]
@@ -239,13 +241,14 @@ def _check_file(directory: str, name: str, want: dict) -> None:
     if os.path.basename(name) != name or not os.path.isfile(path):
         raise ArtifactError(f"{path!r} is missing (qpass.json lists it)", fix=f"copy the whole directory, or {_AGAIN}")
     size = os.path.getsize(path)
+    fix = (f"copy the file again from where it was saved, or {_AGAIN}; to change the recipe, apply the new "
+           "recipe to the model and save the result")
     if size != want["bytes"]:          # cheap, and catches truncation before any hashing
-        raise ArtifactError(f"{path!r} is {size} bytes; it was saved with {want['bytes']} (truncated, or "
-                            "replaced after saving)", fix=f"copy the file again from where it was saved, or {_AGAIN}")
+        raise ArtifactError(f"{path!r} was changed after saving: it is {size} bytes, saved as {want['bytes']} (cut "
+                            "short, edited or replaced)", fix=fix)
     if file_digest(path)["sha256"] != want["sha256"]:
-        raise ArtifactError(f"{path!r} was changed after saving (its SHA-256 does not match qpass.json): loading it "
-                            "would give a different model than the one saved", fix=f"undo the edit, or {_AGAIN}; "
-                            "to change the recipe, apply the new recipe to the model and save the result")
+        raise ArtifactError(f"{path!r} was changed after saving: its SHA-256 does not match qpass.json, so it "
+                            "would load as a different model than the one saved", fix=fix)
 
 
 def _read_json(directory: str, name: str) -> Any:
