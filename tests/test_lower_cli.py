@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from qpass.cli import lower as lower_cmd
 from tests import toy
 
 pytest.importorskip("onnxruntime")
@@ -140,7 +141,7 @@ def test_unsupported_op_and_interrupt_leave_no_output(model_dir, tmp_path, capsy
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "lower_into", interrupted)
+    monkeypatch.setattr(lower_cmd, "lower_into", interrupted)
     code, _, err = lower(capsys, model_dir, "--recipe", ROOT / "recipes/w8a8.yaml", "--out", tmp_path / "out")
     assert code == 130 and "interrupted" in error_line(err)
     assert not os.path.exists(tmp_path / "out") and not leftovers(tmp_path)
