@@ -69,13 +69,15 @@ class AwqConfig:
 
     def __post_init__(self):
         for key in ("grid", "clip_grid"):
-            if getattr(self, key) < 1:
-                raise RecipeError(key, f"must be a positive integer, got {getattr(self, key)}")
+            if not 1 <= getattr(self, key) <= 1000:
+                raise RecipeError(key, f"must be an integer in [1, 1000] (reference: 20), got {getattr(self, key)}")
         if not 0.0 <= self.max_shrink < 1.0:
             raise RecipeError("max_shrink", f"must be in [0, 1), got {self.max_shrink}")
         w = self.weights
         if w is not None and (w.dynamic or isinstance(w.granularity, (PerToken, PerHead))):
             raise RecipeError("weights", "weights take static per_tensor, per_channel or per_group")
+        if w is not None and getattr(w.granularity, "axis", 0) not in (0, 1, -1, -2):
+            raise RecipeError("weights.axis", "a weight is [out, in]: axis is 0 (out) or 1 (in)")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
 

@@ -63,8 +63,9 @@ class GptqConfig:
     def __post_init__(self):
         if not 0.0 <= self.damp < 10.0:
             raise RecipeError("damp", f"must be in [0, 10) (a fraction of mean(diag H); 0.01 = 1%), got {self.damp}")
-        if self.block_size < 1:
-            raise RecipeError("block_size", f"must be a positive number of columns, got {self.block_size}")
+        if not 1 <= self.block_size <= 1 << 16:
+            raise RecipeError("block_size", f"must be a number of columns in [1, {1 << 16}] (usual: 128), "
+                              f"got {self.block_size}")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.fx import GraphModule
 
+from qpass.calibration import check_inputs, sequence_limit
 from qpass.datagen import GenerationSettings, generate_data, text_data
 from qpass.distill import feature_taps, module_outputs
 from qpass.errors import CalibrationError, RecipeError
@@ -32,14 +33,27 @@ from qpass.training import Trainer, TrainSettings, world
 log = logging.getLogger("qpass.qat")
 
 
+# integer options: (smallest, largest) allowed; the upper bounds only catch typos (a step count of 10**12)
+_COUNTS = {"samples": (1, 10**7), "seq_len": (2, 1 << 20), "steps": (1, 10**7), "batch_size": (1, 1 << 16),
+           "grad_accum": (1, 1 << 16), "warmup_steps": (0, 10**7), "top_k": (1, 1 << 24),
+           "gen_batch_size": (1, 1 << 16), "checkpoint_every": (0, 10**7), "seed": (0, 2**63 - 1)}
+
+
 @dataclass(frozen=True)
 class QatConfig:
     name: ClassVar[str] = "qat"
     field_docs: ClassVar[dict] = {
         "data": "'generated' (the FP model writes its own data, LLM-QAT) or the path of a text file",
-        "samples": "training sequences", "seq_len": "tokens per sequence",
+        "samples": "training sequences", "seq_len": "tokens per sequence (at most the model's positions)",
         "steps": "optimizer steps", "batch_size": "sequences per step (global, all ranks)",
         "grad_accum": "micro-batches per step", "lr": "AdamW learning rate (paper: 2e-5)",
+        "weight_decay": "AdamW weight decay (>= 0, with lr * weight_decay < 1)",
+        "warmup_steps": "linear warm-up steps (<= steps)",
+        "min_lr_ratio": "the cosine schedule ends at lr * min_lr_ratio (in [0, 1])",
+        "grad_clip": "clip the gradient norm to this (> 0; null: no clipping)",
+        "temperature": "generated data: sampling temperature, in (0, 100]",
+        "top_k": "generated data: sample among the top_k most likely tokens",
+        "seed": "seed of data generation and training (>= 0)",
         "loss": "kd: KL(teacher||student) on logits; kd+ce: mixed with next-token CE (ce_weight); ce: CE only",
         "trainable": "all | scales (PEQA: quantizer scales only) | norms (1-D norm parameters only)",
         "learnable_scales": "weight scales become parameters with the LSQ gradient",
@@ -80,26 +94,32 @@ class QatConfig:
     seed: int = 0
 
     def __post_init__(self):
-        positive = ("samples", "seq_len", "steps", "batch_size", "grad_accum", "gen_batch_size", "top_k")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise RecipeError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise RecipeError("seq_len", "must be >= 2")
+        for name, (lo, hi) in _COUNTS.items():
+            if not lo <= getattr(self, name) <= hi:
+                raise RecipeError(name, f"must be an integer in [{lo}, {hi}], got {getattr(self, name)}")
+        if self.warmup_steps > self.steps:
+            raise RecipeError("warmup_steps", f"must be <= steps ({self.steps}), got {self.warmup_steps}")
         if not 0 < self.lr < 1:
             raise RecipeError("lr", f"must be in (0, 1), got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError("min_lr_ratio", f"must be in [0, 1] (the final lr is lr * min_lr_ratio), "
+                              f"got {self.min_lr_ratio}")
+        if not 0 <= self.weight_decay * self.lr < 1:
+            raise RecipeError("weight_decay", f"must be >= 0 with lr * weight_decay < 1, got {self.weight_decay}")
+        if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
+            raise RecipeError("grad_clip", f"must be a positive number, or null for no clipping, got {self.grad_clip}")
         if self.batch_size % self.grad_accum:
             raise RecipeError("grad_accum", f"must divide batch_size ({self.batch_size})")
         if not 0 <= self.ce_weight <= 1:
             raise RecipeError("ce_weight", f"must be in [0, 1], got {self.ce_weight}")
         if not self.greedy_lengths or min(self.greedy_lengths) < 1 or max(self.greedy_lengths) > self.seq_len:
             raise RecipeError("greedy_lengths", f"each must be in [1, seq_len], got {list(self.greedy_lengths)}")
-        if self.temperature <= 0:
-            raise RecipeError("temperature", f"must be > 0, got {self.temperature}")
-        if self.intermediate_weight < 0:
+        if not 0 < self.temperature <= 100:
+            raise RecipeError("temperature", f"must be in (0, 100], got {self.temperature}")
+        if not 0 <= self.intermediate_weight < float("inf"):
             raise RecipeError("intermediate_weight", f"must be >= 0, got {self.intermediate_weight}")
-        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint_dir):
-            raise RecipeError("checkpoint_every", "needs checkpoint_dir (and must be >= 0)")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise RecipeError("checkpoint_every", "needs checkpoint_dir (set it, or checkpoint_every: 0)")
 
     def train_settings(self) -> TrainSettings:
         ce = {"kd": 0.0, "kd+ce": self.ce_weight, "ce": 1.0}[self.loss]
@@ -126,15 +146,33 @@ class Qat(Pass):
     def streaming_refusal(self) -> str | None:
         return "qat trains every parameter of the model at once, which needs every weight in memory"
 
+    def preflight(self, gm: GraphModule, ctx: Context) -> None:
+        cfg = self.config
+        _teacher(ctx)
+        most, why = sequence_limit(gm)
+        if most is not None and cfg.seq_len > most:
+            raise RecipeError("qat.seq_len", f"{cfg.seq_len} tokens per sequence, but the model takes at most "
+                              f"{most} tokens ({why}); set seq_len <= {most}")
+        if cfg.data == "generated":
+            return
+        if not os.path.isfile(cfg.data):
+            raise RecipeError("qat.data", f"text file {cfg.data!r} does not exist (data is 'generated' or the "
+                              "path of a UTF-8 text file)")
+        source = self._tokenizer_source(ctx.teacher)
+        if not source or not os.path.exists(source):
+            raise RecipeError("qat.tokenizer", f"a text data source needs a tokenizer and "
+                              f"{source or 'the model (it has no directory)'!r} does not exist; set qat.tokenizer "
+                              "to the directory of the model's tokenizer")
+
+    def _tokenizer_source(self, teacher) -> str:
+        return self.config.tokenizer or getattr(getattr(teacher, "config", None), "_name_or_path", "") or ""
+
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         scales = make_scales_learnable(gm) if (cfg.learnable_scales or cfg.trainable == "scales") else []
         if ctx.restoring:          # structure only: learnable scales are parameters in the saved graph too
             return PassResult(modified=bool(scales), stats={})
-        teacher = ctx.teacher
-        if teacher is None or not hasattr(teacher, "config"):
-            raise CalibrationError("qat needs the full-precision Hugging Face model as its teacher",
-                                   fix="run qat in the same qpass.apply(model, recipe) call as the quantize pass")
+        teacher = _teacher(ctx)
         params = trainable_parameters(gm, cfg.trainable, scales)
         if not params:
             raise CalibrationError(f"qat: trainable={cfg.trainable} selects no parameter",
@@ -142,6 +180,7 @@ class Qat(Pass):
         outputs = module_outputs(gm, cfg.intermediate, "qat.intermediate") if cfg.intermediate else {}
         t0 = time.perf_counter()
         data = self._data(teacher, ctx)
+        check_inputs([(data,)], gm, label=f"qat data ({cfg.data})")   # a tokenizer that is not the model's
         flags = {p: p.requires_grad for p in gm.parameters()}
         for p in gm.parameters():
             p.requires_grad_(False)
@@ -167,13 +206,10 @@ class Qat(Pass):
 
     def _data(self, teacher, ctx: Context) -> torch.Tensor:
         cfg = self.config
-        if cfg.data != "generated":
+        if cfg.data != "generated":       # the file and the tokenizer were checked in preflight
             from transformers import AutoTokenizer
 
-            source = cfg.tokenizer or getattr(teacher.config, "_name_or_path", "")
-            if not source or not os.path.exists(source):
-                raise CalibrationError("qat: a text data source needs a tokenizer",
-                                       fix="set qat.tokenizer to the model's directory")
+            source = self._tokenizer_source(teacher)
             return text_data(AutoTokenizer.from_pretrained(source), cfg.data, cfg.samples, cfg.seq_len)
         rank, size = world()
         model_id = getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__
@@ -184,6 +220,14 @@ class Qat(Pass):
             dist.barrier()
         return generate_data(teacher, cfg.generation_settings(), cache_dir=cfg.cache_dir, model_id=model_id,
                              progress=ctx.progress and rank == 0)
+
+
+def _teacher(ctx: Context) -> nn.Module:
+    teacher = ctx.teacher
+    if teacher is None or not hasattr(teacher, "config"):
+        raise CalibrationError("qat needs the full-precision Hugging Face model as its teacher",
+                               fix="run qat in the same qpass.apply(model, recipe) call as the quantize pass")
+    return teacher
 
 
 def make_scales_learnable(gm: GraphModule) -> list[nn.Parameter]:

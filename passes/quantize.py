@@ -36,7 +36,7 @@ from qpass.graph import (
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import OBSERVERS, choose_qparams, ops
 from qpass.sequential import observe_by_block
-from qpass.primitives.spec import IntFormat, PerChannel, PerHead, PerTensor, PerToken, QSpec
+from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class QuantizeConfig:
             if not a.dynamic and not isinstance(a.granularity, (PerTensor, PerChannel)):
                 raise RecipeError("activations.granularity", "static activation scales are per_tensor or "
                                   "per_channel (axis -1); use dynamic: true for per_token / per_group")
-            if isinstance(a.granularity, PerChannel) and a.granularity.axis != -1:
+            if isinstance(a.granularity, (PerChannel, PerGroup)) and a.granularity.axis != -1:
                 raise RecipeError("activations.axis", "activation channels are the last axis: use axis: -1")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")

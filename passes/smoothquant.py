@@ -65,16 +65,21 @@ class SmoothQuantConfig:
             raise RecipeError("alpha", f"must be a number in [0, 1] or 'search', got {a!r}")
         else:
             object.__setattr__(self, "alpha", float(a))
-        if not 0.0 < self.search_step <= 1.0:
-            raise RecipeError("search_step", f"must be in (0, 1], got {self.search_step}")
-        if self.search_tokens < 1:
-            raise RecipeError("search_tokens", f"must be a positive integer, got {self.search_tokens}")
+        if not 0.001 <= self.search_step <= 1.0:
+            raise RecipeError("search_step", f"must be in [0.001, 1] (at most 1001 grid values), "
+                              f"got {self.search_step}")
+        if not 1 <= self.search_tokens <= 1 << 20:
+            raise RecipeError("search_tokens", f"must be an integer in [1, {1 << 20}], got {self.search_tokens}")
         if not 0.0 < self.min_scale < 1.0:
             raise RecipeError("min_scale", f"must be in (0, 1), got {self.min_scale}")
         if isinstance(self.weights.granularity, (PerToken, PerHead)) or self.weights.dynamic:
             raise RecipeError("weights", "weights take static per_tensor, per_channel or per_group")
+        if getattr(self.weights.granularity, "axis", 0) not in (0, 1, -1, -2):
+            raise RecipeError("weights.axis", "a weight is [out, in]: axis is 0 (out) or 1 (in)")
         if isinstance(self.activations.granularity, PerHead):
             raise RecipeError("activations.granularity", "per_head is for the KV cache")
+        if getattr(self.activations.granularity, "axis", -1) != -1:
+            raise RecipeError("activations.axis", "activation channels are the last axis: use axis: -1")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
 

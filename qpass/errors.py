@@ -42,6 +42,7 @@ class CaptureError(QpassError):
 
 class TargetNotFoundError(QpassError):
     def __init__(self, where: str, pattern: str, candidates: Iterable[str]):
+        self.where = where        # the recipe path of the glob, e.g. passes[0].quantize.targets[1]
         names = sorted(set(candidates))
         close = suggest(pattern, names, n=3)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule
 
 from .calibration import CalibrationSet, run_graph
-from .errors import PassError, QpassError
+from .errors import PassError, QpassError, RecipeError, TargetNotFoundError
 
 if TYPE_CHECKING:
     from .offload import WeightStore
@@ -46,6 +46,12 @@ class Pass(ABC):
 
     @abstractmethod
     def run(self, gm: GraphModule, ctx: "Context") -> PassResult: ...
+
+    def preflight(self, gm: GraphModule, ctx: "Context") -> None:
+        """Refuse, before any pass of the pipeline runs, what this pass would only find out later (a missing
+        data file, a sequence length the model cannot take), so a recipe fails in seconds and not after the
+        passes before it. Raises a QpassError whose path is relative to the pass (``qat.data``); the
+        pipeline adds ``passes[i].``. Default: nothing to check."""
 
     def streaming_refusal(self) -> str | None:
         """Why this pass cannot run with the weights on disk (``qpass.apply_from_disk``), or None. Checked
@@ -153,6 +159,13 @@ class Pipeline:
         self.verify_samples = verify_samples
 
     def run(self, gm: GraphModule, ctx: Context) -> Report:
+        """Run the passes in order. Pass i is item ``passes[i]`` of the recipe: errors name it that way."""
+        if not ctx.restoring:
+            if ctx.calib is not None:      # bad samples fail here, not as an IndexError inside a pass
+                ctx.calib.check(gm)
+            for i, p in enumerate(self.passes):
+                with _located(i, p, None):
+                    p.preflight(gm, ctx)
         report, done = Report(), []
         verify_inputs = self._verify_inputs(ctx)
         ref = self._outputs(gm, verify_inputs)
@@ -160,18 +173,10 @@ class Pipeline:
             ctx.upcoming = tuple(getattr(q, "config", None) for q in self.passes[i + 1:])
             before = set(gm.graph.nodes)
             t0 = time.perf_counter()
-            try:
+            with _located(i, p, done):
                 result = p.run(gm, ctx)
                 gm.graph.lint()
                 gm.recompile()
-            except QpassError as e:
-                if isinstance(e, PassError):
-                    raise
-                # qpass errors already say what and how to fix: keep their type, add the pipeline position
-                e.args = (f"{e}\n  in pass: {p.name} (after {done})",) + e.args[1:]
-                raise
-            except Exception as e:  # noqa: BLE001 - chained
-                raise PassError(p.name, done, e) from e
             seconds = time.perf_counter() - t0
             after = set(gm.graph.nodes)
             row = ReportRow(p.name, result.stats, len(after - before), len(before - after), seconds,
@@ -195,6 +200,41 @@ class Pipeline:
     @staticmethod
     def _outputs(gm: GraphModule, inputs) -> list[torch.Tensor]:
         return [run_graph(gm, x) for x in inputs]
+
+
+@contextlib.contextmanager
+def _located(i: int, p: Pass, done: list[str] | None):
+    """Errors of pass `p`, item i of the recipe, run after the passes `done` (None: its preflight check). A
+    qpass error keeps its type, its recipe path gets the ``passes[i].`` prefix parse errors have
+    (``passes[0].quantize.targets[0]``) and the message names the pipeline position; anything else becomes
+    PassError("<pass> failed after [...]"), chained."""
+    try:
+        yield
+    except PassError:
+        raise
+    except QpassError as e:
+        _prefix_path(e, f"passes[{i}]", p.name)
+        when = "checked before any pass ran" if done is None else f"after {done}"
+        e.args = (f"{e}\n  in pass: passes[{i}].{p.name} ({when})",) + e.args[1:]
+        raise
+    except Exception as e:  # noqa: BLE001 - chained
+        raise PassError(p.name, done or [], e) from e
+
+
+def _prefix_path(e: QpassError, item: str, name: str) -> None:
+    """Rewrite the recipe path an error starts with (RecipeError.path, TargetNotFoundError.where) from
+    relative to the pass (``quantize.targets[0]``, ``seq_len`` or none) to the full ``passes[i].`` path."""
+    attr = "path" if isinstance(e, RecipeError) else "where" if isinstance(e, TargetNotFoundError) else None
+    if attr is None:
+        return
+    where = getattr(e, attr) or ""
+    if where.startswith("passes["):
+        return
+    head = where.split(".", 1)[0].split("[", 1)[0]
+    full = f"{item}.{where}" if head == name else f"{item}.{name}.{where}" if where else f"{item}.{name}"
+    text = str(e)
+    e.args = ((full + text[len(where):]) if where and text.startswith(where) else f"{full}: {text}",) + e.args[1:]
+    setattr(e, attr, full)
 
 
 def _diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import types
 import typing
@@ -48,6 +49,7 @@ FORMATS = ("int", *FLOAT_MAX, "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_head")
 _QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range")
 QSPEC_KEYS = _QSPEC_KEYS
+MAX_GROUP_SIZE = 1 << 16     # larger than any model's feature dimension; a bigger group is a typo
 
 
 def qspec_from_dict(d: Any, path: str) -> QSpec:
@@ -87,12 +89,18 @@ def _granularity_from_dict(d: Mapping, path: str, dynamic: bool):
     if "axis" in d and name not in ("per_channel", "per_group"):
         raise RecipeError(f"{path}.axis", f"only valid with per_channel or per_group (got {name})")
     axis = _typed(d["axis"], int, f"{path}.axis") if "axis" in d else None
+    if axis is not None and not -4 <= axis <= 3:
+        raise RecipeError(f"{path}.axis", f"must be in [-4, 3] (weights are [out, in], activations [.., features], "
+                          f"K/V [batch, heads, seq, head_dim]; -1 is the last axis), got {axis}")
     if name == "per_group":
         if "group_size" not in d:
             raise RecipeError(f"{path}.group_size", "required with granularity: per_group (e.g. 128)")
         g = _typed(d["group_size"], int, f"{path}.group_size")
         if g < 1:
-            raise RecipeError(f"{path}.group_size", f"must be a positive integer, got {g}")
+            raise RecipeError(f"{path}.group_size", f"must be a positive integer (usual: 32, 64, 128), got {g}")
+        if g > MAX_GROUP_SIZE:
+            raise RecipeError(f"{path}.group_size", f"must be at most {MAX_GROUP_SIZE}, got {g}; for one scale per "
+                              "whole row use granularity: per_channel")
         return PerGroup(g, -1 if axis is None else axis)
     if name == "per_token" and not dynamic:
         raise RecipeError(f"{path}.dynamic", "per_token scales are computed at run time; set dynamic: true")
@@ -138,7 +146,8 @@ class Codec:
 CODECS: dict[Any, Codec] = {
     QSpec: Codec(qspec_from_dict, qspec_to_dict,
                  "mapping: {format: int|fp8_e4m3|fp8_e5m2|fp4_e2m1|nf4, bits: 2..8, granularity: "
-                 "per_tensor|per_channel|per_group|per_token|per_head, group_size, axis, symmetric, dynamic, "
+                 "per_tensor|per_channel|per_group|per_token|per_head, group_size: 1..65536, axis: -4..3, "
+                 "symmetric, dynamic, "
                  "full_range (symmetric int, static: all 2^b codes, as onnxruntime's MLAS)}"),
 }
 
@@ -196,6 +205,8 @@ def _load_value(value: Any, tp: Any, path: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(path, f"expected a number, got {_kind(value)} {value!r}")
+        if not math.isfinite(value):
+            raise RecipeError(path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp in (int, bool, str):
         return _typed(value, tp, path)
@@ -245,35 +256,54 @@ class Recipe:
     # -- construction
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
+        if data is None:
+            raise RecipeError("", _EMPTY)
         data = _expect_mapping(data, "")
         _check_keys(data, ("version", "passes", "verify"), "", root=True)
         version = _typed(data.get("version", RECIPE_VERSION), int, "version")
         if version != RECIPE_VERSION:
             raise RecipeError("version", f"this qpass reads recipe version {RECIPE_VERSION}, got {version}")
         verify = _typed(data.get("verify", False), bool, "verify")
-        items = data.get("passes", [])
+        if "passes" not in data:
+            raise RecipeError("passes", "required: the ordered list of passes (e.g. 'passes: [{quantize: {weights: "
+                              "{bits: 8}}}]'); write 'passes: []' for a recipe that deliberately changes nothing")
+        items = data["passes"]
+        if items is None:
+            raise RecipeError("passes", "is empty (null): list at least one pass item '- <pass name>: {options}', "
+                              "or write 'passes: []' for a recipe that deliberately changes nothing")
         if not isinstance(items, list):
             raise RecipeError("passes", f"expected a list of {{pass-name: options}} items, got {_kind(items)}")
         return cls(tuple(_pass_from_item(item, i) for i, item in enumerate(items)), verify=verify)
 
     @classmethod
     def from_str(cls, text: str) -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError("", f"not valid YAML: {e}") from None
-        return cls.from_dict({} if data is None else data)
+        """Parse recipe YAML text (use :meth:`from_yaml` for a file: its errors name the file)."""
+        if not isinstance(text, str):
+            raise RecipeError("", f"Recipe.from_str takes YAML text (str), got {type(text).__name__}; "
+                                  "use Recipe.from_yaml(path) for a file")
+        return cls.from_dict(load_yaml(text))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
+        name = os.fspath(path)
         try:
-            text = open(path, encoding="utf-8").read()
+            with open(path, "rb") as f:
+                raw = f.read()
         except OSError as e:
-            raise RecipeError("", f"cannot read recipe file {os.fspath(path)!r}: {e.strerror}") from None
+            raise RecipeError("", f"cannot read recipe file {name!r}: {e.strerror}") from None
         try:
-            return cls.from_str(text)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError("", f"recipe file {name!r} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                                  f"{e.start}): a recipe is a YAML text file; is this the right path?") from None
+        nul = text.find("\x00")
+        if nul >= 0:
+            raise RecipeError("", f"recipe file {name!r} is a binary file (NUL byte at offset {nul}): a recipe is a "
+                                  "YAML text file; is this the right path?")
+        try:
+            return cls.from_dict(load_yaml(text))
         except RecipeError as e:
-            raise RecipeError(e.path, f"{e.reason} (in {os.fspath(path)})") from None
+            raise RecipeError(e.path, f"{e.reason} (in {name})") from None
 
     # -- serialization
     def to_dict(self) -> dict:
@@ -321,6 +351,80 @@ def _pass_table() -> dict:
     return PASSES
 
 
+# ------------------------------------------------------------------------------------------- YAML
+
+_EMPTY = ("the recipe is empty: list its passes, e.g. 'passes: [{quantize: {weights: {bits: 8}}}]'; write "
+          "'passes: []' for a recipe that deliberately changes nothing")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping with the same key twice is an error (PyYAML keeps the last
+    one silently: `weights: {bits: 8, bits: 3}` would quantize to 3 bits). Merge keys (`<<: *base`) may still
+    be overridden, as YAML intends."""
+
+    paths: dict[int, str]
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    duplicate = key in seen
+                except TypeError:     # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    where = self.paths.get(id(node), "")
+                    raise RecipeError(f"{where}.{key}" if where else str(key),
+                                      f"duplicate key (line {line}; first at line {seen[key]}): YAML would keep "
+                                      "only the last one silently; remove one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _node_paths(root) -> dict[int, str]:
+    """id(mapping node) -> its recipe path (passes[0].quantize.weights), for error messages."""
+    paths: dict[int, str] = {}
+    todo = [(root, "")]
+    while todo:
+        node, path = todo.pop()
+        if id(node) in paths:     # an alias: already walked (and no exponential walk over nested aliases)
+            continue
+        paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    todo.append((v, f"{path}.{k.value}" if path else k.value))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+    return paths
+
+
+def _mark(mark) -> str:
+    return f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text strictly (duplicate keys refused); errors are RecipeErrors with the line and column."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:              # empty or comment-only text
+            raise RecipeError("", _EMPTY)
+        loader.paths = _node_paths(node)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        raise RecipeError("", f"not valid YAML {_mark(e.problem_mark)}: {e.problem}"
+                          + (f" ({e.context} {_mark(e.context_mark)})" if e.context else "")) from None
+    except yaml.YAMLError as e:       # the reader: a character YAML does not allow
+        raise RecipeError("", f"not valid YAML: {getattr(e, 'reason', e)} at character "
+                              f"{getattr(e, 'position', '?')}") from None
+    finally:
+        loader.dispose()
+
+
 # ----------------------------------------------------------------------------------------- helpers
 
 
@@ -363,7 +467,20 @@ def schema_markdown() -> str:
     lines = ["# Recipe reference", "", "Generated by `python tools/gen_recipe_docs.py` from the config "
              "dataclasses; do not edit by hand.", "",
              "```yaml", "version: 1          # optional", "verify: false       # optional: report the "
-             "output change of every pass", "passes:", "  - <pass name>: {<options>}", "```", ""]
+             "output change of every pass", "passes:             # required, ordered",
+             "  - <pass name>: {<options>}", "```", "",
+             "Loading is strict: every problem is a `RecipeError` whose message starts with the recipe path "
+             "(`passes[0].quantize.weights.group_size`) and, for a file, ends with the file name.", "",
+             "- `passes` is required. An empty file, `{}`, `null` or a recipe without `passes` is refused; a "
+             "recipe that deliberately changes nothing says so with `passes: []` (`recipes/w16.yaml`).",
+             "- A key given twice in one mapping (`weights: {bits: 8, bits: 3}`, two `passes:`) is refused with "
+             "both line numbers (plain YAML keeps the last one silently). Overriding a merged key (`<<: *base`) "
+             "is allowed.",
+             "- Unknown keys and pass names, wrong types, non-finite numbers (`.nan`, `.inf`) and values out of "
+             "range are refused; the message says what is allowed.",
+             "- Options that depend on the model (module-path globs, a qat data file, `seq_len` against the "
+             "model's positions) are checked when the recipe is applied, before any pass runs where possible; "
+             "their errors carry the same `passes[i].` path.", ""]
     for name, (cfg_cls, pass_cls) in _pass_table().items():
         lines += [f"## `{name}`", "", (pass_cls.__doc__ or "").strip().split("\n\n")[0], "",
                   "| option | type | default | meaning |", "|---|---|---|---|"]
