@@ -66,12 +66,34 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *, dynamic_sh
         example_inputs = default_example_inputs(model)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     root = _CausalLM(model) if hf else model
-    if dynamic_shapes is None:
-        dynamic_shapes = _default_dynamic_shapes(example_inputs, hf, model)
+    default_shapes = dynamic_shapes is None
+    max_seq = max_positions(model)
+    if default_shapes:
+        dynamic_shapes = _default_dynamic_shapes(example_inputs, hf, model, max_seq)
     was_training = model.training
     model.eval()
+    note = None
     try:
-        ep = torch.export.export(root, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        try:
+            ep = torch.export.export(root, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as e:  # noqa: BLE001 - retried once below, else re-raised as CaptureError
+            if not (default_shapes and _seq_constraint_violated(e) and max_seq > 2):
+                raise
+            # A position table of max_seq rows sliced with table[max(0, max_seq - seq):] (MPT's ALiBi bias)
+            # is a no-op slice at seq == max_seq and a real one below it: two graphs, and export refuses a
+            # range that holds both. One position less keeps one graph for every shorter sequence.
+            log.info("capture %s: %s; retrying with seq <= %d", type(model).__name__,
+                     str(e).strip().splitlines()[0], max_seq - 1)
+            try:
+                ep = torch.export.export(root, example_inputs, dynamic_shapes=_default_dynamic_shapes(
+                    example_inputs, hf, model, max_seq - 1), strict=False)
+            except Exception:  # noqa: BLE001 - the first failure is the one to report
+                raise _seq_capture_error(model, e, max_seq) from e
+            note = (f"sequences of at most {max_seq - 1} tokens: the model's code specialises a sequence of "
+                    f"exactly {max_seq} (its maximum positions) into a separate graph")
+            log.warning("captured %s for %s", type(model).__name__, note)
+    except CaptureError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised as CaptureError with the cause chained
         raise _capture_error(model, e) from e
     finally:
@@ -80,12 +102,30 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *, dynamic_sh
     gm.meta[META_PREFIX] = f"{_WRAP}." if hf else ""
     gm.meta[META_CAPTURE] = {"hf": hf, "model_class": type(model).__name__,
                              "n_inputs": len(example_inputs)}
+    if note:
+        gm.meta[META_CAPTURE]["seq_note"] = note
     log.info("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return gm
 
 
-def _default_dynamic_shapes(example_inputs: tuple, hf: bool, model: nn.Module):
-    max_seq = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+# the names Hugging Face configs give their maximum sequence length (GPT-2's n_positions is also mapped to
+# max_position_embeddings; MPT has max_seq_len only, ChatGLM seq_length)
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                      "max_sequence_length")
+
+
+def max_positions(model: nn.Module, default: int = 4096) -> int:
+    """The longest sequence the model's config allows (`default` when it names none)."""
+    cfg = getattr(model, "config", None)
+    for key in _MAX_POSITION_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+def _default_dynamic_shapes(example_inputs: tuple, hf: bool, model: nn.Module, max_seq: int | None = None):
+    max_seq = max_positions(model) if max_seq is None else max_seq
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=max(2, max_seq))
     if hf:
@@ -110,6 +150,27 @@ def _capture_error(model: nn.Module, e: Exception) -> CaptureError:
         f"  reason: {type(e).__name__}: {reason}\n  at: {where}",
         fix="make the flagged code export-friendly (no data-dependent Python control flow or .item() on "
             "tensors), or pass example_inputs/dynamic_shapes that match how the model is called")
+
+
+def _seq_constraint_violated(e: BaseException) -> bool:
+    """torch.export refused the dynamic sequence range: the model's code added a guard on it."""
+    text = str(e)
+    return "Constraints violated" in text and "seq" in text.split("!")[0]
+
+
+def _seq_capture_error(model: nn.Module, e: Exception, max_seq: int) -> CaptureError:
+    lines = str(e).splitlines()
+    guards = [ln.strip(" -").split(". If you")[0] for ln in lines if ln.startswith("  - ")][:3]
+    if "Suggested fixes:" in lines:    # torch's own suggestion, e.g. "seq = 8" (a constant length)
+        fixes = [ln.strip() for ln in lines[lines.index("Suggested fixes:") + 1:] if ln.startswith("  ")][:2]
+        guards.append("torch suggests: " + "; ".join(fixes))
+    return CaptureError(
+        f"cannot capture {type(model).__name__} with a dynamic sequence length: its code fixes or bounds the "
+        f"sequence length by guards torch.export cannot keep for every length up to {max_seq} (also tried "
+        f"{max_seq - 1})\n  reason: " + ("\n    ".join(guards) or str(e).splitlines()[0]),
+        fix="pass dynamic_shapes with the range the model supports (torch.export.Dim('seq', min=..., max=...)), "
+            "or example_inputs of the calibration length with dynamic_shapes={'input_ids': {0: "
+            "torch.export.Dim('batch')}} for a fixed sequence length")
 
 
 def _user_frame(e: BaseException) -> str:

@@ -102,3 +102,57 @@ def test_capture_error_names_class_line_and_reason():
 def test_non_hf_module_needs_example_inputs():
     with pytest.raises(qpass.CaptureError, match="example_inputs"):
         qpass.capture(toy.TinyMLP())
+
+
+# ------------------------------------------------------------- sequence ranges the model's code restricts
+
+def test_mpt_alibi_table_captures_for_every_length_below_its_max_positions():
+    """MPT slices an ALiBi table of max_seq_len (64) rows with table[max(0, 64 - seq):]: a no-op slice at
+    seq == 64, so one graph cannot hold 1..64; capture retries with 1..63 and says so."""
+    model = toy.hf_model("mpt")
+    gm = qpass.capture(model)
+    assert "at most 63 tokens" in gm.meta["qpass_capture"]["seq_note"]
+    for shape in [(3, 11), (1, 1), (2, 7), (1, 63)]:
+        ids = toy.token_ids(*shape)
+        with torch.no_grad():
+            assert (gm(ids).logits - model(ids).logits).abs().max() <= 1e-5
+    with pytest.raises(Exception, match="63"):
+        gm(toy.token_ids(1, 64))
+
+
+def test_mpt_quantizes():
+    model = toy.hf_model("mpt")
+    qm = qpass.apply(model, {"version": 1, "passes": [{"quantize": {
+        "weights": {"bits": 8, "granularity": "per_channel"},
+        "activations": {"bits": 8, "granularity": "per_token", "dynamic": True}, "ignore": ["lm_head"]}}]},
+        progress=False)
+    paths = {s.path for s in linear_sites(qm.graph_module)}
+    assert {"transformer.blocks.0.attn.Wqkv", "transformer.blocks.1.ffn.down_proj", "lm_head"} <= paths
+    ids = toy.token_ids(2, 9)
+    with torch.no_grad():
+        ref, out = model(ids).logits, qm(ids).logits
+    assert 0 < (out - ref).abs().max() < 0.1
+
+
+class FixedLength(nn.Module):
+    """An HF-like causal LM whose code only works at one sequence length (a reshape to a constant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Cfg", (), {"vocab_size": 96, "max_position_embeddings": 64})()
+        self.emb = nn.Embedding(96, 8)
+        self.head = nn.Linear(8 * 8, 96)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, use_cache=False):
+        return self.head(self.emb(input_ids).reshape(input_ids.shape[0], 64))
+
+
+def test_a_model_that_fixes_the_sequence_length_gets_a_capture_error_with_the_reason():
+    with pytest.raises(qpass.CaptureError) as e:
+        qpass.capture(FixedLength())
+    msg = str(e.value)
+    assert "FixedLength" in msg and "dynamic sequence length" in msg and "guard" in msg
+    assert "Dim('seq'" in msg and "constant (8)" in msg and "seq = 8" in msg

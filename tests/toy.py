@@ -98,6 +98,9 @@ def hf_config(family: str):
     if family == "gpt_neox":  # fused query_key_value (per-head interleaved), parallel residual, GELU
         return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, **_COMMON)
+    if family == "mpt":       # ALiBi bias from a table of max_seq_len positions; fused Wqkv; no config max_position_embeddings
+        return transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64,
+                                      vocab_size=96)
     raise KeyError(family)
 
 
