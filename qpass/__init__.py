@@ -5,9 +5,12 @@
     print(qm.report); qm(input_ids).logits; qm.save("out/"); qpass.load("out/")
     qpass.apply_from_disk("hf_model_dir/", "recipes/gptq_w4a16_g128.yaml", "out/", calib_data=[input_ids])
 
+Saved directories (layout, digests, ``read`` to check one, ``load``) are ``qpass.artifacts``.
+
 Import names: the repository folders ``qpass/`` (core), ``passes/`` and ``backends/`` install as
 ``qpass``, ``qpass.passes`` and ``qpass.backends``.
 """
+from . import artifacts as artifacts
 from . import primitives as primitives
 from ._api import QuantizedModel as QuantizedModel
 from ._api import StreamResult as StreamResult
