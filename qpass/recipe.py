@@ -408,8 +408,9 @@ def _mark(mark) -> str:
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text strictly (duplicate keys refused); errors are RecipeErrors with the line and column."""
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)
         node = loader.get_single_node()
         if node is None:              # empty or comment-only text
             raise RecipeError("", _EMPTY)
@@ -418,11 +419,14 @@ def load_yaml(text: str) -> Any:
     except yaml.MarkedYAMLError as e:
         raise RecipeError("", f"not valid YAML {_mark(e.problem_mark)}: {e.problem}"
                           + (f" ({e.context} {_mark(e.context_mark)})" if e.context else "")) from None
-    except yaml.YAMLError as e:       # the reader: a character YAML does not allow
-        raise RecipeError("", f"not valid YAML: {getattr(e, 'reason', e)} at character "
-                              f"{getattr(e, 'position', '?')}") from None
+    except yaml.reader.ReaderError as e:     # a character YAML does not allow
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise RecipeError("", f"not valid YAML: character {char} at offset {e.position}: {e.reason}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError("", f"not valid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 # ----------------------------------------------------------------------------------------- helpers
