@@ -26,9 +26,10 @@ def model_path(path: str | os.PathLike) -> str:
 
 
 def session(path: str | os.PathLike, *, threads: int | None = None, config: dict | None = None,
-            optimized_model_path: str | None = None):
-    """An ``onnxruntime.InferenceSession`` (CPU) for a lowered directory or .onnx file. `config` entries
-    override the recorded session configuration."""
+            optimized_model_path: str | None = None, session_options=None, providers=None, provider_options=None):
+    """An ``onnxruntime.InferenceSession`` (CPU unless `providers` names others) for a lowered directory or
+    .onnx file. `config` entries override the recorded session configuration, which is added to
+    `session_options` (an ``onnxruntime.SessionOptions``, optional) when given."""
     import onnx
     import onnxruntime as ort
 
@@ -37,14 +38,15 @@ def session(path: str | os.PathLike, *, threads: int | None = None, config: dict
         raise ArtifactError(f"{file!r} does not exist", fix="pass a directory written by qpass.lower(qm, 'onnx', dir)")
     meta = {p.key: p.value for p in onnx.load(file, load_external_data=False).metadata_props}
     entries = {**json.loads(meta.get(SESSION_CONFIG_KEY, "{}")), **(config or {})}
-    so = ort.SessionOptions()
+    so = session_options if session_options is not None else ort.SessionOptions()
     for key, value in entries.items():
         so.add_session_config_entry(key, str(value))
     if threads:
         so.intra_op_num_threads = threads
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
-    return ort.InferenceSession(file, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(file, so, providers=providers or ["CPUExecutionProvider"],
+                                provider_options=provider_options)
 
 
 class DecoderRunner:
