@@ -79,7 +79,7 @@ def weight_bytes(model) -> dict:
     gm = getattr(model, "graph_module", model)
     if not isinstance(gm, GraphModule):
         gm = capture(model)
-    total, numel = 0.0, 0
+    total, numel, q_total, q_numel = 0.0, 0, 0.0, 0
     for site in linear_sites(gm):
         w = param_of(gm, site.weight)
         numel += w.numel()
@@ -89,9 +89,13 @@ def weight_bytes(model) -> dict:
             continue
         bits = fq.meta[META_QUANT]["spec"].bits
         n_scales = gm.get_buffer(fq.args[1].target).numel()
-        total += w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.args[2] is not None else 0)
+        size = w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.args[2] is not None else 0)
+        total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
+    # bits_per_weight: over every linear (a float lm_head counts at its dtype's width);
+    # quantized_bits_per_weight: over the quantized linears only (None when none is)
     return {"linear_weight_bytes": int(round(total)), "linear_weights": numel,
-            "bits_per_weight": 8 * total / max(numel, 1)}
+            "bits_per_weight": 8 * total / max(numel, 1),
+            "quantized_bits_per_weight": 8 * q_total / q_numel if q_numel else None}
 
 
 def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,
@@ -104,16 +108,17 @@ def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, ca
     calib = [w.unsqueeze(0) for w in calib_ids.split(window) if w.numel() == window][:calib_samples]
     wins = windows(eval_ids, window)
     with torch.no_grad():
-        ref = [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1) for w in wins]
+        ref = [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
+               for w in tqdm(wins, desc="FP32 reference", disable=not progress, leave=False)]
     rows = [{"name": "FP32", **_scores(ref, ref, wins), **weight_bytes(model), "seconds": 0.0}]
     for path in recipes:
+        name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
         t0 = time.perf_counter()
         qm = apply(model, path, calib_data=calib, progress=progress)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             out = [F.log_softmax(logits_of(qm(w.unsqueeze(0)))[0].float(), -1)
-                   for w in tqdm(wins, desc="evaluating", disable=not progress, leave=False)]
-        name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
+                   for w in tqdm(wins, desc=f"evaluating {name}", disable=not progress, leave=False)]
         rows.append({"name": name, "recipe": str(path), **_scores(ref, out, wins), **weight_bytes(qm),
                      "seconds": seconds})
     return rows
@@ -132,9 +137,13 @@ def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.T
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| recipe | perplexity | KL(FP‖Q)/token | top-1 agreement | linear weight bytes | bits/weight |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    # all linears: lm_head included, a float one (ignore: [lm_head]) at its dtype's width
+    head = ("| recipe | perplexity | KL(FP‖Q)/token | top-1 agreement | linear weight bytes "
+            "| bits/weight, all linears | bits/weight, quantized linears |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
+        q = r.get("quantized_bits_per_weight")
         lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | "
-                     f"{r['linear_weight_bytes']:,} | {r['bits_per_weight']:.2f} |")
+                     f"{r['linear_weight_bytes']:,} | {r['bits_per_weight']:.2f} | "
+                     f"{'–' if q is None else f'{q:.2f}'} |")
     return "\n".join(lines)

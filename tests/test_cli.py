@@ -109,7 +109,7 @@ def test_eval_checks_recipes_first_and_needs_no_calibration_without_one(model_di
     code, out, err = qpass_cmd(capsys, "eval", model_dir, "--eval", text, "--window", 32, "--no-progress",
                                "--markdown", md)
     assert code == 0, err
-    assert "| FP32 |" in out and "lm_head included" in out
+    assert "| FP32 |" in out and "includes lm_head" in out
     assert md.read_text().startswith("| recipe | perplexity")
 
 
@@ -253,3 +253,28 @@ def test_ctrl_c_while_importing_exits_130_with_one_line(model_dir, tmp_path):
     assert proc.returncode == 130, "".join(errors)
     assert [ln.strip() for ln in errors] == ["lower.py: interrupted"]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ README
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / "models/tiny-llama/config.json").exists(), reason="bundled model absent")
+def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\n") + len("```python\n")
+    code = readme[start:readme.index("```", start)]
+    assert code.count('"out/w8a8"') == 2
+    monkeypatch.chdir(ROOT)                                  # it is run from the repository root
+    scope = {}
+    exec(compile(code.replace('"out/w8a8"', repr(str(tmp_path / "w8a8"))), "README.md", "exec"), scope)
+    assert scope["logits"].shape == (1, 64, scope["model"].config.vocab_size)
+    assert scope["qm2"] is not None
+
+
+def test_readme_links_resolve_in_a_clone():
+    for path in ("README.md", "docs/methods.md"):
+        text = (ROOT / path).read_text()
+        for target in re.findall(r"\]\(([^)#]+)\)", text):
+            if "://" not in target:
+                assert (ROOT / path).parent.joinpath(target).exists(), f"{path} links to missing {target}"
+    assert "../shared" not in (ROOT / "README.md").read_text()            # nothing outside the clone

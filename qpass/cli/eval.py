@@ -20,8 +20,9 @@ from ._common import (CliError, UsageError, check_model_dir, check_text_file, da
                       load_tokenizer, note, read_recipe, say, token_ids)
 
 HELP = "perplexity, KL and top-1 agreement of FP vs quantized, and weight bytes"
-BITS_NOTE = ("bits/weight: stored bits of all linear-layer weights (codes, fp16 scales and zero points) per weight, "
-             "lm_head included; a linear the recipe leaves in float (e.g. `ignore: [lm_head]`) counts at 32 bits.")
+BITS_NOTE = ("bits/weight: stored bits (codes, fp16 scales, zero points) per weight. 'all linears' includes lm_head: "
+             "one the recipe leaves in float (`ignore: [lm_head]`) counts at 32 bits; 'quantized linears' counts only "
+             "the quantized ones.")
 
 
 def add_arguments(ap) -> None:
