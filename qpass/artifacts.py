@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.fx import GraphModule
 
+from . import staging
 from .capture import capture, default_example_inputs
 from .errors import ArtifactError, RecipeError
 from .pass_infra import Context, Report
@@ -74,15 +74,18 @@ _AGAIN = "save the model again (qm.save), or quantize it again"
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike, prefix: str = ".qpass-save-") -> Iterator[str]:
     """Yield a temporary directory beside `directory`; on success it becomes `directory` (which must not
-    exist or be empty), on any failure it is removed: no partial output is ever left behind."""
+    exist or be empty), on any failure it is removed: no partial output is ever left behind. The temporary
+    directory is named after this process, so one left by a killed run is removed by the next (see
+    qpass.staging); the result gets the permissions of a plain mkdir (the umask applies)."""
     directory = os.fspath(directory)
     if os.path.isdir(directory) and os.listdir(directory):
         raise ArtifactError(f"{directory!r} exists and is not empty", fix="choose a new directory")
     parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    staging.clean_stale(parent)
+    tmp = staging.make_dir(parent, prefix.removeprefix(staging.PREFIX).rstrip("-"))
     try:
         yield tmp
+        staging.publish(tmp)
         if os.path.isdir(directory):
             os.rmdir(directory)
         os.replace(tmp, directory)

@@ -190,6 +190,22 @@ def test_publish_gives_mkdir_permissions(tmp_path):
     assert d.stat().st_mode & 0o777 == 0o755 and (d / "sub").stat().st_mode & 0o777 == 0o755
 
 
+def test_save_publishes_with_the_umask_and_removes_stale_staging(tmp_path):
+    import qpass
+
+    stale = tmp_path / f".qpass-save-{dead_pid()}@{staging._host()}-zz"
+    stale.mkdir()
+    qm = qpass.apply(toy.hf_model("llama"), ROOT / "recipes/w8a16.yaml", progress=False)
+    old = os.umask(0o027)
+    try:
+        qm.save(tmp_path / "saved")
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]
+    assert (tmp_path / "saved").stat().st_mode & 0o777 == 0o750
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "saved").iterdir()} == {0o640}
+
+
 # ------------------------------------------------------------------ console script = tools/*.py
 
 def test_console_script_and_tools_run_the_same_code(monkeypatch, capsys):
