@@ -5,13 +5,20 @@ Matches   every folding group of ``qpass.folding.analyze`` (norm -> q/k/v, norm 
 Changes   scale: producer channel c /= s_c, consumer input column j *= s_map(j) (function-preserving), with
           s = mean|x|^alpha / sqrt(max * min) and alpha on a grid of `grid` values minimising the group's
           output error sum_j ||x W_j^T - (x / s) Q(W_j s)^T||^2 under the weight quantizer
+          (alpha = 0, i.e. s = 1, is the first candidate and wins ties: a group is never worse than RTN)
           clip: every quantized linear of the block except those feeding attention scores (q/k), per output
-          row and group, W is clamped to [-m, m] with m = r * max|W_group|, r in 1.00, 0.95, ... 0.55
-          minimising sum_t (x_t . (W - Q(clamp(W)))_group)^2; the following quantizer (RTN or GPTQ) then
-          sees the clamped weights, so its min-max scale is the chosen clip. No nodes added or removed.
-          Errors are exact over all calibration tokens through each input's Gram matrix X^T X.
+          row and group, W is clamped (symmetric: [-m, m], m = r * max|W_group|, r in 1.00, 0.95, ... 0.55;
+          asymmetric: that or [r * min, r * max]) minimising each row's output error
+          sum_t (x_t . (W - Q(clamp(W))))^2, cross-group terms included, no clip a candidate of every
+          group (qpass.primitives.awq.clip_search); the following quantizer then sees the clamped weights,
+          so its min-max scale is the chosen clip. No nodes added or removed. Errors are exact over all
+          calibration tokens through each input's Gram matrix X^T X. ``clip: auto`` (default) clips unless
+          a ``gptq`` pass follows: the clip search optimizes round-to-nearest (as the paper's), and GPTQ's
+          error feedback re-rounds better from the unclipped range (AWQ+GPTQ at W2 g64 was worse than GPTQ
+          alone with clipping, not without)
 Requires  calibration data; block by block (qpass.sequential, float inputs as the reference by default);
-          the weight spec of the next ``quantize`` pass in the recipe, or an explicit ``weights``
+          the weight spec of each linear: an explicit ``weights``, else that of the later ``quantize`` pass
+          that quantizes the linear (the search must optimize the grid that is applied)
 Preserves graph structure
 """
 from __future__ import annotations
@@ -27,12 +34,12 @@ from qpass.errors import RecipeError
 from qpass.folding import analyze, canonical_weight, fold_scales, to_channels
 from qpass.graph import LinearSite, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.primitives.awq import clip_search, scale_search
+from qpass.primitives.awq import clip_search, fake_quantize_weight, output_error, scale_search
 from qpass.primitives.gptq import HessianAccumulator
 from qpass.primitives.spec import PerChannel, PerGroup, PerHead, PerToken, QSpec
 from qpass.sequential import Sweep
 
-from .gptq import shared_weight
+from .gptq import GptqConfig, shared_weight
 from .quantize import QuantizeConfig
 
 aten = torch.ops.aten
@@ -46,7 +53,8 @@ class AwqConfig:
     field_docs: ClassVar[dict] = {
         "weights": "weight quantizer to search for (null: the weights of the next quantize pass)",
         "grid": "alpha grid size: alpha = i / grid for i < grid (20: 0, 0.05, ..., 0.95)",
-        "clip": "search per-group clipping ratios after scaling (clamps the weights)",
+        "clip": "search per-group clipping after scaling (clamps the weights): true, false, or `auto` (clip "
+                "unless a gptq pass follows: the search optimizes round-to-nearest, GPTQ does better unclipped)",
         "clip_grid": "clip ratios 1 - i / clip_grid for i < max_shrink * clip_grid",
         "max_shrink": "largest clip shrink (0.5: ratios down to 0.55)",
         "clip_qk": "also clip linears feeding attention scores (q/k; the reference skips them)",
@@ -58,7 +66,7 @@ class AwqConfig:
 
     weights: QSpec | None = None
     grid: int = 20
-    clip: bool = True
+    clip: Literal["auto", True, False] = "auto"
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_qk: bool = False
@@ -71,6 +79,8 @@ class AwqConfig:
         for key in ("grid", "clip_grid"):
             if not 1 <= getattr(self, key) <= 1000:
                 raise RecipeError(key, f"must be an integer in [1, 1000] (reference: 20), got {getattr(self, key)}")
+        if not (self.clip == "auto" or isinstance(self.clip, bool)):
+            raise RecipeError("clip", f"must be true, false or 'auto', got {self.clip!r}")
         if not 0.0 <= self.max_shrink < 1.0:
             raise RecipeError("max_shrink", f"must be in [0, 1), got {self.max_shrink}")
         w = self.weights
@@ -94,13 +104,13 @@ class Awq(Pass):
         if ctx.restoring:   # parameters only: the saved state dict holds the scaled and clipped values
             return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
-        spec, quant = self._spec(ctx)
         sites = linear_sites(gm)
+        specs, near = self._specs(ctx, sites)
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "awq")
-        if quant is not None:
-            chosen &= select([s.path for s in sites], quant.targets, quant.ignore, "awq (quantize's selection)")
+        chosen &= {s.path for s in sites if s.node in specs}
         analysis = analyze(gm)
-        groups, near = [], [f"{p}: not scaled, {why}" for p, why in analysis.unfoldable.items() if p in chosen]
+        groups = []
+        near += [f"{p}: not scaled, {why}" for p, why in analysis.unfoldable.items() if p in chosen]
         for g in analysis.groups:
             left = [c.site.path for c in g.consumers if c.site.path not in chosen]
             if left:
@@ -112,8 +122,8 @@ class Awq(Pass):
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
         calib = ctx.require_calibration("awq")
-        clip = self._clip_plan(gm, sites, todo, spec, near)
-        found = {"alphas": {}, "loss_vs_rtn": {}, "mean_clip_ratio": {}}
+        clip = self._clip_plan(gm, sites, todo, specs, ctx, near)
+        found = {"alphas": {}, "loss_vs_rtn": {}, "mean_clip_ratio": {}, "clip_loss_vs_unclipped": {}}
         left = {s.node for s in todo}
         sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="awq",
                       store=ctx.store)
@@ -126,8 +136,8 @@ class Awq(Pass):
                              and (cfg.feed == "float" or step.contains(g.producer.node))]
                     # NOTE: with feed: float a producer may sit outside this block; on disk it must be loaded too
                     with ctx.loaded(p.target for g in local for p, _ in g.producer.params):
-                        col_scale = self._scale(gm, local, obs, spec, found)
-                    self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, spec, found)
+                        col_scale = self._scale(gm, local, obs, specs, found)
+                    self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, specs, found)
                     left -= {s.node for s in mine}
                 if not left:
                     break
@@ -136,7 +146,7 @@ class Awq(Pass):
         stats.update(groups_scaled=len(found["alphas"]), linears_clipped=len(found["mean_clip_ratio"]), **found)
         return PassResult(modified=True, stats=stats, near_misses=near)
 
-    def _scale(self, gm: GraphModule, groups: list, obs: dict, spec: QSpec, found: dict) -> dict:
+    def _scale(self, gm: GraphModule, groups: list, obs: dict, specs: dict, found: dict) -> dict:
         """Search every group of the block on the unchanged weights, then fold (as the reference); return
         the per-input-column scale of every consumer."""
         chosen = []
@@ -144,8 +154,8 @@ class Awq(Pass):
             x_mean = to_channels(g, [obs[c.site.input].mean() for c in g.consumers])
             grams = [obs[c.site.input].xtx for c in g.consumers]
             ws = [canonical_weight(gm, c.site).float() for c in g.consumers]
-            alpha, s, losses = scale_search(grams, ws, [c.channel_map for c in g.consumers], x_mean, spec,
-                                            self.config.grid, g.consumed)
+            alpha, s, losses = scale_search(grams, ws, [c.channel_map for c in g.consumers], x_mean,
+                                            [specs[c.site.node] for c in g.consumers], self.config.grid, g.consumed)
             chosen.append((g, s))
             found["alphas"][g.name] = alpha
             found["loss_vs_rtn"][g.name] = min(losses) / losses[0] if losses[0] > 0 else 1.0
@@ -155,44 +165,62 @@ class Awq(Pass):
             col_scale.update({c.site.node: s[c.channel_map] for c in g.consumers})
         return col_scale
 
-    def _clip(self, gm: GraphModule, sites: list[LinearSite], obs: dict, col_scale: dict, spec: QSpec,
+    def _clip(self, gm: GraphModule, sites: list[LinearSite], obs: dict, col_scale: dict, specs: dict,
               found: dict) -> None:
         for site in sites:
             gram = obs[site.input].xtx
             if site.node in col_scale:     # the folded linear reads x / s
                 inv = 1.0 / col_scale[site.node]
                 gram = gram * inv[:, None] * inv[None, :]
-            clipped, r = clip_search(canonical_weight(gm, site).float(), gram, spec, grid=self.config.clip_grid,
-                                     max_shrink=self.config.max_shrink)
+            w, spec = canonical_weight(gm, site).float(), specs[site.node]
+            clipped, r = clip_search(w, gram, spec, grid=self.config.clip_grid, max_shrink=self.config.max_shrink)
             _write_canonical(gm, site, clipped)
-            found["mean_clip_ratio"][site.path or site.node.name] = float(r.mean())
+            name = site.path or site.node.name
+            found["mean_clip_ratio"][name] = float(r.mean())
+            before = output_error(w - fake_quantize_weight(w, spec), gram)
+            after = output_error(w - fake_quantize_weight(clipped, spec), gram)
+            found["clip_loss_vs_unclipped"][name] = after / before if before > 0 else 1.0
 
-    def _clip_plan(self, gm: GraphModule, sites: list[LinearSite], todo: list[LinearSite], spec: QSpec,
-                   near: list) -> set:
+    def _clip_plan(self, gm: GraphModule, sites: list[LinearSite], todo: list[LinearSite], specs: dict,
+                   ctx: Context, near: list) -> set:
         """Nodes of the linears whose weights the clip search may clamp."""
         cfg = self.config
-        if not cfg.clip:
+        if cfg.clip == "auto" and any(isinstance(c, GptqConfig) for c in ctx.upcoming):
+            near.append("clip search off (clip: auto): a gptq pass follows; set clip: true to clip anyway")
             return set()
-        if not _clippable(spec):
-            near.append(f"clip search skipped: needs per_channel (axis 0) or per_group weights, got {spec.granularity}")
+        if not cfg.clip:
             return set()
         site_nodes, plan = {s.node for s in sites}, set()
         for s in todo:
             why = shared_weight(gm, s)
-            if why:
+            if not _clippable(specs[s.node]):
+                near.append(f"{s.path or s.node.name}: not clipped, needs per_channel (axis 0) or per_group "
+                            f"weights, got {specs[s.node].granularity}")
+            elif why:
                 near.append(f"{s.path or s.node.name}: not clipped, {why}")
             elif cfg.clip_qk or not _feeds_attention_scores(s, site_nodes):
                 plan.add(s.node)
         return plan
 
-    def _spec(self, ctx: Context) -> tuple[QSpec, QuantizeConfig | None]:
-        quant = next((c for c in ctx.upcoming if isinstance(c, QuantizeConfig) and c.weights is not None), None)
-        if self.config.weights is not None:
-            return self.config.weights, quant
-        if quant is None:
-            raise RecipeError("awq.weights", "no weight spec: no quantize pass with weights follows awq in the "
-                              "recipe; place '- quantize: {weights: ...}' after '- awq', or give awq 'weights:'")
-        return quant.weights, quant
+    def _specs(self, ctx: Context, sites: list[LinearSite]) -> tuple[dict, list[str]]:
+        """({linear node: the weight quantizer the search optimizes}, notes). Each linear gets awq's own
+        `weights`, else the weights of the first later quantize pass that selects it (quantize refuses a
+        second quantizer on a weight, so that is the one applied). Only linears a later quantize pass
+        quantizes are searched; with no quantize pass after awq, all of them with awq's `weights`."""
+        own = self.config.weights
+        quants = [c for c in ctx.upcoming if isinstance(c, QuantizeConfig) and c.weights is not None]
+        if not quants:
+            if own is None:
+                raise RecipeError("awq.weights", "no weight spec: no quantize pass with weights follows awq in the "
+                                  "recipe; place '- quantize: {weights: ...}' after '- awq', or give awq 'weights:'")
+            return {s.node: own for s in sites}, []
+        paths, specs = [s.path for s in sites], {}
+        for q in quants:
+            picked = select(paths, q.targets, q.ignore, "awq (quantize's selection)")
+            specs.update({s.node: q.weights for s in sites if s.path in picked and s.node not in specs})
+        notes = sorted({f"awq.weights {own} is searched, but the quantize pass applies {w}" for w in specs.values()
+                        if own is not None and w != own})
+        return ({n: own for n in specs} if own is not None else specs), notes
 
 
 def _clippable(spec: QSpec) -> bool:
