@@ -78,13 +78,14 @@ class GraphInput:
 def graph_inputs(gm: GraphModule) -> list[GraphInput]:
     """The graph's inputs (placeholders) with their dtypes, the size range of every dimension (torch.export's
     dynamic-shape ranges: for a Hugging Face graph the sequence length is at most max_position_embeddings) and,
-    for token ids, the number of rows of the embedding they index."""
+    for token ids, the number of rows of the embedding they index. Empty for a graph whose placeholders carry
+    no example values (torch.fx.symbolic_trace): nothing is known about its inputs."""
     ranges = getattr(gm, "range_constraints", None) or {}
     out = []
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
+        if not isinstance(val, torch.Tensor):   # not from torch.export (symbolic_trace): nothing is known
+            return []
         sizes = tuple(_size_range(d, ranges) for d in val.shape)
         vocab, path = _embedding_of(gm, node)
         out.append(GraphInput(node.name, val.dtype, sizes, vocab, path))
@@ -153,6 +154,8 @@ def check_inputs(samples: list[tuple], gm: GraphModule, *, label: str = "calib_d
     accepts (sequence longer than the model's positions, a batch too large) or a token id outside the
     vocabulary (negative, or >= the embedding's rows)."""
     inputs = graph_inputs(gm)
+    if not inputs:
+        return
     hf = gm.meta.get(META_CAPTURE, {}).get("hf", False)
     why = sequence_limit(gm)[1]
     for i, sample in enumerate(samples):

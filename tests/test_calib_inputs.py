@@ -99,3 +99,9 @@ def test_non_hf_graph_inputs_are_checked_by_dtype_and_shape():
     with pytest.raises(CalibrationError, match=r"calib_data\[1\] has size 3 in dimension 1; the graph takes exactly"):
         qpass.apply(gm, Recipe([STATIC]), calib_data=[(toy.mlp_input(),), (toy.mlp_input()[:, :3],)], progress=False)
     qpass.apply(gm, Recipe([STATIC]), calib_data=[(toy.mlp_input(),)], progress=False)   # the right input works
+
+
+def test_a_graph_without_example_values_is_not_checked():
+    gm = torch.fx.symbolic_trace(toy.TinyMLP())            # placeholders carry no shapes: nothing to check
+    qm = qpass.apply(gm, Recipe([]), calib_data=[(toy.mlp_input(),)], progress=False)
+    assert len(qm.report) == 0
