@@ -141,9 +141,10 @@ def write_description(directory: str, recipe: Recipe, source: dict, report: Repo
     with open(os.path.join(directory, RECIPE), "w") as f:
         f.write(recipe.to_yaml())
     files = [RECIPE, *_written_weights(directory)]
-    if source.get("hf_config") is not None:
+    if source.get("hf_config") is not None:   # without the path it was read from: the same model, the same bytes
+        config = {k: v for k, v in source["hf_config"].items() if k != "_name_or_path"}
         with open(os.path.join(directory, CONFIG), "w") as f:
-            json.dump(source["hf_config"], f, indent=2, sort_keys=True)
+            json.dump(config, f, indent=2, sort_keys=True)
         files.append(CONFIG)
     sealed = _jsonable({"format": ARTIFACT_FORMAT, "source": {k: v for k, v in source.items() if k != "hf_config"},
                         "files": {name: file_digest(os.path.join(directory, name)) for name in sorted(files)}})
