@@ -55,6 +55,12 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, *, dynamic_sh
     ``gm(input_ids)``. Other modules need `example_inputs`; by default dim 0 of every tensor input is
     dynamic (batch), and dim 1 too for integer [batch, seq] inputs and rank >= 3 inputs (sequence).
     Pass `dynamic_shapes` (torch.export's format) to override.
+
+    The sequence length ranges up to the config's maximum positions (``max_position_embeddings``,
+    ``n_positions``, ``max_seq_len``, ...). When export refuses that range because the model's code treats the
+    longest sequence separately (MPT slices its ALiBi table with ``table[max(0, N - seq):]``, a no-op at
+    seq == N), the capture is retried once with one position less and ``gm.meta["qpass_capture"]["seq_note"]``
+    says so; a model whose code fixes the length raises a CaptureError naming the guards.
     """
     if isinstance(model, GraphModule) and META_CAPTURE in model.meta:
         return model

@@ -1,15 +1,19 @@
 """Check that optimum-onnx loads a qpass ONNX directory and generates the same tokens as qpass's own loop.
 
-optimum-onnx pins transformers < 5 and qpass needs transformers 5, so the check runs in a separate virtual
-environment (created on first use under .cache/optimum-venv; CI does not run this):
+optimum-onnx pins transformers < 4.58 (0.1.0, the newest release, and its main branch in April 2026) and does
+not import on transformers 5, while qpass needs transformers 5, so the check runs in a separate virtual
+environment (created on first use under .cache/optimum-venv with torch, onnx and onnxruntime at qpass's pins;
+CI does not run this). In qpass's own environment, ``QpassORTModelForCausalLM`` offers the same interface
+(tests/test_ort_model.py); this tool checks both against qpass's loop:
 
     python tools/check_optimum.py ONNX_DIR [--prompt TEXT] [--new-tokens N] [--venv DIR]
     python tools/check_optimum.py --model models/tiny-llama --recipe recipes/w4a16_g128.yaml --out OUT_DIR
 
 1. here (qpass's environment): greedy tokens from ``qpass.backends.onnx_qdq.generate`` over onnxruntime
-   (lowering MODEL with RECIPE into OUT_DIR first when --model is given);
+   (lowering MODEL with RECIPE into OUT_DIR first when --model is given), and from
+   ``QpassORTModelForCausalLM.from_pretrained(ONNX_DIR).generate(..., do_sample=False)``;
 2. there (optimum's environment): ``ORTModelForCausalLM.from_pretrained(ONNX_DIR).generate(...,
-   do_sample=False)`` with the same prompt ids; exit 0 when the tokens are equal.
+   do_sample=False)`` with the same prompt ids; exit 0 when all three are equal.
 """
 from __future__ import annotations
 
@@ -30,21 +34,35 @@ def ensure_venv(venv: str) -> str:
     if not os.path.isfile(stamp):
         print(f"creating {venv} with {' '.join(REQUIREMENTS)} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        # the CPU torch wheel pinned for qpass keeps pip from pulling a CUDA build
-        constraints = ["-c", os.path.join(ROOT, "constraints.txt")] if os.path.isfile(
-            os.path.join(ROOT, "constraints.txt")) else []
-        subprocess.run([py, "-m", "pip", "install", "-q", *constraints, "torch", *REQUIREMENTS], check=True)
+        # qpass's pins for torch (the CPU wheel: no CUDA download), onnx and onnxruntime; not its transformers pin,
+        # which optimum-onnx refuses
+        pins = [f"{name}=={v}" for name, v in _pins().items() if name in ("torch", "onnx", "onnxruntime")]
+        subprocess.run([py, "-m", "pip", "install", "-q", *(pins or ["torch"]), *REQUIREMENTS], check=True)
         open(stamp, "w").close()
     return py
 
 
-def ours(onnx_dir: str, ids: list[list[int]], new_tokens: int) -> list[list[int]]:
+def _pins() -> dict[str, str]:
+    path = os.path.join(ROOT, "constraints.txt")
+    if not os.path.isfile(path):
+        return {}
+    lines = (ln.split("#")[0].strip() for ln in open(path))
+    return dict(ln.split("==", 1) for ln in lines if "==" in ln)
+
+
+def ours(onnx_dir: str, ids: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(onnx_qdq.generate's tokens, QpassORTModelForCausalLM.generate's tokens), greedy."""
     sys.path.insert(0, ROOT)
     import torch
 
     from qpass.backends import onnx_qdq
 
-    return onnx_qdq.generate(onnx_dir, torch.tensor(ids), new_tokens).tolist()
+    x = torch.tensor(ids)
+    loop = onnx_qdq.generate(onnx_dir, x, new_tokens).tolist()
+    model = onnx_qdq.QpassORTModelForCausalLM.from_pretrained(onnx_dir)
+    hf = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=False).tolist()
+    return loop, hf
 
 
 def prompt_ids(onnx_dir: str, prompt: str) -> list[list[int]]:
@@ -103,7 +121,8 @@ def main(argv=None) -> int:
     if not onnx_dir:
         ap.error("give ONNX_DIR or --model/--recipe/--out")
     ids = prompt_ids(onnx_dir, args.prompt)
-    expected = ours(onnx_dir, ids, args.new_tokens)
+    expected, ort_model = ours(onnx_dir, ids, args.new_tokens)
+    print("QpassORTModelForCausalLM.generate() == onnx_qdq.generate():", "yes" if ort_model == expected else "NO")
     py = ensure_venv(args.venv)
     payload = json.dumps({"ids": ids, "new_tokens": args.new_tokens, "expected": expected})
     run = subprocess.run([py, os.path.abspath(__file__), os.path.abspath(onnx_dir), "--child", payload],
@@ -111,7 +130,7 @@ def main(argv=None) -> int:
     sys.stderr.write(run.stderr[-4000:])
     print(run.stdout.strip())
     print("optimum-onnx generate() == qpass onnx_qdq.generate():", "yes" if run.returncode == 0 else "NO")
-    return run.returncode
+    return run.returncode or int(ort_model != expected)
 
 
 if __name__ == "__main__":
