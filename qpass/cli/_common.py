@@ -141,4 +141,6 @@ def token_ids(tok, path: str):
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise CliError(f"cannot read text file {path!r}: {one_line(e)}") from e
-    return torch.tensor(tok(text)["input_ids"], dtype=torch.long)
+    # verbose=False: the text is cut into windows later, so the tokenizer's "longer than the maximum sequence
+    # length" warning does not apply
+    return torch.tensor(tok(text, verbose=False)["input_ids"], dtype=torch.long)

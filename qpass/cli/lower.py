@@ -23,7 +23,7 @@ import time
 
 from .. import staging
 from ._common import (CliError, UsageError, check_model_dir, check_text_file, heartbeat, load_model, load_tokenizer,
-                      read_recipe)
+                      read_recipe, token_ids)
 from ._common import say as _say
 
 HELP = "quantize a Hugging Face model with a recipe and lower it to ONNX or packed torch"
@@ -83,9 +83,7 @@ def calibration(args, model):
         vocab = int(model.config.vocab_size)
         held = torch.randint(0, vocab, (1, min(args.seq_len, 64)), generator=torch.Generator().manual_seed(0))
         return None, held
-    tok = load_tokenizer(args.model_dir, "--calib")
-    with open(args.calib, encoding="utf-8") as f:
-        ids = tok(f.read(), return_tensors="pt").input_ids[0]
+    ids = token_ids(load_tokenizer(args.model_dir, "--calib"), args.calib)
     need = args.calib_samples * args.seq_len
     if ids.numel() < need + MIN_HELD_OUT:
         raise CliError(f"calibration file {args.calib!r} is too short: {ids.numel()} tokens, need "
