@@ -1,4 +1,5 @@
-"""`python tools/lower.py ...` is `qpass lower ...`: quantize a Hugging Face model with a recipe and lower it (ONNX or packed torch).
+"""`python tools/lower.py ...` is `qpass lower ...`: quantize a Hugging Face model with a recipe and lower
+it (ONNX or packed torch).
 
 The code and the options are in qpass/cli/lower.py (`--help` lists them); this file only runs it under its
 own name, so the checkout and the installed command behave the same.

@@ -1,4 +1,5 @@
-"""`python tools/qat.py ...` is `qpass qat ...`: run a recipe with a qat pass (LLM-QAT) and save the result; works under torchrun.
+"""`python tools/qat.py ...` is `qpass qat ...`: run a recipe with a qat pass (LLM-QAT) and save the
+result; works under torchrun.
 
 The code and the options are in qpass/cli/qat.py (`--help` lists them); this file only runs it under its
 own name, so the checkout and the installed command behave the same.

@@ -36,7 +36,8 @@ def _parser(prog: str, module, **kw) -> argparse.ArgumentParser:
 def build_parser(prog: str = "qpass") -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from ..version import __version__
 
-    ap = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"qpass {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     parsers = {}
