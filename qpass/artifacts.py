@@ -14,7 +14,8 @@ A directory (format 2) holds no pickle and no serialized graph:
                                       report without timings, and the size and SHA-256 of every file above
 
 Sealed. ``qpass.json["files"]`` lists every file loading reads, with its size and SHA-256, and ``seal`` is the
-SHA-256 of qpass.json's own load-relevant part (format, source, files). ``read`` checks all of it before
+SHA-256 of qpass.json's own load-relevant part (format, source, files; a lowered model's backend and kernel
+policy too). ``read`` checks all of it before
 anything is built: a recipe.yaml edited by hand (bits 8 -> 4), a truncated shard or a garbled qpass.json raise
 an ``ArtifactError`` naming the file, never a raw parser error or silently different logits. This guards
 against damage and edits, not against forgery: anyone can recompute the digests.
@@ -30,6 +31,9 @@ Deterministic. The same graph gives the same bytes: safetensors orders tensors b
 header is rewritten here in sorted key order (the library writes the metadata map in hash order, different on
 every call); JSON is written in a fixed key order; timings are not saved (they stay in ``qm.report`` in
 memory). So the same recipe, data and seed give identical directories, and the digests identify a result.
+
+A model lowered to packed torch kernels (``PackedModel.save``, backends/torch_packed/model.py) is saved the same
+way and with these helpers, plus its backend and kernel policy; its measured kernel plan is outside the seal.
 
 Loading rebuilds the model from config.json (other modules are passed in as ``model=``), captures it the same
 way, replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the tensors,
@@ -67,8 +71,10 @@ ARTIFACT_FORMAT = 2          # 2: files digested and sealed in qpass.json, HF co
 META, RECIPE, CONFIG = "qpass.json", "recipe.yaml", "config.json"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"   # one file, or shards and their index
 TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
-_SEALED = ("format", "source", "files")   # the part of qpass.json that loading depends on
-_AGAIN = "save the model again (qm.save), or quantize it again"
+# The part of qpass.json that loading depends on; a key a directory lacks is left out of the seal (backend and
+# kernels, the kernel policy, are a lowered model's: backends/torch_packed/model.py)
+SEALED = ("format", "backend", "kernels", "source", "files")
+_AGAIN = "save the model again (qm.save or pm.save), or quantize it again"
 
 
 @contextlib.contextmanager
@@ -135,9 +141,12 @@ def _canonical_header(path: str) -> None:
         f.truncate()
 
 
-def write_description(directory: str, recipe: Recipe, source: dict, report: Report) -> None:
+def write_description(directory: str, recipe: Recipe, source: dict, report: Report | None,
+                      extra: dict | None = None) -> None:
     """recipe.yaml, config.json (Hugging Face models) and qpass.json, which seals them and the tensor files
-    already in `directory` (``model.safetensors``, or the index and every shard it names)."""
+    already in `directory` (``model.safetensors``, or the index and every shard it names). `report`: None
+    leaves it out. `extra`: more qpass.json entries, after source (a lowered model's backend, kernel policy
+    and description); those named in SEALED are sealed."""
     with open(os.path.join(directory, RECIPE), "w") as f:
         f.write(recipe.to_yaml())
     files = [RECIPE, *_written_weights(directory)]
@@ -146,12 +155,15 @@ def write_description(directory: str, recipe: Recipe, source: dict, report: Repo
         with open(os.path.join(directory, CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         files.append(CONFIG)
+    extra = _jsonable(extra or {})
     sealed = _jsonable({"format": ARTIFACT_FORMAT, "source": {k: v for k, v in source.items() if k != "hf_config"},
-                        "files": {name: file_digest(os.path.join(directory, name)) for name in sorted(files)}})
+                        "files": {name: file_digest(os.path.join(directory, name)) for name in sorted(files)},
+                        **{k: v for k, v in extra.items() if k in SEALED}})
     meta = {"format": ARTIFACT_FORMAT, "qpass_version": __version__, "torch_version": torch.__version__,
-            **_transformers_version(), "source": sealed["source"],
-            "report": _jsonable([{k: v for k, v in row.items() if k != "seconds"} for row in report.to_dict()]),
-            "files": sealed["files"], "seal": _seal(sealed)}
+            **_transformers_version(), "source": sealed["source"], **extra}
+    if report is not None:
+        meta["report"] = _jsonable([{k: v for k, v in row.items() if k != "seconds"} for row in report.to_dict()])
+    meta.update(files=sealed["files"], seal=seal(sealed))
     with open(os.path.join(directory, META), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -167,9 +179,13 @@ def file_digest(path: str) -> dict:
         return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
-def _seal(sealed: dict) -> str:
-    return hashlib.sha256(json.dumps({k: sealed.get(k) for k in _SEALED}, sort_keys=True,
+def seal(meta: dict) -> str:
+    """The SHA-256 of the SEALED entries of a qpass.json object (those it has)."""
+    return hashlib.sha256(json.dumps({k: meta[k] for k in SEALED if k in meta}, sort_keys=True,
                                      separators=(",", ":")).encode()).hexdigest()
+
+
+_seal = seal   # NOTE: tests/test_artifacts.py reseals directories through the old name
 
 
 # ------------------------------------------------------------------------------ reading
@@ -202,7 +218,7 @@ def read(directory: str | os.PathLike) -> Artifact:
                             f"{meta.get('qpass_version')}): {e}",
                             fix=f"load it with qpass {meta.get('qpass_version')}, or quantize again") from e
     source = dict(meta["source"])
-    source["hf_config"] = _read_json(directory, CONFIG) if CONFIG in meta["files"] else None
+    source["hf_config"] = read_json(directory, CONFIG) if CONFIG in meta["files"] else None
     if source["hf_config"] is not None and not isinstance(source["hf_config"], dict):
         raise ArtifactError(f"{os.path.join(directory, CONFIG)!r} is not a JSON object", fix=_AGAIN)
     return Artifact(directory, meta, recipe, source, _weights(directory, meta["files"]))
@@ -217,7 +233,7 @@ def _read_meta(directory: str) -> dict:
         raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
                             fix="pass a directory written by QuantizedModel.save or qpass.apply_from_disk")
     path = os.path.join(directory, META)
-    meta = _read_json(directory, META)
+    meta = read_json(directory, META)
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt == 1:
         raise ArtifactError(f"{directory!r} has artefact format 1 (qpass {meta.get('qpass_version')}), which records "
@@ -235,9 +251,9 @@ def _read_meta(directory: str) -> dict:
             if not (isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str))]
     if bad:
         raise ArtifactError(f"{path!r} lacks or has malformed {bad}", fix=_AGAIN)
-    if meta["seal"] != _seal(meta):
-        raise ArtifactError(f"{path!r} was edited after saving: its seal does not match its format, source and "
-                            "files entries", fix=f"undo the edit, or {_AGAIN}")
+    if meta["seal"] != seal(meta):
+        raise ArtifactError(f"{path!r} was edited after saving: its seal does not match its sealed entries "
+                            f"{[k for k in SEALED if k in meta]}", fix=f"undo the edit, or {_AGAIN}")
     return meta
 
 
@@ -262,13 +278,15 @@ def _check_files(directory: str, files: dict) -> None:
                                 "would load as a different model than the one saved", fix=fix)
 
 
-def _read_json(directory: str, name: str) -> Any:
+def read_json(directory: str, name: str, fix: str = _AGAIN) -> Any:
+    """The JSON value in file `name` of `directory`; an unreadable or undecodable file is an ArtifactError
+    naming it, with `fix`."""
     path = os.path.join(directory, name)
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
     except (ValueError, OSError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ArtifactError(f"{path!r} is not readable JSON ({type(e).__name__}: {e})", fix=_AGAIN) from None
+        raise ArtifactError(f"{path!r} is not readable JSON ({type(e).__name__}: {e})", fix=fix) from None
 
 
 def _weights(directory: str, files: dict) -> tuple[str, ...]:
@@ -287,7 +305,7 @@ def _weights(directory: str, files: dict) -> tuple[str, ...]:
 
 def _shards(directory: str) -> tuple[str, ...]:
     """The shard files model.safetensors.index.json names, sorted."""
-    index = _read_json(directory, INDEX)
+    index = read_json(directory, INDEX)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ArtifactError(f"{os.path.join(directory, INDEX)!r} has no weight_map of tensor name -> shard file",
@@ -305,6 +323,9 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
     from ._api import QuantizedModel, run_recipe   # NOTE: _api imports this module
 
     art = read(directory)
+    if art.meta.get("backend") is not None:
+        raise ArtifactError(f"{art.directory!r} holds a model lowered to the {art.meta['backend']} backend, not a "
+                            "fake-quant one", fix="load a torch one with qpass.backends.torch_packed.load")
     source = art.source
     if model is None:
         if source.get("hf_config") is None:
@@ -423,6 +444,6 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-__all__ = ["ARTIFACT_FORMAT", "Artifact", "atomic_directory", "example_inputs", "file_digest", "load",
-           "load_shards", "load_tensors", "model_from_config", "read", "save", "save_module", "source_dtype",
-           "write_description", "write_safetensors"]
+__all__ = ["ARTIFACT_FORMAT", "SEALED", "Artifact", "atomic_directory", "example_inputs", "file_digest", "load",
+           "load_shards", "load_tensors", "model_from_config", "read", "read_json", "save", "save_module", "seal",
+           "source_dtype", "write_description", "write_safetensors"]

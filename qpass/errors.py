@@ -10,7 +10,9 @@ name, a source line) and how to fix it.
                 ├─ CalibrationError     calibration data missing, malformed or not usable
                 ├─ PassError            "<pass> failed after [...]"; chains the cause
                 ├─ UnsupportedOpError   a backend cannot lower a node
-                └─ ArtifactError        a saved model directory is missing files or was written by another version
+                └─ ArtifactError        a saved model directory cannot be loaded as saved: a file missing, damaged
+                                        or edited (size, SHA-256 or seal mismatch; names the file), an old
+                                        format or another version, or tensors that do not fit the rebuilt graph
 """
 from __future__ import annotations
 
@@ -77,6 +79,10 @@ class UnsupportedOpError(QpassError):
 
 
 class ArtifactError(QpassError):
+    """A saved model directory (qpass.artifacts, PackedModel.save) cannot be loaded as it was saved: a file is
+    missing, damaged or edited (its size, SHA-256 or the qpass.json seal does not match), it has an old format,
+    or its tensors do not fit the graph rebuilt from its recipe. The message names the file and ends with a fix."""
+
     def __init__(self, message: str, fix: str | None = None):
         super().__init__(message + _fix(fix))
 

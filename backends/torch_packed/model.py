@@ -1,35 +1,62 @@
 """``PackedModel``: the lowered graph plus what it needs to generate, save and load.
 
-Saved directories (no pickle): ``model.safetensors`` (packed codes, scales, zero points and the float
-tensors the recipe left alone), ``recipe.yaml``, ``qpass.json`` (versions, backend, kernel policy and the
-kernel plan measured on the machine that saved it), ``config.json`` for Hugging Face models. Loading
-captures the architecture again, replays the recipe in restoring mode (structure only), lowers it in
-restoring mode (empty packed buffers of the right shapes) and loads the tensors: nothing is re-quantized.
-The kernel plan is reused when the loading machine matches the saving one, and measured again otherwise.
+Saved directories are artefacts of format 2 (``qpass.artifacts``: no pickle, sealed, deterministic):
+
+    model.safetensors   packed codes (canonical layout, whatever layout this machine's kernels use), scales,
+                        zero points and the float tensors the recipe left alone
+    recipe.yaml         the recipe;  config.json: the Hugging Face config (HF models only)
+    qpass.json          format, versions, source facts, backend "torch", the kernel policy ("kernels"), the
+                        linears (format, shape, input quantizer), the size and SHA-256 of the files above and
+                        a seal over format, backend, kernel policy, source and files; with a policy that fixes
+                        the kernels ('reference', a kernel name, {bucket: kernel}) also the plan it gave here
+    kernels.json        only with a measured policy ('auto', 'exact'): the plan measured on the saving machine,
+                        that machine (``machine()``) and the timings. Outside the digests and the seal.
+
+``load`` checks the digests and the seal first (``qpass.artifacts.read``): an edited recipe, a damaged file or
+an edited qpass.json is an ArtifactError naming the file. It then captures the architecture again, replays the
+recipe in restoring mode (structure only), lowers it in restoring mode (empty packed buffers of the right
+shapes) and loads the tensors: nothing is re-quantized.
+
+Kernels. Which kernel runs a linear is a property of the machine, not of the model: the same weights and
+recipe give the same files everywhere, and loading decides the kernels for the loading machine. A fixed
+policy is resolved again (a kernel that does not apply there, such as q4avx2 without a C compiler, falls back
+to dequant; the plan in qpass.json is what it gave on the saving machine, for reading). A measured plan is
+reused only when kernels.json's machine (CPU model, ISA, threads, torch and qpass versions, native kernels
+built) and policy equal the loading ones; otherwise the kernels are measured again. NOTE: measurements are
+noisy, so a measured plan is not reproducible even on one machine; keeping it out of the sealed files keeps
+two lowerings of the same model byte-identical where it matters (everything loading reads), and deleting
+kernels.json only makes loading measure again.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import platform
 import warnings
 from collections.abc import Mapping
 
-import safetensors.torch
+import safetensors.torch  # noqa: F401  NOTE: save_module writes through it; tests patch it as tp.model.safetensors
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qpass._api import (
-    _example_inputs,
-    _float_dtype,
-    _jsonable,
-    _model_from_config,
-    _source_dtype,
-    _transformers_version,
+from qpass import artifacts
+from qpass._api import _float_dtype, run_recipe
+from qpass.artifacts import (
+    CONFIG,
+    META,
+    SINGLE,
+    TENSOR_METADATA,
     atomic_directory,
-    run_recipe,
+    example_inputs,
+    load_tensors,
+    model_from_config,
+    read_json,
+    save_module,
+    source_dtype,
+    write_description,
 )
 from qpass.capture import capture, capture_decode
 from qpass.errors import ArtifactError
@@ -39,19 +66,23 @@ from qpass.recipe import Recipe
 from qpass.version import __version__
 
 from . import native
-from .kernels import BUCKETS, TuneRecord, tune
+from .kernels import BUCKETS, KERNELS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
 from .lower import lower_kv_cache, lower_linears, simplify
 from .runtime import optimize_decode
 
+log = logging.getLogger("qpass.backends.torch_packed")
+
 BACKEND = "torch"
-ARTIFACT_FORMAT = 1
-_FILES = ("model.safetensors", "recipe.yaml", "qpass.json")
+TUNING = "kernels.json"            # the measured kernel plan of the saving machine (not digested)
+MEASURED = ("auto", "exact")       # the policies whose plan is measured (kernels.tune)
+_RETUNE = f"delete {TUNING}: loading then measures the kernels on this machine"
 
 
 def machine() -> dict:
-    """What a kernel plan depends on: the same dict means the same plan is still the right one."""
+    """What a kernel plan depends on: the same dict means the same plan is still the right one (qpass's
+    version too: its kernels change between versions)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -59,7 +90,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(), "cpu": cpu,
-            "threads": torch.get_num_threads(), "native": native.available()}
+            "threads": torch.get_num_threads(), "native": native.available(), "qpass": __version__}
 
 
 class PackedModel(nn.Module):
@@ -127,7 +158,7 @@ class PackedModel(nn.Module):
                                         f"{max_cache_len} and {batch_size}", fix="capture one with those sizes")
                 gm = _copy_template(template)
             else:
-                model = _model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
+                model = model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
                 gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
             run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
             _share_tensors(gm, self.graph_module)
@@ -163,26 +194,23 @@ class PackedModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the lowered model to `directory` (created; an existing non-empty one is an error). Nothing
-        is left behind if writing fails."""
+        """Write the lowered model to `directory` (created; an existing non-empty one is an error): an artefact
+        of format 2, sealed and byte-identical for the same model (the module docstring says what is where).
+        Nothing is left behind if writing fails."""
+        policy = _policy_json(self.kernels)
+        measured = policy in MEASURED
+        plan = {n: {str(b): k for b, k in sorted(p.items())} for n, p in self.plan().items()}
+        linears = {n: {"format": m.wf.describe(), "shape": [m.wf.n, m.wf.k],
+                       "input": m.act.describe() if m.act else None} for n, m in self.linears().items()}
         with atomic_directory(directory) as tmp:
-            safetensors.torch.save_model(self.graph_module, os.path.join(tmp, "model.safetensors"),
-                                         metadata={"format": "qpass", "backend": BACKEND, "qpass_version": __version__})
-            with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
-                f.write(self.recipe.to_yaml())
-            meta = {"format": ARTIFACT_FORMAT, "backend": BACKEND, "qpass_version": __version__,
-                    "torch_version": torch.__version__, **_transformers_version(), "source": self.source,
-                    "kernels": self.kernels if isinstance(self.kernels, str) else
-                    {str(k): v for k, v in self.kernels.items()},
-                    "machine": machine(), "plan": {n: {str(b): k for b, k in p.items()} for n, p in self.plan().items()},
-                    "linears": {n: {"format": m.wf.describe(), "layout": m.wf.layout, "shape": [m.wf.n, m.wf.k],
-                                    "input": m.act.describe() if m.act else None} for n, m in self.linears().items()},
-                    "tuning": [r.to_dict() for r in self.records]}
-            with open(os.path.join(tmp, "qpass.json"), "w") as f:
-                json.dump(_jsonable(meta), f, indent=2)
-            if self.source.get("hf_config") is not None:
-                with open(os.path.join(tmp, "config.json"), "w") as f:
-                    json.dump(self.source["hf_config"], f, indent=2)
+            save_module(self.graph_module, os.path.join(tmp, SINGLE), {**TENSOR_METADATA, "backend": BACKEND})
+            write_description(tmp, self.recipe, self.source, None, extra={
+                "backend": BACKEND, "kernels": policy, "linears": linears, **({} if measured else {"plan": plan})})
+            if measured:
+                with open(os.path.join(tmp, TUNING), "w") as f:
+                    json.dump({"machine": machine(), "kernels": policy, "plan": plan,
+                               "tuning": [r.to_dict() for r in self.records]}, f, indent=2)
+                    f.write("\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, *, kernels=None) -> "PackedModel":
@@ -259,50 +287,94 @@ def _copy_graph(gm: GraphModule) -> GraphModule:
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernels=None) -> PackedModel:
-    """Load a directory written by ``PackedModel.save``. Hugging Face models are rebuilt from config.json;
-    other modules need `model` (an instance of the same architecture, any weights). `kernels` overrides
-    the saved kernel policy."""
+    """Load a directory written by ``PackedModel.save``, checked first (``qpass.artifacts.read``). Hugging Face
+    models are rebuilt from config.json; other modules need `model` (an instance of the same architecture, any
+    weights). `kernels` overrides the saved kernel policy; without it a measured plan in kernels.json is
+    reused if it was measured on a machine like this one (``machine()``), else the kernels are measured again."""
     directory = os.fspath(directory)
-    missing = [f for f in _FILES if not os.path.isfile(os.path.join(directory, f))]
-    if missing:
-        raise ArtifactError(f"{directory!r} is not a qpass model directory (missing {missing})",
-                            fix="pass a directory written by PackedModel.save")
-    with open(os.path.join(directory, "qpass.json")) as f:
-        meta = json.load(f)
-    if meta.get("backend") != BACKEND:
-        raise ArtifactError(f"{directory!r} holds a {meta.get('backend') or 'fake-quant'} model, not a lowered "
+    _refuse_format_1(directory)
+    art = artifacts.read(directory)
+    if art.meta.get("backend") != BACKEND:
+        raise ArtifactError(f"{directory!r} holds a {art.meta.get('backend') or 'fake-quant'} model, not a lowered "
                             "torch one", fix="load it with qpass.load (fake-quant) and lower it again")
-    if meta.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{directory!r} has artefact format {meta.get('format')}, this qpass reads "
-                            f"{ARTIFACT_FORMAT}", fix="load it with the qpass version that wrote it")
-    recipe = Recipe.from_yaml(os.path.join(directory, "recipe.yaml"))
-    source = meta["source"]
+    source = art.source
     if model is None:
         if source.get("hf_config") is None:
             raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
                                 "model", fix="pass model=<an instance of that class> to load")
-        model = _model_from_config(source["hf_config"], _source_dtype(source))
-    gm = capture(model, _example_inputs(source, model))
+        model = model_from_config(source["hf_config"], source_dtype(source), where=os.path.join(directory, CONFIG))
+    gm = capture(model, example_inputs(source, model))
     del model
-    run_recipe(gm, recipe, Context(None, restoring=True, progress=False))
+    run_recipe(gm, art.recipe, Context(None, restoring=True, progress=False))
     mods = lower_linears(gm, restoring=True)
     simplify(gm)
-    path = os.path.join(directory, "model.safetensors")
-    miss, unexpected = safetensors.torch.load_model(gm, path, strict=False)
-    if miss or unexpected:
-        raise ArtifactError(f"{path!r} does not match the rebuilt graph (missing {sorted(miss)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]})",
-                            fix="load with the same model class/config and qpass version that saved it")
-    policy = kernels if kernels is not None else meta.get("kernels", "auto")
-    policy = {int(k): v for k, v in policy.items()} if isinstance(policy, dict) else policy
-    saved = meta.get("plan", {})
-    if kernels is None and meta.get("machine") == machine() and set(saved) == set(mods):
+    load_tensors(gm, directory, art.weights)
+    policy = _policy(art.meta.get("kernels"), os.path.join(directory, META)) if kernels is None else _policy(kernels)
+    saved = _measured_plan(directory, policy, mods) if kernels is None and policy in MEASURED else None
+    if saved is not None:
+        plans, records = saved
         for name, mod in mods.items():
-            mod.plan = {int(b): k for b, k in saved[name].items()}
-        records = [TuneRecord(**{k: v for k, v in r.items() if k not in ("M",)}, bucket=r["M"])
-                   for r in meta.get("tuning", [])]
+            mod.plan = plans[name]
     else:
         records = tune(list(mods.values()), policy)
     for mod in mods.values():
         mod.plan = {b: mod.plan.get(b, "dequant") for b in BUCKETS}
-    return PackedModel(gm, recipe, source, kernels=policy, records=records)
+    return PackedModel(gm, art.recipe, source, kernels=policy, records=records)
+
+
+def _policy_json(policy: str | Mapping) -> str | dict:
+    """A kernel policy as saved: a name, or {bucket: kernel} in bucket order (the same policy, the same bytes)."""
+    return policy if isinstance(policy, str) else {str(b): k for b, k in sorted((int(b), k) for b, k in policy.items())}
+
+
+def _policy(policy, where: str | None = None) -> str | dict:
+    """A kernel policy with int buckets. A saved one (`where`: its qpass.json) must name kernels this qpass has;
+    a given one is checked by ``tune`` (ValueError)."""
+    named = isinstance(policy, str) and policy in (*MEASURED, "reference", *KERNELS)
+    mapped = isinstance(policy, Mapping) and all(str(b).isdigit() and k in KERNELS for b, k in policy.items())
+    if where is not None and not (named or mapped):
+        raise ArtifactError(f"{where!r}: kernel policy {policy!r} names kernels this qpass ({__version__}) does "
+                            f"not have (known: {sorted(KERNELS)})", fix="pass kernels='auto' (or another policy) "
+                            "to load")
+    return {int(b): k for b, k in policy.items()} if isinstance(policy, Mapping) else policy
+
+
+def _measured_plan(directory: str, policy: str, mods: dict[str, PackedLinear]
+                   ) -> tuple[dict[str, dict[int, str]], list[TuneRecord]] | None:
+    """The plan in kernels.json, if it was measured under `policy` on a machine like this one; None if there
+    is none or it is another machine's. A malformed one is an ArtifactError naming it."""
+    path = os.path.join(directory, TUNING)
+    if not os.path.isfile(path):
+        log.info("%s has no %s: measuring the kernels on this machine", directory, TUNING)
+        return None
+    data = read_json(directory, TUNING, fix=_RETUNE)
+    try:
+        if data["machine"] != machine() or data["kernels"] != policy:
+            log.info("%s was measured on another machine or policy (%s, %s): measuring the kernels again", path,
+                     data["machine"], data["kernels"])
+            return None
+        plans = {name: {int(b): k for b, k in data["plan"][name].items()} for name in mods}
+        records = [TuneRecord(**{k: v for k, v in r.items() if k != "M"}, bucket=r["M"]) for r in data["tuning"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path!r} is not a kernel plan of this model ({type(e).__name__}: {e})",
+                            fix=_RETUNE) from None
+    wrong = [f"{n}[{b}]: {k}" for n, p in plans.items() for b, k in p.items()
+             if b not in BUCKETS or k not in KERNELS or not KERNELS[k].applies(mods[n])]
+    if wrong or set(data["plan"]) != set(mods):
+        raise ArtifactError(f"{path!r} is not a kernel plan of this model (kernels that do not apply here: "
+                            f"{wrong[:3]}; linears {sorted(set(data['plan']) ^ set(mods))[:3]} differ)", fix=_RETUNE)
+    return plans, records
+
+
+def _refuse_format_1(directory: str) -> None:
+    """A directory saved by a qpass before sealed artefacts: no digests, and this machine's kernel timings
+    inside qpass.json."""
+    if not os.path.isfile(os.path.join(directory, META)):
+        return                                  # artifacts.read says what is missing
+    meta = read_json(directory, META)
+    if isinstance(meta, dict) and meta.get("format") == 1 and meta.get("backend") == BACKEND:
+        version = meta.get("qpass_version")
+        raise ArtifactError(f"{directory!r} holds a lowered torch model in artefact format 1 (qpass {version}), "
+                            "which records no digests of its files; this qpass reads format "
+                            f"{artifacts.ARTIFACT_FORMAT}", fix="lower the quantized model again and save it with "
+                            f"this qpass (qpass.lower(qm, 'torch').save(dir)), or load it with qpass {version}")
