@@ -185,9 +185,6 @@ def seal(meta: dict) -> str:
                                      separators=(",", ":")).encode()).hexdigest()
 
 
-_seal = seal   # NOTE: tests/test_artifacts.py reseals directories through the old name
-
-
 # ------------------------------------------------------------------------------ reading
 
 

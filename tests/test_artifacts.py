@@ -60,7 +60,7 @@ def reseal(directory: str) -> None:
     path = os.path.join(directory, "qpass.json")
     meta = json.load(open(path))
     meta["files"] = {n: artifacts.file_digest(os.path.join(directory, n)) for n in meta["files"]}
-    meta["seal"] = artifacts._seal(meta)
+    meta["seal"] = artifacts.seal(meta)
     json.dump(meta, open(path, "w"))
 
 
