@@ -51,7 +51,8 @@ _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 class AwqConfig:
     name: ClassVar[str] = "awq"
     field_docs: ClassVar[dict] = {
-        "weights": "weight quantizer to search for (null: the weights of the next quantize pass)",
+        "weights": "weight quantizer to search for (null: each linear's, from the later quantize pass that "
+                   "quantizes it)",
         "grid": "alpha grid size: alpha = i / grid for i < grid (20: 0, 0.05, ..., 0.95)",
         "clip": "search per-group clipping after scaling (clamps the weights): true, false, or `auto` (clip "
                 "unless a gptq pass follows: the search optimizes round-to-nearest, GPTQ does better unclipped)",
