@@ -196,7 +196,7 @@ def weight_block_size(spec: QSpec, use_in_axis: int) -> tuple[int, int]:
 def _placeholder(shape, block, spec: QSpec):
     """Scale/zero-point tensors of the right shape for restoring (values are loaded afterwards)."""
     sshape = [1 if b == -1 else -(-int(n) // b) for n, b in zip(shape, block)]
-    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(sshape)
+    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(sshape, dtype=torch.int32)
     return torch.ones(sshape), zp
 
 
