@@ -39,14 +39,14 @@ def one(args) -> dict:
     import yaml
 
     import qpass
-    from tools.eval import data_files, tokens
+    from qpass.cli._common import data_files, token_ids
 
     torch.manual_seed(args.seed)
-    _, calib_path = data_files(args.model_dir, args.calib_path, args.calib_path)   # the eval text is not read
+    calib_path = args.calib_path or data_files(args.model_dir).get("calib")   # the eval text is not read
     tok = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     model = None if args.stream else \
         transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    ids = tokens(tok, calib_path)
+    ids = token_ids(tok, calib_path)
     calib = [w.unsqueeze(0) for w in ids.split(args.window) if w.numel() == args.window][: args.calib_samples]
     with open(args.recipe[0]) as f:
         recipe = yaml.safe_load(f)

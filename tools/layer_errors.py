@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import qpass  # noqa: E402
-from tools.eval import data_files, tokens  # noqa: E402
+from qpass.cli._common import data_files, token_ids  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,10 +36,10 @@ def main(argv=None) -> int:
     import transformers
 
     torch.manual_seed(0)
-    _, calib_path = data_files(args.model_dir, args.calib_path, args.calib_path)   # the eval text is not read
+    calib_path = args.calib_path or data_files(args.model_dir).get("calib")   # the eval text is not read
     tok = transformers.AutoTokenizer.from_pretrained(args.model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
-    ids = tokens(tok, calib_path)
+    ids = token_ids(tok, calib_path)
     calib = [w.unsqueeze(0) for w in ids.split(args.window) if w.numel() == args.window][: args.calib_samples]
     out = {}
     for recipe in args.recipe:
