@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 from .graph import META_CAPTURE, module_path
+from .patterns import LAYOUT
 
 log = logging.getLogger("qpass.calibration")
 
@@ -116,8 +117,7 @@ def _size_range(d, ranges) -> tuple[int, int | None]:
         return lower, None
 
 
-_INDEX_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-                torch.ops.aten.unsqueeze.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default}
+_INDEX_VIEWS = LAYOUT   # token ids moved, never changed
 
 
 def _embedding_of(gm: GraphModule, placeholder: Node) -> tuple[int | None, str]:

@@ -37,31 +37,21 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
+from . import patterns as P
 from .graph import LinearSite, is_quantizer, linear_sites, module_path, param_of
 
 aten = torch.ops.aten
 
-# Ops that only move elements around (their extra arguments are ints / sym ints): re-run on the id tensor.
-_LAYOUT = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.slice.Tensor, aten.split.Tensor,
-    aten.split_with_sizes.default, aten.chunk.default, aten.narrow.default, aten.t.default,
-    aten.flatten.using_ints, aten.unflatten.int, aten.select.int, aten.detach.default, operator.getitem,
-}
-# Elementwise ops that commute with a positive per-channel scale: ids pass through unchanged.
-_IDENTITY = {
-    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default,
-    aten.dropout.default, aten.relu.default, aten.neg.default,
-}
+# Op sets are qpass.patterns': layout ops are re-run on the id tensor, SCALE_COMMUTING ops pass ids through.
+_LAYOUT = P.LAYOUT
+_IDENTITY = P.SCALE_COMMUTING
 _MUL = {aten.mul.Tensor, aten.mul.Scalar}
 _DIV = {aten.div.Tensor, aten.div.Scalar}
-_SDPA = aten.scaled_dot_product_attention.default
-_MATMULS = {aten.matmul.default, aten.bmm.default}   # eager attention: probs @ v mixes tokens only
-_SHAPE_ONLY = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default,
-               aten.sym_stride.int, aten.sym_storage_offset.default}
+_SDPA = P.SDPA
+_MATMULS = P.MATMULS   # eager attention: probs @ v mixes tokens only
+_SHAPE_ONLY = P.SHAPE_ONLY
 _RESHAPES = {aten.view.default, aten._unsafe_view.default}   # run as reshape (ids may be non-contiguous)
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
+_CASTS = P.CASTS
 _LAYER_NORMS = {aten.layer_norm.default}
 
 
@@ -130,7 +120,7 @@ def analyze(gm: GraphModule) -> FoldingAnalysis:
             reasons[site.node] = found
         else:
             producers.setdefault(found.node, found)
-    result, claimed, storages = FoldingAnalysis(), set(), _storages(gm)
+    result, claimed, storages = FoldingAnalysis(), set(), P.storage_twins(gm)
     for prod in sorted(producers.values(), key=lambda p: pos[p.node]):
         group = _group(gm, prod, by_node, pos, storages)
         if isinstance(group, str):
@@ -366,45 +356,16 @@ def _params_reason(gm: GraphModule, prod: Producer, consumers: list[Consumer], b
             return f"{c.site.path}: weight is already quantized; fold scales before quantizing"
         allowed.setdefault(c.site.weight, set()).add(c.site.node)
     for p, ok in allowed.items():
-        bad = [u for u in _terminal_users(p) if u not in ok]
+        bad = [u for u in P.weight_users(p) if u not in ok]
         name = p.target
         if bad:
             where = module_path(gm, bad[0]) or bad[0].name
             return (f"parameter {name} is also used by {_op_name(bad[0])} in {where} (shared or tied "
                     "weights); rescaling it would change that use too")
-        twins = [t for t in storages.get(_storage_key(param_of(gm, p)), ()) if t != p.target]
+        twins = storages.get(p.target, ())
         if twins:
             return f"parameter {name} shares storage with {twins[0]} (tied); rescaling it would change both"
     return None
-
-
-def _terminal_users(n: Node) -> list[Node]:
-    """Users of a parameter, looking through transposes (how linear_sites consumes weights)."""
-    out = []
-    for u in n.users:
-        if u.op == "call_function" and u.target in (aten.t.default, aten.transpose.int, aten.permute.default,
-                                                    aten.numpy_T.default):
-            out += _terminal_users(u)
-        else:
-            out.append(u)
-    return out
-
-
-def _storages(gm: GraphModule) -> dict:
-    seen: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.users:
-            try:
-                t = param_of(gm, n)
-            except AttributeError:
-                continue
-            if isinstance(t, torch.Tensor):
-                seen.setdefault(_storage_key(t), set()).add(n.target)
-    return seen
-
-
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.device.type)
 
 
 # ------------------------------------------------------------------------------------------- helpers

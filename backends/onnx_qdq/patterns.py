@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from qpass.errors import UnsupportedOpError
 from qpass.graph import (META_QUANT, LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites,
                          param_of)
+from qpass.patterns import TRANSPOSES
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
 
@@ -290,8 +291,7 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
 
 def _erase_dead(gm: GraphModule) -> None:
     """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
-    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, aten.t.default, aten.transpose.int,
-                aten.permute.default, aten.numpy_T.default}
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic} | TRANSPOSES
     changed = True
     while changed:
         changed = False

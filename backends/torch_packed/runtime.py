@@ -35,13 +35,13 @@ from torch.fx import GraphModule, Node
 from torch.fx.graph import CodeGen
 
 from qpass.graph import META_CAPTURE
+from qpass.patterns import SDPA as _SDPA
 
 from . import native
 from .kv import PackedKVCache
 from .linear import PackedLinear
 
 aten = torch.ops.aten
-_SDPA = aten.scaled_dot_product_attention.default
 META_RUNTIME = "qpass_runtime"            # gm.meta key: what optimize_decode changed
 
 

@@ -1,0 +1,252 @@
+"""The op sets and small structural matchers every pass and backend shares.
+
+One place says which aten ops are a softmax, which only move elements, which commute with a positive
+per-channel scale, what attention looks like and when a parameter is tied, so passes and backends cannot
+disagree about them. Sets are ``frozenset`` of op overloads (``n.target in SOFTMAX``); matchers read
+``node.meta['val']`` and arguments by schema name where the schema has one, never ``nn_module_stack``.
+
+Op sets
+  SOFTMAX            softmax.int, _softmax, _safe_softmax (what SDPA's math path decomposes into)
+  SDPA               aten.scaled_dot_product_attention
+  MATMULS            batched matmuls attention is made of (matmul, bmm); linear-like sites are qpass.graph's
+  TRANSPOSES         t / transpose / permute / numpy_T: how a 2-D weight is consumed transposed
+  RESHAPES           view / reshape / _unsafe_view
+  LAYOUT             ops that only move elements (their other arguments are ints): reshapes, transposes,
+                     (un)squeeze, expand, slice / split / chunk / narrow / select, clone, contiguous, alias,
+                     detach, flatten / unflatten, getitem; re-running one on another tensor of the same shape
+                     moves that tensor's elements the same way
+  CASTS              dtype casts (to.dtype, to.dtype_layout, _to_copy)
+  ACTIVATIONS        elementwise nonlinearities (relu, gelu, silu, sigmoid, tanh, ...)
+  SCALE_COMMUTING    elementwise ops with f(s * x) = s * f(x) for a positive per-channel s: casts, device
+                     moves, type_as, dropout, neg, relu (the positively homogeneous activations)
+  PROBS_PASSTHROUGH  what HF eager attention puts between softmax and probs @ V (casts, type_as, dropout)
+  REPEAT_KV          ops of transformers' ``repeat_kv`` (grouped K/V heads repeated for the query heads)
+  SHAPE_ONLY         nodes that read a tensor's shape or metadata, not its values
+
+Matchers
+  attention_sites(gm)         SDPA and eager ``softmax(q @ kᵀ ...) @ v``: AttentionSite (node, q, k, v, scores)
+  is_last_two_swap(n)         a transpose / permute of a tensor's last two axes
+  weight_users(param)         users of a parameter, looking through transposes
+  storage_twins(gm)           {tensor name: other names sharing its storage} (tied weights)
+  unrepeat_kv(n)              t if n is ``reshape(expand(unsqueeze(t, 2)))`` repeating heads (static shapes)
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
+SDPA = aten.scaled_dot_product_attention.default
+MATMULS = frozenset({aten.matmul.default, aten.bmm.default})
+TRANSPOSES = frozenset({aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default})
+RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+LAYOUT = RESHAPES | TRANSPOSES | frozenset({
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.clone.default,
+    aten.contiguous.default, aten.alias.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.chunk.default, aten.narrow.default, aten.flatten.using_ints, aten.unflatten.int, aten.select.int,
+    aten.detach.default, operator.getitem,
+})
+CASTS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default})
+ACTIVATIONS = frozenset({
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.leaky_relu.default, aten.hardtanh.default, aten.elu.default, aten.softplus.default, aten.mish.default,
+})
+POSITIVE_HOMOGENEOUS = frozenset({aten.relu.default})   # act(s * x) == s * act(x) for s > 0
+SCALE_COMMUTING = CASTS | POSITIVE_HOMOGENEOUS | frozenset({
+    aten.to.device, aten.type_as.default, aten.dropout.default, aten.neg.default,
+})
+PROBS_PASSTHROUGH = CASTS | frozenset({aten.dropout.default, aten.type_as.default})
+REPEAT_KV = RESHAPES | frozenset({
+    aten.expand.default, aten.unsqueeze.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.repeat_interleave.self_int,
+})
+SHAPE_ONLY = frozenset({aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default,
+                        aten.sym_stride.int, aten.sym_storage_offset.default})
+
+
+def is_call(n, targets) -> bool:
+    """`n` is a call_function node whose target is `targets` (one op) or in it (a set)."""
+    if not (isinstance(n, Node) and n.op == "call_function"):
+        return False
+    return n.target in targets if isinstance(targets, (frozenset, set)) else n.target is targets
+
+
+def arg(n: Node, index: int, name: str, default=None):
+    """Argument `name` of a call, given positionally (at `index`) or by keyword."""
+    if len(n.args) > index:
+        return n.args[index]
+    return n.kwargs.get(name, default)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention: ``node`` is the SDPA call or, for eager attention, the ``probs @ v`` matmul (the node
+    whose output is the attention result). `key` and `value` are as attention consumes them (K before the
+    eager form's transpose); `scores` is the eager ``q @ kᵀ`` matmul (None for SDPA)."""
+
+    node: Node
+    query: Node
+    key: Node
+    value: Node
+    softmax: Node | None = None
+    scores: Node | None = None
+
+    @property
+    def kind(self) -> str:
+        return "sdpa" if self.scores is None else "eager"
+
+    @property
+    def score_consumer(self) -> Node:
+        """The node that computes attention scores from q and k (SDPA itself, or the q @ kᵀ matmul)."""
+        return self.node if self.scores is None else self.scores
+
+    @property
+    def score_operands(self) -> tuple[Node, ...]:
+        """What `score_consumer` reads to compute scores: (q, k) of SDPA; (q, kᵀ) of the eager matmul."""
+        if self.scores is None:
+            return (self.query, self.key)
+        return tuple(a for a in self.scores.args[:2] if isinstance(a, Node))
+
+
+def attention_sites(gm: GraphModule) -> list[AttentionSite]:
+    """Every SDPA call and every eager attention ``softmax(q @ kᵀ ...) -> [casts, dropout] -> probs @ v`` whose
+    kᵀ is a swap of K's last two axes, in graph order."""
+    out = []
+    for n in gm.graph.nodes:
+        if is_call(n, SDPA):
+            out.append(AttentionSite(n, arg(n, 0, "query"), arg(n, 1, "key"), arg(n, 2, "value")))
+        elif is_call(n, SOFTMAX):
+            pv, qk = _probs_matmul(n), _scores_matmul(n.args[0])
+            kt = qk.args[1] if qk is not None else None
+            if pv is None or not isinstance(kt, Node) or not is_last_two_swap(kt):
+                continue
+            out.append(AttentionSite(pv, qk.args[0], kt.args[0], pv.args[1], n, qk))
+    return out
+
+
+def _probs_matmul(softmax: Node) -> Node | None:
+    """The matmul that takes the probabilities (through PROBS_PASSTHROUGH ops) as its left operand."""
+    n = softmax
+    while True:
+        users = list(n.users)
+        mm = [u for u in users if is_call(u, MATMULS) and u.args[0] is n]
+        if mm:
+            return mm[0]
+        nxt = [u for u in users if is_call(u, PROBS_PASSTHROUGH)]
+        if len(nxt) != 1:
+            return None
+        n = nxt[0]
+
+
+def _scores_matmul(n, depth: int = 8) -> Node | None:
+    """The matmul the softmax input comes from, following first tensor arguments (scale, mask add, casts)."""
+    for _ in range(depth):
+        if not isinstance(n, Node) or n.op != "call_function":
+            return None
+        if n.target in MATMULS:
+            return n
+        ins = [a for a in n.args if isinstance(a, Node)]
+        if not ins:
+            return None
+        n = ins[0]
+    return None
+
+
+def is_last_two_swap(n) -> bool:
+    """`n` transposes its input's last two axes (transpose(-2, -1) / permute(..., -1, -2))."""
+    if is_call(n, aten.transpose.int):
+        rank = n.args[0].meta["val"].dim()
+        return sorted(d % rank for d in n.args[1:3]) == [rank - 2, rank - 1]
+    if is_call(n, aten.permute.default):
+        p = list(n.args[1])
+        return p[:-2] == list(range(len(p) - 2)) and p[-2:] == [len(p) - 1, len(p) - 2]
+    return False
+
+
+def unrepeat_kv(n) -> Node | None:
+    """t if n is ``reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d])`` (transformers'
+    ``repeat_kv``) with static shapes and no other users along the chain, else None."""
+    if not (is_call(n, {aten.reshape.default, aten.view.default}) and len(n.users) == 1):
+        return None
+    e = n.args[0]
+    if not (is_call(e, aten.expand.default) and len(e.users) == 1):
+        return None
+    u = e.args[0]
+    if not (is_call(u, aten.unsqueeze.default) and u.args[1] == 2 and len(u.users) == 1):
+        return None
+    t, out, mid = u.args[0], static_shape(n), static_shape(e)
+    src = static_shape(t)
+    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5:
+        return None
+    b, h, l, d = src
+    ok = mid == (b, h, mid[2], l, d) and out == (b, h * mid[2], l, d)
+    return t if ok else None
+
+
+def static_shape(n) -> tuple[int, ...] | None:
+    """The example shape of `n` when every size is a plain int, else None."""
+    val = n.meta.get("val") if isinstance(n, Node) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape)
+
+
+# --------------------------------------------------------------------------------------- tied weights
+
+
+def weight_users(n: Node) -> list[Node]:
+    """Users of a parameter's get_attr node, looking through transposes (how linear sites consume weights)."""
+    out = []
+    for u in n.users:
+        if is_call(u, TRANSPOSES):
+            out += weight_users(u)
+        else:
+            out.append(u)
+    return out
+
+
+def storage_twins(gm: GraphModule) -> dict[str, tuple[str, ...]]:
+    """{name: the other names whose tensor shares its storage} over gm's parameters and buffers (every name
+    of a tied parameter) and the tensors its get_attr nodes read. Only names with a twin are keys. Storages
+    are told apart by (data pointer, device type); empty and meta tensors (pointer 0) are never twins."""
+    named: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
+    named.update(gm.named_buffers(remove_duplicate=False))
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in named:
+            t = _attr(gm, n.target)
+            if isinstance(t, torch.Tensor):
+                named[n.target] = t
+    by_storage: dict = {}
+    for name, t in named.items():
+        key = _storage_key(t)
+        if key is not None:
+            by_storage.setdefault(key, []).append(name)
+    return {name: tuple(x for x in names if x != name) for names in by_storage.values() if len(names) > 1
+            for name in names}
+
+
+def _storage_key(t: torch.Tensor):
+    if t.device.type == "meta" or t.untyped_storage().nbytes() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.device.type)
+
+
+def _attr(gm: GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+__all__ = ["SOFTMAX", "SDPA", "MATMULS", "TRANSPOSES", "RESHAPES", "LAYOUT", "CASTS", "ACTIVATIONS",
+           "POSITIVE_HOMOGENEOUS", "SCALE_COMMUTING", "PROBS_PASSTHROUGH", "REPEAT_KV", "SHAPE_ONLY", "is_call",
+           "arg", "AttentionSite", "attention_sites", "is_last_two_swap", "unrepeat_kv", "static_shape",
+           "weight_users", "storage_twins"]
