@@ -24,10 +24,11 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import META_QUANT, LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.patterns import storage_twins, weight_users
 from qpass.primitives import quant as Q
+from qpass.primitives.spec import BUILTIN_KINDS
+from qpass.quantizer import Quantizer, role_of
 from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from qpass.sequential import Sweep
 
@@ -131,17 +132,17 @@ class Gptq(Pass):
 
     def _requantize(self, gm: GraphModule, site: LinearSite, acc: HessianAccumulator) -> dict:
         """GPTQ one linear and write weight and qparams back in their stored layouts."""
-        cfg, fq = self.config, _weight_quantizer(site)
-        spec = fq.meta[META_QUANT]["spec"]
+        cfg, fq = self.config, Quantizer(_weight_quantizer(site))
+        spec = fq.meta.spec
         flip = site.use_in_axis == 0                        # quantizer laid out on [in, out] (mm family)
-        block = tuple(fq.args[3])[::-1] if flip else tuple(fq.args[3])
+        block = fq.block[::-1] if flip else fq.block
         param = param_of(gm, site.weight)
-        scale_t = param_of(gm, fq.args[1])
-        zp_t = param_of(gm, fq.args[2]) if fq.args[2] is not None else None
+        scale_t = param_of(gm, fq.scale)
+        zp_t = param_of(gm, fq.zero_point) if fq.zero_point is not None else None
         w = (param if site.in_axis == 1 else param.t()).detach().clone()          # canonical [out, in]
         canon = (lambda t: t.t() if flip else t)
         rtn = Q.fake_quantize(w, canon(scale_t.detach()), None if zp_t is None else canon(zp_t.detach()), block,
-                              fq.args[4])
+                              fq.fmt_name)
         res = gptq_quantize(w, acc.hessian, spec, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
                    act_order=cfg.act_order, static_groups=cfg.static_groups)
         with torch.no_grad():
@@ -155,27 +156,42 @@ class Gptq(Pass):
 
 def _weight_quantizer(site: LinearSite):
     n = site.weight_use
-    return n if is_quantizer(n) and n.meta.get(META_QUANT, {}).get("role") == "weight" else None
+    return n if role_of(n) == "weight" else None
 
 
 def _unsupported(gm: GraphModule, site: LinearSite) -> str | None:
     """Why GPTQ cannot re-round this weight, or None."""
-    fq = _weight_quantizer(site)
-    if fq.meta[META_QUANT]["spec"].dynamic or len(fq.args) < 5:
+    fq = Quantizer(_weight_quantizer(site))
+    if fq.meta.spec.dynamic or fq.dynamic:
         return "weight quantizer is not a static fake_quantize"
+    if fq.codebook is not None or fq.side_channels or fq.fmt.kind not in BUILTIN_KINDS:
+        return f"weight quantizer has a {fq.fmt_name} table or side channels {fq.side_channels.names}"
     return shared_weight(gm, site)
 
 
 def shared_weight(gm: GraphModule, site: LinearSite) -> str | None:
     """Why the weight of `site` cannot be changed on its own (used elsewhere or tied storage), or None."""
     allowed = site.weight_use if is_quantizer(site.weight_use) else site.node
-    users = weight_users(site.weight)
+    users = _terminal_users(site.weight)
     if users != [allowed]:
         return f"weight {site.weight.target} is also used by {[u.name for u in users if u is not allowed]} (tied)"
-    twins = storage_twins(gm).get(site.weight.target, ())
-    if twins:
-        return f"weight {site.weight.target} shares storage with {twins[0]} (tied); changing it would change both"
+    ptr = param_of(gm, site.weight).untyped_storage().data_ptr()
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name != site.weight.target and t.untyped_storage().data_ptr() == ptr:
+            return f"weight {site.weight.target} shares storage with {name} (tied); changing it would change both"
     return None
+
+
+def _terminal_users(n) -> list:
+    """Users of a parameter, looking through transposes (how linear_sites consumes weights)."""
+    out = []
+    for u in n.users:
+        if u.op == "call_function" and u.target in (torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+                                                    torch.ops.aten.permute.default, torch.ops.aten.numpy_T.default):
+            out += _terminal_users(u)
+        else:
+            out.append(u)
+    return out
 
 
 def _stages(sites: list[LinearSite]) -> list[list[LinearSite]]:

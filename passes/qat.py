@@ -25,8 +25,9 @@ from qpass.calibration import check_inputs, sequence_limit
 from qpass.datagen import GenerationSettings, generate_data, text_data
 from qpass.distill import feature_taps, module_outputs
 from qpass.errors import CalibrationError, RecipeError
-from qpass.graph import META_QUANT, linear_sites
+from qpass.graph import linear_sites
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.quantizer import quantizers
 from qpass.primitives import ops
 from qpass.training import Trainer, TrainSettings, world
 
@@ -233,10 +234,8 @@ def _teacher(ctx: Context) -> nn.Module:
 def make_scales_learnable(gm: GraphModule) -> list[nn.Parameter]:
     """Turn the scale buffers of weight quantizers into parameters (the op's LSQ gradient reaches them)."""
     out = []
-    for n in gm.graph.nodes:
-        if n.meta.get(META_QUANT, {}).get("role") != "weight":
-            continue
-        target = n.args[1].target
+    for q in quantizers(gm, role="weight"):
+        target = q.scale.target
         if target in gm._parameters:
             out.append(gm._parameters[target])
             continue

@@ -1,7 +1,8 @@
 """Insert weight and activation quantizers on every selected linear-like node (round-to-nearest).
 
 Matches   linear(x, W[, b]), addmm(b, x, W'), mm(x, W'), matmul(x, W') with W a 2-D parameter
-Changes   W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
+Changes   (quantizers inserted with qpass.quantizer.insert_quantizer, metadata a QuantMeta)
+          W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
           x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric)           (dynamic activations)
             or qpass.fake_quantize(x, scale, zero_point, block, fmt)           (static, from observers)
 Requires  calibration data for static activations (one run for all observed inputs)
@@ -21,20 +22,10 @@ from torch.fx import GraphModule
 
 from qpass.calibration import observe
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import (
-    META_QUANT,
-    LinearSite,
-    add_tensor,
-    describe,
-    get_attr,
-    insert_call,
-    is_quantizer,
-    linear_sites,
-    param_of,
-    select,
-)
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.primitives import OBSERVERS, choose_qparams, ops
+from qpass.primitives import OBSERVERS, choose_qparams
+from qpass.quantizer import QuantMeta, insert_quantizer
 from qpass.sequential import observe_by_block
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
 
@@ -141,10 +132,9 @@ class Quantize(Pass):
         x = site.input
         block = spec.block_size(x.meta["val"].shape)
         if spec.dynamic:
-            fq = insert_call(gm, site.node, ops.fake_quantize_dynamic, (x, list(block), spec.format.name,
-                             spec.symmetric), "quantize", val_like=x)
-            fq.meta[META_QUANT] = {"role": "input", "site": site.node.name, "path": site.path, "spec": spec}
-            site.node.replace_input_with(x, fq)
+            q = insert_quantizer(gm, site.node, x, QuantMeta("input", site.node.name, site.path, spec), block=block,
+                                 origin="quantize")
+            site.node.replace_input_with(x, q.node)
             return
         scale, zp = qparams
         # NOTE: named by module path, so the same recipe on another capture (the decode graph) gets the same names
@@ -152,13 +142,9 @@ class Quantize(Pass):
                         name=f"{site.path or site.node.name}_input_scale")
 
     def _insert_fq(self, gm, site, src, scale, zp, block, spec, *, role: str, name: str) -> None:
-        s_node = get_attr(gm, site.node, add_tensor(gm, name, scale))
-        z_node = get_attr(gm, site.node, add_tensor(gm, name.replace("scale", "zero_point"), zp)) \
-            if zp is not None else None
-        fq = insert_call(gm, site.node, ops.fake_quantize, (src, s_node, z_node, list(block), spec.format.name),
-                         "quantize", val_like=src)
-        fq.meta[META_QUANT] = {"role": role, "site": site.node.name, "path": site.path, "spec": spec}
-        site.node.replace_input_with(src, fq)
+        q = insert_quantizer(gm, site.node, src, QuantMeta(role, site.node.name, site.path, spec), block=block,
+                             scale=scale, zero_point=zp, name=name, origin="quantize")
+        site.node.replace_input_with(src, q.node)
 
     def _static_activation_qparams(self, gm: GraphModule, ctx: Context, todo: list[LinearSite]) -> dict:
         spec = self.config.activations

@@ -74,7 +74,8 @@ def weight_bytes(model) -> dict:
     from torch.fx import GraphModule
 
     from .capture import capture
-    from .graph import META_QUANT, is_quantizer, linear_sites, param_of
+    from .graph import linear_sites, param_of
+    from .quantizer import Quantizer
 
     gm = getattr(model, "graph_module", model)
     if not isinstance(gm, GraphModule):
@@ -83,13 +84,13 @@ def weight_bytes(model) -> dict:
     for site in linear_sites(gm):
         w = param_of(gm, site.weight)
         numel += w.numel()
-        fq = site.weight_use if is_quantizer(site.weight_use) else None
+        fq = Quantizer.of(site.weight_use)
         if fq is None:
             total += w.numel() * w.element_size()
             continue
-        bits = fq.meta[META_QUANT]["spec"].bits
-        n_scales = gm.get_buffer(fq.args[1].target).numel()
-        size = w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.args[2] is not None else 0)
+        bits = fq.meta.spec.bits
+        n_scales = gm.get_buffer(fq.scale.target).numel()
+        size = w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.zero_point is not None else 0)
         total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
     # bits_per_weight: over every linear (a float lm_head counts at its dtype's width);
     # quantized_bits_per_weight: over the quantized linears only (None when none is)

@@ -17,7 +17,6 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import TargetNotFoundError
-from .patterns import TRANSPOSES
 from .primitives import ops as qops
 
 aten = torch.ops.aten
@@ -25,10 +24,10 @@ aten = torch.ops.aten
 META_PREFIX = "qpass_prefix"      # gm.meta: wrapper prefix stripped from module paths
 META_CAPTURE = "qpass_capture"    # gm.meta: how the graph was captured
 META_ORIGIN = "qpass_origin"      # node.meta: which pass inserted the node
-META_QUANT = "qpass_quant"        # node.meta: what a quantizer node quantizes ("weight"/"input", site)
+META_QUANT = "qpass_quant"        # node.meta: what a quantizer node quantizes (qpass.quantizer.QuantMeta)
 
-_TRANSPOSES = TRANSPOSES
-QUANTIZERS = {qops.fake_quantize, qops.fake_quantize_dynamic}
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+QUANTIZERS = {qops.fake_quantize, qops.fake_quantize_dynamic, qops.fake_quantize_ext}   # see qpass.quantizer
 
 
 def is_quantizer(n) -> bool:

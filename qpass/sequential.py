@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationSet
 from .errors import CalibrationError
 from .graph import is_quantizer, module_path
+from .quantizer import Quantizer
 
 if TYPE_CHECKING:
     from .offload import WeightStore
@@ -191,7 +192,7 @@ class Sweep:
                         raise CalibrationError(f"{n.name} needs {a.name}, which no earlier segment kept: the graph "
                                                "changed in the middle of a block-by-block sweep")
                     env[a] = self._interp.fetch_attr(a.target)
-            env[n] = env[n.args[0]] if identity(n) else self._interp.run_node(n)
+            env[n] = env[Quantizer(n).x] if identity(n) else self._interp.run_node(n)
             for obs in taps.get(n, ()):
                 obs.update(env[n])
             for a in n.all_input_nodes:

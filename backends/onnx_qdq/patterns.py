@@ -25,11 +25,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
-from qpass.graph import (META_QUANT, LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites,
-                         param_of)
-from qpass.patterns import TRANSPOSES
+from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, param_of
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
+from qpass.primitives.spec import BUILTIN_KINDS
+from qpass.quantizer import Quantizer, Support, quantizers, refuse, role_of, unsupported
 
 from . import ops
 from .qdq import Lowered, LoweringReport, QdqRewrites, check_int
@@ -85,25 +85,27 @@ def _input_kind(gm: GraphModule, n: Node | None) -> str:
     if n is None:
         return "float"
     bits = check_int(gm, n)
-    if n.target is qops.fake_quantize_dynamic:
-        block, _, symmetric = n.args[1:4]
+    q = Quantizer(n)
+    if q.dynamic:
+        block = q.block
         per_token = all(b == 1 for b in block[:-1]) and block[-1] == -1
-        return "token8" if per_token and symmetric and bits == 8 else "other"
+        return "token8" if per_token and q.symmetric and bits == 8 else "other"
     return "static8" if bits == 8 and _is_per_tensor(gm, n) else "other"
 
 
 def _is_per_tensor(gm: GraphModule, n: Node) -> bool:
-    return getattr(gm, n.args[1].target).numel() == 1
+    return getattr(gm, Quantizer(n).scale.target).numel() == 1
 
 
 def _weight(gm: GraphModule, site: LinearSite, fq: Node) -> _Weight:
     bits = check_int(gm, fq)
+    q = Quantizer(fq)
     w = param_of(gm, site.weight)
-    w_use = w.detach().t() if _flips(fq.args[0], site.weight) % 2 else w.detach()
-    scale = getattr(gm, fq.args[1].target).detach()
-    zp = getattr(gm, fq.args[2].target).detach() if fq.args[2] is not None else None
-    block = list(fq.args[3])
-    codes = quantize_codes(w_use, scale, zp, block, fq.args[4])
+    w_use = w.detach().t() if _flips(q.x, site.weight) % 2 else w.detach()
+    scale = getattr(gm, q.scale.target).detach()
+    zp = getattr(gm, q.zero_point.target).detach() if q.zero_point is not None else None
+    block = list(q.block)
+    codes = quantize_codes(w_use, scale, zp, block, q.fmt_name)
     if site.use_in_axis == 1:                   # consumed [out, in]: lay out as [K, N]
         codes, scale = codes.t(), scale.t()
         zp = None if zp is None else zp.t()
@@ -117,7 +119,7 @@ def _weight(gm: GraphModule, site: LinearSite, fq: Node) -> _Weight:
         lay = (scale.reshape(()).float(), None if zp is None else zp.reshape(()).to(torch.uint8), 0)
     else:
         raise UnsupportedOpError(f"onnx_qdq lowers per-tensor, per-channel (output) and per-group (input) "
-                                 f"weight scales; this weight has block size {tuple(fq.args[3])}",
+                                 f"weight scales; this weight has block size {q.block}",
                                  where=describe(gm, site.node), fix="use the torch backend for this model")
     return _Weight(codes.contiguous(), lay[0], lay[1], lay[2], bits)
 
@@ -147,7 +149,7 @@ class _Rewriter(QdqRewrites):
     # -- linears
     def linear(self, site: LinearSite) -> None:
         wq = site.weight_use if is_quantizer(site.weight_use) else None
-        xq = site.input if is_quantizer(site.input) and _role(site.input) == "input" else None
+        xq = site.input if role_of(site.input) == "input" else None
         if wq is None and xq is None:
             return
         bias_arg = site.node.args[0] if site.node.target is aten.addmm.default else \
@@ -160,7 +162,7 @@ class _Rewriter(QdqRewrites):
         name = f"{site.weight.target}"
         fused = next((h for rule, h in FUSED if w is not None and rule(w, kind, self.opts)), None)
         if fused is not None:
-            new, form, note = getattr(self, fused)(site, xq.args[0], w, name)
+            new, form, note = getattr(self, fused)(site, Quantizer(xq).x, w, name)
         else:
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             new, form, note = self._dq_matmul(site, x, w, name, kind)
@@ -264,15 +266,23 @@ def _flips(n: Node, weight: Node) -> int:
     return count
 
 
-def _role(n: Node) -> str:
-    return n.meta.get(META_QUANT, {}).get("role", "")
+# What this backend lowers (qpass.quantizer.Support), for every role: integer formats, no side channels
+# (ONNX Q/DQ has no codebook, sparse or float-column form). Layouts are checked where they are lowered.
+SUPPORTS = {"*": Support(kinds=frozenset({"int"}))}
 
 
 def check_supported(gm: GraphModule) -> None:
-    """Raise UnsupportedOpError for the first quantizer with a non-integer format (before any export work)."""
-    for n in gm.graph.nodes:
-        if is_quantizer(n):
-            check_int(gm, n)
+    """Raise UnsupportedOpError for the first quantizer SUPPORTS does not cover (before any export work):
+    a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
+    for q in quantizers(gm):
+        part = unsupported(q, SUPPORTS)
+        if part is None:
+            continue
+        if q.fmt.kind in BUILTIN_KINDS and not q.side_channels and q.codebook is None:
+            check_int(gm, q.node)
+        raise refuse(gm, q, "onnx_qdq", part, fix="use the torch backend (qpass.lower(qm, 'torch')), or an "
+                     "int format without side channels for this target (ignore it in the recipe to keep it float)")
+
 
 
 def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringReport:
@@ -291,7 +301,8 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
 
 def _erase_dead(gm: GraphModule) -> None:
     """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
-    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic} | TRANSPOSES
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, aten.t.default, aten.transpose.int,
+                aten.permute.default, aten.numpy_T.default}
     changed = True
     while changed:
         changed = False

@@ -16,9 +16,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
-from qpass.graph import META_QUANT, describe
-from qpass.primitives import ops as qops
+from qpass.graph import describe
 from qpass.primitives.quant import parse_format
+from qpass.quantizer import Quantizer
 
 from . import ops
 
@@ -51,7 +51,7 @@ class LoweringReport:
 
 
 def fmt_of(n: Node) -> str:
-    return n.args[4] if n.target is qops.fake_quantize else n.args[2]
+    return Quantizer(n).fmt_name
 
 
 def check_int(gm: GraphModule, n: Node) -> int:
@@ -75,7 +75,8 @@ class QdqRewrites:
         optimum decoder loop feeds `present` back as `past_key_values`), and re-quantizing a quantized tensor
         gives it back (to a float ulp): so only the new tokens are quantized, not the whole cache every step.
         """
-        cat = fq.args[0]
+        q = Quantizer(fq)
+        cat = q.x
         if not (isinstance(cat, Node) and cat.target is aten.cat.default and len(cat.args) > 1):
             return False
         rank = cat.meta["val"].dim()
@@ -83,14 +84,14 @@ class QdqRewrites:
         past, new = cat.args[0] if len(cat.args[0]) == 2 else (None, None)
         if past is None or not _graph_input(past) or len(cat.users) != 1:
             return False
-        if fq.target is qops.fake_quantize_dynamic:
-            spans = fq.args[1][dim] != 1
+        if q.dynamic:
+            spans = q.block[dim] != 1
         else:
-            spans = getattr(self.gm, fq.args[1].target).shape[dim] != 1
+            spans = getattr(self.gm, q.scale.target).shape[dim] != 1
         if spans:
             return False
         with self.gm.graph.inserting_before(cat):
-            fq_new = self.gm.graph.call_function(fq.target, (new, *fq.args[1:]))
+            fq_new = self.gm.graph.call_function(fq.target, q.args_on(new))
         fq_new.meta = {**fq.meta, "val": new.meta["val"]}
         cat.replace_input_with(new, fq_new)
         fq.replace_all_uses_with(cat)
@@ -100,10 +101,11 @@ class QdqRewrites:
     def standalone(self, fq: Node, before: Node | None = None, user: Node | None = None) -> Node:
         """Replace quantizer `fq` by Q/DQ (for all its users, or only `user`); returns the new node."""
         check_int(self.gm, fq)
+        q = Quantizer(fq)
         before = before or fq
-        x = fq.args[0]
+        x = q.x
         shape = list(x.meta["val"].shape)
-        if fq.target is qops.fake_quantize_dynamic:
+        if q.dynamic:
             new = self._dynamic(before, fq, x, shape)
         else:
             new = self._static(before, fq, x, shape)
@@ -111,15 +113,13 @@ class QdqRewrites:
             user.replace_input_with(fq, new)
         else:
             fq.replace_all_uses_with(new)
-            path = fq.meta.get(META_QUANT, {}).get("path") or fq.name
-            role = fq.meta.get(META_QUANT, {}).get("role", "?")
-            self.report.rows.append(Lowered(f"{path} ({role})", f"Q/DQ {fmt_of(fq)} "
-                                            f"{'dynamic' if fq.target is qops.fake_quantize_dynamic else 'static'}"))
+            self.report.rows.append(Lowered(f"{q.path or fq.name} ({q.role or '?'})",
+                                            f"Q/DQ {q.fmt_name} {'dynamic' if q.dynamic else 'static'}"))
         return new
 
     def _dynamic(self, before: Node, fq: Node, x: Node, shape: list) -> Node:
-        block, fmt, symmetric = fq.args[1:4]
-        bits = parse_format(fmt).bits
+        q = Quantizer(fq)
+        block, symmetric, bits = q.block, q.symmetric, q.fmt.bits
         rank = len(shape)
         reduced = [d for d in range(rank) if block[d] == -1 and not _is_one(shape[d])]
         grouped = [d for d in range(rank) if block[d] > 1]
@@ -139,11 +139,12 @@ class QdqRewrites:
                                                                                               symmetric)))
 
     def _static(self, before: Node, fq: Node, x: Node, shape: list) -> Node:
-        scale = getattr(self.gm, fq.args[1].target).detach().float()
-        zp = getattr(self.gm, fq.args[2].target).detach() if fq.args[2] is not None else None
-        fmt, bits = fq.args[4], parse_format(fq.args[4]).bits
-        if any(b > 1 for b in fq.args[3]):
-            raise _layout_error(self.gm, fq, fq.args[3], shape)
+        q = Quantizer(fq)
+        scale = getattr(self.gm, q.scale.target).detach().float()
+        zp = getattr(self.gm, q.zero_point.target).detach() if q.zero_point is not None else None
+        fmt, bits = q.fmt_name, q.fmt.bits
+        if any(b > 1 for b in q.block):
+            raise _layout_error(self.gm, fq, q.block, shape)
         if bits not in (4, 8):   # Q saturates at the container's range, not at the code range
             raise UnsupportedOpError(f"onnx_qdq lowers static activation scales for int4 and int8 only, got {fmt}",
                                      where=describe(self.gm, fq), fix="use int8 or int4 here, or dynamic scales")
@@ -152,7 +153,7 @@ class QdqRewrites:
         if signed and bits == 8 and self.opts.int8_weights == "u8":   # int8 codes as uint8 + 128: exact
             zp, signed = torch.full(scale.shape, 128, dtype=torch.uint8), False
         zp = None if zp is None else zp.to(torch.uint8)
-        name = f"{fq.meta.get(META_QUANT, {}).get('path') or fq.name}_qdq"
+        name = f"{q.path or fq.name}_qdq"
         if not kept:
             s = self.buffer(before, f"{name}_scale", scale.reshape(()))
             z = self.buffer(before, f"{name}_zero_point", None if zp is None else zp.reshape(()))

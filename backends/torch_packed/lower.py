@@ -31,13 +31,14 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
-from qpass.graph import META_ORIGIN, META_QUANT, describe, is_quantizer
-from qpass.primitives import ops as qops
+from qpass.graph import META_ORIGIN, describe
 from qpass.primitives import quant as Q
+from qpass.quantizer import Quantizer, quantizers
 
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
-from .patterns import KV_ROLES, QuantLinear, kv_writes, quant_linears, repeated_kv, unsupported_quantizers
+from .patterns import (KV_ROLES, QuantLinear, check_supported, kv_writes, quant_linears, repeated_kv,
+                       unsupported_quantizers)
 
 aten = torch.ops.aten
 log = logging.getLogger("qpass.backends.torch_packed")
@@ -76,23 +77,21 @@ def _tensor(gm: GraphModule, node: Node | None, where: str) -> torch.Tensor | No
 
 
 def _act_format(gm: GraphModule, fq: Node) -> tuple[ActFormat, torch.Tensor | None, torch.Tensor | None]:
-    if fq.target is qops.fake_quantize_dynamic:
-        _, block, fmt, symmetric = fq.args
-        return ActFormat(fmt, tuple(block), bool(symmetric), True), None, None
-    _, s, z, block, fmt = fq.args
-    scale, zp = _tensor(gm, s, "the input scale"), _tensor(gm, z, "the input zero point")
-    return ActFormat(fmt, tuple(block), zp is None, False), scale, zp
+    q = Quantizer(fq)
+    if q.dynamic:
+        return ActFormat(q.fmt_name, q.block, q.symmetric, True), None, None
+    scale, zp = _tensor(gm, q.scale, "the input scale"), _tensor(gm, q.zero_point, "the input zero point")
+    return ActFormat(q.fmt_name, q.block, zp is None, False), scale, zp
 
 
 def _weight_qparams(gm: GraphModule, m: QuantLinear, w: torch.Tensor):
     """(scale, zero_point, block, fmt) of the weight quantizer, laid out like `w` as the quantizer sees it."""
-    fq = m.weight_fq
-    if fq.target is qops.fake_quantize_dynamic:   # weights are constant: the dynamic scales are fixed
-        _, block, fmt, symmetric = fq.args
-        scale, zp = Q.dynamic_qparams(w, list(block), fmt, symmetric)
-        return scale, (zp.round().to(torch.int32) if zp is not None else None), list(block), fmt
-    _, s, z, block, fmt = fq.args
-    return _tensor(gm, s, "the weight scale"), _tensor(gm, z, "the weight zero point"), list(block), fmt
+    q = Quantizer(m.weight_fq)
+    block, fmt = list(q.block), q.fmt_name
+    if q.dynamic:   # weights are constant: the dynamic scales are fixed
+        scale, zp = Q.dynamic_qparams(w, block, fmt, q.symmetric)
+        return scale, (zp.round().to(torch.int32) if zp is not None else None), block, fmt
+    return _tensor(gm, q.scale, "the weight scale"), _tensor(gm, q.zero_point, "the weight zero point"), block, fmt
 
 
 def _apply_transposes(w: torch.Tensor, nodes) -> torch.Tensor:
@@ -160,6 +159,9 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
     patterns = [p for p in quant_linears(gm) if p.weight_fq is not None]
     handled = {p.weight_fq for p in patterns} | {p.input_fq for p in patterns if p.input_fq is not None}
     unsupported_quantizers(gm, handled | {p.input_fq for p in quant_linears(gm) if p.input_fq is not None})
+    for q in quantizers(gm):
+        if q.node in handled:
+            check_supported(gm, q.node)
     mods, taken, dropped = {}, set(), set()
     for m in patterns:
         name, replace_container = _placement(gm, m, taken)
@@ -201,7 +203,7 @@ def _rewrite(gm: GraphModule, m: QuantLinear, name: str, mod: PackedLinear, repl
         node.meta.update({k: site.node.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in site.node.meta})
         node.meta[META_ORIGIN] = ORIGIN
     site.node.replace_all_uses_with(out)
-    fq_args = [*m.weight_fq.args[1:3], *(m.input_fq.args[1:3] if m.input_fq is not None else ())]
+    fq_args = [n for fq in (m.weight_fq, m.input_fq) if fq is not None for n in _tensor_args(fq)]
     dead = [site.node, *reversed(m.chain), site.weight, m.input_fq, site.bias, *fq_args]
     erased = set()
     for n in dead:
@@ -212,35 +214,42 @@ def _rewrite(gm: GraphModule, m: QuantLinear, name: str, mod: PackedLinear, repl
     return erased
 
 
+def _tensor_args(fq: Node) -> list[Node]:
+    """The get_attr nodes a quantizer reads (scale, zero point, table, side channels), dropped with it."""
+    q = Quantizer(fq)
+    o, c, sq = q.side_channels.outliers, q.side_channels.float_columns, q.side_channels.scale_q
+    parts = [q.scale, q.zero_point, q.codebook, o and o.index, o and o.value, c and c.index, sq and sq.scale]
+    return [p for p in parts if isinstance(p, Node)]
+
+
 def lower_kv_cache(gm: GraphModule) -> dict[str, PackedKVCache]:
     """Replace quantized K/V cache writes with low-bit caches (decode graphs). Returns {name: module}."""
     mods = {}
     for w in kv_writes(gm):
         cache = _attr(gm, w.cache.target)
-        fq = w.fq
-        if fq.target is qops.fake_quantize_dynamic:
-            _, block, fmt, symmetric = fq.args
-            mod = PackedKVCache(cache.shape, fmt, block, bool(symmetric), dtype=cache.dtype)
+        fq, q = w.fq, Quantizer(w.fq)
+        check_supported(gm, fq)
+        if q.dynamic:
+            mod = PackedKVCache(cache.shape, q.fmt_name, list(q.block), q.symmetric, dtype=cache.dtype)
         else:
-            _, s, z, block, fmt = fq.args
-            zp = _tensor(gm, z, "the K/V zero point")
-            mod = PackedKVCache(cache.shape, fmt, block, zp is None, scale=_tensor(gm, s, "the K/V scale"),
-                                zero_point=zp, dtype=cache.dtype)
+            zp = _tensor(gm, q.zero_point, "the K/V zero point")
+            mod = PackedKVCache(cache.shape, q.fmt_name, list(q.block), zp is None,
+                                scale=_tensor(gm, q.scale, "the K/V scale"), zero_point=zp, dtype=cache.dtype)
         name = "qpass_kv." + f"{w.path or w.write.name}_{w.role}".replace(".", "_")
         mod.name = name
         gm.add_submodule(name, mod)
         with gm.graph.inserting_before(w.write):
-            new = gm.graph.call_module(name, (fq.args[0], w.write.args[2]))
+            new = gm.graph.call_module(name, (q.x, w.write.args[2]))
         new.meta.update({k: w.write.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in w.write.meta})
         new.meta[META_ORIGIN] = ORIGIN
         w.write.replace_all_uses_with(new)
         ptr = cache.untyped_storage().data_ptr()
-        for n in (w.write, fq, w.cache, *fq.args[1:3]):
+        for n in (w.write, fq, w.cache, *_tensor_args(fq)):
             if isinstance(n, Node) and not n.users:
                 gm.graph.erase_node(n)
         _drop_aliases(gm, ptr)
         mods[name] = mod
-    kept = [n.name for n in gm.graph.nodes if is_quantizer(n) and n.meta.get(META_QUANT, {}).get("role") in KV_ROLES]
+    kept = [q.node.name for q in quantizers(gm) if q.role in KV_ROLES]
     if kept:
         log.info("K/V quantizers %s are not at a cache write (e.g. keys quantized before RoPE): they stay "
                  "fake-quant and those caches stay float", kept)

@@ -4,7 +4,7 @@ QuantLinear   linear-like node (``linear`` / ``addmm`` / ``mm`` / ``matmul``, se
               whose weight is ``W -> [transposes] -> weight quantizer -> [transposes] -> matmul`` and whose
               input is optionally ``x -> input quantizer -> matmul``.
 KvWrite       ``index_copy_(cache, 2, pos, kv_quantizer(k))`` in a static-cache decode graph: the K/V cache
-              write the ``kv_cache`` pass quantized (META_QUANT role ``key`` / ``value``).
+              write the ``kv_cache`` pass quantized (QuantMeta role ``key`` / ``value``).
 RepeatedKv    ``scaled_dot_product_attention(q, rep(k), rep(v), ...)`` with grouped K/V heads repeated by
               ``rep(t) = reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d])`` (transformers'
               ``repeat_kv``, which exported graphs keep): SDPA can take the K/V heads as they are.
@@ -20,12 +20,17 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
-from qpass.graph import META_QUANT, LinearSite, describe, is_quantizer, linear_sites
-from qpass.patterns import SDPA, is_call, static_shape, unrepeat_kv
-from qpass.primitives import ops as qops
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites
+from qpass.quantizer import Quantizer, Support, quantizers, refuse, unsupported
 
 aten = torch.ops.aten
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 KV_ROLES = ("key", "value")
+_SIDE = frozenset({"outliers", "float_columns", "scale_q"})
+# What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
+# (int/fp8/fp4/nf4 packed; any other format or side channel by the generic dequantize-then-matmul route,
+# PackedLinear's ``ext`` form), per tensor, channel or group. Inputs and K/V: the built-in formats.
+SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE), "*": Support()}
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class QuantLinear:
 
     @property
     def x(self) -> Node:
-        return self.input_fq.args[0] if self.input_fq is not None else self.site.input
+        return Quantizer(self.input_fq).x if self.input_fq is not None else self.site.input
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,10 @@ def quant_linears(gm: GraphModule) -> list[QuantLinear]:
                     raise UnsupportedOpError("the weight is fake-quantized twice", describe(gm, site.node),
                                              fix="quantize each weight once (one quantize/qat pass per target)")
                 fq, fq_axis = n, axis
+                n = Quantizer(n).x
             else:
                 axis = 1 - axis
-            n = n.args[0]
+                n = n.args[0]                    # a transpose's input
         chain.reverse()
         pre = tuple(c for c in chain[: chain.index(fq)]) if fq is not None else ()
         input_fq = site.input if is_quantizer(site.input) else None
@@ -89,24 +95,32 @@ def kv_writes(gm: GraphModule) -> list[KvWrite]:
         if n.op != "call_function" or n.target is not aten.index_copy_.default:
             continue
         cache, dim, _, src = n.args
-        meta = src.meta.get(META_QUANT, {}) if is_quantizer(src) else {}
-        if meta.get("role") in KV_ROLES and cache.op == "get_attr" and dim == 2 and cache.meta["val"].dim() == 4:
-            out.append(KvWrite(n, cache, src, meta["role"], meta.get("path", "")))
+        q = Quantizer.of(src)
+        if q is not None and q.role in KV_ROLES and cache.op == "get_attr" and dim == 2 and cache.meta["val"].dim() == 4:
+            out.append(KvWrite(n, cache, src, q.role, q.path))
     return out
+
+
+def check_supported(gm: GraphModule, fq: Node) -> None:
+    """UnsupportedOpError naming the node, module path and part unless SUPPORTS covers quantizer `fq`."""
+    q = Quantizer(fq)
+    part = unsupported(q, SUPPORTS)
+    if part is not None:
+        raise refuse(gm, q, "torch_packed", part, fix="quantize this target with a format and side channels "
+                     "the torch backend declares (backends.torch_packed.patterns.SUPPORTS), or ignore it")
+
+
 
 
 def unsupported_quantizers(gm: GraphModule, handled: set[Node]) -> None:
     """Raise for the first quantizer that is neither lowered (`handled`) nor a K/V quantizer."""
-    for n in gm.graph.nodes:
-        if not is_quantizer(n) or n in handled:
-            continue
-        role = n.meta.get(META_QUANT, {}).get("role")
-        if role in KV_ROLES:
+    for q in quantizers(gm):
+        n, role = q.node, q.role
+        if n in handled or role in KV_ROLES:
             continue
         users = ", ".join(f"{u.name} ({u.target})" for u in n.users) or "nothing"
-        what = "fake_quantize_dynamic" if n.target is qops.fake_quantize_dynamic else "fake_quantize"
         raise UnsupportedOpError(
-            f"torch_packed cannot lower qpass::{what} (role {role or 'unknown'}) feeding {users}: it packs "
+            f"torch_packed cannot lower qpass::{q.op} (role {role or 'unknown'}) feeding {users}: it packs "
             "quantizers on linear weights and inputs and on K/V cache writes only",
             where=describe(gm, n),
             fix="quantize only linear layers (quantize/qat passes) and the KV cache (kv_cache pass) for the "
@@ -123,12 +137,37 @@ class RepeatedKv:
 def repeated_kv(gm: GraphModule) -> list[RepeatedKv]:
     out = []
     for n in gm.graph.nodes:
-        if not is_call(n, SDPA):
+        if n.op != "call_function" or n.target is not aten.scaled_dot_product_attention.default:
             continue
         if len(n.args) > 7 or n.kwargs.get("enable_gqa", False) or len(n.args) < 3:
             continue
-        k, v = unrepeat_kv(n.args[1]), unrepeat_kv(n.args[2])
-        ks, vs = static_shape(k), static_shape(v)
-        if ks is not None and vs is not None and ks[1] == vs[1]:
+        k, v = _unrepeated(n.args[1]), _unrepeated(n.args[2])
+        if k is not None and v is not None and _shape(k) is not None and _shape(k)[1] == _shape(v)[1]:
             out.append(RepeatedKv(n, k, v))
     return out
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    val = n.meta.get("val") if isinstance(n, Node) else None
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape)
+
+
+def _unrepeated(n) -> Node | None:
+    """t if n is reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d]) with static shapes."""
+    if not (isinstance(n, Node) and n.target in (aten.reshape.default, aten.view.default) and len(n.users) == 1):
+        return None
+    e = n.args[0]
+    if not (isinstance(e, Node) and e.target is aten.expand.default and len(e.users) == 1):
+        return None
+    u = e.args[0]
+    if not (isinstance(u, Node) and u.target is aten.unsqueeze.default and u.args[1] == 2 and len(u.users) == 1):
+        return None
+    t, out, mid = u.args[0], _shape(n), _shape(e)
+    src = _shape(t)
+    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5:
+        return None
+    b, h, l, d = src
+    ok = mid == (b, h, mid[2], l, d) and out == (b, h * mid[2], l, d)
+    return t if ok else None

@@ -6,6 +6,15 @@ quantizer and every backend matches that one op.
                       ScalarType out_dtype) -> Tensor
     qpass::fake_quantize(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt) -> Tensor
     qpass::fake_quantize_dynamic(Tensor x, int[] block_size, str fmt, bool symmetric) -> Tensor
+    qpass::fake_quantize_ext(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt,
+                             Tensor? codebook, Tensor? outlier_index, Tensor? outlier_value,
+                             Tensor? float_columns, int float_axis, Tensor? scale_scale,
+                             int[] scale_block_size, str scale_fmt) -> Tensor
+
+``fake_quantize_ext`` is the quantizer of registered formats (learned codebooks: ``codebook`` holds one table
+per block) and of weight quantizers with side channels (sparse values, float columns, second-level scales);
+its semantics are ``qpass.primitives.formats.fake_quantize_ext``. Passes insert it only where one of those is
+used, so every other quantizer stays the plain op. Read its arguments through ``qpass.quantizer.Quantizer``.
 
 Semantics, dtypes and edge cases are those of ``qpass.primitives.quant`` (the real kernels call it).
 Outputs are contiguous and never alias an input. Each op has a fake kernel (output shape = input shape, so
@@ -13,8 +22,8 @@ graphs with dynamic batch/sequence dims export and re-export), which checks the 
 
 Autograd: ``fake_quantize`` -> straight-through estimator for x, masked to elements that are not clipped;
 LSQ gradient for ``scale`` (int formats; none for fp8/fp4/nf4, whose scale gets no gradient); none for the
-zero point (see ``quant.fake_quantize_grads``). ``fake_quantize_dynamic`` -> identity for x (LLM-QAT: the
-dynamic scale is not differentiated). ``quantize`` / ``dequantize`` are not differentiable.
+zero point (see ``quant.fake_quantize_grads``). ``fake_quantize_dynamic`` and ``fake_quantize_ext`` ->
+identity for x (LLM-QAT: the dynamic scale is not differentiated; ext: a plain straight-through estimator). ``quantize`` / ``dequantize`` are not differentiable.
 
 The module-level names ``quantize``, ``dequantize``, ``fake_quantize`` and ``fake_quantize_dynamic`` are
 the ``OpOverload`` handles (``torch.ops.qpass.<name>.default``), the values ``node.target`` takes in graphs.
@@ -28,10 +37,10 @@ import torch
 from torch import Tensor
 
 from qpass.errors import QuantizationError
-from qpass.primitives import quant
+from qpass.primitives import formats, quant
 
 NAMESPACE = "qpass"
-OP_NAMES = ("quantize", "dequantize", "fake_quantize", "fake_quantize_dynamic")
+OP_NAMES = ("quantize", "dequantize", "fake_quantize", "fake_quantize_dynamic", "fake_quantize_ext")
 
 
 def _check_static(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, block_size, fmt: str) -> None:
@@ -60,6 +69,17 @@ def _fq_backward(ctx, grad):
 
 def _dyn_backward(ctx, grad):
     return grad, None, None, None
+
+
+def _ext_backward(ctx, grad):
+    return (grad,) + (None,) * 12
+
+
+def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size, scale_fmt):
+    outliers = None if outlier_index is None else (outlier_index, outlier_value)
+    cols = None if float_columns is None else (float_columns, float_axis)
+    scale_q = None if scale_scale is None else (scale_scale, list(scale_block_size), scale_fmt)
+    return {"outliers": outliers, "float_columns": cols, "scale_q": scale_q}
 
 
 def _register() -> None:
@@ -108,6 +128,26 @@ def _register() -> None:
 
     fake_quantize_dynamic.register_autograd(_dyn_backward)
 
+    @torch.library.custom_op("qpass::fake_quantize_ext", mutates_args=())
+    def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int], fmt: str,
+                          codebook: Optional[Tensor], outlier_index: Optional[Tensor],
+                          outlier_value: Optional[Tensor], float_columns: Optional[Tensor], float_axis: int,
+                          scale_scale: Optional[Tensor], scale_block_size: list[int], scale_fmt: str) -> Tensor:
+        side = _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size,
+                         scale_fmt)
+        return formats.fake_quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook,
+                                         **side).contiguous()
+
+    @fake_quantize_ext.register_fake
+    def _(x, scale, zero_point, block_size, fmt, codebook, outlier_index, outlier_value, float_columns,
+          float_axis, scale_scale, scale_block_size, scale_fmt):
+        _check_static(x, scale, zero_point, block_size, fmt)
+        if (outlier_index is None) != (outlier_value is None):
+            raise QuantizationError("sparse values need both outlier_index and outlier_value")
+        return x.new_empty(x.shape)
+
+    fake_quantize_ext.register_autograd(_ext_backward)
+
 
 def _registered() -> bool:
     try:
@@ -124,3 +164,4 @@ quantize = torch.ops.qpass.quantize.default
 dequantize = torch.ops.qpass.dequantize.default
 fake_quantize = torch.ops.qpass.fake_quantize.default
 fake_quantize_dynamic = torch.ops.qpass.fake_quantize_dynamic.default
+fake_quantize_ext = torch.ops.qpass.fake_quantize_ext.default

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from qpass.errors import QuantizationError
-from qpass.primitives.spec import Format, QSpec, format_from_name
+from qpass.primitives.spec import BUILTIN_KINDS, Format, QSpec, format_from_name
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -124,6 +124,9 @@ def _check_qparams(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_si
             )
     if zero_point is not None and parse_format(fmt).kind != "int":
         raise QuantizationError(f"{fmt} is symmetric only, but a zero point was given", fix="pass None")
+    if parse_format(fmt).kind not in BUILTIN_KINDS:
+        raise QuantizationError(f"{fmt} is a registered format: these functions run int, fp8, fp4 and nf4 only",
+                                fix="use qpass.primitives.formats.fake_quantize_ext / quantize_ext / dequantize_ext")
 
 
 def check_finite(x: Tensor, where: str) -> None:

@@ -76,16 +76,22 @@ class LutFormat:
 
 Format = Union[IntFormat, FloatFormat, LutFormat]
 FLOAT_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp4_e2m1": 6.0}
+BUILTIN_KINDS = ("int", "float", "lut")   # formats the plain qpass::fake_quantize ops run
+# Formats added with qpass.primitives.formats.register_format (learned codebooks, formats a test defines):
+# name -> format object (which carries its own encode/decode). Filled by that module, read here.
+REGISTERED: dict = {}
 
 
 def format_from_name(name: str) -> Format:
-    """'int4' / 'int8' / 'fp8_e4m3' / 'fp8_e5m2' / 'fp4_e2m1' / 'nf4' -> a format object."""
+    """'int4' / 'int8' / 'fp8_e4m3' / 'fp8_e5m2' / 'fp4_e2m1' / 'nf4' (or a registered name) -> a format object."""
     if name.startswith("int") and name[3:].isdigit():
         return IntFormat(int(name[3:]))
     if name in FLOAT_MAX:
         return FloatFormat(name)
     if name == "nf4":
         return LutFormat()
+    if name in REGISTERED:
+        return REGISTERED[name]
     raise ValueError(f"unknown format {name!r}")
 
 

@@ -1,0 +1,286 @@
+"""The registry of quantization formats, and the reference numerics of side channels.
+
+One entry per format name. Each entry gives the format's ``name``, ``bits``, ``kind``, code range
+(``qrange``), the dtype of its codes and ``encode`` / ``decode`` between values in code units (``x / scale``)
+and codes::
+
+    codec("nf4").encode(y, None, None)        # -> uint8 indices into NF4_VALUES
+    get_format("codebook4")                   # the format object a QSpec holds
+    register_format(MyFormat())               # a new format: its name then works everywhere formats do
+
+Built in:
+  * ``int2``..``int8``, ``fp8_e4m3``, ``fp8_e5m2``, ``fp4_e2m1``, ``nf4``: the formats of ``spec.py``, whose
+    numerics are those of ``quant.py``, wrapped here unchanged (the plain ``qpass::fake_quantize`` ops run them).
+  * ``codebook2``..``codebook8`` (:class:`Codebook`): learned codebooks, one table of ``2^b`` values per block
+    of the scale (per channel: one table per output row; per group: one per row and group), in code units
+    (value = table[code] * scale). The table is a tensor ``[*scale_shape, 2^b]`` the quantizer node carries.
+
+A format outside ``BUILTIN_KINDS`` (any registered one) runs through ``qpass::fake_quantize_ext`` and the
+``*_ext`` functions below; the plain ops refuse it.
+
+Side channels of a weight quantizer (all optional; the reference semantics, implemented once here):
+  * **second-level scales** ``scale_q = (scale_scale, scale_block, scale_fmt)``: the stored scale is itself
+    quantized; the effective scale is ``fake_quantize(scale, scale_scale, None, scale_block, scale_fmt)``.
+  * **sparse values** ``outliers = (index, value)``: int64 flat (COO) indices into the tensor and float values
+    *added* after dequantization (an outlier's residual ``x - x_hat`` makes it exact; CSR converts to this).
+  * **float columns** ``float_columns = (index, axis)``: slices along ``axis`` (a weight's input columns) kept
+    in float: they take the input's own values (fake-quant) or stored values (``dequantize_ext``), last.
+
+    x_hat = dequantize(codes, effective scale) ; x_hat.flat[index] += value ; x_hat[..., cols] = x[..., cols]
+
+so ``fake_quantize_ext(x, ...) == dequantize_ext(quantize_ext(x, ...), ..., float_values=x[cols])`` bit for bit.
+Never imports torch.fx.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from qpass.errors import QuantizationError
+from qpass.primitives import quant
+from qpass.primitives.spec import BUILTIN_KINDS, FLOAT_MAX, REGISTERED
+
+BlockSize = Sequence[int]
+
+
+class FormatCodec:
+    """What a format is: ``name``, ``bits``, ``kind``, ``table_size`` (entries of a learned table per block,
+    0 for none), and its numerics. Subclass it (as a frozen dataclass) to add a format; see :class:`Codebook`.
+
+    ``encode(y, zero_point, table)``: codes of ``y`` (values in code units, i.e. ``x / scale``); ``zero_point``
+    is broadcast to ``y`` or None, ``table`` is ``[*y.shape, table_size]`` (broadcastable) or None.
+    ``decode(codes, zero_point, table, dtype)``: values in code units, in ``dtype``."""
+
+    name: str
+    bits: int
+    kind: ClassVar[str] = "custom"
+    table_size: ClassVar[int] = 0
+
+    def qrange(self, symmetric: bool) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def codes_dtype(self, symmetric: bool) -> torch.dtype:
+        return torch.uint8
+
+    def encode(self, y: Tensor, zero_point: Tensor | None, table: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: Tensor, zero_point: Tensor | None, table: Tensor | None, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Builtin(FormatCodec):
+    """A format of spec.py with quant.py's numerics (unchanged)."""
+
+    format: object
+
+    @property
+    def name(self) -> str:
+        return self.format.name
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def kind(self) -> str:
+        return self.format.kind
+
+    def qrange(self, symmetric: bool):
+        return quant.qrange(self.name, symmetric)
+
+    def codes_dtype(self, symmetric: bool) -> torch.dtype:
+        return quant.codes_dtype(self.name, symmetric)
+
+    def encode(self, y, zero_point, table):
+        return quant._encode(y, zero_point, self.name)
+
+    def decode(self, codes, zero_point, table, dtype):
+        return quant._decode(codes, zero_point, self.name, dtype)
+
+
+def nearest(y: Tensor, table: Tensor) -> Tensor:
+    """Index of the nearest entry of `table` ([*y.shape, T], broadcastable) for each element; ties -> lower."""
+    return (y.unsqueeze(-1) - table).abs().argmin(-1)
+
+
+@dataclass(frozen=True)
+class Codebook(FormatCodec):
+    """A learned codebook of ``2^bits`` values per block (per channel or per group), in code units. Codes are
+    uint8 indices; the nearest entry wins (ties: the lower index). Symmetric only (no zero point); min-max
+    scales map the block's absmax to 1, so tables learned in [-1, 1] (as nf4's) fit the default scales."""
+
+    bits: int
+    kind: ClassVar[str] = "codebook"
+
+    def __post_init__(self):
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+            raise ValueError(f"codebooks have 1..8 bits, got {self.bits!r}")
+
+    @property
+    def name(self) -> str:
+        return f"codebook{self.bits}"
+
+    @property
+    def table_size(self) -> int:
+        return 2 ** self.bits
+
+    def qrange(self, symmetric: bool):
+        return -1.0, 1.0
+
+    def encode(self, y, zero_point, table):
+        return nearest(y, table).to(torch.uint8)
+
+    def decode(self, codes, zero_point, table, dtype):
+        table = table.to(dtype).expand(*codes.shape, table.shape[-1])
+        return torch.gather(table, -1, codes.long().unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+def register_format(fmt: FormatCodec) -> FormatCodec:
+    """Add `fmt` under ``fmt.name`` (a name of a built-in format, or another object under a taken name, is
+    refused). Returns `fmt`. Its name then parses everywhere a format name does (QSpec, the ops)."""
+    name = fmt.name
+    if _builtin_name(name):
+        raise ValueError(f"{name!r} is a built-in format")
+    if REGISTERED.get(name, fmt) != fmt:
+        raise ValueError(f"format {name!r} is already registered as {REGISTERED[name]!r}")
+    for attr in ("bits", "kind", "encode", "decode", "qrange"):
+        if not hasattr(fmt, attr):
+            raise TypeError(f"a format needs {attr!r} (see qpass.primitives.formats.FormatCodec)")
+    REGISTERED[name] = fmt
+    quant.parse_format.cache_clear()
+    return fmt
+
+
+def unregister_format(name: str) -> None:
+    """Remove a registered format (tests that register a toy format clean up with this)."""
+    REGISTERED.pop(name, None)
+    quant.parse_format.cache_clear()
+
+
+def _builtin_name(name: str) -> bool:
+    return (name.startswith("int") and name[3:].isdigit()) or name in FLOAT_MAX or name == "nf4"
+
+
+def get_format(name: str):
+    """Format name -> the format object a QSpec holds (QuantizationError for an unknown name)."""
+    return quant.parse_format(name)
+
+
+@lru_cache(maxsize=None)
+def _builtin(name: str) -> _Builtin:
+    return _Builtin(quant.parse_format(name))
+
+
+def codec(fmt) -> FormatCodec:
+    """The encode/decode of a format (an object or a name)."""
+    name = fmt if isinstance(fmt, str) else fmt.name
+    f = quant.parse_format(name)
+    return _builtin(name) if f.kind in BUILTIN_KINDS else f
+
+
+def format_names() -> list[str]:
+    """Every name the registry knows (built-in integer widths listed individually)."""
+    return [f"int{b}" for b in range(2, 9)] + [*FLOAT_MAX, "nf4"] + sorted(REGISTERED)
+
+
+for _b in range(2, 9):
+    register_format(Codebook(_b))
+
+# ------------------------------------------------------------------------------------- side channels
+
+
+def _expand_table(table: Tensor, block: BlockSize, shape) -> Tensor:
+    """A per-block table [*scale_shape, T] -> [*shape (broadcastable), T]."""
+    cols = [quant.expand_to(table[..., i], block, shape) for i in range(table.shape[-1])]
+    return torch.stack(cols, -1)
+
+
+def _check_table(fmt: FormatCodec, table: Tensor | None, scale: Tensor, where: str) -> None:
+    want = fmt.table_size
+    if want and (table is None or tuple(table.shape) != (*scale.shape, want)):
+        got = None if table is None else tuple(table.shape)
+        raise QuantizationError(f"{where}: {fmt.name} needs a table of shape {(*scale.shape, want)}, got {got}",
+                                fix="give one table of 2^bits values per block of the scale")
+    if not want and table is not None:
+        raise QuantizationError(f"{where}: {fmt.name} takes no table", fix="pass codebook=None")
+
+
+def effective_scale(scale: Tensor, scale_q: tuple | None) -> Tensor:
+    """The scale a quantizer uses: `scale` itself, or its second-level fake-quantization."""
+    if scale_q is None:
+        return scale
+    s2, block2, fmt2 = scale_q
+    return quant.fake_quantize(scale, s2, None, list(block2), fmt2).to(scale.dtype)
+
+
+def quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str, *,
+                 codebook: Tensor | None = None, scale_q: tuple | None = None) -> Tensor:
+    """Codes of `x` for any registered format (a learned table per block for codebook formats)."""
+    c = codec(fmt)
+    s = effective_scale(scale, scale_q)
+    if c.kind in BUILTIN_KINDS:
+        _check_table(c, codebook, s, "quantize_ext")
+        return quant.quantize(x, s, zero_point, block_size, fmt)
+    quant.check_block_size(x.shape, block_size)
+    _check_table(c, codebook, s, "quantize_ext")
+    y, z, _ = quant._code_units(x, s, zero_point, block_size, quant._compute_dtype(x.dtype))
+    table = None if codebook is None else _expand_table(codebook.to(y.dtype), block_size, x.shape)
+    return c.encode(y, z, table)
+
+
+def dequantize_ext(codes: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str,
+                   out_dtype: torch.dtype = torch.float32, *, codebook: Tensor | None = None,
+                   outliers: tuple | None = None, float_columns: tuple | None = None,
+                   scale_q: tuple | None = None) -> Tensor:
+    """Values of `codes` plus the side channels (see the module doc). `float_columns`: (index, axis, values)."""
+    c = codec(fmt)
+    s = effective_scale(scale, scale_q)
+    if c.kind in BUILTIN_KINDS and codebook is None:
+        out = quant.dequantize(codes, s, zero_point, block_size, fmt, out_dtype)
+    else:
+        _check_table(c, codebook, s, "dequantize_ext")
+        dtype = quant._compute_dtype(out_dtype)
+        se = quant.expand_to(s.to(dtype), block_size, codes.shape)
+        z = None if zero_point is None else quant.expand_to(zero_point.to(dtype), block_size, codes.shape)
+        table = None if codebook is None else _expand_table(codebook, block_size, codes.shape)
+        out = (c.decode(codes, z, table, dtype) * se).to(out_dtype)
+    return apply_side(out, outliers, float_columns)
+
+
+def apply_side(out: Tensor, outliers: tuple | None, float_columns: tuple | None) -> Tensor:
+    """Add the sparse values, then put the float columns (index, axis, values) back."""
+    if outliers is not None:
+        index, value = outliers
+        out = out.reshape(-1).index_add(0, index.long(), value.to(out.dtype)).reshape(out.shape)
+    if float_columns is not None:
+        index, axis, values = float_columns
+        out = out.index_copy(axis % out.dim(), index.long(), values.to(out.dtype))
+    return out
+
+
+def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str, *,
+                      codebook: Tensor | None = None, outliers: tuple | None = None,
+                      float_columns: tuple | None = None, scale_q: tuple | None = None) -> Tensor:
+    """dequantize_ext(quantize_ext(x)) with x's own values in the float columns. `float_columns`: (index, axis)."""
+    codes = quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook, scale_q=scale_q)
+    cols = None
+    if float_columns is not None:
+        index, axis = float_columns
+        cols = (index, axis, x.index_select(axis % x.dim(), index.long()))
+    return dequantize_ext(codes, scale, zero_point, block_size, fmt, x.dtype, codebook=codebook,
+                          outliers=outliers, float_columns=cols, scale_q=scale_q)
+
+
+__all__ = ["FormatCodec", "Codebook", "register_format", "unregister_format", "get_format", "codec",
+           "format_names", "quantize_ext", "dequantize_ext", "fake_quantize_ext", "effective_scale", "apply_side",
+           "nearest"]
