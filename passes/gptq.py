@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.patterns import storage_twins, weight_users
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, role_of
@@ -172,26 +173,13 @@ def _unsupported(gm: GraphModule, site: LinearSite) -> str | None:
 def shared_weight(gm: GraphModule, site: LinearSite) -> str | None:
     """Why the weight of `site` cannot be changed on its own (used elsewhere or tied storage), or None."""
     allowed = site.weight_use if is_quantizer(site.weight_use) else site.node
-    users = _terminal_users(site.weight)
+    users = weight_users(site.weight)
     if users != [allowed]:
         return f"weight {site.weight.target} is also used by {[u.name for u in users if u is not allowed]} (tied)"
-    ptr = param_of(gm, site.weight).untyped_storage().data_ptr()
-    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name != site.weight.target and t.untyped_storage().data_ptr() == ptr:
-            return f"weight {site.weight.target} shares storage with {name} (tied); changing it would change both"
+    twins = storage_twins(gm).get(site.weight.target, ())
+    if twins:
+        return f"weight {site.weight.target} shares storage with {twins[0]} (tied); changing it would change both"
     return None
-
-
-def _terminal_users(n) -> list:
-    """Users of a parameter, looking through transposes (how linear_sites consumes weights)."""
-    out = []
-    for u in n.users:
-        if u.op == "call_function" and u.target in (torch.ops.aten.t.default, torch.ops.aten.transpose.int,
-                                                    torch.ops.aten.permute.default, torch.ops.aten.numpy_T.default):
-            out += _terminal_users(u)
-        else:
-            out.append(u)
-    return out
 
 
 def _stages(sites: list[LinearSite]) -> list[list[LinearSite]]:

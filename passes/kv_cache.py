@@ -1,7 +1,8 @@
 """Quantize the keys and values attention consumes (KV-cache quantization, LLM-QAT / KIVI style).
 
-Matches   ``scaled_dot_product_attention(q, k, v)`` and eager attention ``softmax(q @ kᵀ ...) @ v``; K and V
-          are walked back through repeat_kv (unsqueeze/expand/reshape) to the kv-head tensor
+Matches   ``scaled_dot_product_attention(q, k, v)`` and eager attention ``softmax(q @ kᵀ ...) @ v``
+          (``qpass.patterns.attention_sites``); K and V are walked back through repeat_kv
+          (``patterns.REPEAT_KV``: unsqueeze/expand/reshape) to the kv-head tensor
           [batch, kv_heads, seq, head_dim]: after RoPE for K (``k_position: post_rope``, what a cache
           stores) or before it (``pre_rope``, LLM-QAT's k_proj output). In a static-cache decode graph
           (``qpass.capture_decode``) the kv-head tensor is the cache buffer, so the quantizer goes on the
@@ -20,7 +21,6 @@ Preserves nothing (adds nodes and buffers). Differentiable: straight-through gra
 """
 from __future__ import annotations
 
-import operator
 from functools import partial
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.calibration import observe
 from qpass.sequential import observe_by_block
+from qpass import patterns as P
 from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import (
     is_quantizer,
@@ -45,19 +46,8 @@ from qpass.primitives.spec import Granularity, IntFormat, PerChannel, PerGroup, 
 
 aten = torch.ops.aten
 
-_REPEAT = {aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default,
-           aten._unsafe_view.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
-           aten.repeat_interleave.self_int}
-_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-           aten.permute.default, aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default,
-           aten.chunk.default, aten.alias.default, aten.contiguous.default, aten.clone.default,
-           aten.unsqueeze.default, aten.squeeze.dim, aten.select.int, aten.narrow.default, aten.to.dtype,
-           aten._to_copy.default, operator.getitem}
+_MOVES = P.LAYOUT | P.CASTS        # K on its way from k_proj to RoPE: values moved or cast, never mixed
 _CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
-_SOFTMAX = {aten.softmax.int, aten._softmax.default}
-_PASS_PROBS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.dropout.default,
-               aten.type_as.default}
-_MATMULS = {aten.matmul.default, aten.bmm.default}
 
 
 def kv_block(g: Granularity, dynamic: bool) -> tuple[int, int, int, int]:
@@ -149,10 +139,10 @@ class KvCache(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
-        sites = attention_sites(gm)
-        chosen = select([module_path(gm, a) for a, _, _ in sites], cfg.targets, cfg.ignore, "kv_cache")
+        sites = P.attention_sites(gm)
+        chosen = select([module_path(gm, s.node) for s in sites], cfg.targets, cfg.ignore, "kv_cache")
         points, near = [], []
-        for attn, k, v in sites:
+        for attn, k, v in ((s.node, s.key, s.value) for s in sites):
             path = module_path(gm, attn)
             if path not in chosen:
                 near.append(f"{path or attn.name}: excluded by targets/ignore")
@@ -241,65 +231,10 @@ def _refuse_sequence_scales_at_cache_writes(gm: GraphModule, points: list[_Point
 # ------------------------------------------------------------------------------------- finding K and V
 
 
-def attention_sites(gm: GraphModule) -> list[tuple[Node, Node, Node]]:
-    """(attention node, K as consumed, V as consumed) for every SDPA and eager softmax attention."""
-    out = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is aten.scaled_dot_product_attention.default:
-            k = n.args[1] if len(n.args) > 1 else n.kwargs["key"]
-            v = n.args[2] if len(n.args) > 2 else n.kwargs["value"]
-            out.append((n, k, v))
-        elif n.target in _SOFTMAX:
-            pv, qk = _probs_matmul(n), _scores_matmul(n.args[0])
-            kt = qk.args[1] if qk is not None else None
-            if pv is None or kt is None or not _is_last_two_swap(kt):
-                continue
-            out.append((pv, kt.args[0], pv.args[1]))
-    return out
-
-
-def _probs_matmul(softmax: Node) -> Node | None:
-    n = softmax
-    while True:
-        users = list(n.users)
-        mm = [u for u in users if u.target in _MATMULS and u.args[0] is n]
-        if mm:
-            return mm[0]
-        nxt = [u for u in users if u.target in _PASS_PROBS]
-        if len(nxt) != 1:
-            return None
-        n = nxt[0]
-
-
-def _scores_matmul(n, depth: int = 8) -> Node | None:
-    for _ in range(depth):
-        if not isinstance(n, Node) or n.op != "call_function":
-            return None
-        if n.target in _MATMULS:
-            return n
-        ins = [a for a in n.args if isinstance(a, Node)]
-        if not ins:
-            return None
-        n = ins[0]
-    return None
-
-
-def _is_last_two_swap(n: Node) -> bool:
-    if n.target is aten.transpose.int:
-        rank = n.args[0].meta["val"].dim()
-        return sorted(d % rank for d in n.args[1:3]) == [rank - 2, rank - 1]
-    if n.target is aten.permute.default:
-        p = list(n.args[1])
-        return p[:-2] == list(range(len(p) - 2)) and p[-2:] == [len(p) - 1, len(p) - 2]
-    return False
-
-
 def _find_point(gm: GraphModule, attn: Node, role: str, t: Node, pre_rope: bool) -> _Point | str:
     """The kv-head tensor feeding attention (through repeat_kv), or a cache write's source."""
     path = module_path(gm, attn)
-    while isinstance(t, Node) and t.op == "call_function" and t.target in _REPEAT and _rank(t.args[0]) >= 4:
+    while isinstance(t, Node) and t.op == "call_function" and t.target in P.REPEAT_KV and _rank(t.args[0]) >= 4:
         t = t.args[0]
     if not isinstance(t, Node):
         return f"{role} is not a tensor node"
@@ -327,7 +262,7 @@ def _find_point(gm: GraphModule, attn: Node, role: str, t: Node, pre_rope: bool)
 def _pre_rope(gm: GraphModule, post: Node) -> Node | str:
     """K before RoPE: from the linear that produces K, follow layout ops while they form a single chain
     towards `post`; stop where the chain fans out into the rotation (or reaches `post`: no RoPE)."""
-    if post.target in _LAYOUT:
+    if post.target in _MOVES:
         return post
     sources = {s.node for s in linear_sites(gm)}
     anc, stack, found = {post}, [post], set()
@@ -345,7 +280,7 @@ def _pre_rope(gm: GraphModule, post: Node) -> Node | str:
     n = found.pop()
     while n is not post:
         inside = [u for u in n.users if u in anc]
-        if len(inside) != 1 or inside[0].target not in _LAYOUT:
+        if len(inside) != 1 or inside[0].target not in _MOVES:
             break
         n = inside[0]
     if _rank(n) != 4 or list(n.meta["val"].shape) != list(post.meta["val"].shape):
@@ -360,4 +295,4 @@ def _rank(n) -> int:
     return v.dim() if isinstance(v, torch.Tensor) else -1
 
 
-__all__ = ["KvCache", "KvCacheConfig", "attention_sites", "kv_block"]
+__all__ = ["KvCache", "KvCacheConfig", "kv_block"]

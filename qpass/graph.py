@@ -17,6 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import TargetNotFoundError
+from .patterns import TRANSPOSES
 from .primitives import ops as qops
 
 aten = torch.ops.aten
@@ -26,7 +27,7 @@ META_CAPTURE = "qpass_capture"    # gm.meta: how the graph was captured
 META_ORIGIN = "qpass_origin"      # node.meta: which pass inserted the node
 META_QUANT = "qpass_quant"        # node.meta: what a quantizer node quantizes (qpass.quantizer.QuantMeta)
 
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+_TRANSPOSES = TRANSPOSES
 QUANTIZERS = {qops.fake_quantize, qops.fake_quantize_dynamic, qops.fake_quantize_ext}   # see qpass.quantizer
 
 

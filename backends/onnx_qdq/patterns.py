@@ -26,6 +26,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, param_of
+from qpass.patterns import TRANSPOSES
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
 from qpass.primitives.spec import BUILTIN_KINDS
@@ -284,7 +285,6 @@ def check_supported(gm: GraphModule) -> None:
                      "int format without side channels for this target (ignore it in the recipe to keep it float)")
 
 
-
 def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringReport:
     """Rewrite every qpass quantizer of `gm` in place (see the module docstring); drop the float weights
     and quantizer buffers nothing reads any more."""
@@ -301,8 +301,7 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
 
 def _erase_dead(gm: GraphModule) -> None:
     """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
-    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, aten.t.default, aten.transpose.int,
-                aten.permute.default, aten.numpy_T.default}
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic} | TRANSPOSES
     changed = True
     while changed:
         changed = False

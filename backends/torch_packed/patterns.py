@@ -21,10 +21,10 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites
+from qpass.patterns import SDPA, is_call, static_shape, unrepeat_kv
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, unsupported
 
 aten = torch.ops.aten
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
 KV_ROLES = ("key", "value")
 _SIDE = frozenset({"outliers", "float_columns", "scale_q"})
 # What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
@@ -110,8 +110,6 @@ def check_supported(gm: GraphModule, fq: Node) -> None:
                      "the torch backend declares (backends.torch_packed.patterns.SUPPORTS), or ignore it")
 
 
-
-
 def unsupported_quantizers(gm: GraphModule, handled: set[Node]) -> None:
     """Raise for the first quantizer that is neither lowered (`handled`) nor a K/V quantizer."""
     for q in quantizers(gm):
@@ -137,37 +135,12 @@ class RepeatedKv:
 def repeated_kv(gm: GraphModule) -> list[RepeatedKv]:
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is not aten.scaled_dot_product_attention.default:
+        if not is_call(n, SDPA):
             continue
         if len(n.args) > 7 or n.kwargs.get("enable_gqa", False) or len(n.args) < 3:
             continue
-        k, v = _unrepeated(n.args[1]), _unrepeated(n.args[2])
-        if k is not None and v is not None and _shape(k) is not None and _shape(k)[1] == _shape(v)[1]:
+        k, v = unrepeat_kv(n.args[1]), unrepeat_kv(n.args[2])
+        ks, vs = static_shape(k), static_shape(v)
+        if ks is not None and vs is not None and ks[1] == vs[1]:
             out.append(RepeatedKv(n, k, v))
     return out
-
-
-def _shape(n) -> tuple[int, ...] | None:
-    val = n.meta.get("val") if isinstance(n, Node) else None
-    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
-        return None
-    return tuple(val.shape)
-
-
-def _unrepeated(n) -> Node | None:
-    """t if n is reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d]) with static shapes."""
-    if not (isinstance(n, Node) and n.target in (aten.reshape.default, aten.view.default) and len(n.users) == 1):
-        return None
-    e = n.args[0]
-    if not (isinstance(e, Node) and e.target is aten.expand.default and len(e.users) == 1):
-        return None
-    u = e.args[0]
-    if not (isinstance(u, Node) and u.target is aten.unsqueeze.default and u.args[1] == 2 and len(u.users) == 1):
-        return None
-    t, out, mid = u.args[0], _shape(n), _shape(e)
-    src = _shape(t)
-    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5:
-        return None
-    b, h, l, d = src
-    ok = mid == (b, h, mid[2], l, d) and out == (b, h * mid[2], l, d)
-    return t if ok else None
