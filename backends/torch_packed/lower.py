@@ -14,7 +14,10 @@ simplify  (after lowering) export's ``_assert_tensor_metadata`` nodes and casts 
           A decode step of a small model is mostly per-op overhead: on the bundled model (1 thread) the
           checks and casts took ~7% of a W4 decode step, the K/V repeats ~40 us per attention call, and
           removing both made it ~20% faster (7.2 -> 5.7 ms per token).
-Refuses   any other quantizer that is not a K/V quantizer: UnsupportedOpError (node, module, fix).
+          A weight quantizer with a registered format PackedLinear does not pack (a learned codebook) or
+          side channels becomes ``ExtLinear`` (ext.py: codes + tables + side channels, dequantize + matmul).
+Refuses   any other quantizer that is not a K/V quantizer, and any part patterns.SUPPORTS does not declare:
+          UnsupportedOpError (node, module, the unsupported part, fix).
 
 Why modules rather than ``torch.library`` ops: which kernel runs depends on the number of rows at run
 time (a plan measured per machine), and the int4 weights sit in a CPU-specific layout that must be
@@ -33,8 +36,10 @@ from torch.fx import GraphModule, Node
 from qpass.errors import UnsupportedOpError
 from qpass.graph import META_ORIGIN, describe
 from qpass.primitives import quant as Q
+from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, quantizers
 
+from .ext import ExtLinear
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
 from .patterns import (KV_ROLES, QuantLinear, check_supported, kv_writes, quant_linears, repeated_kv,
@@ -111,6 +116,8 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, restoring: bool)
     act, a_scale, a_zero = _act_format(gm, m.input_fq) if m.input_fq is not None else (None, None, None)
     bias = _tensor(gm, site.bias, "the bias")
     w = _apply_transposes(_attr(gm, site.weight.target).detach(), m.pre_fq)
+    if _generic(m):
+        return _ext_linear(gm, m, w, name, bias=bias, act=act, act_scale=a_scale, act_zero=a_zero)
     scale, zp, block, fmt = _weight_qparams(gm, m, w)
     if m.fq_in_axis == 0:              # the quantizer sees [in, out]: canonical is [out, in]
         w, scale, block = w.t(), scale.t(), block[::-1]
@@ -129,6 +136,28 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, restoring: bool)
     return mod
 
 
+def _generic(m: QuantLinear) -> bool:
+    """A weight quantizer with a registered (non-packed) format, a table or side channels: ExtLinear's route."""
+    q = Quantizer(m.weight_fq)
+    return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS
+
+
+def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **kw) -> ExtLinear:
+    """The generic dequantize-then-matmul module of a quantizer `_generic` accepts (its tensors as the graph
+    holds them: restoring gets the placeholders' shapes, loaded afterwards)."""
+    q = Quantizer(m.weight_fq)
+    side = q.side_channels
+    t = lambda n, what: _tensor(gm, n, what)   # noqa: E731
+    o, c, sq = side.outliers, side.float_columns, side.scale_q
+    return ExtLinear.from_weight(
+        w, scale=t(q.scale, "the weight scale"), zero_point=t(q.zero_point, "the weight zero point"),
+        block=list(q.block), fmt=q.fmt_name, codebook=t(q.codebook, "the codebook"),
+        outliers=(t(o.index, "the outlier index"), t(o.value, "the outlier values")) if o else None,
+        float_columns=(t(c.index, "the float columns"), c.axis) if c else None,
+        scale_q=(t(sq.scale, "the second-level scale"), sq.block, sq.fmt) if sq else None,
+        transpose=m.fq_in_axis == 0, name=name, **kw)
+
+
 def _placement(gm: GraphModule, m: QuantLinear, taken: set[str]) -> tuple[str, bool]:
     """Where the module goes: the weight's container when only this site's weight and bias live there."""
     container, _, _ = m.site.weight.target.rpartition(".")
@@ -137,7 +166,7 @@ def _placement(gm: GraphModule, m: QuantLinear, taken: set[str]) -> tuple[str, b
         mod = gm.get_submodule(container) if container else None
     except AttributeError:
         mod = None
-    if mod is not None and container not in taken and not mod._modules and type(mod) is not PackedLinear:
+    if mod is not None and container not in taken and not mod._modules and type(mod) not in (PackedLinear, ExtLinear):
         local = {f"{container}.{k}" for k in (*mod._parameters, *mod._buffers)}
         others = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(container + ".")
                   and n is not m.site.weight and n is not m.site.bias]
@@ -155,7 +184,8 @@ def _placement(gm: GraphModule, m: QuantLinear, taken: set[str]) -> tuple[str, b
 def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = None,
                   restoring: bool = False) -> dict[str, PackedLinear]:
     """Replace every QuantLinear with a PackedLinear. `shared`: modules to reuse by name (decode graphs
-    share the packed weights of the main graph). Returns {module name: module}."""
+    share the packed weights of the main graph). Returns {module name: PackedLinear} (ExtLinear modules,
+    the generic route, are in the graph but not in the dict: they have no kernel plan)."""
     patterns = [p for p in quant_linears(gm) if p.weight_fq is not None]
     handled = {p.weight_fq for p in patterns} | {p.input_fq for p in patterns if p.input_fq is not None}
     unsupported_quantizers(gm, handled | {p.input_fq for p in quant_linears(gm) if p.input_fq is not None})
@@ -166,14 +196,17 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
     for m in patterns:
         name, replace_container = _placement(gm, m, taken)
         taken.add(name)
-        if shared is not None:
+        if shared is not None and _generic(m) and name not in shared:   # not a PackedLinear: built again
+            mod = build_linear(gm, m, name, restoring=restoring)
+        elif shared is not None:
             if name not in shared:
                 raise UnsupportedOpError(f"no packed weights named {name!r} for this graph's linear",
                                          describe(gm, m.site.node), fix="report this as a qpass bug")
             mod = shared[name]
         else:
             mod = build_linear(gm, m, name, restoring=restoring)
-        mods[name] = mod
+        if isinstance(mod, PackedLinear):   # an ExtLinear has no kernels to plan: in the graph only
+            mods[name] = mod
         dropped |= _rewrite(gm, m, name, mod, replace_container)
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for target in sorted(dropped - used):    # float weights, weight scales: nothing reads them any more
@@ -181,7 +214,7 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
             parent, _ = _parent(gm, target)
         except AttributeError:
             continue
-        if not isinstance(parent, PackedLinear):  # else it lived in the container the module replaced
+        if not isinstance(parent, (PackedLinear, ExtLinear)):  # else it lived in the container the module replaced
             _delete_attr(gm, target)
     gm.graph.lint()
     gm.recompile()

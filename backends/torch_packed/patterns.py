@@ -29,7 +29,7 @@ KV_ROLES = ("key", "value")
 _SIDE = frozenset({"outliers", "float_columns", "scale_q"})
 # What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
 # (int/fp8/fp4/nf4 packed; any other format or side channel by the generic dequantize-then-matmul route,
-# PackedLinear's ``ext`` form), per tensor, channel or group. Inputs and K/V: the built-in formats.
+# ext.ExtLinear), per tensor, channel or group. Inputs and K/V: the built-in formats.
 SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE), "*": Support()}
 
 
