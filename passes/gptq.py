@@ -23,15 +23,15 @@ from typing import ClassVar, Literal
 import torch
 from torch.fx import GraphModule
 
+from qpass.analyses import STRUCTURE, LinearSites
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.patterns import storage_twins, weight_users
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, role_of
 from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
-from qpass.sequential import Sweep
 
 log = logging.getLogger("qpass.gptq")
 
@@ -80,12 +80,13 @@ class Gptq(Pass):
     config: GptqConfig = GptqConfig()
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
+    preserves: ClassVar = STRUCTURE          # re-rounds weights and rewrites qparam buffers; no node changes
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # weights and scales come from the saved state dict
             return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
-        sites = linear_sites(gm)
+        sites = ctx.get(LinearSites(), gm)
         quantized = [s for s in sites if _weight_quantizer(s) is not None]
         if sites and not quantized:
             raise QuantizationError(
@@ -104,11 +105,9 @@ class Gptq(Pass):
         stats = {"linears": 0, "hessians": 0, "mean_error_ratio": None, "improved": 0, "damp_raised": 0}
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
-        calib = ctx.require_calibration("gptq")
         errors, hessians = {}, 0
         left = {s.node for s in todo}
-        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="gptq",
-                      store=ctx.store)
+        sweep = ctx.sweep(gm, who="gptq", blocks=cfg.sequential, feed=cfg.feed, desc="gptq")
         with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
             for step in steps:
                 mine = [s for s in todo if step.contains(s.node)]

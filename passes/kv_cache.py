@@ -21,16 +21,14 @@ Preserves nothing (adds nodes and buffers). Differentiable: straight-through gra
 """
 from __future__ import annotations
 
-from functools import partial
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 from torch.fx import GraphModule, Node
 
-from qpass.calibration import observe
-from qpass.sequential import observe_by_block
 from qpass import patterns as P
+from qpass.analyses import AttentionSites
 from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import (
     is_quantizer,
@@ -139,7 +137,7 @@ class KvCache(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
-        sites = P.attention_sites(gm)
+        sites = ctx.get(AttentionSites(), gm)
         chosen = select([module_path(gm, s.node) for s in sites], cfg.targets, cfg.ignore, "kv_cache")
         points, near = [], []
         for attn, k, v in ((s.node, s.key, s.value) for s in sites):
@@ -186,11 +184,8 @@ class KvCache(Pass):
             return {}
         if ctx.restoring:   # shapes only; the values come from the saved state dict
             return {p: _placeholder(p.src, specs[p.role]) for p in static}
-        calib = ctx.require_calibration("kv_cache with static (per_head / per_channel) scales")
-        nodes = {p: p.src for p in static}
-        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
-        obs = run(gm, nodes, lambda p, n: BlockMinMax(specs[p.role]), calib,
-                  desc="kv_cache: observing K/V", progress=ctx.progress)
+        obs = ctx.observe(gm, {p: p.src for p in static}, lambda p, n: BlockMinMax(specs[p.role]),
+                          who="kv_cache with static (per_head / per_channel) scales", desc="kv_cache: observing K/V")
         return {p: o.qparams() for p, o in obs.items()}
 
 

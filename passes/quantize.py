@@ -14,19 +14,17 @@ which is what backends need to fuse each linear on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar, Literal
 
 import torch
 from torch.fx import GraphModule
 
-from qpass.calibration import observe
+from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import OBSERVERS, choose_qparams
 from qpass.quantizer import QuantMeta, insert_quantizer
-from qpass.sequential import observe_by_block
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
 
 
@@ -97,7 +95,7 @@ class Quantize(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
-        sites = linear_sites(gm)
+        sites = ctx.get(LinearSites(), gm)
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "quantize")
         todo = [s for s in sites if s.path in chosen]
         skipped = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
@@ -154,12 +152,21 @@ class Quantize(Pass):
         if ctx.restoring:
             return {k: _placeholder(n.meta["val"].shape, spec.block_size(n.meta["val"].shape), spec)
                     for k, n in inputs.items()}
-        calib = ctx.require_calibration("quantize with static activations")
-        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
-        observers = ctx.get(("act_observers", spec, self.config.observer, tuple(inputs)), lambda: run(
-            gm, inputs, lambda k, n: self.config.observer.make(spec), calib,
-            desc="quantize: observing linear inputs", progress=ctx.progress))
+        observers = ctx.get(Observed(tuple(inputs), _MakeObserver(self.config.observer, spec),
+                                     who="quantize with static activations",
+                                     desc="quantize: observing linear inputs"), gm)
         return {k: obs.qparams() for k, obs in observers.items()}
+
+
+@dataclass(frozen=True)
+class _MakeObserver:
+    """An activation observer of `spec` (by value: equal requests share one calibration run)."""
+
+    observer: ObserverConfig
+    spec: QSpec
+
+    def __call__(self, name, node):
+        return self.observer.make(self.spec)
 
 
 def _refuse_double_quantization(gm: GraphModule, todo: list[LinearSite], cfg: QuantizeConfig) -> None:

@@ -8,28 +8,28 @@ Changes   producer channel c /= s_c;  consumer input column j *= s_{map(j)};  no
           producer channel (repeated GQA heads and fused rows share it), clamped to [min_scale, 1/min_scale]
           alpha fixed, or ``search``: per group, the grid value minimising the group's output error with
           the quantizers of `weights` / `activations` on a sample of calibration inputs
-Requires  calibration data (one run: per-channel absmax of each group input, plus a token sample to search)
-Preserves graph structure; outputs equal up to float rounding (check with the recipe's ``verify: true``)
+Requires  FoldGroups; Observed linear inputs (one calibration run: per-channel absmax of each group input, plus
+          a token sample to search)
+Preserves graph structure (LinearSites, AttentionSites, FoldGroups, ResidualStream); outputs equal up to float
+          rounding (check with the recipe's ``verify: true``)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch.fx import GraphModule
 
-from qpass.calibration import observe
+from qpass.analyses import STRUCTURE, FoldGroups, Observed
 from qpass.errors import RecipeError
-from qpass.folding import FoldGroup, analyze, canonical_weight, fold_scales, to_channels, weight_absmax
+from qpass.folding import FoldGroup, canonical_weight, fold_scales, to_channels, weight_absmax
 from qpass.graph import select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import choose_qparams
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import IntFormat, PerChannel, PerHead, PerToken, QSpec
-from qpass.sequential import observe_by_block
 
 
 @dataclass(frozen=True)
@@ -96,12 +96,13 @@ class SmoothQuant(Pass):
     config: SmoothQuantConfig = SmoothQuantConfig()
     name: ClassVar[str] = "smoothquant"
     needs_calibration: ClassVar[bool] = True
+    preserves: ClassVar = STRUCTURE          # rescales parameters only
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # parameters only: the saved state dict already holds the smoothed values
             return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
-        analysis = analyze(gm)
+        analysis = ctx.get(FoldGroups(), gm)
         paths = [c.site.path for g in analysis.groups for c in g.consumers] + list(analysis.unfoldable)
         chosen = select(paths, cfg.targets, cfg.ignore, "smoothquant")
         near = [f"{p}: {why}" for p, why in analysis.unfoldable.items() if p in chosen]
@@ -135,12 +136,10 @@ class SmoothQuant(Pass):
 
     def _observe(self, gm: GraphModule, ctx: Context, groups: list[FoldGroup]) -> dict:
         calib = ctx.require_calibration("smoothquant")
-        nodes = {c.site.input.name: c.site.input for g in groups for c in g.consumers}
+        nodes = tuple(dict.fromkeys(c.site.input.name for g in groups for c in g.consumers))
         keep = -(-self.config.search_tokens // len(calib)) if self.config.alpha == "search" else 0
-        run = observe if ctx.store is None else partial(observe_by_block, store=ctx.store)   # weights on disk
-        return ctx.get(("smoothquant_inputs", tuple(nodes), keep), lambda: run(
-            gm, nodes, lambda k, n: InputStats(keep), calib, desc="smoothquant: observing linear inputs",
-            progress=ctx.progress))
+        return ctx.get(Observed(nodes, _MakeInputStats(keep), who="smoothquant",
+                                desc="smoothquant: observing linear inputs"), gm)
 
     def _search(self, gm: GraphModule, g: FoldGroup, observed: dict) -> float | None:
         """The grid alpha minimising sum over consumers of ||X W^T - Q(X / s) Q(W s)^T||^2, or None (leave the
@@ -185,6 +184,14 @@ def _fq_act(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
 def _fq_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
     scale, zp = choose_qparams(w, spec)
     return Q.fake_quantize(w, scale, zp, spec.block_size(w.shape), spec.format.name)
+
+
+@dataclass(frozen=True)
+class _MakeInputStats:
+    keep: int
+
+    def __call__(self, name, node) -> "InputStats":
+        return InputStats(self.keep)
 
 
 @dataclass

@@ -5,6 +5,17 @@ reads the graph, its config and ``ctx``; writes only ``gm``; records what it did
 The pipeline runs passes in order, lints after each, drops cached analyses a pass does not declare it
 preserves, adds a report row (stats, node delta, time, optional verify difference) and wraps failures
 in ``PassError("<pass> failed after [...]")``.
+
+Analyses (``qpass.analyses``: LinearSites, AttentionSites, FoldGroups, ResidualStream, Observed, ActAbsMax,
+Hessians) are small frozen keys with ``compute(gm, ctx)``; ``ctx.get(key)`` computes one on first use and
+caches it under the key (equal keys share a result). A pass lists in ``preserves`` the analysis *types*
+still valid after it changed the graph; everything else is dropped. An analysis whose result depends on
+weight values (``reads_weights``: calibration statistics) cannot be preserved by a pass that changes
+weights (``changes_weights``): that is refused when the pass class is defined.
+
+The context owns the calibration engine and the weight store: ``ctx.observe(nodes, make)`` and
+``ctx.sweep(...)`` run calibration data in memory or, with the weights on disk, one segment at a time, and
+``ctx.loaded(names)`` holds parameters in memory; a pass never asks which mode it runs in.
 """
 from __future__ import annotations
 
@@ -12,21 +23,30 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from .calibration import CalibrationSet, run_graph
+from .calibration import CalibrationSet, observe, run_graph
 from .errors import PassError, QpassError, RecipeError, TargetNotFoundError
 
 if TYPE_CHECKING:
     from .offload import WeightStore
 
 log = logging.getLogger("qpass.pipeline")
+
+
+class Analysis(ABC):
+    """A cached graph analysis: subclasses are frozen dataclasses (the cache key) with ``compute``."""
+
+    reads_weights: ClassVar[bool] = False    # the result depends on parameter values, not only on structure
+
+    @abstractmethod
+    def compute(self, gm: GraphModule, ctx: "Context") -> Any: ...
 
 
 @dataclass
@@ -41,8 +61,18 @@ class Pass(ABC):
     """Subclasses are frozen dataclasses with a `config` field and `name` = the recipe kind."""
 
     name: ClassVar[str]
-    preserves: ClassVar[tuple[str, ...]] = ()   # analysis keys still valid after this pass
+    preserves: ClassVar[tuple[type[Analysis], ...]] = ()   # analysis types still valid after this pass
+    changes_weights: ClassVar[bool] = True                 # may change parameter values (the safe default)
     needs_calibration: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for a in cls.__dict__.get("preserves", ()):
+            if not (isinstance(a, type) and issubclass(a, Analysis)):
+                raise TypeError(f"{cls.__name__}.preserves lists {a!r}: give Analysis types (qpass.analyses)")
+            if a.reads_weights and cls.changes_weights:
+                raise TypeError(f"{cls.__name__} changes weights, so it cannot preserve {a.__name__} (its result "
+                                "depends on weight values)")
 
     @abstractmethod
     def run(self, gm: GraphModule, ctx: "Context") -> PassResult: ...
@@ -63,9 +93,10 @@ class Pass(ABC):
 
 
 class Context:
-    """What passes share: calibration data, cached analyses, whether we are *restoring* a saved model
-    (then passes rebuild structure only; numbers come from the saved state dict), and in streaming mode the
-    store the weights are on (passes read weights inside ``ctx.loaded(names)``)."""
+    """What passes share: calibration data, cached analyses (``get``), whether we are *restoring* a saved model
+    (then passes rebuild structure only; numbers come from the saved state dict), and the calibration engine
+    and weight store (``observe``, ``sweep``, ``loaded``: in memory, or with the weights on disk in streaming
+    mode, the same calls)."""
 
     def __init__(self, calib: CalibrationSet | None = None, *, restoring: bool = False,
                  progress: bool = True, teacher=None, store: WeightStore | None = None):
@@ -75,22 +106,62 @@ class Context:
         self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
         self.store = store          # None: every parameter is in memory
         self.upcoming: tuple = ()   # configs of the passes after the running one (AWQ reads quantize's spec)
-        self._cache: dict[Any, Any] = {}
+        self._cache: dict[Analysis, Any] = {}
+        self._gm: GraphModule | None = None       # the graph the cached analyses describe
+        self.computed: dict[type, int] = {}       # analysis type -> times computed (tests, debugging)
 
-    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """A cached analysis (e.g. activation statistics), computed on first use."""
+    def get(self, key: Analysis, gm: GraphModule | None = None) -> Any:
+        """The result of analysis `key` on `gm` (default: the graph the pipeline runs on), computed on first use
+        and cached until a pass that does not preserve its type changes the graph."""
+        if not isinstance(key, Analysis):
+            raise TypeError(f"ctx.get takes an Analysis (qpass.analyses), got {type(key).__name__}")
+        gm = gm if gm is not None else self._gm
+        if gm is None:
+            raise ValueError("ctx.get needs the graph: pass gm (the pipeline sets it for its passes)")
+        if gm is not self._gm:
+            self._gm, self._cache = gm, {}
         if key not in self._cache:
-            self._cache[key] = compute()
+            self.computed[type(key)] = self.computed.get(type(key), 0) + 1
+            self._cache[key] = key.compute(gm, self)
         return self._cache[key]
 
+    def bind(self, gm: GraphModule) -> None:
+        """Analyses from now on describe `gm` (the pipeline calls this before its first pass)."""
+        if gm is not self._gm:
+            self._gm, self._cache = gm, {}
+
+    def invalidate(self, keep: Iterable[type] = ()) -> None:
+        """Drop every cached analysis whose type is not in `keep`."""
+        keep = tuple(keep)
+        self._cache = {k: v for k, v in self._cache.items() if isinstance(k, keep)}
+
+    # -- the calibration engine and the weight store: the same calls in memory and streaming from disk
     def loaded(self, names: Iterable[str]) -> AbstractContextManager:
         """Parameters `names` (get_attr targets) hold their values inside the with-block: read from disk in
         streaming mode and written back if changed; a no-op when the model is in memory."""
         return self.store.loaded(names) if self.store is not None else contextlib.nullcontext()
 
-    def invalidate(self, keep: Iterable[Any] = ()) -> None:
-        keep = set(keep)
-        self._cache = {k: v for k, v in self._cache.items() if (k[0] if isinstance(k, tuple) else k) in keep}
+    def observe(self, gm: GraphModule, nodes: Mapping[Any, Node], make: Callable[[Any, Node], Any], *,
+                who: str, desc: str = "calibrating") -> dict[Any, Any]:
+        """``make(key, node)`` observers on `nodes`, fed every calibration sample of the graph as it is:
+        {key: observer}. One run over the whole graph in memory; with the weights on disk, one segment
+        (stem, block, tail) at a time so that only its weights are loaded. `who` names the caller in the
+        error raised when there is no calibration data."""
+        from .sequential import observe_by_block
+
+        calib = self.require_calibration(who)
+        if self.store is None:
+            return observe(gm, nodes, make, calib, desc=desc, progress=self.progress)
+        return observe_by_block(gm, nodes, make, calib, store=self.store, desc=desc, progress=self.progress)
+
+    def sweep(self, gm: GraphModule, *, who: str, blocks: bool = True, feed: str = "quantized",
+              desc: str = "calibrating"):
+        """A block-by-block ``qpass.sequential.Sweep`` over the calibration data (each segment's weights loaded
+        for its step when they are on disk)."""
+        from .sequential import Sweep
+
+        return Sweep(gm, self.require_calibration(who), blocks=blocks, feed=feed, progress=self.progress,
+                     desc=desc, store=self.store)
 
     def require_calibration(self, who: str) -> CalibrationSet:
         from .errors import CalibrationError
@@ -166,6 +237,7 @@ class Pipeline:
             for i, p in enumerate(self.passes):
                 with _located(i, p, None):
                     p.preflight(gm, ctx)
+        ctx.bind(gm)
         report, done = Report(), []
         verify_inputs = self._verify_inputs(ctx)
         ref = self._outputs(gm, verify_inputs)

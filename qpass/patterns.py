@@ -29,6 +29,7 @@ Matchers
   weight_users(param)         users of a parameter, looking through transposes
   storage_twins(gm)           {tensor name: other names sharing its storage} (tied weights)
   unrepeat_kv(n)              t if n is ``reshape(expand(unsqueeze(t, 2)))`` repeating heads (static shapes)
+  residual_stream(gm)         the residual adds ``h + f(h)`` of the hidden state, from the input embedding on
 """
 from __future__ import annotations
 
@@ -199,6 +200,61 @@ def static_shape(n) -> tuple[int, ...] | None:
     return tuple(val.shape)
 
 
+# ------------------------------------------------------------------------------------ residual stream
+
+
+def residual_stream(gm: GraphModule) -> list[Node]:
+    """The residual adds of the hidden state, in order. From the input embedding (the one that reads the
+    graph's token ids; else the first floating-point graph input) each step takes the add that has the
+    current hidden state h as one operand and another tensor as the other, with h's shape (``h + attn(norm(h))``, a parallel block's ``(mlp + attn) + h``,
+    ``embeddings + positions``), looking through dropout, casts, clones and reshapes in between (the only
+    user). Empty when no add follows."""
+    nodes = list(gm.graph.nodes)
+    start = next((n for n in nodes if is_call(n, aten.embedding.default) and _from_input(n.args[1])), None)
+    if start is None:
+        start = next((n for n in nodes if n.op == "placeholder" and _is_float(n)), None)
+    out, cur = [], start
+    while cur is not None:
+        nxt = None
+        for u in cur.users:
+            if is_call(u, {aten.add.Tensor}) and _residual(u, cur):
+                nxt = u
+                break
+        if nxt is None:
+            moved = [u for u in cur.users if is_call(u, _STREAM_MOVES)]
+            cur = moved[0] if len(moved) == 1 else None
+            continue
+        out.append(nxt)
+        cur = nxt
+    return out
+
+
+_STREAM_MOVES = PROBS_PASSTHROUGH | RESHAPES | frozenset({aten.clone.default})   # dropout, casts, OPT's flatten
+
+
+def _residual(add: Node, h: Node) -> bool:
+    a, b = add.args[:2]
+    other = b if a is h else a if b is h else None
+    return isinstance(other, Node) and isinstance(other.meta.get("val"), torch.Tensor) and _same_shape(add, h)
+
+
+def _from_input(n) -> bool:
+    """`n` is a graph input, moved by layout ops only (the token ids an input embedding reads)."""
+    while is_call(n, LAYOUT):
+        n = n.args[0]
+    return isinstance(n, Node) and n.op == "placeholder"
+
+
+def _is_float(n: Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+
+
 # --------------------------------------------------------------------------------------- tied weights
 
 
@@ -249,4 +305,4 @@ def _attr(gm: GraphModule, target: str):
 __all__ = ["SOFTMAX", "SDPA", "MATMULS", "TRANSPOSES", "RESHAPES", "LAYOUT", "CASTS", "ACTIVATIONS",
            "POSITIVE_HOMOGENEOUS", "SCALE_COMMUTING", "PROBS_PASSTHROUGH", "REPEAT_KV", "SHAPE_ONLY", "is_call",
            "arg", "AttentionSite", "attention_sites", "is_last_two_swap", "unrepeat_kv", "static_shape",
-           "weight_users", "storage_twins"]
+           "residual_stream", "weight_users", "storage_twins"]

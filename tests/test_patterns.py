@@ -186,3 +186,27 @@ def test_weight_users_look_through_transposes():
     head = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("wte.weight")]
     users = P.weight_users(head[0]) if head else []
     assert not any(u.target in P.TRANSPOSES for u in users)
+
+
+# ------------------------------------------------------------------------------------ residual stream
+
+# residual adds per 2-layer model: two per layer (attention, MLP), one per layer for GPT-NeoX's parallel block,
+# plus the position-embedding add of OPT and GPT-2
+STREAM = {"llama": 4, "mistral": 4, "qwen2": 4, "llama_tied": 4, "phi3": 4, "llama_eager": 4, "gpt_neox": 2,
+          "opt": 5, "gpt2": 5}
+
+
+@pytest.mark.parametrize("family", sorted(STREAM))
+def test_residual_stream_on_real_captures(family):
+    gm = toy.captured(family)[1]
+    adds = P.residual_stream(gm)
+    assert len(adds) == STREAM[family]
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    assert all(a.target is aten.add.Tensor for a in adds) and [pos[a] for a in adds] == sorted(pos[a] for a in adds)
+
+
+def test_residual_stream_on_toy_graphs():
+    gm = qpass.capture(toy.TinyDecoderLayer(), (toy.seq_input(),))
+    adds = P.residual_stream(gm)                           # x + attn(...), then + mlp(...)
+    assert len(adds) == 2 and adds[0] in adds[1].args
+    assert P.residual_stream(qpass.capture(toy.TinyMLP(), (toy.mlp_input(),))) == []     # no residual
