@@ -28,23 +28,19 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
+from qpass.analyses import STRUCTURE, AttentionSites, FoldGroups, LinearSites
 from qpass.errors import RecipeError
-from qpass.folding import analyze, canonical_weight, fold_scales, to_channels
-from qpass.graph import LinearSite, linear_sites, param_of, select
+from qpass.folding import canonical_weight, fold_scales, to_channels
+from qpass.graph import LinearSite, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives.awq import clip_search, fake_quantize_weight, output_error, scale_search
 from qpass.primitives.gptq import HessianAccumulator
 from qpass.primitives.spec import PerChannel, PerGroup, PerHead, PerToken, QSpec
-from qpass.sequential import Sweep
 
 from .gptq import GptqConfig, shared_weight
 from .quantize import QuantizeConfig
-
-aten = torch.ops.aten
-_SDPA = aten.scaled_dot_product_attention.default
-_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 
 
 @dataclass(frozen=True)
@@ -100,16 +96,17 @@ class Awq(Pass):
     config: AwqConfig = AwqConfig()
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
+    preserves: ClassVar = STRUCTURE          # rescales and clamps parameters only
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         if ctx.restoring:   # parameters only: the saved state dict holds the scaled and clipped values
             return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
-        sites = linear_sites(gm)
+        sites = ctx.get(LinearSites(), gm)
         specs, near = self._specs(ctx, sites)
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "awq")
         chosen &= {s.path for s in sites if s.node in specs}
-        analysis = analyze(gm)
+        analysis = ctx.get(FoldGroups(), gm)
         groups = []
         near += [f"{p}: not scaled, {why}" for p, why in analysis.unfoldable.items() if p in chosen]
         for g in analysis.groups:
@@ -122,12 +119,11 @@ class Awq(Pass):
         stats = {"groups_scaled": 0, "linears_clipped": 0}
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
-        calib = ctx.require_calibration("awq")
+        ctx.require_calibration("awq")
         clip = self._clip_plan(gm, sites, todo, specs, ctx, near)
         found = {"alphas": {}, "loss_vs_rtn": {}, "mean_clip_ratio": {}, "clip_loss_vs_unclipped": {}}
         left = {s.node for s in todo}
-        sweep = Sweep(gm, calib, blocks=cfg.sequential, feed=cfg.feed, progress=ctx.progress, desc="awq",
-                      store=ctx.store)
+        sweep = ctx.sweep(gm, who="awq", blocks=cfg.sequential, feed=cfg.feed, desc="awq")
         with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
             for step in steps:
                 mine = [s for s in todo if step.contains(s.node)]
@@ -192,6 +188,7 @@ class Awq(Pass):
         if not cfg.clip:
             return set()
         site_nodes, plan = {s.node for s in sites}, set()
+        scores = {a.score_consumer: a.score_operands for a in ctx.get(AttentionSites(), gm)}
         for s in todo:
             why = shared_weight(gm, s)
             if not _clippable(specs[s.node]):
@@ -199,7 +196,7 @@ class Awq(Pass):
                             f"weights, got {specs[s.node].granularity}")
             elif why:
                 near.append(f"{s.path or s.node.name}: not clipped, {why}")
-            elif cfg.clip_qk or not _feeds_attention_scores(s, site_nodes):
+            elif cfg.clip_qk or not _feeds_attention_scores(s, site_nodes, scores):
                 plan.add(s.node)
         return plan
 
@@ -235,34 +232,23 @@ def _write_canonical(gm: GraphModule, site: LinearSite, w: torch.Tensor) -> None
         p.copy_(w if site.in_axis == 1 else w.t())
 
 
-def _feeds_attention_scores(site: LinearSite, site_nodes: set, limit: int = 2000) -> bool:
-    """Whether the linear's output reaches the query or key operand of attention (SDPA, or a matmul whose
-    result goes to a softmax) before passing through another linear."""
+def _feeds_attention_scores(site: LinearSite, site_nodes: set, scores: dict, limit: int = 2000) -> bool:
+    """Whether the linear's output reaches what attention computes scores from (SDPA's query or key, either
+    operand of eager attention's q @ kᵀ; `scores`: {that node: its operands}, from AttentionSites) before
+    passing through another linear."""
     seen, frontier = {site.node}, [site.node]
     while frontier and len(seen) < limit:
         n = frontier.pop()
         for u in n.users:
             if u.op != "call_function":
                 continue
-            if u.target is _SDPA and n in (list(u.args[:2]) + [u.kwargs.get("query"), u.kwargs.get("key")]):
+            if n in scores.get(u, ()):
                 return True     # checked on every edge: the value edge may reach the same node first
             if u in seen:
                 continue
             seen.add(u)
-            if u in site_nodes:
-                continue
-            if u.target in (aten.matmul.default, aten.bmm.default) and _to_softmax(u):
-                return True
-            frontier.append(u)
-    return False
-
-
-def _to_softmax(n: Node, depth: int = 4) -> bool:
-    frontier = [n]
-    for _ in range(depth):
-        frontier = [u for m in frontier for u in m.users]
-        if any(u.op == "call_function" and u.target in _SOFTMAX for u in frontier):
-            return True
+            if u not in site_nodes:
+                frontier.append(u)
     return False
 
 

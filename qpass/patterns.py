@@ -206,9 +206,10 @@ def static_shape(n) -> tuple[int, ...] | None:
 def residual_stream(gm: GraphModule) -> list[Node]:
     """The residual adds of the hidden state, in order. From the input embedding (the one that reads the
     graph's token ids; else the first floating-point graph input) each step takes the add that has the
-    current hidden state h as one operand and another tensor as the other, with h's shape (``h + attn(norm(h))``, a parallel block's ``(mlp + attn) + h``,
-    ``embeddings + positions``), looking through dropout, casts, clones and reshapes in between (the only
-    user). Empty when no add follows."""
+    current hidden state h as one operand and another tensor as the other, with h's shape
+    (``h + attn(norm(h))``, a parallel block's ``(mlp + attn) + h``, ``embeddings + positions``), looking
+    through dropout, casts, clones and reshapes in between (when one is h's only such user). Empty when no
+    add follows."""
     nodes = list(gm.graph.nodes)
     start = next((n for n in nodes if is_call(n, aten.embedding.default) and _from_input(n.args[1])), None)
     if start is None:
