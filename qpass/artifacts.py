@@ -317,22 +317,33 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
     """``qpass.load``: a directory written by ``QuantizedModel.save`` or ``qpass.apply_from_disk``, checked
     first (``read``). Hugging Face models are rebuilt from config.json; other modules need `model` (an
     instance of the same architecture, any weights)."""
-    from ._api import QuantizedModel, run_recipe   # NOTE: _api imports this module
+    from ._api import QuantizedModel   # NOTE: _api imports this module
 
     art = read(directory)
     if art.meta.get("backend") is not None:
         raise ArtifactError(f"{art.directory!r} holds a model lowered to the {art.meta['backend']} backend, not a "
                             "fake-quant one", fix="load a torch one with qpass.backends.torch_packed.load")
+    gm = rebuild(art, model, loader="qpass.load")
+    load_tensors(gm, art.directory, art.weights)
+    return QuantizedModel(gm, art.recipe, Report(), art.source)
+
+
+def rebuild(art: "Artifact", model: nn.Module | None = None, *, loader: str) -> GraphModule:
+    """The graph a checked artefact was saved from, without its tensors: `model` (or, for Hugging Face models,
+    the architecture from config.json) captured as it was, with the recipe replayed in restoring mode.
+    `loader` names the function the user called, for the error's fix."""
+    from ._api import run_recipe   # NOTE: _api imports this module
+
     source = art.source
     if model is None:
         if source.get("hf_config") is None:
             raise ArtifactError(f"{art.directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
-                                "model", fix="pass model=<an instance of that class> to qpass.load")
+                                "model", fix=f"pass model=<an instance of that class> to {loader}")
         model = model_from_config(source["hf_config"], source_dtype(source), where=os.path.join(art.directory, CONFIG))
     gm = capture(model, example_inputs(source, model))
+    del model
     run_recipe(gm, art.recipe, Context(None, restoring=True, progress=False))
-    load_tensors(gm, art.directory, art.weights)
-    return QuantizedModel(gm, art.recipe, Report(), source)
+    return gm
 
 
 def load_tensors(gm: GraphModule, directory: str, files: Sequence[str]) -> None:

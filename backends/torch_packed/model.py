@@ -45,20 +45,17 @@ from torch.fx import GraphModule
 from qpass import artifacts
 from qpass._api import _float_dtype, run_recipe
 from qpass.artifacts import (
-    CONFIG,
     META,
     SINGLE,
     TENSOR_METADATA,
     atomic_directory,
-    example_inputs,
     load_tensors,
     model_from_config,
     read_json,
     save_module,
-    source_dtype,
     write_description,
 )
-from qpass.capture import capture, capture_decode
+from qpass.capture import capture_decode
 from qpass.errors import ArtifactError
 from qpass.graph import META_CAPTURE
 from qpass.pass_infra import Context
@@ -298,14 +295,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
         raise ArtifactError(f"{directory!r} holds a {art.meta.get('backend') or 'fake-quant'} model, not a lowered "
                             "torch one", fix="load it with qpass.load (fake-quant) and lower it again")
     source = art.source
-    if model is None:
-        if source.get("hf_config") is None:
-            raise ArtifactError(f"{directory!r} holds a {source.get('model_class')} that is not a Hugging Face "
-                                "model", fix="pass model=<an instance of that class> to load")
-        model = model_from_config(source["hf_config"], source_dtype(source), where=os.path.join(directory, CONFIG))
-    gm = capture(model, example_inputs(source, model))
+    gm = artifacts.rebuild(art, model, loader="qpass.backends.torch_packed.load")
     del model
-    run_recipe(gm, art.recipe, Context(None, restoring=True, progress=False))
     mods = lower_linears(gm, restoring=True)
     simplify(gm)
     load_tensors(gm, directory, art.weights)
