@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from . import tables
 from .calibration import logits_of
 
 
@@ -139,12 +140,12 @@ def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.T
 
 def markdown(rows: list[dict]) -> str:
     # all linears: lm_head included, a float one (ignore: [lm_head]) at its dtype's width
-    head = ("| recipe | perplexity | KL(FP‖Q)/token | top-1 agreement | linear weight bytes "
-            "| bits/weight, all linears | bits/weight, quantized linears |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ["recipe", "perplexity", "KL(FP‖Q)/token", "top-1 agreement", "linear weight bytes",
+            "bits/weight, all linears", "bits/weight, quantized linears"]
+    body = []
     for r in rows:
         q = r.get("quantized_bits_per_weight")
-        lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | "
-                     f"{r['linear_weight_bytes']:,} | {r['bits_per_weight']:.2f} | "
-                     f"{'–' if q is None else f'{q:.2f}'} |")
-    return "\n".join(lines)
+        body.append([r["name"], f"{r['perplexity']:.3f}", f"{r['kl']:.5f}", f"{100 * r['top1_agreement']:.2f}%",
+                     f"{r['linear_weight_bytes']:,}", f"{r['bits_per_weight']:.2f}",
+                     "–" if q is None else f"{q:.2f}"])
+    return tables.markdown(head, body)

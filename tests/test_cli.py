@@ -268,8 +268,80 @@ def test_ctrl_c_while_importing_exits_130_with_one_line(model_dir, tmp_path):
     _, rest = proc.communicate(timeout=120)
     errors = [ln for ln in (seen + rest.splitlines()) if not ln.startswith("import time:")]
     assert proc.returncode == 130, "".join(errors)
-    assert [ln.strip() for ln in errors] == ["lower.py: interrupted"]
+    assert len(errors) == 1 and re.fullmatch(r"lower\.py: interrupted(; nothing was written to --out)?",
+                                             errors[0].strip()), errors
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_in_the_console_script_while_importing_exits_130_with_one_line(model_dir, tmp_path):
+    """The installed `qpass` script runs `from qpass.cli import main` before main's handler exists: importing
+    qpass must not import torch, so SIGINT while torch loads is caught by main (exit 130, one line)."""
+    script = "import sys\nfrom qpass.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n"
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", script, "lower", model_dir,
+                             "--recipe", str(ROOT / "recipes/w8a8.yaml"), "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(r"\|\s+torch\.", line):          # a torch submodule: torch's import is under way
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    errors = [ln for ln in (seen + rest.splitlines()) if not ln.startswith("import time:")]
+    assert proc.returncode == 130, "".join(errors)
+    assert len(errors) == 1 and re.fullmatch(r"qpass( lower)?: interrupted.*", errors[0].strip()), errors
+    assert "Traceback" not in "".join(errors)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_qpass_is_cheap_and_keeps_its_names():
+    """`import qpass` loads no torch; the public names load together on first use, as an eager import had them,
+    and importing the submodules qpass.capture / qpass.lower leaves qpass.capture / qpass.lower the functions."""
+    code = """if True:
+        import ast, sys
+        import qpass
+        assert "torch" not in sys.modules, "import qpass imported torch"
+        import qpass.cli, qpass.tables, qpass.version
+        assert "torch" not in sys.modules, "import qpass.cli imported torch"
+        import qpass.capture, qpass.lower
+        from qpass import Recipe, apply, capture, lower
+        assert callable(qpass.capture) and qpass.capture.__name__ == "capture" and capture is qpass.capture
+        assert callable(qpass.lower) and qpass.lower.__module__ == "qpass.lower" and lower is qpass.lower
+        assert qpass.apply is apply and qpass.Recipe is Recipe and qpass.load.__module__ == "qpass.artifacts"
+        assert qpass.artifacts.__name__ == "qpass.artifacts" and qpass.primitives.__name__ == "qpass.primitives"
+        tree = ast.parse(open(qpass.__file__).read())
+        static = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1
+                  for a in n.names}
+        assert static == set(qpass._EXPORTS) | {"__version__"}, static ^ (set(qpass._EXPORTS) | {"__version__"})
+        assert set(qpass._EXPORTS) <= set(dir(qpass))
+        for name in qpass._EXPORTS:
+            getattr(qpass, name)
+        try:
+            qpass.no_such_name
+        except AttributeError as e:
+            assert "no_such_name" in str(e)
+        else:
+            raise AssertionError("qpass.no_such_name")
+        print("ok")
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+# ------------------------------------------------------------------ tools/bench_onnx.py options
+
+def test_bench_onnx_parity_has_a_default_and_refuses_too_few_eval_tokens(capsys):
+    bench_onnx = tool_module("bench_onnx")
+    assert bench_onnx.parse_args(["--parity"]).eval_tokens == bench_onnx.PARITY_EVAL_TOKENS == 4096
+    assert bench_onnx.parse_args([]).eval_tokens == 0                    # timings: all held-out tokens
+    assert bench_onnx.parse_args(["--parity", "--eval-tokens", "0"]).eval_tokens == 0
+    assert bench_onnx.parse_args(["--parity", "--eval-tokens", "512"]).eval_tokens == 512
+    for argv in (["--parity", "--eval-tokens", "100"], ["--eval-tokens", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            bench_onnx.parse_args(argv)
+        assert e.value.code == 2
+        assert "--eval-tokens" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ README

@@ -115,3 +115,62 @@ def test_clear_errors(w4, tmp_path):
     model = load(out)
     with pytest.raises(ValueError, match="attention_mask"):
         model(toy.token_ids(1, 4), attention_mask=torch.ones(1, 7, dtype=torch.long))
+
+
+def test_a_damaged_or_edited_file_is_refused_by_name(w4, tmp_path):
+    """qpass.json seals model.onnx, config.json and recipe.yaml (size + SHA-256) like a saved model's; loading
+    checks them first. Entries outside the seal (qpass lower's parity figures, tokenizer files) may change."""
+    import json
+    import shutil
+
+    import qpass
+    from qpass.backends.onnx_qdq.lower import verify
+
+    meta = verify(w4[2])
+    assert {"model.onnx", "config.json", "recipe.yaml"} <= set(meta["files"]) and meta["seal"]
+
+    def copy(name):
+        out = tmp_path / name
+        shutil.copytree(w4[2], out)
+        return out
+
+    out = copy("parity")                                     # what `qpass lower` adds after lowering
+    meta_path = out / "qpass.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "parity": {"tokens": 4}}, indent=2))
+    load(out)
+
+    out = copy("byte")
+    data = bytearray((out / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(qpass.ArtifactError, match=r"model\.onnx' was changed after lowering: its SHA-256"):
+        load(out)
+
+    out = copy("short")
+    (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text() + "# edited\n")
+    with pytest.raises(qpass.ArtifactError, match=r"recipe\.yaml' was changed after lowering: it is \d+ bytes"):
+        load(out)
+
+    out = copy("missing")
+    (out / "config.json").unlink()
+    with pytest.raises(qpass.ArtifactError, match=r"config\.json' is missing"):
+        verify(out)
+
+    out = copy("edited")                                    # a digest edited to match a replaced file
+    meta = json.loads((out / "qpass.json").read_text())
+    meta["files"]["model.onnx"]["bytes"] += 1
+    (out / "qpass.json").write_text(json.dumps(meta))
+    with pytest.raises(qpass.ArtifactError, match=r"qpass\.json' was edited after lowering"):
+        load(out)
+
+    out = copy("old")                                       # lowered before directories were sealed
+    meta = json.loads((out / "qpass.json").read_text())
+    del meta["files"], meta["seal"]
+    (out / "qpass.json").write_text(json.dumps(meta))
+    with pytest.raises(qpass.ArtifactError, match="records no digests"):
+        load(out)
+
+    out = copy("none")
+    (out / "qpass.json").unlink()
+    with pytest.raises(qpass.ArtifactError, match="has no qpass.json"):
+        load(out)

@@ -26,6 +26,7 @@ from qpass.calibration import CalibrationSet, observe  # noqa: E402
 from qpass.folding import analyze  # noqa: E402
 from qpass.passes import SmoothQuantConfig  # noqa: E402
 from qpass.passes.smoothquant import InputStats  # noqa: E402
+from qpass.tables import markdown  # noqa: E402
 
 
 
@@ -68,14 +69,15 @@ def main(argv=None) -> int:
     after = ratios(sq, calib)
     print(f"model {args.model_dir}; calib {os.path.relpath(calib_path, ROOT)} ({len(windows)} windows of "
           f"{args.window}); SmoothQuant alpha {args.alpha}")
-    print("| linear input (group) | max/median channel absmax | after SmoothQuant | top channels (absmax) |")
-    print("|---|---|---|---|")
+    body = []
     for name, a in before.items():
         top = torch.topk(a, 3)
         tops = ", ".join(f"{int(i)} ({float(v):.2f})" for v, i in zip(top.values, top.indices))
         b = after.get(name)
         shown = f"{float(b.max() / b.median()):.1f}" if b is not None else "-"
-        print(f"| {name} | {float(a.max() / a.median()):.1f} | {shown} | {tops} |")
+        body.append([name, f"{float(a.max() / a.median()):.1f}", shown, tops])
+    print(markdown(["linear input (group)", "max/median channel absmax", "after SmoothQuant",
+                    "top channels (absmax)"], body))
     return 0
 
 

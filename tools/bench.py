@@ -50,6 +50,7 @@ from qpass.backends import torch_packed as tp  # noqa: E402
 from qpass.hf import cache_kwargs  # noqa: E402
 from qpass.primitives import quant as Q  # noqa: E402
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec  # noqa: E402
+from qpass.tables import markdown, write_atomic  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "models", "tiny-llama")
 FULL = dict(shapes=[(4096, 4096), (4096, 11008)], ms=(1, 8, 128), prompt=128, new=64, copy_mb=512,
@@ -74,10 +75,8 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(head: list[str], rows: list[list], align: str | None = None) -> str:
-    align = align or "l" + "r" * (len(head) - 1)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    """This report's tables: qpass.tables.markdown, first column left, the rest right unless `align` says."""
+    return markdown(head, rows, align or "l" + "r" * (len(head) - 1), spaced_rule=True)
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -462,10 +461,7 @@ def main(argv=None) -> int:
     cmd = "python tools/bench.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     text = render(ctx, info, sections, cmd.strip(), time.perf_counter() - t_start, notes(ctx, lin_rows, mod_rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, text)
     print(text)
     return 0
 

@@ -104,13 +104,12 @@ def main(argv=None) -> int:
     mode = "streaming (qpass.apply_from_disk)" if args.stream else "in memory (qpass.apply)"
     print(f"model {args.model_dir}, {mode}; {rows[0]['calib_samples']} calibration windows of {args.window} "
           f"tokens{sets}")
-    extra = " weights in memory MiB |" if args.stream else ""
-    print(f"| recipe | calibration s | RSS before MiB | peak RSS MiB | added MiB |{extra}")
-    print("|---|---|---|---|---|" + ("---|" if args.stream else ""))
-    for r in rows:
-        loaded = f" {r['weights_in_memory_mib']:.0f} |" if args.stream else ""
-        print(f"| {r['recipe']} | {r['seconds']:.1f} | {r['rss_before_mib']:.0f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['added_mib']:.0f} |{loaded}")
+    from qpass.tables import markdown
+
+    head = ["recipe", "calibration s", "RSS before MiB", "peak RSS MiB", "added MiB"]
+    body = [[r["recipe"], f"{r['seconds']:.1f}", f"{r['rss_before_mib']:.0f}", f"{r['peak_rss_mib']:.0f}",
+             f"{r['added_mib']:.0f}"] + ([f"{r['weights_in_memory_mib']:.0f}"] if args.stream else []) for r in rows]
+    print(markdown(head + (["weights in memory MiB"] if args.stream else []), body))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump({"model": args.model_dir, "set": args.set, "rows": rows, "command": " ".join(sys.argv)}, f,

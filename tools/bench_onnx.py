@@ -3,7 +3,7 @@
 
     python tools/bench_onnx.py [--model models/tiny-llama] [--eval data/austen/eval.txt] [--threads 1]
                                [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 0 (all)]
-    python tools/bench_onnx.py --parity      # ORT logits vs the fake-quant model, per recipe
+    python tools/bench_onnx.py --parity [--eval-tokens 4096]    # ORT logits vs the fake-quant model, per recipe
 
 Rows: prefill tokens/s (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW one-token
 steps after that prompt, growing cache); over EVAL-TOKENS held-out tokens (windows of 256): perplexity, and
@@ -24,6 +24,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+WINDOW = 256                   # tokens per held-out window (perplexity, KL, parity)
+PARITY_EVAL_TOKENS = 4096      # --parity without --eval-tokens: 16 windows (docs/onnx.md's table)
 
 
 def build(model, work: str, levels=(0, 4)) -> dict[str, tuple[str, dict]]:
@@ -115,7 +118,7 @@ def _quality(runners: dict, eval_ids) -> dict[str, dict]:
     names = list(runners)
     acc = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in names}
     n = 0
-    for w in windows(eval_ids, 256):
+    for w in windows(eval_ids, WINDOW):
         ref = None
         for name in names:
             lp = F.log_softmax(runners[name](w.unsqueeze(0), torch.arange(w.numel()))[0, :-1].float(), -1)
@@ -154,7 +157,7 @@ def onnx_rows(model_dir: str, eval_file: str, *, threads: int = 1, prompt: int =
 def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[str], *, windows_n: int = 4,
                 eval_tokens: int = 4096) -> list[dict]:
     """ORT logits vs the fake-quant QuantizedModel per recipe (calibrated on 16 x 256 tokens of calib_file):
-    max / mean |Δlogit| over `windows_n` held-out windows of 256, perplexity of both over `eval_tokens`."""
+    max / mean |Δlogit| over `windows_n` held-out windows of 256, perplexity of both over `eval_tokens` (0: all)."""
     import torch
     import transformers
 
@@ -165,7 +168,10 @@ def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[s
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     read = lambda f: tok(open(f, encoding="utf-8").read(), return_tensors="pt").input_ids[0]  # noqa: E731
-    calib_ids, eval_ids = read(calib_file), read(eval_file)[:eval_tokens]
+    calib_ids, eval_ids = read(calib_file), read(eval_file)
+    eval_ids = eval_ids[:eval_tokens] if eval_tokens else eval_ids
+    if eval_ids.numel() < WINDOW:
+        raise ValueError(f"{eval_file}: {eval_ids.numel()} tokens to score, fewer than one window of {WINDOW}")
     calib = [w.unsqueeze(0) for w in calib_ids[: 16 * 256].split(256)]
     work = os.path.join(ROOT, ".cache", "bench-onnx", "parity")
     rows = []
@@ -181,11 +187,11 @@ def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[s
                 sess = onnx_qdq.session(out, config=cfg)
                 ort_logits = lambda x, sess=sess: onnx_qdq.logits(sess, x)  # noqa: E731
                 d = [(ort_logits(w.unsqueeze(0)) - qm(w.unsqueeze(0)).logits).abs()
-                     for w in windows(eval_ids, 256)[:windows_n]]
+                     for w in windows(eval_ids, WINDOW)[:windows_n]]
                 rows.append({"recipe": rec + suffix, "max": max(float(x.max()) for x in d),
                              "mean": sum(float(x.mean()) for x in d) / len(d),
-                             "ppl_ort": perplexity(ort_logits, eval_ids, 256).perplexity,
-                             "ppl_fq": perplexity(qm, eval_ids, 256).perplexity})
+                             "ppl_ort": perplexity(ort_logits, eval_ids, WINDOW).perplexity,
+                             "ppl_fq": perplexity(qm, eval_ids, WINDOW).perplexity})
     return rows
 
 
@@ -221,16 +227,26 @@ def compare_codes(ours_dir: str, ort_file: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    from qpass.tables import markdown
+
     base = rows[0]                                   # FP32 ONNX of the same exporter
-    head = ("| variant | prefill tok/s | x FP32 | decode tok/s | x FP32 | perplexity | KL(FP‖Q)/token | top-1 = FP | "
-            "model bytes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    body = [f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x | "
-            f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['perplexity']:.3f} | "
-            f"{r['kl']:.5f} | {100 * r['top1']:.2f}% | {r['bytes'] / 1e6:.1f} MB |" for r in rows]
-    return "\n".join([head, *body])
+    head = ["variant", "prefill tok/s", "x FP32", "decode tok/s", "x FP32", "perplexity", "KL(FP‖Q)/token",
+            "top-1 = FP", "model bytes"]
+    body = [[r["variant"], f"{r['prefill_tok_s']:.0f}", f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x",
+             f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x", f"{r['perplexity']:.3f}",
+             f"{r['kl']:.5f}", f"{100 * r['top1']:.2f}%", f"{r['bytes'] / 1e6:.1f} MB"] for r in rows]
+    return markdown(head, body, "l" + "r" * 8)
 
 
-def main(argv=None) -> int:
+def parity_table(rows: list[dict]) -> str:
+    from qpass.tables import markdown
+
+    return markdown(["recipe", "max |Δlogit|", "mean |Δlogit|", "perplexity ORT", "perplexity fake-quant"],
+                    [[r["recipe"], f"{r['max']:.3g}", f"{r['mean']:.3g}", f"{r['ppl_ort']:.3f}", f"{r['ppl_fq']:.3f}"]
+                     for r in rows], "lrrrr")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-llama"))
     ap.add_argument("--eval", default=os.path.join(ROOT, "data", "austen", "eval.txt"))
@@ -238,21 +254,29 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens for the quality columns (0: all)")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help=f"held-out tokens for the quality columns, 0: all (default: all; with --parity "
+                         f"{PARITY_EVAL_TOKENS}); at least one window of {WINDOW}")
     ap.add_argument("--parity", action="store_true", help="print the parity table instead of timings")
     ap.add_argument("--codes", action="store_true", help="after the table: compare the INT4 codes and scales of "
                     "qpass's full_range W4 g128 graph with MatMulNBitsQuantizer's")
     ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
     args = ap.parse_args(argv)
+    if args.eval_tokens is None:
+        args.eval_tokens = PARITY_EVAL_TOKENS if args.parity else 0
+    if args.eval_tokens and not args.eval_tokens >= WINDOW:
+        ap.error(f"--eval-tokens {args.eval_tokens}: give 0 (all) or at least one window ({WINDOW} tokens)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import onnxruntime
 
     if args.parity:
         rows = parity_rows(args.model, args.eval, args.calib, ["w8a8.yaml", "w4a16_g128.yaml", "w4a8_kv4.yaml"],
                            eval_tokens=args.eval_tokens)
-        print("| recipe | max |Δlogit| | mean |Δlogit| | perplexity ORT | perplexity fake-quant |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['recipe']} | {r['max']:.3g} | {r['mean']:.3g} | {r['ppl_ort']:.3f} | {r['ppl_fq']:.3f} |")
+        print(parity_table(rows))
         return 0
 
     rows = onnx_rows(args.model, args.eval, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,

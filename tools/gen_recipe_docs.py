@@ -6,8 +6,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from qpass.recipe import schema_markdown  # noqa: E402
+from qpass.tables import write_atomic  # noqa: E402
 
 path = os.path.join(ROOT, "docs", "recipes.md")
-with open(path, "w") as f:
-    f.write(schema_markdown())
+write_atomic(path, schema_markdown())
 print(f"wrote {os.path.relpath(path, ROOT)}")

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import qpass  # noqa: E402
 from qpass.cli._common import data_files, token_ids  # noqa: E402
+from qpass.tables import markdown  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,15 +50,14 @@ def main(argv=None) -> int:
         print(f"\n{args.model_dir} {name} ({len(calib)} calibration windows of {args.window} tokens)")
         gptq = out[name].get("gptq")
         if gptq:
-            print("| linear | GPTQ ‖WX−ŴX‖² | RTN ‖WX−ŴX‖² | ratio |\n|---|---|---|---|")
-            for path, e in gptq["errors"].items():
-                print(f"| {path} | {e['gptq']:.4g} | {e['rtn']:.4g} | {e['ratio']:.3f} |")
+            print(markdown(["linear", "GPTQ ‖WX−ŴX‖²", "RTN ‖WX−ŴX‖²", "ratio"],
+                           [[path, f"{e['gptq']:.4g}", f"{e['rtn']:.4g}", f"{e['ratio']:.3f}"]
+                            for path, e in gptq["errors"].items()]))
             print(f"mean ratio {gptq['mean_error_ratio']:.3f}; {gptq['improved']}/{gptq['linears']} below RTN")
         awq = out[name].get("awq")
         if awq:
-            print("| group | alpha | loss / RTN loss |\n|---|---|---|")
-            for g, a in awq["alphas"].items():
-                print(f"| {g} | {a:.2f} | {awq['loss_vs_rtn'][g]:.3f} |")
+            print(markdown(["group", "alpha", "loss / RTN loss"],
+                           [[g, f"{a:.2f}", f"{awq['loss_vs_rtn'][g]:.3f}"] for g, a in awq["alphas"].items()]))
             clips = awq["mean_clip_ratio"]
             if clips:
                 print(f"clip: {len(clips)} linears, mean ratio {sum(clips.values()) / len(clips):.3f}")

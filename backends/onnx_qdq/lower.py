@@ -5,6 +5,12 @@ into ``qpass_onnx`` ops (``patterns.py``) -> ``torch.onnx.export(dynamo=True)`` 
 (``translations.py``) and opset 21 -> onnx-ir post-passes (int4 initializers, I/O dimension names, metadata)
 -> ``model.onnx`` (+ ``model.onnx_data`` over 2 GB), ``config.json``, tokenizer files, ``recipe.yaml``,
 ``qpass.json``. Everything is written into a temporary directory next to `out_dir` and renamed at the end.
+
+qpass.json is sealed as a saved model's is (``qpass.artifacts``): ``files`` lists model.onnx (and model.onnx_data),
+config.json and recipe.yaml with their size and SHA-256, ``seal`` is the SHA-256 of its format and that list.
+``verify(dir)`` checks both before a session is built (``QpassORTModelForCausalLM.from_pretrained`` calls it);
+the tokenizer files and qpass.json's other entries (versions, the lowering report, ``qpass lower``'s parity
+figures) are outside the seal.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from qpass._api import atomic_directory
+from qpass.artifacts import file_digest, seal
 from qpass.errors import ArtifactError, UnsupportedOpError
 from qpass.version import __version__
 
@@ -33,6 +40,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json",
                    "chat_template.jinja")
 SESSION_CONFIG_KEY = "qpass.session_config"
+META, FORMAT = "qpass.json", "qpass-onnx"
+SEALED_FILES = ("model.onnx", "model.onnx_data", "config.json", "recipe.yaml")   # those a directory has
+_AGAIN = "lower the model again (qpass.lower(qm, 'onnx', dir) or `qpass lower --backend onnx`)"
 
 
 @dataclass
@@ -242,6 +252,52 @@ def _write_side_files(directory: str, qm, report, inputs, outputs, session_confi
             "inputs": inputs, "outputs": outputs, "session_config": session_config,
             "options": {"w4a8": opts.w4a8, "accuracy_level": opts.accuracy_level,
                         "int8_weights": opts.int8_weights},
-            "lowering": [vars(r) for r in report.rows], "tokenizer_files": copied}
-    with open(os.path.join(directory, "qpass.json"), "w") as f:
+            "lowering": [vars(r) for r in report.rows], "tokenizer_files": copied,
+            "files": {name: file_digest(os.path.join(directory, name)) for name in SEALED_FILES
+                      if os.path.isfile(os.path.join(directory, name))}}
+    meta["seal"] = seal(meta)
+    with open(os.path.join(directory, META), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+def verify(directory: str | os.PathLike) -> dict:
+    """Check a directory written by ``lower`` before anything reads it: qpass.json is there and parses, its seal
+    matches, and every file it lists has the recorded size and SHA-256. Returns qpass.json's object; anything
+    wrong raises ArtifactError naming the file."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, META)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{directory!r} has no {META}: it was not written by qpass.lower(qm, 'onnx', dir)",
+                            fix=f"pass a directory qpass lowered, or {_AGAIN}")
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{path!r} is not readable JSON ({type(e).__name__}: {e})", fix=_AGAIN) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path!r} is not the {META} of a lowered ONNX directory (format "
+                            f"{meta.get('format') if isinstance(meta, dict) else None!r}, not {FORMAT!r})", fix=_AGAIN)
+    files = meta.get("files")
+    if "seal" not in meta and files is None:
+        raise ArtifactError(f"{path!r} records no digests of the files (lowered by qpass {meta.get('qpass_version')}, "
+                            "before lowered directories were sealed), so damage cannot be detected", fix=_AGAIN)
+    if not isinstance(files, dict) or "model.onnx" not in files or not all(
+            isinstance(d, dict) and isinstance(d.get("bytes"), int) and isinstance(d.get("sha256"), str)
+            for d in files.values()):
+        raise ArtifactError(f"{path!r} lacks or has a malformed 'files' list", fix=_AGAIN)
+    if meta.get("seal") != seal(meta):
+        raise ArtifactError(f"{path!r} was edited after lowering: its seal does not match its format and file list",
+                            fix=f"undo the edit, or {_AGAIN}")
+    fix = f"copy the file again from where it was lowered, or {_AGAIN}"
+    for name, digest in files.items():
+        file = os.path.join(directory, name)
+        if os.path.basename(name) != name or not os.path.isfile(file):
+            raise ArtifactError(f"{file!r} is missing ({META} lists it)", fix=f"copy the whole directory, or {_AGAIN}")
+        if os.path.getsize(file) != digest["bytes"]:
+            raise ArtifactError(f"{file!r} was changed after lowering: it is {os.path.getsize(file)} bytes, written "
+                                f"as {digest['bytes']} (cut short, edited or replaced)", fix=fix)
+    for name, digest in files.items():
+        if file_digest(os.path.join(directory, name))["sha256"] != digest["sha256"]:
+            raise ArtifactError(f"{os.path.join(directory, name)!r} was changed after lowering: its SHA-256 does not "
+                                f"match {META}", fix=fix)
+    return meta

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qpass.errors import ArtifactError
 
+from .lower import verify
 from .runtime import model_path, session
 
 # transformers 5.25 renamed the cache argument and output field from past_key_values to cache (qpass/hf.py)
@@ -79,7 +80,8 @@ class QpassORTModelForCausalLM(GenerationMixin):
                         provider_options: dict | None = None, session_options=None,
                         config=None, threads: int | None = None, **kwargs) -> "QpassORTModelForCausalLM":
         """Load a directory written by ``qpass.lower(qm, "onnx", dir)`` (optimum's keyword arguments where they
-        apply). The recorded session configuration is applied to `session_options`."""
+        apply). The recorded session configuration is applied to `session_options`. The files qpass.json seals
+        are checked first (``lower.verify``): a damaged or edited one is an ArtifactError naming it."""
         if export:
             raise ArtifactError("export=True is not supported: QpassORTModelForCausalLM runs a directory qpass "
                                 "lowered", fix="qpass.lower(qpass.apply(model, recipe), 'onnx', dir), or "
@@ -94,6 +96,7 @@ class QpassORTModelForCausalLM(GenerationMixin):
         if not directory.is_dir() or not file.is_file():
             raise ArtifactError(f"{os.fspath(file)!r} does not exist",
                                 fix="pass a local directory written by qpass.lower(qm, 'onnx', dir) (no hub download)")
+        verify(directory)
         if config is None:
             try:
                 config = AutoConfig.from_pretrained(directory)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
+from ..tables import write_atomic
 from ._common import (CliError, UsageError, check_model_dir, check_text_file, data_files, display, load_model,
                       load_tokenizer, note, read_recipe, say, token_ids)
 
@@ -57,13 +57,6 @@ def resolve_files(args) -> tuple[str, str | None]:
     if calib_path and args.recipe:
         check_text_file(calib_path, "calibration text")
     return eval_path, calib_path if args.recipe else None
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run(args, say=say) -> int:
