@@ -11,6 +11,11 @@ Exactness (what is asserted):
 * ``rope``: bit for bit ``x * cos + cat(-x2, x1) * sin``, contiguous or transposed-view inputs.
 * i8avx2 (W8A8) and q4avx2 / dequant (W4A8) module outputs: bit for bit the previous path's outputs on finite
   inputs (the same kernel fed by the torch quantizer), and within the existing bounds of int_mm / dequant.
+* the ``qpass_native`` torch ops (end of file): every kernel registered with its schema and a fake kernel,
+  ``torch.library.opcheck`` passes, the ops equal the wrappers bit for bit and their torch fallbacks (bit for
+  bit but rms_norm and q4_linear: summation order), a lowered decode graph holds rms_norm / rope op nodes and
+  gives the logits the wrapper calls gave, and without the library (QPASS_NO_NATIVE=1) the ops run their torch
+  fallback and the decode graph keeps the aten ops.
 """
 from __future__ import annotations
 
@@ -24,8 +29,19 @@ from qpass.backends.torch_packed import kernels, native
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import PerTensor, QSpec, format_from_name
 
-if not native.available():
-    pytest.skip(f"native kernels not available here: {native.status()}", allow_module_level=True)
+NATIVE = native.available()
+
+
+def without_library(fn):
+    """Marks a test that runs where the library is not available too (the others skip there)."""
+    fn.without_library = True
+    return fn
+
+
+@pytest.fixture(autouse=True)
+def needs_library(request):
+    if not NATIVE and not getattr(request.function, "without_library", False):
+        pytest.skip(f"native kernels not available here: {native.status()}")
 
 RMS_ULPS = 4.0
 EPS32 = torch.finfo(torch.float32).eps
@@ -520,3 +536,225 @@ def test_kv_cache_decides_again_after_to_and_copies(monkeypatch):
     assert cache._native is None
     calls = spy_kv(monkeypatch)
     assert torch.equal(twin(k, torch.arange(3)), out) and calls == ["store", "load"]
+
+
+# ------------------------------------------------------------------------------------ qpass_native ops
+# native.py registers every kernel as torch.ops.qpass_native.<name> (torch.library.Library + register_fake).
+
+OPS = torch.ops.qpass_native
+
+
+def op_samples(seed: int = 0) -> dict[str, tuple]:
+    """Valid arguments of each op (fresh tensors: kv_store writes into its cache)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 40, generator=g)
+    q = torch.randn(2, 5, 4, 16, generator=g).transpose(1, 2)              # [B, H, T, D], a transposed view
+    cos, sin = torch.randn(2, 1, 5, 16, generator=g), torch.randn(2, 1, 5, 16, generator=g)
+    codes = torch.randint(0, 256, (2, 4, 8, 8), dtype=torch.uint8, generator=g)
+    scales = torch.rand(2, 4, 8, 1, generator=g)
+    w = torch.randn(24, 64, generator=g)
+    scale, zp = Q.choose_qparams(w, QSpec(format_from_name("int4"), PerTensor()), block_size=(1, 32))
+    lin = tp.PackedLinear.from_weight(w, scale, zp, (1, 32), "int4", layout="q4", bias=torch.randn(24, generator=g))
+    a = torch.randint(-128, 128, (3, 45), dtype=torch.int8, generator=g)
+    w8 = torch.randint(-128, 128, (7, 45), dtype=torch.int8, generator=g)
+    return {
+        "token_quant": (x.clone(), 4, True),
+        "rms_norm": (x, torch.randn(40, generator=g), 1e-6),
+        "rope": (q, cos, sin),
+        "kv_store": (q[:, :, :2], torch.tensor([6, 1]), codes.clone(), scales.clone(), 4),
+        "kv_load": (codes, scales, 5, 4, None),
+        "q4_linear": (torch.randn(3, 64, generator=g), lin.qweight, lin.scale, lin.zero, lin.bias, 32),
+        "i8_linear": (a, torch.rand(3, generator=g), w8, torch.rand(7, generator=g), torch.randn(7, generator=g)),
+    }
+
+
+def same(a, b) -> bool:
+    """Equal bit for bit (NaNs included), tensors or tuples of them."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)) \
+        if a.is_contiguous() and b.is_contiguous() else same(a.contiguous(), b.contiguous())
+
+
+@without_library
+def test_every_kernel_is_a_registered_op_with_a_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert set(native.SCHEMAS) == {"token_quant", "rms_norm", "rope", "kv_store", "kv_load", "q4_linear", "i8_linear"}
+    for name, schema in native.SCHEMAS.items():
+        op = getattr(OPS, name).default
+        assert str(op._schema) == f"{native.NAMESPACE}::{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
+    mutable = {a.name for a in OPS.kv_store.default._schema.arguments if a.alias_info and a.alias_info.is_write}
+    assert mutable == {"codes", "scales"}
+    assert not any(getattr(OPS, n).default._schema.is_mutable for n in native.SCHEMAS if n != "kv_store")
+    # the fake kernels: shapes, dtypes and strides of the real outputs (computed here with no data)
+    real = {n: getattr(OPS, n).default(*a) for n, a in op_samples().items()} if NATIVE else None
+    samples = op_samples()
+    with FakeTensorMode() as mode:
+        for name, args in samples.items():
+            args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+            out = getattr(OPS, name).default(*args)
+            if real is None:
+                continue
+            for f, r in zip(out if isinstance(out, tuple) else (out,), real[name] if isinstance(real[name], tuple)
+                            else (real[name],)):
+                assert f is None and r is None or (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), name
+
+
+@pytest.mark.parametrize("name", list(native.SCHEMAS))
+def test_opcheck(name):
+    op = getattr(OPS, name).default
+    torch.library.opcheck(op, op_samples()[name])
+
+
+def test_ops_are_the_wrappers_bit_for_bit():
+    s = op_samples()
+    x, bits, codes = s["token_quant"]
+    assert same(OPS.token_quant(x, bits, codes), native.token_quant(x, bits, codes=codes))
+    assert same(OPS.token_quant(x, 8, False), native.token_quant(x, 8, codes=False))
+    assert same(OPS.rms_norm(*s["rms_norm"]), native.rms_norm(*s["rms_norm"]))
+    out, ref = OPS.rope(*s["rope"]), native.rope(*s["rope"])
+    assert out.stride() == ref.stride() and same(out, ref)
+    k, pos, c1, s1, bits = s["kv_store"]
+    c2, s2 = c1.clone(), s1.clone()
+    assert OPS.kv_store(k, pos, c1, s1, bits) is None
+    native.kv_store(k, pos, c2, s2, bits)
+    assert same(c1, c2) and same(s1, s2)
+    for n, dtype in ((5, None), (None, torch.bfloat16), (100, torch.float32)):
+        assert same(OPS.kv_load(c1, s1, n, bits, dtype), native.kv_load(c1, s1, n, bits, dtype or torch.float32))
+    # the linears: the module's bound kernels make the same C call on the same tensors
+    w = torch.randn(24, 64)
+    scale, zp = Q.choose_qparams(w, QSpec(format_from_name("int4"), PerTensor()), block_size=(1, 32))
+    lin = tp.PackedLinear.from_weight(w, scale, zp, (1, 32), "int4", layout="q4", bias=torch.randn(24))
+    xs = torch.randn(5, 64)
+    assert same(OPS.q4_linear(xs, lin.qweight, lin.scale, lin.zero, lin.bias, 32),
+                kernels.KERNELS["q4avx2"].run(lin, xs))
+    scale, zp = Q.choose_qparams(w, QSpec(format_from_name("int8"), PerTensor()), block_size=(1, -1))
+    lin8 = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8", bias=torch.randn(24),
+                                       act=tp.ActFormat("int8", (1, -1), True, True))
+    a, sa = native.token_quant(xs, 8, codes=True)
+    assert same(OPS.i8_linear(a, sa, lin8.qweight, lin8.row_scale, lin8.bias), kernels.KERNELS["i8avx2"].run(lin8, xs))
+
+
+def without_native(monkeypatch) -> None:
+    """As in a process started with QPASS_NO_NATIVE=1: the library disabled and not loaded."""
+    monkeypatch.setenv(native.ENV_DISABLE, "1")
+    monkeypatch.delitem(native._state, "lib", raising=False)
+    assert not native.available() and not native.native_on()
+
+
+@without_library
+def test_without_the_library_the_ops_run_their_torch_fallback(monkeypatch):
+    """Fallback semantics (and, where the library is there, equality with it: bit for bit but rms_norm, whose
+    mean is summed in another order, and q4_linear, a matmul in another order)."""
+    s = op_samples(1)
+    s["token_quant"][0][0, 1, 3] = float("inf")                               # a non-finite token
+    ran = {}
+    if NATIVE:
+        for name, args in op_samples(1).items():
+            if name == "token_quant":
+                args[0][0, 1, 3] = float("inf")
+            ran[name] = (getattr(OPS, name).default(*args), args)
+    without_native(monkeypatch)
+    for name, args in s.items():
+        out = getattr(OPS, name).default(*args)
+        if name == "kv_store":
+            out = args[2:4]                                                   # what it wrote
+            if NATIVE:
+                ran[name] = (ran[name][1][2:4], None)
+        if not NATIVE:
+            continue
+        ref = ran[name][0]
+        if name in ("rms_norm", "q4_linear"):
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), name
+        else:
+            assert same(out, ref), name
+    # and against the torch references the module docstring states
+    x = s["token_quant"][0]
+    codes, sc = OPS.token_quant(x, 4, True)
+    assert sc[1].isnan() and (codes[1] == 0).all() and OPS.token_quant(x, 4, False)[0][0, 1].isnan().all()
+    fin = torch.ones(6, dtype=torch.bool)
+    fin[1] = False
+    assert torch.equal(OPS.token_quant(x, 4, False)[0].reshape(6, -1)[fin],
+                       Q.fake_quantize_dynamic(x, [1, 1, -1], "int4", True).reshape(6, -1)[fin])
+    assert torch.equal(OPS.rms_norm(*s["rms_norm"]), rms_ref(*s["rms_norm"]))
+    assert torch.equal(OPS.rope(*s["rope"]), rope_ref(*s["rope"]))
+    a, sa, w8, ws, b = s["i8_linear"]
+    assert torch.equal(OPS.i8_linear(a, sa, w8, ws, b), (a.double() @ w8.double().t()).float() * sa[:, None] * ws + b)
+    with pytest.raises(IndexError):
+        OPS.kv_store(*s["kv_store"][:1], torch.tensor([8]), *s["kv_store"][2:])
+
+
+@without_library
+def test_ops_trace_and_export():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16))
+
+        def forward(self, x, cos, sin):
+            h = OPS.rms_norm(x, self.w, 1e-6)                                  # [B, H, T, D]
+            return OPS.token_quant(OPS.rope(h, cos, sin), 8, False)[0]
+
+    args = (torch.randn(1, 2, 3, 16), torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16))
+    ep = torch.export.export(Block(), args)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets[:3] == ["qpass_native.rms_norm.default", "qpass_native.rope.default",
+                           "qpass_native.token_quant.default"]
+    assert all(t == "<built-in function getitem>" for t in targets[3:])
+    if NATIVE:
+        m = Block()
+        ep = torch.export.export(m, args)
+        assert torch.equal(ep.module()(*args), m(*args))
+    gm = torch.fx.symbolic_trace(lambda x, w: OPS.rms_norm(x, w, 1e-5))
+    assert "torch.ops.qpass_native.rms_norm" in gm.code
+
+
+def _decode_setup(kv=None):
+    import qpass
+    from tests import toy
+
+    model = toy.hf_model("llama")
+    recipe = {"passes": [{"quantize": {"weights": {"bits": 4, "granularity": "per_group", "group_size": 16},
+                                       "ignore": ["lm_head"]}}]
+              + ([{"kv_cache": {"keys": kv, "values": kv}}] if kv else [])}
+    pm = qpass.lower(qpass.apply(model, recipe, progress=False), "torch", kernels="exact")
+    ids = toy.token_ids(1, 9)
+    steps = [(ids[:, :6], torch.arange(6))] + [(ids[:, i:i + 1], torch.tensor([i])) for i in range(6, 9)]
+    return pm, steps
+
+
+def test_a_lowered_decode_graph_holds_the_ops_and_keeps_its_logits():
+    pm, steps = _decode_setup({"bits": 4, "granularity": "per_token", "dynamic": True})
+    gm = pm.decode_graph(64)
+    count = lambda t: sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is t)   # noqa: E731
+    assert count(OPS.rms_norm.default) == 5 and count(OPS.rope.default) == 4
+    text = str(gm.graph)
+    assert "qpass_native.rms_norm.default" in text and "qpass_native.rope.default" in text
+    assert "torch.ops.qpass_native.rms_norm.default(" in gm.code
+    with torch.no_grad():
+        logits = [gm(input_ids=ids, cache_position=pos) for ids, pos in steps]
+    # the same graph calling the Python wrappers (what it held before the ops; freeze's direct_ops): the same
+    # logits, bit for bit
+    from qpass.backends.torch_packed import runtime
+
+    assert runtime.freeze(gm, direct_ops=True)["direct_ops"] == 9
+    assert not any(str(n.target).startswith("qpass_native") for n in gm.graph.nodes)
+    assert sum(1 for n in gm.graph.nodes if n.target is native.rms_norm) == 5
+    with torch.no_grad():
+        again = [gm(input_ids=ids, cache_position=pos) for ids, pos in steps]
+    assert all(torch.equal(a, b) for a, b in zip(logits, again))
+
+
+@without_library
+def test_without_the_library_the_decode_graph_keeps_the_aten_ops(monkeypatch):
+    without_native(monkeypatch)
+    pm, steps = _decode_setup()
+    gm = pm.decode_graph(64)
+    assert not any(str(n.target).startswith("qpass_native") for n in gm.graph.nodes)
+    assert "rms_norm" not in gm.meta["qpass_runtime"] and "rope" not in gm.meta["qpass_runtime"]
+    with torch.no_grad():
+        assert all(gm(input_ids=ids, cache_position=pos).isfinite().all() for ids, pos in steps)

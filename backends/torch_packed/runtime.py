@@ -15,9 +15,11 @@ prefix_attention  Attention reads the whole static cache (max_cache_len slots) a
                   boolean mask is turned into the additive float mask once per step rather than inside
                   every attention call (the same values attention makes of it).
                   Decode graphs are captured for causal LMs only (capture_decode), where this holds.
-fuse_rms_norm     ``w * (x * rsqrt(mean(x^2, -1) + eps))`` (6 aten calls) -> one native call (csrc: the sum
-                  of squares in double; differs from torch's float sum in the last bits of the mean only).
-fuse_rope         ``x * cos + cat(-x2, x1) * sin`` (7 aten calls) -> one native call, bit for bit.
+fuse_rms_norm     ``w * (x * rsqrt(mean(x^2, -1) + eps))`` (6 aten calls) -> one ``torch.ops.qpass_native.
+                  rms_norm`` op node, the native kernel (csrc: the sum of squares in double; differs from
+                  torch's float sum in the last bits of the mean only).
+fuse_rope         ``x * cos + cat(-x2, x1) * sin`` (7 aten calls) -> one ``torch.ops.qpass_native.rope`` op
+                  node, bit for bit.
 freeze            The step's calling convention without the pytree (de)flattening and export's input guard;
                   parameters, buffers and packed modules read from flat attributes (one dict lookup instead of
                   a chain of ``__getattr__``); packed modules called through ``forward`` (no hook dispatch);
@@ -26,7 +28,12 @@ freeze            The step's calling convention without the pytree (de)flattenin
                   The frozen graph is a runner: it keeps its module tree (state_dict, named_modules work) but
                   is not meant to be edited, copied or moved afterwards (PackedModel rebuilds it instead).
 
-fuse_* need the native library (native.py) and fp32 tensors; elsewhere the graph keeps the aten ops.
+fuse_* need the native library (native.py) and fp32 tensors; elsewhere the graph keeps the aten ops. The
+fused nodes are torch operators (native.py registers the ``qpass_native`` namespace, with fake kernels), so
+the graph stays traceable and prints them by name; each op call costs ~1.5 us of dispatch more than calling
+the wrapper (native.OPS_NOTE), ~35 us of a bundled-model decode step. The other native kernels (token_quant,
+q4 / i8 linear, kv_store / kv_load) are ops too but run inside PackedLinear / PackedKVCache, which call the
+wrappers directly: those stay ``forward`` calls of the modules in the graph.
 """
 from __future__ import annotations
 
@@ -45,13 +52,14 @@ aten = torch.ops.aten
 META_RUNTIME = "qpass_runtime"            # gm.meta key: what optimize_decode changed
 
 
-def optimize_decode(gm: GraphModule, *, native_ops: bool = True) -> dict[str, int]:
-    """All passes, in order; returns (and records in ``gm.meta[META_RUNTIME]``) how many sites each changed."""
+def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: bool = False) -> dict[str, int]:
+    """All passes, in order; returns (and records in ``gm.meta[META_RUNTIME]``) how many sites each changed.
+    direct_ops: freeze calls the fused qpass_native ops' wrappers instead of the ops (see freeze)."""
     stats = {"prefix_attention": prefix_attention(gm)}
     if native_ops and native.available():
         stats["rms_norm"] = fuse_rms_norm(gm)
         stats["rope"] = fuse_rope(gm)
-    stats.update(freeze(gm))
+    stats.update(freeze(gm, direct_ops=direct_ops))
     gm.meta[META_RUNTIME] = stats
     return stats
 
@@ -159,8 +167,7 @@ def _cache_sized(t, max_len: int, gm: GraphModule) -> bool:
 # ------------------------------------------------------------------------------------- RMSNorm
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return native.rms_norm(x, weight, eps)
+rms_norm = native.ops.rms_norm.default       # (x, weight, eps) -> native.rms_norm; the fused nodes' target
 
 
 def fuse_rms_norm(gm: GraphModule) -> int:
@@ -227,8 +234,7 @@ def getattr_path(gm: GraphModule, target: str):
 # ---------------------------------------------------------------------------------------- RoPE
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return native.rope(x, cos, sin)
+rope = native.ops.rope.default               # (x, cos, sin) -> native.rope; the fused nodes' target
 
 
 def fuse_rope(gm: GraphModule) -> int:
@@ -295,9 +301,13 @@ def grad_mode_call(enabled: bool, fn, *args):
         return fn(*args)
 
 
-def freeze(gm: GraphModule) -> dict[str, int]:
-    """Cheap calling convention and attribute access (see the module doc). Returns counts."""
+def freeze(gm: GraphModule, *, direct_ops: bool = False) -> dict[str, int]:
+    """Cheap calling convention and attribute access (see the module doc). Returns counts.
+    direct_ops: the fused rms_norm / rope op nodes call native.rms_norm / native.rope directly, without the
+    op dispatch (~2 us a call, ~50 us of a bundled-model decode step: native.OPS_NOTE); the graph then holds
+    Python functions there instead of ops. Off by default: the decode graph keeps its ops."""
     stats = {"guards": 0, "flat_attributes": 0, "direct_calls": 0, "grad_mode_calls": 0}
+    direct = {rms_norm: native.rms_norm, rope: native.rope} if direct_ops else {}
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
             gm.graph.erase_node(n)
@@ -305,6 +315,9 @@ def freeze(gm: GraphModule) -> dict[str, int]:
         elif n.op == "call_function" and n.target is _WRAP_GRAD:
             n.target = grad_mode_call
             stats["grad_mode_calls"] += 1
+        elif n.op == "call_function" and n.target in direct:
+            n.target = direct[n.target]
+            stats["direct_ops"] = stats.get("direct_ops", 0) + 1
     aliases: dict[int, str] = {}
 
     def alias(obj) -> str:
