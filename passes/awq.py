@@ -34,6 +34,7 @@ from qpass.analyses import STRUCTURE, AttentionSites, FoldGroups, LinearSites
 from qpass.errors import RecipeError
 from qpass.folding import canonical_weight, fold_scales, to_channels
 from qpass.graph import LinearSite, param_of, select
+from qpass.plan import Plan
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives.awq import clip_search, fake_quantize_weight, output_error, scale_search
 from qpass.primitives.gptq import HessianAccumulator
@@ -99,8 +100,6 @@ class Awq(Pass):
     preserves: ClassVar = STRUCTURE          # rescales and clamps parameters only
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
-        if ctx.restoring:   # parameters only: the saved state dict holds the scaled and clipped values
-            return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         specs, near = self._specs(ctx, sites)
@@ -141,7 +140,9 @@ class Awq(Pass):
         near += [f"{g.name}: group not scaled, its linears and producer are in different blocks"
                  for g in groups if g.name not in found["alphas"]]
         stats.update(groups_scaled=len(found["alphas"]), linears_clipped=len(found["mean_clip_ratio"]), **found)
-        return PassResult(modified=True, stats=stats, near_misses=near)
+        # parameters only (the state dict holds the scaled and clipped values): the plan records the decisions
+        plan = Plan(self.name, decisions={"alphas": found["alphas"], "clip_ratios": found["mean_clip_ratio"]})
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
     def _scale(self, gm: GraphModule, groups: list, obs: dict, specs: dict, found: dict) -> dict:
         """Search every group of the block on the unchanged weights, then fold (as the reference); return

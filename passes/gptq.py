@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 from qpass.analyses import STRUCTURE, LinearSites
 from qpass.errors import QuantizationError, RecipeError
 from qpass.graph import LinearSite, describe, is_quantizer, param_of, select
+from qpass.plan import Plan
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.patterns import storage_twins, weight_users
 from qpass.primitives import quant as Q
@@ -83,8 +84,6 @@ class Gptq(Pass):
     preserves: ClassVar = STRUCTURE          # re-rounds weights and rewrites qparam buffers; no node changes
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
-        if ctx.restoring:   # weights and scales come from the saved state dict
-            return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         quantized = [s for s in sites if _weight_quantizer(s) is not None]
@@ -128,7 +127,9 @@ class Gptq(Pass):
                      improved=sum(r < 1 for r in ratios),
                      damp_raised=sum(e["damp"] > cfg.damp for e in errors.values()),
                      blocks=len(sweep.blocks), errors=errors)
-        return PassResult(modified=True, stats=stats, near_misses=near)
+        # values only (the state dict holds the re-rounded weights and scales): the plan records which linears
+        plan = Plan(self.name, decisions={"linears": sorted(errors)})
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
     def _requantize(self, gm: GraphModule, site: LinearSite, acc: HessianAccumulator) -> dict:
         """GPTQ one linear and write weight and qparams back in their stored layouts."""

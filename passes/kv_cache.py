@@ -21,6 +21,7 @@ Preserves nothing (adds nodes and buffers). Differentiable: straight-through gra
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -37,6 +38,7 @@ from qpass.graph import (
     select,
 )
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.plan import Plan, PlanError, build, occurrences
 from qpass.quantizer import QuantMeta, insert_quantizer
 from qpass.recipe import QSPEC_KEYS
 from qpass.primitives import quant as Q
@@ -158,32 +160,60 @@ class KvCache(Pass):
         specs = {"key": cfg.keys, "value": cfg.values}
         _refuse_sequence_scales_at_cache_writes(gm, points, specs)
         qparams = self._static_qparams(gm, ctx, points, specs)
+        keys = [module_path(gm, s.node) or s.node.name for s in sites]
+        at = dict(zip((s.node for s in sites), occurrences(keys)))
+        items = []
         for p in points:
-            self._insert(gm, p, specs[p.role], qparams.get(p))
+            spec = specs[p.role]
+            scale, zp = (None, None) if spec.dynamic else qparams[p]
+            block = kv_block(spec.granularity, spec.dynamic)
+            items.append((QuantMeta(p.role, "", p.path or p.attn.name, spec, block_size=block, position=p.position),
+                          block, {"scale": scale, "zero_point": zp}, at[p.attn]))
+        plan = build(self.name, items, decisions={"k_position": cfg.k_position})
+        self.apply(gm, plan)
         stats = {"attention_sites": len(sites), "keys_quantized": sum(p.role == "key" for p in points),
                  "values_quantized": sum(p.role == "value" for p in points),
                  "cache_writes": sum(p.position == "cache_write" for p in points)}
-        return PassResult(modified=bool(points), stats=stats, near_misses=near)
+        return PassResult(modified=bool(points), stats=stats, near_misses=near, plan=plan)
 
-    def _insert(self, gm: GraphModule, p: _Point, spec: QSpec, qparams) -> None:
-        block = list(kv_block(spec.granularity, spec.dynamic))
-        before = p.user if p.user is not None else p.src.next
-        meta = {k: p.src.meta[k] for k in ("nn_module_stack", "stack_trace") if k in p.src.meta}
-        qmeta = QuantMeta(p.role, p.attn.name, p.path, spec, block_size=tuple(block), position=p.position)
-        scale, zp = (None, None) if spec.dynamic else qparams
-        fq = insert_quantizer(gm, before, p.src, qmeta, block=block, scale=scale, zero_point=zp,
-                              name=f"{p.path or p.attn.name}.{p.role[0]}_scale", origin="kv_cache", **meta).node
-        if p.user is not None:
-            p.user.replace_input_with(p.src, fq)
-        else:
-            p.src.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """Quantize K / V of the attentions the plan names (module path and occurrence), found again in this
+        graph: where attention consumes them, or where a static cache is written (decode graphs)."""
+        sites = P.attention_sites(gm)
+        keys = [module_path(gm, s.node) or s.node.name for s in sites]
+        by_key = {(k, at): s for s, k, at in zip(sites, keys, occurrences(keys))}
+        pre_rope = plan.decisions.get("k_position") == "pre_rope"
+        points = []
+        for qp in plan.quantizers:
+            site = by_key.get((qp.meta.path, qp.at))
+            if site is None:
+                raise PlanError(f"the plan quantizes the {qp.meta.role}s of attention {qp.meta.path!r} (occurrence "
+                                f"{qp.at}), which this graph does not have ({len(sites)} attention sites)",
+                                fix="apply plans to a capture of the model they were made on")
+            t = site.key if qp.meta.role == "key" else site.value
+            found = _find_point(gm, site.node, qp.meta.role, t, qp.meta.role == "key" and pre_rope)
+            if isinstance(found, str):
+                raise PlanError(f"the plan quantizes the {qp.meta.role}s of {qp.meta.path!r}, but in this graph "
+                                f"{found}", fix="report this as a qpass bug")
+            points.append(found)
+        _refuse_sequence_scales_at_cache_writes(gm, points, {qp.meta.role: qp.meta.spec for qp in plan.quantizers})
+        for p, qp, t in zip(points, plan.quantizers, plan.tensors()):
+            before = p.user if p.user is not None else p.src.next
+            node_meta = {k: p.src.meta[k] for k in ("nn_module_stack", "stack_trace") if k in p.src.meta}
+            meta = dataclasses.replace(qp.meta, site=p.attn.name, path=p.path, position=p.position)
+            fq = insert_quantizer(gm, before, p.src, meta, block=list(qp.block), scale=t.get("scale"),
+                                  zero_point=t.get("zero_point"), name=f"{p.path or p.attn.name}.{p.role[0]}_scale",
+                                  origin="kv_cache", **node_meta).node
+            if p.user is not None:
+                p.user.replace_input_with(p.src, fq)
+            else:
+                p.src.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
 
     def _static_qparams(self, gm: GraphModule, ctx: Context, points: list[_Point], specs: dict) -> dict:
         static = [p for p in points if not specs[p.role].dynamic]
         if not static:
             return {}
-        if ctx.restoring:   # shapes only; the values come from the saved state dict
-            return {p: _placeholder(p.src, specs[p.role]) for p in static}
         obs = ctx.observe(gm, {p: p.src for p in static}, lambda p, n: BlockMinMax(specs[p.role]),
                           who="kv_cache with static (per_head / per_channel) scales", desc="kv_cache: observing K/V")
         return {p: o.qparams() for p, o in obs.items()}
@@ -203,13 +233,6 @@ class BlockMinMax:
 
     def qparams(self):
         return Q.qparams_from_minmax(self.mn, self.mx, self.spec)
-
-
-def _placeholder(src: Node, spec: QSpec):
-    shape = Q.scale_shape([int(d) if isinstance(d, int) else 1 for d in src.meta["val"].shape],
-                          kv_block(spec.granularity, False))
-    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(shape, dtype=torch.int32)
-    return torch.ones(shape), zp
 
 
 def _refuse_sequence_scales_at_cache_writes(gm: GraphModule, points: list[_Point], specs: dict) -> None:

@@ -27,6 +27,7 @@ from qpass.distill import feature_taps, module_outputs
 from qpass.errors import CalibrationError, RecipeError
 from qpass.graph import linear_sites
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.plan import Plan, PlanError
 from qpass.quantizer import quantizers
 from qpass.primitives import ops
 from qpass.training import Trainer, TrainSettings, world
@@ -170,9 +171,10 @@ class Qat(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
-        scales = make_scales_learnable(gm) if (cfg.learnable_scales or cfg.trainable == "scales") else []
-        if ctx.restoring:          # structure only: learnable scales are parameters in the saved graph too
-            return PassResult(modified=bool(scales), stats={})
+        learn = cfg.learnable_scales or cfg.trainable == "scales"
+        plan = Plan(self.name, learnable=tuple(q.scale.target for q in quantizers(gm, role="weight")) if learn else ())
+        self.apply(gm, plan)
+        scales = [gm.get_parameter(t) for t in plan.learnable]
         teacher = _teacher(ctx)
         params = trainable_parameters(gm, cfg.trainable, scales)
         if not params:
@@ -203,7 +205,17 @@ class Qat(Pass):
                  "first_loss": round(history[0], 6) if history else None,
                  "last_loss": round(history[-1], 6) if history else None,
                  "seconds": round(time.perf_counter() - t0, 1)}
-        return PassResult(modified=True, stats=stats)
+        return PassResult(modified=True, stats=stats, plan=plan)
+
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """The structure QAT leaves: the weight scales it learned are parameters (``plan.learnable``, their
+        buffer names); trained values are parameter values, in the state dict."""
+        missing = [t for t in plan.learnable if t not in gm._buffers and t not in gm._parameters]
+        if missing:
+            raise PlanError(f"the plan makes the scales {missing[:3]} learnable; this graph has no such buffers",
+                            fix="apply the quantize pass's plan before qat's")
+        make_scales_learnable(gm, plan.learnable)
 
     def _data(self, teacher, ctx: Context) -> torch.Tensor:
         cfg = self.config
@@ -231,11 +243,11 @@ def _teacher(ctx: Context) -> nn.Module:
     return teacher
 
 
-def make_scales_learnable(gm: GraphModule) -> list[nn.Parameter]:
-    """Turn the scale buffers of weight quantizers into parameters (the op's LSQ gradient reaches them)."""
+def make_scales_learnable(gm: GraphModule, targets=None) -> list[nn.Parameter]:
+    """Turn the scale buffers of weight quantizers (those named in `targets`, default all) into parameters
+    (the op's LSQ gradient reaches them)."""
     out = []
-    for q in quantizers(gm, role="weight"):
-        target = q.scale.target
+    for target in targets if targets is not None else [q.scale.target for q in quantizers(gm, role="weight")]:
         if target in gm._parameters:
             out.append(gm._parameters[target])
             continue

@@ -13,6 +13,7 @@ which is what backends need to fuse each linear on its own.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -21,8 +22,9 @@ from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
+from qpass.plan import Plan, PlanError, build, occurrences
 from qpass.primitives import OBSERVERS, choose_qparams
 from qpass.quantizer import QuantMeta, insert_quantizer
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
@@ -97,65 +99,80 @@ class Quantize(Pass):
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "quantize")
+        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
         todo = [s for s in sites if s.path in chosen]
         skipped = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
         _refuse_double_quantization(gm, todo, cfg)
         act_qparams = self._static_activation_qparams(gm, ctx, todo)
+        items = []
         for site in todo:
-            if cfg.weights is not None:
-                self._quantize_weight(gm, site, cfg.weights, ctx)
-            if cfg.activations is not None:
-                self._quantize_input(gm, site, cfg.activations, act_qparams.get(site.input.name))
+            for role, spec in (("weight", cfg.weights), ("input", cfg.activations)):
+                if spec is None:
+                    continue
+                block, tensors = (self._weight_qparams(gm, site, spec, ctx) if role == "weight" else
+                                  (spec.block_size(site.input.meta["val"].shape),
+                                   _qparam_dict(act_qparams.get(site.input.name))))
+                items.append((QuantMeta(role, "", _key(site), spec), block, tensors, at[site.node]))
+        plan = build(self.name, items)
+        self.apply(gm, plan)
         stats = {"linears": len(todo), "weights_quantized": len(todo) if cfg.weights else 0,
                  "inputs_quantized": len(todo) if cfg.activations else 0, "skipped": len(skipped)}
-        return PassResult(modified=bool(todo) and (cfg.weights or cfg.activations) is not None,
-                          stats=stats, near_misses=skipped)
+        return PassResult(modified=bool(items), stats=stats, near_misses=skipped, plan=plan)
+
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """Insert the plan's quantizers on the linears it names (module path and occurrence): weight
+        quantizers on the weight as the matmul consumes it, input quantizers on that linear's input only."""
+        sites = linear_sites(gm)
+        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        for qp, t in zip(plan.quantizers, plan.tensors()):
+            site = by_key.get((qp.meta.path, qp.at))
+            if site is None:
+                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
+                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
+                                "they were made on")
+            meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
+            src = site.weight_use if meta.role == "weight" else site.input
+            if meta.role == "weight":
+                name = f"{site.weight.target}_scale"
+            else:   # NOTE: named by module path: another capture (the decode graph) gets the same names
+                name = f"{site.path or site.node.name}_input_scale"
+            q = insert_quantizer(gm, site.node, src, meta, block=list(qp.block), scale=t.get("scale"),
+                                 zero_point=t.get("zero_point"), name=None if "scale" not in t else name,
+                                 origin="quantize")
+            site.node.replace_input_with(src, q.node)
 
     # -- weights
-    def _quantize_weight(self, gm: GraphModule, site: LinearSite, spec: QSpec, ctx: Context) -> None:
+    def _weight_qparams(self, gm: GraphModule, site: LinearSite, spec: QSpec, ctx: Context):
         block = weight_block_size(spec, use_in_axis=site.use_in_axis)
         flip = site.weight_use is not site.weight                  # consumed transposed (mm family)
-        if ctx.restoring:   # numbers come from the saved state dict
-            shape = param_of(gm, site.weight).shape
-            scale, zp = _placeholder(shape[::-1] if flip else shape, block, spec)
-        else:
-            with ctx.loaded([site.weight.target]):   # weights on disk: one linear in memory at a time
-                w = param_of(gm, site.weight).detach()
-                scale, zp = choose_qparams(w.t() if flip else w, spec, block_size=block)
-        self._insert_fq(gm, site, site.weight_use, scale, zp, block, spec, role="weight",
-                        name=f"{site.weight.target}_scale")
+        with ctx.loaded([site.weight.target]):   # weights on disk: one linear in memory at a time
+            w = param_of(gm, site.weight).detach()
+            scale, zp = choose_qparams(w.t() if flip else w, spec, block_size=block)
+        return block, {"scale": scale, "zero_point": zp}
 
     # -- activations
-    def _quantize_input(self, gm: GraphModule, site: LinearSite, spec: QSpec, qparams) -> None:
-        x = site.input
-        block = spec.block_size(x.meta["val"].shape)
-        if spec.dynamic:
-            q = insert_quantizer(gm, site.node, x, QuantMeta("input", site.node.name, site.path, spec), block=block,
-                                 origin="quantize")
-            site.node.replace_input_with(x, q.node)
-            return
-        scale, zp = qparams
-        # NOTE: named by module path, so the same recipe on another capture (the decode graph) gets the same names
-        self._insert_fq(gm, site, x, scale, zp, block, spec, role="input",
-                        name=f"{site.path or site.node.name}_input_scale")
-
-    def _insert_fq(self, gm, site, src, scale, zp, block, spec, *, role: str, name: str) -> None:
-        q = insert_quantizer(gm, site.node, src, QuantMeta(role, site.node.name, site.path, spec), block=block,
-                             scale=scale, zero_point=zp, name=name, origin="quantize")
-        site.node.replace_input_with(src, q.node)
-
     def _static_activation_qparams(self, gm: GraphModule, ctx: Context, todo: list[LinearSite]) -> dict:
         spec = self.config.activations
         if spec is None or spec.dynamic or not todo:
             return {}
         inputs = {s.input.name: s.input for s in todo}
-        if ctx.restoring:
-            return {k: _placeholder(n.meta["val"].shape, spec.block_size(n.meta["val"].shape), spec)
-                    for k, n in inputs.items()}
         observers = ctx.get(Observed(tuple(inputs), _MakeObserver(self.config.observer, spec),
                                      who="quantize with static activations",
                                      desc="quantize: observing linear inputs"), gm)
         return {k: obs.qparams() for k, obs in observers.items()}
+
+
+def _key(site: LinearSite) -> str:
+    """How a plan names a linear: its module path (a hand-built graph without module paths: the node name)."""
+    return site.path or site.node.name
+
+
+def _qparam_dict(qparams) -> dict:
+    if qparams is None:                 # dynamic: no tensors
+        return {}
+    scale, zp = qparams
+    return {"scale": scale, "zero_point": zp}
 
 
 @dataclass(frozen=True)
@@ -184,13 +201,6 @@ def weight_block_size(spec: QSpec, use_in_axis: int) -> tuple[int, int]:
     [in, out] for mm/addmm/matmul). Spec axes are in canonical [out, in] terms."""
     canonical = spec.granularity.block_size((0, 0))   # [out, in]; only block entries matter
     return canonical if use_in_axis == 1 else (canonical[1], canonical[0])
-
-
-def _placeholder(shape, block, spec: QSpec):
-    """Scale/zero-point tensors of the right shape for restoring (values are loaded afterwards)."""
-    sshape = [1 if b == -1 else -(-int(n) // b) for n, b in zip(shape, block)]
-    zp = None if spec.symmetric or spec.format.kind != "int" else torch.zeros(sshape, dtype=torch.int32)
-    return torch.ones(sshape), zp
 
 
 __all__ = ["Quantize", "QuantizeConfig", "ObserverConfig", "weight_block_size"]

@@ -26,6 +26,7 @@ from qpass.analyses import STRUCTURE, FoldGroups, Observed
 from qpass.errors import RecipeError
 from qpass.folding import FoldGroup, canonical_weight, fold_scales, to_channels, weight_absmax
 from qpass.graph import select
+from qpass.plan import Plan
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.primitives import choose_qparams
 from qpass.primitives import quant as Q
@@ -99,8 +100,6 @@ class SmoothQuant(Pass):
     preserves: ClassVar = STRUCTURE          # rescales parameters only
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
-        if ctx.restoring:   # parameters only: the saved state dict already holds the smoothed values
-            return PassResult(modified=False, stats={"restored": True})
         cfg = self.config
         analysis = ctx.get(FoldGroups(), gm)
         paths = [c.site.path for g in analysis.groups for c in g.consumers] + list(analysis.unfoldable)
@@ -132,7 +131,9 @@ class SmoothQuant(Pass):
         stats.update(groups_smoothed=len(smoothed), linears_smoothed=sum(len(g.consumers) for g in smoothed))
         if cfg.alpha == "search":
             stats["alphas"] = alphas
-        return PassResult(modified=True, stats=stats, near_misses=near)
+        # parameters only (the state dict holds the smoothed values): the plan records the alpha of each group
+        plan = Plan(self.name, decisions={"alphas": alphas})
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
     def _observe(self, gm: GraphModule, ctx: Context, groups: list[FoldGroup]) -> dict:
         calib = ctx.require_calibration("smoothquant")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,17 +29,21 @@ from .capture import capture, capture_decode
 from .errors import ArtifactError, RecipeError
 from .graph import META_CAPTURE, META_PREFIX
 from .pass_infra import Context, Pipeline, Report
+from .plan import Plan, apply_plans
 from .recipe import Recipe, as_recipe
 
 
 class QuantizedModel(nn.Module):
-    """A quantized graph plus the recipe that made it. Called like the model: ``qm(input_ids).logits``."""
+    """A quantized graph plus the recipe that made it and the plans its passes recorded (``qpass.plan``: what
+    saving stores and loading applies). Called like the model: ``qm(input_ids).logits``."""
 
-    def __init__(self, graph_module: GraphModule, recipe: Recipe, report: Report, source: dict):
+    def __init__(self, graph_module: GraphModule, recipe: Recipe, report: Report, source: dict, *,
+                 plans: Sequence[Plan] | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self.report = report
+        self.plans: tuple[Plan, ...] = tuple(plans if plans is not None else report.plans)
         self.source = source   # {"hf_config": dict | None, "model_class": str, "example_inputs": [...]}
 
     def forward(self, *args, **kwargs):
@@ -51,8 +55,8 @@ class QuantizedModel(nn.Module):
 
     def decode_graph(self, max_cache_len: int, batch_size: int = 1) -> GraphModule:
         """The same quantized model as a prefill/decode step with a static KV cache (Hugging Face models):
-        ``step(input_ids, cache_position) -> logits``. Built by capturing the decode step, replaying the
-        recipe on it and loading this model's tensors; cached per (batch size, cache length)."""
+        ``step(input_ids, cache_position) -> logits``. Built by capturing the decode step, applying this
+        model's plans to it (no pass runs) and loading this model's tensors; cached per (batch size, cache length)."""
         key = (batch_size, max_cache_len)
         cache = self.__dict__.setdefault("_decoders", {})
         if key not in cache:
@@ -60,7 +64,7 @@ class QuantizedModel(nn.Module):
                 raise ArtifactError(f"generation needs a Hugging Face causal LM; this is a {self.source.get('model_class')}")
             model = _model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
             gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
-            run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
+            apply_plans(gm, self.plans)
             missing, unexpected = gm.load_state_dict(self.graph_module.state_dict(), strict=False)
             if unexpected or [k for k in missing if "_cache_" not in k and "cumulative_length" not in k]:
                 raise ArtifactError(f"the decode graph does not match the quantized graph (missing {missing[:5]}, "
@@ -96,7 +100,8 @@ def apply(model: nn.Module, recipe: Recipe | Mapping | str | os.PathLike, calib_
         gm, source = copy.deepcopy(model.graph_module), model.source
         report = run_recipe(gm, recipe, Context(calib, progress=progress))
         full = Recipe(model.recipe.passes + recipe.passes, verify=recipe.verify)
-        return QuantizedModel(gm, full, Report(model.report.rows + report.rows), source)
+        return QuantizedModel(gm, full, Report(model.report.rows + report.rows, model.plans + tuple(report.plans)),
+                              source)
     source = _source(model, example_inputs)
     gm = copy.deepcopy(model) if isinstance(model, GraphModule) else capture(copy.deepcopy(model), example_inputs)
     report = run_recipe(gm, recipe, Context(calib, progress=progress, teacher=model))
@@ -136,7 +141,7 @@ def apply_from_disk(model_dir: str | os.PathLike, recipe: Recipe | Mapping | str
         report = Pipeline(passes).run(gm, Context(calib, progress=progress, store=store))
         write_shards(gm, store, tmp, segment_attrs(gm), artifacts.TENSOR_METADATA)
         shutil.rmtree(store.scratch)
-        artifacts.write_description(tmp, recipe, source, report)
+        artifacts.write_description(tmp, recipe, source, report, plans=report.plans)
     return StreamResult(os.fspath(out_dir), report, store.stats.peak_bytes, store.nbytes,
                         tuple(store.stats.peak_names))
 

@@ -4,9 +4,10 @@
     qm.save("out/m")                 # or qpass.apply_from_disk(hf_dir, recipe, "out/m", calib_data=...)
     qm2 = qpass.load("out/m")        # the same graph, bit for bit; qpass.artifacts.read("out/m") only checks
 
-A directory (format 2) holds no pickle and no serialized graph:
+A directory (format 3) holds no pickle and no serialized graph:
 
-    recipe.yaml                       the recipe (``Recipe.to_yaml``)
+    recipe.yaml                       the recipe (``Recipe.to_yaml``): what was asked, for people and tools
+    plans.json                        what each pass decided (``qpass.plan``): what loading applies
     config.json                       the Hugging Face config the model is rebuilt from (HF models only)
     model.safetensors                 every parameter and buffer of the quantized graph; apply_from_disk writes
       or model-0000i-of-0000n.safetensors + model.safetensors.index.json    shards and their index instead
@@ -36,8 +37,10 @@ A model lowered to packed torch kernels (``PackedModel.save``, backends/torch_pa
 way and with these helpers, plus its backend and kernel policy; its measured kernel plan is outside the seal.
 
 Loading rebuilds the model from config.json (other modules are passed in as ``model=``), captures it the same
-way, replays the recipe's passes in *restoring* mode (structure only, no calibration) and loads the tensors,
-checking each one's name, shape and dtype against the rebuilt graph.
+way, applies the saved plans (``qpass.plan.apply_plans``: the quantizers each pass inserted, with placeholder
+tensors of the recorded shapes; no pass runs and no data is needed, so a searched alpha or any other
+data-dependent decision loads as it was made) and loads the tensors, checking each one's name, shape and dtype
+against the rebuilt graph.
 """
 from __future__ import annotations
 
@@ -60,15 +63,16 @@ from torch.fx import GraphModule
 from . import staging
 from .capture import capture, default_example_inputs
 from .errors import ArtifactError, RecipeError
-from .pass_infra import Context, Report
+from .pass_infra import Report
+from .plan import Plan, apply_plans, plans_from_json, plans_to_json
 from .recipe import Recipe
 from .version import __version__
 
 if TYPE_CHECKING:
     from ._api import QuantizedModel
 
-ARTIFACT_FORMAT = 2          # 2: files digested and sealed in qpass.json, HF config only in config.json
-META, RECIPE, CONFIG = "qpass.json", "recipe.yaml", "config.json"
+ARTIFACT_FORMAT = 3          # 2: files digested and sealed, HF config only in config.json; 3: plans.json
+META, RECIPE, CONFIG, PLANS = "qpass.json", "recipe.yaml", "config.json", "plans.json"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"   # one file, or shards and their index
 TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
 # The part of qpass.json that loading depends on; a key a directory lacks is left out of the seal (backend and
@@ -108,7 +112,7 @@ def save(qm: QuantizedModel, directory: str | os.PathLike) -> None:
     Nothing is left behind if writing fails."""
     with atomic_directory(directory) as tmp:
         save_module(qm.graph_module, os.path.join(tmp, SINGLE))
-        write_description(tmp, qm.recipe, qm.source, qm.report)
+        write_description(tmp, qm.recipe, qm.source, qm.report, plans=qm.plans)
 
 
 def save_module(module: nn.Module, path: str, metadata: dict[str, str] = TENSOR_METADATA) -> None:
@@ -142,14 +146,17 @@ def _canonical_header(path: str) -> None:
 
 
 def write_description(directory: str, recipe: Recipe, source: dict, report: Report | None,
-                      extra: dict | None = None) -> None:
-    """recipe.yaml, config.json (Hugging Face models) and qpass.json, which seals them and the tensor files
-    already in `directory` (``model.safetensors``, or the index and every shard it names). `report`: None
-    leaves it out. `extra`: more qpass.json entries, after source (a lowered model's backend, kernel policy
-    and description); those named in SEALED are sealed."""
+                      extra: dict | None = None, *, plans: Sequence[Plan]) -> None:
+    """recipe.yaml, plans.json, config.json (Hugging Face models) and qpass.json, which seals them and the
+    tensor files already in `directory` (``model.safetensors``, or the index and every shard it names).
+    `report`: None leaves it out. `extra`: more qpass.json entries, after source (a lowered model's backend,
+    kernel policy and description); those named in SEALED are sealed."""
     with open(os.path.join(directory, RECIPE), "w") as f:
         f.write(recipe.to_yaml())
-    files = [RECIPE, *_written_weights(directory)]
+    with open(os.path.join(directory, PLANS), "w") as f:
+        json.dump(plans_to_json(plans), f, indent=1, sort_keys=True)
+        f.write("\n")
+    files = [RECIPE, PLANS, *_written_weights(directory)]
     if source.get("hf_config") is not None:   # without the path it was read from: the same model, the same bytes
         config = {k: v for k, v in source["hf_config"].items() if k != "_name_or_path"}
         with open(os.path.join(directory, CONFIG), "w") as f:
@@ -198,6 +205,7 @@ class Artifact:
     recipe: Recipe
     source: dict
     weights: tuple[str, ...]
+    plans: tuple[Plan, ...] = ()
 
 
 def read(directory: str | os.PathLike) -> Artifact:
@@ -218,7 +226,10 @@ def read(directory: str | os.PathLike) -> Artifact:
     source["hf_config"] = read_json(directory, CONFIG) if CONFIG in meta["files"] else None
     if source["hf_config"] is not None and not isinstance(source["hf_config"], dict):
         raise ArtifactError(f"{os.path.join(directory, CONFIG)!r} is not a JSON object", fix=_AGAIN)
-    return Artifact(directory, meta, recipe, source, _weights(directory, meta["files"]))
+    if PLANS not in meta["files"]:
+        raise ArtifactError(f"{directory!r} lists no {PLANS} in {META}", fix=_AGAIN)
+    plans = plans_from_json(read_json(directory, PLANS), os.path.join(directory, PLANS))
+    return Artifact(directory, meta, recipe, source, _weights(directory, meta["files"]), tuple(plans))
 
 
 def _read_meta(directory: str) -> dict:
@@ -325,15 +336,13 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> Quanti
                             "fake-quant one", fix="load a torch one with qpass.backends.torch_packed.load")
     gm = rebuild(art, model, loader="qpass.load")
     load_tensors(gm, art.directory, art.weights)
-    return QuantizedModel(gm, art.recipe, Report(), art.source)
+    return QuantizedModel(gm, art.recipe, Report(), art.source, plans=art.plans)
 
 
 def rebuild(art: "Artifact", model: nn.Module | None = None, *, loader: str) -> GraphModule:
     """The graph a checked artefact was saved from, without its tensors: `model` (or, for Hugging Face models,
-    the architecture from config.json) captured as it was, with the recipe replayed in restoring mode.
+    the architecture from config.json) captured as it was, with the saved plans applied (no pass runs).
     `loader` names the function the user called, for the error's fix."""
-    from ._api import run_recipe   # NOTE: _api imports this module
-
     source = art.source
     if model is None:
         if source.get("hf_config") is None:
@@ -342,7 +351,7 @@ def rebuild(art: "Artifact", model: nn.Module | None = None, *, loader: str) -> 
         model = model_from_config(source["hf_config"], source_dtype(source), where=os.path.join(art.directory, CONFIG))
     gm = capture(model, example_inputs(source, model))
     del model
-    run_recipe(gm, art.recipe, Context(None, restoring=True, progress=False))
+    apply_plans(gm, art.plans)
     return gm
 
 

@@ -1,7 +1,10 @@
 """Pass infrastructure: Pass, PassResult, Context (calibration data + cached analyses), Pipeline, Report.
 
-A pass is a frozen object holding its typed config, with one method ``run(gm, ctx) -> PassResult``. It
-reads the graph, its config and ``ctx``; writes only ``gm``; records what it did in ``PassResult.stats``.
+A pass is a frozen object holding its typed config, with ``run(gm, ctx) -> PassResult``: it decides (reads
+the graph, its config and ``ctx``: data, analyses), records its decisions as a ``qpass.plan.Plan`` and applies
+the plan with its classmethod ``apply(gm, plan)``, the data-free step that ``qpass.load`` and the other
+captures of a saved model (decode graph, ONNX step) repeat without running the pass. It writes only ``gm``
+and reports what it did in ``PassResult.stats``.
 The pipeline runs passes in order, lints after each, drops cached analyses a pass does not declare it
 preserves, adds a report row (stats, node delta, time, optional verify difference) and wraps failures
 in ``PassError("<pass> failed after [...]")``.
@@ -31,8 +34,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
+from . import tables
 from .calibration import CalibrationSet, observe, run_graph
 from .errors import PassError, QpassError, RecipeError, TargetNotFoundError
+from .plan import Plan, PlanError
 
 if TYPE_CHECKING:
     from .offload import WeightStore
@@ -55,6 +60,7 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
     # matches that failed a check: "model.layers.0.mlp.down_proj: in_features 704 % 128 != 0" etc.
     near_misses: list[str] = field(default_factory=list)
+    plan: Plan | None = None     # what it decided (every pass that changes the graph records one)
 
 
 class Pass(ABC):
@@ -77,6 +83,14 @@ class Pass(ABC):
     @abstractmethod
     def run(self, gm: GraphModule, ctx: "Context") -> PassResult: ...
 
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """Apply a plan this pass recorded to `gm`, with no data (placeholders for tensors the plan does not
+        carry). Default, for passes that change parameter values only: nothing to do in the graph."""
+        if plan.structural:
+            raise PlanError(f"{cls.__name__} has no apply step for a plan that changes the graph",
+                            fix="report this as a qpass bug: the pass must implement apply")
+
     def preflight(self, gm: GraphModule, ctx: "Context") -> None:
         """Refuse, before any pass of the pipeline runs, what this pass would only find out later (a missing
         data file, a sequence length the model cannot take), so a recipe fails in seconds and not after the
@@ -93,15 +107,13 @@ class Pass(ABC):
 
 
 class Context:
-    """What passes share: calibration data, cached analyses (``get``), whether we are *restoring* a saved model
-    (then passes rebuild structure only; numbers come from the saved state dict), and the calibration engine
-    and weight store (``observe``, ``sweep``, ``loaded``: in memory, or with the weights on disk in streaming
-    mode, the same calls)."""
+    """What passes share: calibration data, cached analyses (``get``), and the calibration engine and weight
+    store (``observe``, ``sweep``, ``loaded``: in memory, or with the weights on disk in streaming mode, the
+    same calls)."""
 
-    def __init__(self, calib: CalibrationSet | None = None, *, restoring: bool = False,
-                 progress: bool = True, teacher=None, store: WeightStore | None = None):
+    def __init__(self, calib: CalibrationSet | None = None, *, progress: bool = True, teacher=None,
+                 store: WeightStore | None = None):
         self.calib = calib
-        self.restoring = restoring
         self.progress = progress
         self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
         self.store = store          # None: every parameter is in memory
@@ -187,8 +199,9 @@ class ReportRow:
 class Report:
     """One row per pass; ``report["quantize"].stats``; ``print(report)`` shows a table."""
 
-    def __init__(self, rows: list[ReportRow] | None = None):
+    def __init__(self, rows: list[ReportRow] | None = None, plans: list[Plan] | None = None):
         self.rows = rows or []
+        self.plans = list(plans or [])    # one per pass, in order (qpass.plan)
 
     def __getitem__(self, name: str) -> ReportRow:
         for row in self.rows:
@@ -212,10 +225,7 @@ class Report:
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
             ver = f"{r.verify['max_abs_diff']:.3g}" if r.verify else "-"
             body.append([r.name, f"+{r.nodes_added}/-{r.nodes_removed}", f"{r.seconds:.2f}s", ver, stats])
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in body]
+        lines = tables.text(head, body).split("\n")
         for r in self.rows:
             lines += [f"  {r.name}: skipped {m}" for m in r.near_misses[:20]]
             if len(r.near_misses) > 20:
@@ -231,12 +241,11 @@ class Pipeline:
 
     def run(self, gm: GraphModule, ctx: Context) -> Report:
         """Run the passes in order. Pass i is item ``passes[i]`` of the recipe: errors name it that way."""
-        if not ctx.restoring:
-            if ctx.calib is not None:      # bad samples fail here, not as an IndexError inside a pass
-                ctx.calib.check(gm)
-            for i, p in enumerate(self.passes):
-                with _located(i, p, None):
-                    p.preflight(gm, ctx)
+        if ctx.calib is not None:      # bad samples fail here, not as an IndexError inside a pass
+            ctx.calib.check(gm)
+        for i, p in enumerate(self.passes):
+            with _located(i, p, None):
+                p.preflight(gm, ctx)
         ctx.bind(gm)
         report, done = Report(), []
         verify_inputs = self._verify_inputs(ctx)
@@ -247,6 +256,11 @@ class Pipeline:
             t0 = time.perf_counter()
             with _located(i, p, done):
                 result = p.run(gm, ctx)
+                if result.plan is None:
+                    if result.modified:
+                        raise PlanError(f"{p.name} changed the graph but recorded no plan, so a saved model "
+                                        "could not be loaded", fix="report this as a qpass bug")
+                    result.plan = Plan(p.name)
                 gm.graph.lint()
                 gm.recompile()
             seconds = time.perf_counter() - t0
@@ -261,11 +275,12 @@ class Pipeline:
                 ref = out
             log.info("%s: %s (%.2fs)", p.name, result.stats, seconds)
             report.rows.append(row)
+            report.plans.append(result.plan.without_values())
             done.append(p.name)
         return report
 
     def _verify_inputs(self, ctx: Context):
-        if not self.verify or ctx.restoring or ctx.calib is None:
+        if not self.verify or ctx.calib is None:
             return []
         return ctx.calib.samples[: self.verify_samples]
 

@@ -351,6 +351,17 @@ def _pass_table() -> dict:
     return PASSES
 
 
+def pass_class(name: str, where: str = "the plan"):
+    """The pass class of recipe name `name` (a plan's ``pass``), or an ArtifactError naming `where`."""
+    from .errors import ArtifactError
+
+    table = _pass_table()
+    if name not in table:
+        raise ArtifactError(f"{where} names the pass {name!r}, which this qpass does not have (passes: "
+                            f"{sorted(table)})", fix="load it with the qpass version that wrote it")
+    return table[name][1]
+
+
 # ------------------------------------------------------------------------------------------- YAML
 
 _EMPTY = ("the recipe is empty: list its passes, e.g. 'passes: [{quantize: {weights: {bits: 8}}}]'; write "

@@ -13,6 +13,7 @@ from qpass.analyses import (STRUCTURE, ActAbsMax, AttentionSites, FoldGroups, He
 from qpass.calibration import CalibrationSet, observe
 from qpass.folding import analyze
 from qpass.graph import linear_sites
+from qpass.plan import Plan
 from qpass.pass_infra import Context, Pass, PassResult, Pipeline
 from qpass.passes import PASSES, Gptq, GptqConfig, Quantize, QuantizeConfig, SmoothQuant, SmoothQuantConfig
 from qpass.primitives.gptq import HessianAccumulator
@@ -38,7 +39,7 @@ class Probe(Pass):
     def run(self, gm, ctx):
         ctx.get(LinearSites(), gm)
         ctx.get(ActAbsMax(inputs_of(gm)), gm)
-        return PassResult(modified=self.modified)
+        return PassResult(modified=self.modified, plan=Plan(self.name))   # says it changed values only
 
 
 @dataclass(frozen=True)

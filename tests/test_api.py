@@ -51,7 +51,7 @@ def test_save_load_round_trips_exactly(tmp_path, recipe):
     model = toy.hf_model("llama")
     qm = qpass.apply(model, recipe, calib_data=[toy.token_ids(seed=s) for s in range(2)], progress=False)
     qm.save(tmp_path / "m")
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "plans.json", "qpass.json", "recipe.yaml"]
     meta = json.loads((tmp_path / "m" / "qpass.json").read_text())
     assert meta["qpass_version"] == qpass.__version__ and meta["torch_version"] == torch.__version__
     back = qpass.load(tmp_path / "m")

@@ -107,9 +107,9 @@ DAMAGE = {   # name: (file changed, change, message)
     "qpass.json no files": ("qpass.json", lambda b: _json_without(b, "files"), r"qpass\.json' lacks .*'files'"),
     "qpass.json source edited": ("qpass.json", lambda b: b.replace(b'"float32"', b'"bfloat16"'),
                                  r"qpass\.json' was edited after saving: its seal"),
-    "qpass.json format 1": ("qpass.json", lambda b: b.replace(b'"format": 2', b'"format": 1', 1),
+    "qpass.json format 1": ("qpass.json", lambda b: b.replace(b'"format": 3', b'"format": 1', 1),
                             r"artefact format 1 (.|\n)*quantize the model again"),
-    "qpass.json format 99": ("qpass.json", lambda b: b.replace(b'"format": 2', b'"format": 99', 1),
+    "qpass.json format 99": ("qpass.json", lambda b: b.replace(b'"format": 3', b'"format": 99', 1),
                              r"qpass\.json' has artefact format 99"),
     "safetensors truncated": ("model.safetensors", lambda b: b[: len(b) - 100],
                               r"model\.safetensors' was changed after saving: it is \d+ bytes, saved as \d+ \(cut"),
@@ -170,7 +170,7 @@ def test_sharded_artefacts_are_sealed_shard_by_shard(sharded, tmp_path):
     _, src = sharded
     meta = json.load(open(os.path.join(src, "qpass.json")))
     shards = sorted(f for f in os.listdir(src) if f.startswith("model-0"))
-    assert len(shards) > 2 and set(meta["files"]) == {"config.json", "recipe.yaml",
+    assert len(shards) > 2 and set(meta["files"]) == {"config.json", "recipe.yaml", "plans.json",
                                                       "model.safetensors.index.json", *shards}
     path = copy_of(src, tmp_path)
     edit(path, shards[1], lambda b: b[:-1] + bytes([b[-1] ^ 1]))

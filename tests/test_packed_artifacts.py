@@ -48,9 +48,9 @@ IDS = toy.token_ids(2, 7)
 def test_an_intact_copy_loads_bit_exactly_and_an_edited_recipe_is_refused(saved, tmp_path):
     pm, src = saved
     meta = json.load(open(os.path.join(src, "qpass.json")))
-    assert meta["format"] == 2 and meta["backend"] == "torch" and meta["kernels"] == {"1": "q4avx2", "8": "int4pack",
+    assert meta["format"] == 3 and meta["backend"] == "torch" and meta["kernels"] == {"1": "q4avx2", "8": "int4pack",
                                                                                        "128": "dequant"}
-    assert set(meta["files"]) == {"config.json", "model.safetensors", "recipe.yaml"} and meta["seal"]
+    assert set(meta["files"]) == {"config.json", "model.safetensors", "plans.json", "recipe.yaml"} and meta["seal"]
     back = tp.load(src)
     assert torch.equal(back(IDS).logits, pm(IDS).logits) and back.plan() == pm.plan()
     path = copy_of(src, tmp_path)
@@ -75,7 +75,7 @@ DAMAGE = {   # name: (file changed, change, message)
                              r"qpass\.json' was edited after saving: its seal"),
     "backend edited": ("qpass.json", lambda b: b.replace(b'"backend": "torch"', b'"backend": "onnx"', 1),
                        r"qpass\.json' was edited after saving: its seal"),
-    "format 99": ("qpass.json", lambda b: b.replace(b'"format": 2', b'"format": 99', 1),
+    "format 99": ("qpass.json", lambda b: b.replace(b'"format": 3', b'"format": 99', 1),
                   r"qpass\.json' has artefact format 99"),
 }
 
@@ -120,7 +120,7 @@ def test_saving_twice_and_lowering_twice_give_byte_identical_files(saved, tmp_pa
     pm.save(tmp_path / "resaved")
     lowered()[1].save(tmp_path / "again")
     assert same_bytes(first, str(tmp_path / "resaved")) and same_bytes(first, str(tmp_path / "again"))
-    assert sorted(os.listdir(first)) == ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
+    assert sorted(os.listdir(first)) == ["config.json", "model.safetensors", "plans.json", "qpass.json", "recipe.yaml"]
 
 
 def test_a_measured_plan_is_kept_apart_and_reused_only_on_a_matching_machine(measured, tmp_path, monkeypatch):
@@ -128,7 +128,7 @@ def test_a_measured_plan_is_kept_apart_and_reused_only_on_a_matching_machine(mea
     tp.kernels._DECISIONS.clear()                                 # measure afresh: timings (maybe choices) differ
     lowered("exact")[1].save(tmp_path / "again")
     again = str(tmp_path / "again")
-    sealed = ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
+    sealed = ["config.json", "model.safetensors", "plans.json", "qpass.json", "recipe.yaml"]
     assert sorted(os.listdir(again)) == sorted([*sealed, "kernels.json"])
     assert all(open(os.path.join(first, n), "rb").read() == open(os.path.join(again, n), "rb").read() for n in sealed)
     tuning = json.load(open(os.path.join(first, "kernels.json")))

@@ -471,7 +471,7 @@ def test_save_load_restores_packed_weights_without_requantizing(tmp_path, monkey
     qm = qpass.apply(toy.hf_model("llama"), "recipes/w4a8_kv4.yaml", progress=False)
     pm = qpass.lower(qm, "torch", kernels={1: "q4avx2", 8: "int4pack", 128: "dequant"})   # whichever applies
     pm.save(tmp_path / "m")
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "qpass.json", "recipe.yaml"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "plans.json", "qpass.json", "recipe.yaml"]
     meta = json.loads((tmp_path / "m" / "qpass.json").read_text())
     assert meta["backend"] == "torch" and meta["plan"] and meta["linears"]
     monkeypatch.setattr(tp.PackedLinear, "from_weight", classmethod(lambda *a, **k: pytest.fail("re-quantized")))
@@ -492,11 +492,10 @@ def test_save_load_restores_packed_weights_without_requantizing(tmp_path, monkey
 
 def fake_quant_decode_graph(qm, template):
     """What qm.decode_graph(...) builds, from an already captured decode graph (saves a capture)."""
-    from qpass._api import run_recipe
-    from qpass.pass_infra import Context
+    from qpass.plan import apply_plans
 
     gm = tp.model._copy_template(template)
-    run_recipe(gm, qm.recipe, Context(None, restoring=True, progress=False))
+    apply_plans(gm, qm.plans)
     gm.load_state_dict(qm.graph_module.state_dict(), strict=False)
     return gm
 

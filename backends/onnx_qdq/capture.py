@@ -7,8 +7,8 @@ optimum-onnx's decoder convention (what ``ORTModelForCausalLM`` runs):
 
 qpass's own decode graph (``QuantizedModel.decode_graph``) keeps a *static* cache in buffers; this one takes
 the cache as inputs and returns it grown, so it is captured here with transformers' ``DynamicCache`` built
-from the flat past tensors inside the step. The recipe is replayed on that capture in restoring mode and
-the quantized model's tensors are loaded, as ``decode_graph`` does: same quantizers, same numbers.
+from the flat past tensors inside the step. The quantized model's plans are applied to that capture
+(``qpass.plan.apply_plans``: no pass runs) and its tensors are loaded, as ``decode_graph`` does: same quantizers, same numbers.
 """
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from qpass._api import run_recipe
+from qpass.plan import apply_plans
 from qpass.capture import is_hf_causal_lm
 from qpass.errors import ArtifactError, CaptureError
 from qpass.graph import META_CAPTURE, META_PREFIX
 from qpass.hf import cache_kwargs, output_cache
-from qpass.pass_infra import Context
 
 _WRAP = "model"   # same attribute name as qpass.capture's wrapper, so parameter names and paths match
 
@@ -109,7 +108,7 @@ def capture_step(qm) -> tuple[GraphModule, tuple, tuple]:
     gm.meta[META_PREFIX] = f"{_WRAP}."
     gm.meta[META_CAPTURE] = {"hf": True, "model_class": type(model).__name__, "n_inputs": 4, "decode": True,
                              "dynamic_cache": True}
-    run_recipe(gm, qm.recipe, Context(None, restoring=True, progress=False))
+    apply_plans(gm, qm.plans)
     missing, unexpected = gm.load_state_dict(qm.graph_module.state_dict(), strict=False)
     if unexpected or missing:
         raise ArtifactError(f"the decoder-step graph does not match the quantized graph (missing {missing[:5]}, "

@@ -106,8 +106,9 @@ def _apply_transposes(w: torch.Tensor, nodes) -> torch.Tensor:
     return w
 
 
-def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, restoring: bool) -> PackedLinear:
-    """The PackedLinear of one pattern (restoring: structure only, tensors are loaded afterwards)."""
+def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, empty: bool) -> PackedLinear:
+    """The PackedLinear of one pattern (empty: structure only, for a saved model whose tensors are loaded
+    afterwards)."""
     site = m.site
     if site.node.target is aten.addmm.default and (site.node.kwargs.get("beta", 1) != 1
                                                    or site.node.kwargs.get("alpha", 1) != 1):
@@ -123,7 +124,7 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, restoring: bool)
         w, scale, block = w.t(), scale.t(), block[::-1]
         zp = zp.t() if zp is not None else None
     n, k = w.shape
-    if restoring:
+    if empty:
         bn, bk = _normalize_block(block, n, k)
         wf = WeightFormat(fmt, zp is None, n, k, bn, bk, choose_layout(fmt, n, k, bn, bk))
         mod = PackedLinear(wf, act, has_bias=bias is not None, act_zero=a_zero is not None, name=name,
@@ -144,7 +145,7 @@ def _generic(m: QuantLinear) -> bool:
 
 def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **kw) -> ExtLinear:
     """The generic dequantize-then-matmul module of a quantizer `_generic` accepts (its tensors as the graph
-    holds them: restoring gets the placeholders' shapes, loaded afterwards)."""
+    holds them: a loaded model gets the placeholders' shapes, loaded afterwards)."""
     q = Quantizer(m.weight_fq)
     side = q.side_channels
     t = lambda n, what: _tensor(gm, n, what)   # noqa: E731
@@ -182,7 +183,7 @@ def _placement(gm: GraphModule, m: QuantLinear, taken: set[str]) -> tuple[str, b
 
 
 def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = None,
-                  restoring: bool = False) -> dict[str, PackedLinear]:
+                  empty: bool = False) -> dict[str, PackedLinear]:
     """Replace every QuantLinear with a PackedLinear. `shared`: modules to reuse by name (decode graphs
     share the packed weights of the main graph). Returns {module name: PackedLinear} (ExtLinear modules,
     the generic route, are in the graph but not in the dict: they have no kernel plan)."""
@@ -197,14 +198,14 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
         name, replace_container = _placement(gm, m, taken)
         taken.add(name)
         if shared is not None and _generic(m) and name not in shared:   # not a PackedLinear: built again
-            mod = build_linear(gm, m, name, restoring=restoring)
+            mod = build_linear(gm, m, name, empty=empty)
         elif shared is not None:
             if name not in shared:
                 raise UnsupportedOpError(f"no packed weights named {name!r} for this graph's linear",
                                          describe(gm, m.site.node), fix="report this as a qpass bug")
             mod = shared[name]
         else:
-            mod = build_linear(gm, m, name, restoring=restoring)
+            mod = build_linear(gm, m, name, empty=empty)
         if isinstance(mod, PackedLinear):   # an ExtLinear has no kernels to plan: in the graph only
             mods[name] = mod
         dropped |= _rewrite(gm, m, name, mod, replace_container)

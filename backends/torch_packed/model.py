@@ -1,6 +1,6 @@
 """``PackedModel``: the lowered graph plus what it needs to generate, save and load.
 
-Saved directories are artefacts of format 2 (``qpass.artifacts``: no pickle, sealed, deterministic):
+Saved directories are artefacts of format 3 (``qpass.artifacts``: no pickle, sealed, deterministic):
 
     model.safetensors   packed codes (canonical layout, whatever layout this machine's kernels use), scales,
                         zero points and the float tensors the recipe left alone
@@ -13,9 +13,9 @@ Saved directories are artefacts of format 2 (``qpass.artifacts``: no pickle, sea
                         that machine (``machine()``) and the timings. Outside the digests and the seal.
 
 ``load`` checks the digests and the seal first (``qpass.artifacts.read``): an edited recipe, a damaged file or
-an edited qpass.json is an ArtifactError naming the file. It then captures the architecture again, replays the
-recipe in restoring mode (structure only), lowers it in restoring mode (empty packed buffers of the right
-shapes) and loads the tensors: nothing is re-quantized.
+an edited qpass.json is an ArtifactError naming the file. It then captures the architecture again, applies the
+saved plans (``qpass.plan``: structure only, no pass runs), lowers it with empty packed buffers of the right
+shapes and loads the tensors: nothing is re-quantized.
 
 Kernels. Which kernel runs a linear is a property of the machine, not of the model: the same weights and
 recipe give the same files everywhere, and loading decides the kernels for the loading machine. A fixed
@@ -43,7 +43,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qpass import artifacts
-from qpass._api import _float_dtype, run_recipe
+from qpass._api import _float_dtype
+from qpass.plan import Plan, apply_plans
 from qpass.artifacts import (
     META,
     SINGLE,
@@ -58,7 +59,6 @@ from qpass.artifacts import (
 from qpass.capture import capture_decode
 from qpass.errors import ArtifactError
 from qpass.graph import META_CAPTURE
-from qpass.pass_infra import Context
 from qpass.recipe import Recipe
 from qpass.version import __version__
 
@@ -94,10 +94,11 @@ class PackedModel(nn.Module):
     """A lowered model: ``pm(input_ids).logits``, ``pm.generate(...)``, ``pm.save(dir)``."""
 
     def __init__(self, graph_module: GraphModule, recipe: Recipe, source: dict, *, kernels="auto",
-                 records: list[TuneRecord] | None = None):
+                 records: list[TuneRecord] | None = None, plans: tuple[Plan, ...] = ()):
         super().__init__()
         self.graph_module = graph_module
         self.recipe, self.source, self.kernels = recipe, source, kernels
+        self.plans = tuple(plans)      # the passes' plans (qpass.plan): the decode graph applies them
         self.records = records or []
         self._decoders: dict = {}
 
@@ -157,7 +158,7 @@ class PackedModel(nn.Module):
             else:
                 model = model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
                 gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
-            run_recipe(gm, self.recipe, Context(None, restoring=True, progress=False))
+            apply_plans(gm, self.plans)
             _share_tensors(gm, self.graph_module)
             lower_linears(gm, shared=self.linears())
             lower_kv_cache(gm)
@@ -192,7 +193,7 @@ class PackedModel(nn.Module):
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: str | os.PathLike) -> None:
         """Write the lowered model to `directory` (created; an existing non-empty one is an error): an artefact
-        of format 2, sealed and byte-identical for the same model (the module docstring says what is where).
+        of format 3, sealed and byte-identical for the same model (the module docstring says what is where).
         Nothing is left behind if writing fails."""
         policy = _policy_json(self.kernels)
         measured = policy in MEASURED
@@ -201,7 +202,7 @@ class PackedModel(nn.Module):
                        "input": m.act.describe() if m.act else None} for n, m in self.linears().items()}
         with atomic_directory(directory) as tmp:
             save_module(self.graph_module, os.path.join(tmp, SINGLE), {**TENSOR_METADATA, "backend": BACKEND})
-            write_description(tmp, self.recipe, self.source, None, extra={
+            write_description(tmp, self.recipe, self.source, None, plans=self.plans, extra={
                 "backend": BACKEND, "kernels": policy, "linears": linears, **({} if measured else {"plan": plan})})
             if measured:
                 with open(os.path.join(tmp, TUNING), "w") as f:
@@ -275,7 +276,7 @@ def lower(qm, *, kernels: str | Mapping = "auto", repeats: int = 5) -> PackedMod
     mods = lower_linears(gm)
     simplify(gm)
     records = tune(list(mods.values()), kernels, repeats=repeats)
-    return PackedModel(gm, qm.recipe, qm.source, kernels=kernels, records=records)
+    return PackedModel(gm, qm.recipe, qm.source, kernels=kernels, records=records, plans=qm.plans)
 
 
 def _copy_graph(gm: GraphModule) -> GraphModule:
@@ -297,7 +298,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
     source = art.source
     gm = artifacts.rebuild(art, model, loader="qpass.backends.torch_packed.load")
     del model
-    mods = lower_linears(gm, restoring=True)
+    mods = lower_linears(gm, empty=True)
     simplify(gm)
     load_tensors(gm, directory, art.weights)
     policy = _policy(art.meta.get("kernels"), os.path.join(directory, META)) if kernels is None else _policy(kernels)
@@ -310,7 +311,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
         records = tune(list(mods.values()), policy)
     for mod in mods.values():
         mod.plan = {b: mod.plan.get(b, "dequant") for b in BUCKETS}
-    return PackedModel(gm, art.recipe, source, kernels=policy, records=records)
+    return PackedModel(gm, art.recipe, source, kernels=policy, records=records, plans=art.plans)
 
 
 def _policy_json(policy: str | Mapping) -> str | dict:
