@@ -16,7 +16,7 @@ Changes   scale: producer channel c /= s_c, consumer input column j *= s_map(j) 
           a ``gptq`` pass follows: the clip search optimizes round-to-nearest (as the paper's), and GPTQ's
           error feedback re-rounds better from the unclipped range (AWQ+GPTQ at W2 g64 was worse than GPTQ
           alone with clipping, not without)
-Requires  calibration data; block by block (qpass.sequential, float inputs as the reference by default);
+Requires  calibration data; block by block (qpass.block_sweep, float inputs as the reference by default);
           the weight spec of each linear: an explicit ``weights``, else that of the later ``quantize`` pass
           that quantizes the linear (the search must optimize the grid that is applied)
 Preserves graph structure
@@ -95,9 +95,12 @@ class Awq(Pass):
     """Search activation-aware scales (folded into the producers) and weight clipping for a weight quantizer."""
 
     config: AwqConfig = AwqConfig()
+    later: tuple = ()                        # configs of the quantize and gptq passes after it (Pass.sees_later)
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
     preserves: ClassVar = STRUCTURE          # rescales and clamps parameters only
+    # the search optimizes the weight quantizer a later quantize pass applies; clip: auto is off before gptq
+    sees_later: ClassVar = (QuantizeConfig, GptqConfig)
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
@@ -183,7 +186,7 @@ class Awq(Pass):
                    ctx: Context, near: list) -> set:
         """Nodes of the linears whose weights the clip search may clamp."""
         cfg = self.config
-        if cfg.clip == "auto" and any(isinstance(c, GptqConfig) for c in ctx.upcoming):
+        if cfg.clip == "auto" and any(isinstance(c, GptqConfig) for c in self.later):
             near.append("clip search off (clip: auto): a gptq pass follows; set clip: true to clip anyway")
             return set()
         if not cfg.clip:
@@ -207,7 +210,7 @@ class Awq(Pass):
         second quantizer on a weight, so that is the one applied). Only linears a later quantize pass
         quantizes are searched; with no quantize pass after awq, all of them with awq's `weights`."""
         own = self.config.weights
-        quants = [c for c in ctx.upcoming if isinstance(c, QuantizeConfig) and c.weights is not None]
+        quants = [c for c in self.later if isinstance(c, QuantizeConfig) and c.weights is not None]
         if not quants:
             if own is None:
                 raise RecipeError("awq.weights", "no weight spec: no quantize pass with weights follows awq in the "

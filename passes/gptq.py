@@ -7,7 +7,7 @@ Changes   the float weight W -> W_gptq (exactly representable: fake_quantize(W_g
           quantizer's scale / zero-point buffers, in place; no nodes added or removed
           per linear input: H = 2/n sum x x^T (linears reading the same input share it); the reference
           column loop with dampening, lazy batches, act-order and static groups (qpass.primitives.gptq)
-Requires  calibration data; block by block (qpass.sequential): block i is calibrated on the outputs of
+Requires  calibration data; block by block (qpass.block_sweep): block i is calibrated on the outputs of
           blocks 0..i-1 as already re-rounded (``feed: quantized``) or of the float model (``feed: float``);
           with ``true_sequential`` the linears of a block are done in dependency order (q/k/v, o, gate/up,
           down), each observed with the earlier ones quantized and the later ones in float

@@ -22,15 +22,15 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qpass.calibration import check_inputs, sequence_limit
-from qpass.datagen import GenerationSettings, generate_data, text_data
-from qpass.distill import feature_taps, module_outputs
+from qpass.qat.datagen import GenerationSettings, generate_data, text_data
+from qpass.qat.distill import feature_taps, module_outputs
 from qpass.errors import CalibrationError, RecipeError
 from qpass.graph import linear_sites
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError
 from qpass.quantizer import quantizers
 from qpass.primitives import ops
-from qpass.training import Trainer, TrainSettings, world
+from qpass.qat.training import Trainer, TrainSettings, world
 
 log = logging.getLogger("qpass.qat")
 

@@ -24,13 +24,14 @@ from .artifacts import (  # NOTE: backends/ import these aliases from here until
     model_from_config as _model_from_config,
     source_dtype as _source_dtype,
 )
+from .artifacts import float_dtype as _float_dtype
 from .calibration import CalibrationSet
 from .capture import capture, capture_decode
 from .errors import ArtifactError, RecipeError
 from .graph import META_CAPTURE, META_PREFIX
 from .pass_infra import Context, Pipeline, Report
 from .plan import Plan, apply_plans
-from .recipe import Recipe, as_recipe
+from .recipe import Recipe, as_recipe, make_passes
 
 
 class QuantizedModel(nn.Module):
@@ -129,8 +130,8 @@ def apply_from_disk(model_dir: str | os.PathLike, recipe: Recipe | Mapping | str
     is left there if anything fails). Same numbers as ``qpass.apply(model, recipe, calib_data)`` with
     block-by-block calibration; passes that need the whole model at once (qat, ``sequential: false``) are
     refused before anything runs."""
-    from .offload import Checkpoint, write_shards
-    from .sequential import segment_attrs
+    from .streaming import Checkpoint, write_shards
+    from .block_sweep import segment_attrs
 
     recipe = as_recipe(recipe)
     passes = _streaming_passes(recipe)
@@ -148,9 +149,7 @@ def apply_from_disk(model_dir: str | os.PathLike, recipe: Recipe | Mapping | str
 
 def _streaming_passes(recipe: Recipe) -> list:
     """The recipe's passes, or a RecipeError naming the first that needs the whole model in memory."""
-    from qpass.passes import make_pass
-
-    passes = [make_pass(c) for c in recipe.passes]
+    passes = make_passes(recipe)
     for i, p in enumerate(passes):
         why = p.streaming_refusal()
         if why:
@@ -165,7 +164,7 @@ def _streaming_passes(recipe: Recipe) -> list:
 def _capture_from_disk(ckpt, cfg: dict, scratch: str):
     """(graph, its WeightStore, source) for the model of `cfg` whose weights are in `ckpt`: built with meta
     parameters, captured through fake ones, every parameter then an OnDisk stand-in."""
-    from .offload import WeightStore, checkpoint_sources, fake_parameters, skeleton_parameters
+    from .streaming import WeightStore, checkpoint_sources, fake_parameters, skeleton_parameters
 
     with skeleton_parameters():
         model = _model_from_config(cfg)
@@ -186,18 +185,7 @@ def _read_config(model_dir: str) -> dict:
 
 
 def run_recipe(gm: GraphModule, recipe: Recipe, ctx: Context) -> Report:
-    from qpass.passes import make_pass
-
-    return Pipeline([make_pass(c) for c in recipe.passes], verify=recipe.verify).run(gm, ctx)
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype | None:
-    """The floating dtype holding most of a module's parameter values (None: no floating parameters)."""
-    counts: dict[torch.dtype, int] = {}
-    for p in module.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else None
+    return Pipeline(make_passes(recipe), verify=recipe.verify).run(gm, ctx)
 
 
 def _source(model: nn.Module, example_inputs) -> dict:

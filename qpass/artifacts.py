@@ -428,6 +428,15 @@ def model_from_config(cfg: dict, dtype: torch.dtype | None = None, where: str = 
     return model.eval()
 
 
+def float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The floating dtype holding most of a module's parameter values (None: no floating parameters)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def source_dtype(source: dict) -> torch.dtype | None:
     """The floating dtype the model was quantized in (None where it was not recorded)."""
     name = source.get("dtype")
@@ -461,6 +470,7 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-__all__ = ["ARTIFACT_FORMAT", "SEALED", "Artifact", "atomic_directory", "example_inputs", "file_digest", "load",
+__all__ = ["ARTIFACT_FORMAT", "SEALED", "Artifact", "atomic_directory", "example_inputs", "file_digest", "float_dtype",
+           "load",
            "load_shards", "load_tensors", "model_from_config", "read", "read_json", "save", "save_module", "seal",
            "source_dtype", "write_description", "write_safetensors"]

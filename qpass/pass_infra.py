@@ -23,6 +23,7 @@ The context owns the calibration engine and the weight store: ``ctx.observe(node
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -40,7 +41,7 @@ from .errors import PassError, QpassError, RecipeError, TargetNotFoundError
 from .plan import Plan, PlanError
 
 if TYPE_CHECKING:
-    from .offload import WeightStore
+    from .streaming import WeightStore
 
 log = logging.getLogger("qpass.pipeline")
 
@@ -69,6 +70,7 @@ class Pass(ABC):
     name: ClassVar[str]
     preserves: ClassVar[tuple[type[Analysis], ...]] = ()   # analysis types still valid after this pass
     changes_weights: ClassVar[bool] = True                 # may change parameter values (the safe default)
+    sees_later: ClassVar[tuple[type, ...]] = ()            # config types of later passes it reads (bind_later)
     needs_calibration: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
@@ -90,6 +92,15 @@ class Pass(ABC):
         if plan.structural:
             raise PlanError(f"{cls.__name__} has no apply step for a plan that changes the graph",
                             fix="report this as a qpass bug: the pass must implement apply")
+
+    def bind_later(self, configs: list) -> "Pass":
+        """This pass with the configs of the recipe's later passes it declares in ``sees_later`` (config types)
+        in its ``later`` field (AWQ searches for the weight quantizer a later quantize pass applies). The
+        dependency is declared on the class and visible on the pass object; nothing reaches passes through
+        the context."""
+        if not self.sees_later:
+            return self
+        return dataclasses.replace(self, later=tuple(c for c in configs if isinstance(c, self.sees_later)))
 
     def preflight(self, gm: GraphModule, ctx: "Context") -> None:
         """Refuse, before any pass of the pipeline runs, what this pass would only find out later (a missing
@@ -117,7 +128,6 @@ class Context:
         self.progress = progress
         self.teacher = teacher      # the unmodified full-precision model (QAT distills from it)
         self.store = store          # None: every parameter is in memory
-        self.upcoming: tuple = ()   # configs of the passes after the running one (AWQ reads quantize's spec)
         self._cache: dict[Analysis, Any] = {}
         self._gm: GraphModule | None = None       # the graph the cached analyses describe
         self.computed: dict[type, int] = {}       # analysis type -> times computed (tests, debugging)
@@ -159,7 +169,7 @@ class Context:
         {key: observer}. One run over the whole graph in memory; with the weights on disk, one segment
         (stem, block, tail) at a time so that only its weights are loaded. `who` names the caller in the
         error raised when there is no calibration data."""
-        from .sequential import observe_by_block
+        from .block_sweep import observe_by_block
 
         calib = self.require_calibration(who)
         if self.store is None:
@@ -168,9 +178,9 @@ class Context:
 
     def sweep(self, gm: GraphModule, *, who: str, blocks: bool = True, feed: str = "quantized",
               desc: str = "calibrating"):
-        """A block-by-block ``qpass.sequential.Sweep`` over the calibration data (each segment's weights loaded
+        """A block-by-block ``qpass.block_sweep.Sweep`` over the calibration data (each segment's weights loaded
         for its step when they are on disk)."""
-        from .sequential import Sweep
+        from .block_sweep import Sweep
 
         return Sweep(gm, self.require_calibration(who), blocks=blocks, feed=feed, progress=self.progress,
                      desc=desc, store=self.store)
@@ -235,7 +245,8 @@ class Report:
 
 class Pipeline:
     def __init__(self, passes: list[Pass], *, verify: bool = False, verify_samples: int = 2):
-        self.passes = passes
+        self.passes = [p.bind_later([getattr(q, "config", None) for q in passes[i + 1:]])
+                       for i, p in enumerate(passes)]
         self.verify = verify
         self.verify_samples = verify_samples
 
@@ -251,7 +262,6 @@ class Pipeline:
         verify_inputs = self._verify_inputs(ctx)
         ref = self._outputs(gm, verify_inputs)
         for i, p in enumerate(self.passes):
-            ctx.upcoming = tuple(getattr(q, "config", None) for q in self.passes[i + 1:])
             before = set(gm.graph.nodes)
             t0 = time.perf_counter()
             with _located(i, p, done):

@@ -351,6 +351,12 @@ def _pass_table() -> dict:
     return PASSES
 
 
+def make_passes(recipe: "Recipe") -> list:
+    """The pass objects of a recipe's configs, in order."""
+    table = _pass_table()
+    return [table[type(c).name][1](c) for c in recipe.passes]
+
+
 def pass_class(name: str, where: str = "the plan"):
     """The pass class of recipe name `name` (a plan's ``pass``), or an ArtifactError naming `where`."""
     from .errors import ArtifactError

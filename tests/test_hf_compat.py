@@ -7,7 +7,7 @@ import warnings
 import torch
 from transformers import DynamicCache
 
-from qpass.datagen import hf_step
+from qpass.qat.datagen import hf_step
 from qpass.hf import cache_kwargs, output_cache
 from tests import toy
 

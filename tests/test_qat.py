@@ -9,11 +9,11 @@ from torch.nn import functional as F
 
 import qpass
 from qpass import Recipe
-from qpass.datagen import GenerationSettings, generate_data, hf_step
+from qpass.qat.datagen import GenerationSettings, generate_data, hf_step
 from qpass.generate import generate
 from qpass.graph import META_QUANT
 from qpass.passes import QatConfig
-from qpass.training import Trainer, TrainSettings, distill_loss
+from qpass.qat.training import Trainer, TrainSettings, distill_loss
 from tests import toy
 
 W4A8 = {"quantize": {"weights": {"bits": 4, "granularity": "per_channel"},
@@ -201,7 +201,7 @@ def test_a_qat_model_lowers_to_both_backends_with_its_trained_weights_and_scales
 
 
 def test_module_outputs_are_the_decoder_layers_hidden_states():
-    from qpass.distill import feature_taps, module_outputs
+    from qpass.qat.distill import feature_taps, module_outputs
 
     model = toy.hf_model("llama")
     gm = qpass.capture(model)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qpass._api import atomic_directory
+from qpass.artifacts import atomic_directory
 from qpass.artifacts import file_digest, seal
 from qpass.errors import ArtifactError, UnsupportedOpError
 from qpass.version import __version__

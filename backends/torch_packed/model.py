@@ -43,13 +43,13 @@ from torch import nn
 from torch.fx import GraphModule
 
 from qpass import artifacts
-from qpass._api import _float_dtype
 from qpass.plan import Plan, apply_plans
 from qpass.artifacts import (
     META,
     SINGLE,
     TENSOR_METADATA,
     atomic_directory,
+    float_dtype,
     load_tensors,
     model_from_config,
     read_json,
@@ -156,7 +156,7 @@ class PackedModel(nn.Module):
                                         f"{max_cache_len} and {batch_size}", fix="capture one with those sizes")
                 gm = _copy_template(template)
             else:
-                model = model_from_config(self.source["hf_config"], _float_dtype(self.graph_module))
+                model = model_from_config(self.source["hf_config"], float_dtype(self.graph_module))
                 gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
             apply_plans(gm, self.plans)
             _share_tensors(gm, self.graph_module)

@@ -31,7 +31,7 @@ def add_arguments(ap) -> None:
 
 def run(args, say=say) -> int:
     import qpass
-    from qpass.training import world
+    from qpass.qat.training import world
 
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):

@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .calibration import logits_of
+from ..calibration import logits_of
 
-log = logging.getLogger("qpass.training")
+log = logging.getLogger("qpass.qat.training")
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
@@ -51,7 +51,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     ce_weight: float = 0.0
-    feature_weight: float = 0.0    # x the intermediate-output loss (qpass.distill), when features are given
+    feature_weight: float = 0.0    # x the intermediate-output loss (qpass.qat.distill), when features are given
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
@@ -90,7 +90,7 @@ class Trainer:
 
     def __init__(self, student: nn.Module, teacher: Callable, data: torch.Tensor, params: list[nn.Parameter],
                  settings: TrainSettings, *, progress: bool = True, features: tuple[dict, dict] | None = None):
-        """`features`: (student, teacher) dicts {name: tensor} that the two forwards fill (qpass.distill's
+        """`features`: (student, teacher) dicts {name: tensor} that the two forwards fill (qpass.qat.distill's
         feature_taps); their loss, x ``settings.feature_weight``, is added to the logit loss."""
         self.rank, self.size = world()
         s = settings

@@ -14,7 +14,7 @@ with ``model.safetensors.index.json``) becomes a graph without its weights:
     a pass has changed them), and on exit writes the changed ones to scratch and puts the stand-ins back.
     Tied parameters are one stored tensor.
 
-Passes reach the store through ``Context.loaded(names)`` (a no-op in memory); ``qpass.sequential.Sweep``
+Passes reach the store through ``Context.loaded(names)`` (a no-op in memory); ``qpass.block_sweep.Sweep``
 loads each segment's parameters while the segment is calibrated. ``write_shards`` writes the result one
 segment at a time, in canonical bytes (``qpass.artifacts``, which also reads it back: ``load_shards``). A change is seen through the parameter's version counter: passes change weights in
 place (``copy_``, ``mul_``), never by assigning ``.data`` or a new parameter.

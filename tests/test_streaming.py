@@ -9,10 +9,10 @@ import transformers
 
 import qpass
 from qpass import IntFormat, PerGroup, QSpec, Recipe
-from qpass.offload import OnDisk, WeightStore, load_shards, skeleton_parameters
+from qpass.streaming import OnDisk, WeightStore, load_shards, skeleton_parameters
 from qpass.passes import AwqConfig, GptqConfig, KvCacheConfig, QatConfig, QuantizeConfig
 from qpass.primitives.spec import PerChannel
-from qpass.sequential import segment_attrs
+from qpass.block_sweep import segment_attrs
 from tests import toy
 
 W4 = QSpec(IntFormat(4), PerGroup(16))

@@ -7,7 +7,7 @@ from qpass.calibration import CalibrationSet, observe
 from qpass.graph import linear_sites, param_of
 from qpass.passes import AwqConfig, GptqConfig, QuantizeConfig
 from qpass.primitives.gptq import HessianAccumulator
-from qpass.sequential import Sweep, find_blocks, observe_by_block
+from qpass.block_sweep import Sweep, find_blocks, observe_by_block
 from tests import toy
 
 W4G8 = QSpec(IntFormat(4), PerGroup(8))

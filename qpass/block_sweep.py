@@ -29,7 +29,7 @@ layer is float until it is quantized).
 With ``feed="float"`` the next segment gets the outputs of this segment's first observation (taken before
 the caller changed anything).
 
-Weights on disk (``qpass.apply_from_disk``, ``qpass.offload``): given a ``store``, the sweep loads the
+Weights on disk (``qpass.apply_from_disk``, ``qpass.streaming``): given a ``store``, the sweep loads the
 parameters a segment reads (its ``get_attr`` inputs) before the segment runs and releases them after its
 outputs are computed: changed ones go to a scratch file, the others back to disk. Peak memory then holds one
 segment's weights (the stem's embeddings, one block, or the tail's head), its activations and the carried
@@ -54,9 +54,9 @@ from .graph import is_quantizer, module_path
 from .quantizer import Quantizer
 
 if TYPE_CHECKING:
-    from .offload import WeightStore
+    from .streaming import WeightStore
 
-log = logging.getLogger("qpass.sequential")
+log = logging.getLogger("qpass.block_sweep")
 
 Feed = Literal["quantized", "float"]
 

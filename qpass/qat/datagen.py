@@ -18,11 +18,11 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
-from .generate import generate
-from .hf import cache_kwargs
+from ..errors import CalibrationError
+from ..generate import generate
+from ..hf import cache_kwargs
 
-log = logging.getLogger("qpass.datagen")
+log = logging.getLogger("qpass.qat.datagen")
 
 
 @dataclass(frozen=True)
