@@ -138,7 +138,12 @@ def read_tensors(where: Mapping[str, tuple[str, str]]) -> dict[str, torch.Tensor
 @contextlib.contextmanager
 def skeleton_parameters() -> Iterator[None]:
     """Modules built in this block get meta parameters (no memory; their random init runs on meta, so
-    costs nothing) and real buffers. A parameter already on meta is kept as is, so tying keeps one object."""
+    costs nothing) and real buffers. A parameter already on meta is kept as is, so tying keeps one object.
+
+    NOTE: this is what ``accelerate.init_empty_weights(include_buffers=False)`` does (it patches
+    ``register_parameter`` the same way). accelerate is not a dependency of qpass or of transformers 5, and
+    adding it (with psutil) for these lines is not worth it; if it becomes a dependency for other reasons,
+    use it here."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
