@@ -6,6 +6,8 @@ from .awq import Awq, AwqConfig
 from .gptq import Gptq, GptqConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
+from .llm_int8 import LlmInt8, LlmInt8Config
+from .owq import Owq, OwqConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 
@@ -17,6 +19,8 @@ PASSES = {
     "kv_cache": (KvCacheConfig, KvCache),
     "awq": (AwqConfig, Awq),
     "gptq": (GptqConfig, Gptq),
+    "owq": (OwqConfig, Owq),
+    "llm_int8": (LlmInt8Config, LlmInt8),
 }
 
 
@@ -26,4 +30,5 @@ def make_pass(config):
 
 
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
-           "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig"]
+           "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
+           "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import tables
 from .calibration import logits_of
+from .primitives.formats import get_format
 
 
 def windows(ids: Sequence[int] | torch.Tensor, window: int) -> list[torch.Tensor]:
@@ -89,15 +90,38 @@ def weight_bytes(model) -> dict:
         if fq is None:
             total += w.numel() * w.element_size()
             continue
-        bits = fq.meta.spec.bits
-        n_scales = gm.get_buffer(fq.scale.target).numel()
-        size = w.numel() * bits / 8 + 2 * n_scales + (n_scales * bits / 8 if fq.zero_point is not None else 0)
+        size = quantizer_bytes(gm, fq, w.numel())
         total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
     # bits_per_weight: over every linear (a float lm_head counts at its dtype's width);
     # quantized_bits_per_weight: over the quantized linears only (None when none is)
     return {"linear_weight_bytes": int(round(total)), "linear_weights": numel,
             "bits_per_weight": 8 * total / max(numel, 1),
             "quantized_bits_per_weight": 8 * q_total / q_numel if q_numel else None}
+
+
+def quantizer_bytes(gm, fq, numel: int) -> float:
+    """Bytes of one weight quantizer's storage for a weight of `numel` elements, packed: codes at the format's
+    bits (every element, as the OWQ and SpQR kernels store the dense low-bit matrix), one fp16 scale per block
+    (or, with second-level scales, the scales at their format's bits plus their fp16 scales), zero points at the
+    code width, a learned table at fp16 per entry, and side channels: sparse values at fp16 plus an int32 flat
+    index each, float columns at fp16 per element plus an int32 index per column."""
+    buf = lambda n: gm.get_buffer(n.target) if n is not None else None   # noqa: E731
+    bits = fq.meta.spec.bits
+    scales = buf(fq.scale).numel()
+    side = fq.side_channels
+    scale_bits = 16 if side.scale_q is None else get_format(side.scale_q.fmt).bits
+    size = numel * bits / 8 + scales * scale_bits / 8 + (scales * bits / 8 if fq.zero_point is not None else 0)
+    if side.scale_q is not None:
+        size += 2 * buf(side.scale_q.scale).numel()
+    if fq.codebook is not None:
+        size += 2 * buf(fq.codebook).numel()
+    if side.outliers is not None:
+        size += 6 * buf(side.outliers.index).numel()
+    if side.float_columns is not None:
+        cols = buf(side.float_columns.index).numel()
+        rows = numel // fq.x.meta["val"].shape[side.float_columns.axis]      # elements per column
+        size += cols * (2 * rows + 4)
+    return size
 
 
 def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,

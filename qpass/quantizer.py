@@ -5,8 +5,9 @@ A quantizer is one node of a ``qpass::`` fake-quant op (``qpass.primitives.ops``
     fake_quantize(x, scale, zero_point, block, fmt)                 static scales (get_attr buffers)
     fake_quantize_dynamic(x, block, fmt, symmetric)                 scales computed from x at run time
     fake_quantize_ext(x, scale, zero_point, block, fmt, codebook,   registered formats (learned codebooks)
-                      outlier_index, outlier_value, float_columns,  and side channels on a weight quantizer
-                      float_axis, scale_scale, scale_block, scale_fmt)
+                      outlier_index, outlier_value, float_columns,  and side channels on a weight quantizer;
+                      float_axis, scale_scale, scale_block, scale_fmt)  scale None: dynamic (symmetric) with
+                                                                    float columns (LLM.int8() inputs)
 
 with ``node.meta[META_QUANT]`` a :class:`QuantMeta` (what it quantizes: role, site, module path, spec, ...).
 Nobody reads these arguments by position: :class:`Quantizer` names them::
@@ -53,14 +54,15 @@ def spec_to_dict(spec: QSpec) -> dict:
     g = spec.granularity
     name = next(k for k, v in _GRANULARITIES.items() if type(g) is v)
     return {"format": spec.format.name, "granularity": {"kind": name, **dataclasses.asdict(g)},
-            "symmetric": spec.symmetric, "dynamic": spec.dynamic, "full_range": spec.full_range}
+            "symmetric": spec.symmetric, "dynamic": spec.dynamic, "full_range": spec.full_range,
+            **({"scale_pow2": True} if spec.scale_pow2 else {})}
 
 
 def spec_from_dict(d: Mapping) -> QSpec:
     g = dict(d["granularity"])
     gran = _GRANULARITIES[g.pop("kind")](**g)
     return QSpec(get_format(d["format"]), gran, symmetric=d["symmetric"], dynamic=d["dynamic"],
-                 full_range=d.get("full_range", False))
+                 full_range=d.get("full_range", False), scale_pow2=d.get("scale_pow2", False))
 
 
 @dataclass(frozen=True)
@@ -190,24 +192,29 @@ class Quantizer:
         return self.node.args[0]
 
     @property
-    def dynamic(self) -> bool:
+    def _dyn_op(self) -> bool:     # argument positions are those of fake_quantize_dynamic
         return self.node.target is _DYNAMIC
 
     @property
+    def dynamic(self) -> bool:
+        """Scales computed from x at run time (fake_quantize_dynamic, or fake_quantize_ext without a scale)."""
+        return self._dyn_op or (self.node.target is _EXT and self.node.args[1] is None)
+
+    @property
     def scale(self) -> Node | None:
-        return None if self.dynamic else self.node.args[1]
+        return None if self._dyn_op else self.node.args[1]
 
     @property
     def zero_point(self) -> Node | None:
-        return None if self.dynamic else self.node.args[2]
+        return None if self._dyn_op else self.node.args[2]
 
     @property
     def block(self) -> tuple[int, ...]:
-        return tuple(self.node.args[1] if self.dynamic else self.node.args[3])
+        return tuple(self.node.args[1] if self._dyn_op else self.node.args[3])
 
     @property
     def fmt_name(self) -> str:
-        return self.node.args[2] if self.dynamic else self.node.args[4]
+        return self.node.args[2] if self._dyn_op else self.node.args[4]
 
     @property
     def fmt(self):
@@ -216,7 +223,7 @@ class Quantizer:
 
     @property
     def symmetric(self) -> bool:
-        return bool(self.node.args[3]) if self.dynamic else self.zero_point is None
+        return bool(self.node.args[3]) if self._dyn_op else self.zero_point is None
 
     @property
     def codebook(self) -> Node | None:
@@ -285,14 +292,24 @@ def insert_quantizer(gm: GraphModule, before: Node, x: Node, meta: QuantMeta, *,
     """Insert a quantizer of `x` before `before` and return its view. Users are not rewired (the caller
     decides: one consumer or all).
 
-    scale None: dynamic (``fake_quantize_dynamic``, meta.spec.dynamic). Else static: tensors are registered
+    scale None: dynamic (``fake_quantize_dynamic``, meta.spec.dynamic; with float columns, the only side channel
+    a dynamic quantizer takes, ``fake_quantize_ext`` without a scale, symmetric only). Else static: tensors are registered
     as buffers named `name` (the scale) and ``name.replace('scale', 'zero_point')`` (get_attr nodes are
     used as they are). A codebook or side channels make it ``fake_quantize_ext`` (buffers ``<name>_codebook``,
     ``<name>_outlier_index``, ...). `node_meta` overrides the meta copied from `before` (nn_module_stack)."""
     spec, fmt = meta.spec, meta.spec.format.name
     if scale is None:
-        if not spec.dynamic or codebook is not None or side:
-            raise ValueError("a quantizer without a scale is dynamic (spec.dynamic) and has no table or side channel")
+        if not spec.dynamic or codebook is not None or (side and (side.names != ("float_columns",)
+                                                                  or not spec.symmetric)):
+            raise ValueError("a quantizer without a scale is dynamic (spec.dynamic) and has no table; its only "
+                             "side channel is float columns, with symmetric scales")
+        if side:
+            c = side.float_columns
+            args = (x, None, None, list(block), fmt, None, None, None,
+                    get_attr(gm, before, add_tensor(gm, f"{name}_float_columns", c.index)), c.axis, None, [], "")
+            fq = insert_call(gm, before, _EXT, args, origin, val_like=x, **node_meta)
+            fq.meta[META_QUANT] = dataclasses.replace(meta, side=side.names)
+            return Quantizer(fq)
         fq = insert_call(gm, before, _DYNAMIC, (x, list(block), fmt, spec.symmetric), origin, val_like=x,
                          **node_meta)
         fq.meta[META_QUANT] = meta

@@ -7,6 +7,9 @@ point, table and side-channel tensors, and dequantizes with ``qpass.primitives.f
 before ``F.linear``. The weight it computes is the fake-quant weight bit for bit (``fake_quantize_ext`` is
 ``dequantize_ext(quantize_ext(.))`` by definition); the float columns are stored as values, since the
 float weight is dropped. Kernels are not measured for it (it is not a PackedLinear): one route, always.
+A dynamic input quantizer with float columns (LLM.int8()'s outlier feature dimensions) lowers here too:
+``formats.fake_quantize_dynamic_ext`` on the input (the columns stay float), then the same linear, so the
+float columns of input and weight meet in one float matmul (the decomposition is not split into two GEMMs).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ class ExtLinear(nn.Module):
     def __init__(self, *, fmt: str, block, codes: Tensor, scale: Tensor, zero_point: Tensor | None,
                  codebook: Tensor | None, outliers: tuple | None, float_columns: tuple | None,
                  scale_q: tuple | None, transpose: bool, bias: Tensor | None, act=None,
-                 act_scale: Tensor | None = None, act_zero: Tensor | None = None, name: str = ""):
+                 act_scale: Tensor | None = None, act_zero: Tensor | None = None,
+                 act_float_columns: tuple | None = None, name: str = ""):
         super().__init__()
         self.fmt, self.block, self.transpose, self.act, self.name = fmt, list(block), transpose, act, name
         tensors = {"codes": codes, "scale": scale, "zero": zero_point, "codebook": codebook, "bias": bias,
@@ -32,10 +36,12 @@ class ExtLinear(nn.Module):
                    "outlier_value": outliers[1] if outliers else None,
                    "float_index": float_columns[0] if float_columns else None,
                    "float_values": float_columns[2] if float_columns else None,
-                   "scale_scale": scale_q[0] if scale_q else None, "input_scale": act_scale, "input_zero": act_zero}
+                   "scale_scale": scale_q[0] if scale_q else None, "input_scale": act_scale, "input_zero": act_zero,
+                   "input_float_index": act_float_columns[0] if act_float_columns else None}
         for k, v in tensors.items():
             self.register_buffer(k, None if v is None else v.detach().clone())
         self.float_axis = float_columns[1] if float_columns else -1
+        self.input_float_axis = act_float_columns[1] if act_float_columns else -1
         self.scale_block, self.scale_fmt = (list(scale_q[1]), scale_q[2]) if scale_q else ([], "")
 
     @classmethod
@@ -60,11 +66,15 @@ class ExtLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.act
-        if a is not None:
+        if a is not None and self.input_float_index is not None:     # dynamic with float columns (LLM.int8())
+            x = formats.fake_quantize_dynamic_ext(x, list(a.block), a.fmt, a.symmetric,
+                                                  float_columns=(self.input_float_index, self.input_float_axis))
+        elif a is not None:
             x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
                 Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
         return F.linear(x, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
-        side = [k for k in ("outlier_index", "float_index", "scale_scale") if getattr(self, k) is not None]
+        side = [k for k in ("outlier_index", "float_index", "scale_scale", "input_float_index")
+                if getattr(self, k) is not None]
         return f"{self.name}: {self.fmt} block {self.block}, side {side or 'none'} (dequantize + matmul)"

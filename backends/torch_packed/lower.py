@@ -140,7 +140,8 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, empty: bool) -> 
 def _generic(m: QuantLinear) -> bool:
     """A weight quantizer with a registered (non-packed) format, a table or side channels: ExtLinear's route."""
     q = Quantizer(m.weight_fq)
-    return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS
+    side_in = m.input_fq is not None and bool(Quantizer(m.input_fq).side_channels)   # LLM.int8() inputs
+    return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS or side_in
 
 
 def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **kw) -> ExtLinear:
@@ -150,12 +151,14 @@ def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **k
     side = q.side_channels
     t = lambda n, what: _tensor(gm, n, what)   # noqa: E731
     o, c, sq = side.outliers, side.float_columns, side.scale_q
+    ic = Quantizer(m.input_fq).side_channels.float_columns if m.input_fq is not None else None
     return ExtLinear.from_weight(
         w, scale=t(q.scale, "the weight scale"), zero_point=t(q.zero_point, "the weight zero point"),
         block=list(q.block), fmt=q.fmt_name, codebook=t(q.codebook, "the codebook"),
         outliers=(t(o.index, "the outlier index"), t(o.value, "the outlier values")) if o else None,
         float_columns=(t(c.index, "the float columns"), c.axis) if c else None,
         scale_q=(t(sq.scale, "the second-level scale"), sq.block, sq.fmt) if sq else None,
+        act_float_columns=(t(ic.index, "the input float columns"), ic.axis) if ic else None,
         transpose=m.fq_in_axis == 0, name=name, **kw)
 
 

@@ -29,8 +29,10 @@ KV_ROLES = ("key", "value")
 _SIDE = frozenset({"outliers", "float_columns", "scale_q"})
 # What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
 # (int/fp8/fp4/nf4 packed; any other format or side channel by the generic dequantize-then-matmul route,
-# ext.ExtLinear), per tensor, channel or group. Inputs and K/V: the built-in formats.
-SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE), "*": Support()}
+# ext.ExtLinear), per tensor, channel or group. Inputs and K/V: the built-in formats; inputs may keep float
+# columns (LLM.int8()'s dynamic quantizer with outlier feature dimensions, by ExtLinear).
+SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE),
+            "input": Support(side=frozenset({"float_columns"})), "*": Support()}
 
 
 @dataclass(frozen=True)

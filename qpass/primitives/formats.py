@@ -29,6 +29,14 @@ Side channels of a weight quantizer (all optional; the reference semantics, impl
     x_hat = dequantize(codes, effective scale) ; x_hat.flat[index] += value ; x_hat[..., cols] = x[..., cols]
 
 so ``fake_quantize_ext(x, ...) == dequantize_ext(quantize_ext(x, ...), ..., float_values=x[cols])`` bit for bit.
+
+Dynamic quantizers (scales computed from ``x`` at run time, per-token activations) take one side channel,
+float columns (LLM.int8()'s mixed-precision decomposition: outlier feature dimensions stay in float)::
+
+    x_hat = fake_quantize_dynamic(x with the float columns zeroed) ; x_hat[..., cols] = x[..., cols]
+
+so the scales come from the other columns only (an outlier never widens its token's grid), as
+``fake_quantize_dynamic_ext`` computes it.
 Never imports torch.fx.
 """
 from __future__ import annotations
@@ -281,6 +289,18 @@ def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block
                           outliers=outliers, float_columns=cols, scale_q=scale_q)
 
 
+def fake_quantize_dynamic_ext(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool, *,
+                              float_columns: tuple | None = None) -> Tensor:
+    """fake_quantize_dynamic of `x` with the float columns (index, axis) zeroed (so they do not set the scales),
+    then those columns put back with x's own values (see the module doc)."""
+    if float_columns is None:
+        return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric)
+    index, axis = float_columns
+    axis, index = axis % x.dim(), index.long()
+    out = quant.fake_quantize_dynamic(x.index_fill(axis, index, 0.0), block_size, fmt, symmetric)
+    return out.index_copy(axis, index, x.index_select(axis, index))
+
+
 __all__ = ["FormatCodec", "Codebook", "register_format", "unregister_format", "get_format", "codec",
-           "format_names", "quantize_ext", "dequantize_ext", "fake_quantize_ext", "effective_scale", "apply_side",
-           "nearest"]
+           "format_names", "quantize_ext", "dequantize_ext", "fake_quantize_ext", "fake_quantize_dynamic_ext",
+           "effective_scale", "apply_side", "nearest"]

@@ -6,15 +6,17 @@ quantizer and every backend matches that one op.
                       ScalarType out_dtype) -> Tensor
     qpass::fake_quantize(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt) -> Tensor
     qpass::fake_quantize_dynamic(Tensor x, int[] block_size, str fmt, bool symmetric) -> Tensor
-    qpass::fake_quantize_ext(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt,
+    qpass::fake_quantize_ext(Tensor x, Tensor? scale, Tensor? zero_point, int[] block_size, str fmt,
                              Tensor? codebook, Tensor? outlier_index, Tensor? outlier_value,
                              Tensor? float_columns, int float_axis, Tensor? scale_scale,
                              int[] scale_block_size, str scale_fmt) -> Tensor
 
 ``fake_quantize_ext`` is the quantizer of registered formats (learned codebooks: ``codebook`` holds one table
 per block) and of weight quantizers with side channels (sparse values, float columns, second-level scales);
-its semantics are ``qpass.primitives.formats.fake_quantize_ext``. Passes insert it only where one of those is
-used, so every other quantizer stays the plain op. Read its arguments through ``qpass.quantizer.Quantizer``.
+its semantics are ``qpass.primitives.formats.fake_quantize_ext``. Without a scale it is a dynamic symmetric
+quantizer (scales from x at run time) whose only side channel is float columns
+(``formats.fake_quantize_dynamic_ext``: LLM.int8()'s outlier feature dimensions). Passes insert it only where one
+of those is used, so every other quantizer stays the plain op. Read its arguments through ``qpass.quantizer.Quantizer``.
 
 Semantics, dtypes and edge cases are those of ``qpass.primitives.quant`` (the real kernels call it).
 Outputs are contiguous and never alias an input. Each op has a fake kernel (output shape = input shape, so
@@ -82,6 +84,15 @@ def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_sca
     return {"outliers": outliers, "float_columns": cols, "scale_q": scale_q}
 
 
+def _check_dynamic_ext(zero_point, codebook, side: dict) -> None:
+    """A fake_quantize_ext without a scale is dynamic and symmetric, with float columns as its only side channel."""
+    extra = [k for k, v in (("zero_point", zero_point), ("codebook", codebook), ("outliers", side["outliers"]),
+                            ("scale_q", side["scale_q"])) if v is not None]
+    if extra:
+        raise QuantizationError(f"a dynamic fake_quantize_ext (no scale) takes float columns only, got {extra}",
+                                fix="give a static scale for tables, sparse values or second-level scales")
+
+
 def _register() -> None:
     @torch.library.custom_op("qpass::quantize", mutates_args=())
     def quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int],
@@ -129,12 +140,17 @@ def _register() -> None:
     fake_quantize_dynamic.register_autograd(_dyn_backward)
 
     @torch.library.custom_op("qpass::fake_quantize_ext", mutates_args=())
-    def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], block_size: list[int], fmt: str,
+    def fake_quantize_ext(x: Tensor, scale: Optional[Tensor], zero_point: Optional[Tensor], block_size: list[int],
+                          fmt: str,
                           codebook: Optional[Tensor], outlier_index: Optional[Tensor],
                           outlier_value: Optional[Tensor], float_columns: Optional[Tensor], float_axis: int,
                           scale_scale: Optional[Tensor], scale_block_size: list[int], scale_fmt: str) -> Tensor:
         side = _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size,
                          scale_fmt)
+        if scale is None:
+            _check_dynamic_ext(zero_point, codebook, side)
+            return formats.fake_quantize_dynamic_ext(x, block_size, fmt, True,
+                                                     float_columns=side["float_columns"]).contiguous()
         return formats.fake_quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook,
                                          **side).contiguous()
 
@@ -144,6 +160,9 @@ def _register() -> None:
         _check_static(x, scale, zero_point, block_size, fmt)
         if (outlier_index is None) != (outlier_value is None):
             raise QuantizationError("sparse values need both outlier_index and outlier_value")
+        if scale is None:
+            _check_dynamic_ext(zero_point, codebook, _ext_side(outlier_index, outlier_value, float_columns,
+                                                               float_axis, scale_scale, scale_block_size, scale_fmt))
         return x.new_empty(x.shape)
 
     fake_quantize_ext.register_autograd(_ext_backward)
