@@ -38,7 +38,8 @@ log = logging.getLogger("qpass.qat")
 # integer options: (smallest, largest) allowed; the upper bounds only catch typos (a step count of 10**12)
 _COUNTS = {"samples": (1, 10**7), "seq_len": (2, 1 << 20), "steps": (1, 10**7), "batch_size": (1, 1 << 16),
            "grad_accum": (1, 1 << 16), "warmup_steps": (0, 10**7), "top_k": (1, 1 << 24),
-           "gen_batch_size": (1, 1 << 16), "checkpoint_every": (0, 10**7), "seed": (0, 2**63 - 1)}
+           "gen_batch_size": (1, 1 << 16), "checkpoint_every": (0, 10**7), "eval_every": (0, 10**7),
+           "seed": (0, 2**63 - 1)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class QatConfig:
         "intermediate": "module paths (globs match at their own depth: model.layers.* = every decoder layer) whose "
                         "outputs are distilled too: normalized MSE to the teacher's, added to the logit loss",
         "intermediate_weight": "weight of the intermediate-output loss",
+        "held_out": "fraction of the training sequences held out and scored during training (0: none); with "
+                    "keep_best the best point, the start included, is what qat hands back",
+        "eval_every": "score the held-out sequences every this many steps (0: steps // 10, at least 1)",
+        "keep_best": "restore the trainable tensors of the best held-out point (never worse than the start)",
     }
 
     data: str = "generated"
@@ -93,6 +98,9 @@ class QatConfig:
     tokenizer: str | None = None
     intermediate: tuple[str, ...] = ()
     intermediate_weight: float = 1.0
+    held_out: float = 0.1
+    eval_every: int = 0
+    keep_best: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -120,6 +128,8 @@ class QatConfig:
             raise RecipeError("temperature", f"must be in (0, 100], got {self.temperature}")
         if not 0 <= self.intermediate_weight < float("inf"):
             raise RecipeError("intermediate_weight", f"must be >= 0, got {self.intermediate_weight}")
+        if not 0 <= self.held_out <= 0.5:
+            raise RecipeError("held_out", f"must be a fraction in [0, 0.5] (0: no held-out scoring), got {self.held_out}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise RecipeError("checkpoint_every", "needs checkpoint_dir (set it, or checkpoint_every: 0)")
 
@@ -130,7 +140,8 @@ class QatConfig:
                              min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip, ce_weight=ce,
                              feature_weight=self.intermediate_weight if self.intermediate else 0.0,
                              seed=self.seed, checkpoint_dir=self.checkpoint_dir,
-                             checkpoint_every=self.checkpoint_every)
+                             checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
+                             keep_best=self.keep_best and self.held_out > 0)
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(samples=self.samples, seq_len=self.seq_len,
@@ -184,6 +195,7 @@ class Qat(Pass):
         t0 = time.perf_counter()
         data = self._data(teacher, ctx)
         check_inputs([(data,)], gm, label=f"qat data ({cfg.data})")   # a tokenizer that is not the model's
+        data, held = split_held_out(data, cfg.held_out, cfg.seed)
         flags = {p: p.requires_grad for p in gm.parameters()}
         for p in gm.parameters():
             p.requires_grad_(False)
@@ -192,7 +204,8 @@ class Qat(Pass):
         try:
             with feature_taps(gm, teacher, outputs) as features:
                 trainer = Trainer(gm, lambda ids: teacher(input_ids=ids, use_cache=False), data, params,
-                                  cfg.train_settings(), progress=ctx.progress, features=features if outputs else None)
+                                  cfg.train_settings(), progress=ctx.progress, features=features if outputs else None,
+                                  held=held)
                 if cfg.checkpoint_dir:
                     trainer.load_checkpoint(cfg.checkpoint_dir)
                 history = trainer.fit()
@@ -205,6 +218,11 @@ class Qat(Pass):
                  "first_loss": round(history[0], 6) if history else None,
                  "last_loss": round(history[-1], 6) if history else None,
                  "seconds": round(time.perf_counter() - t0, 1)}
+        if held is not None:
+            stats.update(held_out=len(held), held_out_curve=[[s, round(v, 6)] for s, v in trainer.evals],
+                         start_held_out_loss=round(trainer.evals[0][1], 6), best_step=trainer.best[0],
+                         best_held_out_loss=round(trainer.best[1], 6),
+                         kept_step=trainer.best[0] if cfg.keep_best else cfg.steps)
         return PassResult(modified=True, stats=stats, plan=plan)
 
     @classmethod
@@ -233,6 +251,18 @@ class Qat(Pass):
             dist.barrier()
         return generate_data(teacher, cfg.generation_settings(), cache_dir=cfg.cache_dir, model_id=model_id,
                              progress=ctx.progress and rank == 0)
+
+
+def split_held_out(data: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training rows, held-out rows): a seeded random `fraction` of the sequences held out (at least one, and
+    at least one left to train on); (data, None) when fraction is 0 or there are fewer than 2 sequences."""
+    n_held = min(len(data) - 1, max(1, round(fraction * len(data)))) if fraction > 0 else 0
+    if n_held <= 0:
+        return data, None
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
+    held = order[:n_held].sort().values
+    keep = order[n_held:].sort().values
+    return data[keep], data[held]
 
 
 def _teacher(ctx: Context) -> nn.Module:

@@ -181,8 +181,8 @@ def test_resume_from_checkpoint_gives_the_same_next_loss(tmp_path):
 def test_a_qat_model_lowers_to_both_backends_with_its_trained_weights_and_scales(tmp_path):
     model = peaky_llama()
     rec = {"passes": [W4A8, {"qat": {"samples": 8, "seq_len": 16, "steps": 3, "batch_size": 4, "lr": 1e-3,
-                                     "learnable_scales": True, "cache_dir": None}}]}
-    qm = qpass.apply(model, rec, progress=False)
+                                     "learnable_scales": True, "cache_dir": None, "held_out": 0}}]}
+    qm = qpass.apply(model, rec, progress=False)     # held_out 0: the trained weights, whatever they score
     rtn = qpass.apply(model, {"passes": [W4A8]}, progress=False)
     x = toy.token_ids(2, 12, seed=7)
     with torch.no_grad():
@@ -234,3 +234,67 @@ def test_intermediate_distillation_trains_and_its_errors_name_the_path():
                     progress=False)
     with pytest.raises(qpass.errors.RecipeError, match="intermediate_weight"):
         Recipe.from_dict({"passes": [{"qat": {"intermediate": ["model.layers.*"], "intermediate_weight": -1}}]})
+
+
+# -- best step: a held-out split scored during training; the best point (the start included) is kept
+
+
+def test_held_out_split_is_seeded_disjoint_and_complete():
+    from qpass.passes.qat import split_held_out
+
+    data = torch.arange(40).view(20, 2)
+    train, held = split_held_out(data, 0.25, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    rows = sorted(map(tuple, torch.cat([train, held]).tolist()))
+    assert rows == sorted(map(tuple, data.tolist()))
+    again = split_held_out(data, 0.25, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], held)
+    assert split_held_out(data, 0.0, seed=3)[1] is None
+    assert split_held_out(data[:1], 0.5, seed=3)[1] is None            # nothing left to train on otherwise
+    assert len(split_held_out(data[:2], 0.01, seed=3)[1]) == 1         # at least one held out
+
+
+def _qat(**kw):
+    return {"qat": {"samples": 20, "seq_len": 16, "steps": 8, "batch_size": 4, "cache_dir": None, "seed": 0,
+                    "held_out": 0.2, "eval_every": 2, **kw}}
+
+
+def test_qat_never_hands_back_a_model_worse_than_its_start_on_held_out_data():
+    model = peaky_llama()
+    start = qpass.apply(model, {"passes": [W4A8]})
+    bad = qpass.apply(model, {"passes": [W4A8, _qat(lr=0.5, grad_clip=None)]}, progress=False)   # diverges
+    stats = bad.report["qat"].stats
+    curve = stats["held_out_curve"]
+    assert [s for s, _ in curve] == [0, 2, 4, 6, 8] and stats["held_out"] == 4
+    assert min(v for s, v in curve if s > 0) > curve[0][1], "this lr must make the held-out loss worse"
+    assert stats["best_step"] == 0 and stats["kept_step"] == 0
+    ids = toy.token_ids(2, 16, seed=5)
+    assert torch.equal(bad(ids).logits, start(ids).logits)              # the start, exactly
+    # without keep_best the diverged weights are handed back
+    kept = qpass.apply(model, {"passes": [W4A8, _qat(lr=0.5, grad_clip=None, keep_best=False)]}, progress=False)
+    assert kept.report["qat"].stats["kept_step"] == 8
+    assert not torch.equal(kept(ids).logits, start(ids).logits)
+
+
+def test_qat_keeps_an_improving_step_and_held_out_zero_is_the_paper_setting():
+    model = peaky_llama()
+    good = qpass.apply(model, {"passes": [W4A8, _qat(lr=3e-4)]}, progress=False).report["qat"].stats
+    assert good["best_held_out_loss"] < good["start_held_out_loss"] and good["best_step"] > 0
+    off = qpass.apply(model, {"passes": [W4A8, _qat(lr=3e-4, held_out=0)]}, progress=False).report["qat"].stats
+    assert "held_out_curve" not in off and off["samples"] == 20
+    with pytest.raises(qpass.RecipeError, match=r"qat\.held_out"):
+        Recipe.from_dict({"passes": [_qat(held_out=0.9)]})
+
+
+def test_a_resumed_run_keeps_its_held_out_curve_and_best_point(tmp_path):
+    model = peaky_llama()
+    ck = str(tmp_path / "ck")
+    full = qpass.apply(model, {"passes": [W4A8, _qat(lr=3e-4)]}, progress=False)
+    qpass.apply(model, {"passes": [W4A8, _qat(lr=3e-4, steps=8, checkpoint_dir=ck, checkpoint_every=4)]},
+                progress=False)
+    # a checkpoint at step 8 exists now; resuming from it trains nothing more and keeps the same best point
+    again = qpass.apply(model, {"passes": [W4A8, _qat(lr=3e-4, checkpoint_dir=ck, checkpoint_every=4)]},
+                        progress=False)
+    ids = toy.token_ids(2, 16, seed=5)
+    assert again.report["qat"].stats["held_out_curve"] == full.report["qat"].stats["held_out_curve"]
+    assert torch.equal(again(ids).logits, full(ids).logits)

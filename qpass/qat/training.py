@@ -5,6 +5,12 @@ accumulation and clipping, checkpoint + resume, and DistributedDataParallel when
 
 Determinism: the order of training sequences is a seeded permutation; rank r of w takes rows
 [r::w] of every global batch, so one process and N processes see the same global batches.
+
+Best step: with held-out sequences (``held``), the loss on them (the training loss without the
+intermediate-output term, no gradient, every rank on all of them) is measured before the first step and every
+``eval_every`` steps and at the end; with ``keep_best`` the trainable tensors of the best point are restored at
+the end, so training never hands back a model that scores worse on held-out data than the one it started
+from. The snapshot is a copy of the trainable tensors (with ``trainable: all``, of the model's float weights).
 """
 from __future__ import annotations
 
@@ -55,6 +61,8 @@ class TrainSettings:
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
+    eval_every: int = 0            # held-out evaluation every this many steps (0: steps // 10, at least 1)
+    keep_best: bool = True         # restore the trainable tensors of the best held-out point at the end
 
 
 def cosine_lr(step: int, s: TrainSettings) -> float:
@@ -89,9 +97,11 @@ class Trainer:
     """Trains the float parameters in `params` of `student` against `teacher` on `data` [n, seq]."""
 
     def __init__(self, student: nn.Module, teacher: Callable, data: torch.Tensor, params: list[nn.Parameter],
-                 settings: TrainSettings, *, progress: bool = True, features: tuple[dict, dict] | None = None):
+                 settings: TrainSettings, *, progress: bool = True, features: tuple[dict, dict] | None = None,
+                 held: torch.Tensor | None = None):
         """`features`: (student, teacher) dicts {name: tensor} that the two forwards fill (qpass.qat.distill's
-        feature_taps); their loss, x ``settings.feature_weight``, is added to the logit loss."""
+        feature_taps); their loss, x ``settings.feature_weight``, is added to the logit loss. `held`: held-out
+        sequences [m, seq] scored for the best step (see the module doc); None: no held-out scoring."""
         self.rank, self.size = world()
         s = settings
         if s.batch_size % (s.grad_accum * self.size):
@@ -106,6 +116,36 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: cosine_lr(i, s))
         self.step, self.progress, self.history = 0, progress, []
         self.features = features
+        self.held = held if held is not None and len(held) else None
+        self.evals: list[tuple[int, float]] = []      # (step, held-out loss)
+        self.best: tuple[int, float] | None = None
+        self._best_params: list[torch.Tensor] | None = None
+
+    @property
+    def eval_every(self) -> int:
+        return self.s.eval_every or max(1, self.s.steps // 10)
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Mean training loss (logits only) on the held-out sequences, in batches of the micro-batch size. (The
+        student is an exported graph: it has no train/eval mode to switch; its dropout is what it was traced with.)"""
+        per = max(1, self.s.batch_size // self.s.grad_accum)
+        total, n = 0.0, 0
+        for i in range(0, len(self.held), per):
+            ids = self.held[i:i + per]
+            t = logits_of(self.teacher(ids))
+            total += float(distill_loss(logits_of(self.student(ids)), t, ids, self.s.ce_weight)) * len(ids)
+            n += len(ids)
+        return total / n
+
+    def _score(self) -> float:
+        loss = self.held_out_loss()
+        self.evals.append((self.step, loss))
+        if self.best is None or loss < self.best[1]:
+            self.best = (self.step, loss)
+            if self.s.keep_best:
+                self._best_params = [p.detach().clone() for p in self.params]
+        return loss
 
     def micro_loss(self, rows: torch.Tensor) -> torch.Tensor:
         ids = self.data[rows]
@@ -140,13 +180,24 @@ class Trainer:
 
     def fit(self) -> list[float]:
         bar = tqdm(total=self.s.steps, initial=self.step, desc="QAT", disable=not self.progress or self.rank != 0)
+        if self.held is not None and not any(s == self.step for s, _ in self.evals):
+            self._score()                       # the starting point (step 0, or the resumed step)
         while self.step < self.s.steps:
             loss = self.train_step()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
+            post = {"loss": f"{loss:.4f}", "lr": f"{self.sched.get_last_lr()[0]:.2e}"}
+            if self.held is not None and (self.step % self.eval_every == 0 or self.step == self.s.steps):
+                post["held_out"] = f"{self._score():.4f}"
+            bar.set_postfix(**post)
             bar.update(1)
             if self.s.checkpoint_dir and self.s.checkpoint_every and self.step % self.s.checkpoint_every == 0:
                 self.save_checkpoint(self.s.checkpoint_dir)
         bar.close()
+        if self.s.keep_best and self._best_params is not None and self.best[0] != self.step:
+            with torch.no_grad():
+                for p, b in zip(self.params, self._best_params):
+                    p.copy_(b)
+            log.info("QAT: kept step %d (held-out loss %.5f) over the last step", *self.best)
+        self._best_params = None
         return self.history
 
     # -- checkpoints: safetensors for tensors, JSON for the rest; no pickle
@@ -159,8 +210,11 @@ class Trainer:
         for i, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        if self._best_params is not None:
+            tensors.update({f"best.{i}": b for i, b in enumerate(self._best_params)})
         meta = {"step": self.step, "history": self.history, "param_groups": opt["param_groups"],
-                "scheduler": self.sched.state_dict(), "n_params": len(self.params)}
+                "scheduler": self.sched.state_dict(), "n_params": len(self.params),
+                "evals": self.evals, "best": self.best}
         tmp = os.path.join(directory, ".checkpoint.tmp")
         safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         with open(os.path.join(directory, "trainer.json.tmp"), "w") as f:
@@ -189,4 +243,8 @@ class Trainer:
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict(meta["scheduler"])
         self.step, self.history = meta["step"], meta["history"]
+        self.evals = [tuple(e) for e in meta.get("evals", [])]
+        self.best = tuple(meta["best"]) if meta.get("best") else None
+        if self.best is not None and "best.0" in tensors:
+            self._best_params = [tensors[f"best.{i}"] for i in range(len(self.params))]
         return True
