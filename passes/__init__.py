@@ -4,9 +4,11 @@ The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
 from .awq import Awq, AwqConfig
 from .gptq import Gptq, GptqConfig
+from .lora import Lora, LoraConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
+from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
@@ -19,8 +21,10 @@ PASSES = {
     "kv_cache": (KvCacheConfig, KvCache),
     "awq": (AwqConfig, Awq),
     "gptq": (GptqConfig, Gptq),
+    "lora": (LoraConfig, Lora),
     "owq": (OwqConfig, Owq),
     "llm_int8": (LlmInt8Config, LlmInt8),
+    "os_plus": (OsPlusConfig, OsPlus),
 }
 
 
@@ -31,4 +35,5 @@ def make_pass(config):
 
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
-           "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]
+           "Lora", "LoraConfig",
+           "OsPlus", "OsPlusConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]

@@ -58,7 +58,8 @@ class QatConfig:
         "top_k": "generated data: sample among the top_k most likely tokens",
         "seed": "seed of data generation and training (>= 0)",
         "loss": "kd: KL(teacher||student) on logits; kd+ce: mixed with next-token CE (ce_weight); ce: CE only",
-        "trainable": "all | scales (PEQA: quantizer scales only) | norms (1-D norm parameters only)",
+        "trainable": "all | scales (PEQA: quantizer scales only) | norms (1-D norm parameters only) | lora "
+                     "(the adapters an earlier lora pass inserted; QLoRA when the base is quantized)",
         "learnable_scales": "weight scales become parameters with the LSQ gradient",
         "greedy_lengths": "generated data: one sequence per start token and greedy length j (first j tokens top-1)",
         "cache_dir": "where generated data is cached (reused when the settings match)",
@@ -86,7 +87,7 @@ class QatConfig:
     grad_clip: float | None = 1.0
     loss: Literal["kd", "kd+ce", "ce"] = "kd"
     ce_weight: float = 0.5
-    trainable: Literal["all", "scales", "norms"] = "all"
+    trainable: Literal["all", "scales", "norms", "lora"] = "all"
     learnable_scales: bool = False
     greedy_lengths: tuple[int, ...] = (3, 4, 5)
     temperature: float = 1.0
@@ -190,7 +191,8 @@ class Qat(Pass):
         params = trainable_parameters(gm, cfg.trainable, scales)
         if not params:
             raise CalibrationError(f"qat: trainable={cfg.trainable} selects no parameter",
-                                   fix="use trainable: all, or quantize weights before qat")
+                                   fix="use trainable: all, quantize weights before qat (scales), or put a lora "
+                                       "pass before qat (lora)")
         outputs = module_outputs(gm, cfg.intermediate, "qat.intermediate") if cfg.intermediate else {}
         t0 = time.perf_counter()
         data = self._data(teacher, ctx)
@@ -290,6 +292,10 @@ def make_scales_learnable(gm: GraphModule, targets=None) -> list[nn.Parameter]:
 def trainable_parameters(gm: GraphModule, which: str, scales: list[nn.Parameter]) -> list[nn.Parameter]:
     if which == "scales":
         return list(scales)
+    if which == "lora":
+        from .lora import adapter_parameters
+
+        return adapter_parameters(gm)
     params = [p for p in gm.parameters() if p.is_floating_point()]
     if which == "all":
         return params

@@ -117,7 +117,7 @@ def linear_sites(gm: GraphModule) -> list[LinearSite]:
     """Every linear-like node whose weight is a 2-D parameter, in graph order."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node.meta.get(META_ORIGIN) == "lora":   # adapters are not model linears
             continue
         if node.target is aten.linear.default:
             x, w = node.args[0], node.args[1]

@@ -36,6 +36,8 @@ CONFORMANCE = {
     "awq": [{"awq": {"weights": W4G}}, {"quantize": {"weights": W4G, "ignore": ["lm_head"]}}],
     "qat": [{"quantize": {"weights": W4G, "activations": A8, "ignore": ["lm_head"]}},
             {"qat": {**QAT, "learnable_scales": True}}],
+    "lora": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lora": {"rank": 2}},
+             {"qat": {**QAT, "trainable": "lora", "held_out": 0}}],
     "owq": [{"owq": {"weights": W4G, "columns": 2, "method": "gptq", "ignore": ["lm_head"]}}],
     "llm_int8": [{"llm_int8": {"threshold": 0.5, "ignore": ["lm_head"]}}],       # low: the toy has outliers
 }

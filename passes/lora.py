@@ -1,0 +1,174 @@
+"""Insert LoRA branches beside selected linears (Hu et al., LoRA, ICLR 2022; the adapters of QLoRA).
+
+Matches   every linear-like site (``qpass.graph.linear_sites``) selected by targets/ignore, whatever its weight
+          and input quantizers
+Changes   y = linear(x, W) -> y + (alpha / rank) * linear(linear(x, A), B)
+            A [rank, in]  initialised as PEFT does (kaiming-uniform, a = sqrt(5)), seeded
+            B [out, rank] zeros, so the function is unchanged at step 0 (the paper's initialisation)
+          x is the linear's *float* input: where an input quantizer feeds the linear, the branch reads what
+          that quantizer reads (QLoRA computes the adapters in 16-bit beside the 4-bit base)
+          A and B are parameters; ``trainable: lora`` in the qat pass trains only them
+Requires  nothing (no data)
+Preserves nothing (adds nodes and parameters)
+
+The adapter linears are marked (``META_ORIGIN = "lora"``) and are not linear sites: a later quantize pass does
+not quantize them. Adapter parameters are listed in ``gm.meta["qpass_lora"]`` ({module path: (A name, B name,
+scaling)}), which the qat pass reads for ``trainable: lora`` and the PEFT export for the layout.
+
+NOTE: dropout on the adapter input (PEFT's lora_dropout) is not supported: an exported graph has no train and
+eval modes, so a dropout node would also drop at inference. ``dropout`` must be 0; it is refused otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.fx import GraphModule
+
+from qpass.analyses import LinearSites
+from qpass.errors import RecipeError
+from qpass.graph import META_ORIGIN, LinearSite, add_tensor, get_attr, insert_call, linear_sites, select
+from qpass.pass_infra import Context, Pass, PassResult
+from qpass.plan import Plan, PlanError, occurrences
+from qpass.quantizer import Quantizer
+
+aten = torch.ops.aten
+META_LORA = "qpass_lora"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    name: ClassVar[str] = "lora"
+    field_docs: ClassVar[dict] = {
+        "rank": "rank r of each adapter (A is [r, in], B is [out, r])",
+        "alpha": "scaling numerator: the branch is multiplied by alpha / rank",
+        "dropout": "dropout on the adapter input; must be 0 (exported graphs have no train/eval mode)",
+        "targets": "module-path globs of the linears that get an adapter (QLoRA: every linear)",
+        "ignore": "module-path globs left without an adapter (a bare name matches as a suffix: lm_head)",
+        "seed": "seed of A's initialisation",
+    }
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.rank <= 1 << 16:
+            raise RecipeError("rank", f"must be an integer in [1, 65536], got {self.rank}")
+        if not 0 < self.alpha < float("inf"):
+            raise RecipeError("alpha", f"must be a positive number, got {self.alpha}")
+        if self.dropout != 0:
+            raise RecipeError("dropout", "must be 0: an exported graph has no train/eval mode, so adapter dropout "
+                              "would also drop at inference")
+        if not self.targets:
+            raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
+        if not 0 <= self.seed < 2**63:
+            raise RecipeError("seed", f"must be in [0, 2**63), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class Lora(Pass):
+    """Add zero-initialised low-rank adapters beside the selected linears (function unchanged)."""
+
+    config: LoraConfig = LoraConfig()
+    name: ClassVar[str] = "lora"
+    changes_weights: ClassVar[bool] = True
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        cfg = self.config
+        sites = ctx.get(LinearSites(), gm)
+        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "lora")
+        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
+        done = set(gm.meta.get(META_LORA, {}))
+        todo = [s for s in sites if s.path in chosen]
+        near = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
+        again = [_key(s) for s in todo if _key(s) in done]
+        if again:
+            raise RecipeError("lora.targets", f"{again[0]} already has an adapter from an earlier lora pass; use "
+                              "targets/ignore so that each linear gets one adapter")
+        g = torch.Generator().manual_seed(cfg.seed)
+        adapters, values = [], {}
+        for i, s in enumerate(todo):
+            n_out, n_in = _out_in(gm, s)
+            a = torch.empty(cfg.rank, n_in)
+            _kaiming_uniform(a, g)
+            values[i] = {"A": a, "B": torch.zeros(n_out, cfg.rank)}
+            adapters.append({"path": _key(s), "at": at[s.node], "rank": cfg.rank, "alpha": cfg.alpha,
+                             "in": n_in, "out": n_out})
+        plan = Plan(self.name, decisions={"adapters": adapters}, values=values)
+        self.apply(gm, plan)
+        stats = {"adapters": len(adapters), "rank": cfg.rank,
+                 "adapter_params": sum(a["rank"] * (a["in"] + a["out"]) for a in adapters)}
+        return PassResult(modified=bool(adapters), stats=stats, near_misses=near, plan=plan)
+
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """Insert the plan's adapters (A, B from the plan's values, else zeros of the recorded shapes)."""
+        sites = linear_sites(gm)
+        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        registry = dict(gm.meta.get(META_LORA, {}))
+        for i, ad in enumerate(plan.decisions.get("adapters", [])):
+            site = by_key.get((ad["path"], ad["at"]))
+            if site is None:
+                raise PlanError(f"the plan adds an adapter to linear {ad['path']!r} (occurrence {ad['at']}), which "
+                                "this graph does not have", fix="apply plans to a capture of the model they were "
+                                "made on")
+            given = plan.values.get(i, {})
+            a = given.get("A", torch.zeros(ad["rank"], ad["in"]))
+            b = given.get("B", torch.zeros(ad["out"], ad["rank"]))
+            registry[ad["path"]] = _insert(gm, site, a, b, ad["alpha"] / ad["rank"])
+        gm.meta[META_LORA] = registry
+
+
+def _insert(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor, scaling: float):
+    y = site.node
+    x = site.input
+    q = Quantizer.of(x)
+    if q is not None and q.role == "input":           # the float input the quantizer reads
+        x = q.x
+    stem = (site.path or y.name)
+    a_name = add_tensor(gm, f"{stem}.lora_A", a.clone(), trainable=True)
+    b_name = add_tensor(gm, f"{stem}.lora_B", b.clone(), trainable=True)
+    after = y.next
+    a_node, b_node = get_attr(gm, after, a_name), get_attr(gm, after, b_name)
+    h = insert_call(gm, after, aten.linear.default, (x, a_node), "lora")
+    o = insert_call(gm, after, aten.linear.default, (h, b_node), "lora")
+    s = insert_call(gm, after, aten.mul.Tensor, (o, scaling), "lora")
+    out = insert_call(gm, after, aten.add.Tensor, (y, s), "lora", val_like=y)
+    y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+    for n, like in ((h, None), (o, y), (s, y)):
+        if like is not None and "val" in like.meta:
+            n.meta["val"] = like.meta["val"]
+    return a_name, b_name, scaling
+
+
+def _out_in(gm: GraphModule, s: LinearSite) -> tuple[int, int]:
+    w = getattr(gm, s.weight.target) if hasattr(gm, s.weight.target) else gm.get_parameter(s.weight.target)
+    n0, n1 = w.shape
+    return (n1, n0) if s.in_axis == 0 else (n0, n1)
+
+
+def _kaiming_uniform(t: torch.Tensor, g: torch.Generator) -> None:
+    """torch.nn.init.kaiming_uniform_(t, a=sqrt(5)) (PEFT's init of lora_A), with an explicit generator."""
+    fan_in = t.shape[1]
+    gain = math.sqrt(2.0 / (1 + 5))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    with torch.no_grad():
+        t.uniform_(-bound, bound, generator=g)
+
+
+def _key(site: LinearSite) -> str:
+    return site.path or site.node.name
+
+
+def adapter_parameters(gm: GraphModule) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of `gm` (A and B of every adapter), in insertion order."""
+    return [gm.get_parameter(n) for a, b, _ in gm.meta.get(META_LORA, {}).values() for n in (a, b)]
+
+
+__all__ = ["Lora", "LoraConfig", "adapter_parameters", "META_LORA", "META_ORIGIN"]
