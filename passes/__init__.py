@@ -8,7 +8,6 @@ from .lora import Lora, LoraConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
-from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
@@ -24,7 +23,6 @@ PASSES = {
     "lora": (LoraConfig, Lora),
     "owq": (OwqConfig, Owq),
     "llm_int8": (LlmInt8Config, LlmInt8),
-    "os_plus": (OsPlusConfig, OsPlus),
 }
 
 
@@ -36,4 +34,4 @@ def make_pass(config):
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig",
-           "OsPlus", "OsPlusConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]
+           "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]
