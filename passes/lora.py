@@ -13,7 +13,8 @@ Preserves nothing (adds nodes and parameters)
 
 The adapter linears are marked (``META_ORIGIN = "lora"``) and are not linear sites: a later quantize pass does
 not quantize them. Adapter parameters are listed in ``gm.meta["qpass_lora"]`` ({module path: (A name, B name,
-scaling)}), which the qat pass reads for ``trainable: lora`` and the PEFT export for the layout.
+scaling)}), which the qat pass reads for ``trainable: lora`` and ``qpass.adapters.save_peft`` writes in the
+PEFT layout.
 
 NOTE: dropout on the adapter input (PEFT's lora_dropout) is not supported: an exported graph has no train and
 eval modes, so a dropout node would also drop at inference. ``dropout`` must be 0; it is refused otherwise.
@@ -27,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule
 
+from qpass.adapters import META_LORA
 from qpass.analyses import LinearSites
 from qpass.errors import RecipeError
 from qpass.graph import META_ORIGIN, LinearSite, add_tensor, get_attr, insert_call, linear_sites, select
@@ -35,7 +37,6 @@ from qpass.plan import Plan, PlanError, occurrences
 from qpass.quantizer import Quantizer
 
 aten = torch.ops.aten
-META_LORA = "qpass_lora"
 
 
 @dataclass(frozen=True)

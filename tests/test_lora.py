@@ -91,3 +91,29 @@ def test_lora_nothing_selected_and_errors(model):
     with pytest.raises(qpass.CalibrationError, match="lora pass before qat"):
         qpass.apply(model, {"passes": [W4, {"qat": {"samples": 4, "seq_len": 8, "steps": 1, "batch_size": 2,
                                                     "cache_dir": None, "trainable": "lora"}}]}, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_adapters_saved_in_the_peft_layout_load_with_peft_onto_the_float_model(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    import json
+
+    from qpass.adapters import save_peft
+
+    model = toy.hf_model(family)
+    qm = qpass.apply(model, {"passes": [{"lora": {"rank": 4, "alpha": 8}}]}, progress=False)   # float base
+    with torch.no_grad():
+        for p in adapter_parameters(qm.graph_module):
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    save_peft(qm, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["fan_in_fan_out"] == (family == "gpt2")
+    loaded = peft.PeftModel.from_pretrained(toy.hf_model(family), str(tmp_path / "adapter")).eval()
+    ids = toy.token_ids(2, 9, seed=4)
+    with torch.no_grad():
+        ref = loaded(input_ids=ids).logits
+        assert not torch.allclose(ref, model(input_ids=ids).logits, atol=1e-4)     # the adapters act
+    torch.testing.assert_close(qm(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(qpass.ArtifactError, match="no LoRA adapters"):
+        save_peft(qpass.apply(model, {"passes": []}), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
