@@ -4,7 +4,7 @@ The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
 from .awq import Awq, AwqConfig
 from .gptq import Gptq, GptqConfig
-from .lora import Lora, LoraConfig
+from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
@@ -21,6 +21,7 @@ PASSES = {
     "awq": (AwqConfig, Awq),
     "gptq": (GptqConfig, Gptq),
     "lora": (LoraConfig, Lora),
+    "lora_merge": (LoraMergeConfig, LoraMerge),
     "owq": (OwqConfig, Owq),
     "llm_int8": (LlmInt8Config, LlmInt8),
 }
@@ -33,5 +34,5 @@ def make_pass(config):
 
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
-           "Lora", "LoraConfig",
+           "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
            "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]

@@ -126,6 +126,97 @@ class Lora(Pass):
         gm.meta[META_LORA] = registry
 
 
+@dataclass(frozen=True)
+class LoraMergeConfig:
+    name: ClassVar[str] = "lora_merge"
+    field_docs: ClassVar[dict] = {
+        "requantize": "recompute each merged weight's quantizer scales (min-max, its own spec and block) from the "
+                      "merged weight; false keeps the trained scales",
+    }
+
+    requantize: bool = True
+
+
+@dataclass(frozen=True)
+class LoraMerge(Pass):
+    """Fold every LoRA adapter into its base weight (W += alpha / r * B A) and remove the branch; a quantized
+    weight is re-quantized per its quantizer's spec (new min-max scales), so the model lowers like any other."""
+
+    config: LoraMergeConfig = LoraMergeConfig()
+    name: ClassVar[str] = "lora_merge"
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        registry = dict(gm.meta.get(META_LORA, {}))
+        sites = {_key(s): s for s in linear_sites(gm)}
+        merged, requantized = [], 0
+        for path, (a, b, scaling) in registry.items():
+            site = sites.get(path)
+            if site is None:
+                raise PlanError(f"adapter {path!r} has no linear in this graph", fix="report this as a qpass bug")
+            with ctx.loaded([site.weight.target]):
+                w = gm.get_parameter(site.weight.target)
+                delta = scaling * (gm.get_parameter(b).detach() @ gm.get_parameter(a).detach())   # [out, in]
+                with torch.no_grad():
+                    w.add_(delta if site.in_axis == 1 else delta.t())
+                q = Quantizer.of(site.weight_use)
+                if self.config.requantize and q is not None and not q.dynamic and q.role == "weight":
+                    _requantize(gm, site, q)
+                    requantized += 1
+            merged.append(path)
+        plan = Plan(self.name, decisions={"merged": merged})
+        self.apply(gm, plan)
+        return PassResult(modified=bool(merged), stats={"merged": len(merged), "requantized": requantized},
+                          plan=plan)
+
+    @classmethod
+    def apply(cls, gm: GraphModule, plan: Plan) -> None:
+        """Remove the branches of the merged adapters (the merged weights and scales are parameter values)."""
+        registry = dict(gm.meta.get(META_LORA, {}))
+        for path in plan.decisions.get("merged", []):
+            if path not in registry:
+                raise PlanError(f"the plan merges adapter {path!r}, which this graph does not have",
+                                fix="apply the lora pass's plan first")
+            _remove(gm, *registry.pop(path)[:2])
+        gm.meta[META_LORA] = registry
+
+
+def _requantize(gm: GraphModule, site: LinearSite, q: Quantizer) -> None:
+    from qpass.primitives import choose_qparams
+
+    flip = q.x is not site.weight          # the quantizer reads W transposed (mm family)
+    w = gm.get_parameter(site.weight.target).detach()
+    spec = q.meta.spec if q.meta is not None else None
+    if spec is None:
+        return
+    scale, zp = choose_qparams(w.t() if flip else w, spec, block_size=q.block)
+    with torch.no_grad():
+        _attr_tensor(gm, q.scale.target).copy_(scale)
+        if q.zero_point is not None and zp is not None:
+            _attr_tensor(gm, q.zero_point.target).copy_(zp)
+
+
+def _attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    return gm.get_parameter(target) if target in dict(gm.named_parameters()) else gm.get_buffer(target)
+
+
+def _remove(gm: GraphModule, a_name: str, b_name: str) -> None:
+    """Take out the branch reading A and B: add(y, mul(linear(linear(x, A), B), s)) -> y; delete A and B."""
+    a_nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == a_name]
+    for a_node in a_nodes:
+        h = next(iter(a_node.users))
+        o = next(iter(h.users))
+        s = next(iter(o.users))
+        out = next(iter(s.users))
+        y = out.args[0]
+        out.replace_all_uses_with(y)
+        b_node = o.args[1]
+        for n in (out, s, o, h, b_node, a_node):
+            gm.graph.erase_node(n)
+    for name in (a_name, b_name):
+        if name in gm._parameters:
+            del gm._parameters[name]
+
+
 def _insert(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor, scaling: float):
     y = site.node
     x = site.input
@@ -172,4 +263,4 @@ def adapter_parameters(gm: GraphModule) -> list[torch.nn.Parameter]:
     return [gm.get_parameter(n) for a, b, _ in gm.meta.get(META_LORA, {}).values() for n in (a, b)]
 
 
-__all__ = ["Lora", "LoraConfig", "adapter_parameters", "META_LORA", "META_ORIGIN"]
+__all__ = ["Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig", "adapter_parameters", "META_LORA", "META_ORIGIN"]

@@ -117,3 +117,41 @@ def test_adapters_saved_in_the_peft_layout_load_with_peft_onto_the_float_model(f
     with pytest.raises(qpass.ArtifactError, match="no LoRA adapters"):
         save_peft(qpass.apply(model, {"passes": []}), tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def _trained(model, passes):
+    qm = qpass.apply(model, {"passes": passes}, progress=False)
+    with torch.no_grad():
+        for p in adapter_parameters(qm.graph_module):
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    return qm
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merge_folds_the_adapters_into_a_float_base_exactly(family):
+    model = toy.hf_model(family)
+    qm = _trained(model, [{"lora": {"rank": 4}}])
+    merged = qpass.apply(qm, {"passes": [{"lora_merge": {}}]}, progress=False)
+    gm = merged.graph_module
+    assert not any(x.meta.get(META_ORIGIN) == "lora" for x in gm.graph.nodes) and not gm.meta[META_LORA]
+    assert not [n for n, _ in gm.named_parameters() if "lora" in n]
+    ids = toy.token_ids(2, 9, seed=4)
+    torch.testing.assert_close(merged(ids).logits, qm(ids).logits, atol=1e-5, rtol=1e-5)
+    assert merged.report["lora_merge"].stats["merged"] == len(qm.graph_module.meta[META_LORA])
+
+
+def test_merge_requantizes_a_quantized_base_and_lowers_to_both_backends(model, tmp_path):
+    qm = _trained(model, [W4, {"lora": {"rank": 4}}])
+    merged = qpass.apply(qm, {"passes": [{"lora_merge": {}}]}, progress=False)
+    assert merged.report["lora_merge"].stats["requantized"] == merged.report["lora_merge"].stats["merged"] > 0
+    ids = toy.token_ids(2, 9, seed=4)
+    merged.save(tmp_path / "m")
+    assert torch.equal(qpass.load(tmp_path / "m")(ids).logits, merged(ids).logits)
+    # the merged weights are exactly representable by the new scales: lowering is exact up to float order
+    packed = qpass.lower(merged, "torch", kernels="exact")
+    torch.testing.assert_close(packed(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    art = qpass.lower(merged, "onnx", tmp_path / "onnx")
+    torch.testing.assert_close(onnx_qdq.logits(art.path, ids), merged(ids).logits, atol=1e-3, rtol=1e-3)

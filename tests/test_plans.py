@@ -38,6 +38,8 @@ CONFORMANCE = {
             {"qat": {**QAT, "learnable_scales": True}}],
     "lora": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lora": {"rank": 2}},
              {"qat": {**QAT, "trainable": "lora", "held_out": 0}}],
+    "lora_merge": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lora": {"rank": 2}},
+                   {"qat": {**QAT, "trainable": "lora", "held_out": 0, "lr": 1e-2}}, {"lora_merge": {}}],
     "owq": [{"owq": {"weights": W4G, "columns": 2, "method": "gptq", "ignore": ["lm_head"]}}],
     "llm_int8": [{"llm_int8": {"threshold": 0.5, "ignore": ["lm_head"]}}],       # low: the toy has outliers
 }
