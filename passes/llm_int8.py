@@ -49,7 +49,7 @@ INPUTS = QSpec(IntFormat(8), PerToken(), symmetric=True, dynamic=True)  # vector
 class LlmInt8Config:
     name: ClassVar[str] = "llm_int8"
     field_docs: ClassVar[dict] = {
-        "threshold": "an input feature whose max |x| on the calibration data reaches this stays in float "
+        "threshold": "an input feature whose largest magnitude on the calibration data reaches this stays in float "
                      "(the paper and bitsandbytes: 6.0)",
         "targets": "module-path globs to quantize",
         "ignore": "module-path globs to leave in float (a bare name matches as a suffix: lm_head)",
