@@ -47,7 +47,8 @@ RECIPE_VERSION = 1
 
 FORMATS = ("int", *FLOAT_MAX, "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_head")
-_QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range")
+_QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range",
+               "scale_pow2")
 QSPEC_KEYS = _QSPEC_KEYS
 MAX_GROUP_SIZE = 1 << 16     # larger than any model's feature dimension; a bigger group is a typo
 
@@ -76,8 +77,13 @@ def qspec_from_dict(d: Any, path: str) -> QSpec:
     if full_range and (fmt.kind != "int" or not symmetric or dynamic):
         raise RecipeError(f"{path}.full_range", "applies to symmetric integer quantizers with static scales "
                           "(weights, static activations); remove it or set symmetric: true, dynamic: false")
+    scale_pow2 = _typed(d.get("scale_pow2", False), bool, f"{path}.scale_pow2")
+    if scale_pow2 and (dynamic or full_range):
+        raise RecipeError(f"{path}.scale_pow2", "applies to static scales (weights, static activations) without "
+                          "full_range; remove it or set dynamic: false")
     gran = _granularity_from_dict(d, path, dynamic)
-    return QSpec(format=fmt, granularity=gran, symmetric=symmetric, dynamic=dynamic, full_range=full_range)
+    return QSpec(format=fmt, granularity=gran, symmetric=symmetric, dynamic=dynamic, full_range=full_range,
+                 scale_pow2=scale_pow2)
 
 
 def _granularity_from_dict(d: Mapping, path: str, dynamic: bool):
@@ -130,6 +136,8 @@ def qspec_to_dict(spec: QSpec) -> dict:
     d["dynamic"] = spec.dynamic
     if spec.full_range:
         d["full_range"] = True
+    if spec.scale_pow2:
+        d["scale_pow2"] = True
     return d
 
 
@@ -148,7 +156,8 @@ CODECS: dict[Any, Codec] = {
                  "mapping: {format: int|fp8_e4m3|fp8_e5m2|fp4_e2m1|nf4, bits: 2..8, granularity: "
                  "per_tensor|per_channel|per_group|per_token|per_head, group_size: 1..65536, axis: -4..3, "
                  "symmetric, dynamic, "
-                 "full_range (symmetric int, static: all 2^b codes, as onnxruntime's MLAS)}"),
+                 "full_range (symmetric int, static: all 2^b codes, as onnxruntime's MLAS), "
+                 "scale_pow2 (static: scales rounded up to powers of two, ZeroQuant-FP)}"),
 }
 
 

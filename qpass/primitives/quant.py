@@ -199,8 +199,18 @@ def block_minmax(x: Tensor, block_size: BlockSize) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------- qparams
 
 
-def _qparams(mn: Tensor, mx: Tensor, fmt: str, symmetric: bool, *, int_zp: bool, full_range: bool = False):
-    """Min-max formulas. Non-finite min/max give a NaN scale (and zero point) for that block."""
+def pow2_ceil(scale: Tensor) -> Tensor:
+    """The smallest power of two >= each positive `scale` (exact: from the binary exponent, not log2); NaN
+    stays NaN. ``QSpec.scale_pow2`` rounds static scales with it."""
+    m, e = torch.frexp(scale)                      # scale = m * 2^e, m in [0.5, 1)
+    out = torch.ldexp(torch.ones_like(scale), torch.where(m == 0.5, e - 1, e))
+    return torch.where(torch.isfinite(scale), out, scale)
+
+
+def _qparams(mn: Tensor, mx: Tensor, fmt: str, symmetric: bool, *, int_zp: bool, full_range: bool = False,
+             pow2: bool = False):
+    """Min-max formulas. Non-finite min/max give a NaN scale (and zero point) for that block. `pow2`: scales
+    rounded up to powers of two (the zero point follows the rounded scale)."""
     f = parse_format(fmt)
     mn, mx = mn.float(), mx.float()
     if full_range:   # the largest-magnitude value (sign kept) -> the most negative code
@@ -217,6 +227,8 @@ def _qparams(mn: Tensor, mx: Tensor, fmt: str, symmetric: bool, *, int_zp: bool,
         lo, hi = mn.clamp(max=0), mx.clamp(min=0)
         scale = (hi - lo) / qrange(fmt, False)[1]
     scale = torch.where(torch.isfinite(scale), scale.clamp(min=SCALE_FLOOR), torch.nan)
+    if pow2:
+        scale = pow2_ceil(scale)
     if symmetric:
         return scale, None
     zp = (-lo / scale).round().clamp(*qrange(fmt, False))
@@ -229,11 +241,13 @@ def qparams_from_minmax(min_val: Tensor, max_val: Tensor, spec: QSpec) -> tuple[
     Symmetric: scale = max(|min|, |max|) / qmax (qmax = 2^(b-1)-1 for int, the format max for fp8/fp4, 1
     for nf4); with ``spec.full_range``: scale = v / -2^(b-1), v the one of min/max of larger magnitude
     (negative when v > 0). Asymmetric int: the range is widened to include 0, scale = (max - min) / (2^b - 1), zero
-    point = clamp(round(-min / scale), 0, 2^b - 1). Scales are floored at SCALE_FLOOR.
+    point = clamp(round(-min / scale), 0, 2^b - 1). Scales are floored at SCALE_FLOOR. With
+    ``spec.scale_pow2`` each scale is then rounded up to a power of two (:func:`pow2_ceil`).
     """
     check_finite(min_val, "qparams_from_minmax(min_val)")
     check_finite(max_val, "qparams_from_minmax(max_val)")
-    return _qparams(min_val, max_val, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range)
+    return _qparams(min_val, max_val, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range,
+                    pow2=spec.scale_pow2)
 
 
 def choose_qparams(x: Tensor, spec: QSpec, *, block_size: BlockSize | None = None):
@@ -246,9 +260,11 @@ def choose_qparams(x: Tensor, spec: QSpec, *, block_size: BlockSize | None = Non
         raise QuantizationError(f"cannot choose qparams of an empty tensor of shape {tuple(x.shape)}",
                                 fix="give at least one element per block")
     if x.numel() == 0:
-        return _qparams(x.new_zeros(shape), x.new_zeros(shape), spec.format.name, spec.symmetric, int_zp=True)
+        return _qparams(x.new_zeros(shape), x.new_zeros(shape), spec.format.name, spec.symmetric, int_zp=True,
+                        pow2=spec.scale_pow2)
     mn, mx = block_minmax(x, block_size)
-    return _qparams(mn, mx, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range)
+    return _qparams(mn, mx, spec.format.name, spec.symmetric, int_zp=True, full_range=spec.full_range,
+                    pow2=spec.scale_pow2)
 
 
 # -------------------------------------------------------------------------------------- code grids

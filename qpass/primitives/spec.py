@@ -179,19 +179,28 @@ class QSpec:
     magnitude maps exactly to the most negative code -2^(b-1), so its scale carries that value's sign
     (scale = v / -2^(b-1)): int4 gets 16 levels of max|w| / 8 instead of 15 of max|w| / 7. This is
     onnxruntime's MLAS / ``MatMulNBitsQuantizer`` symmetric scheme; the codes and the dequantization
-    (code * scale) are unchanged, so every backend runs it as is."""
+    (code * scale) are unchanged, so every backend runs it as is.
+
+    ``scale_pow2`` (static scales only): every scale is rounded *up* to a power of two (ZeroQuant-FP's
+    constraint: an FP4 weight times its scale is then an exponent shift, exactly representable in FP8 E4M3
+    within its exponent range). Rounding up never clips more than min-max does; it costs at most one bit
+    of resolution. Codes, dequantization and the quantizer ops are unchanged (the scale is a tensor), so
+    every backend runs it as is."""
 
     format: Format = IntFormat(8)
     granularity: Granularity = PerChannel(0)
     symmetric: bool = True
     dynamic: bool = False
     full_range: bool = False
+    scale_pow2: bool = False
 
     def __post_init__(self):
         if self.format.kind != "int" and not self.symmetric:
             raise ValueError(f"{self.format.name} is symmetric only (scale by absmax); set symmetric: true")
         if self.full_range and (self.format.kind != "int" or not self.symmetric or self.dynamic):
             raise ValueError("full_range applies to symmetric integer quantizers with static scales only")
+        if self.scale_pow2 and (self.dynamic or self.full_range):
+            raise ValueError("scale_pow2 applies to static scales (weights, static activations) without full_range")
 
     def block_size(self, shape) -> tuple[int, ...]:
         return self.granularity.block_size(tuple(shape))
