@@ -8,6 +8,7 @@ from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
+from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
@@ -24,6 +25,7 @@ PASSES = {
     "lora_merge": (LoraMergeConfig, LoraMerge),
     "owq": (OwqConfig, Owq),
     "llm_int8": (LlmInt8Config, LlmInt8),
+    "os_plus": (OsPlusConfig, OsPlus),
 }
 
 
@@ -35,4 +37,4 @@ def make_pass(config):
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
-           "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]
+           "OsPlus", "OsPlusConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config"]

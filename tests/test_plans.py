@@ -42,6 +42,8 @@ CONFORMANCE = {
                    {"qat": {**QAT, "trainable": "lora", "held_out": 0, "lr": 1e-2}}, {"lora_merge": {}}],
     "owq": [{"owq": {"weights": W4G, "columns": 2, "method": "gptq", "ignore": ["lm_head"]}}],
     "llm_int8": [{"llm_int8": {"threshold": 0.5, "ignore": ["lm_head"]}}],       # low: the toy has outliers
+    "os_plus": [{"os_plus": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}},     # adds biases
+                {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
 }
 
 
