@@ -99,13 +99,21 @@ def weight_bytes(model) -> dict:
             "quantized_bits_per_weight": 8 * q_total / q_numel if q_numel else None}
 
 
+def _tensor(gm, target: str):
+    """A buffer or a parameter (QAT's learnable scales are parameters)."""
+    try:
+        return gm.get_buffer(target)
+    except AttributeError:
+        return gm.get_parameter(target)
+
+
 def quantizer_bytes(gm, fq, numel: int) -> float:
     """Bytes of one weight quantizer's storage for a weight of `numel` elements, packed: codes at the format's
     bits (every element, as the OWQ and SpQR kernels store the dense low-bit matrix), one fp16 scale per block
     (or, with second-level scales, the scales at their format's bits plus their fp16 scales), zero points at the
     code width, a learned table at fp16 per entry, and side channels: sparse values at fp16 plus an int32 flat
     index each, float columns at fp16 per element plus an int32 index per column."""
-    buf = lambda n: gm.get_buffer(n.target) if n is not None else None   # noqa: E731
+    buf = lambda n: _tensor(gm, n.target) if n is not None else None   # noqa: E731
     bits = fq.meta.spec.bits
     scales = buf(fq.scale).numel()
     side = fq.side_channels

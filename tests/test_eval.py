@@ -60,3 +60,17 @@ def test_evaluate_agrees_with_perplexity_and_compare():
     c = compare(model, qm, ids, 16)
     assert rows[1]["kl"] == pytest.approx(c["kl"], rel=1e-4, abs=1e-8)
     assert rows[1]["top1_agreement"] == pytest.approx(c["top1_agreement"])
+
+
+def test_weight_bytes_counts_learnable_scales_like_buffers():
+    """PEQA / learnable_scales turn weight scales into parameters; the byte count must not care."""
+    import qpass
+    from qpass.eval import weight_bytes
+    from qpass.passes.qat import make_scales_learnable
+    from tests import toy
+
+    qm = qpass.apply(toy.hf_model("llama"), {"passes": [{"quantize": {"weights": {"bits": 4,
+                                                                       "granularity": "per_channel"}}}]})
+    before = weight_bytes(qm.graph_module)
+    make_scales_learnable(qm.graph_module)
+    assert weight_bytes(qm.graph_module) == before
