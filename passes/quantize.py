@@ -26,7 +26,7 @@ from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, build, occurrences
 from qpass.primitives import OBSERVERS, choose_qparams
-from qpass.quantizer import QuantMeta, insert_quantizer
+from qpass.quantizer import NO_SIDE, QuantMeta, ScaleQuant, SideChannels, insert_quantizer
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
 
 
@@ -51,6 +51,27 @@ class ObserverConfig:
 
 
 @dataclass(frozen=True)
+class DoubleQuantConfig:
+    """Second-level quantization of the weight scales (QLoRA's double quantization): the first-level scales of
+    each weight, flattened in row order, are quantized in blocks of `block` to `format` (symmetric, absmax)."""
+
+    format: str = "int8"
+    block: int = 256
+
+    def __post_init__(self):
+        from qpass.primitives.formats import get_format
+
+        try:
+            f = get_format(self.format)
+        except (KeyError, ValueError) as e:
+            raise RecipeError("format", f"unknown format {self.format!r} for the scales ({e})") from None
+        if f.kind not in ("int", "float") or f.bits < 4:
+            raise RecipeError("format", f"scales are quantized to an int or float format of 4+ bits, got {self.format}")
+        if not 1 <= self.block <= 1 << 16:
+            raise RecipeError("block", f"must be in [1, 65536], got {self.block}")
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     name: ClassVar[str] = "quantize"
     field_docs: ClassVar[dict] = {
@@ -59,6 +80,8 @@ class QuantizeConfig:
         "targets": "module-path globs to quantize",
         "ignore": "module-path globs to leave in float (a bare name matches as a suffix: lm_head)",
         "observer": "static activation scale estimator: {kind: minmax|moving_average|percentile|mse, ...}",
+        "double_quant": "quantize the weight scales too (QLoRA): {format: int8 or fp8_e4m3, block: 256}; null: "
+                        "fp16 scales",
     }
 
     weights: QSpec | None = QSpec(IntFormat(8), PerChannel(0))
@@ -66,9 +89,13 @@ class QuantizeConfig:
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     observer: ObserverConfig = field(default_factory=ObserverConfig)
+    double_quant: DoubleQuantConfig | None = None
 
     def __post_init__(self):
         w, a = self.weights, self.activations
+        if self.double_quant is not None and (w is None or isinstance(w.granularity, PerTensor)):
+            raise RecipeError("double_quant", "quantizes the weight scales: needs weights with per_channel or "
+                              "per_group scales")
         if w is not None:
             if w.dynamic:
                 raise RecipeError("weights.dynamic", "weights are quantized once, offline; set dynamic: false")
@@ -113,7 +140,13 @@ class Quantize(Pass):
                                   (spec.block_size(site.input.meta["val"].shape),
                                    _qparam_dict(act_qparams.get(site.input.name))))
                 items.append((QuantMeta(role, "", _key(site), spec), block, tensors, at[site.node]))
-        plan = build(self.name, items)
+        dq = cfg.double_quant
+        if dq is not None:
+            for meta, _, tensors, _ in items:
+                if meta.role == "weight":
+                    tensors["scale_scale"] = _scale_of_scales(tensors["scale"], dq)
+        plan = build(self.name, items, decisions={"double_quant": {"format": dq.format, "block": dq.block}}
+                     if dq is not None else {})
         self.apply(gm, plan)
         stats = {"linears": len(todo), "weights_quantized": len(todo) if cfg.weights else 0,
                  "inputs_quantized": len(todo) if cfg.activations else 0, "skipped": len(skipped)}
@@ -137,9 +170,14 @@ class Quantize(Pass):
                 name = f"{site.weight.target}_scale"
             else:   # NOTE: named by module path: another capture (the decode graph) gets the same names
                 name = f"{site.path or site.node.name}_input_scale"
+            side = NO_SIDE
+            if "scale_scale" in t:
+                dq = plan.decisions["double_quant"]
+                side = SideChannels(scale_q=ScaleQuant(t["scale_scale"], _dq_block(t["scale"].shape, dq["block"]),
+                                                       dq["format"]))
             q = insert_quantizer(gm, site.node, src, meta, block=list(qp.block), scale=t.get("scale"),
                                  zero_point=t.get("zero_point"), name=None if "scale" not in t else name,
-                                 origin="quantize")
+                                 origin="quantize", side=side)
             site.node.replace_input_with(src, q.node)
 
     # -- weights
@@ -161,6 +199,22 @@ class Quantize(Pass):
                                      who="quantize with static activations",
                                      desc="quantize: observing linear inputs"), gm)
         return {k: obs.qparams() for k, obs in observers.items()}
+
+
+def _dq_block(shape, block: int) -> tuple[int, int]:
+    """Blocks of `block` consecutive scales in row order over a [rows, cols] scale tensor: whole rows when a row
+    is shorter than the block (block // cols of them), else `block` scales of one row."""
+    rows, cols = (1, int(shape[0])) if len(shape) == 1 else (int(shape[0]), int(shape[-1]))
+    return (max(1, block // cols), cols) if cols <= block else (1, block)
+
+
+def _scale_of_scales(scale: torch.Tensor, dq: DoubleQuantConfig) -> torch.Tensor:
+    """The second-level scales of `scale` (symmetric absmax per block of _dq_block)."""
+    from qpass.primitives.formats import get_format
+
+    spec = QSpec(get_format(dq.format), PerTensor(), symmetric=True)
+    s2, _ = choose_qparams(scale.float(), spec, block_size=_dq_block(scale.shape, dq.block))
+    return s2
 
 
 def _key(site: LinearSite) -> str:
@@ -203,4 +257,4 @@ def weight_block_size(spec: QSpec, use_in_axis: int) -> tuple[int, int]:
     return canonical if use_in_axis == 1 else (canonical[1], canonical[0])
 
 
-__all__ = ["Quantize", "QuantizeConfig", "ObserverConfig", "weight_block_size"]
+__all__ = ["Quantize", "QuantizeConfig", "ObserverConfig", "DoubleQuantConfig", "weight_block_size"]

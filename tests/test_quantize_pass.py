@@ -156,3 +156,55 @@ def test_stacked_quantize_passes_see_through_quantizers_and_refuse_doubles():
     assert counts[FQ] == 15 and counts[FQD] == 15
     with pytest.raises(qpass.QuantizationError, match=r"(?s)weights of node .*already quantized.*fix: set weights: null"):
         qpass.apply(model, Recipe([QuantizeConfig(weights=W8), QuantizeConfig(weights=W8)]))
+
+
+# -- double quantization of the weight scales (QLoRA)
+
+NF4_DQ = {"quantize": {"weights": {"format": "nf4", "granularity": "per_group", "group_size": 16},
+                       "ignore": ["lm_head"], "double_quant": {"format": "int8", "block": 256}}}
+
+
+def test_double_quant_quantizes_the_scales_saves_loads_and_lowers_to_torch(tmp_path):
+    import qpass
+    from qpass.eval import weight_bytes
+    from qpass.quantizer import quantizers
+    from tests import toy
+
+    model = toy.hf_model("llama")
+    qm = qpass.apply(model, {"passes": [NF4_DQ]}, progress=False)
+    plain = qpass.apply(model, {"passes": [{"quantize": {k: v for k, v in NF4_DQ["quantize"].items()
+                                                         if k != "double_quant"}}]}, progress=False)
+    qs = quantizers(qm.graph_module, role="weight")
+    assert qs and all(q.side_channels.names == ("scale_q",) and q.side_channels.scale_q.fmt == "int8" for q in qs)
+    gm = qm.graph_module
+    for q in qs:   # the effective scales are on the int8 grid of their second-level scales
+        s = gm.get_buffer(q.scale.target)
+        s2 = gm.get_buffer(q.side_channels.scale_q.scale.target)
+        rows, cols = q.side_channels.scale_q.block
+        eff = torch.ops.qpass.fake_quantize(s, s2, None, [rows, cols], "int8")
+        assert torch.allclose(eff / s2.repeat_interleave(rows, 0)[: s.shape[0]].repeat_interleave(cols, 1)[:, : s.shape[1]],
+                              (eff / s2.repeat_interleave(rows, 0)[: s.shape[0]].repeat_interleave(cols, 1)[:, : s.shape[1]]).round(),
+                              atol=1e-4)
+    assert weight_bytes(gm)["quantized_bits_per_weight"] < weight_bytes(plain.graph_module)["quantized_bits_per_weight"]
+    ids = toy.token_ids(2, 9, seed=4)
+    ref = model(ids).logits
+    assert (qm(ids).logits - ref).abs().max() < 3 * (plain(ids).logits - ref).abs().max()   # scales barely move
+    qm.save(tmp_path / "m")
+    assert torch.equal(qpass.load(tmp_path / "m")(ids).logits, qm(ids).logits)
+    torch.testing.assert_close(qpass.lower(qm, "torch", kernels="exact")(ids).logits, qm(ids).logits,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_double_quant_errors_and_the_onnx_refusal(tmp_path):
+    import qpass
+    from tests import toy
+
+    with pytest.raises(qpass.RecipeError, match=r"double_quant\.format"):
+        qpass.Recipe.from_dict({"passes": [{"quantize": {"double_quant": {"format": "nf4"}}}]})
+    with pytest.raises(qpass.RecipeError, match=r"double_quant"):
+        qpass.Recipe.from_dict({"passes": [{"quantize": {"weights": {"bits": 8, "granularity": "per_tensor"},
+                                                         "double_quant": {}}}]})
+    pytest.importorskip("onnxruntime")
+    qm = qpass.apply(toy.hf_model("llama"), {"passes": [NF4_DQ]}, progress=False)
+    with pytest.raises(qpass.UnsupportedOpError, match="scale_q|nf4"):
+        qpass.lower(qm, "onnx", tmp_path / "onnx")
