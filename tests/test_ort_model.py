@@ -11,19 +11,19 @@ pytest.importorskip("onnxruntime")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _lower(family, recipe, out):
+def _lower(family, recipe, out, **options):
     import qpass
 
     model = toy.hf_model(family)
     qm = qpass.apply(model, ROOT / "recipes" / recipe, progress=False)
-    qpass.lower(qm, "onnx", out)
+    qpass.lower(qm, "onnx", out, **options)
     return model, qm, out
 
 
 @pytest.fixture(scope="module")
 def w4(tmp_path_factory):
     """Toy Llama, W4A16 g128 (MatMulNBits at accuracy level 0: the fake-quant model's numbers)."""
-    return _lower("llama", "w4a16_g128.yaml", tmp_path_factory.mktemp("ort") / "w4")
+    return _lower("llama", "w4a16_g128.yaml", tmp_path_factory.mktemp("ort") / "w4", fused_accuracy_level=0)
 
 
 @pytest.fixture(scope="module")

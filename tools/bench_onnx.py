@@ -3,7 +3,13 @@
 
     python tools/bench_onnx.py [--model models/tiny-llama] [--eval data/austen/eval.txt] [--threads 1]
                                [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 0 (all)]
-    python tools/bench_onnx.py --parity [--eval-tokens 4096]    # ORT logits vs the fake-quant model, per recipe
+                               [--levels 0,4]
+    python tools/bench_onnx.py --parity [--eval-tokens 4096] [--levels 0,4]  # ORT logits vs the fake-quant model
+
+--levels: the ``session.qdq_matmulnbits_accuracy_level`` values of the W4A16 rows (onnxruntime's
+DequantizeLinear+MatMul -> MatMulNBits fusion; 0/1: fp32 math, 4: int8 activations inside the kernel). With
+more than one level, a second table compares each level's perplexity with the first level's on the same
+windows: the difference and its 95% interval over the windows (paired), the noise the decision is read against.
 
 Rows: prefill tokens/s (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW one-token
 steps after that prompt, growing cache); over EVAL-TOKENS held-out tokens (windows of 256): perplexity, and
@@ -116,7 +122,7 @@ def _quality(runners: dict, eval_ids) -> dict[str, dict]:
     from qpass.eval import windows
 
     names = list(runners)
-    acc = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in names}
+    acc = {name: {"nll": 0.0, "kl": 0.0, "agree": 0, "window_nll": []} for name in names}
     n = 0
     for w in windows(eval_ids, WINDOW):
         ref = None
@@ -124,12 +130,50 @@ def _quality(runners: dict, eval_ids) -> dict[str, dict]:
             lp = F.log_softmax(runners[name](w.unsqueeze(0), torch.arange(w.numel()))[0, :-1].float(), -1)
             ref = lp if ref is None else ref
             a = acc[name]
+            a["window_nll"].append(float(F.nll_loss(lp, w[1:], reduction="mean")))
             a["nll"] += float(F.nll_loss(lp, w[1:], reduction="sum"))
             a["kl"] += float((ref.exp() * (ref - lp)).sum())
             a["agree"] += int((lp.argmax(-1) == ref.argmax(-1)).sum())
         n += w.numel() - 1
-    return {name: {"perplexity": math.exp(a["nll"] / n), "kl": a["kl"] / n, "top1": a["agree"] / n}
-            for name, a in acc.items()}
+    return {name: {"perplexity": math.exp(a["nll"] / n), "kl": a["kl"] / n, "top1": a["agree"] / n,
+                   "window_nll": a["window_nll"]} for name, a in acc.items()}
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean per-window difference b - a of mean NLL over the same windows, and its 95% half-width
+    (1.96 standard errors over the windows)."""
+    d = [y - x for x, y in zip(a, b)]
+    if len(d) < 2:
+        return (d[0] if d else 0.0), float("nan")
+    return statistics.fmean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
+
+
+def level_table(rows: list[dict], levels) -> str:
+    """Each accuracy level against the first of `levels`, per W4 row family (same windows, paired): Δ perplexity
+    (exp of the mean per-window NLL difference, times the first level's perplexity) with its 95% interval; the
+    first level's own distance from FP32 for scale."""
+    from qpass.tables import markdown
+
+    by = {r["variant"]: r for r in rows}
+    fp = rows[0]
+    body = []
+    for fam in ("qpass W4A16 g128", "qpass W4A16 g128 full_range", "ORT MatMulNBitsQuantizer g128 sym"):
+        base = by.get(f"{fam}, acc {levels[0]}")
+        if base is None:
+            continue
+        q, qw = paired(fp["window_nll"], base["window_nll"])
+        body.append([f"{fam}, acc {levels[0]} vs FP32", f"{base['perplexity']:.3f}",
+                     f"{fp['perplexity'] * math.expm1(q):+.3f}", f"±{fp['perplexity'] * qw:.3f}", "-"])
+        for lv in levels[1:]:
+            r = by.get(f"{fam}, acc {lv}")
+            if r is None:
+                continue
+            m, hw = paired(base["window_nll"], r["window_nll"])
+            body.append([f"{fam}, acc {lv} vs acc {levels[0]}", f"{r['perplexity']:.3f}",
+                         f"{base['perplexity'] * math.expm1(m):+.3f}", f"±{base['perplexity'] * hw:.3f}",
+                         "yes" if abs(m) <= hw else "no"])
+    return markdown(["comparison", "perplexity", "Δ perplexity", "95% interval (paired, over windows)",
+                     "within noise"], body, "lrrrl")
 
 
 def _size(path: str) -> int:
@@ -139,7 +183,8 @@ def _size(path: str) -> int:
 
 
 def onnx_rows(model_dir: str, eval_file: str, *, threads: int = 1, prompt: int = 128, new_tokens: int = 64,
-              repeats: int = 5, eval_tokens: int = 4096, work: str | None = None) -> list[dict]:
+              repeats: int = 5, eval_tokens: int = 4096, work: str | None = None,
+              levels=(0, 4)) -> list[dict]:
     import torch
     import transformers
 
@@ -149,15 +194,17 @@ def onnx_rows(model_dir: str, eval_file: str, *, threads: int = 1, prompt: int =
         ids = tok(f.read(), return_tensors="pt").input_ids[0]
     work = work or os.path.join(ROOT, ".cache", "bench-onnx", os.path.basename(os.path.normpath(model_dir)))
     os.makedirs(work, exist_ok=True)
-    rows = build(model, work)
+    rows = build(model, work, levels)
     return measure(rows, ids, ids[:eval_tokens] if eval_tokens else ids, threads=threads, prompt=prompt, new_tokens=new_tokens,
                    repeats=repeats)
 
 
 def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[str], *, windows_n: int = 4,
-                eval_tokens: int = 4096) -> list[dict]:
+                eval_tokens: int = 4096, levels=(0, 4)) -> list[dict]:
     """ORT logits vs the fake-quant QuantizedModel per recipe (calibrated on 16 x 256 tokens of calib_file):
-    max / mean |Δlogit| over `windows_n` held-out windows of 256, perplexity of both over `eval_tokens` (0: all)."""
+    max / mean |Δlogit| over `windows_n` held-out windows of 256, perplexity of both over `eval_tokens` (0: all).
+    Weight-only (a16) recipes run once per accuracy level of `levels` (the MatMulNBits fusion's), the others
+    with the level recorded at lowering."""
     import torch
     import transformers
 
@@ -181,9 +228,9 @@ def parity_rows(model_dir: str, eval_file: str, calib_file: str, recipes: list[s
             out = os.path.join(work, rec[:-5])
             shutil.rmtree(out, ignore_errors=True)
             qpass.lower(qm, "onnx", out)
-            levels = {"": {}} if "a16" not in rec else {"": {}, " (ORT default accuracy 4)": {
-                "session.qdq_matmulnbits_accuracy_level": "4"}}
-            for suffix, cfg in levels.items():
+            runs = {"": {}} if "a16" not in rec else {f" (accuracy {lv})": {
+                "session.qdq_matmulnbits_accuracy_level": str(lv)} for lv in levels}
+            for suffix, cfg in runs.items():
                 sess = onnx_qdq.session(out, config=cfg)
                 ort_logits = lambda x, sess=sess: onnx_qdq.logits(sess, x)  # noqa: E731
                 d = [(ort_logits(w.unsqueeze(0)) - qm(w.unsqueeze(0)).logits).abs()
@@ -261,7 +308,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--codes", action="store_true", help="after the table: compare the INT4 codes and scales of "
                     "qpass's full_range W4 g128 graph with MatMulNBitsQuantizer's")
     ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
+    ap.add_argument("--levels", default="0,4", help="accuracy levels of the W4A16 rows, comma-separated, the "
+                    "reference first (default 0,4; each of 0..4)")
     args = ap.parse_args(argv)
+    raw = args.levels
+    try:
+        args.levels = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        args.levels = ()
+    if not args.levels or any(v not in (0, 1, 2, 3, 4) for v in args.levels) or len(set(args.levels)) != len(args.levels):
+        ap.error(f"--levels {raw}: give distinct accuracy levels 0..4, comma-separated, the reference first (e.g. 0,4)")
     if args.eval_tokens is None:
         args.eval_tokens = PARITY_EVAL_TOKENS if args.parity else 0
     if args.eval_tokens and not args.eval_tokens >= WINDOW:
@@ -275,16 +331,20 @@ def main(argv=None) -> int:
 
     if args.parity:
         rows = parity_rows(args.model, args.eval, args.calib, ["w8a8.yaml", "w4a16_g128.yaml", "w4a8_kv4.yaml"],
-                           eval_tokens=args.eval_tokens)
+                           eval_tokens=args.eval_tokens, levels=args.levels)
         print(parity_table(rows))
         return 0
 
     rows = onnx_rows(args.model, args.eval, threads=args.threads, prompt=args.prompt, new_tokens=args.new_tokens,
-                     repeats=args.repeats, eval_tokens=args.eval_tokens)
+                     repeats=args.repeats, eval_tokens=args.eval_tokens, levels=args.levels)
     print(f"onnxruntime {onnxruntime.__version__}, CPU, {args.threads} thread(s), prompt {args.prompt}, "
           f"{args.new_tokens} decode steps, median of {args.repeats}; quality over "
           f"{args.eval_tokens or 'all'} held-out tokens of {os.path.relpath(args.eval, ROOT)}")
     print(table(rows))
+    if len(args.levels) > 1:
+        print(f"\nAccuracy levels of the W4A16 rows against level {args.levels[0]}, over the same "
+              f"{WINDOW}-token windows (within noise: the difference is inside its own 95% interval)\n")
+        print(level_table(rows, args.levels))
     if args.codes:
         work = os.path.join(ROOT, ".cache", "bench-onnx", os.path.basename(os.path.normpath(args.model)))
         print(compare_codes(os.path.join(work, "w4a16_g128_full_range"), os.path.join(work, "ort_nbits_acc0.onnx")))

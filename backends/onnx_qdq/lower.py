@@ -60,21 +60,42 @@ class OnnxArtifact:
         return os.path.join(self.path, "model.onnx")
 
 
+FUSED_ACCURACY_LEVEL = 4      # default session.qdq_matmulnbits_accuracy_level (measured: docs/onnx.md)
+ACCURACY_LEVELS = {0: "exact: fp32 math on the dequantized weights, the fake-quant graph's numbers",
+                   1: "fp32 math (as 0 on CPU)", 2: "fp16 math where the CPU has it (else as 0)",
+                   3: "bf16 math where the CPU has it (else as 0)",
+                   4: "int8 activations inside the kernel (per block of K): fast, within noise of exact "
+                      "in perplexity on the bundled models"}
+
+
+def describe_accuracy_level(level: int) -> str:
+    """One line for a report: the weight-only MatMulNBits accuracy level and how to get the other one."""
+    other = 0 if int(level) != 0 else FUSED_ACCURACY_LEVEL
+    return (f"onnxruntime MatMulNBits accuracy level {level} for the weight-only linears: "
+            f"{ACCURACY_LEVELS.get(int(level), '?')} (other choice: level {other}, "
+            f"{'exact' if other == 0 else 'fast'}: `qpass lower --accuracy-level {other}` or "
+            f"lower(..., fused_accuracy_level={other}))")
+
+
 def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy_level: int = 4,
-          int8_weights: str = "u8", fused_accuracy_level: int = 0, decoder: bool | None = None,
+          int8_weights: str = "u8", fused_accuracy_level: int = FUSED_ACCURACY_LEVEL, decoder: bool | None = None,
           external_data: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
           progress: Callable[[str], None] | None = None) -> OnnxArtifact:
     """Lower `qm` to ONNX in `out_dir` (created; an existing non-empty directory is an error).
 
     w4a8 / accuracy_level / int8_weights: see ``patterns.LowerOptions``. fused_accuracy_level: the
     ``session.qdq_matmulnbits_accuracy_level`` recorded for onnxruntime's DequantizeLinear+MatMul ->
-    MatMulNBits fusion (0: exact w.r.t. the fake-quant graph, the default; 4: int8 activations inside the
-    kernel, faster; onnxruntime itself defaults to 4 when nothing is set). decoder: export the KV-cache
+    MatMulNBits fusion of weight-only linears (4, the default: int8 activations inside the kernel, fast, and
+    onnxruntime's own default, so optimum runs the same; 0: exact w.r.t. the fake-quant graph, slower; the
+    perplexity cost of 4 on the bundled models is within noise: docs/onnx.md). decoder: export the KV-cache
     decoder step (default for Hugging Face models) or the plain graph. external_data: None = only above
     ~2 GB. tokenizer_dir: copy tokenizer / generation-config files from there.
     """
     say = progress or (lambda msg: log.info("%s", msg))
     opts = patterns.LowerOptions(w4a8=w4a8, accuracy_level=accuracy_level, int8_weights=int8_weights)
+    if fused_accuracy_level not in ACCURACY_LEVELS or isinstance(fused_accuracy_level, bool):
+        raise UnsupportedOpError(f"fused_accuracy_level must be one of 0..4, got {fused_accuracy_level!r}",
+                                 fix="0: exact, 4: fast (the default)")
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ArtifactError(f"{out_dir!r} exists and is not empty", fix="choose a new directory")
@@ -85,6 +106,8 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     gm, args, shapes, inputs, outputs = _graph(qm, decoder)
     report = patterns.rewrite(gm, opts)
     say(f"lowered quantizers:\n{report}")
+    if any(r.form.startswith("W") and "A16: DequantizeLinear + MatMul" in r.form for r in report.rows):
+        say(describe_accuracy_level(fused_accuracy_level))
     say("exporting to ONNX (torch.onnx, dynamo)")
     model = _export(gm, args, shapes, inputs, outputs)
     fold_int4_casts(model)
@@ -251,7 +274,8 @@ def _write_side_files(directory: str, qm, report, inputs, outputs, session_confi
                          "onnxscript": onnxscript.__version__},
             "inputs": inputs, "outputs": outputs, "session_config": session_config,
             "options": {"w4a8": opts.w4a8, "accuracy_level": opts.accuracy_level,
-                        "int8_weights": opts.int8_weights},
+                        "int8_weights": opts.int8_weights,
+                        "fused_accuracy_level": int(session_config["session.qdq_matmulnbits_accuracy_level"])},
             "lowering": [vars(r) for r in report.rows], "tokenizer_files": copied,
             "files": {name: file_digest(os.path.join(directory, name)) for name in SEALED_FILES
                       if os.path.isfile(os.path.join(directory, name))}}

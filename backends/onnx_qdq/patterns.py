@@ -25,7 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
-from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, param_of
+from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, module_path, param_of
 from qpass.patterns import TRANSPOSES
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
@@ -131,6 +131,7 @@ def _weight(gm: GraphModule, site: LinearSite, fq: Node) -> _Weight:
 class _Rewriter(QdqRewrites):
     def __init__(self, gm: GraphModule, opts: LowerOptions):
         self.gm, self.opts, self.report = gm, opts, LoweringReport()
+        self.weights: list[tuple[int, Node]] = []     # (report row, float weight node) of quantized weights
 
     def buffer(self, before: Node, name: str, value: torch.Tensor | None) -> Node | None:
         if value is None:
@@ -172,6 +173,8 @@ class _Rewriter(QdqRewrites):
         site.node.replace_all_uses_with(new)
         self.gm.graph.erase_node(site.node)
         self.report.rows.append(Lowered(site.path or site.node.name, form, note))
+        if w is not None:
+            self.weights.append((len(self.report.rows) - 1, site.weight))
 
     def _dq_matmul(self, site, x, w: _Weight | None, name: str, kind: str):
         if w is None:
@@ -295,8 +298,25 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
         if is_quantizer(n) and n.users and not r.past_cache(n):
             r.standalone(n)
     _erase_dead(gm)
+    _note_shared_weights(gm, r)
     gm.recompile()
     return r.report
+
+
+def _note_shared_weights(gm: GraphModule, r: _Rewriter) -> None:
+    """A quantized weight whose float tensor something else still reads (a tied lm_head / embedding): that
+    reader keeps the float values (it is not quantized behind the recipe's back) and the model stores the float
+    tensor as well as the linear's integer copy. Said in the linear's report row."""
+    alive = set(gm.graph.nodes)
+    for row, weight in r.weights:
+        if weight not in alive or not weight.users:
+            continue
+        readers = sorted({f"{module_path(gm, u) or u.name} ({u.target.__name__ if callable(u.target) else u.target})"
+                          for u in weight.users})
+        lowered = r.report.rows[row]
+        text = (f"weight shared with {', '.join(readers)} (tied), which keeps reading it in float: the float tensor "
+                f"is stored too, beside this linear's integer copy")
+        r.report.rows[row] = type(lowered)(lowered.path, lowered.form, "; ".join(x for x in (lowered.note, text) if x))
 
 
 def _erase_dead(gm: GraphModule) -> None:

@@ -1,8 +1,9 @@
 """Run a lowered directory with onnxruntime: ``session(dir)``, ``generate(session_or_dir, input_ids, n)``.
 
 ``session`` applies the session configuration recorded at lowering time (``qpass.session_config`` in the
-model's metadata: the accuracy level of onnxruntime's DequantizeLinear+MatMul -> MatMulNBits fusion), so a
-W4A16 graph computes what the fake-quant graph computed. ``generate`` feeds the optimum-style decoder
+model's metadata: the accuracy level of onnxruntime's DequantizeLinear+MatMul -> MatMulNBits fusion, 4 by
+default, 0 when lowered for exactness, in which case a W4A16 graph computes what the fake-quant graph computed);
+``config`` overrides it per session. ``generate`` feeds the optimum-style decoder
 (past_key_values in, present out) one step at a time through ``qpass.generate.generate``, the same loop as
 ``QuantizedModel.generate``: greedy by default, sampling with temperature / top-k.
 """

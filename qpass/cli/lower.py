@@ -3,6 +3,7 @@ packed-torch directory.
 
     qpass lower MODEL_DIR --recipe R.yaml --out OUT_DIR [--calib TEXT_FILE] [--backend onnx|torch]
                 [--calib-samples N] [--seq-len L] [--force] [--torch-kernels auto|exact|reference]
+                [--accuracy-level 0..4]
 
 The recipe, the paths and the backend are checked before the model is loaded, so a typo costs no time.
 Calibration (when --calib is given): the text is tokenized with the model's tokenizer and cut into N windows
@@ -48,6 +49,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--seq-len", type=int, default=256, metavar="L",
                     help="tokens per calibration window (default 256)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None, metavar="N",
+                    help="onnx backend: onnxruntime's MatMulNBits accuracy level for weight-only int4/int8 "
+                         "linears, recorded in the model and qpass.json (default 4: int8 activations inside the "
+                         "kernel, fast; 0: exact, the fake-quant model's numbers; docs/onnx.md)")
     ap.add_argument("--torch-kernels", choices=("auto", "exact", "reference"), default="auto",
                     help="torch backend: measure kernels per shape on this machine (auto), only exact kernels, "
                          "or the dequantize reference (nothing measured)")
@@ -57,6 +62,8 @@ def check_args(args) -> None:
     """Everything that can be checked without the model, cheapest first."""
     if args.calib_samples < 1 or args.seq_len < 2:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
+    if getattr(args, "accuracy_level", None) is not None and args.backend != "onnx":
+        raise UsageError("--accuracy-level is an onnx backend option (onnxruntime's MatMulNBits)")
     check_out(os.path.abspath(args.out), args.force)
     check_model_dir(args.model_dir)
     if args.calib is not None:
@@ -93,7 +100,8 @@ def calibration(args, model):
     return windows, ids[need: need + args.seq_len].unsqueeze(0)
 
 
-def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: str = "auto"):
+def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: str = "auto",
+               accuracy_level: int | None = None):
     """Lower into `out` (a fresh directory); return a callable input_ids -> logits of the lowered model."""
     import qpass
     from qpass.calibration import logits_of
@@ -101,8 +109,9 @@ def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: s
     if backend == "onnx":
         from qpass.backends import onnx_qdq
 
+        level = {} if accuracy_level is None else {"fused_accuracy_level": accuracy_level}
         with heartbeat("lowering to ONNX (the export takes minutes on large models)"):
-            qpass.lower(qm, "onnx", out, tokenizer_dir=model_dir, progress=say)
+            qpass.lower(qm, "onnx", out, tokenizer_dir=model_dir, progress=say, **level)
         sess = onnx_qdq.session(out)
         return lambda ids: onnx_qdq.logits(sess, ids)
     what = "measuring kernels per shape on this machine" if torch_kernels == "auto" else f"{torch_kernels} kernels"
@@ -161,7 +170,8 @@ def run(args, say=_say) -> int:
     try:
         staged = os.path.join(stage, "out")
         t0 = time.perf_counter()
-        lowered = lower_into(qm, args.backend, staged, args.model_dir, say, args.torch_kernels)
+        lowered = lower_into(qm, args.backend, staged, args.model_dir, say, args.torch_kernels,
+                             getattr(args, "accuracy_level", None))
         say(f"lowered ({args.backend}) in {time.perf_counter() - t0:.1f}s")
         fig = parity(qm, lowered, held)
         meta_path = os.path.join(staged, "qpass.json")
