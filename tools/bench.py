@@ -400,6 +400,26 @@ def notes(ctx: Ctx, lin: list[dict], mod: list[dict]) -> list[str]:
     return out
 
 
+SIZE_SECTION = "bench-size"     # written by tools/bench_size.py; kept as it is when this script rewrites the file
+
+
+def real_size_section(out: str) -> list[str]:
+    """The heading and marker lines of tools/bench_size.py's section, with what the previous file held there."""
+    from qpass.tables import markers
+
+    begin, end = markers(SIZE_SECTION)
+    body = ["Not measured yet: run `python tools/bench_size.py --out docs/benchmarks.md`."]
+    try:
+        with open(out, encoding="utf-8") as f:
+            old = f.read().split("\n")
+        i, j = old.index(begin), old.index(end)
+        if i < j:
+            body = old[i + 1: j]
+    except (OSError, ValueError):
+        pass
+    return ["## Decode at real size: a 0.5 B synthetic Llama (tools/bench_size.py)", "", begin, *body, end, ""]
+
+
 def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elapsed: float, notes_: list[str]) -> str:
     load0, load1 = info["load"], os.getloadavg()
     lines = ["# Benchmarks", "",
@@ -418,6 +438,7 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
         lines += [f"## {title}", "", body, ""]
     if notes_:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes_] + [""]
+    lines += real_size_section(ctx.args.out)
     lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
               "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "

@@ -1,0 +1,48 @@
+"""tools/bench_size.py --size small: every code path of the real-size benchmark in seconds (rows, bytes read per
+token, bandwidth fraction, the docs section it writes); the 0.5 B run itself is in docs/benchmarks.md."""
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("qpass_tool_bench_size", ROOT / "tools" / "bench_size.py")
+bench_size = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_size)
+
+
+def test_options():
+    args = bench_size.parse_args(["--size", "small", "--rows", "eager,w4a16_g128,ort_w4", "--no-onnx"])
+    assert args.want == ["eager", "w4a16_g128"] and args.bandwidth_mb == 32 and args.threads == 1
+    with pytest.raises(SystemExit):
+        bench_size.parse_args(["--rows", "eager,nope"])
+    assert bench_size.SIZES["0.5b"] == dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+
+
+def test_small_run_writes_its_section(tmp_path, capsys):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# x\n\n<!-- BEGIN bench-size -->\nold\n<!-- END bench-size -->\ntail\n")
+    code = bench_size.main(["--size", "small", "--rows", "eager,graph,w4a16_g128_lmhead4", "--no-onnx",
+                            "--repeats", "1", "--prompt", "8", "--new-tokens", "4", "--out", str(doc)])
+    assert code == 0
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("<!-- END bench-size -->\ntail\n")
+    for row in ("FP32 eager (transformers) | torch eager", "FP32 graph (qpass decode loop)",
+                "W4A16 g128 + lm_head int4 packed"):
+        assert row in text
+    assert "bytes read / token" in text and "of read bw" in text and "python tools/bench_size.py --size small" in text
+
+
+def test_bytes_per_token_skips_the_embedding_table():
+    import qpass
+    from qpass.backends import torch_packed as tp
+
+    model = bench_size.synthetic_llama("small")
+    emb = model.get_input_embeddings().weight
+    qm = qpass.apply(model, ROOT / "recipes" / "w4a16_g128_lmhead4.yaml", progress=False)
+    pm = tp.lower(qm, kernels="reference")
+    got = bench_size.graph_bytes_per_token(pm.graph_module)
+    everything = bench_size._tensor_bytes(list(pm.graph_module.parameters()) + list(pm.graph_module.buffers()))
+    assert got == everything - emb.numel() * emb.element_size()
+    assert got < pm.weight_bytes()["fp32"] / 4          # int4 everywhere, lm_head included

@@ -1,0 +1,368 @@
+"""Decode speed at real size: a synthetic ~0.5 B-parameter Llama, every backend row in one process.
+
+    python tools/bench_size.py [--size 0.5b|small] [--threads 1] [--repeats 3] [--prompt 64] [--new-tokens 64]
+                               [--rows ROW,ROW...] [--no-onnx] [--out docs/benchmarks.md] [--work DIR]
+
+Model (--size 0.5b): LlamaConfig(hidden 2048, intermediate 5632, 8 layers, 16 heads / 4 KV heads, vocab 32000,
+untied lm_head), random weights from a fixed seed (0): 0.49 B parameters, 1.97 GB in fp32. --size small: hidden
+128, 2 layers, vocab 512 (a smoke run of every code path in seconds).
+
+Rows (ROW names for --rows):
+  eager        FP32 eager: transformers' own forward with its dynamic KV cache (the baseline of every ratio)
+  graph        FP32 graph: qpass's static-cache decode loop (capture_decode + runtime passes), nothing quantized
+  w4a16_g128, w4a16_g128_lmhead8, w4a16_g128_lmhead4, w8a16, w8a8, w4a8_kv4
+               recipes/<ROW>.yaml lowered to packed torch kernels (kernels measured per shape: 'auto')
+  ort_fp32     the FP32 model exported by qpass's ONNX lowering, in onnxruntime
+  ort_w4       recipes/w4a16_g128.yaml lowered to ONNX (DequantizeLinear + MatMul -> MatMulNBits, accuracy level
+               as lowering records it: 4 by default), in onnxruntime
+  ort_nbits    onnxruntime's own MatMulNBitsQuantizer (block 128, symmetric, accuracy level 4, lm_head excluded)
+               on ort_fp32's model (when onnxruntime.quantization.matmul_nbits_quantizer imports)
+Default: all rows (the ort_* rows only with onnxruntime installed and without --no-onnx). ONNX models are cached
+in --work (default .cache/bench-size/<size>) and reused when present: delete it after changing the lowering.
+
+Each row: prefill ms (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW greedy one-token
+steps after it), both x FP32 eager; bytes read per decode token (every weight the step reads: all tensors of the
+model but the embedding table, of which one row is read, plus the K/V cache written so far at the mean decode
+position) and the fraction of the bandwidth limit: bytes per token x tokens/s over the memory-read bandwidth
+measured in the same process (sum of a 512 MB tensor at the same thread count). Timings are medians of REPEATS
+rounds after a warm-up round, the rows run in turn in each round (load from other processes spreads over all).
+The table goes between the <!-- BEGIN bench-size --> and <!-- END bench-size --> lines of --out (tools/bench.py
+keeps that section when it rewrites the file); without --out only stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+SIZES = {
+    "0.5b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000),
+    "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512),
+}
+TORCH_RECIPES = ("w4a16_g128", "w4a16_g128_lmhead8", "w4a16_g128_lmhead4", "w8a16", "w8a8", "w4a8_kv4")
+ROWS = ("eager", "graph", *TORCH_RECIPES, "ort_fp32", "ort_w4", "ort_nbits")
+LABELS = {"eager": "FP32 eager (transformers)", "graph": "FP32 graph (qpass decode loop)",
+          "w4a16_g128": "W4A16 g128 packed", "w4a16_g128_lmhead8": "W4A16 g128 + lm_head int8 packed",
+          "w4a16_g128_lmhead4": "W4A16 g128 + lm_head int4 packed", "w8a16": "W8A16 packed",
+          "w8a8": "W8A8 packed", "w4a8_kv4": "W4A8KV4 packed", "ort_fp32": "FP32 ONNX (onnxruntime)",
+          "ort_w4": "qpass W4A16 g128 ONNX (MatMulNBits)",
+          "ort_nbits": "ORT MatMulNBitsQuantizer g128 (fp32 export)"}
+SECTION = "bench-size"
+
+
+def synthetic_llama(size: str, seed: int = 0):
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False,
+                                   rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    return model
+
+
+def read_bandwidth(mb: int, repeats: int) -> float:
+    """Memory-read bandwidth (GB/s) of this process at the current thread count: sum of an `mb` MB tensor."""
+    import torch
+
+    x = torch.randn(mb * (1 << 20) // 4)
+    x.sum()
+    times = []
+    for _ in range(max(5, repeats)):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _tensor_bytes(tensors, skip_ptrs=frozenset()) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() in seen or t.data_ptr() in skip_ptrs:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _embedding_ptrs(gm) -> set[int]:
+    """data_ptr of every tensor that only an embedding lookup reads in `gm` (one row per token, not the table)."""
+    import torch
+
+    from qpass.graph import param_of
+
+    ptrs = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.embedding.default and n.args[0].op == "get_attr" \
+                and len(n.args[0].users) == 1:
+            ptrs.add(param_of(gm, n.args[0]).data_ptr())
+    return ptrs
+
+
+def graph_bytes_per_token(gm) -> int:
+    """Bytes of the tensors a decode step of `gm` (a main, cache-free graph) reads: all but embedding tables."""
+    return _tensor_bytes(list(gm.parameters()) + list(gm.buffers()), _embedding_ptrs(gm))
+
+
+def onnx_bytes_per_token(path: str) -> int:
+    """Bytes of an ONNX model's initializers but the tables only a Gather reads (the embedding)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    total = 0
+    for init in model.graph.initializer:
+        if init.name in gathered and readers.get(init.name) == 1 and len(init.dims) == 2:
+            continue
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(
+            init.data_type, 8 * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize)
+        total += math.ceil(math.prod(init.dims) * bits / 8)
+    return total
+
+
+class Row:
+    def __init__(self, key: str, step, backend: str, weight_bytes: int, kv_bytes_per_pos: float):
+        self.key, self.step, self.backend = key, step, backend
+        self.weight_bytes, self.kv_bytes_per_pos = weight_bytes, kv_bytes_per_pos
+        self.prefill: list[float] = []
+        self.decode: list[float] = []
+
+
+def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> dict[str, Row]:
+    import torch
+
+    import qpass
+    from bench import EagerStep, _graph_step
+    from qpass.backends import torch_packed as tp
+
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    fp32_kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4          # bytes per position
+    emb = model.get_input_embeddings().weight
+    fp32_bytes = _tensor_bytes(list(model.parameters()) + list(model.buffers()), {emb.data_ptr()})
+    rows = {}
+    if "eager" in want:
+        rows["eager"] = Row("eager", EagerStep(model), "torch eager", fp32_bytes, fp32_kv)
+    if not set(want) & {"graph", *TORCH_RECIPES}:
+        return rows
+    t0 = time.perf_counter()
+    base = qpass.apply(model, os.path.join(ROOT, "recipes", "w16.yaml"), progress=False)
+    template = qpass.capture_decode(model, max_cache_len=length)
+    say(f"captured the model and its decode step in {time.perf_counter() - t0:.0f} s")
+    if "graph" in want:
+        g = tp.lower(base, kernels="reference").decode_graph(length, template=template)
+        rows["graph"] = Row("graph", _graph_step(g), "torch graph", fp32_bytes, fp32_kv)
+    for rec in TORCH_RECIPES:
+        if rec not in want:
+            continue
+        t0 = time.perf_counter()
+        qm = qpass.apply(base, os.path.join(ROOT, "recipes", rec + ".yaml"), progress=False)
+        pm = tp.lower(qm, kernels="auto", repeats=max(2, min(repeats, 3)))
+        g = pm.decode_graph(length, template=template)
+        kv = pm.kv_cache_bytes(length)
+        per_pos = kv["packed"] / length if kv["packed_caches"] else fp32_kv
+        rows[rec] = Row(rec, _graph_step(g), "torch packed", graph_bytes_per_token(pm.graph_module), per_pos)
+        del qm
+        gc.collect()
+        say(f"{rec}: quantized, lowered (kernels measured) and decode graph built in {time.perf_counter() - t0:.0f} s")
+    del base, template
+    gc.collect()
+    return rows
+
+
+def build_onnx_rows(model, want: list[str], work: str, threads: int, say) -> dict[str, Row]:
+    import qpass
+    from qpass.backends.onnx_qdq import runtime
+
+    c = model.config
+    fp32_kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    os.makedirs(work, exist_ok=True)
+
+    def lowered(recipe: str) -> str:
+        out = os.path.join(work, recipe)
+        if not os.path.isfile(os.path.join(out, "model.onnx")):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            qpass.lower(qpass.apply(model, os.path.join(ROOT, "recipes", recipe + ".yaml"), progress=False),
+                        "onnx", out)
+            say(f"ONNX {recipe}: lowered in {time.perf_counter() - t0:.0f} s")
+            gc.collect()
+        return os.path.join(out, "model.onnx")
+
+    paths = {}
+    if set(want) & {"ort_fp32", "ort_nbits"}:
+        paths["ort_fp32"] = lowered("w16")
+    if "ort_w4" in want:
+        paths["ort_w4"] = lowered("w4a16_g128")
+    if "ort_nbits" in want:
+        try:
+            import bench_onnx
+
+            t0 = time.perf_counter()
+            paths["ort_nbits"] = bench_onnx.ort_quantized(os.path.dirname(paths["ort_fp32"]), work, 4)
+            say(f"MatMulNBitsQuantizer: {time.perf_counter() - t0:.0f} s")
+        except ImportError as e:
+            say(f"ort_nbits skipped: {e}")
+    rows = {}
+    for key in ("ort_fp32", "ort_w4", "ort_nbits"):
+        if key in want and key in paths:
+            run = runtime.DecoderRunner(runtime.session(paths[key], threads=threads))
+            rows[key] = Row(key, run, "onnxruntime", onnx_bytes_per_token(paths[key]), fp32_kv)
+    return rows
+
+
+def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: int, say) -> None:
+    import torch
+
+    from bench import run_steps
+
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+    for r in range(repeats + 1):                         # round 0: warm-up
+        for row in rows.values():
+            tpre, tdec, _ = run_steps(row.step, ids, new)
+            if r:
+                row.prefill.append(tpre)
+                row.decode.append(tdec)
+        say(f"round {r}/{repeats} done" + (" (warm-up)" if not r else ""))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 10e6 else f"{n / 1e6:.2f} MB"
+
+
+def table(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> str:
+    from qpass.tables import markdown
+
+    base = rows.get("eager")
+    pre0 = statistics.median(base.prefill) if base else None
+    dec0 = new / statistics.median(base.decode) if base else None
+    body = []
+    for key, row in rows.items():
+        pre = statistics.median(row.prefill)
+        dec = new / statistics.median(row.decode)
+        per_tok = row.weight_bytes + row.kv_bytes_per_pos * (prompt + new / 2)
+        body.append([LABELS[key], row.backend, f"{pre * 1e3:.0f}", f"{pre0 / pre:.2f}x" if pre0 else "-",
+                     f"{dec:.2f}", f"{dec / dec0:.2f}x" if dec0 else "-", _mb(per_tok),
+                     f"{dec * per_tok / 1e9:.2f} GB/s", f"{100 * dec * per_tok / 1e9 / read_gbs:.0f}%",
+                     f"{read_gbs / (per_tok / 1e9):.1f}"])
+    return markdown(["variant", "runs on", "prefill ms", "prefill x eager", "decode tok/s", "decode x eager",
+                     "bytes read / token", "achieved", "of read bw", "bw-limit tok/s"], body, "llrrrrrrrr")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=tuple(SIZES), default="0.5b")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rows", default=None, help=f"comma-separated subset of {', '.join(ROWS)} (default: all)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
+    ap.add_argument("--out", default=None, help="Markdown file with a bench-size section to write the table into")
+    ap.add_argument("--work", default=None, help="cache of the ONNX models (default .cache/bench-size/SIZE)")
+    ap.add_argument("--bandwidth-mb", type=int, default=None, help="buffer of the read-bandwidth measurement "
+                    "(default 512; 32 with --size small)")
+    args = ap.parse_args(argv)
+    want = args.rows.split(",") if args.rows else list(ROWS)
+    bad = [r for r in want if r not in ROWS]
+    if bad:
+        ap.error(f"--rows: unknown {', '.join(bad)} (choose from {', '.join(ROWS)})")
+    if args.no_onnx:
+        want = [r for r in want if not r.startswith("ort_")]
+    elif any(r.startswith("ort_") for r in want):
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+            want = [r for r in want if not r.startswith("ort_")]
+    if args.threads < 1 or args.repeats < 1 or args.prompt < 1 or args.new_tokens < 1:
+        ap.error("--threads, --repeats, --prompt and --new-tokens must be >= 1")
+    args.want = want
+    args.bandwidth_mb = args.bandwidth_mb or (32 if args.size == "small" else 512)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from qpass.backends import torch_packed as tp
+    from qpass.tables import replace_section
+
+    say = lambda m: print(f"[bench_size] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+    model = synthetic_llama(args.size)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"synthetic Llama {args.size}: {n_params / 1e9:.3f} B parameters; rows {', '.join(args.want)}")
+    length = -(-(args.prompt + args.new_tokens + 1) // 64) * 64
+    rows = build_torch_rows(model, args.want, length, args.repeats, say)
+    rows.update(build_onnx_rows(model, args.want, args.work or os.path.join(ROOT, ".cache", "bench-size", args.size),
+                                args.threads, say))
+    rows = {k: rows[k] for k in ROWS if k in rows}
+    read_gbs = read_bandwidth(args.bandwidth_mb, args.repeats)
+    say(f"memory read bandwidth {read_gbs:.2f} GB/s; measuring")
+    measure(rows, model.config.vocab_size, args.prompt, args.new_tokens, args.repeats, say)
+    read_gbs2 = read_bandwidth(args.bandwidth_mb, args.repeats)
+    read = max(read_gbs, read_gbs2)
+    load1 = os.getloadavg()
+    info = tp.machine()
+    cmd = "python tools/bench_size.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    c = model.config
+    onnx_note = ""
+    if any(k.startswith("ort_") for k in rows):
+        import onnxruntime
+
+        onnx_note = f", onnxruntime {onnxruntime.__version__}"
+    text = "\n".join([
+        f"Generated by `{cmd.strip()}` on {datetime.date.today().isoformat()} in {time.perf_counter() - t_start:.0f} s "
+        "(do not edit by hand; rerun the command).", "",
+        f"Model: synthetic Llama, {n_params / 1e9:.3f} B parameters (hidden {c.hidden_size}, intermediate "
+        f"{c.intermediate_size}, {c.num_hidden_layers} layers, {c.num_attention_heads}/{c.num_key_value_heads} heads, "
+        f"vocab {c.vocab_size}, lm_head untied, random weights, seed 0); batch 1, prompt {args.prompt}, "
+        f"{args.new_tokens} greedy decode steps; {args.threads} thread(s); medians of {args.repeats} rounds after "
+        f"a warm-up, the rows interleaved in each round.", "",
+        f"Machine: {info['cpu']}, {os.cpu_count()} cores, torch {torch.__version__} ({info['isa']}){onnx_note}, "
+        f"Python {platform.python_version()}; native kernels: {tp.native.status()}. Load average "
+        f"{load0[0]:.1f} at start, {load1[0]:.1f} at end on {os.cpu_count()} cores"
+        + (" (the machine was shared with other jobs: read the ratios, not the absolute numbers)"
+           if max(load0[0], load1[0]) > 0.5 else "") + ".", "",
+        f"Memory-read bandwidth (sum of a {args.bandwidth_mb} MB fp32 tensor, {args.threads} thread(s), before and "
+        f"after the rows): {read_gbs:.2f} and {read_gbs2:.2f} GB/s; the larger, {read:.2f} GB/s, is the limit "
+        "below. Peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024:.1f} GB.", "",
+        table(rows, args.prompt, args.new_tokens, read), "",
+        "Bytes read / token: every tensor a decode step reads (all weights but the embedding table, of which one "
+        "row is read, plus the K/V cache written so far at the mean decode position; packed K/V caches at their "
+        "packed size). Achieved: bytes read / token x decode tokens/s; of read bw: that over the measured read "
+        "bandwidth; bw-limit tok/s: the decode speed at which the step would take exactly the read bandwidth.",
+    ])
+    print(text)
+    if args.out:
+        replace_section(args.out, SECTION, text)
+        say(f"wrote the {SECTION} section of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
