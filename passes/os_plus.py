@@ -120,9 +120,8 @@ class OsPlus(Pass):
                            gm)
         stats_of = {g.name: [observed[c.site.input.name] for c in g.consumers] for g in todo}
         keys = [_group_key(gm, g) for g in todo]
-        decisions, edits, current = {}, [], analysis      # current: None once edits made the groups stale
+        decisions, edits, current = {}, [], analysis      # analysed again after each bias edit
         for key, name in zip(keys, [g.name for g in todo]):
-            current = current or folding.analyze(gm)
             g = _find(gm, current, key)
             why = shift_reason(g) if cfg.shift else "shift: false"
             if why and cfg.shift:
@@ -134,8 +133,8 @@ class OsPlus(Pass):
                     if new:
                         _apply_edits(gm, new)
                         edits += new
-                        current = None
-                        g = _find(gm, folding.analyze(gm), key)
+                        current = folding.analyze(gm)     # still valid after: the shift then adds no node
+                        g = _find(gm, current, key)
                     with ctx.loaded(_param_names(gm, g)):
                         fold_shifts(gm, g, z)
                 if s is not None:
@@ -247,8 +246,10 @@ def _group_key(gm: GraphModule, g: FoldGroup) -> tuple:
 
 
 def _find(gm: GraphModule, analysis, key: tuple) -> FoldGroup:
+    sites, keys = _linear_keys(gm)
+    at = {s.node: k for s, k in zip(sites, keys)}
     for g in analysis.groups:
-        if _group_key(gm, g) == key:
+        if tuple(at.get(c.site.node) for c in g.consumers) == key:
             return g
     raise RuntimeError(f"os_plus: the group of {[k[0] for k in key]} is gone after adding biases")
 
