@@ -1,6 +1,6 @@
 """`python tools/eval.py ...` is `qpass eval ...`: FP vs quantized: perplexity, KL, top-1 agreement, weight bytes.
 
-`python tools/eval.py --table recipes/comparison.yaml --out docs/comparison.md` writes the one comparison table
+`python tools/eval.py --table docs/comparison.yaml --out docs/comparison.md` writes the one comparison table
 (every method of the manifest on both bundled models; rows cached in docs/comparison.json).
 
 The code and the options are in qpass/cli/eval.py (`--help` lists them); this file only runs it under its

@@ -4,7 +4,7 @@
                [--window 256] [--calib-samples 32] [--max-eval-tokens N] [--seed 0] [--no-progress]
     qpass eval --table MANIFEST.yaml --out DOC.md [--model DIR ...] [--skip-family F ...] [--force] [--strict]
 
-The second form is the one comparison table (docs/comparison.md from recipes/comparison.yaml): every row of the
+The second form is the one comparison table (docs/comparison.md from docs/comparison.yaml): every row of the
 manifest on every model (default: the two bundled models), one table per model, rows cached in DOC.json beside
 the doc and re-evaluated only when their inputs change (see qpass/cli/eval.py's table section).
 
@@ -55,7 +55,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     t = ap.add_argument_group("comparison table (--table)")
     t.add_argument("--table", metavar="MANIFEST.yaml",
-                   help="evaluate every row of a manifest (recipes/comparison.yaml) on every model and write one "
+                   help="evaluate every row of a manifest (docs/comparison.yaml) on every model and write one "
                         "table per model to --out")
     t.add_argument("--out", metavar="DOC.md", help="the table's Markdown file (with --table)")
     t.add_argument("--cache", metavar="ROWS.json",
@@ -137,7 +137,7 @@ def run(args, say=say) -> int:
 
 # ------------------------------------------------------------------------------------------ the comparison table
 #
-# qpass eval --table recipes/comparison.yaml --out docs/comparison.md
+# qpass eval --table docs/comparison.yaml --out docs/comparison.md
 #
 # The manifest lists rows {family, method, recipe[, paper, notes]}; every row is evaluated on every model with the
 # same settings as the plain command (qpass.eval.evaluate's computation, one recipe at a time, so that a row that
@@ -149,7 +149,7 @@ def run(args, say=say) -> int:
 # as it is evaluated (every entry is complete and keyed, so an interrupted run resumes); the doc is rendered from
 # the cache and written only when the whole run succeeded.
 
-MANIFEST_KEYS = ("version", "exclude", "rows")
+MANIFEST_KEYS = ("version", "recipes", "exclude", "rows")
 ROW_KEYS = ("family", "method", "recipe", "paper", "notes")
 ROW_REQUIRED = ("family", "method", "recipe")
 BUNDLED_MODELS = (("models", "tiny-llama"), ("models", "tiny-opt"))
@@ -200,7 +200,12 @@ def read_manifest(path: str) -> tuple[list[TableRow], list[str]]:
         raise CliError(f"manifest {path!r}: 'rows' must be a non-empty list of {{family, method, recipe}}")
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise CliError(f"manifest {path!r}: 'exclude' must be a list of recipe files")
-    base = os.path.dirname(path)
+    folder = doc.get("recipes", ".")
+    if not isinstance(folder, str):
+        raise CliError(f"manifest {path!r}: 'recipes' must be the folder of the presets, relative to the manifest")
+    base = os.path.normpath(os.path.join(os.path.dirname(path), folder))
+    if not os.path.isdir(base):
+        raise CliError(f"manifest {path!r}: recipes folder {folder!r} does not exist ({display(base)})")
     rows: list[TableRow] = []
     seen: dict[str, int] = {}
     for i, r in enumerate(rows_in):
