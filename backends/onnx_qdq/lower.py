@@ -62,10 +62,11 @@ class OnnxArtifact:
 
 FUSED_ACCURACY_LEVEL = 4      # default session.qdq_matmulnbits_accuracy_level (measured: docs/onnx.md)
 ACCURACY_LEVELS = {0: "exact: fp32 math on the dequantized weights, the fake-quant graph's numbers",
-                   1: "fp32 math (as 0 on CPU)", 2: "fp16 math where the CPU has it (else as 0)",
-                   3: "bf16 math where the CPU has it (else as 0)",
-                   4: "int8 activations inside the kernel (per block of K): fast, within noise of exact "
-                      "in perplexity on the bundled models"}
+                   1: "fp32 math (measured: level 0's numbers bit for bit)",
+                   2: "fp16 math where onnxruntime has a kernel for it (measured on an AVX-512 CPU: level 0's numbers)",
+                   3: "bf16 math where onnxruntime has a kernel for it",
+                   4: "int8 activations per block of K inside the kernel: fast; perplexity within noise of level 0 "
+                      "on the bundled models (docs/onnx.md)"}
 
 
 def describe_accuracy_level(level: int) -> str:
