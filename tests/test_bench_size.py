@@ -32,6 +32,7 @@ def test_small_run_writes_its_section(tmp_path, capsys):
                 "W4A16 g128 + lm_head int4 packed"):
         assert row in text
     assert "bytes read / token" in text and "of read bw" in text and "python tools/bench_size.py --size small" in text
+    assert "W4A16 with lm_head in int4, decode vs FP32 eager" in text and "bandwidth limit:" in text
 
 
 def test_bytes_per_token_skips_the_embedding_table():
@@ -46,3 +47,15 @@ def test_bytes_per_token_skips_the_embedding_table():
     everything = bench_size._tensor_bytes(list(pm.graph_module.parameters()) + list(pm.graph_module.buffers()))
     assert got == everything - emb.numel() * emb.element_size()
     assert got < pm.weight_bytes()["fp32"] / 4          # int4 everywhere, lm_head included
+
+
+def test_bench_py_keeps_the_section_when_it_rewrites_the_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("qpass_tool_bench", ROOT / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "b.md"
+    doc.write_text("old run\n<!-- BEGIN bench-size -->\n| a | b |\nkept\n<!-- END bench-size -->\nmore\n")
+    lines = bench.real_size_section(str(doc))
+    assert lines[2:6] == ["<!-- BEGIN bench-size -->", "| a | b |", "kept", "<!-- END bench-size -->"]
+    fresh = bench.real_size_section(str(tmp_path / "none.md"))
+    assert "tools/bench_size.py --out" in fresh[3] and fresh[4] == "<!-- END bench-size -->"

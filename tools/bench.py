@@ -18,6 +18,8 @@ Sections (each a table in the report):
                 each lowered recipe: prefill and batch-1 decode tokens/s, weight bytes of the linear layers,
                 KV-cache bytes, greedy agreement with the fake-quant model, and the kernel plan measured
   memory        peak RSS of this process
+  real size     tools/bench_size.py's section (a 0.5 B synthetic Llama, every backend row in one process): that
+                script writes it between its marker lines; this one keeps it as it is when it rewrites the file
 Timings are medians of REPEATS rounds after a warm-up; the variants of a table run interleaved in each round
 (so load from other processes spreads over all rows). --quick: small shapes and a tiny random model (a
 smoke run, < 30 s). The report (default docs/benchmarks.md) is written only by this script.

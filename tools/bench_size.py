@@ -269,6 +269,33 @@ def table(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> str:
                      "bytes read / token", "achieved", "of read bw", "bw-limit tok/s"], body, "llrrrrrrrr")
 
 
+def targets(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> list[str]:
+    """Issue 21's targets, read off this run's rows (ratios of one run; '-' where a row was not measured)."""
+    dec = {k: new / statistics.median(r.decode) for k, r in rows.items()}
+    pre = {k: statistics.median(r.prefill) for k, r in rows.items()}
+    frac = {k: dec[k] * (r.weight_bytes + r.kv_bytes_per_pos * (prompt + new / 2)) / 1e9 / read_gbs
+            for k, r in rows.items()}
+    out = []
+
+    def ratio(a, b, good, what):
+        if a in dec and b in dec:
+            x = dec[a] / dec[b]
+            out.append(f"{what}: {x:.2f}x ({'meets' if x >= good else 'misses'} >= {good:g}x)")
+
+    ratio("w4a16_g128_lmhead4", "eager", 5, "W4A16 with lm_head in int4, decode vs FP32 eager")
+    ratio("w4a16_g128", "eager", 3, "W4A16 with lm_head in fp32, decode vs FP32 eager")
+    ratio("ort_w4", "ort_nbits", 1, "qpass ONNX W4 decode vs onnxruntime's MatMulNBitsQuantizer model")
+    if "w8a8" in pre and "eager" in pre:
+        x = pre["eager"] / pre["w8a8"]
+        out.append(f"W8A8 packed prefill vs FP32 eager: {x:.2f}x ({'meets' if x > 1 else 'misses'} > 1x)")
+    packed = [k for k, r in rows.items() if r.backend == "torch packed"]
+    if packed:
+        low = [f"{LABELS[k]} {100 * frac[k]:.0f}%" for k in packed if frac[k] < 0.8]
+        out.append("packed decode rows at >= 80% of their bandwidth limit: "
+                   + ("all" if not low else f"{len(packed) - len(low)} of {len(packed)} (below: {', '.join(low)})"))
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=tuple(SIZES), default="0.5b")
@@ -352,6 +379,7 @@ def main(argv=None) -> int:
         "below. Peak RSS "
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024:.1f} GB.", "",
         table(rows, args.prompt, args.new_tokens, read), "",
+        *[f"- {t}" for t in targets(rows, args.prompt, args.new_tokens, read)], "",
         "Bytes read / token: every tensor a decode step reads (all weights but the embedding table, of which one "
         "row is read, plus the K/V cache written so far at the mean decode position; packed K/V caches at their "
         "packed size). Achieved: bytes read / token x decode tokens/s; of read bw: that over the measured read "
