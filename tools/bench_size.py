@@ -266,7 +266,8 @@ def table(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> str:
                      f"{dec * per_tok / 1e9:.2f} GB/s", f"{100 * dec * per_tok / 1e9 / read_gbs:.0f}%",
                      f"{read_gbs / (per_tok / 1e9):.1f}"])
     return markdown(["variant", "runs on", "prefill ms", "prefill x eager", "decode tok/s", "decode x eager",
-                     "bytes read / token", "achieved", "of read bw", "bw-limit tok/s"], body, "llrrrrrrrr")
+                     "bytes read / token", "achieved", "of read bw", "bw-limit tok/s"], body, "llrrrrrrrr",
+                    spaced_rule=True)
 
 
 def targets(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> list[str]:
