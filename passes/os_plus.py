@@ -294,23 +294,7 @@ def _apply_edits(gm: GraphModule, edits: list[tuple]) -> None:
                             f"{why}", fix="apply plans to a capture of the model they were made on")
         found.append((kind, target))
     for kind, target in found:
-        if kind == "linear":
-            out = param_of(gm, target.weight).shape[target.out_axis]
-            folding._add_to_bias(gm, target, torch.zeros(out, dtype=torch.float64))
-            continue
-        g = folding.producer_at(gm, target).params[0][0]
-        zeros = torch.zeros(param_of(gm, g).shape[0], dtype=torch.float64)
-        if kind == "layer_norm":
-            b = folding._param_node(gm, target, g, "bias", zeros)
-            args = list(target.args) + [None] * (4 - len(target.args))
-            target.args = tuple(args[:3] + [b] + args[4:])
-            target.kwargs = {k: v for k, v in target.kwargs.items() if k != "bias"}
-        else:
-            b = folding._param_node(gm, target, g, "bias", zeros, after=True)
-            with gm.graph.inserting_after(b):
-                add = gm.graph.call_function(aten.add.Tensor, (target, b))
-            folding._stamp(add, target)
-            target.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+        folding.add_zero_bias(gm, kind, target)
     gm.graph.lint()
     gm.recompile()
 

@@ -1053,6 +1053,31 @@ def _set_canonical(gm: GraphModule, site: LinearSite, w: torch.Tensor) -> None:
     _set_(gm, site.weight, w if site.in_axis == 1 else w.t())
 
 
+def add_zero_bias(gm: GraphModule, kind: str, target) -> None:
+    """Give a bias-free producer a zero bias that later folds (shifts) can write into; the function is unchanged.
+
+    kind "linear": target is a LinearSite (mm/matmul become addmm/linear); "layer_norm": target is a
+    layer_norm node without a bias (one is passed in); any other kind (an RMS norm's output): an
+    ``add(target, bias)`` node is inserted after it and takes over its users."""
+    if kind == "linear":
+        out = param_of(gm, target.weight).shape[target.out_axis]
+        _add_to_bias(gm, target, torch.zeros(out, dtype=torch.float64))
+        return
+    g = producer_at(gm, target).params[0][0]
+    zeros = torch.zeros(param_of(gm, g).shape[0], dtype=torch.float64)
+    if kind == "layer_norm":
+        b = _param_node(gm, target, g, "bias", zeros)
+        args = list(target.args) + [None] * (4 - len(target.args))
+        target.args = tuple(args[:3] + [b] + args[4:])
+        target.kwargs = {k: v for k, v in target.kwargs.items() if k != "bias"}
+        return
+    b = _param_node(gm, target, g, "bias", zeros, after=True)
+    with gm.graph.inserting_after(b):
+        add = gm.graph.call_function(aten.add.Tensor, (target, b))
+    _stamp(add, target)
+    target.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+
+
 def _add_to_bias(gm: GraphModule, site: LinearSite, delta: torch.Tensor) -> None:
     """bias += delta ([out]); a linear without a bias gets one (mm becomes addmm, matmul becomes linear)."""
     if site.bias is not None:
