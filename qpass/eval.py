@@ -132,6 +132,35 @@ def quantizer_bytes(gm, fq, numel: int) -> float:
     return size
 
 
+class PeakRss:
+    """Peak resident memory (bytes) of this process over a with-block, or None where it cannot be read.
+
+    Linux: the kernel's high-water mark (VmHWM) is reset on entry (``/proc/self/clear_refs`` = 5) and read on
+    exit, so the number is the block's own peak, memory that was already held included (the FP model, its
+    reference log-probabilities). Elsewhere: None (ru_maxrss cannot be reset)."""
+
+    def __enter__(self):
+        self.bytes = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._ok = True
+        except OSError:
+            self._ok = False
+        return self
+
+    def __exit__(self, *exc):
+        if self._ok:
+            try:
+                with open("/proc/self/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            self.bytes = int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return False
+
+
 def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,
              progress: bool = True) -> list[dict]:
     """One row for FP and one per recipe (a path, dict or Recipe), all on the same eval windows and the
@@ -148,13 +177,14 @@ def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, ca
     for path in recipes:
         name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
         t0 = time.perf_counter()
-        qm = apply(model, path, calib_data=calib, progress=progress)
+        with PeakRss() as peak:
+            qm = apply(model, path, calib_data=calib, progress=progress)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             out = [F.log_softmax(logits_of(qm(w.unsqueeze(0)))[0].float(), -1)
                    for w in tqdm(wins, desc=f"evaluating {name}", disable=not progress, leave=False)]
         rows.append({"name": name, "recipe": str(path), **_scores(ref, out, wins), **weight_bytes(qm),
-                     "seconds": seconds})
+                     "seconds": seconds, "peak_rss": peak.bytes})
     return rows
 
 
@@ -171,13 +201,22 @@ def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.T
 
 
 def markdown(rows: list[dict]) -> str:
+    """The results table. Rows from `evaluate` also get the time `apply` took and the process's peak resident
+    memory while it ran (the FP model and its reference log-probabilities included: compare rows, not absolutes)."""
     # all linears: lm_head included, a float one (ignore: [lm_head]) at its dtype's width
     head = ["recipe", "perplexity", "KL(FP‖Q)/token", "top-1 agreement", "linear weight bytes",
             "bits/weight, all linears", "bits/weight, quantized linears"]
+    timed = any("peak_rss" in r for r in rows)
+    if timed:
+        head += ["apply time (s)", "peak RSS while applying (GB)"]
     body = []
     for r in rows:
         q = r.get("quantized_bits_per_weight")
-        body.append([r["name"], f"{r['perplexity']:.3f}", f"{r['kl']:.5f}", f"{100 * r['top1_agreement']:.2f}%",
-                     f"{r['linear_weight_bytes']:,}", f"{r['bits_per_weight']:.2f}",
-                     "–" if q is None else f"{q:.2f}"])
+        line = [r["name"], f"{r['perplexity']:.3f}", f"{r['kl']:.5f}", f"{100 * r['top1_agreement']:.2f}%",
+                f"{r['linear_weight_bytes']:,}", f"{r['bits_per_weight']:.2f}", "–" if q is None else f"{q:.2f}"]
+        if timed:
+            peak = r.get("peak_rss")
+            line += ["–" if "peak_rss" not in r else f"{r['seconds']:.1f}",
+                     "–" if peak is None else f"{peak / 1e9:.2f}"]
+        body.append(line)
     return tables.markdown(head, body)

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -74,3 +75,29 @@ def test_weight_bytes_counts_learnable_scales_like_buffers():
     before = weight_bytes(qm.graph_module)
     make_scales_learnable(qm.graph_module)
     assert weight_bytes(qm.graph_module) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
+def test_peak_rss_is_the_blocks_own_peak():
+    """The meter resets the high-water mark: a block that allocates 400 MB and frees it reads >= 400 MB more
+    than a block that allocates nothing, even after the big one ran first."""
+    from qpass.eval import PeakRss
+
+    with PeakRss() as big:
+        x = torch.ones(100_000_000)               # 400 MB, touched
+        del x
+    with PeakRss() as small:
+        pass
+    assert big.bytes is not None and small.bytes is not None
+    assert big.bytes - small.bytes >= 350e6
+
+
+def test_eval_table_shows_time_and_peak_memory_for_evaluated_rows():
+    from qpass.eval import markdown
+
+    fp = dict(name="FP32", perplexity=10.0, kl=0.0, top1_agreement=1.0, linear_weight_bytes=8, bits_per_weight=32.0,
+              seconds=0.0)
+    q = dict(fp, name="a.yaml", seconds=12.34, peak_rss=1.5e9, quantized_bits_per_weight=4.0)
+    lines = markdown([fp, q]).split("\n")
+    assert lines[0].endswith("| apply time (s) | peak RSS while applying (GB) |")
+    assert lines[2].endswith("| – | – |") and lines[3].endswith("| 12.3 | 1.50 |")

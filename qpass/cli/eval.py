@@ -157,8 +157,8 @@ CACHE_FORMAT = 1
 FP = "FP32"
 SECTION = "comparison"
 TABLE_HEAD = ["family", "method", "recipe", "bits/weight, all linears", "bits/weight, quantized linears",
-              "perplexity", "Δppl vs FP", "KL(FP‖Q)/token", "top-1 agreement"]
-TABLE_ALIGN = "lllrrrrrr"
+              "perplexity", "Δppl vs FP", "KL(FP‖Q)/token", "top-1 agreement", "apply time (s)", "peak RSS (GB)"]
+TABLE_ALIGN = "lllrrrrrrrr"
 
 
 @dataclass(frozen=True)
@@ -386,12 +386,15 @@ class TableScorer:
         if self.ref is None:
             self.reference()
         torch.manual_seed(self.seed)          # every row starts from the same state, whatever ran before it
+        from qpass.eval import PeakRss
+
         t0 = time.perf_counter()
-        qm = apply(self.model, path, calib_data=self.calib, progress=self.progress)
+        with PeakRss() as peak:
+            qm = apply(self.model, path, calib_data=self.calib, progress=self.progress)
         seconds = time.perf_counter() - t0
         out = self._logprobs(qm, f"evaluating {os.path.basename(path)}")
         return {**_scores(self.ref, out, self.wins), **weight_bytes(qm), "seconds": seconds,
-                "eval_seconds": time.perf_counter() - t0 - seconds}
+                "peak_rss": peak.bytes, "eval_seconds": time.perf_counter() - t0 - seconds}
 
 
 def _load_cache(path: str) -> dict:
@@ -552,16 +555,17 @@ def _fmt_row(row: TableRow | None, res: dict | None, fp: dict | None, mark: str)
     family, method, recipe = ("–", FP, "–") if row is None else (row.family, row.method, row.id)
     method += mark
     if res is None:
-        return [family, method, recipe, "–", "–", "not evaluated", "–", "–", "–"]
+        return [family, method, recipe, "–", "–", "not evaluated", "–", "–", "–", "–", "–"]
     if "error" in res:
         msg = res["error"] if len(res["error"]) <= 300 else res["error"][:297] + "..."
         cell = f"error: {res.get('error_type', 'Error')}: {msg}"
-        return [family, method, recipe, "–", "–", cell, "–", "–", "–"]
+        return [family, method, recipe, "–", "–", cell, "–", "–", "–", "–", "–"]
     q = res.get("quantized_bits_per_weight")
     delta = "–" if fp is None or "perplexity" not in fp else f"{res['perplexity'] - fp['perplexity']:+.3f}"
     return [family, method, recipe, f"{res['bits_per_weight']:.2f}", "–" if q is None else f"{q:.2f}",
             f"{res['perplexity']:.3f}", delta if row is not None else "0.000", f"{res['kl']:.5f}",
-            f"{100 * res['top1_agreement']:.2f}%"]
+            f"{100 * res['top1_agreement']:.2f}%", "–" if row is None else f"{res.get('seconds', 0):.1f}",
+            "–" if res.get("peak_rss") is None else f"{res['peak_rss'] / 1e9:.2f}"]
 
 
 def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, manifest: str, out: str,
@@ -616,7 +620,9 @@ def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, m
         "(the texts named in the model's `qpass_data.json`); seed reset before each row.",
         "- bits/weight: stored bits (codes, fp16 scales, zero points, side channels) per weight, as `qpass.eval` "
         "counts them; 'all linears' includes lm_head (a float one at 32 bits), 'quantized linears' only the "
-        "quantized ones. Δppl vs FP: the row's perplexity minus the FP32 row's.",
+        "quantized ones. Δppl vs FP: the row's perplexity minus the FP32 row's. Apply time and peak RSS: `qpass.apply` "
+        "alone (calibration and training included, scoring not), on the machine of the row's run; the peak is the "
+        "process's (the FP model and its reference log-probabilities included): compare rows, not absolutes.",
     ]
     if stale_any:
         head.append("- † a row from an earlier run whose inputs (model, recipe, texts, settings or code) have "
