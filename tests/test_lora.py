@@ -5,6 +5,7 @@ import torch
 import qpass
 from qpass.graph import META_ORIGIN, linear_sites, op_counts
 from qpass.passes.lora import META_LORA, adapter_parameters
+from qpass.qat.packed_base import PackedBase
 from qpass.quantizer import quantizers
 from tests import toy
 
@@ -53,10 +54,15 @@ def test_trainable_lora_trains_only_the_adapters_and_save_load_is_exact(model, t
     qm = qpass.apply(model, {"passes": [W4, {"lora": {"rank": 4}}, qat]}, progress=False)
     gm = qm.graph_module
     start = qpass.apply(model, {"passes": [W4, {"lora": {"rank": 4}}]}, progress=False).graph_module
+    for p in start.parameters():
+        p.requires_grad_(False)
+    with PackedBase(start, []):     # the frozen base was held as codes: it ends as its on-grid (decoded) values
+        pass
     trained = {n for n, _ in gm.named_parameters()
                if not torch.equal(gm.get_parameter(n), start.get_parameter(n))}
     names = {x for a, b, _ in gm.meta[META_LORA].values() for x in (a, b)}
     assert trained and trained <= names
+    assert qm.report["qat"].stats["base"] == "packed"
     assert qm.report["qat"].stats["trainable_tensors"] == len(names)
     qm.save(tmp_path / "m")
     ids = toy.token_ids(2, 9, seed=4)
