@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -104,55 +105,115 @@ class Gptq(Pass):
         stats = {"linears": 0, "hessians": 0, "mean_error_ratio": None, "improved": 0, "damp_raised": 0}
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
-        errors, hessians = {}, 0
-        left = {s.node for s in todo}
-        sweep = ctx.sweep(gm, who="gptq", blocks=cfg.sequential, feed=cfg.feed, desc="gptq")
-        with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
-            for step in steps:
-                mine = [s for s in todo if step.contains(s.node)]
-                # NOTE: re-rounding overwrites the float weights, so only `feed: quantized` can observe a block again
-                staged = cfg.true_sequential and cfg.sequential and cfg.feed == "quantized"
-                for stage in (_stages(mine) if staged else [mine]) if mine else []:
-                    bypass = {_weight_quantizer(s) for s in todo if s.node in left}
-                    inputs = {s.input: s.input for s in stage}
-                    accs = step.observe(inputs, lambda k, n: HessianAccumulator(), bypass=bypass)
-                    hessians += len(accs)
-                    for s in stage:
-                        errors[s.path or s.node.name] = self._requantize(gm, s, accs[s.input])
-                        left.discard(s.node)
-                if not left:
-                    break
+        errors = {}
+
+        def requantize(s: LinearSite, acc: HessianAccumulator) -> None:
+            errors[s.path or s.node.name] = self._requantize(gm, s, acc)
+
+        hessians, blocks = hessian_sweep(gm, ctx, todo, requantize, who="gptq", sequential=cfg.sequential,
+                                         true_sequential=cfg.true_sequential, feed=cfg.feed)
         ratios = [e["ratio"] for e in errors.values()]
         stats.update(linears=len(errors), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
                      improved=sum(r < 1 for r in ratios),
                      damp_raised=sum(e["damp"] > cfg.damp for e in errors.values()),
-                     blocks=len(sweep.blocks), errors=errors)
+                     blocks=blocks, errors=errors)
         # values only (the state dict holds the re-rounded weights and scales): the plan records which linears
         plan = Plan(self.name, decisions={"linears": sorted(errors)})
         return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
     def _requantize(self, gm: GraphModule, site: LinearSite, acc: HessianAccumulator) -> dict:
         """GPTQ one linear and write weight and qparams back in their stored layouts."""
-        cfg, fq = self.config, Quantizer(_weight_quantizer(site))
-        spec = fq.meta.spec
-        flip = site.use_in_axis == 0                        # quantizer laid out on [in, out] (mm family)
-        block = fq.block[::-1] if flip else fq.block
-        param = param_of(gm, site.weight)
-        scale_t = param_of(gm, fq.scale)
-        zp_t = param_of(gm, fq.zero_point) if fq.zero_point is not None else None
-        w = (param if site.in_axis == 1 else param.t()).detach().clone()          # canonical [out, in]
-        canon = (lambda t: t.t() if flip else t)
-        rtn = Q.fake_quantize(w, canon(scale_t.detach()), None if zp_t is None else canon(zp_t.detach()), block,
-                              fq.fmt_name)
-        res = gptq_quantize(w, acc.hessian, spec, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
+        cfg, ws = self.config, WeightState.of(gm, site)
+        rtn = ws.rtn()
+        res = gptq_quantize(ws.w, acc.hessian, ws.spec, block=ws.block, percdamp=cfg.damp, block_size=cfg.block_size,
                    act_order=cfg.act_order, static_groups=cfg.static_groups)
-        with torch.no_grad():
-            param.copy_(res.weight if site.in_axis == 1 else res.weight.t())
-            scale_t.copy_(canon(res.scale))
-            if zp_t is not None:
-                zp_t.copy_(canon(res.zero_point))
-        err, err_rtn = reconstruction_error(w, res.weight, acc.xtx), reconstruction_error(w, rtn, acc.xtx)
+        ws.write(res.weight, res.scale, res.zero_point)
+        err, err_rtn = reconstruction_error(ws.w, res.weight, acc.xtx), reconstruction_error(ws.w, rtn, acc.xtx)
         return {"gptq": err, "rtn": err_rtn, "ratio": err / err_rtn if err_rtn > 0 else 1.0, "damp": res.damp}
+
+
+@dataclass
+class WeightState:
+    """A quantized linear's weight as the re-rounding passes see it: `w` a copy in canonical [out, in] layout,
+    the quantizer's spec, canonical block and current scale / zero point (`scale`, `zero_point`), and `write`,
+    which stores a new weight and qparams back in their stored layouts."""
+
+    fq: Quantizer
+    site: LinearSite
+    param: torch.Tensor
+    scale_t: torch.Tensor
+    zp_t: torch.Tensor | None
+    w: torch.Tensor
+
+    @classmethod
+    def of(cls, gm: GraphModule, site: LinearSite) -> "WeightState":
+        fq = Quantizer(_weight_quantizer(site))
+        param = param_of(gm, site.weight)
+        w = (param if site.in_axis == 1 else param.t()).detach().clone()          # canonical [out, in]
+        return cls(fq, site, param, param_of(gm, fq.scale),
+                   param_of(gm, fq.zero_point) if fq.zero_point is not None else None, w)
+
+    @property
+    def spec(self):
+        return self.fq.meta.spec
+
+    @property
+    def flip(self) -> bool:                                  # quantizer laid out on [in, out] (mm family)
+        return self.site.use_in_axis == 0
+
+    @property
+    def block(self) -> tuple[int, ...]:
+        return tuple(self.fq.block[::-1] if self.flip else self.fq.block)
+
+    def _canon(self, t: torch.Tensor) -> torch.Tensor:
+        return t.t() if self.flip else t
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._canon(self.scale_t.detach())
+
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        return None if self.zp_t is None else self._canon(self.zp_t.detach())
+
+    def rtn(self) -> torch.Tensor:
+        """The weight rounded to nearest with the current qparams, [out, in]."""
+        return Q.fake_quantize(self.w, self.scale, self.zero_point, self.block, self.fq.fmt_name)
+
+    def write(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.param.copy_(weight if self.site.in_axis == 1 else weight.t())
+            self.scale_t.copy_(self._canon(scale))
+            if self.zp_t is not None:
+                self.zp_t.copy_(self._canon(zero_point))
+
+
+def hessian_sweep(gm: GraphModule, ctx: Context, todo: list[LinearSite],
+                  each: Callable[[LinearSite, HessianAccumulator], None], *, who: str, sequential: bool = True,
+                  true_sequential: bool = True, feed: str = "quantized") -> tuple[int, int]:
+    """GPTQ's calibration: the input Hessian of every site of `todo` (linears with a weight quantizer), block by
+    block (``sequential``; else one run of the whole graph), ``each(site, accumulator)`` called as soon as a
+    site's Hessian is complete. The weight quantizers of the sites not handled yet run as the identity (float,
+    as in the reference); with ``true_sequential`` (and ``feed: quantized``) the linears of a block are observed
+    in dependency order, each after the earlier ones were handled. Returns (Hessians computed, blocks)."""
+    hessians, left = 0, {s.node for s in todo}
+    sweep = ctx.sweep(gm, who=who, blocks=sequential, feed=feed, desc=who)
+    with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
+        for step in steps:
+            mine = [s for s in todo if step.contains(s.node)]
+            # NOTE: re-rounding overwrites the float weights, so only `feed: quantized` can observe a block again
+            staged = true_sequential and sequential and feed == "quantized"
+            for stage in (_stages(mine) if staged else [mine]) if mine else []:
+                bypass = {_weight_quantizer(s) for s in todo if s.node in left}
+                inputs = {s.input: s.input for s in stage}
+                accs = step.observe(inputs, lambda k, n: HessianAccumulator(), bypass=bypass)
+                hessians += len(accs)
+                for s in stage:
+                    each(s, accs[s.input])
+                    left.discard(s.node)
+            if not left:
+                break
+    return hessians, len(sweep.blocks)
 
 
 def _weight_quantizer(site: LinearSite):
@@ -197,4 +258,4 @@ def _stages(sites: list[LinearSite]) -> list[list[LinearSite]]:
     return [by[k] for k in sorted(by)]
 
 
-__all__ = ["Gptq", "GptqConfig", "shared_weight"]
+__all__ = ["Gptq", "GptqConfig", "WeightState", "hessian_sweep", "shared_weight"]
