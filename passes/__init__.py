@@ -10,6 +10,7 @@ from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
 from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
+from .rotate import Rotate, RotateConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
@@ -27,6 +28,7 @@ PASSES = {
     "owq": (OwqConfig, Owq),
     "llm_int8": (LlmInt8Config, LlmInt8),
     "os_plus": (OsPlusConfig, OsPlus),
+    "rotate": (RotateConfig, Rotate),
     "quantease": (QuantEaseConfig, QuantEase),
 }
 
@@ -39,5 +41,5 @@ def make_pass(config):
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
-           "OsPlus", "OsPlusConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
+           "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig"]

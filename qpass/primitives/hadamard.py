@@ -1,0 +1,151 @@
+"""Hadamard and random orthogonal matrices, and the fast Walsh-Hadamard transform (QuaRot, QuIP#).
+
+A size ``n`` is split as ``n = m * p`` with ``p`` a power of two and ``m`` the order of a small Hadamard matrix
+qpass can build: 1, or ``q + 1`` for a prime ``q = 3 (mod 4)`` (Paley's first construction: 12, 20, 24, 44, 48,
+60, 68, 72, 84, ...). The normalised transform is then ``T = kron(H_m, H_p) / sqrt(n)``, applied to a row
+vector as ``x T``: view ``x`` as ``[..., m, p]``, a fast Walsh-Hadamard transform over the last axis
+(``p log p`` additions, no matrix), then ``H_mᵀ`` mixes the ``m`` axis. 256 = 1 x 256, 704 = 44 x 16,
+192 = 12 x 16, 768 = 12 x 64. Sizes with no such split fall back to a seeded random orthogonal matrix (Haar, by
+QR) as the small factor.
+
+``randomized_hadamard(n, seed)`` is ``D T`` with D random signs (QuaRot's residual rotation); ``mean_preserving``
+turns any orthogonal Q into one that fixes the all-ones vector (``Q 1 = 1``), so that a LayerNorm, which
+subtracts the mean over channels, commutes with it (see passes/rotate.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_SMALL_MAX = 256          # largest Paley order tried for the non-power-of-two factor
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def sylvester(n: int) -> Tensor:
+    """The ±1 Sylvester Hadamard matrix of order n (a power of two), float64, symmetric."""
+    if not is_pow2(n):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+
+
+def paley(m: int) -> Tensor | None:
+    """A ±1 Hadamard matrix of order m = q + 1, q prime and q = 3 (mod 4) (Paley I), float64; None otherwise."""
+    q = m - 1
+    if not (_is_prime(q) and q % 4 == 3):
+        return None
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in residues else -1.0 for i in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q).view(1, q) - torch.arange(q).view(q, 1)) % q
+    s = chi[idx]                                          # Jacobsthal matrix: S[i, j] = chi(j - i)
+    h = torch.empty(m, m, dtype=torch.float64)
+    h[0, :] = 1.0
+    h[1:, 0] = -1.0
+    h[1:, 1:] = s + torch.eye(q, dtype=torch.float64)
+    return h
+
+
+def split(n: int) -> tuple[int, int, Tensor | None]:
+    """(m, p, H_m ±1 or None) with n = m * p, p the largest power of two for which m has a Hadamard matrix
+    (H_1 = [[1]]); None with m = n / largest power of two when no split works."""
+    p = n & -n
+    while p >= 1:
+        m = n // p
+        if m == 1:
+            return 1, p, torch.ones(1, 1, dtype=torch.float64)
+        if m <= _SMALL_MAX and m % 4 == 0:
+            h = paley(m)
+            if h is not None:
+                return m, p, h
+        p //= 2
+    p = n & -n
+    return n // p, p, None
+
+
+def random_orthogonal(n: int, seed: int) -> Tensor:
+    """A Haar-random orthogonal [n, n] float64 matrix from `seed` (QR of a Gaussian, signs fixed)."""
+    g = torch.Generator().manual_seed(int(seed))
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r)).view(1, n)).contiguous()
+
+
+def small_factor(n: int, seed: int = 0) -> tuple[Tensor, str]:
+    """The normalised [m, m] factor of size n's transform and its kind ("hadamard": H_m / sqrt(m), m = 1
+    for powers of two; "random": a seeded random orthogonal matrix where no Hadamard split exists)."""
+    m, _, h = split(n)
+    if h is not None:
+        return h / math.sqrt(m), "hadamard"
+    return random_orthogonal(m, seed), "random"
+
+
+def transform_matrix(n: int, factor: Tensor) -> Tensor:
+    """The dense [n, n] matrix of ``hadamard_transform(x, factor)``: kron(factor, H_p / sqrt(p))."""
+    m = factor.shape[0]
+    p = n // m
+    return torch.kron(factor.double().contiguous(), sylvester(p) / math.sqrt(p))
+
+
+def fwht(x: Tensor) -> Tensor:
+    """Normalised fast Walsh-Hadamard transform over the last axis (a power of two): ``x H_p / sqrt(p)``."""
+    p = x.shape[-1]
+    if not is_pow2(p):
+        raise ValueError(f"the fast Walsh-Hadamard transform needs a power-of-two size, got {p}")
+    shape = x.shape
+    y = x.reshape(-1, p)
+    h = 1
+    while h < p:
+        y = y.view(-1, p // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return (y.reshape(shape) * (1.0 / math.sqrt(p))).to(x.dtype)
+
+
+def hadamard_transform(x: Tensor, factor: Tensor) -> Tensor:
+    """``x @ kron(factor, H_p / sqrt(p))`` over the last axis (n = m * p, factor [m, m]): a fast Walsh-Hadamard
+    transform of each of the m blocks of p channels, then the m blocks mixed by ``factorᵀ`` (skipped for m = 1)."""
+    n, m = x.shape[-1], factor.shape[0]
+    if factor.dim() != 2 or factor.shape[1] != m or n % m or not is_pow2(n // m):
+        raise ValueError(f"hadamard transform of size {n} with a [{m}, {factor.shape[-1]}] factor: the size must be "
+                         "the factor's order times a power of two")
+    if m == 1:
+        return fwht(x) * factor.reshape(()).to(x.dtype)
+    z = fwht(x.reshape(*x.shape[:-1], m, n // m))
+    return torch.matmul(factor.t().to(x.dtype), z).reshape(x.shape)
+
+
+def randomized_hadamard(n: int, seed: int) -> tuple[Tensor, str]:
+    """QuaRot's residual rotation ``Q = D T``: random signs (from `seed`) times the normalised transform of size
+    n ("hadamard"), whose small factor is random orthogonal where n has no Hadamard split ("hadamard_random")."""
+    factor, kind = small_factor(n, seed)
+    g = torch.Generator().manual_seed(int(seed))
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+    return signs.view(n, 1) * transform_matrix(n, factor), ("hadamard" if kind == "hadamard" else "hadamard_random")
+
+
+def mean_preserving(q: Tensor) -> Tensor:
+    """``M Q`` with M the Householder reflection taking ``Q u`` to ``u = 1 / sqrt(n)``: orthogonal, and
+    ``(M Q) 1 = 1``, so ``mean(x M Q) = mean(x)`` and centring commutes with it."""
+    n = q.shape[0]
+    u = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)
+    w = q.double() @ u
+    v = w - u
+    norm = float(v.norm())
+    if norm < 1e-12:
+        return q.double()
+    v = v / norm
+    return q.double() - 2.0 * torch.outer(v, v @ q.double())
+
+
+__all__ = ["is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix", "fwht",
+           "hadamard_transform", "randomized_hadamard", "mean_preserving"]

@@ -1,0 +1,176 @@
+"""The rotate pass (QuaRot residual-stream rotation) and the Hadamard primitives: the rotated float model equals
+the original on every family the folding analysis supports, tied embeddings included; plans reload exactly; what
+cannot be rotated is refused with the reason."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qpass
+from qpass import Recipe
+from qpass.errors import QpassError
+from qpass.graph import linear_sites, param_of
+from qpass.passes.rotate import RotateConfig, rotation_matrix
+from qpass.primitives import hadamard as H
+from qpass.rotation import residual_stream_rotation
+from tests import toy
+
+ALL = ("llama", "mistral", "qwen2", "opt", "gpt2", "llama_tied", "phi3", "gpt_neox")
+W8 = {"bits": 8, "granularity": "per_channel", "symmetric": True}
+
+
+def _fresh(family):
+    """A copy of the captured toy model with non-trivial norm weights and biases (HF initialises 1 and 0)."""
+    gm = qpass.apply(toy.captured(family)[1], Recipe([])).graph_module
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in gm.named_parameters():
+            if p.dim() == 1 and ("norm" in name or ".ln_" in name):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    ids = toy.token_ids()
+    return gm, ids, gm(ids).logits
+
+
+# ------------------------------------------------------------------------------------------ primitives
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([1, 2, 4, 8, 12, 20, 24, 44, 48, 96, 192, 30, 40, 704]), st.integers(0, 2 ** 31))
+def test_hadamard_transform_is_the_dense_orthogonal_matrix(n, seed):
+    factor, kind = H.small_factor(n, seed)
+    t = H.transform_matrix(n, factor)
+    assert torch.allclose(t @ t.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    x = torch.randn(3, 2, n, generator=torch.Generator().manual_seed(seed % 1000), dtype=torch.float64)
+    torch.testing.assert_close(H.hadamard_transform(x, factor), x @ t)
+    q, _ = H.randomized_hadamard(n, seed)
+    m = H.mean_preserving(q)
+    assert torch.allclose(m @ m.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    torch.testing.assert_close(m @ torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64))
+
+
+def test_hadamard_sizes_split_into_known_matrices():
+    assert H.split(256)[:2] == (1, 256)
+    assert H.split(704)[:2] == (44, 16)          # tiny-llama's MLP: Paley 44 x Sylvester 16
+    assert H.split(192)[:2] == (12, 16)          # tiny-opt's width
+    assert H.small_factor(30)[1] == "random"     # 15 x 2: no Hadamard of order 15
+    h = H.paley(12)
+    torch.testing.assert_close(h @ h.T, 12 * torch.eye(12, dtype=torch.float64))
+    assert H.paley(16) is None
+    with pytest.raises(ValueError, match="power-of-two"):
+        H.fwht(torch.zeros(3))
+
+
+def test_rotation_matrix_is_seeded():
+    a, kind = rotation_matrix(32, "hadamard", 3)
+    assert kind == "hadamard" and torch.equal(a, rotation_matrix(32, "hadamard", 3)[0])
+    assert not torch.equal(a, rotation_matrix(32, "hadamard", 4)[0])
+    assert (a.abs() - 1 / math.sqrt(32)).abs().max() < 1e-12        # a (signed) Hadamard: flat entries
+    r, kind = rotation_matrix(32, "random", 3)
+    assert kind == "random" and torch.allclose(r @ r.T, torch.eye(32, dtype=torch.float64), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_rotate_keeps_outputs(family):
+    gm, ids, ref = _fresh(family)
+    emb = param_of(gm, next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default).args[0])
+    emb0 = emb.detach().clone()
+    res = qpass.apply(gm, Recipe([RotateConfig(seed=1)]))
+    torch.testing.assert_close(res(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    stats = res.report["rotate"].stats
+    layer_norm = family in ("opt", "gpt2", "gpt_neox")
+    assert stats["layer_norms"] == (5 if layer_norm else 0)
+    assert stats["untied"] == (family in ("opt", "gpt2", "llama_tied"))
+    assert stats["writers"] == 4 and stats["readers"] >= 5
+    plan = res.plans[0].decisions
+    assert plan["mean_preserving"] == layer_norm and plan["kind"] == "hadamard" and plan["seed"] == 1
+    out = res.graph_module
+    table = param_of(out, next(n for n in out.graph.nodes if n.target is torch.ops.aten.embedding.default).args[0])
+    q, _ = rotation_matrix(32, "hadamard", 1, mean_preserving=layer_norm)
+    torch.testing.assert_close(table.detach().double(), emb0.double() @ q, rtol=1e-5, atol=1e-6)
+    stream = residual_stream_rotation(out)
+    for n in stream.norm_weights:                     # every norm on the stream is now the identity
+        for a in n.args:
+            if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                v = param_of(out, a)
+                assert bool((v == 1).all() or (v == 0).all()), (family, n.name)
+
+
+def test_tied_embeddings_are_untied_and_both_rotated():
+    gm, ids, ref = _fresh("llama_tied")
+    res = qpass.apply(gm, Recipe([RotateConfig(seed=2)]))
+    out = res.graph_module
+    head = linear_sites(out)[-1]
+    emb = next(n for n in out.graph.nodes if n.target is torch.ops.aten.embedding.default).args[0]
+    assert head.weight.target.endswith("weight_untied") and head.weight.target != emb.target
+    assert res.plans[0].decisions["edits"] == [["untie", "lm_head", 0]]
+    assert not torch.equal(param_of(out, head.weight), param_of(out, emb))   # lm_head holds g * E Q, the table E Q
+    torch.testing.assert_close(res(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "opt"])
+def test_plan_on_a_fresh_capture_rebuilds_the_graph(family):
+    gm, ids, ref = _fresh(family)
+    res = qpass.apply(gm, Recipe([RotateConfig(seed=5)]))
+    fresh = qpass.apply(toy.captured(family)[1], Recipe([])).graph_module
+    qpass.plan.apply_plans(fresh, res.plans)
+    fresh.load_state_dict(res.graph_module.state_dict())
+    torch.testing.assert_close(fresh(ids).logits, res(ids).logits, rtol=0, atol=0)
+    assert [n.format_node() for n in fresh.graph.nodes] == [n.format_node() for n in res.graph_module.graph.nodes]
+
+
+def test_rotate_then_quantize_beats_plain_w4a4_on_a_toy():
+    """The point of rotating: per-token A4 / per-channel W4 error drops once outliers are spread."""
+    gm, ids, ref = _fresh("llama")
+    with torch.no_grad():                             # an outlier channel in the residual stream, as trained LMs have
+        next(p for n, p in gm.named_parameters() if "embed_tokens" in n)[:, 3] *= 30
+    ref = gm(ids).logits
+    q = {"quantize": {"weights": {"bits": 4, "granularity": "per_channel", "symmetric": True},
+                      "activations": {"bits": 4, "granularity": "per_token", "dynamic": True}, "ignore": ["lm_head"]}}
+    plain = qpass.apply(gm, {"passes": [q]})(ids).logits
+    rotated = qpass.apply(gm, {"passes": [{"rotate": {"seed": 0}}, q]})(ids).logits
+    assert (rotated - ref).pow(2).mean() < (plain - ref).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+class _ReturnsHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return h + self.fc(h)
+
+
+class _Gelu(_ReturnsHidden):
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.fc(torch.nn.functional.gelu(h + self.fc(h)))
+
+
+def test_unrotatable_streams_say_why():
+    ids = torch.randint(0, 10, (2, 5))
+    assert "graph output" in residual_stream_rotation(qpass.capture(_ReturnsHidden(), (ids,)))
+    why = residual_stream_rotation(qpass.capture(_Gelu(), (ids,)))
+    assert "gelu" in why and "does not commute" in why
+    with pytest.raises(QpassError, match="rotate cannot rotate the residual stream.*gelu"):
+        qpass.apply(qpass.capture(_Gelu(), (ids,)), {"passes": [{"rotate": {}}]}, progress=False)
+    assert "no input embedding" in residual_stream_rotation(qpass.capture(toy.TinyMLP(), (toy.mlp_input(),)))
+
+
+def test_rotate_after_quantize_is_refused_and_options_are_checked():
+    gm, _, _ = _fresh("llama")
+    q = {"quantize": {"weights": W8, "ignore": ["lm_head"]}}
+    with pytest.raises(QpassError, match="(?s)already quantized.*before quantize"):
+        qpass.apply(gm, {"passes": [q, {"rotate": {}}]}, progress=False)
+    with pytest.raises(qpass.RecipeError, match="kind"):
+        Recipe.from_dict({"passes": [{"rotate": {"kind": "hadamrd"}}]})
