@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt pip setuptools
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev,onnx]"
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[dev,onnx,export]"
 	$(PY) tools/check_pins.py
 	touch $(STAMP)
 
@@ -30,7 +30,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
 	$(LOCK_VENV)/bin/python -m pip install -q "torch==2.13.0"
-	$(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation ".[dev,onnx]"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation ".[dev,onnx,export]"
 	$(LOCK_VENV)/bin/python tools/check_pins.py --write
 	rm -rf $(LOCK_VENV) build
 

@@ -55,6 +55,7 @@ if TYPE_CHECKING:                               # what the names are, for type c
         PerToken as PerToken,
         QSpec as QSpec,
     )
+    from .export import export as export
     from .lower import lower as lower
     from .recipe import Recipe as Recipe
 
@@ -69,6 +70,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     **{n: ("primitives.spec", n) for n in ("FloatFormat", "IntFormat", "LutFormat", "PerChannel", "PerGroup",
                                            "PerHead", "PerTensor", "PerToken", "QSpec")},
     "lower": ("lower", "lower"),
+    "export": ("export", "export"),
     "Recipe": ("recipe", "Recipe"),
 }
 # functions named like the submodule they live in: importing the submodule must not replace them

@@ -79,6 +79,16 @@ TENSOR_METADATA = {"format": "qpass", "qpass_version": __version__}
 # kernels, the kernel policy, are a lowered model's: backends/torch_packed/model.py)
 SEALED = ("format", "backend", "kernels", "source", "files")
 _AGAIN = "save the model again (qm.save or pm.save), or quantize it again"
+# Keys config.json gets so that no other loader takes a qpass directory for a plain checkpoint of the float model
+# (its tensors keep the float model's names beside *_weight_scale ones). transformers refuses a
+# `transformers_weights` file that is not *.safetensors with a ValueError that quotes the value (the message the
+# user sees); vLLM and others refuse the unknown quant_method. `read` drops them again.
+NOT_A_CHECKPOINT = {
+    "transformers_weights": "qpass artefact: load it with qpass.load(directory), or export it with `qpass export "
+                            "--format compressed-tensors` for transformers and vLLM",
+    "quantization_config": {"quant_method": "qpass", "load_with": "qpass.load(directory)",
+                            "export_with": "qpass export DIR --format compressed-tensors --out OUT"},
+}
 
 
 @contextlib.contextmanager
@@ -158,7 +168,7 @@ def write_description(directory: str, recipe: Recipe, source: dict, report: Repo
         f.write("\n")
     files = [RECIPE, PLANS, *_written_weights(directory)]
     if source.get("hf_config") is not None:   # without the path it was read from: the same model, the same bytes
-        config = {k: v for k, v in source["hf_config"].items() if k != "_name_or_path"}
+        config = {k: v for k, v in source["hf_config"].items() if k != "_name_or_path"} | NOT_A_CHECKPOINT
         with open(os.path.join(directory, CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         files.append(CONFIG)
@@ -226,6 +236,8 @@ def read(directory: str | os.PathLike) -> Artifact:
     source["hf_config"] = read_json(directory, CONFIG) if CONFIG in meta["files"] else None
     if source["hf_config"] is not None and not isinstance(source["hf_config"], dict):
         raise ArtifactError(f"{os.path.join(directory, CONFIG)!r} is not a JSON object", fix=_AGAIN)
+    if source["hf_config"] is not None:
+        source["hf_config"] = {k: v for k, v in source["hf_config"].items() if k not in NOT_A_CHECKPOINT}
     if PLANS not in meta["files"]:
         raise ArtifactError(f"{directory!r} lists no {PLANS} in {META}", fix=_AGAIN)
     plans = plans_from_json(read_json(directory, PLANS), os.path.join(directory, PLANS))

@@ -218,7 +218,7 @@ def test_console_script_and_tools_run_the_same_code(monkeypatch, capsys):
         module = qpass.cli._module(name)
         monkeypatch.setattr(module, "run", lambda args, calls=calls: calls.append(vars(args)) or 0)
         argv = {"lower": ["m", "--recipe", "r.yaml", "--out", "o"], "qat": ["m", "--recipe", "r.yaml", "--out", "o"],
-                "eval": ["m", "--recipe", "r.yaml"], "demo": ["--recipe", "r.yaml"]}[name]
+                "eval": ["m", "--recipe", "r.yaml"], "demo": ["--recipe", "r.yaml"], "export": ["d", "--out", "o"]}[name]
         assert tool_module(name).main(argv) == 0
         assert qpass.cli.main([name, *argv]) == 0
         assert len(calls) == 2 and calls[0] == {k: v for k, v in calls[1].items() if k != "command"}

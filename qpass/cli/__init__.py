@@ -17,9 +17,11 @@ DESCRIPTION = """Quantize LLMs with recipes and lower them (qpass).
     qpass lower MODEL_DIR --recipe R.yaml --out OUT_DIR [--backend onnx|torch]
     qpass eval MODEL_DIR --recipe R.yaml ...
     qpass demo
+    qpass export QPASS_DIR --format compressed-tensors --out OUT_DIR
 
 `qpass COMMAND --help` lists a command's options."""
-COMMANDS = {"lower": "qpass.cli.lower", "eval": "qpass.cli.eval", "demo": "qpass.cli.demo", "qat": "qpass.cli.qat"}
+COMMANDS = {"lower": "qpass.cli.lower", "eval": "qpass.cli.eval", "demo": "qpass.cli.demo", "qat": "qpass.cli.qat",
+            "export": "qpass.cli.export"}
 
 
 def _module(command: str):
