@@ -8,11 +8,13 @@ from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
+from .omniquant import OmniQuant, OmniQuantConfig
 from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .rotate import Rotate, RotateConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
+from .signround import SignRound, SignRoundConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
@@ -30,6 +32,8 @@ PASSES = {
     "os_plus": (OsPlusConfig, OsPlus),
     "rotate": (RotateConfig, Rotate),
     "quantease": (QuantEaseConfig, QuantEase),
+    "signround": (SignRoundConfig, SignRound),
+    "omniquant": (OmniQuantConfig, OmniQuant),
 }
 
 
@@ -41,5 +45,6 @@ def make_pass(config):
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
+           "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig"]

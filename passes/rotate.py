@@ -35,6 +35,7 @@ from qpass.graph import LinearSite, is_quantizer, linear_sites, module_path, par
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, occurrences
 from qpass.primitives import hadamard as H
+from qpass import rotation as online_heads
 from qpass.rotation import Stream, residual_stream_rotation
 
 aten = torch.ops.aten
@@ -49,10 +50,18 @@ class RotateConfig:
                 "a seeded random orthogonal small factor where the width has no Hadamard split); random: a "
                 "Haar-random orthogonal matrix",
         "seed": "seed of the random signs / random orthogonal matrix (recorded in the plan)",
+        "online": "an online Hadamard (one qpass.hadamard node, a fast Walsh-Hadamard transform) on the input of "
+                  "every linear that writes the stream (down_proj, o_proj, fc2, ...), its weight compensated "
+                  "(W <- W T): their input activations are quantized in the rotated basis",
+        "heads": "rotate attention heads: V per head offline (v rows / o columns, block-diagonal Hadamard) and Q and "
+                 "K per head online after RoPE (one qpass.hadamard node each, before the KV cache), so K and V are "
+                 "quantized in a rotated basis",
     }
 
     kind: str = "hadamard"
     seed: int = 0
+    online: bool = False
+    heads: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -82,13 +91,20 @@ class Rotate(Pass):
         stream = _stream(gm)
         q, kind = rotation_matrix(stream.dim, cfg.kind, cfg.seed, mean_preserving=bool(stream.layer_norms))
         changed = _rotate(gm, stream, q)
+        near: list[str] = []
+        online = _writer_keys(gm, stream) if cfg.online else []
+        heads = online_heads.head_keys(gm, near) if cfg.heads else []
+        v_rotated = online_heads.rotate_values(gm, near) if cfg.heads else []
+        _insert_online(gm, online, heads, compensate=True)
         decisions = {"dim": stream.dim, "kind": kind, "seed": cfg.seed, "mean_preserving": bool(stream.layer_norms),
-                     "edits": [list(e) for e in edits]}
+                     "edits": [list(e) for e in edits], "online": [list(k) for k in online],
+                     "heads": [list(k) for k in heads], "values_rotated": v_rotated}
         stats = {"readers": len(stream.readers), "writers": len(stream.writers), "tables": len(stream.tables),
                  "norms_folded": folded, "layer_norms": len(stream.layer_norms), "untied": sum(
                      e[0] == "untie" for e in edits), "biases_added": sum(e[0] == "bias" for e in edits),
-                 "params_rotated": changed}
-        return PassResult(modified=True, stats=stats, plan=Plan(self.name, decisions=decisions))
+                 "params_rotated": changed, "online_hadamards": len(online) + 2 * len(heads),
+                 "values_rotated": len(v_rotated)}
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=Plan(self.name, decisions=decisions))
 
     def streaming_refusal(self) -> str | None:
         return ("rotate rewrites every weight that reads or writes the residual stream together, which needs every "
@@ -98,6 +114,8 @@ class Rotate(Pass):
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Redo the structural edits (untied copies, zero biases); the rotated values are in the state dict."""
         _apply_edits(gm, [tuple(e) for e in plan.decisions.get("edits", ())])
+        _insert_online(gm, [tuple(k) for k in plan.decisions.get("online", ())],
+                       [tuple(k) for k in plan.decisions.get("heads", ())], compensate=False)
 
 
 def rotation_matrix(dim: int, kind: str, seed: int, mean_preserving: bool = False) -> tuple[torch.Tensor, str]:
@@ -260,6 +278,37 @@ def _rotate(gm: GraphModule, stream: Stream, q: torch.Tensor) -> int:
             with torch.no_grad():
                 e.copy_((e.detach().double() @ q).to(e))
     return len(done)
+
+
+# ------------------------------------------------------------------------------------ online Hadamards
+
+
+def _writer_keys(gm: GraphModule, stream: Stream) -> list[tuple[str, int]]:
+    sites, keys = _keys(gm)
+    key_of = dict(zip([s.node for s in sites], keys))
+    return list(dict.fromkeys(key_of[w.node] for w in stream.writers))
+
+
+def _insert_online(gm: GraphModule, online: list[tuple], heads: list[tuple], compensate: bool) -> None:
+    """A qpass.hadamard node on the input of each linear of `online` (with ``compensate``, its weight becomes
+    W T: the function is kept) and on Q and K of each attention of `heads` (``online_heads``)."""
+    sites, keys = _keys(gm)
+    by_key = dict(zip(keys, sites))
+    for path, at in online:
+        site = by_key.get((path, at))
+        if site is None:
+            raise PlanError(f"the rotate plan puts an online Hadamard before linear {path!r} (occurrence {at}), which "
+                            "this graph does not have", fix="apply plans to a capture of the model they were made on")
+        n = param_of(gm, site.weight).shape[site.in_axis]
+        factor, _ = H.small_factor(n)
+        if compensate:
+            w = folding.canonical_weight(gm, site).double()
+            folding._set_canonical(gm, site, w @ H.transform_matrix(n, factor))
+        node = online_heads.hadamard_node(gm, site.node, site.input, factor, near=site.weight)
+        site.node.replace_input_with(site.input, node)
+    online_heads.insert_heads(gm, heads)
+    gm.graph.lint()
+    gm.recompile()
 
 
 __all__ = ["Rotate", "RotateConfig", "rotation_matrix"]

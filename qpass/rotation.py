@@ -275,4 +275,131 @@ def _keeps_channels(n: Node, dim: int) -> bool:
                for o in outs)
 
 
-__all__ = ["Stream", "residual_stream_rotation"]
+# ------------------------------------------------------------------------- online Hadamards on heads
+
+_CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
+
+
+def hadamard_node(gm: GraphModule, before: Node, x: Node, factor: torch.Tensor, near: Node | None = None) -> Node:
+    """Insert ``qpass.hadamard(x, factor)`` before `before` (the factor a buffer beside `near`'s tensor, else on
+    the root module) and return it; its users are up to the caller."""
+    from .folding import _attr, _new_param_target
+    from .graph import add_tensor
+    from .primitives.hadamard import HADAMARD
+
+    value = factor.detach().float().contiguous()
+    target = (_new_param_target(gm, near, "hadamard", value, buffer=True) if near is not None
+              else add_tensor(gm, "rotate_hadamard", value))
+    with gm.graph.inserting_before(before):
+        f = gm.graph.get_attr(target)
+        h = gm.graph.call_function(HADAMARD, (x, f))
+    f.meta["val"] = _attr(gm, target)
+    for key in ("nn_module_stack", "stack_trace", "val"):
+        src = x.meta if key == "val" else before.meta
+        if key in src:
+            h.meta[key] = src[key]
+    h.meta["qpass_origin"] = "rotate"
+    return h
+
+
+def _head_sites(gm: GraphModule) -> list[tuple[P.AttentionSite, str, int]]:
+    sites = P.attention_sites(gm)
+    keys = [module_path(gm, s.node) or s.node.name for s in sites]
+    from .plan import occurrences
+
+    return list(zip(sites, keys, occurrences(keys)))
+
+
+def head_keys(gm: GraphModule, near: list[str]) -> list[tuple[str, int]]:
+    """(module path, occurrence) of every attention whose Q and K can take an online Hadamard (others: `near`)."""
+    out = []
+    for site, key, at in _head_sites(gm):
+        why = _key_point(site)
+        if isinstance(why, str):
+            near.append(f"{key}: no online Hadamard on Q/K ({why})")
+        else:
+            out.append((key, at))
+    return out
+
+
+def _key_point(site) -> tuple[Node, Node] | str:
+    """(K tensor to rotate, the node that reads it on the way to attention), walking back through repeat_kv."""
+    t, user = site.key, site.score_consumer if site.kind == "sdpa" else next(
+        u for u in site.key.users if P.is_last_two_swap(u))
+    while P.is_call(t, P.REPEAT_KV) and _rank(t.args[0]) >= 4:
+        t, user = t.args[0], t
+    if P.is_call(t, _CACHE_WRITES):
+        return t.args[3], t
+    if P.is_call(t, aten.cat.default):                       # dynamic cache: cat([past input, new])
+        parts = t.args[0]
+        new = [a for a in parts if not (isinstance(a, Node) and a.op == "placeholder")]
+        if len(parts) == 2 and len(new) == 1:
+            return new[0], t
+    if not isinstance(t, Node) or t.op != "call_function" or _rank(t) != 4:
+        return "K is not a computed [batch, heads, seq, head_dim] tensor"
+    return t, user
+
+
+def insert_heads(gm: GraphModule, keys: list[tuple]) -> None:
+    """Online Hadamards of head_dim on Q (at attention) and on K (after RoPE, before repeat_kv / the cache)."""
+    from .plan import PlanError
+    from .primitives.hadamard import small_factor
+
+    by_key = {(k, at): site for site, k, at in _head_sites(gm)}
+    for key, at in keys:
+        site = by_key.get((key, at))
+        found = _key_point(site) if site is not None else "this graph has no such attention"
+        if isinstance(found, str):
+            raise PlanError(f"the rotate plan rotates the heads of attention {key!r} (occurrence {at}), but {found}",
+                            fix="apply plans to a capture of the model they were made on")
+        k, user = found
+        dim = int(_concrete(k.meta["val"].shape[-1]))
+        factor, _ = small_factor(dim)
+        q, consumer = site.query, site.score_consumer
+        hq = hadamard_node(gm, consumer, q, factor)
+        consumer.replace_input_with(q, hq)
+        hk = hadamard_node(gm, user, k, factor)
+        if P.is_call(user, aten.cat.default):
+            user.args = ([hk if a is k else a for a in user.args[0]],) + tuple(user.args[1:])
+        else:
+            user.replace_input_with(k, hk)
+
+
+def rotate_values(gm: GraphModule, near: list[str]) -> list[str]:
+    """Rotate V per head offline: each linear producer whose channels reach linears only through layout ops and
+    attention's value operand (v_proj -> o_proj, the v rows of a fused qkv) gets a block-diagonal Hadamard of
+    head_dim over the channels its consumers read (``folding.fold_rotation``). The producers rotated."""
+    from . import folding
+    from .primitives.hadamard import small_factor, transform_matrix
+
+    sites = P.attention_sites(gm)
+    if not sites:
+        return []
+    dim = int(_concrete(sites[0].value.meta["val"].shape[-1]))
+    t = transform_matrix(dim, small_factor(dim)[0])
+    done = []
+    for g in folding.analyze(gm).groups:
+        if g.producer.kind != "linear" or folding.rotation_reason(g) is not None:
+            continue
+        idx = torch.nonzero(g.consumed).flatten()
+        if idx.numel() % dim:
+            near.append(f"{g.name}: values not rotated ({idx.numel()} channels read, not a multiple of {dim})")
+            continue
+        q = torch.eye(g.producer.channels, dtype=torch.float64)
+        for b in idx.view(-1, dim):
+            q[b.view(-1, 1), b.view(1, -1)] = t
+        why = folding.rotation_reason(g, q)
+        if why:
+            near.append(f"{g.name}: values not rotated ({why})")
+            continue
+        folding.fold_rotation(gm, g, q)
+        done.append(g.name)
+    return done
+
+
+def _rank(n) -> int:
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+__all__ = ["Stream", "residual_stream_rotation", "hadamard_node", "head_keys", "insert_heads", "rotate_values"]

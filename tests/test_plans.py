@@ -44,9 +44,12 @@ CONFORMANCE = {
     "llm_int8": [{"llm_int8": {"threshold": 0.5, "ignore": ["lm_head"]}}],       # low: the toy has outliers
     "os_plus": [{"os_plus": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}},     # adds biases
                 {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
-    "rotate": [{"rotate": {"seed": 1}}, {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
+    "rotate": [{"rotate": {"seed": 1, "online": True, "heads": True}},                  # adds hadamard nodes
+               {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
     "quantease": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},        # outliers: a side channel
                   {"quantease": {"iterations": 2, "outliers": 0.01}}],
+    "signround": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"signround": {"steps": 3, "batch_size": 2}}],
+    "omniquant": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"omniquant": {"steps": 3, "batch_size": 2}}],
 }
 
 

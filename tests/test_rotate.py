@@ -174,3 +174,79 @@ def test_rotate_after_quantize_is_refused_and_options_are_checked():
         qpass.apply(gm, {"passes": [q, {"rotate": {}}]}, progress=False)
     with pytest.raises(qpass.RecipeError, match="kind"):
         Recipe.from_dict({"passes": [{"rotate": {"kind": "hadamrd"}}]})
+
+
+# ------------------------------------------------------------------------------------------ online Hadamards
+
+ONLINE = RotateConfig(seed=1, online=True, heads=True)
+A8 = {"bits": 8, "granularity": "per_token", "dynamic": True}
+KV8 = {"keys": {"bits": 8, "granularity": "per_head", "dynamic": True},
+       "values": {"bits": 8, "granularity": "per_head", "dynamic": True}}
+
+
+def _hadamards(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is H.HADAMARD]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "phi3", "gpt_neox", "llama_eager"])
+def test_online_hadamards_keep_outputs(family):
+    gm, ids, ref = _fresh(family)
+    res = qpass.apply(gm, Recipe([ONLINE]))
+    torch.testing.assert_close(res(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    stats = res.report["rotate"].stats
+    assert stats["online_hadamards"] == len(_hadamards(res.graph_module)) == 4 + 2 * 2   # 4 writers, q and k x 2
+    assert stats["values_rotated"] == 2 and not res.report["rotate"].near_misses
+    plan = res.plans[0].decisions
+    assert len(plan["online"]) == 4 and len(plan["heads"]) == 2
+
+
+def test_keys_are_quantized_after_their_hadamard_and_plans_reload(tmp_path):
+    rec = {"passes": [{"rotate": {"seed": 1, "online": True, "heads": True}},
+                      {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}, {"kv_cache": KV8}]}
+    qm = qpass.apply(toy.hf_model("llama"), rec, progress=False)
+    kv = [n for n in qm.graph_module.graph.nodes if n.meta.get("qpass_origin") == "kv_cache" and n.op == "call_function"
+          and "quantize" in str(n.target)]
+    assert sorted(str(n.args[0].target) for n in kv).count("qpass.hadamard.default") == 2     # K of both layers
+    down = next(s for s in linear_sites(qm.graph_module) if s.path.endswith("0.mlp.down_proj"))
+    assert down.input.args[0].target is H.HADAMARD                  # activation quantizer reads the rotated input
+    qm.save(tmp_path / "m")
+    loaded = qpass.load(tmp_path / "m")
+    ids = toy.token_ids(batch=2, t=9, seed=2)
+    assert torch.equal(loaded(ids).logits, qm(ids).logits)
+    dec = loaded.decode_graph(max_cache_len=32)                     # the cache write gets the rotated K too
+    writes = [n for n in dec.graph.nodes if n.op == "call_function" and "index_copy" in str(n.target)]
+    assert writes and any(w.args[3].target is H.HADAMARD or (w.args[3].args and getattr(w.args[3].args[0], "target",
+                                                                                       None) is H.HADAMARD)
+                          for w in writes)
+
+
+def test_torch_backend_runs_the_fast_transform_with_parity(monkeypatch):
+    rec = {"passes": [{"rotate": {"seed": 1, "online": True, "heads": True}},
+                      {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}, {"kv_cache": KV8}]}
+    qm = qpass.apply(toy.hf_model("llama"), rec, progress=False)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    ids = toy.token_ids(batch=2, t=12, seed=5)
+    torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = toy.token_ids(1, 5)
+    assert torch.equal(pm.generate(prompt, max_new_tokens=4), qm.generate(prompt, max_new_tokens=4))
+    x = torch.randn(3, 64)                                          # a power of two: butterflies, no matrix product
+    expect = x.double() @ (H.sylvester(64) / 8)
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense matmul")))
+    torch.testing.assert_close(torch.ops.qpass.hadamard(x, torch.ones(1, 1)).double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_lowers_online_hadamards_to_matmul_with_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from qpass.backends import onnx_qdq
+
+    rec = {"passes": [{"rotate": {"seed": 1, "online": True, "heads": True}},
+                      {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}, {"kv_cache": KV8}]}
+    qm = qpass.apply(toy.hf_model("llama"), rec, progress=False)
+    qpass.lower(qm, "onnx", tmp_path / "m")
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids)
+    torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=5e-3)
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    assert not [n for n in model.graph.node if n.domain not in ("", "com.microsoft")]   # standard ops only

@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, module_path, param_of
 from qpass.patterns import TRANSPOSES
+from qpass.primitives import hadamard
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
 from qpass.primitives.spec import BUILTIN_KINDS
@@ -291,6 +292,7 @@ def check_supported(gm: GraphModule) -> None:
 def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringReport:
     """Rewrite every qpass quantizer of `gm` in place (see the module docstring); drop the float weights
     and quantizer buffers nothing reads any more."""
+    hadamards_to_matmul(gm)
     r = _Rewriter(gm, opts)
     for site in linear_sites(gm):
         r.linear(site)
@@ -301,6 +303,29 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
     _note_shared_weights(gm, r)
     gm.recompile()
     return r.report
+
+
+def hadamards_to_matmul(gm: GraphModule) -> int:
+    """The rotate pass's online Hadamards (``qpass.hadamard(x, factor)``) as ``x @ T`` with T the dense transform
+    (a float constant): one standard MatMul in ONNX, exact up to float rounding. The FWHT has no single ONNX op."""
+    done = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not hadamard.HADAMARD:
+            continue
+        x, factor = n.args
+        size = int(n.meta["val"].shape[-1])
+        t = hadamard.transform_matrix(size, param_of(gm, factor).detach().double()).float()
+        name = add_tensor(gm, f"{factor.target}_dense", t)
+        mat = get_attr(gm, n, name)
+        with gm.graph.inserting_before(n):
+            mm = gm.graph.call_function(aten.matmul.default, (x, mat))
+        mm.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        n.replace_all_uses_with(mm)
+        gm.graph.erase_node(n)
+        if not factor.users:
+            gm.graph.erase_node(factor)
+        done += 1
+    return done
 
 
 def _note_shared_weights(gm: GraphModule, r: _Rewriter) -> None:

@@ -147,5 +147,43 @@ def mean_preserving(q: Tensor) -> Tensor:
     return q.double() - 2.0 * torch.outer(v, v @ q.double())
 
 
-__all__ = ["is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix", "fwht",
+# ------------------------------------------------------------------------------------ the graph op
+
+
+def _register() -> None:
+    @torch.library.custom_op("qpass::hadamard", mutates_args=())
+    def hadamard(x: Tensor, factor: Tensor) -> Tensor:
+        """``hadamard_transform(x, factor)``: the online Hadamard of the rotate pass (one node per use)."""
+        return hadamard_transform(x, factor).contiguous()
+
+    @hadamard.register_fake
+    def _(x, factor):
+        if factor.dim() != 2:
+            raise ValueError("qpass::hadamard takes a [m, m] factor")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _backward(ctx, grad):
+        return hadamard_transform(grad, ctx.factor.t()), None    # (x T)' = grad Tᵀ; Tᵀ = kron(Fᵀ, H_p)
+
+    def _setup(ctx, inputs, output):
+        ctx.factor = inputs[1]
+
+    hadamard.register_autograd(_backward, setup_context=_setup)
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.qpass.hadamard.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if not _registered():
+    _register()
+
+HADAMARD = torch.ops.qpass.hadamard.default     # the node target passes insert and backends match
+
+
+__all__ = ["HADAMARD", "is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix", "fwht",
            "hadamard_transform", "randomized_hadamard", "mean_preserving"]

@@ -1,0 +1,335 @@
+"""Block-wise reconstruction: train a few tensors of one decoder block at a time against the float block.
+
+OmniQuant, SignRound, ZeroQuant's LKD and Norm Tweaking share one mechanism, which lives here once; each
+method is a small pass that says what is trainable (a :class:`BlockMethod`). For every block of the graph
+(``qpass.block_sweep``: stem, ``model.layers.0`` .. ``model.layers.<n-1>``, tail):
+
+* **teacher**: the float block (every qpass quantizer the identity) on the float model's inputs of that
+  block; its outputs (the values later segments read: the residual stream) are the targets;
+* **student**: the block as the graph now is (the recipe's quantizers live, straight-through estimator),
+  with the method's trainable tensors substituted for graph values (:meth:`BlockState.overrides`: a node ->
+  a differentiable tensor, e.g. a weight quantizer's output computed from learned rounding offsets). Its
+  inputs are the float ones (``feed: float``) or the outputs of the blocks before it as already trained and
+  baked (``feed: quantized``);
+* **loss**: the method's (:meth:`BlockState.loss`), MSE of the block outputs by default, on a random batch
+  of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic);
+* **optimiser**: ``signsgd`` (p -= lr * sign(grad), SignRound), ``adam`` or ``adamw`` (weight decay 0,
+  OmniQuant); ``schedule: linear`` decays the learning rate to 0 over the steps (AutoRound);
+* **best step**: the loss of each step is that of the parameters before its update; the parameters of the
+  lowest one are kept. Then the full calibration loss of that best state and of the initial state (the
+  method's "do nothing": RTN, the PTQ start) are compared and the better one is kept, so a block is never
+  worse than where it started on the calibration set;
+* **baking** (:meth:`BlockState.bake`): every learned quantity is written into ordinary graph parameters in
+  place (rounded weights, quantizer scales and zero points, norm weights): no node is added, so the result
+  saves, loads (through plans) and lowers like any qpass graph, and streams from disk (``apply_from_disk``:
+  the sweep holds one block's weights; changes are written back in place).
+
+Peak memory: one block's parameters and autograd graph for one sample (samples of a batch are back-propagated
+one at a time, gradients accumulated), plus the carried boundary values of every calibration sample (twice
+with ``feed: quantized``: float and student streams) and one block's float outputs per sample.
+
+A graph without ``<prefix>.<int>`` blocks (a hand-built toy) is one segment, trained as one block against the
+graph outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
+
+from .errors import RecipeError
+from .graph import is_quantizer
+from .quantizer import Quantizer
+
+if TYPE_CHECKING:
+    from .block_sweep import Step, Sweep
+    from .pass_infra import Context
+
+log = logging.getLogger("qpass.blockwise")
+
+Optimizer = Literal["signsgd", "adam", "adamw"]
+
+TRAIN_DOCS = {
+    "steps": "optimiser steps per block (0: no training, the start is kept)",
+    "lr": "learning rate (signsgd: the step size of p -= lr * sign(grad))",
+    "batch_size": "calibration samples per step (sampled with the seed; each sample back-propagated alone)",
+    "optimizer": "signsgd | adam | adamw (weight decay 0)",
+    "schedule": "learning-rate schedule over the steps: constant | linear (decay to 0, AutoRound)",
+    "seed": "seed of the batch sampling (the run is deterministic for a seed)",
+    "feed": "student inputs of block i: `quantized` (outputs of blocks 0..i-1 as trained and baked) or `float` "
+            "(the float model's, the same as the teacher's)",
+    "keep_best": "keep the parameters of the step with the lowest loss (false: those after the last step); either "
+                 "way the start is kept when it has the lower full calibration loss",
+    "targets": "module-path globs of the linears the method trains (norms: of the blocks holding them)",
+    "ignore": "module-path globs to leave alone",
+}
+
+
+@dataclass(frozen=True)
+class BlockwiseConfig:
+    """The engine's settings; the config of every block-wise pass extends it (its own defaults)."""
+
+    name: ClassVar[str] = "blockwise"
+    steps: int = 200
+    lr: float = 0.005
+    batch_size: int = 8
+    optimizer: Optimizer = "adam"
+    schedule: Literal["constant", "linear"] = "constant"
+    seed: int = 0
+    feed: Literal["quantized", "float"] = "quantized"
+    keep_best: bool = True
+    targets: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not 0 <= self.steps <= 1_000_000:
+            raise RecipeError("steps", f"must be an integer in [0, 1000000] (SignRound: 200), got {self.steps}")
+        if not 0.0 < self.lr < 10.0:
+            raise RecipeError("lr", f"must be in (0, 10), got {self.lr}")
+        if not 1 <= self.batch_size <= 1 << 16:
+            raise RecipeError("batch_size", f"must be a number of samples >= 1, got {self.batch_size}")
+        if self.optimizer not in ("signsgd", "adam", "adamw"):
+            raise RecipeError("optimizer", f"must be signsgd, adam or adamw, got {self.optimizer!r}")
+        if self.schedule not in ("constant", "linear"):
+            raise RecipeError("schedule", f"must be constant or linear, got {self.schedule!r}")
+        if self.feed not in ("quantized", "float"):
+            raise RecipeError("feed", f"must be quantized or float, got {self.feed!r}")
+        if not self.targets:
+            raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
+
+
+class BlockState(ABC):
+    """What a method trains in one block. `groups`: torch optimiser parameter groups (``{"params": [...]}``,
+    optionally with their own ``lr``)."""
+
+    groups: list[dict]
+
+    @abstractmethod
+    def overrides(self) -> dict[Node, torch.Tensor]:
+        """Graph values the student uses instead of computing them: {node: differentiable tensor}."""
+
+    def project(self) -> None:
+        """Called after every optimiser step (clamp offsets into their range, ...)."""
+
+    def loss(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Default: mean squared error of the block outputs (summed over outputs)."""
+        return sum(torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher))
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for g in self.groups for p in g["params"]]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip((p for g in self.groups for p in g["params"]), snap):
+                p.copy_(v)
+
+    @abstractmethod
+    def bake(self, gm: GraphModule) -> dict:
+        """Write the learned values into the graph's parameters in place; return a JSON record for the plan."""
+
+
+class BlockMethod(ABC):
+    """A block-wise method: makes the :class:`BlockState` of a block (None: nothing to train there)."""
+
+    @abstractmethod
+    def setup(self, gm: GraphModule, step: "Step", nodes: list[Node]) -> BlockState | None: ...
+
+
+@dataclass
+class BlockResult:
+    """What training one block did (losses: mean over the calibration samples)."""
+
+    block: str
+    loss_start: float
+    loss_best: float
+    kept: str                 # "trained" | "start" (the start had the lower full calibration loss)
+    best_step: int
+    steps: int
+    seconds: float
+    record: dict
+
+    def to_dict(self) -> dict:
+        return {"loss_start": self.loss_start, "loss_best": self.loss_best, "kept": self.kept,
+                "best_step": self.best_step, "steps": self.steps, "seconds": round(self.seconds, 3)}
+
+
+def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: BlockwiseConfig, *,
+                 who: str) -> list[BlockResult]:
+    """Train and bake `method` block by block (see the module doc). Returns one result per trained block."""
+    sweep = ctx.sweep(gm, who=who, feed="float", desc=who)
+    results: list[BlockResult] = []
+    student: list[dict] | None = None      # the student stream (feed: quantized), None until the first block
+    progress = ctx.progress
+    with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
+        for step in steps:
+            if step.name in ("stem", "tail"):
+                continue
+            nodes, pos = sweep._segment(step.index)
+            live = step._live_out(nodes, pos)
+            outputs = [n for n in nodes if n in live and _is_float(n)] or _graph_outputs(nodes)
+            state = method.setup(gm, step, nodes)
+            step.observe({}, lambda k, n: None)             # float outputs of the block, kept as the targets
+            # NOTE: step._pending holds {node: value} per sample for the next segment; for the last (only)
+            # segment nothing is carried, so the targets are computed here
+            targets = step._pending if step._pending is not None and outputs and all(
+                o in step._pending[0] for o in outputs) else _run_all(sweep, nodes, step._envs, outputs,
+                                                                      float_=True)
+            if isinstance(targets[0], dict):
+                targets = [[t[o] for o in outputs] for t in targets]
+            inputs = step._envs if cfg.feed == "float" or student is None else student
+            if state is not None:
+                results.append(_train(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress))
+            if cfg.feed == "quantized" and step.index + 1 < len(sweep.names):
+                with torch.no_grad():
+                    student = [sweep._run(nodes, pos, env, live, {}, lambda n: False) for env in inputs]
+    return results
+
+
+def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], outputs: list[Node],
+           targets: list[list[torch.Tensor]], state: BlockState, cfg: BlockwiseConfig, gm: GraphModule,
+           progress: bool) -> BlockResult:
+    t0 = time.perf_counter()
+    n = len(inputs)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step.index)
+    opt = _optimizer(state.groups, cfg)
+
+    def full_loss(over: dict) -> float:
+        with torch.no_grad():
+            return sum(float(state.loss(_forward(sweep, nodes, inputs[i], outputs, over), targets[i]))
+                       for i in range(n)) / n
+
+    loss_start = full_loss({})               # the block as it is: the method's "do nothing"
+    best, best_step, best_loss = None, -1, float("inf")
+    bar = tqdm(range(cfg.steps), desc=f"{step.name}", disable=not progress, leave=False)
+    for t in bar:
+        batch = torch.randperm(n, generator=gen)[: min(cfg.batch_size, n)].tolist()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in batch:
+            loss = state.loss(_forward(sweep, nodes, inputs[i], outputs, state.overrides()), targets[i]) / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.keep_best and total < best_loss:
+            best, best_step, best_loss = state.snapshot(), t, total
+        if cfg.schedule == "linear":
+            for g, g0 in zip(opt.param_groups, state.groups):
+                g["lr"] = g0.get("lr", cfg.lr) * (1.0 - t / cfg.steps)
+        opt.step()
+        state.project()
+        bar.set_postfix(loss=f"{total:.3g}")
+    bar.close()
+    if best is not None:
+        state.restore(best)
+    else:
+        best_step = cfg.steps - 1
+    loss_best = full_loss(state.overrides()) if cfg.steps else float("inf")
+    if loss_best < loss_start:
+        kept, record = "trained", state.bake(gm)
+    else:                                    # the start is better on the calibration set: the graph is left as is
+        kept, record = "start", {}
+    res = BlockResult(step.name, loss_start, min(loss_best, loss_start), kept, best_step, cfg.steps,
+                      time.perf_counter() - t0, record)
+    log.info("%s: loss %.4g -> %.4g (%s, best step %d)", step.name, loss_start, res.loss_best, kept, best_step)
+    return res
+
+
+class _SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad) (SignRound)."""
+
+    def __init__(self, groups, lr: float):
+        super().__init__(groups, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-g["lr"])
+
+
+def _optimizer(groups: list[dict], cfg: BlockwiseConfig) -> torch.optim.Optimizer:
+    groups = [dict(g) for g in groups]
+    if cfg.optimizer == "signsgd":
+        return _SignSGD(groups, cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def _forward(sweep: "Sweep", nodes: list[Node], env: dict, outputs: list[Node],
+             overrides: dict[Node, torch.Tensor], float_: bool = False) -> list[torch.Tensor]:
+    """Run the segment's `nodes` on boundary values `env` with `overrides` in place of computed values
+    (autograd on, graph parameters detached: only the overrides get gradients). `float_`: every quantizer is
+    the identity (the teacher)."""
+    env = dict(env)
+    env.update(overrides)
+    interp = sweep._interp
+    interp.env = env
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr") or n in overrides:
+            continue
+        for a in n.all_input_nodes:
+            if a not in env:
+                env[a] = interp.fetch_attr(a.target).detach()
+        env[n] = env[Quantizer(n).x] if float_ and is_quantizer(n) else interp.run_node(n)
+    return [env[o] for o in outputs]
+
+
+def _run_all(sweep, nodes, envs, outputs, float_: bool) -> list[list[torch.Tensor]]:
+    with torch.no_grad():
+        return [_forward(sweep, nodes, env, outputs, {}, float_=float_) for env in envs]
+
+
+def _graph_outputs(nodes: list[Node]) -> list[Node]:
+    """The tensors the graph's output node returns (a graph that is one segment)."""
+    if not nodes:
+        return []
+    out = next(n for n in nodes[-1].graph.nodes if n.op == "output")
+    flat: list[Node] = []
+
+    def walk(a):
+        if isinstance(a, Node):
+            if _is_float(a):
+                flat.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                walk(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                walk(b)
+
+    walk(out.args)
+    return list(dict.fromkeys(flat))
+
+
+def _is_float(n: Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def summarize(results: list[BlockResult]) -> dict[str, Any]:
+    """The stats block-wise passes report."""
+    if not results:
+        return {"blocks": 0}
+    ratios = [r.loss_best / r.loss_start for r in results if r.loss_start > 0]
+    return {"blocks": len(results), "kept_start": sum(r.kept == "start" for r in results),
+            "mean_loss_ratio": sum(ratios) / len(ratios) if ratios else 1.0,
+            "seconds": round(sum(r.seconds for r in results), 2),
+            "per_block": {r.block: r.to_dict() for r in results}}
+
+
+__all__ = ["BlockwiseConfig", "BlockState", "BlockMethod", "BlockResult", "TRAIN_DOCS", "train_blocks",
+           "ste_round", "summarize"]

@@ -1,0 +1,162 @@
+"""Block-wise reconstruction (qpass.blockwise) and the passes on it: signround, omniquant (LWC)."""
+import pytest
+import torch
+
+import qpass
+from qpass.errors import QuantizationError, RecipeError
+from qpass.graph import linear_sites, op_counts, param_of
+from qpass.passes.signround import LearnedWeightQuantizer
+from qpass.primitives import quant as Q
+from qpass.quantizer import Quantizer, quantizers
+from tests import toy
+
+CALIB = [toy.token_ids(seed=s, t=12) for s in range(4)]
+W3G = {"bits": 3, "granularity": "per_group", "group_size": 16, "symmetric": True}
+W2A = {"bits": 2, "granularity": "per_group", "group_size": 16, "symmetric": False}
+W4 = {"bits": 4, "granularity": "per_channel", "symmetric": True}
+A4 = {"bits": 4, "granularity": "per_token", "dynamic": True}
+
+
+def quant(weights=W3G, activations=None):
+    return {"quantize": {"weights": weights, "activations": activations, "ignore": ["lm_head"]}}
+
+
+def run(*passes, model=None):
+    return qpass.apply(model or toy.hf_model("llama"), {"passes": list(passes)}, calib_data=CALIB, progress=False)
+
+
+def out_mse(qm, model, ids):
+    with torch.no_grad():
+        return float((qm(ids).logits - model(ids).logits).pow(2).mean())
+
+
+def weights_exact(gm, stats=None):
+    """Every weight quantizer of a trained block maps its (baked) weight to itself (blocks that kept their start
+    keep their float weights)."""
+    trained = [b for b, r in stats["per_block"].items() if r["kept"] == "trained"] if stats else None
+    assert trained is None or trained
+    for q in quantizers(gm, role="weight"):
+        if trained is not None and not any(q.path.startswith(b + ".") for b in trained):
+            continue
+        w = param_of(gm, q.x)
+        zp = None if q.zero_point is None else param_of(gm, q.zero_point)
+        assert torch.equal(Q.fake_quantize(w, param_of(gm, q.scale), zp, q.block, q.fmt_name), w)
+
+
+@pytest.mark.parametrize("passes", [[{"signround": {"steps": 30}}], [{"omniquant": {"steps": 30}}]],
+                         ids=["signround", "omniquant"])
+@pytest.mark.parametrize("weights", [W3G, W2A], ids=["w3g16sym", "w2g16asym"])
+def test_it_fires_lowers_the_block_loss_and_bakes_exact_weights(passes, weights):
+    model = toy.hf_model("llama")
+    rtn = run(quant(weights), model=model)
+    qm = run(quant(weights), *passes, model=model)
+    name = next(iter(passes[0]))
+    st = qm.report[name].stats
+    assert st["blocks"] == 2 and st["linears"] == 14
+    assert all(b["loss_best"] <= b["loss_start"] for b in st["per_block"].values())
+    assert st["mean_loss_ratio"] < 1.0
+    assert op_counts(qm.graph_module) == op_counts(rtn.graph_module)          # no node added
+    weights_exact(qm.graph_module, st)
+    ids = torch.cat(CALIB)          # the calibration set (a random toy with 48 tokens: held-out text is noise)
+    assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
+
+
+def test_it_is_deterministic_for_a_seed_and_depends_on_it():
+    a = run(quant(), {"signround": {"steps": 10, "batch_size": 2}})
+    b = run(quant(), {"signround": {"steps": 10, "batch_size": 2}})
+    c = run(quant(), {"signround": {"steps": 10, "batch_size": 2, "seed": 1}})
+    sa, sb, sc = (m.graph_module.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("clip", ["minmax", "sigmoid"])
+def test_baking_leaves_the_weight_the_trained_block_computed(clip):
+    qm = run(quant(W2A))
+    gm = qm.graph_module
+    g = torch.Generator().manual_seed(0)
+    learned = []
+    for s in linear_sites(gm):
+        if Quantizer.of(s.weight_use) is None:
+            continue
+        lq = LearnedWeightQuantizer(gm, s, rounding=clip == "minmax", clip=clip)
+        with torch.no_grad():
+            if lq.v is not None:
+                lq.v.copy_(torch.rand(lq.v.shape, generator=g) - 0.5)
+            lo, hi = (0.6, 1.0) if clip == "minmax" else (-1.0, 5.0)
+            lq.a_min.copy_(lo + (hi - lo) * torch.rand(lq.a_min.shape, generator=g))
+            lq.a_max.copy_(lo + (hi - lo) * torch.rand(lq.a_max.shape, generator=g))
+        learned.append((lq, lq.value().detach().clone()))
+    for lq, trained in learned:
+        lq.bake()
+        q = lq.q
+        zp = None if q.zero_point is None else param_of(gm, q.zero_point)
+        graph_w = Q.fake_quantize(param_of(gm, q.x), param_of(gm, q.scale), zp, q.block, q.fmt_name)
+        assert torch.equal(graph_w, trained)
+
+
+def test_at_the_start_it_is_rtn_and_zero_steps_change_nothing():
+    rtn = run(quant(W2A))
+    s = next(s for s in linear_sites(rtn.graph_module) if Quantizer.of(s.weight_use))
+    lq = LearnedWeightQuantizer(rtn.graph_module, s, rounding=True, clip="minmax")
+    q = lq.q
+    zp = None if q.zero_point is None else param_of(rtn.graph_module, q.zero_point)
+    assert torch.equal(lq.value(), Q.fake_quantize(lq.w, param_of(rtn.graph_module, q.scale), zp, q.block,
+                                                   q.fmt_name))
+    qm = run(quant(W2A), {"signround": {"steps": 0}})
+    assert qm.report["signround"].stats["kept_start"] == 2
+    sa, sb = rtn.graph_module.state_dict(), qm.graph_module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_weight_activation_recipe_trains_with_activation_quantizers_live():
+    model = toy.hf_model("llama")
+    rtn = run(quant(W4, A4), model=model)
+    qm = run(quant(W4, A4), {"omniquant": {"steps": 40, "lr": 0.05}}, model=model)
+    assert op_counts(qm.graph_module) == op_counts(rtn.graph_module)
+    st = qm.report["omniquant"].stats
+    assert st["blocks"] == 2 and st["mean_loss_ratio"] < 1.0
+    ids = torch.cat(CALIB)
+    assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
+
+
+def test_feed_float_and_one_segment_graphs_work():
+    layer = toy.TinyDecoderLayer(d=32, heads=2, ffn=48)
+    x = toy.seq_input(batch=2, t=8, d=32)
+    gm = qpass.capture(layer, (x,))
+    calib = [(toy.seq_input(batch=2, t=8, d=32, seed=s),) for s in range(3)]
+    recipe = {"passes": [{"quantize": {"weights": W2A}}, {"signround": {"steps": 20, "feed": "float"}}]}
+    qm = qpass.apply(gm, recipe, calib_data=calib, progress=False)
+    st = qm.report["signround"].stats
+    assert st["blocks"] == 1 and st["linears"] == 7 and st["mean_loss_ratio"] < 1.0
+    weights_exact(qm.graph_module)
+
+
+def test_nothing_selected_is_a_no_op_and_missing_quantizers_a_clear_error():
+    qm = run(quant(), {"signround": {"targets": ["q_proj"], "ignore": ["q_proj"]}})
+    assert not qm.plans[1].structural and qm.report["signround"].stats["blocks"] == 0
+    with pytest.raises(QuantizationError, match="place '- quantize"):
+        run({"signround": {}})
+    with pytest.raises(RecipeError, match="steps"):
+        run(quant(), {"signround": {"steps": -1}})
+    with pytest.raises(RecipeError, match="optimizer"):
+        run(quant(), {"omniquant": {"optimizer": "sgd"}})
+    with pytest.raises(RecipeError, match="init_logit"):
+        run(quant(), {"omniquant": {"init_logit": 100.0}})
+
+
+def test_it_lowers_to_torch_packed_and_onnx_with_parity(tmp_path):
+    model = toy.hf_model("llama")
+    qm = run(quant({**W3G, "group_size": 16}), {"signround": {"steps": 10}}, model=model)
+    om = run(quant(W2A), {"omniquant": {"steps": 10}}, model=model)
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    for m in (qm, om):
+        pm = qpass.lower(m, "torch", kernels="exact")
+        torch.testing.assert_close(pm(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    for i, m in enumerate((qm, om)):
+        qpass.lower(m, "onnx", tmp_path / f"m{i}", fused_accuracy_level=0)
+        got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / f"m{i}")), ids)
+        torch.testing.assert_close(got.float(), m(ids).logits.float(), rtol=1e-4, atol=1e-4)
