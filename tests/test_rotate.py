@@ -250,3 +250,17 @@ def test_onnx_lowers_online_hadamards_to_matmul_with_parity(tmp_path):
     torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=5e-3)
     model = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.domain not in ("", "com.microsoft")]   # standard ops only
+
+
+def test_rotate_stats_tool_writes_its_section(tmp_path):
+    from tools import rotate_stats
+
+    src = toy.save_hf_dir(tmp_path / "src", "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# keep\n\n{rotate_stats.BEGIN}\nold\n{rotate_stats.END}\n\ntail\n")
+    assert rotate_stats.main([src, "--calib", str(text), "--window", "32", "--samples", "2", "--doc", str(doc)]) == 0
+    out = doc.read_text()
+    assert out.startswith("# keep") and out.rstrip().endswith("tail") and "old" not in out
+    assert "lm_head" in out and "kurtosis after" in out and "mean over linears" in out
