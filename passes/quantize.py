@@ -1,6 +1,9 @@
 """Insert weight and activation quantizers on every selected linear-like node (round-to-nearest).
 
-Matches   linear(x, W[, b]), addmm(b, x, W'), mm(x, W'), matmul(x, W') with W a 2-D parameter
+Matches   linear(x, W[, b]), addmm(b, x, W'), mm(x, W'), matmul(x, W') with W a 2-D parameter; stacked MoE
+          expert weights W[E, out, in] (or [E, in, out]) where a grouped/batched matmul consumes them
+          (qpass.experts: per-expert scales, keyed <experts module>.<parameter>); routers (linears feeding a
+          top-k) stay float unless `routers: true`
 Changes   (quantizers inserted with qpass.quantizer.insert_quantizer, metadata a QuantMeta)
           W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
           x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric)           (dynamic activations)
@@ -22,6 +25,7 @@ from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
+from qpass.experts import ExpertSite, expert_sites, routers, weight_block
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, build, occurrences
@@ -82,6 +86,8 @@ class QuantizeConfig:
         "observer": "static activation scale estimator: {kind: minmax|moving_average|percentile|mse, ...}",
         "double_quant": "quantize the weight scales too (QLoRA): {format: int8 or fp8_e4m3, block: 256}; null: "
                         "fp16 scales",
+        "routers": "also quantize MoE routers (linears whose output feeds a top-k expert selection); default: "
+                   "kept float and reported",
     }
 
     weights: QSpec | None = QSpec(IntFormat(8), PerChannel(0))
@@ -90,6 +96,7 @@ class QuantizeConfig:
     ignore: tuple[str, ...] = ()
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     double_quant: DoubleQuantConfig | None = None
+    routers: bool = False
 
     def __post_init__(self):
         w, a = self.weights, self.activations
@@ -124,12 +131,19 @@ class Quantize(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
-        sites = ctx.get(LinearSites(), gm)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "quantize")
+        router = set() if cfg.routers else set(routers(gm))
+        sites = [*ctx.get(LinearSites(), gm), *expert_sites(gm)]
+        chosen = select([_key(s) for s in sites], cfg.targets, cfg.ignore, "quantize")
         at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if s.path in chosen]
-        skipped = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        _refuse_double_quantization(gm, todo, cfg)
+        todo = [s for s in sites if _key(s) in chosen and _key(s) not in router]
+        skipped = [f"{_key(s)}: excluded by targets/ignore" for s in sites if _key(s) not in chosen]
+        skipped += [f"{p}: MoE router (its output selects experts: top-k) kept float; routers: true quantizes it"
+                    for p in sorted(router & chosen)]
+        experts = [s for s in todo if isinstance(s, ExpertSite)]
+        if experts and cfg.double_quant is not None:
+            raise QuantizationError(f"double_quant does not take stacked expert weights ({experts[0].key})",
+                                    fix="ignore the experts in this pass (ignore: ['*.experts.*'])")
+        _refuse_double_quantization(gm, [s for s in todo if not isinstance(s, ExpertSite)], cfg)
         act_qparams = self._static_activation_qparams(gm, ctx, todo)
         items = []
         for site in todo:
@@ -148,15 +162,18 @@ class Quantize(Pass):
         plan = build(self.name, items, decisions={"double_quant": {"format": dq.format, "block": dq.block}}
                      if dq is not None else {})
         self.apply(gm, plan)
-        stats = {"linears": len(todo), "weights_quantized": len(todo) if cfg.weights else 0,
+        stats = {"linears": len(todo) - len(experts), "weights_quantized": len(todo) if cfg.weights else 0,
                  "inputs_quantized": len(todo) if cfg.activations else 0, "skipped": len(skipped)}
+        if experts or router:
+            stats.update(expert_weights=len(experts), experts=sum(s.experts for s in experts),
+                         routers_float=len(router & chosen))
         return PassResult(modified=bool(items), stats=stats, near_misses=skipped, plan=plan)
 
     @classmethod
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's quantizers on the linears it names (module path and occurrence): weight
         quantizers on the weight as the matmul consumes it, input quantizers on that linear's input only."""
-        sites = linear_sites(gm)
+        sites = [*linear_sites(gm), *expert_sites(gm)]
         by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
         for qp, t in zip(plan.quantizers, plan.tensors()):
             site = by_key.get((qp.meta.path, qp.at))
@@ -164,12 +181,18 @@ class Quantize(Pass):
                 raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
                                 f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
                                 "they were made on")
-            meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
+            meta = dataclasses.replace(qp.meta, site=site.node.name, path=_key(site))
+            if isinstance(site, ExpertSite) and meta.role == "weight":   # on the stacked parameter, every use
+                w, first = site.weight, min(site.weight.users, key=_order(gm))
+                q = insert_quantizer(gm, first, w, meta, block=list(qp.block), scale=t.get("scale"),
+                                     zero_point=t.get("zero_point"), name=f"{w.target}_scale", origin="quantize")
+                w.replace_all_uses_with(q.node, delete_user_cb=lambda u: u is not q.node)
+                continue
             src = site.weight_use if meta.role == "weight" else site.input
             if meta.role == "weight":
                 name = f"{site.weight.target}_scale"
             else:   # NOTE: named by module path: another capture (the decode graph) gets the same names
-                name = f"{site.path or site.node.name}_input_scale"
+                name = f"{_key(site)}_input_scale"
             side = NO_SIDE
             if "scale_scale" in t:
                 dq = plan.decisions["double_quant"]
@@ -181,7 +204,12 @@ class Quantize(Pass):
             site.node.replace_input_with(src, q.node)
 
     # -- weights
-    def _weight_qparams(self, gm: GraphModule, site: LinearSite, spec: QSpec, ctx: Context):
+    def _weight_qparams(self, gm: GraphModule, site: LinearSite | ExpertSite, spec: QSpec, ctx: Context):
+        if isinstance(site, ExpertSite):           # per expert: block 1 along the expert axis
+            block = weight_block(spec.granularity.block_size((0, 0)), site.in_axis)
+            with ctx.loaded([site.weight.target]):
+                scale, zp = choose_qparams(param_of(gm, site.weight).detach(), spec, block_size=block)
+            return block, {"scale": scale, "zero_point": zp}
         block = weight_block_size(spec, use_in_axis=site.use_in_axis)
         flip = site.weight_use is not site.weight                  # consumed transposed (mm family)
         with ctx.loaded([site.weight.target]):   # weights on disk: one linear in memory at a time
@@ -217,9 +245,15 @@ def _scale_of_scales(scale: torch.Tensor, dq: DoubleQuantConfig) -> torch.Tensor
     return s2
 
 
-def _key(site: LinearSite) -> str:
-    """How a plan names a linear: its module path (a hand-built graph without module paths: the node name)."""
-    return site.path or site.node.name
+def _key(site: LinearSite | ExpertSite) -> str:
+    """How a plan names a linear: its module path (a hand-built graph without module paths: the node name); a
+    stacked expert weight: ``<experts module>.<parameter>``."""
+    return site.key if isinstance(site, ExpertSite) else (site.path or site.node.name)
+
+
+def _order(gm: GraphModule):
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return pos.__getitem__
 
 
 def _qparam_dict(qparams) -> dict:

@@ -33,6 +33,23 @@ from qpass.version import __version__
 from . import capture, patterns
 from .translations import TABLE
 
+ONNX_NAMESPACES = ("aten", "prims", "qpass")   # ops torch.onnx or our translation table (TABLE) converts
+
+
+def refuse_foreign_ops(gm) -> None:
+    """UnsupportedOpError for the first node calling a custom op of another library (such as transformers'
+    ``grouped_mm_fallback``, the MoE experts' grouped matmul), which torch.onnx has no translation for: named
+    here before export instead of a ConversionError from inside torch.onnx."""
+    from qpass.graph import describe
+
+    for n in gm.graph.nodes:
+        ns = getattr(n.target, "namespace", None) if n.op == "call_function" else None
+        if ns is not None and ns not in ONNX_NAMESPACES and n.target not in TABLE:
+            moe = " (mixture-of-experts experts)" if "grouped_mm" in str(n.target) else ""
+            raise UnsupportedOpError(f"onnx_qdq cannot export {n.target}{moe}: torch.onnx has no translation for "
+                                     f"this {ns}:: custom op", where=describe(gm, n),
+                                     fix="use the torch backend (qpass.lower(qm, 'torch')) for this model")
+
 log = logging.getLogger("qpass.onnx")
 OPSET = 21
 EXTERNAL_DATA_BYTES = 1_900_000_000      # protobuf's hard limit is 2 GiB; stay clear of it
@@ -101,6 +118,7 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ArtifactError(f"{out_dir!r} exists and is not empty", fix="choose a new directory")
     patterns.check_supported(qm.graph_module)
+    refuse_foreign_ops(qm.graph_module)
     hf = qm.source.get("hf_config") is not None
     decoder = hf if decoder is None else decoder
     say("capturing the decoder step" if decoder else "preparing the graph")

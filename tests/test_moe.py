@@ -1,0 +1,145 @@
+"""Mixture-of-experts models: stacked expert weights found from the graph and quantized per expert, routers kept
+float and reported, plans re-applied on load, both backends lower or refuse by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import qpass
+from qpass.errors import UnsupportedOpError
+from qpass.experts import expert_sites, routers
+from qpass.quantizer import quantizers
+
+from . import toy
+
+FAMILIES = ("mixtral", "qwen2_moe")
+_COMMON = dict(vocab_size=96, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+def moe_config(family: str):
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **_COMMON)
+    if family == "qwen2_moe":   # also a shared expert (plain linears) with a sigmoid gate
+        return transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24,
+                                           shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2,
+                                           **_COMMON)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                           num_experts_per_tok=2, head_dim=8, **_COMMON)
+    raise KeyError(family)
+
+
+_CAPTURED: dict = {}
+
+
+def captured(family: str):
+    if family not in _CAPTURED:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(moe_config(family)).eval()
+        _CAPTURED[family] = (model, qpass.capture(model))
+    return _CAPTURED[family]
+
+
+def W(bits=4, **gran):
+    gran = gran or {"granularity": "per_group", "group_size": 8}
+    return {"version": 1, "passes": [{"quantize": {"weights": {"bits": bits, **gran}, "ignore": ["lm_head"]}}]}
+
+
+def logits(m, x):
+    with torch.no_grad():
+        out = m(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_moe"])
+def test_expert_weights_and_routers_found_from_the_graph(family):
+    model, gm = captured(family)
+    sites = expert_sites(gm)
+    stacked = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert sorted(s.key for s in sites) == sorted(stacked)
+    for s in sites:                               # [E, out, in]: the input features are the last axis
+        e, out, inp = stacked[s.key].shape
+        assert s.experts == e == 4 and s.in_axis == 2 and s.path.endswith("mlp.experts")
+    assert routers(gm) == [f"model.layers.{i}.mlp.gate" for i in range(2)]
+
+
+def test_dense_models_have_no_experts_or_routers():
+    _, gm = toy.captured("llama")
+    assert expert_sites(gm) == [] and routers(gm) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rtn_quantizes_every_expert_and_reports_them(family):
+    model, gm = captured(family)
+    x = toy.token_ids()
+    qm = qpass.apply(gm, W(), progress=False)
+    stats = qm.report.rows[0].stats
+    assert stats["expert_weights"] == 4 and stats["experts"] == 16 and stats["routers_float"] == 2
+    experts = [q for q in quantizers(qm.graph_module, role="weight") if ".experts." in q.path]
+    assert len(experts) == 4
+    for q in experts:                         # per expert, per row, groups of 8 along the input features
+        scale = getattr(qm.graph_module, q.scale.target)
+        w = model.get_parameter(q.path)
+        assert tuple(q.block) == (1, 1, 8) and scale.shape == (w.shape[0], w.shape[1], w.shape[2] // 8)
+    paths = {q.path for q in quantizers(qm.graph_module, role="weight")}
+    assert not any(p.endswith("mlp.gate") for p in paths)          # routers float ...
+    assert any("MoE router" in m for m in qm.report.rows[0].near_misses)   # ... and said so
+    err = (logits(qm, x) - logits(model, x)).abs().max()
+    assert 0 < err < 0.2
+    # the experts alone change the output (they are applied, not just recorded)
+    only = qpass.apply(gm, {"version": 1, "passes": [{"quantize": {"weights": {"bits": 4, "granularity": "per_group",
+                                                                               "group_size": 8},
+                                                                   "targets": ["*.experts.*"]}}]}, progress=False)
+    assert only.report.rows[0].stats["linears"] == 0
+    assert (logits(only, x) - logits(model, x)).abs().max() > 1e-4
+
+
+def test_expert_fake_quant_is_per_expert_rtn():
+    model, gm = captured("mixtral")
+    qm = qpass.apply(gm, W(8, granularity="per_channel"), progress=False)
+    q = next(q for q in quantizers(qm.graph_module, role="weight") if q.path.endswith("experts.down_proj"))
+    w = model.get_parameter(q.path).detach()
+    scale = getattr(qm.graph_module, q.scale.target)
+    ref = w.amax(-1, keepdim=True).maximum(-w.amin(-1, keepdim=True)) / 127     # per expert, per row
+    torch.testing.assert_close(scale, ref)
+
+
+def test_routers_true_quantizes_them():
+    _, gm = captured("mixtral")
+    r = W()
+    r["passes"][0]["quantize"]["routers"] = True
+    qm = qpass.apply(gm, r, progress=False)
+    assert {f"model.layers.{i}.mlp.gate" for i in range(2)} <= {q.path for q in quantizers(qm.graph_module)}
+    assert qm.report.rows[0].stats["routers_float"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_applies_the_expert_plan(tmp_path, family):
+    model, _ = captured(family)
+    x = toy.token_ids()
+    qm = qpass.apply(model, W(), progress=False)
+    qm.save(tmp_path / "q")
+    back = qpass.load(tmp_path / "q")
+    assert torch.equal(logits(back, x), logits(qm, x))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backends_lower_or_refuse_by_name(tmp_path, family):
+    model, gm = captured(family)
+    x = toy.token_ids()
+    # attention-only quantization: the torch backend lowers it with the experts in float (parity)
+    attn = qpass.apply(model, {"version": 1, "passes": [{"quantize": {
+        "weights": {"bits": 4, "granularity": "per_group", "group_size": 8}, "ignore": ["lm_head", "*.experts.*"]}}]},
+        progress=False)
+    pm = qpass.lower(attn, "torch")
+    torch.testing.assert_close(logits(pm, x), logits(attn, x), rtol=0, atol=1e-5)
+    # ONNX: the experts' grouped matmul is transformers' custom op: refused by name, not a torch.onnx error
+    with pytest.raises(UnsupportedOpError, match=r"grouped_mm_fallback.*mixture-of-experts") as e:
+        qpass.lower(attn, "onnx", tmp_path / "onnx")
+    assert "mlp.experts" in str(e.value)
+    # quantized experts: the torch backend packs linears only, and says which node it cannot lower
+    qm = qpass.apply(gm, W(), progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"mlp\.experts"):
+        qpass.lower(qm, "torch")
