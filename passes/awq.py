@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 
 from qpass.analyses import STRUCTURE, AttentionSites, FoldGroups, LinearSites
 from qpass.errors import RecipeError
+from qpass.experts import expert_sites
 from qpass.folding import canonical_weight, fold_scales, to_channels
 from qpass.graph import LinearSite, param_of, select
 from qpass.plan import Plan
@@ -111,6 +112,9 @@ class Awq(Pass):
         analysis = ctx.get(FoldGroups(), gm)
         groups = []
         near += [f"{p}: not scaled, {why}" for p, why in analysis.unfoldable.items() if p in chosen]
+        near += [f"{e.key}: MoE experts ({e.experts}) not scaled or clipped: AWQ handles linears only (the experts "
+                 "share one norm, so per-expert scales cannot fold into it); they keep quantize's rounding, gptq "
+                 "re-rounds them per expert" for e in expert_sites(gm)]
         for g in analysis.groups:
             left = [c.site.path for c in g.consumers if c.site.path not in chosen]
             if left:

@@ -11,6 +11,10 @@ Requires  calibration data; block by block (qpass.block_sweep): block i is calib
           blocks 0..i-1 as already re-rounded (``feed: quantized``) or of the float model (``feed: float``);
           with ``true_sequential`` the linears of a block are done in dependency order (q/k/v, o, gate/up,
           down), each observed with the earlier ones quantized and the later ones in float
+          MoE experts (qpass.experts: stacked [E, out, in] weights behind a grouped matmul): one Hessian per
+          expert from the rows routed to it (the grouped matmul's offsets split the sorted input), GPTQ per
+          expert; an expert that received fewer than ``min_expert_tokens`` rows keeps the quantize pass's
+          rounding, reported with its count
 Preserves graph structure
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from torch.fx import GraphModule
 
 from qpass.analyses import STRUCTURE, LinearSites
 from qpass.errors import QuantizationError, RecipeError
+from qpass.experts import ExpertHessians, ExpertSite, expert_sites, token_split
+from qpass.experts import weight_quantizer as expert_weight_quantizer
 from qpass.graph import LinearSite, describe, is_quantizer, param_of, select
 from qpass.plan import Plan
 from qpass.pass_infra import Context, Pass, PassResult
@@ -53,6 +59,8 @@ class GptqConfig:
         "feed": "inputs of block i+1: `quantized` (block i as re-rounded) or `float` (the float model)",
         "targets": "module-path globs of quantized linears to re-round",
         "ignore": "module-path globs to leave as the quantize pass rounded them",
+        "min_expert_tokens": "MoE: an expert that received fewer calibration tokens keeps the quantize pass's "
+                             "rounding (reported); GPTQ on a few rows fits them, not the expert",
     }
 
     damp: float = 0.01
@@ -64,8 +72,11 @@ class GptqConfig:
     feed: Literal["quantized", "float"] = "quantized"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    min_expert_tokens: int = 32
 
     def __post_init__(self):
+        if self.min_expert_tokens < 1:
+            raise RecipeError("min_expert_tokens", f"must be >= 1, got {self.min_expert_tokens}")
         if not 0.0 <= self.damp < 10.0:
             raise RecipeError("damp", f"must be in [0, 10) (a fraction of mean(diag H); 0.01 = 1%), got {self.damp}")
         if not 1 <= self.block_size <= 1 << 16:
@@ -88,13 +99,19 @@ class Gptq(Pass):
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         quantized = [s for s in sites if _weight_quantizer(s) is not None]
-        if sites and not quantized:
+        experts = [s for s in expert_sites(gm) if expert_weight_quantizer(s) is not None]
+        if sites and not quantized and not experts:
             raise QuantizationError(
                 f"gptq found no quantized weights among the {len(sites)} linears (e.g. {describe(gm, sites[0].node)})",
                 fix="place '- quantize: {weights: {bits: 4, granularity: per_group, group_size: 128}}' before "
                     "'- gptq' in the recipe: gptq re-rounds the weights that pass inserted")
-        chosen = select([s.path for s in quantized], cfg.targets, cfg.ignore, "gptq") if quantized else set()
-        near = [f"{s.path}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
+        keys = [s.path for s in quantized] + [s.key for s in experts]
+        chosen = select(keys, cfg.targets, cfg.ignore, "gptq") if keys else set()
+        near = [f"{k}: excluded by targets/ignore" for k in keys if k not in chosen]
+        experts, expert_todo = [s for s in experts if s.key in chosen], []
+        for s in experts:
+            why = _expert_unsupported(s)
+            (near.append(f"{s.key}: {why}") if why else expert_todo.append(s))
         todo = []
         for s in (s for s in quantized if s.path in chosen):
             why = _unsupported(gm, s)
@@ -103,7 +120,7 @@ class Gptq(Pass):
             else:
                 todo.append(s)
         stats = {"linears": 0, "hessians": 0, "mean_error_ratio": None, "improved": 0, "damp_raised": 0}
-        if not todo:
+        if not todo and not expert_todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
         errors = {}
 
@@ -111,15 +128,74 @@ class Gptq(Pass):
             errors[s.path or s.node.name] = self._requantize(gm, s, acc)
 
         hessians, blocks = hessian_sweep(gm, ctx, todo, requantize, who="gptq", sequential=cfg.sequential,
-                                         true_sequential=cfg.true_sequential, feed=cfg.feed)
+                                         true_sequential=cfg.true_sequential, feed=cfg.feed) if todo else (0, 0)
+        if expert_todo:
+            per_expert, fallback = self._experts(gm, ctx, expert_todo)
+            errors.update(per_expert)
+            near += fallback
+            stats.update(experts=len(per_expert), experts_kept_rtn=len(fallback))
         ratios = [e["ratio"] for e in errors.values()]
-        stats.update(linears=len(errors), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
+        stats.update(linears=len(errors) - stats.get("experts", 0), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
                      improved=sum(r < 1 for r in ratios),
                      damp_raised=sum(e["damp"] > cfg.damp for e in errors.values()),
                      blocks=blocks, errors=errors)
         # values only (the state dict holds the re-rounded weights and scales): the plan records which linears
         plan = Plan(self.name, decisions={"linears": sorted(errors)})
         return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
+
+    def _experts(self, gm: GraphModule, ctx: Context, experts: list[ExpertSite]) -> tuple[dict, list[str]]:
+        """GPTQ every expert of every stacked expert weight with its own Hessian (block by block, like the
+        linears); returns ({'<key>[e]': errors}, fallback reasons)."""
+        cfg, errors, fallback = self.config, {}, []
+        left = {s.key for s in experts}
+        sweep = ctx.sweep(gm, who="gptq", blocks=cfg.sequential, feed=cfg.feed, desc="gptq experts")
+        staged = cfg.true_sequential and cfg.sequential and cfg.feed == "quantized"
+        with contextlib.closing(iter(sweep)) as steps:
+            for step in steps:
+                mine = [s for s in experts if step.contains(s.node)]
+                for stage in (_stages(mine) if staged else [mine]) if mine else []:
+                    bypass = {expert_weight_quantizer(s) for s in experts if s.key in left}
+                    hs = {s.key: ExpertHessians(s.experts) for s in stage}
+                    nodes, parts = {}, {}
+                    for s in stage:
+                        px, po = hs[s.key].parts()
+                        nodes[s.key, "x"], parts[s.key, "x"] = s.input, px
+                        nodes[s.key, "offs"], parts[s.key, "offs"] = token_split(s), po
+                    step.observe(nodes, lambda k, n: parts[k], bypass=bypass)
+                    for s in stage:
+                        self._requantize_experts(gm, s, hs[s.key], errors, fallback)
+                        left.discard(s.key)
+                if not left:
+                    break
+        return errors, fallback
+
+    def _requantize_experts(self, gm: GraphModule, s: ExpertSite, hs: ExpertHessians, errors: dict,
+                            fallback: list) -> None:
+        cfg = self.config
+        fq = Quantizer(expert_weight_quantizer(s))
+        param, scale_t = param_of(gm, s.weight), param_of(gm, fq.scale)
+        zp_t = param_of(gm, fq.zero_point) if fq.zero_point is not None else None
+        flip = s.in_axis == 1                                    # stored [E, in, out]
+        canon = lambda t: t.t() if flip else t                   # noqa: E731
+        block = tuple(fq.block[1:][::-1] if flip else fq.block[1:])
+        for e, acc in enumerate(hs.accs):
+            if acc.tokens < cfg.min_expert_tokens:
+                fallback.append(f"{s.key}[{e}]: {acc.tokens} calibration tokens < min_expert_tokens "
+                                f"{cfg.min_expert_tokens}; kept the quantize pass's rounding")
+                continue
+            w = canon(param[e]).detach().clone()
+            scale, zp = canon(scale_t[e]).detach(), None if zp_t is None else canon(zp_t[e]).detach()
+            rtn = Q.fake_quantize(w, scale, zp, block, fq.fmt_name)
+            res = gptq_quantize(w, acc.hessian, fq.meta.spec, block=block, percdamp=cfg.damp,
+                                block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
+            with torch.no_grad():
+                param[e].copy_(canon(res.weight))
+                scale_t[e].copy_(canon(res.scale))
+                if zp_t is not None:
+                    zp_t[e].copy_(canon(res.zero_point))
+            err, err_rtn = reconstruction_error(w, res.weight, acc.xtx), reconstruction_error(w, rtn, acc.xtx)
+            errors[f"{s.key}[{e}]"] = {"gptq": err, "rtn": err_rtn, "ratio": err / err_rtn if err_rtn > 0 else 1.0,
+                                       "damp": res.damp, "tokens": acc.tokens}
 
     def _requantize(self, gm: GraphModule, site: LinearSite, acc: HessianAccumulator) -> dict:
         """GPTQ one linear and write weight and qparams back in their stored layouts."""
@@ -214,6 +290,19 @@ def hessian_sweep(gm: GraphModule, ctx: Context, todo: list[LinearSite],
             if not left:
                 break
     return hessians, len(sweep.blocks)
+
+
+def _expert_unsupported(site: ExpertSite) -> str | None:
+    """Why GPTQ cannot re-round these experts one by one, or None."""
+    fq = Quantizer(expert_weight_quantizer(site))
+    if fq.dynamic or fq.codebook is not None or fq.side_channels or fq.fmt.kind not in BUILTIN_KINDS:
+        return "weight quantizer is not a static fake_quantize of a built-in format"
+    if token_split(site) is None:
+        return (f"{site.node.target} gives no per-expert token split (only grouped matmuls with offsets do); kept "
+                "the quantize pass's rounding")
+    if fq.block[0] != 1:
+        return "scales shared across experts"
+    return None
 
 
 def _weight_quantizer(site: LinearSite):

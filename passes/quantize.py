@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
 from qpass.experts import ExpertSite, expert_sites, routers, weight_block
+from qpass.experts import weight_quantizer as expert_weight_quantizer
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, build, occurrences
@@ -144,6 +145,10 @@ class Quantize(Pass):
             raise QuantizationError(f"double_quant does not take stacked expert weights ({experts[0].key})",
                                     fix="ignore the experts in this pass (ignore: ['*.experts.*'])")
         _refuse_double_quantization(gm, [s for s in todo if not isinstance(s, ExpertSite)], cfg)
+        for s in experts:
+            if cfg.weights is not None and expert_weight_quantizer(s) is not None:
+                raise QuantizationError(f"the expert weights {s.key} are already quantized by an earlier pass",
+                                        fix="set weights: null in this quantize pass, or ignore '*.experts.*'")
         act_qparams = self._static_activation_qparams(gm, ctx, todo)
         items = []
         for site in todo:

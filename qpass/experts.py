@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph import META_PREFIX, linear_sites, module_path
+from .graph import META_PREFIX, is_quantizer, linear_sites, module_path
 
 aten = torch.ops.aten
 
@@ -109,10 +109,67 @@ def expert_sites(gm: GraphModule) -> list[ExpertSite]:
                         sites.append(ExpertSite(user, w, n, user.args[0], in_axis, module_path(gm, user), leaf,
                                                 int(val.shape[0])))
                     continue
+                if is_quantizer(user) and user.args[0] is n:     # a weight quantizer already inserted
+                    frontier.append((user, axes))
+                    continue
                 nxt = _axes_through(user, axes) if user.args and user.args[0] is n else None
                 if nxt is not None and (0 in nxt or user.target is aten.select.int):
                     frontier.append((user, nxt))
     return sites
+
+
+def weight_quantizer(site: ExpertSite) -> Node | None:
+    """The weight quantizer on the stacked parameter of `site` (inserted by quantize), or None."""
+    return next((u for u in site.weight.users if is_quantizer(u) and u.args[0] is site.weight), None)
+
+
+def token_split(site: ExpertSite) -> Node | None:
+    """The node holding the per-expert token boundaries of a grouped matmul (its ``offs`` argument: cumulative
+    token counts, the input rows sorted by expert), or None for contractions without one (bmm over gathered
+    weights)."""
+    c = site.node.target
+    if c in _MATMULS and "grouped_mm" not in str(c):
+        return None
+    offs = site.node.args[2] if len(site.node.args) > 2 else site.node.kwargs.get("offs")
+    return offs if isinstance(offs, Node) else None
+
+
+class ExpertHessians:
+    """Per-expert input Hessians of one grouped matmul: fed the sorted input rows and the offsets of each
+    calibration run (in either order), it splits the rows by expert. ``parts()`` gives the two observers to
+    attach (input, offsets); ``accs[e]`` the expert's HessianAccumulator (``tokens`` = rows it received)."""
+
+    def __init__(self, experts: int) -> None:
+        from .primitives.gptq import HessianAccumulator
+
+        self.accs = [HessianAccumulator() for _ in range(experts)]
+        self._x: torch.Tensor | None = None
+        self._offs: torch.Tensor | None = None
+
+    def _flush(self) -> None:
+        if self._x is None or self._offs is None:
+            return
+        start = 0
+        for e, end in enumerate(self._offs.tolist()):
+            if end > start:
+                self.accs[e].update(self._x[start:end])
+            start = end
+        self._x = self._offs = None
+
+    def parts(self):
+        me = self
+
+        class _X:
+            def update(self, x):
+                me._x = x.detach()
+                me._flush()
+
+        class _Offs:
+            def update(self, offs):
+                me._offs = offs.detach()
+                me._flush()
+
+        return _X(), _Offs()
 
 
 def _is_param(gm: GraphModule, target: str) -> bool:
@@ -148,4 +205,5 @@ def weight_block(canonical: tuple[int, int], in_axis: int) -> tuple[int, int, in
     return (1, canonical[0], canonical[1]) if in_axis == 2 else (1, canonical[1], canonical[0])
 
 
-__all__ = ["ExpertSite", "expert_sites", "routers", "weight_block"]
+__all__ = ["ExpertSite", "ExpertHessians", "expert_sites", "routers", "token_split", "weight_block",
+           "weight_quantizer"]

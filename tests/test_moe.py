@@ -143,3 +143,69 @@ def test_backends_lower_or_refuse_by_name(tmp_path, family):
     qm = qpass.apply(gm, W(), progress=False)
     with pytest.raises(UnsupportedOpError, match=r"mlp\.experts"):
         qpass.lower(qm, "torch")
+
+
+# ------------------------------------------------------------------ GPTQ / AWQ: per-expert statistics
+
+
+def _calib(n=8, t=32):
+    return [torch.randint(0, 96, (1, t), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+Q3 = {"quantize": {"weights": {"bits": 3, "granularity": "per_group", "group_size": 8}, "ignore": ["lm_head"]}}
+
+
+def _mse(a, b):
+    return float(((a - b) ** 2).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gptq_rerounds_every_expert_with_its_own_hessian(family):
+    model, gm = captured(family)
+    x = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(99))
+    rtn = qpass.apply(gm, {"version": 1, "passes": [Q3]}, progress=False)
+    g = qpass.apply(gm, {"version": 1, "passes": [Q3, {"gptq": {}}]}, calib_data=_calib(), progress=False)
+    stats = g.report.rows[1].stats
+    assert stats["experts"] == 16 and stats["experts_kept_rtn"] == 0
+    per_expert = {k: v for k, v in stats["errors"].items() if "[" in k}
+    assert len(per_expert) == 16 and all(v["ratio"] <= 1.0 + 1e-9 for v in per_expert.values())
+    # each expert's Hessian counts the rows routed to it: top-2 of 4 experts, 8 x 32 tokens -> 512 rows per weight
+    for key in {k.split("[")[0] for k in per_expert}:
+        assert sum(v["tokens"] for k, v in per_expert.items() if k.startswith(key + "[")) == 8 * 32 * 2
+    # re-rounded weights stay on the grid (the fake-quant is exact on them) and the output error drops
+    f = logits(model, x)
+    assert _mse(logits(g, x), f) < _mse(logits(rtn, x), f)
+    ws = {q.path: q for q in quantizers(g.graph_module, role="weight") if ".experts." in q.path}
+    gmq = g.graph_module
+    for path, q in ws.items():
+        w = gmq.get_parameter(q.x.target)
+        args = [gmq.get_buffer(a.target) if isinstance(a, torch.fx.Node) else a for a in q.node.args[1:]]
+        torch.testing.assert_close(q.node.target(w, *args), w, rtol=0, atol=1e-6)
+
+
+def test_gptq_experts_with_too_few_tokens_keep_rtn_and_say_so():
+    _, gm = captured("mixtral")
+    rtn = qpass.apply(gm, {"version": 1, "passes": [Q3]}, progress=False)
+    g = qpass.apply(gm, {"version": 1, "passes": [Q3, {"gptq": {"min_expert_tokens": 10 ** 6}}]},
+                    calib_data=_calib(2, 8), progress=False)
+    stats = g.report.rows[1].stats
+    assert stats["experts_kept_rtn"] == 16 and stats.get("experts", 0) == 0
+    reasons = [m for m in g.report.rows[1].near_misses if "min_expert_tokens" in m]
+    assert len(reasons) == 16 and "experts.gate_up_proj[0]" in reasons[0] and "calibration tokens" in reasons[0]
+    q = next(q for q in quantizers(g.graph_module, role="weight") if q.path.endswith("experts.down_proj"))
+    assert torch.equal(g.graph_module.get_parameter(q.x.target), rtn.graph_module.get_parameter(q.x.target))
+
+
+def test_gptq_experts_save_and_load(tmp_path):
+    model, _ = captured("qwen2_moe")
+    x = toy.token_ids()
+    g = qpass.apply(model, {"version": 1, "passes": [Q3, {"gptq": {}}]}, calib_data=_calib(), progress=False)
+    g.save(tmp_path / "g")
+    assert torch.equal(logits(qpass.load(tmp_path / "g"), x), logits(g, x))
+
+
+def test_awq_reports_the_experts_it_leaves():
+    _, gm = captured("mixtral")
+    a = qpass.apply(gm, {"version": 1, "passes": [{"awq": {}}, Q3]}, calib_data=_calib(4, 16), progress=False)
+    notes = [m for m in a.report.rows[0].near_misses if "MoE experts" in m]
+    assert len(notes) == 4 and "gptq re-rounds them per expert" in notes[0]
