@@ -64,19 +64,29 @@ class Checkpoint:
             raise ArtifactError(f"{INDEX} in {self.directory!r} lists shards that do not exist: {absent[:3]}",
                                 fix="copy the missing shards, or save the model again with save_pretrained")
 
-    def names_for(self, model: nn.Module) -> dict[str, str]:
+    def names_for(self, model: nn.Module) -> dict[str, "str | Merged"]:
         """{model state name: checkpoint key}, through the renamings transformers applies when it loads this
-        architecture (GPT-NeoX ``embed_out`` -> ``lm_head``; a base-model prefix added or dropped)."""
+        architecture (GPT-NeoX ``embed_out`` -> ``lm_head``; a base-model prefix added or dropped). A tensor
+        transformers builds from several stored ones (MoE experts stored one by one, loaded as one stacked
+        ``[experts, ...]`` parameter) maps to a :class:`Merged`, read with transformers' own conversion ops."""
         names = {n: True for n, _ in model.named_parameters(remove_duplicate=False)}
         names.update({n: True for n, _ in model.named_buffers()})
-        rename = _renamer(model, names)
-        out, merged = {}, []
+        rename, converter_of = _renamer(model, names)
+        out, merged, parts = {}, [], {}
         for key in self.files:
             name, merge = rename(key)
-            if merge is not None:
+            if merge is None:
+                if name in names:
+                    out[name] = key
+                continue
+            conv, index = converter_of(merge), _expert_index(key, merge)
+            if conv is None or index is None or name not in names:
                 merged.append(key)
-            elif name in names:
-                out[name] = key
+                continue
+            parts.setdefault(name, (conv, {}))[1].setdefault(merge, []).append((index, self.files[key], key))
+        for name, (conv, by_pattern) in parts.items():
+            out[name] = Merged(conv, {p: [(f, k) for _, f, k in sorted(v)] for p, v in by_pattern.items()},
+                               getattr(model, "config", None), name)
         if merged:
             raise ArtifactError(f"transformers merges or reshapes some tensors of this checkpoint when it loads "
                                 f"them (e.g. {merged[:3]}); qpass reads tensors one by one as stored",
@@ -114,12 +124,50 @@ def _renamer(model: nn.Module, names: dict[str, bool]):
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
     except ImportError:  # pragma: no cover - transformers < 5: checkpoint names are the model's
-        return lambda key: (key, None)
+        return (lambda key: (key, None)), (lambda pattern: None)
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
     prefix = getattr(model, "base_model_prefix", None)
-    return lambda key: rename_source_key(key, renamings, converters, prefix, names)
+
+    def converter_of(pattern: str):
+        return next((c for c in converters if pattern in getattr(c, "source_patterns", ())
+                     and hasattr(c, "operations")), None)
+
+    return (lambda key: rename_source_key(key, renamings, converters, prefix, names)), converter_of
+
+
+def _expert_index(key: str, pattern: str) -> int | None:
+    """The number a converter pattern's ``*`` stands for in `key` (``.experts.*.w1.weight`` in
+    ``...experts.3.w1.weight`` -> 3); None when the pattern has no single ``*`` there."""
+    import re
+
+    if pattern.count("*") != 1:
+        return None
+    m = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True, eq=False)
+class Merged:
+    """A model tensor transformers builds from several checkpoint tensors: `parts` {source pattern: [(file, key)]
+    in expert order}, merged by the converter's own operations (stack per pattern, then concatenate)."""
+
+    converter: object
+    parts: dict
+    config: object
+    name: str
+
+    def read(self) -> torch.Tensor:
+        tensors = {p: list(read_tensors({f"{i}": fk for i, fk in enumerate(v)}).values())
+                   for p, v in self.parts.items()}
+        conv = self.converter
+        for op in conv.operations:
+            tensors = op.convert(tensors, source_patterns=list(conv.source_patterns),
+                                 target_patterns=list(conv.target_patterns), full_layer_name=self.name, model=None,
+                                 config=self.config, missing_keys=None)
+        (value,) = tensors.values()
+        return value
 
 
 def read_tensors(where: Mapping[str, tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -288,7 +336,8 @@ class WeightStore:
     def _read(self, entries: list[_Entry]) -> None:
         if not entries:
             return
-        values = read_tensors({e.names[0]: (e.file, e.key) for e in entries})
+        values = read_tensors({e.names[0]: (e.file, e.key) for e in entries if not isinstance(e.key, Merged)})
+        values.update({e.names[0]: e.key.read() for e in entries if isinstance(e.key, Merged)})
         for e in entries:
             t = values[e.names[0]]
             if t.shape != e.stand_in.shape:
@@ -347,7 +396,9 @@ def checkpoint_sources(gm: GraphModule, ckpt: Checkpoint, names: Mapping[str, st
     out = {}
     for name, _ in gm.named_parameters(remove_duplicate=False):
         key = names.get(name[len(prefix):] if name.startswith(prefix) else name)
-        if key is not None:
+        if isinstance(key, Merged):
+            out[name] = ("", key)
+        elif key is not None:
             out[name] = (ckpt.files[key], key)
     return out
 
