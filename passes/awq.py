@@ -32,7 +32,7 @@ from torch.fx import GraphModule
 
 from qpass.analyses import STRUCTURE, AttentionSites, FoldGroups, LinearSites
 from qpass.errors import RecipeError
-from qpass.experts import expert_sites
+from qpass.experts import ExpertHessians, expert_sites, token_split
 from qpass.folding import canonical_weight, fold_scales, to_channels
 from qpass.graph import LinearSite, param_of, select
 from qpass.plan import Plan
@@ -107,14 +107,11 @@ class Awq(Pass):
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         specs, near = self._specs(ctx, sites)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "awq")
+        chosen = select([s.path for s in sites] + [e.key for e in expert_sites(gm)], cfg.targets, cfg.ignore, "awq")
         chosen &= {s.path for s in sites if s.node in specs}
         analysis = ctx.get(FoldGroups(), gm)
         groups = []
         near += [f"{p}: not scaled, {why}" for p, why in analysis.unfoldable.items() if p in chosen]
-        near += [f"{e.key}: MoE experts ({e.experts}) not scaled or clipped: AWQ handles linears only (the experts "
-                 "share one norm, so per-expert scales cannot fold into it); they keep quantize's rounding, gptq "
-                 "re-rounds them per expert" for e in expert_sites(gm)]
         for g in analysis.groups:
             left = [c.site.path for c in g.consumers if c.site.path not in chosen]
             if left:
@@ -122,31 +119,39 @@ class Awq(Pass):
             else:
                 groups.append(g)
         todo = [s for s in sites if s.path in chosen]
+        experts = self._expert_todo(gm, sites, near)
         stats = {"groups_scaled": 0, "linears_clipped": 0}
-        if not todo:
+        if not todo and not experts:
             return PassResult(modified=False, stats=stats, near_misses=near)
         ctx.require_calibration("awq")
-        clip = self._clip_plan(gm, sites, todo, specs, ctx, near)
+        clip = self._clip_plan(gm, sites, todo, specs, ctx, near) if todo else set()
         found = {"alphas": {}, "loss_vs_rtn": {}, "mean_clip_ratio": {}, "clip_loss_vs_unclipped": {}}
-        left = {s.node for s in todo}
-        sweep = ctx.sweep(gm, who="awq", blocks=cfg.sequential, feed=cfg.feed, desc="awq")
-        with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
-            for step in steps:
-                mine = [s for s in todo if step.contains(s.node)]
-                if mine:
-                    obs = step.observe({s.input: s.input for s in mine}, lambda k, n: _InputStats())
-                    local = [g for g in groups if all(step.contains(c.site.node) for c in g.consumers)
-                             and (cfg.feed == "float" or step.contains(g.producer.node))]
-                    # NOTE: with feed: float a producer may sit outside this block; on disk it must be loaded too
-                    with ctx.loaded(p.target for g in local for p, _ in g.producer.params):
-                        col_scale = self._scale(gm, local, obs, specs, found)
-                    self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, specs, found)
-                    left -= {s.node for s in mine}
-                if not left:
-                    break
+        if todo:
+            left = {s.node for s in todo}
+            sweep = ctx.sweep(gm, who="awq", blocks=cfg.sequential, feed=cfg.feed, desc="awq")
+            with contextlib.closing(iter(sweep)) as steps:   # NOTE: closed now, not by the GC: see Sweep
+                for step in steps:
+                    mine = [s for s in todo if step.contains(s.node)]
+                    if mine:
+                        obs = step.observe({s.input: s.input for s in mine}, lambda k, n: _InputStats())
+                        local = [g for g in groups if all(step.contains(c.site.node) for c in g.consumers)
+                                 and (cfg.feed == "float" or step.contains(g.producer.node))]
+                        # NOTE: with feed: float a producer may sit outside this block; on disk it must be
+                        # loaded too
+                        with ctx.loaded(p.target for g in local for p, _ in g.producer.params):
+                            col_scale = self._scale(gm, local, obs, specs, found)
+                        self._clip(gm, [s for s in mine if s.node in clip], obs, col_scale, specs, found)
+                        left -= {s.node for s in mine}
+                    if not left:
+                        break
         near += [f"{g.name}: group not scaled, its linears and producer are in different blocks"
                  for g in groups if g.name not in found["alphas"]]
-        stats.update(groups_scaled=len(found["alphas"]), linears_clipped=len(found["mean_clip_ratio"]), **found)
+        if experts:
+            self._clip_experts(gm, ctx, experts, found, near)
+        clipped = [k for k in found["mean_clip_ratio"] if not k.endswith("]")]
+        stats.update(groups_scaled=len(found["alphas"]), linears_clipped=len(clipped), **found)
+        if experts:
+            stats["experts_clipped"] = len(found["mean_clip_ratio"]) - len(clipped)
         # parameters only (the state dict holds the scaled and clipped values): the plan records the decisions
         plan = Plan(self.name, decisions={"alphas": found["alphas"], "clip_ratios": found["mean_clip_ratio"]})
         return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
@@ -184,6 +189,76 @@ class Awq(Pass):
             found["mean_clip_ratio"][name] = float(r.mean())
             before = output_error(w - fake_quantize_weight(w, spec), gram)
             after = output_error(w - fake_quantize_weight(clipped, spec), gram)
+            found["clip_loss_vs_unclipped"][name] = after / before if before > 0 else 1.0
+
+    def _expert_todo(self, gm: GraphModule, sites: list[LinearSite], near: list) -> list:
+        """[(expert site, the weight spec the later quantize pass applies)] of the MoE experts to clip per expert.
+        Scaling is not searched for experts: they share the norm before them (with the router), so a per-expert
+        scale has nowhere to fold."""
+        cfg, found = self.config, expert_sites(gm)
+        if not found:
+            return []
+        keys, paths = [e.key for e in found], [s.path for s in sites]
+        chosen = select(paths + keys, cfg.targets, cfg.ignore, "awq")
+        quants = [c for c in self.later if isinstance(c, QuantizeConfig) and c.weights is not None]
+        out = []
+        for e in found:
+            if e.key not in chosen:
+                continue
+            spec = cfg.weights
+            for q in quants:
+                if spec is None and e.key in select(paths + keys, q.targets, q.ignore, "awq (quantize's selection)"):
+                    spec = q.weights
+            why = ("no later quantize pass quantizes them" if spec is None else
+                   "clip search off (clip: auto before gptq, or clip: false)"
+                   if not cfg.clip or (cfg.clip == "auto" and any(isinstance(c, GptqConfig) for c in self.later))
+                   else f"not clipped, needs per_channel (axis 0) or per_group weights, got {spec.granularity}"
+                   if not _clippable(spec) else "no per-expert token split (grouped matmul offsets)"
+                   if token_split(e) is None else None)
+            note = f"{e.key}: MoE experts ({e.experts}) not scaled (they share the norm before them)"
+            near.append(note + (f"; not clipped: {why}" if why else "; clipped per expert"))
+            if why is None:
+                out.append((e, spec))
+        return out
+
+    def _clip_experts(self, gm: GraphModule, ctx: Context, experts: list, found: dict, near: list) -> None:
+        """AWQ's clip search per expert, on the Gram matrix of the rows routed to that expert (block by block);
+        an expert with fewer than gptq's min_expert_tokens default rows is left unclipped (reported)."""
+        cfg, left = self.config, {e.key for e, _ in experts}
+        sweep = ctx.sweep(gm, who="awq", blocks=cfg.sequential, feed=cfg.feed, desc="awq experts")
+        with contextlib.closing(iter(sweep)) as steps:
+            for step in steps:
+                mine = [(e, spec) for e, spec in experts if step.contains(e.node)]
+                if mine:
+                    hs = {e.key: ExpertHessians(e.experts) for e, _ in mine}
+                    nodes, parts = {}, {}
+                    for e, _ in mine:
+                        px, po = hs[e.key].parts()
+                        nodes[e.key, "x"], parts[e.key, "x"] = e.input, px
+                        nodes[e.key, "offs"], parts[e.key, "offs"] = token_split(e), po
+                    step.observe(nodes, lambda k, n: parts[k])
+                    with ctx.loaded(e.weight.target for e, _ in mine):
+                        for e, spec in mine:
+                            self._clip_expert(gm, e, spec, hs[e.key], found, near)
+                    left -= {e.key for e, _ in mine}
+                if not left:
+                    break
+
+    def _clip_expert(self, gm: GraphModule, e, spec: QSpec, hs, found: dict, near: list) -> None:
+        param = param_of(gm, e.weight)
+        flip = e.in_axis == 1
+        for i, acc in enumerate(hs.accs):
+            name = f"{e.key}[{i}]"
+            if acc.tokens < MIN_EXPERT_TOKENS:
+                near.append(f"{name}: {acc.tokens} calibration tokens < {MIN_EXPERT_TOKENS}; not clipped")
+                continue
+            w = (param[i].t() if flip else param[i]).detach().float()
+            clipped, r = clip_search(w, acc.xtx, spec, grid=self.config.clip_grid, max_shrink=self.config.max_shrink)
+            with torch.no_grad():
+                param[i].copy_(clipped.t() if flip else clipped)
+            found["mean_clip_ratio"][name] = float(r.mean())
+            before = output_error(w - fake_quantize_weight(w, spec), acc.xtx)
+            after = output_error(w - fake_quantize_weight(clipped, spec), acc.xtx)
             found["clip_loss_vs_unclipped"][name] = after / before if before > 0 else 1.0
 
     def _clip_plan(self, gm: GraphModule, sites: list[LinearSite], todo: list[LinearSite], specs: dict,
@@ -227,6 +302,9 @@ class Awq(Pass):
         notes = sorted({f"awq.weights {own} is searched, but the quantize pass applies {w}" for w in specs.values()
                         if own is not None and w != own})
         return ({n: own for n in specs} if own is not None else specs), notes
+
+
+MIN_EXPERT_TOKENS = GptqConfig.min_expert_tokens   # experts with fewer calibration rows are not clipped
 
 
 def _clippable(spec: QSpec) -> bool:

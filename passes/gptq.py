@@ -135,7 +135,8 @@ class Gptq(Pass):
             near += fallback
             stats.update(experts=len(per_expert), experts_kept_rtn=len(fallback))
         ratios = [e["ratio"] for e in errors.values()]
-        stats.update(linears=len(errors) - stats.get("experts", 0), hessians=hessians, mean_error_ratio=sum(ratios) / len(ratios),
+        stats.update(linears=len(errors) - stats.get("experts", 0), hessians=hessians,
+                     mean_error_ratio=sum(ratios) / len(ratios) if ratios else None,
                      improved=sum(r < 1 for r in ratios),
                      damp_raised=sum(e["damp"] > cfg.damp for e in errors.values()),
                      blocks=blocks, errors=errors)

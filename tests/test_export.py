@@ -150,7 +150,8 @@ def test_other_weight_formats_round_trip(tmp_path, case):
     _, hf = _export_and_load(qm, tmp_path / "ct")
     if case == "fp8_w8a8":
         ref = qpass.apply(model, _w(format="fp8_e4m3", granularity="per_channel"))
-        assert torch.equal(hf.model.layers[0].mlp.down_proj.weight, fake_quant_weights(ref)["model.layers.0.mlp.down_proj"])
+        down = "model.layers.0.mlp.down_proj"
+        assert torch.equal(hf.get_submodule(down).weight, fake_quant_weights(ref)[down])
         return
     _check_weights(qm, hf)
     torch.testing.assert_close(logits(hf, x), logits(qm, x), rtol=0, atol=1e-5)

@@ -204,11 +204,22 @@ def test_gptq_experts_save_and_load(tmp_path):
     assert torch.equal(logits(qpass.load(tmp_path / "g"), x), logits(g, x))
 
 
-def test_awq_reports_the_experts_it_leaves():
-    _, gm = captured("mixtral")
-    a = qpass.apply(gm, {"version": 1, "passes": [{"awq": {}}, Q3]}, calib_data=_calib(4, 16), progress=False)
-    notes = [m for m in a.report.rows[0].near_misses if "MoE experts" in m]
-    assert len(notes) == 4 and "gptq re-rounds them per expert" in notes[0]
+def test_awq_clips_each_expert_on_its_own_tokens():
+    model, gm = captured("mixtral")
+    a = qpass.apply(gm, {"version": 1, "passes": [{"awq": {}}, Q3]}, calib_data=_calib(), progress=False)
+    stats = a.report.rows[0].stats
+    assert stats["experts_clipped"] == 16
+    per_expert = {k: v for k, v in stats["clip_loss_vs_unclipped"].items() if k.endswith("]")}
+    assert len(per_expert) == 16 and all(v <= 1.0 for v in per_expert.values())   # no clip is a candidate
+    notes = [m for m in a.report.rows[0].near_misses if "MoE experts (4)" in m]
+    assert len(notes) == 4 and all("not scaled" in m and "clipped per expert" in m for m in notes)
+    # too few routed rows: left unclipped and said so; before gptq (clip: auto): not clipped, said so
+    few = qpass.apply(gm, {"version": 1, "passes": [{"awq": {}}, Q3]}, calib_data=_calib(1, 8), progress=False)
+    assert any("calibration tokens < 32; not clipped" in m for m in few.report.rows[0].near_misses)
+    auto = qpass.apply(gm, {"version": 1, "passes": [{"awq": {}}, Q3, {"gptq": {}}]}, calib_data=_calib(),
+                       progress=False)
+    assert "experts_clipped" not in auto.report.rows[0].stats
+    assert any("clip search off" in m and "experts" in m for m in auto.report.rows[0].near_misses)
 
 
 # ------------------------------------------------------------------ apply_from_disk: experts stored one by one
