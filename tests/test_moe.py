@@ -139,10 +139,27 @@ def test_backends_lower_or_refuse_by_name(tmp_path, family):
     with pytest.raises(UnsupportedOpError, match=r"grouped_mm_fallback.*mixture-of-experts") as e:
         qpass.lower(attn, "onnx", tmp_path / "onnx")
     assert "mlp.experts" in str(e.value)
-    # quantized experts: the torch backend packs linears only, and says which node it cannot lower
-    qm = qpass.apply(gm, W(), progress=False)
+    # quantized experts: stored as codes + per-expert scales (no float copy), dequantized for the grouped matmul:
+    # the fake-quant model's outputs bit for bit, through save/load and the decode graph (generate)
+    qm = qpass.apply(model, W(), progress=False)
+    pm = qpass.lower(qm, "torch")
+    assert torch.equal(logits(pm, x), logits(qm, x))
+    bufs = dict(pm.named_buffers())
+    codes = [b for n, b in bufs.items() if n.endswith("experts.down_proj_packed.codes")]
+    assert len(codes) == 2 and codes[0].dtype == torch.int8 and codes[0].shape[0] == 4
+    assert not any(n.endswith("experts.down_proj") for n, _ in pm.named_parameters())   # float weight dropped
+    pm.save(tmp_path / "pm")
+    from qpass.backends import torch_packed
+
+    assert torch.equal(logits(torch_packed.load(tmp_path / "pm"), x), logits(qm, x))
+    assert torch.equal(pm.generate(x[:1], max_new_tokens=4), qm.generate(x[:1], max_new_tokens=4))
+    # quantized expert inputs (W8A8 on the experts) are not lowered: refused by name
+    a8 = qpass.apply(gm, {"version": 1, "passes": [{"quantize": {
+        "weights": {"bits": 8, "granularity": "per_channel"},
+        "activations": {"bits": 8, "granularity": "per_token", "dynamic": True}, "ignore": ["lm_head"]}}]},
+        progress=False)
     with pytest.raises(UnsupportedOpError, match=r"mlp\.experts"):
-        qpass.lower(qm, "torch")
+        qpass.lower(a8, "torch")
 
 
 # ------------------------------------------------------------------ GPTQ / AWQ: per-expert statistics

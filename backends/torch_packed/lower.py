@@ -40,6 +40,7 @@ from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, quantizers
 
 from .ext import ExtLinear
+from .experts import lower_expert_weights
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
 from .patterns import (KV_ROLES, QuantLinear, check_supported, kv_writes, quant_linears, repeated_kv,
@@ -190,6 +191,7 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
     """Replace every QuantLinear with a PackedLinear. `shared`: modules to reuse by name (decode graphs
     share the packed weights of the main graph). Returns {module name: PackedLinear} (ExtLinear modules,
     the generic route, are in the graph but not in the dict: they have no kernel plan)."""
+    lower_expert_weights(gm, empty=empty)     # stacked MoE expert weights: codes + scales (experts.py)
     patterns = [p for p in quant_linears(gm) if p.weight_fq is not None]
     handled = {p.weight_fq for p in patterns} | {p.input_fq for p in patterns if p.input_fq is not None}
     unsupported_quantizers(gm, handled | {p.input_fq for p in quant_linears(gm) if p.input_fq is not None})
