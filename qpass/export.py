@@ -21,8 +21,9 @@ per-channel (rows) or per-group (along the input features, full groups) scales, 
 activations int or fp8_e4m3, dynamic per-token or static per-tensor. Refused by name (UnsupportedOpError
 naming the node and module): nf4, fp4, fp8_e5m2, learned codebooks, side channels (outliers, float columns,
 quantized scales), partial last groups, quantizers on weights that are not an ``nn.Linear``'s (GPT-2's
-Conv1D, a tied lm_head), dynamic per-token KV-cache quantizers (compressed-tensors' kv_cache_scheme holds
-static scales only), and tensors a pass added that the transformers model has no place for (OS+ biases,
+Conv1D, a tied lm_head), KV-cache quantizers other than static per-tensor fp8_e4m3 after RoPE (the
+kv_cache_scheme: one static scale per K and V tensor, served by vLLM as an fp8 cache; written as
+``<attention>.k_scale`` / ``v_scale``), and tensors a pass added that the transformers model has no place for (OS+ biases,
 unmerged LoRA adapters).
 
 The codes are qpass's own (``qpass.primitives.quant.quantize`` with the model's scales), so the dequantized
@@ -111,6 +112,41 @@ def weight_args(q: Quantizer, shape: tuple[int, int]) -> dict:
     if out["type"] == "float" and not q.symmetric:
         raise _refuse(q, "asymmetric fp8 weights", "use symmetric fp8 weights")
     return out
+
+
+def kv_args(q: Quantizer) -> dict:
+    """kv_cache_scheme args of a K or V quantizer: static per-tensor symmetric scales on K after RoPE (and V), as
+    compressed-tensors quantizes them at the cache write; anything else is refused by name."""
+    _no_side(q)
+    if q.dynamic or any(b != -1 for b in q.block) or not q.symmetric:
+        kind = "dynamic" if q.dynamic else "static"
+        raise _refuse(q, f"a {kind} KV-cache quantizer with block {tuple(q.block)}"
+                         f"{'' if q.symmetric else ', asymmetric'} (kv_cache_scheme holds one static symmetric "
+                         "scale per tensor for K and for V)",
+                      "use kv_cache keys/values {granularity: per_tensor, symmetric: true} (static, calibrated), "
+                      "or export without the kv_cache pass")
+    if q.fmt.kind != "float" or q.fmt_name != "fp8_e4m3":
+        raise _refuse(q, f"a {q.fmt_name} KV cache (the kv_cache_scheme's scales are served by vLLM as an fp8_e4m3 "
+                         "cache; transformers 5.25 does not apply them)",
+                      "quantize K and V to fp8_e4m3 per_tensor (static), or export without the kv_cache pass")
+    if q.meta.get("position") not in (None, "attention_input"):
+        raise _refuse(q, f"K quantized at {q.meta.get('position')!r} (compressed-tensors quantizes K after RoPE, "
+                         "where the cache stores it)", "use k_position: post_rope")
+    return {**_format_args(q), "symmetric": True, "strategy": "tensor", "dynamic": False, "group_size": None}
+
+
+def _kv_scheme(kv: dict) -> dict | None:
+    """One kv_cache_scheme for every attention: K and V of each with the same args, or a refusal."""
+    if not kv:
+        return None
+    seen = {json.dumps(a, sort_keys=True): q for roles in kv.values() for q, a in roles.values()}
+    missing = [(p, r) for p, roles in kv.items() for r in ("key", "value") if r not in roles]
+    if len(seen) > 1 or missing:
+        q = next(iter(seen.values()))
+        raise _refuse(q, "KV-cache quantizers that differ between K and V or between layers, or K without V"
+                         f"{f' ({missing[0][1]} of {missing[0][0]} is float)' if missing else ''} "
+                         "(kv_cache_scheme is one scheme for every K and V)", "quantize K and V alike everywhere")
+    return json.loads(next(iter(seen)))
 
 
 def input_args(q: Quantizer) -> dict:
@@ -230,6 +266,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
     linears = {n for n, m in hf.named_modules() if isinstance(m, nn.Linear)}
 
     schemes: dict[str, dict] = {}       # linear path -> {"weights", "input_activations", "q"}
+    kv: dict[str, dict] = {}            # attention path -> {"key" | "value": (quantizer, args)}
     used: set[str] = set()              # graph tensor names a quantizer owns
     for q in quantizers(gm):
         for arg in (q.scale, q.zero_point):
@@ -249,9 +286,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
                 raise _refuse(q, "an input quantizer of a module that is not an nn.Linear", "leave it float")
             schemes.setdefault(q.path, {})["input_activations"] = input_args(q)
         elif q.role in ("key", "value"):
-            raise _refuse(q, f"a {'dynamic' if q.dynamic else 'static'} KV-cache quantizer (compressed-tensors' "
-                             "kv_cache_scheme is read by vLLM as static fp8 scales; qpass's KV quantizers are "
-                             "not exported)", "export the model without the kv_cache pass")
+            kv.setdefault(q.path, {})[q.role] = (q, kv_args(q))
         else:
             raise _refuse(q, f"a quantizer of role {q.role!r}", "export a recipe of weight and input quantizers")
     for path, s in schemes.items():
@@ -268,6 +303,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
                                  fix="merge or drop what a pass added (lora_merge for adapters); passes that add "
                                      "biases (os_plus) or parameters stay qpass artefacts (qpass.load)")
 
+    kv_scheme = _kv_scheme(kv)
     groups: dict[str, dict] = {}
     for path in sorted(schemes):
         s = schemes[path]
@@ -285,7 +321,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
     formats = {g["format"] for g in groups.values()}
     qcfg = {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else
             "mixed-precision", "quantization_status": "compressed", "config_groups": config_groups,
-            "ignore": ignored, "kv_cache_scheme": None, "global_compression_ratio": None}
+            "ignore": ignored, "kv_cache_scheme": kv_scheme, "global_compression_ratio": None}
 
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(hf_names):
@@ -314,6 +350,9 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
                 tensors[f"{path}.input_zero_point"] = (_graph_tensor(gm, iq.zero_point.target).detach()
                                                        .to(torch.int16) - off).to(torch.int8).reshape(1)
 
+    for path, roles in kv.items():
+        for role, (q, _) in roles.items():
+            tensors[f"{path}.{role[0]}_scale"] = _graph_tensor(gm, q.scale.target).detach().float().reshape(1).clone()
     notes = []
     if any(g["input_activations"] and g["input_activations"]["dynamic"] for g in groups.values()):
         notes.append("dynamic activation scales are the runtime's: compressed-tensors' reference uses absmax/127.5, "

@@ -298,3 +298,50 @@ def test_cli_exports_a_saved_model(tmp_path, capsys):
     torch.testing.assert_close(logits(hf, x), logits(qm, x), rtol=0, atol=1e-5)
     assert qpass.cli.main(["export", str(tmp_path / "q"), "--out", str(tmp_path / "ct")]) == 1
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_fp8_kv_cache_scales_are_exported_and_int8_refused(tmp_path):
+    ct()
+    from safetensors.torch import load_file
+
+    from qpass.quantizer import quantizers
+
+    model, x = llama128(), toy.token_ids()
+    kv = {"keys": {"format": "fp8_e4m3", "granularity": "per_tensor"},
+          "values": {"format": "fp8_e4m3", "granularity": "per_tensor"}}
+    calib = [toy.token_ids(seed=s) for s in range(3)]
+    qm = qpass.apply(model, {"version": 1, "passes": [W4_G128["passes"][0], {"kv_cache": kv}]}, calib_data=calib)
+    compressed_tensors(qm, tmp_path / "ct")
+    qcfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qcfg["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                                       "dynamic": False, "group_size": None}
+    saved = load_file(tmp_path / "ct" / "model.safetensors")
+    gm = qm.graph_module
+    for q in quantizers(gm):
+        if q.role in ("key", "value"):
+            assert torch.equal(saved[f"{q.path}.{q.role[0]}_scale"], getattr(gm, q.scale.target).float().reshape(1))
+    # transformers 5.25 loads the weights quantized and ignores the KV scales (it does not apply kv_cache_scheme):
+    # its logits are the weight-only model's; vLLM reads them for an fp8 cache
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(hf, x), logits(qpass.apply(model, W4_G128), x), rtol=0, atol=1e-5)
+    int8 = {"keys": {"bits": 8, "granularity": "per_tensor"}, "values": {"bits": 8, "granularity": "per_tensor"}}
+    q8 = qpass.apply(model, {"version": 1, "passes": [{"kv_cache": int8}]}, calib_data=calib)
+    with pytest.raises(UnsupportedOpError, match="int8 KV cache"):
+        compressed_tensors(q8, tmp_path / "ct8")
+
+
+def test_moe_experts_are_refused_by_name(tmp_path):
+    from .test_moe import W, captured
+
+    model, _ = captured("mixtral")
+    qm = qpass.apply(model, W(), progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"experts\.gate_up_proj"):
+        compressed_tensors(qm, tmp_path / "ct")
+    attn = qpass.apply(model, {"version": 1, "passes": [{"quantize": {
+        "weights": {"bits": 8, "granularity": "per_channel"}, "ignore": ["lm_head", "*.experts.*"]}}]}, progress=False)
+    res = compressed_tensors(attn, tmp_path / "attn")       # the linears around float experts export
+    assert res.ignored == ["lm_head"] and len(res.quantized) == 8      # the router is not an nn.Linear here
+    ct()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "attn")
+    x = toy.token_ids()
+    torch.testing.assert_close(logits(hf, x), logits(attn, x), rtol=0, atol=1e-5)
