@@ -103,7 +103,8 @@ def weight_args(q: Quantizer, shape: tuple[int, int]) -> dict:
         out.update(strategy="channel", group_size=None)
     elif block[0] == 1 and block[1] > 1:
         if shape[1] % block[1]:
-            raise _refuse(q, f"a partial last group ({shape[1]} input features in groups of {block[1]})",
+            raise _refuse(q, f"a partial last group ({shape[1]} input features in groups of {block[1]}: "
+                             "compressed-tensors' group forward requires whole groups)",
                           "use a group size that divides the input features, or per-channel scales")
         out.update(strategy="group", group_size=block[1])
     else:
