@@ -92,6 +92,19 @@ def weight_bytes(model) -> dict:
             continue
         size = quantizer_bytes(gm, fq, w.numel())
         total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
+    # MoE experts (qpass.experts): each stacked [experts, out, in] weight counts like the linears it stands for
+    from .experts import expert_sites
+    from .experts import weight_quantizer as expert_weight_quantizer
+
+    for site in expert_sites(gm):
+        w = param_of(gm, site.weight)
+        numel += w.numel()
+        fq = Quantizer.of(expert_weight_quantizer(site))
+        if fq is None:
+            total += w.numel() * w.element_size()
+            continue
+        size = quantizer_bytes(gm, fq, w.numel())
+        total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
     # bits_per_weight: over every linear (a float lm_head counts at its dtype's width);
     # quantized_bits_per_weight: over the quantized linears only (None when none is)
     return {"linear_weight_bytes": int(round(total)), "linear_weights": numel,

@@ -259,3 +259,14 @@ def test_apply_from_disk_streams_a_moe_model(tmp_path, family):
     qpass.apply_from_disk(tmp_path / "hf", recipe, tmp_path / "out", calib_data=_calib(), progress=False)
     disk = qpass.load(tmp_path / "out")
     assert torch.equal(logits(disk, x), logits(mem, x))
+
+
+def test_weight_bytes_count_the_experts():
+    from qpass.eval import weight_bytes
+
+    model, gm = captured("mixtral")
+    qm = qpass.apply(gm, W(), progress=False)
+    stacked = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    fp, q = weight_bytes(gm), weight_bytes(qm)
+    assert fp["linear_weights"] == q["linear_weights"] > stacked        # experts counted with the linears
+    assert q["quantized_bits_per_weight"] == 4 + 16 / 8                  # int4 codes + an fp16 scale per 8
