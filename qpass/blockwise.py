@@ -59,10 +59,10 @@ Optimizer = Literal["signsgd", "adam", "adamw"]
 
 TRAIN_DOCS = {
     "steps": "optimiser steps per block (0: no training, the start is kept)",
-    "lr": "learning rate (signsgd: the step size of p -= lr * sign(grad))",
+    "lr": "learning rate (signsgd: the step size)",
     "batch_size": "calibration samples per step (sampled with the seed; each sample back-propagated alone)",
-    "optimizer": "signsgd | adam | adamw (weight decay 0)",
-    "schedule": "learning-rate schedule over the steps: constant | linear (decay to 0, AutoRound)",
+    "optimizer": "signsgd (p -= lr * sign(grad)), adam or adamw (weight decay 0)",
+    "schedule": "learning-rate schedule over the steps: constant, or linear (decays to 0, as AutoRound)",
     "seed": "seed of the batch sampling (the run is deterministic for a seed)",
     "feed": "student inputs of block i: `quantized` (outputs of blocks 0..i-1 as trained and baked) or `float` "
             "(the float model's, the same as the teacher's)",

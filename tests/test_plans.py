@@ -48,6 +48,7 @@ CONFORMANCE = {
                {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
     "quantease": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},        # outliers: a side channel
                   {"quantease": {"iterations": 2, "outliers": 0.01}}],
+    "lorc": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lorc": {"rank": 2}}],
     "signround": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"signround": {"steps": 3, "batch_size": 2}}],
     "omniquant": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"omniquant": {"steps": 3, "batch_size": 2}}],
 }
