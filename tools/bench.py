@@ -18,6 +18,8 @@ Sections (each a table in the report):
                 each lowered recipe: prefill and batch-1 decode tokens/s, weight bytes of the linear layers,
                 KV-cache bytes, greedy agreement with the fake-quant model, and the kernel plan measured
   memory        peak RSS of this process
+  (--model-only runs only this section, with --recipes picking its presets, and prints it: e.g. the cost of the
+  rotate pass's online Hadamards, w4a8_kv4.yaml vs rotate_w4a8_kv4.yaml)
   real size     tools/bench_size.py's section (a 0.5 B synthetic Llama, every backend row in one process): that
                 script writes it between its marker lines; this one keeps it as it is when it rewrites the file
 Timings are medians of REPEATS rounds after a warm-up; the variants of a table run interleaved in each round
@@ -56,7 +58,7 @@ from qpass.tables import markdown, write_atomic  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "models", "tiny-llama")
 FULL = dict(shapes=[(4096, 4096), (4096, 11008)], ms=(1, 8, 128), prompt=128, new=64, copy_mb=512,
-            recipes=["w4a16_g128.yaml", "w8a16.yaml", "w8a8.yaml", "w4a8_kv4.yaml"])
+            recipes=["w4a16_g128.yaml", "w8a16.yaml", "w8a8.yaml", "w4a8_kv4.yaml", "rotate_w4a8_kv4.yaml"])
 QUICK = dict(shapes=[(256, 256)], ms=(1, 8, 128), prompt=16, new=8, copy_mb=32, recipes=["w4a8_kv4.yaml"])
 
 
@@ -64,6 +66,8 @@ class Ctx:
     def __init__(self, args):
         self.args, self.quick = args, args.quick
         self.cfg = QUICK if args.quick else FULL
+        if getattr(args, "recipes", None):
+            self.cfg = dict(self.cfg, recipes=[r.strip() for r in args.recipes.split(",") if r.strip()])
         self.repeats = args.repeats or (2 if args.quick else 5)
         self.copy_gbs = self.read_gbs = None
         cores = os.cpu_count() or 1
@@ -459,6 +463,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=BUNDLED)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--onnx", action="store_true", help="add onnxruntime rows (tools/bench_onnx.py)")
+    ap.add_argument("--recipes", help="comma-separated presets (recipes/) of the model section, e.g. "
+                    "w4a8_kv4.yaml,rotate_w4a8_kv4.yaml (default: the full list)")
+    ap.add_argument("--model-only", action="store_true", help="run only the model section and print it; the "
+                    "report file is not written")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     threads = args.threads or (1 if os.getloadavg()[0] > 0.5 else os.cpu_count())
@@ -469,6 +477,12 @@ def main(argv=None) -> int:
     info = machine(ctx)
     ctx.isa = info["isa"]
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.model_only:
+        text, _ = model_section(ctx)
+        cmd = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(f"`{cmd.strip()}`: {ctx.model_name}, batch 1, prompt {ctx.cfg['prompt']}, {ctx.cfg['new']} decode "
+              f"steps, {threads} thread(s), {ctx.repeats} repeats\n\n{text}")
+        return 0
     say("bandwidth")
     sections = [("Memory bandwidth (this process, same run)", bandwidth(ctx))]
     say("linears")
