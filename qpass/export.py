@@ -21,10 +21,16 @@ per-channel (rows) or per-group (along the input features, full groups) scales, 
 activations int or fp8_e4m3, dynamic per-token or static per-tensor. Refused by name (UnsupportedOpError
 naming the node and module): nf4, fp4, fp8_e5m2, learned codebooks, side channels (outliers, float columns,
 quantized scales), partial last groups, quantizers on weights that are not an ``nn.Linear``'s (GPT-2's
-Conv1D, a tied lm_head), KV-cache quantizers other than static per-tensor fp8_e4m3 after RoPE (the
+Conv1D, a tied lm_head) or a MoE's stacked experts, KV-cache quantizers other than static per-tensor fp8_e4m3 after RoPE (the
 kv_cache_scheme: one static scale per K and V tensor, served by vLLM as an fp8 cache; written as
 ``<attention>.k_scale`` / ``v_scale``), and tensors a pass added that the transformers model has no place for (OS+ biases,
 unmerged LoRA adapters).
+
+MoE models: stacked expert weights quantized per expert (symmetric int, weight-only) are written in the layout
+transformers saves MoE models in (its own reverse conversion: one linear per expert, e.g. Mixtral's
+``block_sparse_moe.experts.<e>.w1``), packed per expert, in a config group targeting ``re:.*\.experts\..*`` (or
+the one ``Linear`` group); routers are listed in ``ignore``. transformers reads them back through its conversion
+(dequantize each expert, then stack).
 
 The codes are qpass's own (``qpass.primitives.quant.quantize`` with the model's scales), so the dequantized
 weights transformers builds are qpass's fake-quant weights. Activations are quantized by the runtime:
@@ -44,6 +50,7 @@ from torch import nn
 
 from .artifacts import atomic_directory, write_safetensors
 from .errors import ArtifactError, UnsupportedOpError
+from .experts import expert_sites, routers
 from .graph import META_PREFIX
 from .primitives.quant import quantize
 from .quantizer import Quantizer, quantizers
@@ -92,11 +99,12 @@ def _no_side(q: Quantizer) -> None:
                                "artefacts)")
 
 
-def weight_args(q: Quantizer, shape: tuple[int, int]) -> dict:
-    """compressed-tensors QuantizationArgs (as a dict) of a weight quantizer on a [out, in] weight."""
+def weight_args(q: Quantizer, shape: tuple[int, int], block=None) -> dict:
+    """compressed-tensors QuantizationArgs (as a dict) of a weight quantizer on a [out, in] weight (`block`: the
+    quantizer's block on it, default q.block; one expert's of a stacked expert weight)."""
     _no_side(q)
     out = {**_format_args(q), "symmetric": q.symmetric, "dynamic": False}
-    block = tuple(q.block)
+    block = tuple(q.block if block is None else block)
     if block == (-1, -1):
         out.update(strategy="tensor", group_size=None)
     elif block == (1, -1):
@@ -218,6 +226,51 @@ def weight_tensors(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     return out
 
 
+EXPERTS_TARGET = r"re:.*\.experts\..*"     # the config group of MoE experts (transformers picks it by 'experts')
+
+
+def _expert_args(q: Quantizer, site) -> dict:
+    """Per-expert QuantizationArgs of a stacked [E, out, in] expert weight quantizer, or a refusal by name."""
+    if site.in_axis != 2:
+        raise _refuse(q, "stacked expert weights stored [experts, in, out]", "keep qpass's own artefact")
+    shape = tuple(site.weight.meta["val"].shape)
+    args = weight_args(q, shape[1:], block=tuple(q.block)[1:])
+    if args["type"] != "int" or not args["symmetric"]:
+        raise _refuse(q, f"{'asymmetric ' if not args['symmetric'] else ''}{q.fmt_name} MoE experts (transformers' "
+                         "compressed-tensors loader reads symmetric packed int experts)",
+                      "quantize the experts to symmetric int2..int8")
+    return args
+
+
+def _per_expert_layout(hf, gm, tensors: dict, moe: dict, ignored: list, groups: dict):
+    """Tensors, ignore list and group targets in the layout transformers saves MoE models in (its own reverse
+    conversion: stacked experts split into one linear per expert, module renamings undone), with each quantized
+    expert's codes packed and its scales split the same way."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    def legacy(names):      # module names in the saved layout
+        out = revert_weight_conversion(hf, {f"{n}.weight": torch.empty(1, 1) for n in names})
+        return sorted(k.removesuffix(".weight") for k in out)
+
+    tensors = dict(revert_weight_conversion(hf, tensors))
+    for name, (q, args) in moe.items():
+        w = _graph_tensor(gm, q.x.target)
+        scale = _graph_tensor(gm, q.scale.target).detach().float()
+        codes = quantize(w.detach().float(), scale, None, q.block, q.fmt_name)
+        codes_e = revert_weight_conversion(hf, {name: codes})
+        scales_e = revert_weight_conversion(hf, {name: scale})
+        for key, c in codes_e.items():
+            module = key.removesuffix(".weight")
+            tensors[f"{module}.weight_packed"] = pack_int32(c, args["num_bits"])
+            tensors[f"{module}.weight_shape"] = torch.tensor(tuple(c.shape), dtype=torch.int64)
+            tensors[f"{module}.weight_scale"] = scales_e[key].contiguous()
+    for g in groups.values():
+        if g["targets"] != ["Linear"]:
+            g["targets"] = legacy([t for t in g["targets"] if t != EXPERTS_TARGET]) + \
+                ([EXPERTS_TARGET] if EXPERTS_TARGET in g["targets"] else [])
+    return tensors, legacy(ignored), groups
+
+
 def _layout(wargs: dict, iargs: dict | None) -> str:
     if wargs["type"] == "float":
         return "float-quantized" if iargs is not None else "naive-quantized"
@@ -267,13 +320,20 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
     linears = {n for n, m in hf.named_modules() if isinstance(m, nn.Linear)}
 
     schemes: dict[str, dict] = {}       # linear path -> {"weights", "input_activations", "q"}
+    experts = {e.key: e for e in expert_sites(gm)}
+    moe: dict[str, tuple] = {}          # stacked expert weight name -> (quantizer, per-expert args)
     kv: dict[str, dict] = {}            # attention path -> {"key" | "value": (quantizer, args)}
     used: set[str] = set()              # graph tensor names a quantizer owns
     for q in quantizers(gm):
         for arg in (q.scale, q.zero_point):
             if arg is not None and arg.op == "get_attr":
                 used.add(arg.target)
-        if q.role == "weight":
+        if q.role == "weight" and q.path in experts:
+            moe[q.path] = (q, _expert_args(q, experts[q.path]))
+        elif q.role == "input" and q.path in experts:
+            raise _refuse(q, "activation quantization of MoE experts (transformers' compressed-tensors loader "
+                             "dequantizes experts to float)", "quantize the experts' weights only")
+        elif q.role == "weight":
             w = q.x
             name = w.target[len(prefix):] if w.op == "get_attr" and w.target.startswith(prefix) else None
             if name is None or name != f"{q.path}.weight" or q.path not in linears:
@@ -297,7 +357,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
 
     extra = sorted(n[len(prefix):] for n, _ in [*gm.named_parameters(), *gm.named_buffers()]
                    if n not in used and n[len(prefix):] not in known and n.startswith(prefix))
-    extra = [n for n in extra if not any(n == f"{p}.weight" for p in schemes)]
+    extra = [n for n in extra if not any(n == f"{p}.weight" for p in schemes) and n not in moe]
     if extra:
         raise UnsupportedOpError(f"compressed-tensors export: the quantized graph has tensors the transformers "
                                  f"model has no place for: {extra[:5]}{' ...' if len(extra) > 5 else ''}",
@@ -313,7 +373,13 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
         g = groups.setdefault(key, {"targets": [], "weights": s["weights"], "input_activations": iargs,
                                     "output_activations": None, "format": _layout(s["weights"], iargs)})
         g["targets"].append(path)
-    ignored = sorted(linears - set(schemes))
+    for name, (_, wargs) in sorted(moe.items()):
+        key = json.dumps([wargs, None], sort_keys=True)
+        g = groups.setdefault(key, {"targets": [], "weights": wargs, "input_activations": None,
+                                    "output_activations": None, "format": _layout(wargs, None)})
+        if EXPERTS_TARGET not in g["targets"]:
+            g["targets"].append(EXPERTS_TARGET)
+    ignored = sorted(linears - set(schemes)) + sorted(routers(gm))
     config_groups = {}
     for i, g in enumerate(groups.values()):
         if len(groups) == 1:
@@ -327,7 +393,7 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(hf_names):
         module = name.rsplit(".", 1)[0]
-        if module in schemes and name == f"{module}.weight":
+        if (module in schemes and name == f"{module}.weight") or name in moe:
             continue
         t = _graph_tensor(gm, prefix + name)
         if t is None:
@@ -354,6 +420,9 @@ def compressed_tensors(qm, directory: str | os.PathLike, *, tokenizer_dir: str |
     for path, roles in kv.items():
         for role, (q, _) in roles.items():
             tensors[f"{path}.{role[0]}_scale"] = _graph_tensor(gm, q.scale.target).detach().float().reshape(1).clone()
+    if moe:      # the checkpoint layout transformers and vLLM read MoE checkpoints in: one tensor per expert
+        tensors, ignored, config_groups = _per_expert_layout(hf, gm, tensors, moe, ignored, config_groups)
+        qcfg["ignore"] = ignored
     notes = []
     if any(g["input_activations"] and g["input_activations"]["dynamic"] for g in groups.values()):
         notes.append("dynamic activation scales are the runtime's: compressed-tensors' reference uses absmax/127.5, "

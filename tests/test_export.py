@@ -330,18 +330,61 @@ def test_fp8_kv_cache_scales_are_exported_and_int8_refused(tmp_path):
         compressed_tensors(q8, tmp_path / "ct8")
 
 
-def test_moe_experts_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_experts_export_per_expert_and_load_in_transformers(tmp_path, family):
+    """Quantized stacked experts are written in the layout transformers saves MoE models in (one linear per expert,
+    its own renamings undone: Mixtral's block_sparse_moe.experts.<e>.w1/w2/w3), packed per expert; transformers
+    reads them back through its conversion (dequantize, then stack): the fake-quant logits exactly."""
+    ct()
+    from safetensors import safe_open
+
     from .test_moe import W, captured
 
-    model, _ = captured("mixtral")
+    model, _ = captured(family)
+    x = toy.token_ids()
     qm = qpass.apply(model, W(), progress=False)
-    with pytest.raises(UnsupportedOpError, match=r"experts\.gate_up_proj"):
-        compressed_tensors(qm, tmp_path / "ct")
+    res = compressed_tensors(qm, tmp_path / "ct")
+    assert res.groups["group_0"]["targets"] == ["Linear"] and len(res.ignored) == 3   # lm_head + 2 routers
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert sum(k.endswith(".weight_packed") and ".experts." in k for k in keys) == 2 * 4 * 3   # layers x experts x 3
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(hf, x), logits(qm, x), rtol=0, atol=1e-5)
+    assert (logits(qm, x) - logits(model, x)).abs().max() > 1e-3
+
+
+def test_moe_mixed_schemes_and_refusals(tmp_path):
+    ct()
+    from .test_moe import captured
+
+    model, _ = captured("mixtral")
+    x = toy.token_ids()
+    mixed = qpass.apply(model, {"version": 1, "passes": [
+        {"quantize": {"weights": {"bits": 4, "granularity": "per_group", "group_size": 8},
+                      "targets": ["*.experts.*"]}},
+        {"quantize": {"weights": {"bits": 8, "granularity": "per_channel"}, "targets": ["*.self_attn.*"]}}]},
+        progress=False)
+    res = compressed_tensors(mixed, tmp_path / "ct")
+    targets = sorted(t for g in res.groups.values() for t in g["targets"])
+    assert len(res.groups) == 2 and r"re:.*\.experts\..*" in targets and "model.layers.0.self_attn.q_proj" in targets
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(hf, x), logits(mixed, x), rtol=0, atol=1e-5)
+    asym = qpass.apply(model, {"version": 1, "passes": [{"quantize": {"weights": {
+        "bits": 4, "granularity": "per_group", "group_size": 8, "symmetric": False}, "targets": ["*.experts.*"]}}]},
+        progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"asymmetric int4 MoE experts"):
+        compressed_tensors(asym, tmp_path / "asym")
+    a8 = qpass.apply(model, {"version": 1, "passes": [{"quantize": {
+        "weights": {"bits": 8, "granularity": "per_channel"},
+        "activations": {"bits": 8, "granularity": "per_token", "dynamic": True}, "targets": ["*.experts.*"]}}]},
+        progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"activation quantization of MoE experts"):
+        compressed_tensors(a8, tmp_path / "a8")
+    # float experts: the model exports with its attention quantized, experts and router as they are
     attn = qpass.apply(model, {"version": 1, "passes": [{"quantize": {
         "weights": {"bits": 8, "granularity": "per_channel"}, "ignore": ["lm_head", "*.experts.*"]}}]}, progress=False)
-    res = compressed_tensors(attn, tmp_path / "attn")       # the linears around float experts export
-    assert res.ignored == ["lm_head"] and len(res.quantized) == 8      # the router is not an nn.Linear here
-    ct()
+    res = compressed_tensors(attn, tmp_path / "attn")
+    assert len(res.quantized) == 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "attn")
-    x = toy.token_ids()
     torch.testing.assert_close(logits(hf, x), logits(attn, x), rtol=0, atol=1e-5)
