@@ -15,6 +15,7 @@ from .rotate import Rotate, RotateConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .signround import SignRound, SignRoundConfig
+from .zeroquant import ZeroQuant, ZeroQuantConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
@@ -34,6 +35,7 @@ PASSES = {
     "quantease": (QuantEaseConfig, QuantEase),
     "signround": (SignRoundConfig, SignRound),
     "omniquant": (OmniQuantConfig, OmniQuant),
+    "zeroquant": (ZeroQuantConfig, ZeroQuant),
 }
 
 
@@ -45,6 +47,6 @@ def make_pass(config):
 __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig", "SmoothQuant", "SmoothQuantConfig",
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
-           "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig",
+           "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig"]

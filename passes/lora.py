@@ -218,25 +218,36 @@ def _remove(gm: GraphModule, a_name: str, b_name: str) -> None:
 
 
 def _insert(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor, scaling: float):
+    a_name, b_name = insert_low_rank(gm, site, a, b, scaling=scaling, names=("lora_A", "lora_B"), origin="lora",
+                                     trainable=True)
+    return a_name, b_name, scaling
+
+
+def insert_low_rank(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor, *, scaling: float | None,
+                    names: tuple[str, str], origin: str, trainable: bool) -> tuple[str, str]:
+    """y = linear(x, W) -> y + scaling * linear(linear(x, A), B) beside `site` (no mul when `scaling` is None),
+    x the linear's float input (what an input quantizer feeding it reads); A and B registered as
+    ``<module path>.<names>`` (parameters when `trainable`, else buffers); the new nodes carry META_ORIGIN
+    `origin`. Returns the names of A and B."""
     y = site.node
     x = site.input
     q = Quantizer.of(x)
     if q is not None and q.role == "input":           # the float input the quantizer reads
         x = q.x
     stem = (site.path or y.name)
-    a_name = add_tensor(gm, f"{stem}.lora_A", a.clone(), trainable=True)
-    b_name = add_tensor(gm, f"{stem}.lora_B", b.clone(), trainable=True)
+    a_name = add_tensor(gm, f"{stem}.{names[0]}", a.clone(), trainable=trainable)
+    b_name = add_tensor(gm, f"{stem}.{names[1]}", b.clone(), trainable=trainable)
     after = y.next
     a_node, b_node = get_attr(gm, after, a_name), get_attr(gm, after, b_name)
-    h = insert_call(gm, after, aten.linear.default, (x, a_node), "lora")
-    o = insert_call(gm, after, aten.linear.default, (h, b_node), "lora")
-    s = insert_call(gm, after, aten.mul.Tensor, (o, scaling), "lora")
-    out = insert_call(gm, after, aten.add.Tensor, (y, s), "lora", val_like=y)
+    h = insert_call(gm, after, aten.linear.default, (x, a_node), origin)
+    o = insert_call(gm, after, aten.linear.default, (h, b_node), origin)
+    s = insert_call(gm, after, aten.mul.Tensor, (o, scaling), origin) if scaling is not None else o
+    out = insert_call(gm, after, aten.add.Tensor, (y, s), origin, val_like=y)
     y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
     for n, like in ((h, None), (o, y), (s, y)):
         if like is not None and "val" in like.meta:
             n.meta["val"] = like.meta["val"]
-    return a_name, b_name, scaling
+    return a_name, b_name
 
 
 def _out_in(gm: GraphModule, s: LinearSite) -> tuple[int, int]:
@@ -263,4 +274,5 @@ def adapter_parameters(gm: GraphModule) -> list[torch.nn.Parameter]:
     return [gm.get_parameter(n) for a, b, _ in gm.meta.get(META_LORA, {}).values() for n in (a, b)]
 
 
-__all__ = ["Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig", "adapter_parameters", "META_LORA", "META_ORIGIN"]
+__all__ = ["Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig", "adapter_parameters", "insert_low_rank", "META_LORA",
+           "META_ORIGIN"]

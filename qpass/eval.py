@@ -72,7 +72,8 @@ def compare(reference: Callable, candidate: Callable, ids, window: int = 256) ->
 def weight_bytes(model) -> dict:
     """Storage of the linear-layer weights as a packed backend holds them: quantized weights at their
     format's bits (codes packed), one fp16 scale per block and zero points at the code width; unquantized
-    weights at their dtype's size. `model`: a QuantizedModel, a captured GraphModule or an HF model."""
+    weights at their dtype's size, LoRC branches (passes/lorc.py) at theirs. `model`: a QuantizedModel, a captured
+    GraphModule or an HF model."""
     from torch.fx import GraphModule
 
     from .capture import capture
@@ -105,6 +106,11 @@ def weight_bytes(model) -> dict:
             continue
         size = quantizer_bytes(gm, fq, w.numel())
         total, q_total, q_numel = total + size, q_total + size, q_numel + w.numel()
+    # LoRC's low-rank branches (passes/lorc.py): stored beside the quantized weights they compensate, at their
+    # dtype's width, so they count in both totals (over the same weights)
+    for names in gm.meta.get("qpass_lorc", {}).values():
+        size = sum(_tensor(gm, n).numel() * _tensor(gm, n).element_size() for n in names)
+        total, q_total = total + size, q_total + size
     # bits_per_weight: over every linear (a float lm_head counts at its dtype's width);
     # quantized_bits_per_weight: over the quantized linears only (None when none is)
     return {"linear_weight_bytes": int(round(total)), "linear_weights": numel,

@@ -25,6 +25,7 @@ aten = torch.ops.aten
 META_PREFIX = "qpass_prefix"      # gm.meta: wrapper prefix stripped from module paths
 META_CAPTURE = "qpass_capture"    # gm.meta: how the graph was captured
 META_ORIGIN = "qpass_origin"      # node.meta: which pass inserted the node
+ADAPTER_ORIGINS = ("lora", "lorc")   # origins of low-rank branches beside a linear (not linear sites themselves)
 META_QUANT = "qpass_quant"        # node.meta: what a quantizer node quantizes (qpass.quantizer.QuantMeta)
 
 _TRANSPOSES = TRANSPOSES
@@ -117,7 +118,7 @@ def linear_sites(gm: GraphModule) -> list[LinearSite]:
     """Every linear-like node whose weight is a 2-D parameter, in graph order."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.meta.get(META_ORIGIN) == "lora":   # adapters are not model linears
+        if node.op != "call_function" or node.meta.get(META_ORIGIN) in ADAPTER_ORIGINS:   # not model linears
             continue
         if node.target is aten.linear.default:
             x, w = node.args[0], node.args[1]
