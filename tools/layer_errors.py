@@ -1,10 +1,12 @@
-"""Per-layer calibration errors of GPTQ and AWQ recipes, from the passes' reports.
+"""Per-layer calibration errors of GPTQ, QuantEase and AWQ recipes, from the passes' reports.
 
     python tools/layer_errors.py MODEL_DIR --recipe R.yaml [--recipe ...] [--calib TEXT] [--window 256]
                                  [--calib-samples 32] [--json OUT.json]
 
 For a recipe with ``gptq``: every re-rounded linear's ``||WX - W_hat X||^2`` summed over the calibration
 tokens, for GPTQ and for round-to-nearest with the same quantizer and inputs, and their ratio. For a recipe
+with ``quantease``: the same error for QuantEase, GPTQ and RTN on the same inputs (each linear's Hessian as the
+pass saw it), and QuantEase / GPTQ (at or below 1 on every layer when started from GPTQ). For a recipe
 with ``awq``: every folding group's chosen alpha and its scale-search loss relative to alpha = 0 (RTN), and
 the mean clip ratio of every clipped linear. Calibration windows are the ones tools/eval.py uses.
 """
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     for recipe in args.recipe:
         qm = qpass.apply(model, recipe, calib_data=calib, progress=False)
         name = os.path.basename(recipe)
-        out[name] = {row.name: row.stats for row in qm.report if row.name in ("gptq", "awq")}
+        out[name] = {row.name: row.stats for row in qm.report if row.name in ("gptq", "quantease", "awq")}
         print(f"\n{args.model_dir} {name} ({len(calib)} calibration windows of {args.window} tokens)")
         gptq = out[name].get("gptq")
         if gptq:
@@ -54,6 +56,14 @@ def main(argv=None) -> int:
                            [[path, f"{e['gptq']:.4g}", f"{e['rtn']:.4g}", f"{e['ratio']:.3f}"]
                             for path, e in gptq["errors"].items()]))
             print(f"mean ratio {gptq['mean_error_ratio']:.3f}; {gptq['improved']}/{gptq['linears']} below RTN")
+        qe = out[name].get("quantease")
+        if qe:
+            print(markdown(["linear", "QuantEase ‖WX−ŴX‖²", "GPTQ ‖WX−ŴX‖²", "RTN ‖WX−ŴX‖²", "QuantEase / GPTQ"],
+                           [[path, f"{e['quantease']:.4g}", f"{e['gptq']:.4g}", f"{e['rtn']:.4g}",
+                             f"{e['ratio_vs_gptq']:.3f}"] for path, e in qe["errors"].items()]))
+            worst = max(e["ratio_vs_gptq"] for e in qe["errors"].values())
+            print(f"mean QuantEase/GPTQ {qe['mean_ratio_vs_gptq']:.3f}, worst {worst:.3f}; "
+                  f"{qe['at_or_below_gptq']}/{qe['linears']} at or below GPTQ")
         awq = out[name].get("awq")
         if awq:
             print(markdown(["group", "alpha", "loss / RTN loss"],
