@@ -83,6 +83,17 @@ def test_transformers_refuses_a_qpass_directory(tmp_path):
     assert "quantization_config" not in back.source["hf_config"]
 
 
+def test_transformers_refuses_streamed_and_lowered_directories_too(tmp_path):
+    toy.save_hf_dir(tmp_path / "hf", tokenizer=False)
+    qpass.apply_from_disk(tmp_path / "hf", _w(bits=8, granularity="per_channel"), tmp_path / "disk", progress=False)
+    pm = qpass.lower(qpass.apply(toy.hf_model("llama"), _w(bits=8, granularity="per_channel")), "torch",
+                     kernels="reference")
+    pm.save(tmp_path / "packed")
+    for d in ("disk", "packed"):
+        with pytest.raises(ValueError, match=r"qpass\.load"):
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d)
+
+
 # ------------------------------------------------------------------ packing
 
 
