@@ -160,3 +160,23 @@ def test_it_lowers_to_torch_packed_and_onnx_with_parity(tmp_path):
         qpass.lower(m, "onnx", tmp_path / f"m{i}", fused_accuracy_level=0)
         got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / f"m{i}")), ids)
         torch.testing.assert_close(got.float(), m(ids).logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_zeroquant_lkd_trains_weights_and_norms_against_the_float_block():
+    model = toy.hf_model("llama")
+    w4a8 = quant(W3G, {"bits": 8, "granularity": "per_token", "dynamic": True})
+    rtn = run(w4a8, model=model)
+    qm = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3}}, model=model)
+    st = qm.report["zeroquant"].stats
+    assert st["blocks"] == 2 and st["linears"] == 14 and st["mean_loss_ratio"] < 1.0
+    assert op_counts(qm.graph_module) == op_counts(rtn.graph_module)
+    sa, sb = rtn.graph_module.state_dict(), qm.graph_module.state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert any("layernorm" in k for k in changed) and any("q_proj_weight" in k or "q_proj.weight" in k
+                                                            for k in changed)
+    assert not any(k.endswith("_scale") for k in changed)          # quantizer scales stay as quantize chose them
+    ids = torch.cat(CALIB)
+    assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
+    nn = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3, "norms": False}}, model=model)
+    sn = nn.graph_module.state_dict()
+    assert not any("layernorm" in k for k in sa if not torch.equal(sa[k], sn[k]))
