@@ -53,9 +53,9 @@ class RotateConfig:
         "online": "an online Hadamard (one qpass.hadamard node, a fast Walsh-Hadamard transform) on the input of "
                   "every linear that writes the stream (down_proj, o_proj, fc2, ...), its weight compensated "
                   "(W <- W T): their input activations are quantized in the rotated basis",
-        "heads": "rotate attention heads: V per head offline (v rows / o columns, block-diagonal Hadamard) and Q and "
-                 "K per head online after RoPE (one qpass.hadamard node each, before the KV cache), so K and V are "
-                 "quantized in a rotated basis",
+        "heads": "rotate attention heads: V per head offline (v rows / o columns, block-diagonal Hadamard times "
+                 "random signs) and Q and K per head online after RoPE (one qpass.hadamard node each, before the KV "
+                 "cache), so K and V are quantized in a rotated basis",
     }
 
     kind: str = "hadamard"
@@ -94,7 +94,7 @@ class Rotate(Pass):
         near: list[str] = []
         online = _writer_keys(gm, stream) if cfg.online else []
         heads = online_heads.head_keys(gm, near) if cfg.heads else []
-        v_rotated = online_heads.rotate_values(gm, near) if cfg.heads else []
+        v_rotated = online_heads.rotate_values(gm, near, cfg.seed) if cfg.heads else []
         _insert_online(gm, online, heads, compensate=True)
         decisions = {"dim": stream.dim, "kind": kind, "seed": cfg.seed, "mean_preserving": bool(stream.layer_norms),
                      "edits": [list(e) for e in edits], "online": [list(k) for k in online],

@@ -365,10 +365,13 @@ def insert_heads(gm: GraphModule, keys: list[tuple]) -> None:
             user.replace_input_with(k, hk)
 
 
-def rotate_values(gm: GraphModule, near: list[str]) -> list[str]:
+def rotate_values(gm: GraphModule, near: list[str], seed: int = 0) -> list[str]:
     """Rotate V per head offline: each linear producer whose channels reach linears only through layout ops and
-    attention's value operand (v_proj -> o_proj, the v rows of a fused qkv) gets a block-diagonal Hadamard of
-    head_dim over the channels its consumers read (``folding.fold_rotation``). The producers rotated."""
+    attention's value operand (v_proj -> o_proj, the v rows of a fused qkv) gets a block-diagonal ``H D`` of
+    head_dim over the channels its consumers read (``folding.fold_rotation``; H the normalised Hadamard, D random
+    signs per head from `seed`). The signs matter when the consumer (o_proj) also gets an online Hadamard T:
+    ``blockdiag(H) T`` would cancel H inside every head (H H = I) and leave o_proj's input mixed across heads only;
+    ``blockdiag(H D) T`` mixes within heads too (H D H is dense). The producers rotated."""
     from . import folding
     from .primitives.hadamard import small_factor, transform_matrix
 
@@ -386,8 +389,10 @@ def rotate_values(gm: GraphModule, near: list[str]) -> list[str]:
             near.append(f"{g.name}: values not rotated ({idx.numel()} channels read, not a multiple of {dim})")
             continue
         q = torch.eye(g.producer.channels, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(int(seed) + len(done))
         for b in idx.view(-1, dim):
-            q[b.view(-1, 1), b.view(1, -1)] = t
+            signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+            q[b.view(-1, 1), b.view(1, -1)] = t * signs.view(1, dim)
         why = folding.rotation_reason(g, q)
         if why:
             near.append(f"{g.name}: values not rotated ({why})")

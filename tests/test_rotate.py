@@ -229,10 +229,18 @@ def test_torch_backend_runs_the_fast_transform_with_parity(monkeypatch):
     torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
     prompt = toy.token_ids(1, 5)
     assert torch.equal(pm.generate(prompt, max_new_tokens=4), qm.generate(prompt, max_new_tokens=4))
-    x = torch.randn(3, 64)                                          # a power of two: butterflies, no matrix product
-    expect = x.double() @ (H.sylvester(64) / 8)
-    monkeypatch.setattr(torch, "matmul", lambda *a, **k: (_ for _ in ()).throw(AssertionError("dense matmul")))
-    torch.testing.assert_close(torch.ops.qpass.hadamard(x, torch.ones(1, 1)).double(), expect, rtol=1e-5, atol=1e-5)
+    targets = {n.target for n in pm.graph_module.graph.nodes if n.op == "call_function"}
+    assert H.hadamard_transform in targets and H.HADAMARD not in targets    # called directly, no op dispatch
+    x = torch.randn(3, 256)                           # a power of two: radix-16 butterflies, never a [256, 256] matrix
+    expect = x.double() @ (H.sylvester(256) / 16)
+    matmul = torch.matmul
+
+    def small_only(a, b):
+        assert max(a.shape[-1], b.shape[-1]) <= 16, (a.shape, b.shape)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", small_only)
+    torch.testing.assert_close(H.hadamard_transform(x, torch.ones(1, 1)).double(), expect, rtol=1e-5, atol=1e-5)
 
 
 def test_onnx_lowers_online_hadamards_to_matmul_with_parity(tmp_path):

@@ -11,6 +11,8 @@ Changes   the pattern -> ``call_module PackedLinear(x)`` (one node; the input qu
 simplify  (after lowering) export's ``_assert_tensor_metadata`` nodes and casts to the dtype a tensor
           already has are removed, and attention over repeated K/V heads (RepeatedKv) takes the grouped heads
           directly (``enable_gqa``: same kernel, same result bit for bit, no copy of every cache per step).
+          The rotate pass's online Hadamards (``qpass.hadamard``) call the mixed-radix fast Walsh-Hadamard
+          transform (``qpass.primitives.hadamard.hadamard_transform``) directly, without custom-op dispatch.
           A decode step of a small model is mostly per-op overhead: on the bundled model (1 thread) the
           checks and casts took ~7% of a W4 decode step, the K/V repeats ~40 us per attention call, and
           removing both made it ~20% faster (7.2 -> 5.7 ms per token).
@@ -35,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import META_ORIGIN, describe
+from qpass.primitives import hadamard as HD
 from qpass.primitives import quant as Q
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, quantizers
@@ -323,7 +326,7 @@ def _storage(gm: GraphModule, name: str) -> int | None:
 
 def simplify(gm: GraphModule) -> dict[str, int]:
     """Remove per-step overhead the lowered graph does not need (see the module doc). Returns counts."""
-    stats = {"checks": 0, "casts": 0, "gqa_attention": 0}
+    stats = {"checks": 0, "casts": 0, "gqa_attention": 0, "hadamards": 0}
     for n in list(gm.graph.nodes):
         if n.op != "call_function":
             continue
@@ -334,6 +337,9 @@ def simplify(gm: GraphModule) -> dict[str, int]:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             stats["casts"] += 1
+        elif n.target is HD.HADAMARD:             # the rotate pass's online Hadamard: the mixed-radix FWHT, called
+            n.target = HD.hadamard_transform      # directly (no custom-op dispatch per step)
+            stats["hadamards"] += 1
     for m in repeated_kv(gm):
         dead = [m.attention.args[1], m.attention.args[2]]
         m.attention.args = (m.attention.args[0], m.key, m.value, *m.attention.args[3:])

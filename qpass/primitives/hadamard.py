@@ -96,19 +96,35 @@ def transform_matrix(n: int, factor: Tensor) -> Tensor:
     return torch.kron(factor.double().contiguous(), sylvester(p) / math.sqrt(p))
 
 
+_RADIX = 16          # butterfly stages are fused in groups of log2(16) = 4: one small matmul per group
+
+
 def fwht(x: Tensor) -> Tensor:
-    """Normalised fast Walsh-Hadamard transform over the last axis (a power of two): ``x H_p / sqrt(p)``."""
+    """Normalised fast Walsh-Hadamard transform over the last axis (a power of two p): ``x H_p / sqrt(p)``.
+    Mixed radix: ``H_p = H_r1 ⊗ H_r2 ⊗ ...`` with every r <= 16, one batched [r, r] product per factor, so the
+    cost is p * sum(r) multiply-adds (p log p for radix 2) in ceil(log2(p) / 4) calls, never a [p, p] matrix."""
     p = x.shape[-1]
     if not is_pow2(p):
         raise ValueError(f"the fast Walsh-Hadamard transform needs a power-of-two size, got {p}")
     shape = x.shape
     y = x.reshape(-1, p)
-    h = 1
-    while h < p:
-        y = y.view(-1, p // (2 * h), 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
+    inner = p
+    while inner > 1:
+        r = min(_RADIX, inner)
+        inner //= r
+        h = _sylvester_cached(r, x.dtype, x.device)
+        y = torch.matmul(h, y.reshape(-1, r, inner)) if inner > 1 else torch.matmul(y.reshape(-1, r), h)
     return (y.reshape(shape) * (1.0 / math.sqrt(p))).to(x.dtype)
+
+
+_CACHE: dict = {}
+
+
+def _sylvester_cached(r: int, dtype, device) -> Tensor:
+    key = (r, dtype, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = sylvester(r).to(dtype=dtype, device=device)
+    return _CACHE[key]
 
 
 def hadamard_transform(x: Tensor, factor: Tensor) -> Tensor:
@@ -185,5 +201,5 @@ if not _registered():
 HADAMARD = torch.ops.qpass.hadamard.default     # the node target passes insert and backends match
 
 
-__all__ = ["HADAMARD", "is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix", "fwht",
-           "hadamard_transform", "randomized_hadamard", "mean_preserving"]
+__all__ = ["HADAMARD", "is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix",
+           "fwht", "hadamard_transform", "randomized_hadamard", "mean_preserving"]
