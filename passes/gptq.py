@@ -112,13 +112,8 @@ class Gptq(Pass):
         for s in experts:
             why = _expert_unsupported(s)
             (near.append(f"{s.key}: {why}") if why else expert_todo.append(s))
-        todo = []
-        for s in (s for s in quantized if s.path in chosen):
-            why = _unsupported(gm, s)
-            if why:
-                near.append(f"{s.path or s.node.name}: {why}")
-            else:
-                todo.append(s)
+        todo, why_not = requantizable(gm, [s for s in quantized if s.path in chosen])
+        near += why_not
         stats = {"linears": 0, "hessians": 0, "mean_error_ratio": None, "improved": 0, "damp_raised": 0}
         if not todo and not expert_todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
@@ -311,6 +306,18 @@ def _weight_quantizer(site: LinearSite):
     return n if role_of(n) == "weight" else None
 
 
+def requantizable(gm: GraphModule, sites: list[LinearSite]) -> tuple[list[LinearSite], list[str]]:
+    """The sites whose weight a re-rounding pass (gptq, quantease) can change, and why each other one cannot."""
+    todo, near = [], []
+    for s in sites:
+        why = _unsupported(gm, s)
+        if why:
+            near.append(f"{s.path or s.node.name}: {why}")
+        else:
+            todo.append(s)
+    return todo, near
+
+
 def _unsupported(gm: GraphModule, site: LinearSite) -> str | None:
     """Why GPTQ cannot re-round this weight, or None."""
     fq = Quantizer(_weight_quantizer(site))
@@ -348,4 +355,4 @@ def _stages(sites: list[LinearSite]) -> list[list[LinearSite]]:
     return [by[k] for k in sorted(by)]
 
 
-__all__ = ["Gptq", "GptqConfig", "WeightState", "hessian_sweep", "shared_weight"]
+__all__ = ["Gptq", "GptqConfig", "WeightState", "hessian_sweep", "requantizable", "shared_weight"]

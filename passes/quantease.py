@@ -38,7 +38,7 @@ from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruct
 from qpass.primitives.quantease import quantease
 from qpass.quantizer import Quantizer, SideChannels, SparseValues, insert_quantizer
 
-from .gptq import WeightState, _unsupported, _weight_quantizer, hessian_sweep
+from .gptq import WeightState, _weight_quantizer, hessian_sweep, requantizable
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,8 @@ class QuantEase(Pass):
         chosen = select([s.path for s in quantized], cfg.targets, cfg.ignore, "quantease") if quantized else set()
         at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
         near = [f"{_key(s)}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
-        todo = []
-        for s in (s for s in quantized if s.path in chosen):
-            why = _unsupported(gm, s)
-            if why:
-                near.append(f"{_key(s)}: {why}")
-            else:
-                todo.append(s)
+        todo, why_not = requantizable(gm, [s for s in quantized if s.path in chosen])
+        near += why_not
         stats = {"linears": 0, "mean_ratio_vs_gptq": None, "at_or_below_gptq": 0, "outliers": 0}
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
