@@ -8,6 +8,7 @@ from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
+from .norm_tweak import NormTweak, NormTweakConfig
 from .omniquant import OmniQuant, OmniQuantConfig
 from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
@@ -36,6 +37,7 @@ PASSES = {
     "signround": (SignRoundConfig, SignRound),
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
+    "norm_tweak": (NormTweakConfig, NormTweak),
 }
 
 
@@ -48,5 +50,6 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "Qat", "QatConfig", "KvCache", "KvCacheConfig", "Awq", "AwqConfig", "Gptq", "GptqConfig",
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
+           "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig"]

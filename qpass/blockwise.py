@@ -51,6 +51,7 @@ from .quantizer import Quantizer
 
 if TYPE_CHECKING:
     from .block_sweep import Step, Sweep
+    from .calibration import CalibrationSet
     from .pass_infra import Context
 
 log = logging.getLogger("qpass.blockwise")
@@ -162,9 +163,19 @@ class BlockResult:
 
 
 def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: BlockwiseConfig, *,
-                 who: str) -> list[BlockResult]:
-    """Train and bake `method` block by block (see the module doc). Returns one result per trained block."""
-    sweep = ctx.sweep(gm, who=who, feed="float", desc=who)
+                 who: str, teacher: Callable[[str], torch.Tensor | None] | None = None,
+                 calib: "CalibrationSet | None" = None) -> list[BlockResult]:
+    """Train and bake `method` block by block (see the module doc). Returns one result per trained block.
+
+    `teacher`: the float value of a graph parameter by get_attr target (None: the graph's own), for passes that
+    run after another pass changed the float weights (Norm Tweaking after GPTQ): the teacher stream then runs
+    every block with those values. `calib`: samples to train on instead of the context's calibration set."""
+    from .block_sweep import Sweep
+
+    if calib is None:
+        sweep = ctx.sweep(gm, who=who, feed="float", desc=who)
+    else:
+        sweep = Sweep(gm, calib, feed="float", progress=ctx.progress, desc=who, store=ctx.store)
     results: list[BlockResult] = []
     student: list[dict] | None = None      # the student stream (feed: quantized), None until the first block
     progress = ctx.progress
@@ -176,7 +187,16 @@ def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: Bloc
             live = step._live_out(nodes, pos)
             outputs = [n for n in nodes if n in live and _is_float(n)] or _graph_outputs(nodes)
             state = method.setup(gm, step, nodes)
-            step.observe({}, lambda k, n: None)             # float outputs of the block, kept as the targets
+            if teacher is None:
+                step.observe({}, lambda k, n: None)         # float outputs of the block, kept as the targets
+            else:                                           # the teacher's values in place of the graph's
+                over = {a: v for a in dict.fromkeys(a for n in nodes for a in n.all_input_nodes
+                                                    if a.op == "get_attr")
+                        if (v := teacher(a.target)) is not None}
+                keys = list(live)
+                with torch.no_grad():
+                    step._pending = [dict(zip(keys, _forward(sweep, nodes, env, keys, over, float_=True)))
+                                     for env in step._envs]
             # NOTE: step._pending holds {node: value} per sample for the next segment; for the last (only)
             # segment nothing is carried, so the targets are computed here
             targets = step._pending if step._pending is not None and outputs and all(

@@ -180,3 +180,29 @@ def test_zeroquant_lkd_trains_weights_and_norms_against_the_float_block():
     nn = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3, "norms": False}}, model=model)
     sn = nn.graph_module.state_dict()
     assert not any("layernorm" in k for k in sa if not torch.equal(sa[k], sn[k]))
+
+
+def test_norm_tweak_after_gptq_changes_only_norms_against_the_float_model():
+    model = toy.hf_model("llama")
+    gptq = [quant(W2A), {"gptq": {}}]
+    base = run(*gptq, model=model)
+    qm = run(*gptq, {"norm_tweak": {"steps": 20, "samples": 6, "seq_len": 16}}, model=model)
+    st = qm.report["norm_tweak"].stats
+    assert st["norm_params"] == 4 and st["blocks"] == 2
+    assert all(b["loss_best"] <= b["loss_start"] for b in st["per_block"].values())
+    sa, sb = base.graph_module.state_dict(), qm.graph_module.state_dict()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert changed and all("layernorm" in k for k in changed)            # weights and scales untouched
+    assert op_counts(qm.graph_module) == op_counts(base.graph_module)
+    # the teacher is the float model, not the graph's GPTQ-rounded float weights: the start loss is not zero
+    assert all(b["loss_start"] > 0 for b in st["per_block"].values())
+
+
+def test_norm_tweak_options_and_errors():
+    qm = run(quant(W2A), {"norm_tweak": {"steps": 5, "data": "calibration", "loss": "mse"}})
+    assert qm.report["norm_tweak"].stats["blocks"] == 2
+    with pytest.raises(RecipeError, match="seq_len"):
+        run(quant(), {"norm_tweak": {"seq_len": 2}})
+    gm = qpass.capture(toy.hf_model("llama"), (CALIB[0],))
+    with pytest.raises(qpass.QpassError, match="Hugging Face causal LM"):
+        qpass.apply(gm, {"passes": [quant(), {"norm_tweak": {"steps": 2}}]}, calib_data=CALIB, progress=False)

@@ -53,6 +53,8 @@ CONFORMANCE = {
     "omniquant": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"omniquant": {"steps": 3, "batch_size": 2}}],
     "zeroquant": [{"quantize": {"weights": W4G, "activations": A8, "ignore": ["lm_head"]}},
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
+    "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
+                   {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
 }
 
 

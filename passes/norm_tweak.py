@@ -1,0 +1,208 @@
+"""Norm Tweaking (Li et al., AAAI 2024): after any PTQ pass, tune only the norm weights of each block.
+
+Matches   every norm of a decoder block that the folding analysis finds as a producer (RMSNorm's weight, LayerNorm's
+          weight and bias, a per-channel multiply), in blocks holding quantized linears selected by targets/ignore
+Changes   only those norm parameters, block by block (qpass.blockwise), so that the quantized block's outputs match
+          the float block's in distribution: the paper's channel-wise loss, per output channel c the distance
+          |mu_f(c) - mu_q(c)| + |sigma_f(c) - sigma_q(c)| of the mean and standard deviation over tokens, averaged
+          over channels and samples. The float block is the float model's (``qpass.apply``'s model, so a PTQ pass
+          before, e.g. GPTQ, that overwrote the graph's float weights does not change the teacher) on the float
+          model's inputs; the student is the block as quantized, on the outputs of the blocks before it as already
+          tweaked. Data: text the float model generates itself (LLM-QAT's generator, qpass.qat.datagen: random
+          start tokens, a few greedy tokens, then sampled), or the calibration set (``data: calibration``).
+          Adam; the best step kept, the block left as it was when that is better on the training data. Baked:
+          the tuned norm weights are the parameters; no node added
+Requires  the float model (``qpass.apply``; not ``apply_from_disk``, which has no float model in memory)
+Preserves graph structure
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from qpass.analyses import STRUCTURE
+from qpass.blockwise import TRAIN_DOCS, BlockMethod, BlockState, BlockwiseConfig, summarize, train_blocks
+from qpass.calibration import CalibrationSet
+from qpass.errors import CalibrationError, RecipeError
+from qpass.folding import Producer, producer_at
+from qpass.graph import is_quantizer, param_of
+from qpass.pass_infra import Context, Pass, PassResult
+from qpass.plan import Plan
+from qpass.quantizer import Quantizer
+
+from .signround import trainable_weight_sites
+
+NORM_KINDS = ("rmsnorm", "layer_norm", "channel_scale")
+
+
+@dataclass(frozen=True)
+class NormTweakConfig(BlockwiseConfig):
+    name: ClassVar[str] = "norm_tweak"
+    field_docs: ClassVar[dict] = {**TRAIN_DOCS,
+                                  "data": "`generated`: text the float model writes itself (LLM-QAT's generator); "
+                                          "`calibration`: the calibration set",
+                                  "samples": "generated sequences (data: generated)",
+                                  "seq_len": "tokens per generated sequence",
+                                  "loss": "`distribution`: the paper's per-channel mean/std distance; `mse`"}
+
+    steps: int = 50
+    lr: float = 1e-3
+    batch_size: int = 4
+    optimizer: Literal["signsgd", "adam", "adamw"] = "adam"
+    feed: Literal["quantized", "float"] = "quantized"
+    data: Literal["generated", "calibration"] = "generated"
+    samples: int = 32
+    seq_len: int = 128
+    loss: Literal["distribution", "mse"] = "distribution"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.samples <= 100_000:
+            raise RecipeError("samples", f"must be a number of sequences >= 1, got {self.samples}")
+        if not 8 <= self.seq_len <= 1 << 16:
+            raise RecipeError("seq_len", f"must be in [8, 65536], got {self.seq_len}")
+
+
+def distribution_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over channels of |mean_q - mean_f| + |std_q - std_f| over the tokens of each output."""
+    total = 0.0
+    for s, t in zip(student, teacher):
+        s, t = s.float().reshape(-1, s.shape[-1]), t.float().reshape(-1, t.shape[-1])
+        total = total + ((s.mean(0) - t.mean(0)).abs() + (s.std(0) - t.std(0)).abs()).mean()
+    return total
+
+
+class _Norms(BlockState):
+    def __init__(self, gm: GraphModule, attrs: list[Node], lr: float, loss: str):
+        self.attrs = attrs
+        self.values = [param_of(gm, a).detach().clone().float().requires_grad_(True) for a in attrs]
+        self.groups = [{"params": self.values, "lr": lr}]
+        self._dtypes = [param_of(gm, a).dtype for a in attrs]
+        self._loss = loss
+
+    def overrides(self) -> dict[Node, torch.Tensor]:
+        return {a: v.to(d) for a, v, d in zip(self.attrs, self.values, self._dtypes)}
+
+    def loss(self, student, teacher) -> torch.Tensor:
+        return distribution_loss(student, teacher) if self._loss == "distribution" else super().loss(student, teacher)
+
+    @torch.no_grad()
+    def bake(self, gm: GraphModule) -> dict:
+        out = {}
+        for a, v in zip(self.attrs, self.values):
+            p = param_of(gm, a)
+            out[str(a.target)] = float((v.to(p.dtype) - p).abs().max())
+            p.copy_(v.to(p.dtype))
+        return {"max_change": out}
+
+
+@dataclass
+class _Tweak(BlockMethod):
+    norms: list[Node]
+    lr: float
+    loss: str
+
+    def setup(self, gm: GraphModule, step, nodes: list[Node]) -> BlockState | None:
+        used = {a for n in nodes for a in n.all_input_nodes}
+        mine = [a for a in self.norms if a in used]
+        return _Norms(gm, mine, self.lr, self.loss) if mine else None
+
+
+@dataclass(frozen=True)
+class NormTweak(Pass):
+    """Tune only the norm weights of each block so the quantized block's outputs match the float block's."""
+
+    config: NormTweakConfig = NormTweakConfig()
+    name: ClassVar[str] = "norm_tweak"
+    needs_calibration: ClassVar[bool] = False
+    preserves: ClassVar = STRUCTURE
+
+    def streaming_refusal(self) -> str | None:
+        return "norm_tweak distils from the float model (and generates its data with it), which must be in memory"
+
+    def run(self, gm: GraphModule, ctx: Context) -> PassResult:
+        cfg = self.config
+        todo, near = trainable_weight_sites(gm, ctx, cfg, self.name, clip=False)
+        norms: list[Node] = []
+        for s in todo:
+            p = _norm_before(gm, s.input)
+            if p is not None and _block_of(p.path) == _block_of(s.path):
+                norms += [n for n, _ in p.params if n not in norms]
+        if not norms:
+            near.append("no norm of a block with quantized linears found")
+            return PassResult(modified=False, stats={"blocks": 0, "norm_params": 0}, near_misses=near)
+        teacher = ctx.teacher
+        if not isinstance(teacher, nn.Module):
+            raise CalibrationError("norm_tweak distils from the float model and none is available",
+                                   fix="run it through qpass.apply(model, recipe) (the model is the teacher)")
+        lookup = _teacher_params(teacher)
+        calib = self._data(teacher, ctx)
+        results = train_blocks(gm, ctx, _Tweak(norms, cfg.lr, cfg.loss), cfg, who=self.name,
+                               teacher=lambda target: lookup(target), calib=calib)
+        stats = {"norm_params": len(norms), **summarize(results)}
+        plan = Plan(self.name, decisions={"norms": [str(n.target) for n in norms],
+                                          "blocks": {r.block: r.kept for r in results}, "data": cfg.data})
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
+
+    def _data(self, teacher: nn.Module, ctx: Context) -> CalibrationSet | None:
+        cfg = self.config
+        if cfg.data == "calibration":
+            ctx.require_calibration(self.name)
+            return None
+        from qpass.qat.datagen import GenerationSettings, generate_data
+
+        if not hasattr(teacher, "config"):
+            raise CalibrationError("norm_tweak data: generated needs a Hugging Face causal LM to write the text",
+                                   fix="set data: calibration and give calib_data")
+        ids = generate_data(teacher, GenerationSettings(samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed,
+                                                        batch_size=min(32, cfg.samples)),
+                            progress=ctx.progress)
+        return CalibrationSet([ids[i:i + 1] for i in range(ids.shape[0])])
+
+
+def _norm_before(gm: GraphModule, n: Node, depth: int = 6) -> Producer | None:
+    """The norm that produces a linear's input `n`, through its input quantizer, casts and layout ops."""
+    for _ in range(depth):
+        if is_quantizer(n):
+            n = Quantizer(n).x
+            continue
+        p = producer_at(gm, n)
+        if isinstance(p, Producer):
+            return p if p.kind in NORM_KINDS else None
+        ins = [a for a in n.all_input_nodes if a.op == "call_function"] if n.op == "call_function" else []
+        if len(ins) != 1:
+            return None
+        n = ins[0]
+    return None
+
+
+def _block_of(path: str) -> str:
+    """The `<prefix>.<int>` head of a module path (the block), or the path."""
+    parts = path.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        if parts[k].isdigit():
+            return ".".join(parts[:k + 1])
+    return path
+
+
+def _teacher_params(teacher: nn.Module):
+    """get_attr target -> the teacher's tensor of that name (the graph's names may carry a prefix)."""
+    table = {**dict(teacher.named_buffers()), **dict(teacher.named_parameters())}
+
+    def lookup(target: str):
+        parts = str(target).split(".")
+        for k in range(len(parts)):
+            t = table.get(".".join(parts[k:]))
+            if t is not None:
+                return t.detach()
+        return None
+
+    return lookup
+
+
+__all__ = ["NormTweak", "NormTweakConfig", "distribution_loss"]
