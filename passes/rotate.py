@@ -95,7 +95,7 @@ class Rotate(Pass):
         online = _writer_keys(gm, stream) if cfg.online else []
         heads = online_heads.head_keys(gm, near) if cfg.heads else []
         v_rotated = online_heads.rotate_values(gm, near, cfg.seed) if cfg.heads else []
-        _insert_online(gm, online, heads, compensate=True)
+        _insert_online(gm, online, heads, cfg.seed, compensate=True)
         decisions = {"dim": stream.dim, "kind": kind, "seed": cfg.seed, "mean_preserving": bool(stream.layer_norms),
                      "edits": [list(e) for e in edits], "online": [list(k) for k in online],
                      "heads": [list(k) for k in heads], "values_rotated": v_rotated}
@@ -115,7 +115,8 @@ class Rotate(Pass):
         """Redo the structural edits (untied copies, zero biases); the rotated values are in the state dict."""
         _apply_edits(gm, [tuple(e) for e in plan.decisions.get("edits", ())])
         _insert_online(gm, [tuple(k) for k in plan.decisions.get("online", ())],
-                       [tuple(k) for k in plan.decisions.get("heads", ())], compensate=False)
+                       [tuple(k) for k in plan.decisions.get("heads", ())], int(plan.decisions.get("seed", 0)),
+                       compensate=False)
 
 
 def rotation_matrix(dim: int, kind: str, seed: int, mean_preserving: bool = False) -> tuple[torch.Tensor, str]:
@@ -289,22 +290,24 @@ def _writer_keys(gm: GraphModule, stream: Stream) -> list[tuple[str, int]]:
     return list(dict.fromkeys(key_of[w.node] for w in stream.writers))
 
 
-def _insert_online(gm: GraphModule, online: list[tuple], heads: list[tuple], compensate: bool) -> None:
-    """A qpass.hadamard node on the input of each linear of `online` (with ``compensate``, its weight becomes
-    W T: the function is kept) and on Q and K of each attention of `heads` (``online_heads``)."""
+def _insert_online(gm: GraphModule, online: list[tuple], heads: list[tuple], seed: int, compensate: bool) -> None:
+    """A qpass.hadamard node with seeded random signs S on the input of each linear of `online` (with
+    ``compensate``, its weight becomes W S T: the function is kept) and on Q and K of each attention of `heads`
+    (``online_heads``; no signs: Q and K get the same transform)."""
     sites, keys = _keys(gm)
     by_key = dict(zip(keys, sites))
-    for path, at in online:
+    for i, (path, at) in enumerate(online):
         site = by_key.get((path, at))
         if site is None:
             raise PlanError(f"the rotate plan puts an online Hadamard before linear {path!r} (occurrence {at}), which "
                             "this graph does not have", fix="apply plans to a capture of the model they were made on")
         n = param_of(gm, site.weight).shape[site.in_axis]
         factor, _ = H.small_factor(n)
+        signs = H.random_signs(n, seed + 1 + i)
         if compensate:
             w = folding.canonical_weight(gm, site).double()
-            folding._set_canonical(gm, site, w @ H.transform_matrix(n, factor))
-        node = online_heads.hadamard_node(gm, site.node, site.input, factor, near=site.weight)
+            folding._set_canonical(gm, site, w @ (signs.view(n, 1) * H.transform_matrix(n, factor)))
+        node = online_heads.hadamard_node(gm, site.node, site.input, factor, near=site.weight, signs=signs)
         site.node.replace_input_with(site.input, node)
     online_heads.insert_heads(gm, heads)
     gm.graph.lint()

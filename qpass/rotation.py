@@ -280,9 +280,10 @@ def _keeps_channels(n: Node, dim: int) -> bool:
 _CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
 
 
-def hadamard_node(gm: GraphModule, before: Node, x: Node, factor: torch.Tensor, near: Node | None = None) -> Node:
-    """Insert ``qpass.hadamard(x, factor)`` before `before` (the factor a buffer beside `near`'s tensor, else on
-    the root module) and return it; its users are up to the caller."""
+def hadamard_node(gm: GraphModule, before: Node, x: Node, factor: torch.Tensor, near: Node | None = None,
+                  signs: torch.Tensor | None = None) -> Node:
+    """Insert ``qpass.hadamard(x, factor[, signs])`` before `before` (factor and signs buffers beside `near`'s
+    tensor, else on the root module) and return it; its users are up to the caller."""
     from .folding import _attr, _new_param_target
     from .graph import add_tensor
     from .primitives.hadamard import HADAMARD
@@ -290,10 +291,15 @@ def hadamard_node(gm: GraphModule, before: Node, x: Node, factor: torch.Tensor, 
     value = factor.detach().float().contiguous()
     target = (_new_param_target(gm, near, "hadamard", value, buffer=True) if near is not None
               else add_tensor(gm, "rotate_hadamard", value))
+    args = (x,)
+    for t in (target,) + ((_new_param_target(gm, near, "hadamard_signs", signs.detach().float().contiguous(),
+                                             buffer=True),) if signs is not None else ()):
+        with gm.graph.inserting_before(before):
+            f = gm.graph.get_attr(t)
+        f.meta["val"] = _attr(gm, t)
+        args += (f,)
     with gm.graph.inserting_before(before):
-        f = gm.graph.get_attr(target)
-        h = gm.graph.call_function(HADAMARD, (x, f))
-    f.meta["val"] = _attr(gm, target)
+        h = gm.graph.call_function(HADAMARD, args)
     for key in ("nn_module_stack", "stack_trace", "val"):
         src = x.meta if key == "val" else before.meta
         if key in src:

@@ -312,9 +312,12 @@ def hadamards_to_matmul(gm: GraphModule) -> int:
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not hadamard.HADAMARD:
             continue
-        x, factor = n.args
+        x, factor, signs = (tuple(n.args) + (None,))[:3]
         size = int(n.meta["val"].shape[-1])
-        t = hadamard.transform_matrix(size, param_of(gm, factor).detach().double()).float()
+        t = hadamard.transform_matrix(size, param_of(gm, factor).detach().double())
+        if signs is not None:
+            t = param_of(gm, signs).detach().double().view(size, 1) * t
+        t = t.float()
         name = add_tensor(gm, f"{factor.target}_dense", t)
         mat = get_attr(gm, n, name)
         with gm.graph.inserting_before(n):
@@ -322,8 +325,9 @@ def hadamards_to_matmul(gm: GraphModule) -> int:
         mm.meta.update({k: v for k, v in n.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
         n.replace_all_uses_with(mm)
         gm.graph.erase_node(n)
-        if not factor.users:
-            gm.graph.erase_node(factor)
+        for a in (factor, signs):
+            if a is not None and not a.users:
+                gm.graph.erase_node(a)
         done += 1
     return done
 

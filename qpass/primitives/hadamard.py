@@ -15,6 +15,7 @@ subtracts the mean over channels, commutes with it (see passes/rotate.py).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -89,6 +90,12 @@ def small_factor(n: int, seed: int = 0) -> tuple[Tensor, str]:
     return random_orthogonal(m, seed), "random"
 
 
+def random_signs(n: int, seed: int) -> Tensor:
+    """[n] float64 of ±1 from `seed` (the D of a randomized Hadamard)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+
+
 def transform_matrix(n: int, factor: Tensor) -> Tensor:
     """The dense [n, n] matrix of ``hadamard_transform(x, factor)``: kron(factor, H_p / sqrt(p))."""
     m = factor.shape[0]
@@ -127,9 +134,13 @@ def _sylvester_cached(r: int, dtype, device) -> Tensor:
     return _CACHE[key]
 
 
-def hadamard_transform(x: Tensor, factor: Tensor) -> Tensor:
-    """``x @ kron(factor, H_p / sqrt(p))`` over the last axis (n = m * p, factor [m, m]): a fast Walsh-Hadamard
-    transform of each of the m blocks of p channels, then the m blocks mixed by ``factorᵀ`` (skipped for m = 1)."""
+def hadamard_transform(x: Tensor, factor: Tensor, signs: Tensor | None = None) -> Tensor:
+    """``(x * signs) @ kron(factor, H_p / sqrt(p))`` over the last axis (n = m * p, factor [m, m], signs [n] of ±1 or
+    None): a fast Walsh-Hadamard transform of each of the m blocks of p channels, then the m blocks mixed by
+    ``factorᵀ`` (skipped for m = 1). The signs keep a common mode (all-positive inputs, e.g. after ReLU) from
+    landing on the first output channel, which Hadamard's all-ones first column would make one huge outlier."""
+    if signs is not None:
+        x = x * signs.to(x.dtype)
     n, m = x.shape[-1], factor.shape[0]
     if factor.dim() != 2 or factor.shape[1] != m or n % m or not is_pow2(n // m):
         raise ValueError(f"hadamard transform of size {n} with a [{m}, {factor.shape[-1]}] factor: the size must be "
@@ -144,8 +155,7 @@ def randomized_hadamard(n: int, seed: int) -> tuple[Tensor, str]:
     """QuaRot's residual rotation ``Q = D T``: random signs (from `seed`) times the normalised transform of size
     n ("hadamard"), whose small factor is random orthogonal where n has no Hadamard split ("hadamard_random")."""
     factor, kind = small_factor(n, seed)
-    g = torch.Generator().manual_seed(int(seed))
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+    signs = random_signs(n, seed)
     return signs.view(n, 1) * transform_matrix(n, factor), ("hadamard" if kind == "hadamard" else "hadamard_random")
 
 
@@ -168,21 +178,22 @@ def mean_preserving(q: Tensor) -> Tensor:
 
 def _register() -> None:
     @torch.library.custom_op("qpass::hadamard", mutates_args=())
-    def hadamard(x: Tensor, factor: Tensor) -> Tensor:
-        """``hadamard_transform(x, factor)``: the online Hadamard of the rotate pass (one node per use)."""
-        return hadamard_transform(x, factor).contiguous()
+    def hadamard(x: Tensor, factor: Tensor, signs: Optional[Tensor] = None) -> Tensor:
+        """``hadamard_transform(x, factor, signs)``: the online Hadamard of the rotate pass (one node per use)."""
+        return hadamard_transform(x, factor, signs).contiguous()
 
     @hadamard.register_fake
-    def _(x, factor):
-        if factor.dim() != 2:
-            raise ValueError("qpass::hadamard takes a [m, m] factor")
+    def _(x, factor, signs=None):
+        if factor.dim() != 2 or (signs is not None and signs.dim() != 1):
+            raise ValueError("qpass::hadamard takes a [m, m] factor and optional [n] signs")
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     def _backward(ctx, grad):
-        return hadamard_transform(grad, ctx.factor.t()), None    # (x T)' = grad Tᵀ; Tᵀ = kron(Fᵀ, H_p)
+        g = hadamard_transform(grad, ctx.factor.t())        # (x S T)' = grad Tᵀ S; Tᵀ = kron(Fᵀ, H_p)
+        return (g if ctx.signs is None else g * ctx.signs.to(g.dtype)), None, None
 
     def _setup(ctx, inputs, output):
-        ctx.factor = inputs[1]
+        ctx.factor, ctx.signs = inputs[1], inputs[2] if len(inputs) > 2 else None
 
     hadamard.register_autograd(_backward, setup_context=_setup)
 
@@ -201,5 +212,5 @@ if not _registered():
 HADAMARD = torch.ops.qpass.hadamard.default     # the node target passes insert and backends match
 
 
-__all__ = ["HADAMARD", "is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "transform_matrix",
-           "fwht", "hadamard_transform", "randomized_hadamard", "mean_preserving"]
+__all__ = ["HADAMARD", "is_pow2", "sylvester", "paley", "split", "random_orthogonal", "small_factor", "random_signs",
+           "transform_matrix", "fwht", "hadamard_transform", "randomized_hadamard", "mean_preserving"]
