@@ -272,3 +272,19 @@ def test_rotate_stats_tool_writes_its_section(tmp_path):
     out = doc.read_text()
     assert out.startswith("# keep") and out.rstrip().endswith("tail") and "old" not in out
     assert "lm_head" in out and "kurtosis after" in out and "mean over linears" in out
+
+
+def test_signed_online_hadamard_spreads_a_common_mode():
+    """ReLU outputs are all positive: Hadamard's all-ones first column piles their mean onto channel 0; random
+    signs first (what the rotate pass's writer Hadamards carry) spread it."""
+    x = torch.relu(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)))
+    factor, s = torch.ones(1, 1), H.random_signs(256, 3).float()
+    ratio = lambda y: float(y.abs().amax(0).max() / y.abs().amax(0).median())       # noqa: E731
+    assert ratio(torch.ops.qpass.hadamard(x, factor)) > 5 > 2 > ratio(torch.ops.qpass.hadamard(x, factor, s))
+    dense = s.double().view(256, 1) * H.transform_matrix(256, factor.double())
+    torch.testing.assert_close(torch.ops.qpass.hadamard(x, factor, s).double(), x.double() @ dense, rtol=1e-5,
+                               atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    torch.ops.qpass.hadamard(xg, factor, s).sum().backward()
+    torch.testing.assert_close(xg.grad.double(), torch.ones(64, 256, dtype=torch.float64) @ dense.T, rtol=1e-5,
+                               atol=1e-5)
