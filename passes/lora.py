@@ -110,18 +110,8 @@ class Lora(Pass):
     @classmethod
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's adapters (A, B from the plan's values, else zeros of the recorded shapes)."""
-        sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
         registry = dict(gm.meta.get(META_LORA, {}))
-        for i, ad in enumerate(plan.decisions.get("adapters", [])):
-            site = by_key.get((ad["path"], ad["at"]))
-            if site is None:
-                raise PlanError(f"the plan adds an adapter to linear {ad['path']!r} (occurrence {ad['at']}), which "
-                                "this graph does not have", fix="apply plans to a capture of the model they were "
-                                "made on")
-            given = plan.values.get(i, {})
-            a = given.get("A", torch.zeros(ad["rank"], ad["in"]))
-            b = given.get("B", torch.zeros(ad["out"], ad["rank"]))
+        for ad, site, a, b in planned_branches(gm, plan, "adapters", "an adapter"):
             registry[ad["path"]] = _insert(gm, site, a, b, ad["alpha"] / ad["rank"])
         gm.meta[META_LORA] = registry
 
@@ -223,6 +213,22 @@ def _insert(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor,
     return a_name, b_name, scaling
 
 
+def planned_branches(gm: GraphModule, plan: Plan, key: str, what: str, names: tuple[str, str] = ("A", "B")):
+    """For each low-rank branch a plan records under ``decisions[key]`` ({path, at, rank, in, out}): the record, its
+    linear site and its A [rank, in] and B [out, rank] (the plan's values under `names`, else zeros of those
+    shapes). A linear the graph lacks is a PlanError naming `what` the plan adds."""
+    sites = linear_sites(gm)
+    by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+    for i, rec in enumerate(plan.decisions.get(key, [])):
+        site = by_key.get((rec["path"], rec["at"]))
+        if site is None:
+            raise PlanError(f"the plan adds {what} to linear {rec['path']!r} (occurrence {rec['at']}), which this "
+                            "graph does not have", fix="apply plans to a capture of the model they were made on")
+        given = plan.values.get(i, {})
+        yield (rec, site, given.get(names[0], torch.zeros(rec["rank"], rec["in"])),
+               given.get(names[1], torch.zeros(rec["out"], rec["rank"])))
+
+
 def insert_low_rank(gm: GraphModule, site: LinearSite, a: torch.Tensor, b: torch.Tensor, *, scaling: float | None,
                     names: tuple[str, str], origin: str, trainable: bool) -> tuple[str, str]:
     """y = linear(x, W) -> y + scaling * linear(linear(x, A), B) beside `site` (no mul when `scaling` is None),
@@ -274,5 +280,5 @@ def adapter_parameters(gm: GraphModule) -> list[torch.nn.Parameter]:
     return [gm.get_parameter(n) for a, b, _ in gm.meta.get(META_LORA, {}).values() for n in (a, b)]
 
 
-__all__ = ["Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig", "adapter_parameters", "insert_low_rank", "META_LORA",
-           "META_ORIGIN"]
+__all__ = ["Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig", "adapter_parameters", "insert_low_rank",
+           "planned_branches", "META_LORA", "META_ORIGIN"]

@@ -29,12 +29,12 @@ from torch.fx import GraphModule, Node
 
 from qpass.analyses import LinearSites
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, occurrences
+from qpass.plan import Plan, occurrences
 from qpass.quantizer import Quantizer
 
-from .lora import insert_low_rank
+from .lora import insert_low_rank, planned_branches
 
 META_LORC = "qpass_lorc"      # gm.meta: {module path: (R name, L name)}
 _FAR = 0.5                    # ||W_teacher - W_hat|| / ||W_teacher|| above this: not the weight that was quantized
@@ -112,18 +112,8 @@ class Lorc(Pass):
     @classmethod
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's branches (L, R from the plan's values, else zeros of the recorded shapes)."""
-        sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
         registry = dict(gm.meta.get(META_LORC, {}))
-        for i, b in enumerate(plan.decisions.get("branches", [])):
-            site = by_key.get((b["path"], b["at"]))
-            if site is None:
-                raise PlanError(f"the plan adds a LoRC branch to linear {b['path']!r} (occurrence {b['at']}), which "
-                                "this graph does not have", fix="apply plans to a capture of the model they were "
-                                "made on")
-            given = plan.values.get(i, {})
-            r = given.get("R", torch.zeros(b["rank"], b["in"]))
-            left = given.get("L", torch.zeros(b["out"], b["rank"]))
+        for b, site, r, left in planned_branches(gm, plan, "branches", "a LoRC branch", names=("R", "L")):
             registry[b["path"]] = insert_low_rank(gm, site, r, left, scaling=None, names=("lorc_R", "lorc_L"),
                                                   origin="lorc", trainable=True)
         gm.meta[META_LORC] = registry
