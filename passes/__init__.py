@@ -5,6 +5,7 @@ The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 from .awq import Awq, AwqConfig
 from .gptq import Gptq, GptqConfig
 from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
+from .lorc import Lorc, LorcConfig
 from .qat import Qat, QatConfig
 from .kv_cache import KvCache, KvCacheConfig
 from .llm_int8 import LlmInt8, LlmInt8Config
@@ -34,6 +35,7 @@ PASSES = {
     "os_plus": (OsPlusConfig, OsPlus),
     "rotate": (RotateConfig, Rotate),
     "quantease": (QuantEaseConfig, QuantEase),
+    "lorc": (LorcConfig, Lorc),
     "signround": (SignRoundConfig, SignRound),
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
@@ -52,4 +54,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
