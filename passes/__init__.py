@@ -13,6 +13,7 @@ from .norm_tweak import NormTweak, NormTweakConfig
 from .omniquant import OmniQuant, OmniQuantConfig
 from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
+from .quip import Quip, QuipConfig
 from .rotate import Rotate, RotateConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
@@ -34,6 +35,7 @@ PASSES = {
     "llm_int8": (LlmInt8Config, LlmInt8),
     "os_plus": (OsPlusConfig, OsPlus),
     "rotate": (RotateConfig, Rotate),
+    "quip": (QuipConfig, Quip),
     "quantease": (QuantEaseConfig, QuantEase),
     "lorc": (LorcConfig, Lorc),
     "signround": (SignRoundConfig, SignRound),
@@ -53,5 +55,5 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
-           "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
+           "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]

@@ -46,6 +46,7 @@ CONFORMANCE = {
                 {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
     "rotate": [{"rotate": {"seed": 1, "online": True, "heads": True}},                  # adds hadamard nodes
                {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
+    "quip": [{"quip": {"seed": 1}}, {"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],
     "quantease": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},        # outliers: a side channel
                   {"quantease": {"iterations": 2, "outliers": 0.01}}],
     "lorc": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lorc": {"rank": 2}}],
