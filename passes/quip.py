@@ -71,6 +71,9 @@ class Quip(Pass):
         plan = Plan(self.name, decisions={"seed": cfg.seed, "linears": [list(k) for k in todo]})
         return PassResult(modified=bool(todo), stats=stats, plan=plan)
 
+    def streaming_refusal(self) -> str | None:
+        return "quip rewrites every selected weight in one step, which needs every weight in memory"
+
     @classmethod
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the transforms again (the transformed weights and biases are in the state dict)."""
