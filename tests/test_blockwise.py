@@ -149,14 +149,17 @@ def test_it_lowers_to_torch_packed_and_onnx_with_parity(tmp_path):
     model = toy.hf_model("llama")
     qm = run(quant({**W3G, "group_size": 16}), {"signround": {"steps": 10}}, model=model)
     om = run(quant(W2A), {"omniquant": {"steps": 10}}, model=model)
+    zm = run(quant(W3G), {"zeroquant": {"steps": 5, "lr": 1e-3}}, model=model)
+    nm = run(quant(W2A), {"gptq": {}}, {"norm_tweak": {"steps": 5, "samples": 3, "seq_len": 8}}, model=model)
     ids = toy.token_ids(batch=1, t=9, seed=4)
-    for m in (qm, om):
+    models = (qm, om, zm, nm)
+    for m in models:
         pm = qpass.lower(m, "torch", kernels="exact")
         torch.testing.assert_close(pm(ids).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
     pytest.importorskip("onnxruntime")
     from qpass.backends import onnx_qdq
 
-    for i, m in enumerate((qm, om)):
+    for i, m in enumerate(models):
         qpass.lower(m, "onnx", tmp_path / f"m{i}", fused_accuracy_level=0)
         got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / f"m{i}")), ids)
         torch.testing.assert_close(got.float(), m(ids).logits.float(), rtol=1e-4, atol=1e-4)
