@@ -50,7 +50,8 @@ with its own probabilities, so each consumer column is known as (head, producer 
     channels no consumer reads, block-diagonal per attention head; the path linear and channel-uniform
     (layout ops, casts, scalar multiplies, attention's value operand). Norm producers are refused: a norm with
     a weight does not commute with Q, and a weightless RMSNorm does (``rms(xQ) = rms(x)``) only if its input,
-    the residual stream, is rotated, which is not a fold at one group.
+    the residual stream, is rotated, which is not a fold at one group: ``qpass.rotation`` finds the whole stream
+    and the ``rotate`` pass (passes/rotate.py) rotates it.
   * ``fold_norm_weight(gm, group)``: a norm's weight (and bias) moved into its consumers (``W *= g``,
     ``b += W beta``); the norm keeps weight 1 (and bias 0) on the consumed channels.
 
@@ -865,7 +866,8 @@ def rotation_reason(group: FoldGroup, q: torch.Tensor | None = None) -> str | No
                     "commute with Q; fold_norm_weight first")
         if prod.kind == "rmsnorm":
             return (f"{group.name}: a weightless RMSNorm commutes with Q (rms(xQ) = rms(x)), so Q has to be "
-                    "applied to its input, the residual stream every layer reads: not a fold at one group")
+                    "applied to its input, the residual stream every layer reads: not a fold at one group (use "
+                    "the rotate pass)")
         if prod.kind == "layer_norm":
             return f"{group.name}: a layer_norm (mean subtraction, per-channel weight) does not commute with Q"
         return f"{group.name}: a {prod.kind} producer computes each channel from the same input channel alone"
