@@ -30,6 +30,7 @@ from qpass.qat.distill import feature_taps, module_outputs
 from qpass.qat.packed_base import PackedBase
 from qpass.errors import CalibrationError, RecipeError
 from qpass.graph import linear_sites
+from qpass.memory import PeakRss
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError
 from qpass.quantizer import quantizers
@@ -219,7 +220,8 @@ class Qat(Pass):
                                   held=held)
                 if cfg.checkpoint_dir:
                     trainer.load_checkpoint(cfg.checkpoint_dir)
-                history = trainer.fit()
+                with PeakRss() as peak:
+                    history = trainer.fit()
         finally:
             for p, f in flags.items():
                 p.requires_grad_(f)
@@ -230,7 +232,8 @@ class Qat(Pass):
                  "base_bytes": {"float": packed.bytes_before, "packed": packed.bytes_after} if packed.entries else None,
                  "first_loss": round(history[0], 6) if history else None,
                  "last_loss": round(history[-1], 6) if history else None,
-                 "seconds": round(time.perf_counter() - t0, 1)}
+                 "seconds": round(time.perf_counter() - t0, 1),
+                 "peak_rss_training": peak.bytes}
         if held is not None:
             stats.update(held_out=len(held), held_out_curve=[[s, round(v, 6)] for s, v in trainer.evals],
                          start_held_out_loss=round(trainer.evals[0][1], 6), best_step=trainer.best[0],

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from . import tables
+from .memory import PeakRss
 from .calibration import logits_of
 from .primitives.formats import get_format
 
@@ -149,35 +150,6 @@ def quantizer_bytes(gm, fq, numel: int) -> float:
         rows = numel // fq.x.meta["val"].shape[side.float_columns.axis]      # elements per column
         size += cols * (2 * rows + 4)
     return size
-
-
-class PeakRss:
-    """Peak resident memory (bytes) of this process over a with-block, or None where it cannot be read.
-
-    Linux: the kernel's high-water mark (VmHWM) is reset on entry (``/proc/self/clear_refs`` = 5) and read on
-    exit, so the number is the block's own peak, memory that was already held included (the FP model, its
-    reference log-probabilities). Elsewhere: None (ru_maxrss cannot be reset)."""
-
-    def __enter__(self):
-        self.bytes = None
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._ok = True
-        except OSError:
-            self._ok = False
-        return self
-
-    def __exit__(self, *exc):
-        if self._ok:
-            try:
-                with open("/proc/self/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            self.bytes = int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return False
 
 
 def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, calib_samples: int = 32,

@@ -21,6 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .graph import META_PREFIX, is_quantizer, linear_sites, module_path
+from .patterns import SOFTMAX
 
 aten = torch.ops.aten
 
@@ -33,7 +34,7 @@ for _name in ("_grouped_mm", "grouped_mm"):
 # layout ops a stacked weight passes through on its way to the contraction
 _LAYOUT = {aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.to.dtype, aten.alias.default,
            aten.clone.default, aten.index.Tensor, aten.select.int, aten._to_copy.default, aten.to.dtype_layout}
-_ELEMENTWISE = {aten.softmax.int, aten._softmax.default, aten.to.dtype, aten._to_copy.default, aten.sigmoid.default,
+_ELEMENTWISE = {*SOFTMAX, aten.to.dtype, aten._to_copy.default, aten.sigmoid.default,
                 aten.float.default if hasattr(aten, "float") else aten.to.dtype, aten.reshape.default,
                 aten.view.default, aten.div.Tensor, aten.add.Tensor, aten.log_softmax.int}
 

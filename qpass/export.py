@@ -1,4 +1,4 @@
-"""Export a quantized model to the compressed-tensors layout, which transformers loads with its quantization
+r"""Export a quantized model to the compressed-tensors layout, which transformers loads with its quantization
 (``from_pretrained`` with the ``compressed-tensors`` package installed) and vLLM serves.
 
     qpass.export.compressed_tensors(qm, "out/", tokenizer_dir="hf_model/")

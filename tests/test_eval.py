@@ -81,7 +81,7 @@ def test_weight_bytes_counts_learnable_scales_like_buffers():
 def test_peak_rss_is_the_blocks_own_peak():
     """The meter resets the high-water mark: a block that allocates 400 MB and frees it reads >= 400 MB more
     than a block that allocates nothing, even after the big one ran first."""
-    from qpass.eval import PeakRss
+    from qpass.memory import PeakRss
 
     with PeakRss() as big:
         x = torch.ones(100_000_000)               # 400 MB, touched
@@ -101,3 +101,15 @@ def test_eval_table_shows_time_and_peak_memory_for_evaluated_rows():
     lines = markdown([fp, q]).split("\n")
     assert lines[0].endswith("| apply time (s) | peak RSS while applying (GB) |")
     assert lines[2].endswith("| – | – |") and lines[3].endswith("| 12.3 | 1.50 |")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's VmHWM reset")
+def test_nested_peak_meters_keep_the_outer_peak():
+    from qpass.memory import PeakRss
+
+    with PeakRss() as outer:
+        x = torch.ones(100_000_000)               # 400 MB before the inner meter resets the mark
+        del x
+        with PeakRss() as inner:
+            pass
+    assert outer.bytes - inner.bytes >= 350e6

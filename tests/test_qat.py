@@ -1,3 +1,4 @@
+import functools
 import os
 import subprocess
 import sys
@@ -106,17 +107,36 @@ def test_qat_pass_lowers_the_distillation_loss_and_keeps_structure(tmp_path):
     assert torch.equal(qpass.load(tmp_path / "m")(held_out).logits, qm(held_out).logits)
 
 
-def test_peqa_trains_only_scales():
+def _weight_codes(gm, name):
+    """round(W / s) of the weight quantizer reading parameter ``name`` (per-channel, symmetric)."""
+    node = next(n for n in gm.graph.nodes if n.meta.get(META_QUANT, {}).get("role") == "weight"
+                and n.args[0].target == name)
+    scale = functools.reduce(getattr, node.args[1].target.split("."), gm)
+    w = gm.get_parameter(name)
+    return torch.round(w / scale.reshape(-1, *[1] * (w.dim() - 1))), scale.detach().clone()
+
+
+@pytest.mark.parametrize("base", ["packed", "float"])
+def test_peqa_trains_only_scales(base):
     model = peaky_llama()
-    rec = {"passes": [W4A8, {"qat": {"samples": 8, "seq_len": 16, "steps": 3, "batch_size": 4, "lr": 1e-3,
-                                     "trainable": "scales", "cache_dir": None}}]}
+    name = "model.model.layers.0.mlp.down_proj.weight"
+    rtn = qpass.apply(model, {"passes": [W4A8]}).graph_module
+    rec = {"passes": [W4A8, {"qat": {"samples": 8, "seq_len": 16, "steps": 3, "batch_size": 4, "lr": 2e-4,
+                                     "trainable": "scales", "cache_dir": None, "base": base}}]}
     qm = qpass.apply(model, rec, progress=False)
     gm = qm.graph_module
-    assert torch.equal(gm.get_parameter("model.model.layers.0.mlp.down_proj.weight"),
-                       model.model.layers[0].mlp.down_proj.weight)
     assert qm.report["qat"].stats["trainable_tensors"] == 15
+    assert qm.report["qat"].stats["base"] == base and qm.report["qat"].stats["kept_step"] > 0
     scale_nodes = [n for n in gm.graph.nodes if n.meta.get(META_QUANT, {}).get("role") == "weight"]
     assert all(n.args[1].target in dict(gm.named_parameters()) for n in scale_nodes)
+    codes0, scale0 = _weight_codes(rtn, name)
+    codes1, scale1 = _weight_codes(gm, name)
+    assert not torch.equal(scale0, scale1)                   # the scales trained
+    if base == "float":                                      # the float weight is untouched
+        assert torch.equal(gm.get_parameter(name), model.model.layers[0].mlp.down_proj.weight)
+    else:                                                    # PEQA: the integer codes are frozen, W = s' q
+        assert torch.equal(codes1, codes0)
+        torch.testing.assert_close(gm.get_parameter(name), codes0 * scale1.reshape(-1, 1))
 
 
 def test_config_errors_name_their_path():

@@ -386,7 +386,7 @@ class TableScorer:
         if self.ref is None:
             self.reference()
         torch.manual_seed(self.seed)          # every row starts from the same state, whatever ran before it
-        from qpass.eval import PeakRss
+        from qpass.memory import PeakRss
 
         t0 = time.perf_counter()
         with PeakRss() as peak:
