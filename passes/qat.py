@@ -79,7 +79,11 @@ class QatConfig:
         "keep_best": "restore the trainable tensors of the best held-out point (never worse than the start)",
         "base": "how frozen quantized weights are held while training: packed (their codes, decoded on the fly and "
                 "again in the backward pass: QLoRA's storage, PEQA's frozen integers), float (the float weight, "
-                "fake-quantized every step), auto (packed with trainable lora or scales, else float)",
+                "fake-quantized every step), auto (packed with trainable lora or scales, else float; float with "
+                "parallel: fsdp)",
+        "parallel": "under torchrun: ddp (every rank holds the model; gradients all-reduced) or fsdp (FSDP2: every "
+                    "parameter sharded across the ranks, gathered per forward/backward; the same loss curve). "
+                    "One process: ignored",
     }
 
     data: str = "generated"
@@ -111,6 +115,7 @@ class QatConfig:
     eval_every: int = 0
     keep_best: bool = True
     base: Literal["auto", "packed", "float"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 0
 
     def __post_init__(self):
@@ -128,6 +133,9 @@ class QatConfig:
             raise RecipeError("weight_decay", f"must be >= 0 with lr * weight_decay < 1, got {self.weight_decay}")
         if self.grad_clip is not None and not 0 < self.grad_clip < float("inf"):
             raise RecipeError("grad_clip", f"must be a positive number, or null for no clipping, got {self.grad_clip}")
+        if self.base == "packed" and self.parallel == "fsdp":
+            raise RecipeError("base", "a packed base (codes decoded on the fly) is not sharded by FSDP: use "
+                              "base: float (or auto) with parallel: fsdp, or parallel: ddp with a packed base")
         if self.batch_size % self.grad_accum:
             raise RecipeError("grad_accum", f"must divide batch_size ({self.batch_size})")
         if not 0 <= self.ce_weight <= 1:
@@ -151,7 +159,7 @@ class QatConfig:
                              feature_weight=self.intermediate_weight if self.intermediate else 0.0,
                              seed=self.seed, checkpoint_dir=self.checkpoint_dir,
                              checkpoint_every=self.checkpoint_every, eval_every=self.eval_every,
-                             keep_best=self.keep_best and self.held_out > 0)
+                             keep_best=self.keep_best and self.held_out > 0, parallel=self.parallel)
 
     def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(samples=self.samples, seq_len=self.seq_len,
@@ -207,7 +215,7 @@ class Qat(Pass):
         data = self._data(teacher, ctx)
         check_inputs([(data,)], gm, label=f"qat data ({cfg.data})")   # a tokenizer that is not the model's
         data, held = split_held_out(data, cfg.held_out, cfg.seed)
-        flags = {p: p.requires_grad for p in gm.parameters()}
+        flags = {n: p.requires_grad for n, p in gm.named_parameters()}
         for p in gm.parameters():
             p.requires_grad_(False)
         for p in params:
@@ -220,11 +228,15 @@ class Qat(Pass):
                                   held=held)
                 if cfg.checkpoint_dir:
                     trainer.load_checkpoint(cfg.checkpoint_dir)
-                with PeakRss() as peak:
-                    history = trainer.fit()
+                try:
+                    with PeakRss() as peak:
+                        history = trainer.fit()
+                finally:
+                    trainer.close()                  # FSDP: the parameters gathered back (by name: new objects)
         finally:
-            for p, f in flags.items():
-                p.requires_grad_(f)
+            now = dict(gm.named_parameters())
+            for n, f in flags.items():
+                now[n].requires_grad_(f)
         stats = {"steps": cfg.steps, "samples": len(data), "data": cfg.data,
                  "trainable_tensors": len(params), "trainable_params": sum(p.numel() for p in params),
                  "intermediate": sorted(outputs),
@@ -245,7 +257,8 @@ class Qat(Pass):
         """The frozen quantized weights held as codes while training (qpass.qat.packed_base), or a no-op."""
         base = self.config.base
         if base == "auto":
-            base = "packed" if self.config.trainable in ("lora", "scales") else "float"
+            base = "packed" if self.config.trainable in ("lora", "scales") and self.config.parallel == "ddp" \
+                else "float"
         return PackedBase(gm, params, enabled=base == "packed")
 
     @classmethod

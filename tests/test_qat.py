@@ -144,6 +144,8 @@ def test_config_errors_name_their_path():
         Recipe.from_dict({"passes": [{"qat": {"batch_size": 8, "grad_accum": 3}}]})
     with pytest.raises(qpass.RecipeError, match=r"passes\[0\]\.qat\.trainable.*did you mean 'scales'"):
         Recipe.from_dict({"passes": [{"qat": {"trainable": "scale"}}]})
+    with pytest.raises(qpass.RecipeError, match=r"passes\[0\]\.qat\.base.*parallel: fsdp"):
+        Recipe.from_dict({"passes": [{"qat": {"base": "packed", "parallel": "fsdp"}}]})
     with pytest.raises(qpass.CalibrationError, match="teacher"):
         qm = qpass.apply(toy.hf_model("llama"), {"passes": [W4A8]})
         qpass.apply(qm, Recipe([QatConfig(steps=1, samples=2, seq_len=8, batch_size=2)]))
@@ -152,31 +154,40 @@ def test_config_errors_name_their_path():
 # ----------------------------------------------------------------------------- trainer mechanics
 
 
-def one_step(steps_before: int = 0):
-    """The shared single-step scenario (also run by tests/helpers/ddp_qat_step.py under torchrun)."""
+def one_step(steps_before: int = 0, parallel: str = "ddp"):
+    """The shared single-step scenario (also run by tests/helpers/ddp_qat_step.py under torchrun): the loss, the
+    gradients (whole tensors, gathered under FSDP) and, after the trainer closes, the module's parameters."""
     model = peaky_llama()
     qm = qpass.apply(model, {"passes": [W4A8]}, progress=False)
     data = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(5))
     params = [p for p in qm.graph_module.parameters()]
     trainer = Trainer(qm.graph_module, lambda ids: model(input_ids=ids, use_cache=False), data, params,
-                      TrainSettings(steps=4, batch_size=8, lr=1e-3, seed=0), progress=False)
+                      TrainSettings(steps=4, batch_size=8, lr=1e-3, seed=0, parallel=parallel), progress=False)
     loss = trainer.train_step()
-    grads = {n: p.grad.detach().clone() for n, p in qm.graph_module.named_parameters() if p.grad is not None}
-    return loss, grads
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    grads = {n: full(p.grad.detach()).clone() for n, p in qm.graph_module.named_parameters() if p.grad is not None}
+    trainer.close()
+    after = {n: p.detach().clone() for n, p in qm.graph_module.named_parameters()}
+    return loss, grads, after
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
-    out = tmp_path / "ddp.safetensors"
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, parallel):
+    out = tmp_path / f"{parallel}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                    "tests/helpers/ddp_qat_step.py", str(out)], check=True, env=env, timeout=300,
+    port = {"ddp": 29517, "fsdp": 29518}[parallel]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    "tests/helpers/ddp_qat_step.py", str(out), parallel], check=True, env=env, timeout=300,
                    capture_output=True)
-    ddp = safetensors.torch.load_file(str(out))
-    loss, grads = one_step()
-    assert float(ddp["loss"]) == pytest.approx(loss, rel=1e-5)
-    assert grads.keys() == {k for k in ddp if k != "loss"}
+    got = safetensors.torch.load_file(str(out))
+    loss, grads, after = one_step()
+    assert float(got["loss"]) == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == {k[5:] for k in got if k.startswith("grad.")}
     for k, g in grads.items():
-        torch.testing.assert_close(ddp[k], g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(got[f"grad.{k}"], g, rtol=1e-4, atol=1e-7)
+    assert after.keys() == {k[6:] for k in got if k.startswith("after.")}
+    for k, v in after.items():                               # the step taken, gathered back into a plain module
+        torch.testing.assert_close(got[f"after.{k}"], v, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_from_checkpoint_gives_the_same_next_loss(tmp_path):

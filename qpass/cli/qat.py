@@ -4,6 +4,8 @@
     torchrun --nproc_per_node=2 tools/qat.py MODEL_DIR --recipe R.yaml --out OUT_DIR     # DDP (gloo on CPU)
 
 Every rank runs the same recipe; training is data-parallel over the global batch; rank 0 writes OUT_DIR.
+The qat pass's `parallel` option picks DDP (default: every rank holds the model) or FSDP2 (`parallel: fsdp`:
+parameters sharded across the ranks while training, gathered back at the end); both give one process's loss.
 The recipe and the paths are checked before the model is loaded.
 """
 from __future__ import annotations

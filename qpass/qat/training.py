@@ -1,7 +1,10 @@
 """Distillation training of a fake-quantized graph (LLM-QAT §2.3): the student is the quantized graph, the
 teacher the full-precision model; loss = KL(p_teacher || p_student) over the vocabulary at every position
 (optionally mixed with next-token cross-entropy). AdamW, cosine schedule (no warm-up by default), gradient
-accumulation and clipping, checkpoint + resume, and DistributedDataParallel when run under torchrun.
+accumulation and clipping, checkpoint + resume, and under torchrun DistributedDataParallel (``parallel: ddp``,
+every rank holds the whole model) or FSDP2 (``parallel: fsdp``: ``torch.distributed.fsdp.fully_shard`` over the
+whole student, every parameter sharded across the ranks, gathered per forward and backward, gradients
+reduce-scattered; at the end the trained parameters are gathered back into a plain, unsharded graph module).
 
 Determinism: the order of training sequences is a seeded permutation; rank r of w takes rows
 [r::w] of every global batch, so one process and N processes see the same global batches.
@@ -63,6 +66,7 @@ class TrainSettings:
     checkpoint_every: int = 0
     eval_every: int = 0            # held-out evaluation every this many steps (0: steps // 10, at least 1)
     keep_best: bool = True         # restore the trainable tensors of the best held-out point at the end
+    parallel: str = "ddp"          # under torchrun: ddp (replicated) or fsdp (FSDP2, sharded parameters)
 
 
 def cosine_lr(step: int, s: TrainSettings) -> float:
@@ -93,6 +97,64 @@ def batch_rows(step: int, micro: int, n_data: int, s: TrainSettings, rank: int, 
     return order[idx][rank::size]
 
 
+class Fsdp:
+    """FSDP2 over a whole module for the length of a training run: ``fully_shard(module)`` (one group: the
+    captured graph has no per-layer submodules that run on their own), then :meth:`close` gathers every parameter
+    back (a collective: every rank calls it) and removes FSDP's class and hooks, so the module is the plain
+    graph module it was, holding the trained values. `params` are the sharded (DTensor) counterparts of the
+    trainable parameters, in their order."""
+
+    def __init__(self, module: nn.Module, trainable: list[nn.Parameter], size: int):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        names = {id(p): n for n, p in module.named_parameters()}
+        missing = [i for i, p in enumerate(trainable) if id(p) not in names]
+        if missing:
+            raise ValueError(f"parallel: fsdp shards the module's parameters; {len(missing)} trainable tensors "
+                             "are not parameters of it")
+        self.module, self.names = module, [names[id(p)] for p in trainable]
+        self._cls = type(module)
+        self._hooks = {a: set(getattr(module, a)) for a in _HOOK_DICTS}
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (size,))
+        fully_shard(module, mesh=mesh)
+        now = dict(module.named_parameters())
+        self.params = [now[n] for n in self.names]
+
+    def close(self) -> None:
+        m = self.module
+        plain = {id(p): nn.Parameter(p.full_tensor().detach().clone(), requires_grad=p.requires_grad)
+                 for p in m.parameters()}
+        for a, before in self._hooks.items():
+            hooks = getattr(m, a)
+            for k in [k for k in hooks if k not in before]:
+                del hooks[k]
+        m.__class__ = self._cls
+        for sub in m.modules():                     # every owner of a tied parameter gets the same new one
+            for leaf, p in list(sub._parameters.items()):
+                if p is not None and id(p) in plain:
+                    sub._parameters[leaf] = plain[id(p)]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank calls it), or `t`."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` sharded as `ref` is when `ref` is a DTensor of the same global shape, else `full`."""
+    if hasattr(ref, "device_mesh") and tuple(full.shape) == tuple(ref.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, ref.device_mesh, ref.placements)
+    return full
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+               "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 class Trainer:
     """Trains the float parameters in `params` of `student` against `teacher` on `data` [n, seq]."""
 
@@ -110,7 +172,13 @@ class Trainer:
         self.student, self.teacher, self.data, self.s = student, teacher, data, s
         self.params = params
         self.model = student
-        if self.size > 1:
+        self.fsdp: Fsdp | None = None
+        if s.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {s.parallel!r}")
+        if self.size > 1 and s.parallel == "fsdp":
+            self.fsdp = Fsdp(student, params, self.size)
+            self.params = params = self.fsdp.params
+        elif self.size > 1:
             self.model = nn.parallel.DistributedDataParallel(student, find_unused_parameters=False)
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: cosine_lr(i, s))
@@ -198,20 +266,28 @@ class Trainer:
                     p.copy_(b)
             log.info("QAT: kept step %d (held-out loss %.5f) over the last step", *self.best)
         self._best_params = None
+        self.close()
         return self.history
+
+    def close(self) -> None:
+        """Under FSDP: gather the parameters back into a plain module (every rank; idempotent)."""
+        if self.fsdp is not None:
+            self.fsdp.close()
+            self.fsdp = None
 
     # -- checkpoints: safetensors for tensors, JSON for the rest; no pickle
     def save_checkpoint(self, directory: str) -> None:
-        if self.rank != 0:
-            return
-        os.makedirs(directory, exist_ok=True)
-        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        # under FSDP every rank gathers the shards (collectives), rank 0 writes
+        tensors = {f"param.{i}": _full(p.detach()) for i, p in enumerate(self.params)}
         opt = self.opt.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+                tensors[f"opt.{i}.{k}"] = _full(v) if isinstance(v, torch.Tensor) else torch.tensor(v)
         if self._best_params is not None:
-            tensors.update({f"best.{i}": b for i, b in enumerate(self._best_params)})
+            tensors.update({f"best.{i}": _full(b) for i, b in enumerate(self._best_params)})
+        if self.rank != 0:
+            return
+        os.makedirs(directory, exist_ok=True)
         meta = {"step": self.step, "history": self.history, "param_groups": opt["param_groups"],
                 "scheduler": self.sched.state_dict(), "n_params": len(self.params),
                 "evals": self.evals, "best": self.best}
@@ -234,17 +310,17 @@ class Trainer:
                              f"has {len(self.params)}: it belongs to another recipe")
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                p.copy_(tensors[f"param.{i}"])
+                p.copy_(_like(tensors[f"param.{i}"], p))
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
+                state.setdefault(int(i), {})[name] = _like(v, self.params[int(i)])
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict(meta["scheduler"])
         self.step, self.history = meta["step"], meta["history"]
         self.evals = [tuple(e) for e in meta.get("evals", [])]
         self.best = tuple(meta["best"]) if meta.get("best") else None
         if self.best is not None and "best.0" in tensors:
-            self._best_params = [tensors[f"best.{i}"] for i in range(len(self.params))]
+            self._best_params = [_like(tensors[f"best.{i}"], p) for i, p in enumerate(self.params)]
         return True
