@@ -329,3 +329,32 @@ def test_a_resumed_run_keeps_its_held_out_curve_and_best_point(tmp_path):
     ids = toy.token_ids(2, 16, seed=5)
     assert again.report["qat"].stats["held_out_curve"] == full.report["qat"].stats["held_out_curve"]
     assert torch.equal(again(ids).logits, full(ids).logits)
+
+
+def test_fsdp_close_gives_back_a_plain_module_with_tied_weights_tied():
+    """Fsdp (one gloo rank) shards a tied-embedding graph and gathers it back: same class, same function, the
+    tied parameter shared again, no FSDP hooks left."""
+    import torch.distributed as dist
+
+    from qpass.qat.training import Fsdp
+
+    qm = qpass.apply(toy.hf_model("llama_tied"), {"passes": [W4A8]}, progress=False)
+    gm = qm.graph_module
+    ids = toy.token_ids(2, 8, seed=3)
+    with torch.no_grad():
+        ref = qm(ids).logits
+    cls, hooks = type(gm), (dict(gm._forward_pre_hooks), dict(gm._forward_hooks))
+    tied = {n for n, _ in gm.named_parameters(remove_duplicate=False)} - {n for n, _ in gm.named_parameters()}
+    assert tied                                            # the toy really ties lm_head to the embedding
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29519", rank=0, world_size=1)
+    try:
+        f = Fsdp(gm, [p for p in gm.parameters()], 1)
+        assert type(gm) is not cls and all(hasattr(p, "full_tensor") for p in f.params)
+        f.close()
+    finally:
+        dist.destroy_process_group()
+    assert type(gm) is cls and (dict(gm._forward_pre_hooks), dict(gm._forward_hooks)) == hooks
+    assert all(type(p) is torch.nn.Parameter for p in gm.parameters())
+    assert tied == {n for n, _ in gm.named_parameters(remove_duplicate=False)} - {n for n, _ in gm.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(qm(ids).logits, ref)
