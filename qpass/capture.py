@@ -192,6 +192,52 @@ def _user_frame(e: BaseException) -> str:
     return f"{best.filename}:{best.lineno} in {best.name}: {(best.line or '').strip()}"
 
 
+def _export_decode(wrapper_cls, model: nn.Module, batch_size: int, max_cache_len: int) -> GraphModule:
+    import warnings
+
+    root = wrapper_cls(model, batch_size=batch_size, max_cache_len=max_cache_len)
+    root.qpass_max_cache_len = max_cache_len
+    seq = torch.export.Dim("seq", min=1, max=max(2, max_cache_len - 1))
+    ids = torch.zeros((batch_size, 4), dtype=torch.long, device=next(model.parameters()).device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*requires gradient.*")   # cache tensors, not params
+        ep = torch.export.export(root, (), {"input_ids": ids, "cache_position": torch.arange(4)},
+                                 dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
+                                 strict=False)
+        return ep.module()
+
+
+def _explicit_positions_wrapper(base):
+    """`base` (transformers' static-cache export wrapper) calling the model with position_ids = cache_position and
+    an all-ones padding mask over the whole static cache (future positions are masked by the causal mask)."""
+
+    class ExplicitPositions(base):
+        def forward(self, input_ids=None, inputs_embeds=None, cache_position=None):
+            for layer in self.static_cache.layers:
+                layer.cumulative_length.copy_(cache_position[0])
+            b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            outs = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                              attention_mask=torch.ones(b, self.qpass_max_cache_len, dtype=torch.long,
+                                                        device=cache_position.device),
+                              position_ids=cache_position.unsqueeze(0).expand(b, -1), cache=self.static_cache,
+                              use_cache=True)
+            return outs.logits if hasattr(outs, "logits") else outs.last_hidden_state
+
+    return ExplicitPositions
+
+
+def _data_dependent(e: BaseException) -> bool:
+    text = "".join(traceback.format_exception_only(type(e), e)) + repr(e.__cause__ or "")
+    return any(k in text for k in ("aten.item", "data-dependent", "DataDependent", "GuardOnDataDependent"))
+
+
+def _takes(model: nn.Module, *names: str) -> bool:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return all(n in params for n in names) or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def capture_decode(model: nn.Module, *, max_cache_len: int, batch_size: int = 1) -> GraphModule:
     """Export an HF causal LM's step with a static KV cache: ``gm(input_ids, cache_position) -> logits``.
 
@@ -201,8 +247,6 @@ def capture_decode(model: nn.Module, *, max_cache_len: int, batch_size: int = 1)
     Positions past the current one are masked, so a new generation simply starts again at position 0.
     The batch size is fixed at export time (static cache).
     """
-    import warnings
-
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
     if not is_hf_causal_lm(model):
@@ -212,16 +256,20 @@ def capture_decode(model: nn.Module, *, max_cache_len: int, batch_size: int = 1)
     model.generation_config.cache_implementation = "static"
     was_training = model.training
     model.eval()
+    explicit = False
     try:
-        root = TorchExportableModuleWithStaticCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
-        seq = torch.export.Dim("seq", min=1, max=max(2, max_cache_len - 1))
-        ids = torch.zeros((batch_size, 4), dtype=torch.long, device=next(model.parameters()).device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*requires gradient.*")   # cache tensors, not params
-            ep = torch.export.export(root, (), {"input_ids": ids, "cache_position": torch.arange(4)},
-                                     dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}},
-                                     strict=False)
-            gm = ep.module()
+        try:
+            gm = _export_decode(TorchExportableModuleWithStaticCache, model, batch_size, max_cache_len)
+        except Exception as e:  # noqa: BLE001 - retried with explicit positions, else re-raised below
+            if not (_data_dependent(e) and _takes(model, "position_ids", "attention_mask")):
+                raise
+            # models that derive positions from the cache length in Python (OPT: position_ids[:, past:]) trace a
+            # data-dependent slice; given positions (= cache_position) and an all-ones padding mask they do not
+            log.info("decode capture of %s: positions derived from the cache length are data-dependent; "
+                     "retrying with explicit position_ids and attention mask (%s)", type(model).__name__, e)
+            gm = _export_decode(_explicit_positions_wrapper(TorchExportableModuleWithStaticCache), model,
+                                batch_size, max_cache_len)
+            explicit = True
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised as CaptureError with the cause chained
@@ -231,5 +279,5 @@ def capture_decode(model: nn.Module, *, max_cache_len: int, batch_size: int = 1)
         model.train(was_training)
     gm.meta[META_PREFIX] = f"{_WRAP}."
     gm.meta[META_CAPTURE] = {"hf": True, "model_class": type(model).__name__, "n_inputs": 2, "decode": True,
-                             "max_cache_len": max_cache_len, "batch_size": batch_size}
+                             "max_cache_len": max_cache_len, "batch_size": batch_size, "explicit_positions": explicit}
     return gm

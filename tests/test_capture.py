@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import qpass
-from qpass.graph import linear_sites, module_path
+from qpass.graph import META_CAPTURE, linear_sites, module_path
 from tests import toy
 
 
@@ -156,3 +156,19 @@ def test_a_model_that_fixes_the_sequence_length_gets_a_capture_error_with_the_re
     msg = str(e.value)
     assert "FixedLength" in msg and "dynamic sequence length" in msg and "guard" in msg
     assert "Dim('seq'" in msg and "constant (8)" in msg and "seq = 8" in msg
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_decode_capture_matches_the_full_forward(family):
+    """OPT derives positions from the cache length in Python (a data-dependent slice under export): the decode
+    capture retries with explicit positions; Llama keeps transformers' own wrapper. Prefill then token-by-token
+    decode gives the full forward's logits."""
+    model = toy.hf_model(family)
+    gm = qpass.capture_decode(model, max_cache_len=32)
+    assert gm.meta[META_CAPTURE]["explicit_positions"] is (family == "opt")
+    ids = toy.token_ids(1, 10)
+    with torch.no_grad():
+        ref = model(ids).logits
+        steps = [gm(input_ids=ids[:, :6], cache_position=torch.arange(6))]
+        steps += [gm(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t])) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-5)

@@ -150,6 +150,7 @@ def test_freeze_calls_packed_modules_directly_and_keeps_the_calling_convention()
 FIRES = {  # family: (rms_norm, rope) sites; every family: attention cut in both layers, direct calls only
     "llama": (5, 4), "mistral": (5, 4), "qwen2": (5, 4), "phi3": (5, 4),
     "gpt2": (0, 0),             # LayerNorm, learned positions
+    "opt": (0, 0),              # LayerNorm, learned positions from explicit position_ids (capture retries)
     "gpt_neox": (0, 4),         # LayerNorm; RoPE on the first quarter of head_dim (partial rotary)
 }
 
