@@ -147,3 +147,23 @@ def test_onnx_refuses_sparse_values_on_an_int_format():
     gm.recompile()
     with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)unsupported side channel outliers.*q_proj"):
         patterns.check_supported(gm)
+
+
+def test_tiled_forward_equals_the_whole_weight(monkeypatch):
+    """CodebookLinear decodes a tile of rows at a time (sparse values by binary search): the same outputs as the
+    whole decoded weight, including tiles that hold no sparse value."""
+    from qpass.backends.torch_packed import codebook as C
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g)
+    scale = w.abs().amax(1, keepdim=True).half()
+    table = torch.linspace(-1, 1, 8).expand(40, 1, 8).contiguous().half()
+    idx = torch.tensor([900, 5, 300, 30])                  # unsorted, rows 37, 0, 12, 1
+    mod = C.CodebookLinear.from_weight(w, scale=scale, block=[1, -1], fmt="codebook3", codebook=table,
+                                       outliers=(idx, torch.tensor([1.0, -2.0, 3.0, 0.5]).half()), bias=None)
+    x = torch.randn(3, 24, generator=g)
+    whole = x @ mod.weight().t()
+    monkeypatch.setattr(C, "TILE_ELEMENTS", 24 * 7)       # tiles of 7 rows
+    torch.testing.assert_close(mod(x), whole, rtol=0, atol=1e-6)
+    ref = F.fake_quantize_ext(w, scale.float(), None, (1, -1), "codebook3", codebook=table.float(),
+                              outliers=(idx, torch.tensor([1.0, -2.0, 3.0, 0.5])))
+    assert torch.equal(mod.weight(), ref)

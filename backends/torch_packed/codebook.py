@@ -15,8 +15,10 @@ per-channel LUTs, BCQ's per-group tables: any ``formats.Codebook``) becomes, in 
 
 The scale is folded into the (small) table before the lookup: one float32 product per table entry, the very
 product the reference computes per element (``formats.dequantize_ext``: ``table[code] * scale``), so the
-weight is the fake-quant weight bit for bit. The lookup is a gather over the unpacked codes, then one matmul
-(``F.linear``): the float weight is decoded per call, not kept. The state dict holds only codes at b bits,
+weight is the fake-quant weight bit for bit. The forward decodes a tile of output rows at a time (unpack, a
+gather along K, the tile's sparse values found by binary search in the sorted indices) and multiplies it
+(``F.linear``) into its slice of the output: the float weight never exists whole and is not kept. This is a
+reference-speed route (no native lookup kernel: docs/results_squeezellm.md has the timings). The state dict holds only codes at b bits,
 tables, scales and the side channel (test_squeezellm measures it). An input quantizer is applied as
 ``ExtLinear`` does (this is its subclass: same forward, another ``weight()``).
 """
@@ -24,11 +26,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from qpass.primitives import formats
+from qpass.primitives import quant as Q
 
 from . import packing as P
 from .ext import ExtLinear
+
+
+TILE_ELEMENTS = 1 << 18      # weight elements decoded at a time (1 MB of fp32: stays in cache)
 
 
 def _pack(u: Tensor, bits: int) -> Tensor:
@@ -92,6 +99,9 @@ class CodebookLinear(ExtLinear):
         self.bits, self.n, self.k, self.dtype = formats.get_format(fmt).bits, n, k, dtype
         if outliers is not None and n * k >= 2 ** 31:
             raise ValueError("CodebookLinear stores int32 outlier indices: weights under 2^31 elements")
+        if outliers is not None:                  # sorted: a tile of rows finds its values by binary search
+            order = outliers[0].long().argsort()
+            outliers = (outliers[0][order], outliers[1][order])
         tensors = {"qweight": _pack(codes, self.bits), "scale": scale, "codebook": codebook, "bias": bias,
                    "outlier_index": outliers[0].to(torch.int32) if outliers else None,
                    "outlier_value": outliers[1] if outliers else None,
@@ -112,19 +122,51 @@ class CodebookLinear(ExtLinear):
         return cls(fmt=fmt, block=block, codes=codes.contiguous(), scale=scale.contiguous(),
                    codebook=codebook.contiguous(), outliers=outliers, **kw)
 
-    def codes(self) -> Tensor:
-        """The [N, K] uint8 codes."""
-        return _unpack(self.qweight, self.bits, self.k)
+    def codes(self, r0: int = 0, r1: int | None = None) -> Tensor:
+        """The [r1 - r0, K] uint8 codes of rows r0:r1 (all rows by default)."""
+        r1 = self.n if r1 is None else r1
+        q = self.qweight[:, r0:r1] if self.qweight.dim() == 3 else self.qweight[r0:r1]
+        return _unpack(q, self.bits, self.k)
+
+    def _table(self) -> Tensor:
+        dtype = torch.promote_types(self.dtype, torch.float32)      # formats.dequantize_ext's arithmetic
+        return self.codebook.to(dtype) * self.scale.to(dtype).unsqueeze(-1)        # [Sn, Sk, T], tiny
+
+    def _rows(self, table: Tensor, r0: int, r1: int) -> Tensor:
+        """Rows r0:r1 of the decoded weight, sparse values added."""
+        sn, sk, size = table.shape
+        codes = self.codes(r0, r1).long()
+        if sn == self.n:               # a table row per output row (per channel / per group): gather along K
+            if sk > 1:
+                bk = self.k if self.block[1] == -1 else self.block[1]
+                codes = codes + ((torch.arange(self.k) // bk).clamp(max=sk - 1) * size).unsqueeze(0)
+            w = table[r0:r1].reshape(r1 - r0, sk * size).gather(1, codes).to(self.dtype)
+        else:                          # blocks along N too: flat lookup
+            idx = block_index(self.n, self.k, self.block, (sn, sk))[r0:r1] * size + codes
+            w = table.reshape(-1)[idx].to(self.dtype)
+        if self.outlier_index is not None:
+            lo, hi = torch.searchsorted(self.outlier_index, torch.tensor([r0 * self.k, r1 * self.k],
+                                                                         dtype=self.outlier_index.dtype)).tolist()
+            if hi > lo:
+                w = w.reshape(-1).index_add(0, self.outlier_index[lo:hi].long() - r0 * self.k,
+                                            self.outlier_value[lo:hi].to(w.dtype)).reshape(w.shape)
+        return w
 
     def weight(self) -> Tensor:
-        dtype = torch.promote_types(self.dtype, torch.float32)      # formats.dequantize_ext's arithmetic
-        table = self.codebook.to(dtype) * self.scale.to(dtype).unsqueeze(-1)        # [Sn, Sk, T], tiny
-        size = table.shape[-1]
-        idx = block_index(self.n, self.k, self.block, tuple(self.scale.shape)) * size + self.codes().long()
-        w = table.reshape(-1)[idx].to(self.dtype)
-        if self.outlier_index is not None:
-            w = w.reshape(-1).index_add(0, self.outlier_index.long(), self.outlier_value.to(w.dtype)).reshape(w.shape)
-        return w
+        return self._rows(self._table(), 0, self.n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.act
+        if a is not None:
+            x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
+                Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
+        table, step = self._table(), max(1, TILE_ELEMENTS // max(self.k, 1))
+        if step >= self.n:
+            return F.linear(x, self._rows(table, 0, self.n), self.bias)
+        # NOTE: decoded a tile of rows at a time (cache-sized): the float weight never exists whole
+        out = torch.cat([F.linear(x, self._rows(table, r0, min(r0 + step, self.n)))
+                         for r0 in range(0, self.n, step)], -1)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         side = "outliers" if self.outlier_index is not None else "none"
