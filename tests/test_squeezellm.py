@@ -34,7 +34,7 @@ def _weighted_err(w, f, c):
     return S._objective(w.double(), f.double(), c.double())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(0, 10_000), st.integers(2, 4), st.integers(1, 5), st.integers(8, 40))
 def test_weighted_kmeans_is_never_worse_than_the_uniform_grid_and_has_2_to_the_b_entries(seed, bits, n, k):
     g = torch.Generator().manual_seed(seed)
