@@ -109,8 +109,8 @@ def test_codebook_bytes_are_saved_for_real():
     assert stored < floats / 3          # 32-wide toy rows: the 8-entry fp16 tables are 4 of the bits per weight
 
 
-@pytest.mark.parametrize("bits,group,outliers", [CASES[1], CASES[3]], ids=[IDS[1], IDS[3]])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,bits,group,outliers", [("llama", *CASES[1]), ("gpt2", *CASES[3])],
+                         ids=[f"llama-{IDS[1]}", f"gpt2-{IDS[3]}"])
 def test_onnx_codebook_is_gather_matmul_with_parity_in_onnxruntime(family, bits, group, outliers, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
