@@ -18,6 +18,7 @@ from .rotate import Rotate, RotateConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .signround import SignRound, SignRoundConfig
+from .squeezellm import SqueezeLlm, SqueezeLlmConfig
 from .zeroquant import ZeroQuant, ZeroQuantConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 
@@ -42,6 +43,7 @@ PASSES = {
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
+    "squeezellm": (SqueezeLlmConfig, SqueezeLlm),
 }
 
 
@@ -56,4 +58,5 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
+           "SqueezeLlm", "SqueezeLlmConfig"]

@@ -56,6 +56,8 @@ CONFORMANCE = {
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
+    "squeezellm": [{"squeezellm": {"bits": 3, "outliers": 0.01, "sensitive": 0.01, "iters": 5,   # sparse values
+                                   "ignore": ["lm_head"]}}],
 }
 
 

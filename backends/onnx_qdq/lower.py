@@ -123,7 +123,7 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     decoder = hf if decoder is None else decoder
     say("capturing the decoder step" if decoder else "preparing the graph")
     gm, args, shapes, inputs, outputs = _graph(qm, decoder)
-    report = patterns.rewrite(gm, opts)
+    report = patterns.rewrite(gm.gm if isinstance(gm, _Logits) else gm, opts)   # HF graph without the decoder step
     say(f"lowered quantizers:\n{report}")
     if any(r.form.startswith("W") and "A16: DequantizeLinear + MatMul" in r.form for r in report.rows):
         say(describe_accuracy_level(fused_accuracy_level))

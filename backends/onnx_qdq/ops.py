@@ -8,6 +8,8 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
     int8_dyn_matmul(x, codes[K,N], w_scale, bias?, w_zp)      per-token int8 x -> MatMulInteger -> Cast -> Mul
     matmul_nbits(x, packed[N,nb,blob], scales, bias?, ...)    com.microsoft.MatMulNBits
     qdq(x, scale, zp?, axis, block, bits, signed)             QuantizeLinear -> DequantizeLinear (static)
+    codebook_matmul(x, codes[K,N], table, off_k, off_n,       learned codebooks: Gather(table, codes + offsets)
+                    outlier_index?, outlier_value?, bias?)    (+ ScatterND add of sparse values) -> MatMul
     qdq_dynamic(x, block, bits, symmetric)                    scales from x per block of the last axis, Q -> DQ
 
 Weight layout: codes are stored [K, N] (the MatMul's B), so DequantizeLinear feeds MatMul directly (a
@@ -138,6 +140,29 @@ def _register() -> None:
         return torch.empty_like(x)
 
 
+def codebook_weight(codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor, outlier_index: Optional[Tensor],
+                    outlier_value: Optional[Tensor]) -> Tensor:
+    """[K, N] weight of a codebook_matmul: ``table[codes + off_k + off_n]`` (the table flattened, scales folded in,
+    offsets selecting each element's block), plus the sparse values at their flat [K, N] indices."""
+    w = table[codes.long() + off_k.long() + off_n.long()]
+    if outlier_index is not None:
+        w = w.reshape(-1).index_add(0, outlier_index.reshape(-1), outlier_value.to(w.dtype)).reshape(w.shape)
+    return w
+
+
+def _register_codebook() -> None:
+    @torch.library.custom_op("qpass_onnx::codebook_matmul", mutates_args=())
+    def codebook_matmul(x: Tensor, codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor,
+                        outlier_index: Optional[Tensor], outlier_value: Optional[Tensor],
+                        bias: Optional[Tensor]) -> Tensor:
+        y = x @ codebook_weight(codes, table, off_k, off_n, outlier_index, outlier_value).to(x.dtype)
+        return y if bias is None else y + bias
+
+    @codebook_matmul.register_fake
+    def _(x, codes, table, off_k, off_n, outlier_index, outlier_value, bias):
+        return _linear_out(x, codes.shape[1])
+
+
 def pack_nbits(codes: Tensor, block: int, bits: int) -> Tensor:
     """Unsigned codes [N, K] (0 .. 2^bits-1) -> MatMulNBits' B: uint8 [N, ceil(K/block), block*bits/8], codes
     packed low bits first along K; the partial last block is padded with zeros."""
@@ -170,9 +195,12 @@ def _registered() -> bool:
 
 if not _registered():
     _register()
+if not hasattr(torch.ops.qpass_onnx, "codebook_matmul"):
+    _register_codebook()
 
 dq_matmul = torch.ops.qpass_onnx.dq_matmul.default
 int8_dyn_matmul = torch.ops.qpass_onnx.int8_dyn_matmul.default
 matmul_nbits = torch.ops.qpass_onnx.matmul_nbits.default
 qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default
+codebook_matmul = torch.ops.qpass_onnx.codebook_matmul.default

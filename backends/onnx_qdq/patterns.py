@@ -10,7 +10,9 @@ Changes   a table keyed by (weight kind, input kind) picks the lowering of each 
           other quantizers become qdq (static scales) or qdq_dynamic (scales from the tensor), with
           permute/reshape around them when their blocks span several axes (per-token K/V across heads);
           a K/V quantizer on cat([past_key_values input, new]) moves onto `new` (``_Rewriter.past_cache``)
-Requires  integer formats (fp8 / fp4 / nf4 raise UnsupportedOpError naming the node)
+          learned codebook weights (formats.Codebook, per channel or per group, optionally with sparse values)
+                                               codebook_matmul  -> Gather(table) [+ ScatterND] + MatMul
+Requires  integer formats or learned codebooks (fp8 / fp4 / nf4 raise UnsupportedOpError naming the node)
 Preserves the function: the rewritten graph runs in torch and equals the fake-quant graph up to float
           rounding (W4A8 MatMulNBits is checked at accuracy level 0 there; level 4 is onnxruntime's kernel)
 
@@ -30,6 +32,8 @@ from qpass.patterns import TRANSPOSES
 from qpass.primitives import hadamard
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
+from qpass.primitives import formats as F
+from qpass.primitives.formats import Codebook
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, role_of, unsupported
 
@@ -126,6 +130,50 @@ def _weight(gm: GraphModule, site: LinearSite, fq: Node) -> _Weight:
     return _Weight(codes.contiguous(), lay[0], lay[1], lay[2], bits)
 
 
+@dataclass(frozen=True)
+class _CodebookWeight:
+    """A learned-codebook weight for codebook_matmul, laid out [K, N] (see ops.codebook_weight)."""
+
+    codes: torch.Tensor                 # uint8 [K, N]
+    table: torch.Tensor                 # float32 [blocks * 2^b]: the tables with their scales folded in
+    off_k: torch.Tensor                 # int32 [K, 1], off_n int32 [1, N]: the block of each element, times 2^b
+    off_n: torch.Tensor
+    outlier_index: torch.Tensor | None  # int64 [nnz, 1] flat indices into [K, N]
+    outlier_value: torch.Tensor | None  # float32 [nnz]
+
+
+def is_codebook(q: Quantizer) -> bool:
+    """A learned codebook (formats.Codebook) with static scales, no zero point, at most sparse values."""
+    return (isinstance(q.fmt, Codebook) and q.codebook is not None and not q.dynamic and q.zero_point is None
+            and set(q.side_channels.names) <= {"outliers"} and len(q.block) == 2)
+
+
+def _codebook_weight(gm: GraphModule, site: LinearSite, fq: Node) -> _CodebookWeight:
+    q = Quantizer(fq)
+    w = param_of(gm, site.weight).detach()
+    w_use = w.t() if _flips(q.x, site.weight) % 2 else w                 # as the quantizer sees it: [A, B]
+    scale, table = getattr(gm, q.scale.target).detach(), getattr(gm, q.codebook.target).detach()
+    codes = F.quantize_ext(w_use, scale, None, list(q.block), q.fmt_name, codebook=table)
+    dtype = torch.promote_types(w.dtype, torch.float32)                 # formats.dequantize_ext's arithmetic
+    flat = (table.to(dtype) * scale.to(dtype).unsqueeze(-1)).reshape(-1).float()
+    (a, b), (sa, sb), size = w_use.shape, scale.shape, table.shape[-1]
+    ba, bb = (a if q.block[0] == -1 else q.block[0]), (b if q.block[1] == -1 else q.block[1])
+    off_a = ((torch.arange(a) // ba).clamp(max=sa - 1) * sb * size).to(torch.int32)
+    off_b = ((torch.arange(b) // bb).clamp(max=sb - 1) * size).to(torch.int32)
+    o = q.side_channels.outliers
+    idx = val = None
+    if o is not None:
+        idx, val = getattr(gm, o.index.target).detach().long(), getattr(gm, o.value.target).detach().float()
+    if site.use_in_axis == 1:                                             # the quantizer sees [N, K]
+        codes, off_k, off_n = codes.t(), off_b.reshape(-1, 1), off_a.reshape(1, -1)
+        if idx is not None:
+            idx = (idx % b) * a + idx // b
+    else:
+        off_k, off_n = off_a.reshape(-1, 1), off_b.reshape(1, -1)
+    return _CodebookWeight(codes.to(torch.uint8).contiguous(), flat.contiguous(), off_k.contiguous(),
+                           off_n.contiguous(), None if idx is None else idx.reshape(-1, 1).contiguous(), val)
+
+
 # ------------------------------------------------------------------------------------------ handlers
 
 
@@ -160,6 +208,9 @@ class _Rewriter(QdqRewrites):
         if bias_arg is not None and site.bias is None:
             raise UnsupportedOpError("onnx_qdq lowers linears whose bias is a parameter; this one is computed",
                                      where=describe(self.gm, site.node), fix="use the torch backend")
+        if wq is not None and is_codebook(Quantizer(wq)):
+            x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
+            return self._finish(site, wq, *self._codebook(site, x, wq))
         w = _weight(self.gm, site, wq) if wq is not None else None
         kind = _input_kind(self.gm, xq)
         name = f"{site.weight.target}"
@@ -169,13 +220,30 @@ class _Rewriter(QdqRewrites):
         else:
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             new, form, note = self._dq_matmul(site, x, w, name, kind)
+        self._finish(site, wq, new, form, note)
+
+    def _finish(self, site: LinearSite, wq: Node | None, new: Node, form: str, note: str) -> None:
         if "val" in site.node.meta:
             new.meta["val"] = site.node.meta["val"]
         site.node.replace_all_uses_with(new)
         self.gm.graph.erase_node(site.node)
         self.report.rows.append(Lowered(site.path or site.node.name, form, note))
-        if w is not None:
+        if wq is not None:
             self.weights.append((len(self.report.rows) - 1, site.weight))
+
+    def _codebook(self, site: LinearSite, x: Node, fq: Node):
+        """A learned codebook weight -> codebook_matmul (uint8 codes, flat table, offsets, sparse values)."""
+        cb = _codebook_weight(self.gm, site, fq)
+        name, b = f"{site.weight.target}", site.node
+        node = self.call(b, ops.codebook_matmul, (
+            x, self.buffer(b, f"{name}_codes", cb.codes), self.buffer(b, f"{name}_table", cb.table),
+            self.buffer(b, f"{name}_off_k", cb.off_k), self.buffer(b, f"{name}_off_n", cb.off_n),
+            self.buffer(b, f"{name}_outlier_index", cb.outlier_index),
+            self.buffer(b, f"{name}_outlier_value", cb.outlier_value), site.bias))
+        q = Quantizer(fq)
+        sparse = f" + {cb.outlier_index.shape[0]} sparse values (ScatterND add)" if cb.outlier_index is not None else ""
+        form = f"{q.fmt_name} {q.granularity}: Gather(table) + MatMul{sparse}"
+        return node, form, "codebook weights: uint8 codes + tables, decoded by Gather; nothing fused (docs/onnx.md)"
 
     def _dq_matmul(self, site, x, w: _Weight | None, name: str, kind: str):
         if w is None:
@@ -273,7 +341,9 @@ def _flips(n: Node, weight: Node) -> int:
 
 # What this backend lowers (qpass.quantizer.Support), for every role: integer formats, no side channels
 # (ONNX Q/DQ has no codebook, sparse or float-column form). Layouts are checked where they are lowered.
-SUPPORTS = {"*": Support(kinds=frozenset({"int"}))}
+# Weights also: learned codebooks (formats.Codebook), with sparse values (codebook_matmul: Gather + MatMul).
+SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook"}), side=frozenset({"outliers"})),
+            "*": Support(kinds=frozenset({"int"}))}
 
 
 def check_supported(gm: GraphModule) -> None:
@@ -281,6 +351,8 @@ def check_supported(gm: GraphModule) -> None:
     a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
     for q in quantizers(gm):
         part = unsupported(q, SUPPORTS)
+        if q.role == "weight" and q.side_channels.outliers is not None and not is_codebook(q):
+            part = "; ".join(p for p in (part, "side channel outliers") if p)    # sparse values: codebooks only
         if part is None:
             continue
         if q.fmt.kind in BUILTIN_KINDS and not q.side_channels and q.codebook is None:
@@ -350,7 +422,7 @@ def _note_shared_weights(gm: GraphModule, r: _Rewriter) -> None:
 
 def _erase_dead(gm: GraphModule) -> None:
     """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
-    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic} | TRANSPOSES
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, qops.fake_quantize_ext} | TRANSPOSES
     changed = True
     while changed:
         changed = False

@@ -8,6 +8,8 @@ docs/onnx.md:
                     the symmetric int8 codes, exactly); MatMulInteger -> Cast -> Mul(scale * w_scale)
                     -> com.microsoft.MatMulIntegerToFloat (which takes a per-row A scale)
   matmul_nbits      com.microsoft.MatMulNBits, unsigned codes with the default zero point 2^(bits-1)
+  codebook_matmul   Gather(table, Cast(codes, INT32) + off_k + off_n) [-> ScatterND(reduction add) of the sparse
+                    values] -> MatMul: standard ops only, nothing fused (see docs/onnx.md)
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
                     ReduceMax / ReduceMin over each block)
 Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
@@ -125,10 +127,21 @@ def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
     return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
 
 
+def codebook_matmul(x, codes, table, off_k, off_n, outlier_index=None, outlier_value=None, bias=None):
+    idx = op.Add(op.Add(op.Cast(codes, to=ir.DataType.INT32), off_k), off_n)
+    w = op.Gather(table, idx, axis=0)
+    if outlier_index is not None:
+        flat = op.ScatterND(op.Reshape(w, _const([-1], np.int64)), outlier_index, outlier_value, reduction="add")
+        w = op.Reshape(flat, op.Shape(codes))
+    y = op.MatMul(x, w)
+    return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see dq_matmul
+
+
 TABLE = {
     ops.dq_matmul: dq_matmul,
     ops.int8_dyn_matmul: int8_dyn_matmul,
     ops.matmul_nbits: matmul_nbits,
     ops.qdq: qdq,
     ops.qdq_dynamic: qdq_dynamic,
+    ops.codebook_matmul: codebook_matmul,
 }

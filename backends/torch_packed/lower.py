@@ -17,7 +17,9 @@ simplify  (after lowering) export's ``_assert_tensor_metadata`` nodes and casts 
           checks and casts took ~7% of a W4 decode step, the K/V repeats ~40 us per attention call, and
           removing both made it ~20% faster (7.2 -> 5.7 ms per token).
           A weight quantizer with a registered format PackedLinear does not pack (a learned codebook) or
-          side channels becomes ``ExtLinear`` (ext.py: codes + tables + side channels, dequantize + matmul).
+          side channels becomes ``ExtLinear`` (ext.py: codes + tables + side channels, dequantize + matmul);
+          a learned codebook (``formats.Codebook``, per channel or per group, optionally with sparse values)
+          becomes ``CodebookLinear`` (codebook.py: b-bit packed codes + tables, decoded by a table lookup).
 Refuses   any other quantizer that is not a K/V quantizer, and any part patterns.SUPPORTS does not declare:
           UnsupportedOpError (node, module, the unsupported part, fix).
 
@@ -39,9 +41,11 @@ from qpass.errors import UnsupportedOpError
 from qpass.graph import META_ORIGIN, describe
 from qpass.primitives import hadamard as HD
 from qpass.primitives import quant as Q
+from qpass.primitives.formats import Codebook
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, quantizers
 
+from .codebook import CodebookLinear
 from .ext import ExtLinear
 from .experts import lower_expert_weights
 from .kv import PackedKVCache
@@ -121,6 +125,8 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, empty: bool) -> 
     act, a_scale, a_zero = _act_format(gm, m.input_fq) if m.input_fq is not None else (None, None, None)
     bias = _tensor(gm, site.bias, "the bias")
     w = _apply_transposes(_attr(gm, site.weight.target).detach(), m.pre_fq)
+    if _codebook(m):
+        return _codebook_linear(gm, m, w, name, bias=bias, act=act, act_scale=a_scale, act_zero=a_zero)
     if _generic(m):
         return _ext_linear(gm, m, w, name, bias=bias, act=act, act_scale=a_scale, act_zero=a_zero)
     scale, zp, block, fmt = _weight_qparams(gm, m, w)
@@ -146,6 +152,25 @@ def _generic(m: QuantLinear) -> bool:
     q = Quantizer(m.weight_fq)
     side_in = m.input_fq is not None and bool(Quantizer(m.input_fq).side_channels)   # LLM.int8() inputs
     return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS or side_in
+
+
+def _codebook(m: QuantLinear) -> bool:
+    """A learned codebook (formats.Codebook) with static scales, no zero point and at most sparse values as side
+    channel: CodebookLinear's route (packed b-bit codes + tables, codebook.py). Anything else generic: ExtLinear."""
+    q = Quantizer(m.weight_fq)
+    side_in = m.input_fq is not None and bool(Quantizer(m.input_fq).side_channels)
+    return (isinstance(q.fmt, Codebook) and q.codebook is not None and not q.dynamic and q.zero_point is None
+            and set(q.side_channels.names) <= {"outliers"} and len(q.block) == 2 and not side_in)
+
+
+def _codebook_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **kw) -> CodebookLinear:
+    q = Quantizer(m.weight_fq)
+    o = q.side_channels.outliers
+    return CodebookLinear.from_weight(
+        w, scale=_tensor(gm, q.scale, "the weight scale"), block=list(q.block), fmt=q.fmt_name,
+        codebook=_tensor(gm, q.codebook, "the codebook"), in_axis=m.fq_in_axis, name=name,
+        outliers=(_tensor(gm, o.index, "the outlier index"), _tensor(gm, o.value, "the outlier values")) if o else None,
+        **kw)
 
 
 def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **kw) -> ExtLinear:

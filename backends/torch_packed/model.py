@@ -66,6 +66,7 @@ from . import native
 from .kernels import BUCKETS, KERNELS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
+from .ext import ExtLinear
 from .lower import lower_kv_cache, lower_linears, simplify
 from .runtime import optimize_decode
 
@@ -160,7 +161,10 @@ class PackedModel(nn.Module):
                 gm = capture_decode(model, max_cache_len=max_cache_len, batch_size=batch_size)
             apply_plans(gm, self.plans)
             _share_tensors(gm, self.graph_module)
-            lower_linears(gm, shared=self.linears())
+            # NOTE: the generic modules (ExtLinear, CodebookLinear) are shared too: the decode graph's own quantizer
+            # tensors are the plans' placeholders (the lowered main graph no longer holds them to share)
+            generic = {n: m for n, m in self.graph_module.named_modules() if isinstance(m, ExtLinear)}
+            lower_linears(gm, shared={**self.linears(), **generic})
             lower_kv_cache(gm)
             simplify(gm)
             if optimize:
