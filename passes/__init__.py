@@ -20,6 +20,7 @@ from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .signround import SignRound, SignRoundConfig
 from .zeroquant import ZeroQuant, ZeroQuantConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
+from .spqr import Spqr, SpqrConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
 PASSES = {
@@ -42,6 +43,7 @@ PASSES = {
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
+    "spqr": (SpqrConfig, Spqr),
 }
 
 
@@ -56,4 +58,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Spqr", "SpqrConfig"]
