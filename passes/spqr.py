@@ -134,7 +134,7 @@ class Spqr(Pass):
         todo, why_not = requantizable(gm, [s for s in quantized if _key(s) in chosen])
         near += why_not
         for s in list(todo):
-            why = _grid_unsupported(WeightState.of(gm, s))
+            why = _grid_unsupported(s)
             if why:
                 near.append(f"{_key(s)}: {why}")
                 todo.remove(s)
@@ -166,15 +166,15 @@ class Spqr(Pass):
 
     def _decision(self, gm: GraphModule, site: LinearSite, at: int) -> dict:
         """The plan row of one linear: where, the second-level block, and room for its outliers."""
-        cfg, ws = self.config, WeightState.of(gm, site)
-        out_f, in_f = ws.w.shape
+        cfg, (fq, (out_f, in_f), block) = self.config, _layout(site)
         room = None
         if cfg.target_bits is not None:
-            left = cfg.target_bits - stat_bits(out_f, in_f, ws.spec.bits, ws.block[1], cfg.scale_bits, cfg.scale_group)
+            bits = fq.meta.spec.bits
+            left = cfg.target_bits - stat_bits(out_f, in_f, bits, block[1], cfg.scale_bits, cfg.scale_group)
             if left < 0:
                 raise QuantizationError(
                     f"spqr: target_bits {cfg.target_bits} is below the {cfg.target_bits - left:.3f} bits/weight that "
-                    f"int{ws.spec.bits} codes in groups of {ws.block[1]} with {cfg.scale_bits}-bit statistics take "
+                    f"int{bits} codes in groups of {block[1]} with {cfg.scale_bits}-bit statistics take "
                     f"in {_key(site)}", fix="raise target_bits, or use larger groups (quantize.weights.group_size)")
             room = int(left * out_f * in_f // OUTLIER_BITS)
         elif cfg.outliers:
@@ -294,13 +294,22 @@ def _cut_outliers(gm: GraphModule, q: Quantizer, k: int) -> None:
         n.meta["val"] = t
 
 
-def _grid_unsupported(ws: WeightState) -> str | None:
-    spec = ws.spec
-    if spec.format.kind != "int" or ws.zero_point is None:
+def _layout(site: LinearSite) -> tuple[Quantizer, tuple[int, int], tuple[int, ...]]:
+    """The weight quantizer, the canonical [out, in] shape and block, from the graph (no weight values read:
+    with the weights on disk they are loaded block by block)."""
+    fq = Quantizer(_weight_quantizer(site))
+    shape, block = tuple(fq.x.meta["val"].shape), fq.block
+    flip = site.use_in_axis == 0
+    return fq, (shape[::-1] if flip else shape), (block[::-1] if flip else block)
+
+
+def _grid_unsupported(site: LinearSite) -> str | None:
+    fq, _, block = _layout(site)
+    if fq.fmt.kind != "int" or fq.zero_point is None:
         return (f"spqr needs an asymmetric integer weight quantizer (quantize.weights symmetric: false), got "
-                f"{spec.format.name} {'symmetric' if ws.zero_point is None else ''}")
-    if ws.block[0] != 1 or ws.block[1] in (-1, 1):
-        return f"spqr needs groups along the input (quantize.weights granularity: per_group), got block {ws.block}"
+                f"{fq.fmt_name}{' symmetric' if fq.zero_point is None else ''}")
+    if block[0] != 1 or block[1] in (-1, 1):
+        return f"spqr needs groups along the input (quantize.weights granularity: per_group), got block {block}"
     return None
 
 

@@ -132,12 +132,20 @@ def test_target_bits_is_met_and_no_outliers_is_gptq_with_quantized_statistics():
     assert weight_bytes(off)["quantized_bits_per_weight"] < weight_bytes(qm)["quantized_bits_per_weight"]
 
 
-def test_onnx_refuses_the_side_channels_by_name():
-    pytest.importorskip("onnxscript")
-    from qpass.backends.onnx_qdq import patterns
-    qm = qpass.apply(toy.hf_model("llama"), _recipe(outlier_threshold=None), calib_data=CALIB, progress=False)
-    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)onnx_qdq cannot lower .*side channel scale_q"):
-        patterns.check_supported(qm.graph_module)
+def test_onnx_lowers_both_side_channels_with_parity(tmp_path):
+    """Standard ops only: scales from their codes (Cast, Sub, Mul), DequantizeLinear, ScatterND add, MatMul."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from qpass.backends import onnx_qdq
+    qm = qpass.apply(toy.hf_model("llama"), _recipe(outlier_threshold=0.2), calib_data=CALIB, progress=False)
+    art = qpass.lower(qm, "onnx", tmp_path / "onnx", fused_accuracy_level=0)
+    ids = toy.token_ids(batch=2, t=9, seed=5)
+    torch.testing.assert_close(onnx_qdq.logits(art.path, ids), qm(ids).logits, rtol=1e-4, atol=1e-5)
+    ops = [n.op_type for n in onnx.load(art.model_path).graph.node]
+    assert ops.count("ScatterND") == ops.count("DequantizeLinear") == 14
+    inits = onnx.load(art.model_path).graph.initializer
+    assert sum(i.data_type == onnx.TensorProto.UINT4 for i in inits) >= 14     # 3-bit codes in 4-bit containers
 
 
 def test_mm_family_layout():

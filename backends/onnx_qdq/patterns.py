@@ -33,7 +33,7 @@ from qpass.primitives import quantize as quantize_codes
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, role_of, unsupported
 
-from . import ops
+from . import ops, side_channels
 from .qdq import Lowered, LoweringReport, QdqRewrites, check_int
 
 aten = torch.ops.aten
@@ -160,12 +160,16 @@ class _Rewriter(QdqRewrites):
         if bias_arg is not None and site.bias is None:
             raise UnsupportedOpError("onnx_qdq lowers linears whose bias is a parameter; this one is computed",
                                      where=describe(self.gm, site.node), fix="use the torch backend")
-        w = _weight(self.gm, site, wq) if wq is not None else None
+        side = wq is not None and bool(Quantizer(wq).side_channels)       # side_channels.py lowers those
+        w = _weight(self.gm, site, wq) if wq is not None and not side else None
         kind = _input_kind(self.gm, xq)
         name = f"{site.weight.target}"
         fused = next((h for rule, h in FUSED if w is not None and rule(w, kind, self.opts)), None)
         if fused is not None:
             new, form, note = getattr(self, fused)(site, Quantizer(xq).x, w, name)
+        elif side:
+            x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
+            new, form, note = side_channels.lower_linear(self, site, wq, x)
         else:
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             new, form, note = self._dq_matmul(site, x, w, name, kind)
@@ -174,7 +178,7 @@ class _Rewriter(QdqRewrites):
         site.node.replace_all_uses_with(new)
         self.gm.graph.erase_node(site.node)
         self.report.rows.append(Lowered(site.path or site.node.name, form, note))
-        if w is not None:
+        if wq is not None:
             self.weights.append((len(self.report.rows) - 1, site.weight))
 
     def _dq_matmul(self, site, x, w: _Weight | None, name: str, kind: str):
@@ -271,9 +275,9 @@ def _flips(n: Node, weight: Node) -> int:
     return count
 
 
-# What this backend lowers (qpass.quantizer.Support), for every role: integer formats, no side channels
-# (ONNX Q/DQ has no codebook, sparse or float-column form). Layouts are checked where they are lowered.
-SUPPORTS = {"*": Support(kinds=frozenset({"int"}))}
+# What this backend lowers (qpass.quantizer.Support), for every role: integer formats; weights may carry
+# second-level scales and sparse values (side_channels.py). Layouts are checked where they are lowered.
+SUPPORTS = {"weight": Support(kinds=frozenset({"int"}), side=side_channels.SIDE), "*": Support(kinds=frozenset({"int"}))}
 
 
 def check_supported(gm: GraphModule) -> None:
@@ -281,6 +285,8 @@ def check_supported(gm: GraphModule) -> None:
     a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
     for q in quantizers(gm):
         part = unsupported(q, SUPPORTS)
+        if part is None and q.side_channels:
+            part = side_channels.why_not(q)
         if part is None:
             continue
         if q.fmt.kind in BUILTIN_KINDS and not q.side_channels and q.codebook is None:
@@ -350,7 +356,7 @@ def _note_shared_weights(gm: GraphModule, r: _Rewriter) -> None:
 
 def _erase_dead(gm: GraphModule) -> None:
     """Erase quantizers, transposes and get_attrs left without users, then the tensors no node reads."""
-    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic} | TRANSPOSES
+    dead_ops = {qops.fake_quantize, qops.fake_quantize_dynamic, qops.fake_quantize_ext} | TRANSPOSES
     changed = True
     while changed:
         changed = False
