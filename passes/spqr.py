@@ -156,8 +156,8 @@ class Spqr(Pass):
         hessians, blocks = hessian_sweep(gm, ctx, todo, requantize, who="spqr", sequential=cfg.sequential,
                                          true_sequential=cfg.true_sequential, feed=cfg.feed)
         for r, s in zip(rows, todo):    # cut the outlier tensors to the count found
-            r["outliers"] = found[r["path"], r["at"]]
             if cfg.outliers:
+                r["outliers"] = found[r["path"], r["at"]]
                 _cut_outliers(gm, Quantizer(_weight_quantizer(s)), r["outliers"])
         ratios = [e["ratio_vs_gptq"] for e in errors.values()]
         stats.update(linears=len(errors), hessians=hessians, blocks=blocks, outliers=sum(found.values()),

@@ -122,7 +122,7 @@ def test_spqr_fires_counts_its_bits_and_lowers_to_torch_exactly():
         assert m.outlier_value.dtype == torch.float16 and m.scale_scale.dtype == torch.float16
 
 
-def test_target_bits_is_met_and_no_outliers_is_gptq_with_quantized_statistics():
+def test_target_bits_is_met_and_no_outliers_is_gptq_with_quantized_statistics(tmp_path):
     model = toy.hf_model("llama")
     qm = qpass.apply(model, _recipe(target_bits=4.0, search_steps=4), calib_data=CALIB, progress=False)
     assert weight_bytes(qm)["quantized_bits_per_weight"] <= 4.0 and qm.report["spqr"].stats["outliers"] > 0
@@ -130,6 +130,9 @@ def test_target_bits_is_met_and_no_outliers_is_gptq_with_quantized_statistics():
     qs = quantizers(off.graph_module, role="weight")
     assert off.report["spqr"].stats["outliers"] == 0 and all(q.side_channels.names == ("scale_q",) for q in qs)
     assert weight_bytes(off)["quantized_bits_per_weight"] < weight_bytes(qm)["quantized_bits_per_weight"]
+    off.save(tmp_path / "off")                         # no outlier channel: the plan rebuilds none
+    ids = toy.token_ids(batch=1, t=6, seed=2)
+    assert torch.equal(qpass.load(tmp_path / "off")(ids).logits, off(ids).logits)
 
 
 def test_onnx_lowers_both_side_channels_with_parity(tmp_path):
