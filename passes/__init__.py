@@ -21,6 +21,7 @@ from .signround import SignRound, SignRoundConfig
 from .squeezellm import SqueezeLlm, SqueezeLlmConfig
 from .zeroquant import ZeroQuant, ZeroQuantConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
+from .spqr import Spqr, SpqrConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
 PASSES = {
@@ -44,6 +45,7 @@ PASSES = {
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
     "squeezellm": (SqueezeLlmConfig, SqueezeLlm),
+    "spqr": (SpqrConfig, Spqr),
 }
 
 
@@ -59,4 +61,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
-           "SqueezeLlm", "SqueezeLlmConfig"]
+           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig"]

@@ -10,7 +10,7 @@ Changes   the float weight W -> Q (exactly representable: fake_quantize(Q) == Q)
           ``outliers: p`` (the outlier-aware variant): the weight quantizer becomes ``qpass.fake_quantize_ext`` with
           round(p * out * in) sparse float values added after dequantization (the ``outliers`` side channel),
           fitted by iterative hard thresholding between the sweeps; the torch backend lowers it (generic
-          dequantize-then-matmul), the ONNX backend refuses it by name
+          dequantize-then-matmul), the ONNX backend as a ScatterND add (onnx_qdq/side_channels.py)
 Requires  calibration data: GPTQ's block sweep and Hessians (passes.gptq.hessian_sweep), block i calibrated on
           the outputs of blocks 0..i-1 as already re-rounded (``feed: quantized``) or of the float model
 Preserves graph structure without outliers (weights and qparam buffers change in place)

@@ -130,7 +130,8 @@ def _tensor(gm, target: str):
 def quantizer_bytes(gm, fq, numel: int) -> float:
     """Bytes of one weight quantizer's storage for a weight of `numel` elements, packed: codes at the format's
     bits (every element, as the OWQ and SpQR kernels store the dense low-bit matrix), one fp16 scale per block
-    (or, with second-level scales, the scales at their format's bits plus their fp16 scales), zero points at the
+    (or, with second-level scales, the scales at their format's bits plus their fp16 scales and 16-bit zero
+    points), zero points at the
     code width, a learned table at fp16 per entry, and side channels: sparse values at fp16 plus an int32 flat
     index each, float columns at fp16 per element plus an int32 index per column."""
     buf = lambda n: _tensor(gm, n.target) if n is not None else None   # noqa: E731
@@ -141,6 +142,8 @@ def quantizer_bytes(gm, fq, numel: int) -> float:
     size = numel * bits / 8 + scales * scale_bits / 8 + (scales * bits / 8 if fq.zero_point is not None else 0)
     if side.scale_q is not None:
         size += 2 * buf(side.scale_q.scale).numel()
+        if side.scale_q.zero_point is not None:
+            size += 2 * buf(side.scale_q.zero_point).numel()
     if fq.codebook is not None:
         size += 2 * buf(fq.codebook).numel()
     if side.outliers is not None:

@@ -6,7 +6,8 @@ A quantizer is one node of a ``qpass::`` fake-quant op (``qpass.primitives.ops``
     fake_quantize_dynamic(x, block, fmt, symmetric)                 scales computed from x at run time
     fake_quantize_ext(x, scale, zero_point, block, fmt, codebook,   registered formats (learned codebooks)
                       outlier_index, outlier_value, float_columns,  and side channels on a weight quantizer;
-                      float_axis, scale_scale, scale_block, scale_fmt)  scale None: dynamic (symmetric) with
+                      float_axis, scale_scale, scale_block, scale_fmt,  scale None: dynamic (symmetric) with
+                      scale_zero_point=None)
                                                                     float columns (LLM.int8() inputs)
 
 with ``node.meta[META_QUANT]`` a :class:`QuantMeta` (what it quantizes: role, site, module path, spec, ...).
@@ -142,11 +143,13 @@ class FloatColumns(Generic[T]):
 
 @dataclass(frozen=True)
 class ScaleQuant(Generic[T]):
-    """Second-level scales: the scale is fake-quantized with `scale` (its own scale), `block`, `fmt`."""
+    """Second-level scales: the scale is fake-quantized with `scale` (its own scale), `block`, `fmt` and, when
+    given, `zero_point` (asymmetric min-max second level, SpQR's; without it symmetric, QLoRA's)."""
 
     scale: T
     block: tuple[int, ...]
     fmt: str
+    zero_point: T | None = None
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ class Quantizer:
         return SideChannels(
             SparseValues(a[6], a[7]) if a[6] is not None else None,
             FloatColumns(a[8], a[9]) if a[8] is not None else None,
-            ScaleQuant(a[10], tuple(a[11]), a[12]) if a[10] is not None else None)
+            ScaleQuant(a[10], tuple(a[11]), a[12], a[13] if len(a) > 13 else None) if a[10] is not None else None)
 
     @property
     def meta(self) -> QuantMeta | None:
@@ -332,6 +335,8 @@ def insert_quantizer(gm: GraphModule, before: Node, x: Node, meta: QuantMeta, *,
                 attr(o and o.index, "outlier_index"), attr(o and o.value, "outlier_value"),
                 attr(c and c.index, "float_columns"), c.axis if c else -1,
                 attr(sq and sq.scale, "scale_scale"), list(sq.block) if sq else [], sq.fmt if sq else "")
+        if sq is not None and sq.zero_point is not None:
+            args += (attr(sq.zero_point, "scale_zero_point"),)
         fq = insert_call(gm, before, _EXT, args, origin, val_like=x, **node_meta)
         if side.names != meta.side:
             meta = dataclasses.replace(meta, side=side.names)

@@ -49,6 +49,8 @@ CONFORMANCE = {
     "quip": [{"quip": {"seed": 1}}, {"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],
     "quantease": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},        # outliers: a side channel
                   {"quantease": {"iterations": 2, "outliers": 0.01}}],
+    "spqr": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},             # scale_q + outliers side channels
+             {"spqr": {"target_bits": 5.5, "search_steps": 3}}],
     "lorc": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"lorc": {"rank": 2}}],
     "signround": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"signround": {"steps": 3, "batch_size": 2}}],
     "omniquant": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"omniquant": {"steps": 3, "batch_size": 2}}],

@@ -30,7 +30,7 @@ from qpass.artifacts import file_digest, seal
 from qpass.errors import ArtifactError, UnsupportedOpError
 from qpass.version import __version__
 
-from . import capture, patterns
+from . import capture, patterns, side_channels
 from .translations import TABLE
 
 ONNX_NAMESPACES = ("aten", "prims", "qpass")   # ops torch.onnx or our translation table (TABLE) converts
@@ -190,7 +190,7 @@ def _export(gm, args, shapes, inputs, outputs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                                        output_names=outputs, custom_translation_table=TABLE, opset_version=OPSET,
+                                        output_names=outputs, custom_translation_table={**TABLE, **side_channels.translation_table()}, opset_version=OPSET,
                                         optimize=True, verbose=False)
     finally:
         quiet.setLevel(level)

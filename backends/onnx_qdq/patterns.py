@@ -37,7 +37,7 @@ from qpass.primitives.formats import Codebook
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, role_of, unsupported
 
-from . import ops
+from . import ops, side_channels
 from .qdq import Lowered, LoweringReport, QdqRewrites, check_int
 
 aten = torch.ops.aten
@@ -211,12 +211,16 @@ class _Rewriter(QdqRewrites):
         if wq is not None and is_codebook(Quantizer(wq)):
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             return self._finish(site, wq, *self._codebook(site, x, wq))
-        w = _weight(self.gm, site, wq) if wq is not None else None
+        side = wq is not None and bool(Quantizer(wq).side_channels)       # side_channels.py lowers those
+        w = _weight(self.gm, site, wq) if wq is not None and not side else None
         kind = _input_kind(self.gm, xq)
         name = f"{site.weight.target}"
         fused = next((h for rule, h in FUSED if w is not None and rule(w, kind, self.opts)), None)
         if fused is not None:
             new, form, note = getattr(self, fused)(site, Quantizer(xq).x, w, name)
+        elif side:
+            x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
+            new, form, note = side_channels.lower_linear(self, site, wq, x)
         else:
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             new, form, note = self._dq_matmul(site, x, w, name, kind)
@@ -339,10 +343,10 @@ def _flips(n: Node, weight: Node) -> int:
     return count
 
 
-# What this backend lowers (qpass.quantizer.Support), for every role: integer formats, no side channels
-# (ONNX Q/DQ has no codebook, sparse or float-column form). Layouts are checked where they are lowered.
-# Weights also: learned codebooks (formats.Codebook), with sparse values (codebook_matmul: Gather + MatMul).
-SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook"}), side=frozenset({"outliers"})),
+# What this backend lowers (qpass.quantizer.Support), for every role: integer formats; weights may carry
+# second-level scales and sparse values (side_channels.py), or be learned codebooks (formats.Codebook) with
+# sparse values (codebook_matmul: Gather + MatMul). Layouts are checked where they are lowered.
+SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook"}), side=side_channels.SIDE | frozenset({"outliers"})),
             "*": Support(kinds=frozenset({"int"}))}
 
 
@@ -351,8 +355,10 @@ def check_supported(gm: GraphModule) -> None:
     a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
     for q in quantizers(gm):
         part = unsupported(q, SUPPORTS)
-        if q.role == "weight" and q.side_channels.outliers is not None and not is_codebook(q):
-            part = "; ".join(p for p in (part, "side channel outliers") if p)    # sparse values: codebooks only
+        if part is None and q.side_channels and is_codebook(q) and q.side_channels.names != ("outliers",):
+            part = "side channels other than sparse values on a codebook"
+        elif part is None and q.side_channels and not is_codebook(q):
+            part = side_channels.why_not(q)
         if part is None:
             continue
         if q.fmt.kind in BUILTIN_KINDS and not q.side_channels and q.codebook is None:

@@ -7,6 +7,11 @@ point, table and side-channel tensors, and dequantizes with ``qpass.primitives.f
 before ``F.linear``. The weight it computes is the fake-quant weight bit for bit (``fake_quantize_ext`` is
 ``dequantize_ext(quantize_ext(.))`` by definition); the float columns are stored as values, since the
 float weight is dropped. Kernels are not measured for it (it is not a PackedLinear): one route, always.
+Storage is compact where the format says how (:class:`_Packed`, shapes and dtypes from the graph, never from the
+data, so a saved model loads into the same buffers): integer codes and zero points as bit planes at the
+format's width, a scale with second-level quantization as its codes at the second level's width (its fp16
+scale and int16 zero point as the graph holds them), outlier indices as int32, outlier values in the graph's
+dtype (SpQR: fp16).
 A dynamic input quantizer with float columns (LLM.int8()'s outlier feature dimensions) lowers here too:
 ``formats.fake_quantize_dynamic_ext`` on the input (the columns stay float), then the same linear, so the
 float columns of input and weight meet in one float matmul (the decomposition is not split into two GEMMs).
@@ -20,6 +25,31 @@ from torch.nn import functional as F
 from qpass.primitives import formats
 from qpass.primitives import quant as Q
 
+from .packing import pack_bitplanes, unpack_bitplanes
+
+
+class _Packed:
+    """Integer codes of an int format (``fmt``, symmetric or not) stored as bit planes of ``code - lo``: any
+    shape, flattened to one row. ``pack`` -> uint8 ``[bits, 1, ceil(numel / 8)]``; ``unpack`` inverts it."""
+
+    def __init__(self, fmt: str, symmetric: bool, shape, dtype: torch.dtype):
+        self.bits = Q.parse_format(fmt).bits
+        self.lo, self.hi = (int(v) for v in Q.qrange(fmt, symmetric))
+        self.shape, self.dtype = tuple(shape), dtype
+
+    @staticmethod
+    def applies(fmt: str, t: Tensor | None) -> bool:
+        return t is not None and not t.is_floating_point() and Q.parse_format(fmt).kind == "int"
+
+    def pack(self, t: Tensor, what: str) -> Tensor:
+        if t.numel() and (int(t.min()) < self.lo or int(t.max()) > self.hi):
+            raise ValueError(f"ExtLinear: {what} outside [{self.lo}, {self.hi}] cannot be stored in {self.bits} bits")
+        return pack_bitplanes((t.reshape(1, -1).to(torch.int32) - self.lo).to(torch.uint8), self.bits)
+
+    def unpack(self, planes: Tensor) -> Tensor:
+        n = int(torch.Size(self.shape).numel())
+        return (unpack_bitplanes(planes, self.bits, n).to(torch.int32) + self.lo).reshape(self.shape).to(self.dtype)
+
 
 class ExtLinear(nn.Module):
     """y = linear(input_fq(x), dequantize_ext(codes, ...)[.t()], bias). Tensors are buffers (state dict)."""
@@ -31,14 +61,30 @@ class ExtLinear(nn.Module):
                  act_float_columns: tuple | None = None, name: str = ""):
         super().__init__()
         self.fmt, self.block, self.transpose, self.act, self.name = fmt, list(block), transpose, act, name
+        self.packed: dict[str, _Packed] = {}
+        symmetric = zero_point is None
+        if _Packed.applies(fmt, codes):
+            self.packed["codes"] = _Packed(fmt, symmetric, codes.shape, codes.dtype)
+            if zero_point is not None:
+                self.packed["zero"] = _Packed(fmt, False, zero_point.shape, zero_point.dtype)
+        if scale_q is not None and Q.parse_format(scale_q[2]).kind == "int":    # the scale's own codes
+            z2 = scale_q[3] if len(scale_q) > 3 else None
+            codes2 = Q.quantize(scale, scale_q[0], z2, list(scale_q[1]), scale_q[2])
+            self.packed["scale"] = _Packed(scale_q[2], z2 is None, scale.shape, codes2.dtype)
+            self.scale_dtype, scale = scale.dtype, codes2
         tensors = {"codes": codes, "scale": scale, "zero": zero_point, "codebook": codebook, "bias": bias,
-                   "outlier_index": outliers[0] if outliers else None,
+                   "outlier_index": outliers[0].to(torch.int32) if outliers and outliers[0].numel() < 2 ** 31
+                   else outliers[0] if outliers else None,
                    "outlier_value": outliers[1] if outliers else None,
                    "float_index": float_columns[0] if float_columns else None,
                    "float_values": float_columns[2] if float_columns else None,
-                   "scale_scale": scale_q[0] if scale_q else None, "input_scale": act_scale, "input_zero": act_zero,
+                   "scale_scale": scale_q[0] if scale_q else None,
+                   "scale_zero": scale_q[3] if scale_q and len(scale_q) > 3 else None,
+                   "input_scale": act_scale, "input_zero": act_zero,
                    "input_float_index": act_float_columns[0] if act_float_columns else None}
         for k, v in tensors.items():
+            if v is not None and k in self.packed:
+                v = self.packed[k].pack(v, k)
             self.register_buffer(k, None if v is None else v.detach().clone())
         self.float_axis = float_columns[1] if float_columns else -1
         self.input_float_axis = act_float_columns[1] if act_float_columns else -1
@@ -56,12 +102,22 @@ class ExtLinear(nn.Module):
         return cls(fmt=fmt, block=block, codes=codes, scale=scale, zero_point=zero_point, codebook=codebook,
                    outliers=outliers, float_columns=cols, scale_q=scale_q, **kw)
 
+    def _unpacked(self, k: str) -> Tensor | None:
+        t = getattr(self, k)
+        return self.packed[k].unpack(t) if t is not None and k in self.packed else t
+
     def weight(self) -> Tensor:
         outliers = None if self.outlier_index is None else (self.outlier_index, self.outlier_value)
         cols = None if self.float_index is None else (self.float_index, self.float_axis, self.float_values)
-        scale_q = None if self.scale_scale is None else (self.scale_scale, self.scale_block, self.scale_fmt)
-        w = formats.dequantize_ext(self.codes, self.scale, self.zero, self.block, self.fmt, self.scale.dtype,
-                                   codebook=self.codebook, outliers=outliers, float_columns=cols, scale_q=scale_q)
+        scale, scale_q = self._unpacked("scale"), None
+        if "scale" in self.packed:         # the effective scale from its codes (fake_quantize's values exactly)
+            scale = Q.dequantize(scale, self.scale_scale, self.scale_zero, self.scale_block, self.scale_fmt,
+                                 self.scale_dtype)
+        elif self.scale_scale is not None:
+            scale_q = (self.scale_scale, self.scale_block, self.scale_fmt, self.scale_zero)
+        w = formats.dequantize_ext(self._unpacked("codes"), scale, self._unpacked("zero"), self.block, self.fmt,
+                                   scale.dtype, codebook=self.codebook, outliers=outliers, float_columns=cols,
+                                   scale_q=scale_q)
         return w.t() if self.transpose else w
 
     def forward(self, x: Tensor) -> Tensor:

@@ -186,7 +186,8 @@ def _ext_linear(gm: GraphModule, m: QuantLinear, w: torch.Tensor, name: str, **k
         block=list(q.block), fmt=q.fmt_name, codebook=t(q.codebook, "the codebook"),
         outliers=(t(o.index, "the outlier index"), t(o.value, "the outlier values")) if o else None,
         float_columns=(t(c.index, "the float columns"), c.axis) if c else None,
-        scale_q=(t(sq.scale, "the second-level scale"), sq.block, sq.fmt) if sq else None,
+        scale_q=(t(sq.scale, "the second-level scale"), sq.block, sq.fmt,
+                 t(sq.zero_point, "the second-level zero point")) if sq else None,
         act_float_columns=(t(ic.index, "the input float columns"), ic.axis) if ic else None,
         transpose=m.fq_in_axis == 0, name=name, **kw)
 

@@ -19,8 +19,9 @@ A format outside ``BUILTIN_KINDS`` (any registered one) runs through ``qpass::fa
 ``*_ext`` functions below; the plain ops refuse it.
 
 Side channels of a weight quantizer (all optional; the reference semantics, implemented once here):
-  * **second-level scales** ``scale_q = (scale_scale, scale_block, scale_fmt)``: the stored scale is itself
-    quantized; the effective scale is ``fake_quantize(scale, scale_scale, None, scale_block, scale_fmt)``.
+  * **second-level scales** ``scale_q = (scale_scale, scale_block, scale_fmt[, scale_zero_point])``: the stored
+    scale is itself quantized; the effective scale is ``fake_quantize(scale, scale_scale, scale_zero_point,
+    scale_block, scale_fmt)`` (symmetric without the zero point, QLoRA's; asymmetric min-max with it, SpQR's).
   * **sparse values** ``outliers = (index, value)``: int64 flat (COO) indices into the tensor and float values
     *added* after dequantization (an outlier's residual ``x - x_hat`` makes it exact; CSR converts to this).
   * **float columns** ``float_columns = (index, axis)``: slices along ``axis`` (a weight's input columns) kept
@@ -227,8 +228,8 @@ def effective_scale(scale: Tensor, scale_q: tuple | None) -> Tensor:
     """The scale a quantizer uses: `scale` itself, or its second-level fake-quantization."""
     if scale_q is None:
         return scale
-    s2, block2, fmt2 = scale_q
-    return quant.fake_quantize(scale, s2, None, list(block2), fmt2).to(scale.dtype)
+    s2, block2, fmt2, *z2 = scale_q
+    return quant.fake_quantize(scale, s2, z2[0] if z2 else None, list(block2), fmt2).to(scale.dtype)
 
 
 def quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str, *,

@@ -9,7 +9,7 @@ quantizer and every backend matches that one op.
     qpass::fake_quantize_ext(Tensor x, Tensor? scale, Tensor? zero_point, int[] block_size, str fmt,
                              Tensor? codebook, Tensor? outlier_index, Tensor? outlier_value,
                              Tensor? float_columns, int float_axis, Tensor? scale_scale,
-                             int[] scale_block_size, str scale_fmt) -> Tensor
+                             int[] scale_block_size, str scale_fmt, Tensor? scale_zero_point=None) -> Tensor
 
 ``fake_quantize_ext`` is the quantizer of registered formats (learned codebooks: ``codebook`` holds one table
 per block) and of weight quantizers with side channels (sparse values, float columns, second-level scales);
@@ -74,13 +74,15 @@ def _dyn_backward(ctx, grad):
 
 
 def _ext_backward(ctx, grad):
-    return (grad,) + (None,) * 12
+    return (grad,) + (None,) * 13
 
 
-def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size, scale_fmt):
+def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size, scale_fmt,
+              scale_zero_point=None):
     outliers = None if outlier_index is None else (outlier_index, outlier_value)
     cols = None if float_columns is None else (float_columns, float_axis)
-    scale_q = None if scale_scale is None else (scale_scale, list(scale_block_size), scale_fmt)
+    scale_q = None if scale_scale is None else (scale_scale, list(scale_block_size), scale_fmt,
+                                                *(() if scale_zero_point is None else (scale_zero_point,)))
     return {"outliers": outliers, "float_columns": cols, "scale_q": scale_q}
 
 
@@ -144,9 +146,10 @@ def _register() -> None:
                           fmt: str,
                           codebook: Optional[Tensor], outlier_index: Optional[Tensor],
                           outlier_value: Optional[Tensor], float_columns: Optional[Tensor], float_axis: int,
-                          scale_scale: Optional[Tensor], scale_block_size: list[int], scale_fmt: str) -> Tensor:
+                          scale_scale: Optional[Tensor], scale_block_size: list[int], scale_fmt: str,
+                          scale_zero_point: Optional[Tensor] = None) -> Tensor:
         side = _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size,
-                         scale_fmt)
+                         scale_fmt, scale_zero_point)
         if scale is None:
             _check_dynamic_ext(zero_point, codebook, side)
             return formats.fake_quantize_dynamic_ext(x, block_size, fmt, True,
@@ -156,8 +159,10 @@ def _register() -> None:
 
     @fake_quantize_ext.register_fake
     def _(x, scale, zero_point, block_size, fmt, codebook, outlier_index, outlier_value, float_columns,
-          float_axis, scale_scale, scale_block_size, scale_fmt):
+          float_axis, scale_scale, scale_block_size, scale_fmt, scale_zero_point=None):
         _check_static(x, scale, zero_point, block_size, fmt)
+        if scale_zero_point is not None and scale_scale is None:
+            raise QuantizationError("a second-level zero point needs a second-level scale (scale_scale)")
         if (outlier_index is None) != (outlier_value is None):
             raise QuantizationError("sparse values need both outlier_index and outlier_value")
         if scale is None:

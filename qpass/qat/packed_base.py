@@ -145,7 +145,7 @@ class PackedBase:
                 "codebook": q.codebook,
                 "outliers": None if side.outliers is None else (side.outliers.index, side.outliers.value),
                 "scale_q": None if side.scale_q is None else (side.scale_q.scale, list(side.scale_q.block),
-                                                              side.scale_q.fmt)}
+                                                              side.scale_q.fmt, side.scale_q.zero_point)}
 
     def _value(self, v):
         if isinstance(v, Node):
