@@ -56,6 +56,7 @@ CONFORMANCE = {
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
+    "bcq": [{"bcq": {"bits": 3, "group_size": 16, "iterations": 2, "ignore": ["lm_head"]}}],   # per-group codebooks
 }
 
 
