@@ -102,6 +102,14 @@ def test_best_init_is_never_worse_than_the_min_max_grid_or_greedy():
         assert torch.all(best.error <= ((w - rtn) ** 2).sum(-1) * (1 + 1e-5) + 1e-6)
 
 
+def test_row_chunks_give_the_same_fit(monkeypatch):
+    w = _groups(50, 40, seed=2)
+    tab, fit = B.bcq_weight(w, 3, 16)
+    monkeypatch.setattr(B, "_CHUNK", 1000)              # a few rows at a time
+    tab2, fit2 = B.bcq_weight(w, 3, 16)
+    assert torch.equal(tab, tab2) and torch.equal(fit.codes, fit2.codes) and torch.equal(fit.error, fit2.error)
+
+
 def test_partial_last_group_and_fp16_storage():
     w = _groups(4, 40, seed=1)
     tab, fit = B.bcq_weight(w, 3, 16)

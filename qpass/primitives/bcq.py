@@ -87,12 +87,6 @@ def group_error(w: Tensor, alpha: Tensor, z: Tensor | None, codes: Tensor) -> Te
     return (w - decode(codes, alpha, z)).pow(2).sum(-1)
 
 
-def code_planes(codes: Tensor, q: int, dtype) -> Tensor:
-    """[..., g] codes -> [..., g, q] ±1 planes."""
-    bits = (codes.long().unsqueeze(-1) >> torch.arange(q, device=codes.device)) & 1
-    return (2 * bits - 1).to(dtype)
-
-
 def greedy(w: Tensor, q: int, offset: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """Greedy BCQ of each group ([..., g] weights): (α [..., q], z [...] or None, codes [..., g]).
     z = the group mean (offset), then each plane takes the sign of the residual (0 -> +1) and α its mean |.|."""
@@ -112,10 +106,24 @@ def greedy(w: Tensor, q: int, offset: bool) -> tuple[Tensor, Tensor | None, Tens
 def least_squares(w: Tensor, codes: Tensor, q: int, offset: bool) -> tuple[Tensor, Tensor | None]:
     """(α, z) minimising each group's squared error for fixed planes (minimum-norm solution when B is rank
     deficient, e.g. two equal planes). Solved in float64."""
-    a = code_planes(codes, q, torch.float64)                            # [..., g, q]
+    # AᵀA and Aᵀw from each code's count and sum in the group (A's rows are the sign rows of the codes)
+    sg = signs(q, torch.float64, w.device)
     if offset:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-    sol = (torch.linalg.pinv(a) @ w.double().unsqueeze(-1)).squeeze(-1).to(w.dtype)
+        sg = torch.cat([sg, torch.ones_like(sg[:, :1])], -1)
+    shape = (*w.shape[:-1], 2 ** q)
+    count = torch.zeros(shape, dtype=torch.float64, device=w.device).scatter_add_(
+        -1, codes.long(), torch.ones_like(w, dtype=torch.float64))
+    total = torch.zeros(shape, dtype=torch.float64, device=w.device).scatter_add_(-1, codes.long(), w.double())
+    gram = torch.einsum("...c,ci,cj->...ij", count, sg, sg)    # integer: singular exactly or det >= 1
+    rhs = (total @ sg).unsqueeze(-1)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    piv = torch.diagonal(chol, dim1=-2, dim2=-1)
+    bad = (info != 0) | (piv.pow(2) < 1e-9 * torch.diagonal(gram, dim1=-2, dim2=-1).amax(-1, keepdim=True)).any(-1)
+    sol = torch.cholesky_solve(rhs, torch.where(bad[..., None, None], torch.eye(gram.shape[-1], dtype=gram.dtype),
+                                                chol))
+    if bad.any():                                      # rank deficient (equal planes, a constant plane): pinv
+        sol[bad] = torch.linalg.pinv(gram[bad], hermitian=True) @ rhs[bad]
+    sol = sol.squeeze(-1).to(w.dtype)
     return (sol[..., :q], sol[..., q]) if offset else (sol, None)
 
 
@@ -202,13 +210,26 @@ def bcq_weight(w: Tensor, q: int, group_size: int, **kw) -> tuple[Tensor, BcqFit
     out, n = w.shape
     g = n if group_size == -1 else min(group_size, n)
     full = n // g * g
-    fits = [bcq_fit(w[:, :full].reshape(out, n // g, g), q, **kw)]
-    if full < n:
-        fits.append(bcq_fit(w[:, full:].reshape(out, 1, n - full), q, **kw))
-    cat = lambda ts: torch.cat(ts, 1)   # noqa: E731
-    fit = BcqFit(cat([f.alpha for f in fits]), None if fits[0].z is None else cat([f.z for f in fits]),
-                 cat([f.codes.reshape(out, -1) for f in fits]), cat([f.error for f in fits]))
+    rows = max(1, _CHUNK // max(n << q, 1))          # the exhaustive search holds [rows, n, 2^q]: bound it
+    fits = []
+    for r in range(0, out, rows):
+        wr = w[r:r + rows]
+        parts = [bcq_fit(wr[:, :full].reshape(wr.shape[0], n // g, g), q, **kw)]
+        if full < n:
+            parts.append(bcq_fit(wr[:, full:].reshape(wr.shape[0], 1, n - full), q, **kw))
+        fits.append(_cat(parts, 1, wr.shape[0]))
+    fit = _cat(fits, 0, None)
     return fit.table, fit
+
+
+_CHUNK = 1 << 24
+
+
+def _cat(fits: list[BcqFit], dim: int, rows: int | None) -> BcqFit:
+    cat = lambda ts: torch.cat(ts, dim)   # noqa: E731
+    codes = [f.codes.reshape(rows, -1) for f in fits] if rows is not None else [f.codes for f in fits]
+    return BcqFit(cat([f.alpha for f in fits]), None if fits[0].z is None else cat([f.z for f in fits]),
+                  cat(codes), cat([f.error for f in fits]))
 
 
 __all__ = ["BinaryCoding", "BcqFit", "bcq_fit", "bcq_weight", "greedy", "refine", "least_squares", "encode",
