@@ -2,7 +2,7 @@
 
 Per group of `g` weights along a row (per output channel when g = -1)::
 
-    w ≈ Σ_{i=1..q} α_i b_i + z,      b_i ∈ {−1, +1},  α_i ≥ 0 (fp16),  z the optional offset ("extended BCQ")
+    w ≈ Σ_{i=1..q} α_i b_i + z,    b_i ∈ {−1, +1},  α_i and z in fp16,  z the optional offset ("extended BCQ")
 
 It is a codebook with 2^q entries per group: the code of a weight is its q sign bits (bit i of the code set
 <=> b_i = +1, plane 0 the least significant bit) and the group's table is every signed sum
@@ -158,8 +158,9 @@ def refine(w: Tensor, alpha: Tensor, z: Tensor | None, codes: Tensor, iterations
 
 
 def from_uniform(scale: Tensor, zero_point: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
-    """A uniform grid ``s (c − zp)``, c = 0..2^bits − 1 (zp None: symmetric int codes −2^(b−1)..2^(b−1) − 1),
-    as BCQ(q = bits) with offset, exactly: α_i = s 2^(i−1), z = s ((2^bits − 1)/2 − zp). Returns (α [..., q], z)."""
+    """A uniform grid ``s (c − zp)``, c = 0..2^bits − 1 (zp None: symmetric int codes −2^(b−1)..2^(b−1) − 1)
+    as BCQ(q = bits) with offset, exactly: α_i = s 2^(i−1) (i = 0..q−1), z = s ((2^bits − 1)/2 − zp); the BCQ
+    code is c. Returns (α [..., q], z)."""
     s = scale
     alpha = s.unsqueeze(-1) * (2.0 ** (torch.arange(bits, dtype=s.dtype, device=s.device) - 1))
     zp = zero_point.to(s.dtype) if zero_point is not None else torch.full_like(s, 2.0 ** (bits - 1))
