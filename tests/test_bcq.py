@@ -157,8 +157,8 @@ def test_bcq_fires_counts_the_true_bits_and_lowers_to_torch(offset):
     torch.testing.assert_close(qpass.lower(qm, "torch")(IDS).logits, ref, rtol=0, atol=1e-4)
 
 
-def test_bcq_beats_rtn_on_the_weights_at_the_same_planes():
-    """Per group, BCQ(q) + offset with the best start is never worse in weight error than min-max INT-q."""
+def test_init_best_is_never_worse_than_greedy_on_a_model():
+    """init best keeps, per group, the lower-error of two refined starts, one of them the paper's greedy."""
     model = toy.hf_model("llama")
     bcq = qpass.apply(model, _bcq(bits=3, init="best"), progress=False).report["bcq"].stats
     greedy = qpass.apply(model, _bcq(bits=3), progress=False).report["bcq"].stats
