@@ -3,6 +3,7 @@
 The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
 from .awq import Awq, AwqConfig
+from .bcq import Bcq, BcqConfig
 from .gptq import Gptq, GptqConfig
 from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .lorc import Lorc, LorcConfig
@@ -46,6 +47,7 @@ PASSES = {
     "norm_tweak": (NormTweakConfig, NormTweak),
     "squeezellm": (SqueezeLlmConfig, SqueezeLlm),
     "spqr": (SpqrConfig, Spqr),
+    "bcq": (BcqConfig, Bcq),
 }
 
 
@@ -61,4 +63,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
-           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig"]
+           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig"]

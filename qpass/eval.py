@@ -131,21 +131,24 @@ def quantizer_bytes(gm, fq, numel: int) -> float:
     """Bytes of one weight quantizer's storage for a weight of `numel` elements, packed: codes at the format's
     bits (every element, as the OWQ and SpQR kernels store the dense low-bit matrix), one fp16 scale per block
     (or, with second-level scales, the scales at their format's bits plus their fp16 scales and 16-bit zero
-    points), zero points at the
-    code width, a learned table at fp16 per entry, and side channels: sparse values at fp16 plus an int32 flat
-    index each, float columns at fp16 per element plus an int32 index per column."""
+    points), zero points at the code width, a learned table at fp16 per stored value (``fmt.table_values`` per
+    block: 2^b for a codebook, the q α's and z for BCQ, whose scale is the constant 1 and not stored), and side
+    channels: sparse values at fp16 plus an int32 flat index each, float columns at fp16 per element plus an int32
+    index per column."""
     buf = lambda n: _tensor(gm, n.target) if n is not None else None   # noqa: E731
     bits = fq.meta.spec.bits
     scales = buf(fq.scale).numel()
     side = fq.side_channels
     scale_bits = 16 if side.scale_q is None else get_format(side.scale_q.fmt).bits
+    if not getattr(fq.fmt, "stores_scale", True):    # a constant scale (BCQ: α and z are the table's storage)
+        scale_bits = 0
     size = numel * bits / 8 + scales * scale_bits / 8 + (scales * bits / 8 if fq.zero_point is not None else 0)
     if side.scale_q is not None:
         size += 2 * buf(side.scale_q.scale).numel()
         if side.scale_q.zero_point is not None:
             size += 2 * buf(side.scale_q.zero_point).numel()
     if fq.codebook is not None:
-        size += 2 * buf(fq.codebook).numel()
+        size += 2 * scales * getattr(fq.fmt, "table_values", fq.fmt.table_size)   # fp16 per stored table value
     if side.outliers is not None:
         size += 6 * buf(side.outliers.index).numel()
     if side.float_columns is not None:

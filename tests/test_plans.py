@@ -60,6 +60,7 @@ CONFORMANCE = {
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
     "squeezellm": [{"squeezellm": {"bits": 3, "outliers": 0.01, "sensitive": 0.01, "iters": 5,   # sparse values
                                    "ignore": ["lm_head"]}}],
+    "bcq": [{"bcq": {"bits": 3, "group_size": 16, "iterations": 2, "ignore": ["lm_head"]}}],   # per-group codebooks
 }
 
 

@@ -4,6 +4,7 @@ Importing this package registers the ``qpass::*`` ops (once). Never imports torc
 """
 from qpass.primitives import ops as ops  # registers torch.ops.qpass.*
 from qpass.primitives import formats as formats
+from qpass.primitives import bcq as bcq  # registers the bcq* formats
 from qpass.primitives import hadamard as hadamard  # registers torch.ops.qpass.hadamard
 from qpass.primitives.awq import awq_scales as awq_scales
 from qpass.primitives.awq import clip_search as clip_search

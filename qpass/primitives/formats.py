@@ -69,6 +69,12 @@ class FormatCodec:
     bits: int
     kind: ClassVar[str] = "custom"
     table_size: ClassVar[int] = 0
+    stores_scale: ClassVar[bool] = True      # False: the scale is a constant, not stored (bit accounting)
+
+    @property
+    def table_values(self) -> int:
+        """fp16 values stored per block for its table (bit accounting; a derived table stores fewer)."""
+        return self.table_size
 
     def qrange(self, symmetric: bool) -> tuple[float, float]:
         raise NotImplementedError
