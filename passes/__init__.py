@@ -15,6 +15,7 @@ from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .quip import Quip, QuipConfig
 from .rotate import Rotate, RotateConfig
+from .rptq import Rptq, RptqConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .signround import SignRound, SignRoundConfig
@@ -42,6 +43,7 @@ PASSES = {
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
+    "rptq": (RptqConfig, Rptq),
 }
 
 
@@ -56,4 +58,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Rptq", "RptqConfig"]

@@ -56,6 +56,8 @@ CONFORMANCE = {
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
+    "rptq": [{"rptq": {"clusters": 4, "ignore": ["lm_head"]}},                           # adds gathers
+             {"quantize": {"weights": W8, "ignore": ["lm_head"]}}],
 }
 
 
