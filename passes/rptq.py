@@ -2,8 +2,8 @@
 
 Matches   every folding group of ``qpass.folding.analyze`` (a norm or a linear, and the linears that read it)
           whose linears are all selected and whose channels a permutation can reorder (``permutation_reason``:
-          norm -> q/k/v, norm -> gate/up or fc1, v_proj -> o_proj within each head, fc1 -> relu -> fc2; not
-          ``silu(gate) * up`` -> down_proj)
+          norm -> q/k/v, norm -> gate/up or fc1, v_proj -> o_proj within each head, fc1 -> relu -> fc2), and
+          gated units ``act(gate(x)) * up(x) -> down`` (the rows of gate and up reordered alike)
 Changes   per group, from the calibration (min, max) of every producer channel the consumers read:
             labels = k-means on the 2-D (min, max) points into `clusters` clusters (seeded k-means++)
             perm   = channels laid out cluster by cluster (clusters by centre), inside each block a permutation
@@ -21,16 +21,18 @@ Preserves nothing (gathers and quantizers are added); before the quantizers outp
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from qpass import folding
+from qpass import patterns as P
 from qpass.analyses import FoldGroups, Observed
 from qpass.errors import RecipeError
-from qpass.graph import linear_sites, select
+from qpass.graph import LinearSite, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, build, occurrences
 from qpass.primitives.quant import qparams_from_minmax
@@ -39,6 +41,8 @@ from qpass.primitives.spec import BUILTIN_KINDS, IntFormat, PerChannel, PerTenso
 from qpass.quantizer import QuantMeta
 
 from .quantize import Quantize
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,8 @@ class RptqConfig:
         "seed": "seed of the k-means++ initialisation",
         "activations": "the input quantizer of each cluster: format and symmetry, static (granularity per_channel "
                        "or per_tensor: either way one scale per cluster, recorded as per_channel axis -1)",
-        "unreordered": "selected linears whose input cannot be reordered (no folding group, or a product such as "
-                       "silu(gate) * up): per_tensor (one static scale), clusters (per-cluster scales without the "
+        "unreordered": "selected linears whose input cannot be reordered (no folding group, a group with an ignored "
+                       "linear, or a product of two computed tensors): per_tensor (one static scale), clusters (per-cluster scales without the "
                        "reorder: a kernel needs a gather) or float (no input quantizer)",
         "targets": "module-path globs of the linears whose inputs to quantize",
         "ignore": "module-path globs of linears to leave alone (a group with one is not reordered)",
@@ -113,24 +117,27 @@ class Rptq(Pass):
                     near.append(f"{g.name}: not reordered, part of its group is excluded by targets/ignore")
                 continue
             why = folding.permutation_reason(g)
-            if why:
+            partner = _glu_partner(gm, g) if why else None
+            if why and partner is None:
                 near.append(f"{g.name}: not reordered ({why})")
                 continue
-            groups.append(g)
+            groups.append((g, partner))
             done.update(mine)
         qparams, perms = {}, []
-        for g in groups:                    # decide on the unmodified graph (stats are of its channels)
+        for g, partner in groups:           # decide on the unmodified graph (stats are of its channels)
             lo, hi = _producer_ranges(g, [mm[c.site.input.name] for c in g.consumers])
             consumed = g.consumed.nonzero().flatten()
             labels = torch.zeros(g.producer.channels, dtype=torch.long)
             labels[consumed] = kmeans(torch.stack([lo[consumed], hi[consumed]], 1), cfg.clusters, cfg.seed)
-            perm = cluster_order(lo, hi, labels, folding.permutation_blocks(g))
+            blocks = [consumed] if partner is not None else folding.permutation_blocks(g)
+            perm = cluster_order(lo, hi, labels, blocks)
             k = int(labels[consumed].max()) + 1
             cmin, cmax = cluster_ranges(lo[consumed], hi[consumed], labels[consumed])
             for c in g.consumers:
                 qparams[c.site.node] = _cluster_qparams(cmin, cmax, labels[perm][c.channel_map], cfg.activations)
             perms.append({"consumers": [list(key_of[c.site.node]) for c in g.consumers], "perm": perm.tolist(),
-                          "gather": g.producer.kind != "linear"})
+                          "gather": g.producer.kind != "linear",
+                          **({"glu": list(key_of[partner.node])} if partner is not None else {})})
             stats["groups_reordered"] += 1
             stats["clusters"] += k
             stats["linears_clustered"] += len(g.consumers)
@@ -192,13 +199,51 @@ def _fold(gm: GraphModule, rec: dict, ctx: Context | None = None) -> None:
         raise PlanError(f"the rptq plan reorders the inputs of {[k[0] for k in want]}, which this graph does not "
                         "group under one producer", fix="apply plans to a capture of the model they were made on")
     perm = torch.tensor(rec["perm"], dtype=torch.long)
-    if ctx is None:
-        folding.fold_permutation(gm, group, perm)
-        return
+    partner = _glu_partner(gm, group) if "glu" in rec else None
     names = [p.target for p, _ in group.producer.params]
     names += [n.target for c in group.consumers for n in (c.site.weight, c.site.bias) if n is not None]
-    with ctx.loaded(names):
-        folding.fold_permutation(gm, group, perm)
+    names += [n.target for n in (partner.weight, partner.bias) if n is not None] if partner is not None else []
+    with ctx.loaded(names) if ctx is not None else contextlib.nullcontext():
+        if partner is None:
+            folding.fold_permutation(gm, group, perm)
+        else:
+            _fold_glu(gm, group, partner, perm)
+
+
+def _glu_partner(gm: GraphModule, g: folding.FoldGroup) -> LinearSite | None:
+    """The gate linear of a gated unit ``act(gate(x)) * up(x) -> down`` at the group up -> down (None: not one):
+    reordering the rows of gate and up alike reorders the product's channels, which down's columns follow.
+    Structure only: up and act(gate) are the product's two operands, each used by it alone, no other
+    consumer."""
+    if g.producer.kind != "linear" or len(g.consumers) != 1:
+        return None
+    c = g.consumers[0]
+    prod, x = g.producer.node, c.site.input
+    if not (x.op == "call_function" and x.target is aten.mul.Tensor and prod in x.args[:2] and
+            len(prod.users) == 1 and torch.equal(c.channel_map, torch.arange(g.producer.channels))):
+        return None
+    act = x.args[1] if x.args[0] is prod else x.args[0]
+    if not (isinstance(act, Node) and act.op == "call_function" and act.target in P.ACTIVATIONS and
+            len(act.users) == 1):
+        return None
+    site = next((s for s in linear_sites(gm) if s.node is act.args[0]), None)
+    if site is None or len(site.node.users) != 1 or site.node.meta["val"].shape[-1] != g.producer.channels:
+        return None
+    return site
+
+
+def _fold_glu(gm: GraphModule, g: folding.FoldGroup, gate: LinearSite, perm: torch.Tensor) -> None:
+    """Rows of gate and up (and biases) reordered by `perm`, down's input columns to match (values only)."""
+    up = next(s for s in linear_sites(gm) if s.node is g.producer.node)
+    with torch.no_grad():
+        for site in (gate, up):
+            for node, axis in ((site.weight, site.out_axis), (site.bias, 0)):
+                if node is not None:
+                    t = param_of(gm, node)
+                    t.copy_(t.index_select(axis, perm.to(t.device)))
+        down = g.consumers[0].site
+        w = param_of(gm, down.weight)
+        w.copy_(w.index_select(down.in_axis, perm.to(w.device)))
 
 
 def _keys(sites) -> list[tuple[str, int]]:

@@ -35,21 +35,19 @@ def _runs(v: torch.Tensor) -> int:
     return 1 + int((v[1:] != v[:-1]).sum())
 
 
-@pytest.mark.parametrize("family, groups, gathers, per_tensor", [("llama", 6, 4, 2), ("opt", 8, 4, 0)])
-def test_fires_reorders_and_preserves_the_function_before_quantizers(family, groups, gathers, per_tensor):
+@pytest.mark.parametrize("family, groups, gathers", [("llama", 8, 4), ("opt", 8, 4)])
+def test_fires_reorders_and_preserves_the_function_before_quantizers(family, groups, gathers):
     model = toy.hf_model(family)
     ids = toy.token_ids(batch=2, t=9, seed=11)
     ref = model(ids).logits
     qm = qpass.apply(model, recipe(), calib_data=CALIB, progress=False)
     stats = qm.report["rptq"].stats
-    # llama, per layer: norm -> q/k/v, v -> o (per head), norm -> gate/up; up -> down is a product: per tensor
-    # opt, per layer: ln -> q/k/v, v -> out_proj, ln -> fc1, fc1 -> relu -> fc2
-    assert stats["groups_reordered"] == groups and stats["linears_per_tensor"] == per_tensor
+    # llama, per layer: norm -> q/k/v, v -> o (per head), norm -> gate/up, silu(gate) * up -> down (gate and up
+    # rows reordered alike); opt, per layer: ln -> q/k/v, v -> out_proj, ln -> fc1, fc1 -> relu -> fc2
+    assert stats["groups_reordered"] == groups and stats["linears_per_tensor"] == 0
     gm = qm.graph_module
     assert sum(n.target is ATEN.index_select.default for n in gm.graph.nodes) == gathers   # one per norm group
-    assert len(quantizers(gm, role="input")) == stats["linears_clustered"] + per_tensor
-    if per_tensor:
-        assert any("down_proj: not reordered; per_tensor" in m for m in qm.report["rptq"].near_misses)
+    assert len(quantizers(gm, role="input")) == stats["linears_clustered"]
     torch.testing.assert_close(_strip(gm)(ids).logits, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -77,12 +75,16 @@ def test_per_cluster_a4_beats_per_tensor_a4_and_one_cluster_is_per_tensor():
     assert err["many"] < err["base"]
 
 
-def test_unreordered_options():
-    llama = toy.hf_model("llama")
-    q = qpass.apply(llama, recipe(unreordered="clusters"), calib_data=CALIB, progress=False)
-    assert q.report["rptq"].stats["linears_clustered"] == 14
-    f = qpass.apply(llama, recipe(unreordered="float"), calib_data=CALIB, progress=False)
-    assert f.report["rptq"].stats["linears_float"] == 2 and len(quantizers(f.graph_module)) == 12
+@pytest.mark.parametrize("mode, clustered, per_tensor, float_", [("per_tensor", 6, 4, 0), ("clusters", 10, 0, 0),
+                                                                 ("float", 6, 0, 4)])
+def test_unreordered_linears(mode, clustered, per_tensor, float_):
+    opt = toy.hf_model("opt")           # k_proj ignored: q_proj and v_proj share its group, which is not reordered
+    qm = qpass.apply(opt, recipe(unreordered=mode, ignore=["lm_head", "*.k_proj"]), calib_data=CALIB, progress=False)
+    stats = qm.report["rptq"].stats
+    assert (stats["linears_clustered"], stats["linears_per_tensor"], stats["linears_float"]) == \
+        (clustered, per_tensor, float_)
+    assert any("excluded by targets/ignore" in m for m in qm.report["rptq"].near_misses)
+    assert len(quantizers(qm.graph_module)) == clustered + per_tensor
 
 
 def test_no_op_and_errors():
