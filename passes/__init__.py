@@ -16,6 +16,7 @@ from .os_plus import OsPlus, OsPlusConfig
 from .owq import Owq, OwqConfig
 from .quip import Quip, QuipConfig
 from .rotate import Rotate, RotateConfig
+from .rptq import Rptq, RptqConfig
 from .quantease import QuantEase, QuantEaseConfig
 from .quantize import ObserverConfig, Quantize, QuantizeConfig
 from .signround import SignRound, SignRoundConfig
@@ -48,6 +49,7 @@ PASSES = {
     "squeezellm": (SqueezeLlmConfig, SqueezeLlm),
     "spqr": (SpqrConfig, Spqr),
     "bcq": (BcqConfig, Bcq),
+    "rptq": (RptqConfig, Rptq),
 }
 
 
@@ -63,4 +65,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
-           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig"]
+           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig"]

@@ -795,6 +795,21 @@ def permutation_reason(group: FoldGroup, perm: torch.Tensor | None = None) -> st
     return why
 
 
+def permutation_blocks(group: FoldGroup) -> list[torch.Tensor]:
+    """The sets of consumed producer channels a permutation may move among themselves (RPTQ orders channels
+    inside each): one set of all consumed channels, or, where a consumer reads them through attention, one per
+    head (each head's channels stay in that head). Raises ValueError with ``permutation_reason`` if none can."""
+    why, reach = _structure_reason(group, "permute")
+    if why:
+        raise ValueError(f"cannot fold a permutation: {why}")
+    n, consumed = group.producer.channels, group.consumed
+    label = torch.zeros(n, dtype=torch.long)            # channels with the same label share every head set
+    for r in reach:
+        for i, (_, chans) in enumerate(_heads(r)):
+            label[chans] = label[chans] * (len(r.ctx.unique()) + 1) + i + 1
+    return [(consumed & (label == v)).nonzero().flatten() for v in label[consumed].unique()]
+
+
 def _perm_reason(group: FoldGroup, reach: list[_Reach], perm: torch.Tensor) -> str | None:
     n = group.producer.channels
     perm = perm.long().cpu()
@@ -1116,5 +1131,5 @@ def _finish(gm: GraphModule) -> None:
 
 __all__ = ["Producer", "Consumer", "FoldGroup", "FoldingAnalysis", "analyze", "producer_at", "fold_scales",
            "scale_param_", "to_channels", "weight_absmax", "canonical_weight", "shift_reason", "fold_shifts",
-           "shift_compensation", "permutation_reason", "fold_permutation", "permute_columns", "rotation_reason",
+           "shift_compensation", "permutation_reason", "permutation_blocks", "fold_permutation", "permute_columns", "rotation_reason",
            "fold_rotation", "rotate_columns", "fold_norm_weight"]

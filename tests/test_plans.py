@@ -61,6 +61,8 @@ CONFORMANCE = {
     "squeezellm": [{"squeezellm": {"bits": 3, "outliers": 0.01, "sensitive": 0.01, "iters": 5,   # sparse values
                                    "ignore": ["lm_head"]}}],
     "bcq": [{"bcq": {"bits": 3, "group_size": 16, "iterations": 2, "ignore": ["lm_head"]}}],   # per-group codebooks
+    "rptq": [{"rptq": {"clusters": 4, "ignore": ["lm_head"]}},                           # adds gathers
+             {"quantize": {"weights": W8, "ignore": ["lm_head"]}}],
 }
 
 
