@@ -3,6 +3,7 @@
 The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
 from .awq import Awq, AwqConfig
+from .fptq import Fptq, FptqConfig
 from .gptq import Gptq, GptqConfig
 from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .lorc import Lorc, LorcConfig
@@ -42,6 +43,7 @@ PASSES = {
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
+    "fptq": (FptqConfig, Fptq),
 }
 
 
@@ -56,4 +58,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Fptq", "FptqConfig"]

@@ -56,6 +56,7 @@ CONFORMANCE = {
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
+    "fptq": [{"fptq": {"v0": 0.5, "v1": 1e9, "weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],   # LAE folded
 }
 
 
