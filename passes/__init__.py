@@ -5,6 +5,7 @@ The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 from .awq import Awq, AwqConfig
 from .fptq import Fptq, FptqConfig
 from .gptq import Gptq, GptqConfig
+from .mofq import Mofq, MofqConfig
 from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .lorc import Lorc, LorcConfig
 from .qat import Qat, QatConfig
@@ -44,6 +45,7 @@ PASSES = {
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
     "fptq": (FptqConfig, Fptq),
+    "mofq": (MofqConfig, Mofq),
 }
 
 
@@ -58,4 +60,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Fptq", "FptqConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Fptq", "FptqConfig", "Mofq", "MofqConfig"]

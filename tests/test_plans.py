@@ -57,6 +57,8 @@ CONFORMANCE = {
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
     "fptq": [{"fptq": {"v0": 0.5, "v1": 1e9, "weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],   # LAE folded
+    "mofq": [{"mofq": {"weights": W4G, "activations": {**A8, "granularity": "per_tensor", "dynamic": False},
+                       "ignore": ["lm_head"]}}],          # per-layer formats, static scales
 }
 
 
