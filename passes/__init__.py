@@ -4,7 +4,9 @@ The repository folder ``passes/`` is installed as the package ``qpass.passes``.
 """
 from .awq import Awq, AwqConfig
 from .bcq import Bcq, BcqConfig
+from .fptq import Fptq, FptqConfig
 from .gptq import Gptq, GptqConfig
+from .mofq import Mofq, MofqConfig
 from .lora import Lora, LoraConfig, LoraMerge, LoraMergeConfig
 from .lorc import Lorc, LorcConfig
 from .qat import Qat, QatConfig
@@ -50,6 +52,8 @@ PASSES = {
     "spqr": (SpqrConfig, Spqr),
     "bcq": (BcqConfig, Bcq),
     "rptq": (RptqConfig, Rptq),
+    "fptq": (FptqConfig, Fptq),
+    "mofq": (MofqConfig, Mofq),
 }
 
 
@@ -65,4 +69,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
-           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig"]
+           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig", "Fptq", "FptqConfig", "Mofq", "MofqConfig"]

@@ -63,6 +63,9 @@ CONFORMANCE = {
     "bcq": [{"bcq": {"bits": 3, "group_size": 16, "iterations": 2, "ignore": ["lm_head"]}}],   # per-group codebooks
     "rptq": [{"rptq": {"clusters": 4, "ignore": ["lm_head"]}},                           # adds gathers
              {"quantize": {"weights": W8, "ignore": ["lm_head"]}}],
+    "fptq": [{"fptq": {"v0": 0.5, "v1": 1e9, "weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],   # LAE folded
+    "mofq": [{"mofq": {"weights": W4G, "activations": {**A8, "granularity": "per_tensor", "dynamic": False},
+                       "ignore": ["lm_head"]}}],          # per-layer formats, static scales
 }
 
 
