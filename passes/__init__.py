@@ -12,6 +12,7 @@ from .llm_int8 import LlmInt8, LlmInt8Config
 from .norm_tweak import NormTweak, NormTweakConfig
 from .omniquant import OmniQuant, OmniQuantConfig
 from .os_plus import OsPlus, OsPlusConfig
+from .olive import Olive, OliveConfig
 from .owq import Owq, OwqConfig
 from .quip import Quip, QuipConfig
 from .rotate import Rotate, RotateConfig
@@ -42,6 +43,7 @@ PASSES = {
     "omniquant": (OmniQuantConfig, OmniQuant),
     "zeroquant": (ZeroQuantConfig, ZeroQuant),
     "norm_tweak": (NormTweakConfig, NormTweak),
+    "olive": (OliveConfig, Olive),
 }
 
 
@@ -56,4 +58,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
-           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig"]
+           "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig", "Olive", "OliveConfig"]

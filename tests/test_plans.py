@@ -56,6 +56,8 @@ CONFORMANCE = {
                   {"zeroquant": {"steps": 3, "batch_size": 2, "lr": 1e-3}}],
     "norm_tweak": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},
                    {"norm_tweak": {"steps": 3, "batch_size": 2, "samples": 3, "seq_len": 8}}],
+    "olive": [{"olive": {"weights": {"bits": 4}, "activations": {"bits": 8, "granularity": "per_tensor"},
+                         "ignore": ["lm_head"]}}],                                # registered format olive4/8
 }
 
 

@@ -5,6 +5,7 @@ Importing this package registers the ``qpass::*`` ops (once). Never imports torc
 from qpass.primitives import ops as ops  # registers torch.ops.qpass.*
 from qpass.primitives import formats as formats
 from qpass.primitives import hadamard as hadamard  # registers torch.ops.qpass.hadamard
+from qpass.primitives import olive as olive  # registers the olive4..olive8 formats (OliVe pair encoding)
 from qpass.primitives.awq import awq_scales as awq_scales
 from qpass.primitives.awq import clip_search as clip_search
 from qpass.primitives.awq import output_error as output_error
