@@ -15,6 +15,7 @@ from .llm_int8 import LlmInt8, LlmInt8Config
 from .norm_tweak import NormTweak, NormTweakConfig
 from .omniquant import OmniQuant, OmniQuantConfig
 from .os_plus import OsPlus, OsPlusConfig
+from .olive import Olive, OliveConfig
 from .owq import Owq, OwqConfig
 from .quip import Quip, QuipConfig
 from .rotate import Rotate, RotateConfig
@@ -54,6 +55,7 @@ PASSES = {
     "rptq": (RptqConfig, Rptq),
     "fptq": (FptqConfig, Fptq),
     "mofq": (MofqConfig, Mofq),
+    "olive": (OliveConfig, Olive),
 }
 
 
@@ -69,4 +71,4 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "NormTweak", "NormTweakConfig",
            "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
-           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig", "Fptq", "FptqConfig", "Mofq", "MofqConfig"]
+           "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig", "Fptq", "FptqConfig", "Mofq", "MofqConfig", "Olive", "OliveConfig"]

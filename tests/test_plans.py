@@ -66,6 +66,8 @@ CONFORMANCE = {
     "fptq": [{"fptq": {"v0": 0.5, "v1": 1e9, "weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],   # LAE folded
     "mofq": [{"mofq": {"weights": W4G, "activations": {**A8, "granularity": "per_tensor", "dynamic": False},
                        "ignore": ["lm_head"]}}],          # per-layer formats, static scales
+    "olive": [{"olive": {"weights": {"bits": 4}, "activations": {"bits": 8, "granularity": "per_tensor"},
+                         "ignore": ["lm_head"]}}],                                # registered format olive4/8
 }
 
 

@@ -12,6 +12,7 @@ data, so a saved model loads into the same buffers): integer codes and zero poin
 format's width, a scale with second-level quantization as its codes at the second level's width (its fp16
 scale and int16 zero point as the graph holds them), outlier indices as int32, outlier values in the graph's
 dtype (SpQR: fp16).
+An OliVe input quantizer (registered format ``olive<b>``, static scale) runs its encode/decode on the input here.
 A dynamic input quantizer with float columns (LLM.int8()'s outlier feature dimensions) lowers here too:
 ``formats.fake_quantize_dynamic_ext`` on the input (the columns stay float), then the same linear, so the
 float columns of input and weight meet in one float matmul (the decomposition is not split into two GEMMs).
@@ -125,6 +126,8 @@ class ExtLinear(nn.Module):
         if a is not None and self.input_float_index is not None:     # dynamic with float columns (LLM.int8())
             x = formats.fake_quantize_dynamic_ext(x, list(a.block), a.fmt, a.symmetric,
                                                   float_columns=(self.input_float_index, self.input_float_axis))
+        elif a is not None and a.fmt.startswith("olive"):              # OliVe pairs (static): the emulation
+            x = formats.fake_quantize_ext(x, self.input_scale, None, list(a.block), a.fmt)
         elif a is not None:
             x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
                 Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)

@@ -150,7 +150,8 @@ def build_linear(gm: GraphModule, m: QuantLinear, name: str, *, empty: bool) -> 
 def _generic(m: QuantLinear) -> bool:
     """A weight quantizer with a registered (non-packed) format, a table or side channels: ExtLinear's route."""
     q = Quantizer(m.weight_fq)
-    side_in = m.input_fq is not None and bool(Quantizer(m.input_fq).side_channels)   # LLM.int8() inputs
+    qi = Quantizer(m.input_fq) if m.input_fq is not None else None
+    side_in = qi is not None and (bool(qi.side_channels) or qi.fmt.kind not in BUILTIN_KINDS)   # LLM.int8(), olive
     return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS or side_in
 
 

@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites
 from qpass.patterns import SDPA, is_call, static_shape, unrepeat_kv
+from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, unsupported
 
 aten = torch.ops.aten
@@ -30,9 +31,11 @@ _SIDE = frozenset({"outliers", "float_columns", "scale_q"})
 # What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
 # (int/fp8/fp4/nf4 packed; any other format or side channel by the generic dequantize-then-matmul route,
 # ext.ExtLinear), per tensor, channel or group. Inputs and K/V: the built-in formats; inputs may keep float
-# columns (LLM.int8()'s dynamic quantizer with outlier feature dimensions, by ExtLinear).
+# columns (LLM.int8()'s dynamic quantizer with outlier feature dimensions, by ExtLinear), or OliVe's pair format
+# (static scales; ExtLinear runs its encode/decode on the input: an emulation, as on the weight).
 SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE),
-            "input": Support(side=frozenset({"float_columns"})), "*": Support()}
+            "input": Support(kinds=frozenset({*BUILTIN_KINDS, "olive"}), side=frozenset({"float_columns"})),
+            "*": Support()}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from qpass.primitives import ops as ops  # registers torch.ops.qpass.*
 from qpass.primitives import formats as formats
 from qpass.primitives import bcq as bcq  # registers the bcq* formats
 from qpass.primitives import hadamard as hadamard  # registers torch.ops.qpass.hadamard
+from qpass.primitives import olive as olive  # registers the olive4..olive8 formats (OliVe pair encoding)
 from qpass.primitives.awq import awq_scales as awq_scales
 from qpass.primitives.awq import clip_search as clip_search
 from qpass.primitives.awq import output_error as output_error

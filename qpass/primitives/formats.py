@@ -286,7 +286,15 @@ def apply_side(out: Tensor, outliers: tuple | None, float_columns: tuple | None)
 def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str, *,
                       codebook: Tensor | None = None, outliers: tuple | None = None,
                       float_columns: tuple | None = None, scale_q: tuple | None = None) -> Tensor:
-    """dequantize_ext(quantize_ext(x)) with x's own values in the float columns. `float_columns`: (index, axis)."""
+    """dequantize_ext(quantize_ext(x)) with x's own values in the float columns. `float_columns`: (index, axis).
+    A format with a ``roundtrip(y)`` method (values in code units -> decoded values, no codes: olive) takes it
+    when there is no table, zero point or side channel: the same values, without building codes."""
+    c = codec(fmt)
+    if hasattr(c, "roundtrip") and codebook is None and zero_point is None and outliers is None \
+            and float_columns is None and scale_q is None:
+        quant.check_block_size(x.shape, block_size)
+        y, _, s = quant._code_units(x, scale, None, block_size, quant._compute_dtype(x.dtype))
+        return (c.roundtrip(y) * s).to(x.dtype)
     codes = quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook, scale_q=scale_q)
     cols = None
     if float_columns is not None:
