@@ -231,7 +231,10 @@ class _Rewriter(QdqRewrites):
             table = lambda ids, e: self.call(e, ops.gather_dq, (ids, *new.args[1:4], w.block, w.bits))  # noqa: E731
             how = "Gather of the int8 codes and scales + DequantizeLinear"
         elif w.bits == 4 and w.symmetric and (w.block in NBITS_BLOCKS or _nbits_block(w.block, w.codes.shape[0])):
-            new, _, _ = self._nbits(site, site.input, w, name, level=self.opts.fused_accuracy_level)
+            k = w.codes.shape[0]             # a block dividing K and the group: the table is not padded
+            fit = [b for b in NBITS_BLOCKS if k % b == 0 and (w.block == 0 or w.block % b == 0)]
+            new, _, _ = self._nbits(site, site.input, w, name, level=self.opts.fused_accuracy_level,
+                                    block=max(fit, default=None))
             k, block = new.args[4], new.args[7]
             form, note = f"W4A16: MatMulNBits(block {block}, accuracy_level {self.opts.fused_accuracy_level})", ""
             table = lambda ids, e: self.call(e, ops.gather_nbits, (ids, new.args[1], new.args[2], k, 4, block))  # noqa: E731
@@ -263,9 +266,9 @@ class _Rewriter(QdqRewrites):
             site.bias, w_zp))
         return node, f"W8A8 per-token: MatMulInteger ({self.opts.int8_weights} weights)", ""
 
-    def _nbits(self, site, x, w: _Weight, name: str, level: int | None = None):
+    def _nbits(self, site, x, w: _Weight, name: str, level: int | None = None, block: int | None = None):
         k, n = w.codes.shape
-        block = w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k)
+        block = block or (w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k))
         if block is None:
             return self._dq_matmul(site, x, w, name, "token8")  # no MatMulNBits block fits: exact Q/DQ form
         rows = -(-k // block)
