@@ -290,6 +290,8 @@ def _tied_embeddings(gm: GraphModule, sites: list, todo: list, cfg: QuantizeConf
         lookups = _embedding_readers(gm, site, twins)
         if not lookups:
             continue
+        if is_quantizer(site.weight_use):       # quantized by an earlier pass (again in this one: refused below)
+            continue
         names = [module_path(gm, e) or e.name for e in lookups]
         where = f"{describe(gm, site.node)}, tied with the embedding {', '.join(names)}"
         if site not in todo:
@@ -302,8 +304,6 @@ def _tied_embeddings(gm: GraphModule, sites: list, todo: list, cfg: QuantizeConf
             raise QuantizationError(
                 f"tied_embedding: shared takes a tied linear that reads the table as stored ([out, in] = [vocab, "
                 f"hidden]); this one reads it transposed ({where})", fix="use tied_embedding: float for this model")
-        if is_quantizer(site.weight_use) or any(is_quantizer(e.args[0]) for e in lookups):
-            continue                                               # refused below (double quantization)
         out[_key(site)] = names
     return out
 

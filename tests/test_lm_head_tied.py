@@ -6,6 +6,8 @@ a tied lm_head the pass does not quantize: an error."""
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import qpass
@@ -246,3 +248,20 @@ def test_streaming_from_disk_equals_in_memory(tmp_path):
     ids = toy.token_ids(1, 6, seed=2)
     with torch.no_grad():
         assert torch.equal(qpass.load(res.directory)(ids).logits, mem(ids).logits)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 70), group=st.sampled_from([-1, 16, 32]), data=st.data())
+def test_row_codes_of_any_layout_are_the_rows_of_the_codes(n, k, group, data):
+    """PackedLinear.row_codes(rows) == codes()[rows] for rows in any order with repeats (odd N and K, partial
+    groups, the q4 layout's partial last block of rows)."""
+    from qpass.backends.torch_packed.linear import PackedLinear
+    from qpass.primitives import quant as Q
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 71 + k))
+    block = [1, group]
+    s, _ = Q.dynamic_qparams(w, block, "int4", True)
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=9)))
+    for layout in ("q4", "dense", "bitplanes"):
+        mod = PackedLinear.from_weight(w, s, None, block, "int4", layout=layout)
+        assert torch.equal(mod.row_codes(rows), mod.codes()[rows]), layout
