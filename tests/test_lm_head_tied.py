@@ -206,10 +206,10 @@ def test_onnx_gathers_rows_of_lm_heads_initializer(tied, head, tmp_path):
     assert not [n for n, i in inits.items() if sorted(i.dims) == sorted([vocab, hidden])
                 and i.data_type == onnx.TensorProto.FLOAT]
     gathers = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
-    head_op = "MatMulNBits" if head.startswith("int4") else "DequantizeLinear"
-    head_inputs = {i for n in model.graph.node if n.op_type == head_op for i in n.input
+    head_inputs = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input
                    if i in inits and vocab in inits[i].dims}
     assert head_inputs and head_inputs <= gathers                        # one initializer, both readers
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and set(n.input) & head_inputs]
     ids = toy.token_ids(1, 9, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(onnx_qdq.logits(onnx_qdq.session(art.path), ids), qm(ids).logits,

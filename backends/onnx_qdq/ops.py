@@ -9,10 +9,8 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
     matmul_nbits(x, packed[N,nb,blob], scales, bias?, ...)    com.microsoft.MatMulNBits
     qdq(x, scale, zp?, axis, block, bits, signed)             QuantizeLinear -> DequantizeLinear (static)
     qdq_dynamic(x, block, bits, symmetric)                    scales from x per block of the last axis, Q -> DQ
-    gather_dq(ids, codes[K,N], scale, zp?, block, bits)       rows `ids` of a dq_matmul weight (a tied table):
-                                                              Gather codes + scales, DequantizeLinear, Transpose
     gather_nbits(ids, packed[N,nb,blob], scales[N,nb], k, bits, block)  rows `ids` of a matmul_nbits weight:
-                                                              Gather bytes + scales, unpack nibbles, (q - 8) * s
+                                                              Gather bytes + scales, unpack nibbles, (q - z) * s
 
 Weight layout: codes are stored [K, N] (the MatMul's B), so DequantizeLinear feeds MatMul directly (a
 Transpose in between blocks onnxruntime's fusions). ``block`` > 0: blocked along K (scale [ceil(K/block), N],
@@ -141,15 +139,6 @@ def _register() -> None:
     def _(x, block, bits, symmetric):
         return torch.empty_like(x)
 
-    @torch.library.custom_op("qpass_onnx::gather_dq", mutates_args=())
-    def gather_dq(ids: Tensor, codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], block: int,
-                  bits: int) -> Tensor:
-        return dequantize_weight(codes, scale, zero_point, block).t()[ids].contiguous()
-
-    @gather_dq.register_fake
-    def _(ids, codes, scale, zero_point, block, bits):
-        return ids.new_empty((*ids.shape, codes.shape[0]), dtype=torch.float32)
-
     @torch.library.custom_op("qpass_onnx::gather_nbits", mutates_args=())
     def gather_nbits(ids: Tensor, packed: Tensor, scales: Tensor, k: int, bits: int, block: int) -> Tensor:
         rows = ids.reshape(-1)
@@ -200,5 +189,4 @@ int8_dyn_matmul = torch.ops.qpass_onnx.int8_dyn_matmul.default
 matmul_nbits = torch.ops.qpass_onnx.matmul_nbits.default
 qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default
-gather_dq = torch.ops.qpass_onnx.gather_dq.default
 gather_nbits = torch.ops.qpass_onnx.gather_nbits.default

@@ -218,32 +218,29 @@ class _Rewriter(QdqRewrites):
 
     def _tied(self, site, w: _Weight, kind: str, name: str, lookups: list[Node]):
         """A weight-only linear whose quantized weight embedding lookups also read (quantize's tied_embedding:
-        shared): the linear's integer initializer is the table they gather rows from. int8: dq_matmul's codes
-        [K, N] (gather_dq); int4: an explicit MatMulNBits (accuracy level: fused_accuracy_level) whose packed
-        bytes are gathered and unpacked (gather_nbits). No float copy of the table is left."""
+        shared): the linear is an explicit MatMulNBits (4 or 8 bits, accuracy level: fused_accuracy_level) whose
+        uint8 bytes and scales the lookups gather (gather_nbits). No float copy of the table is left.
+        NOTE: not DequantizeLinear + MatMul: onnxruntime (1.32) does not fuse that into MatMulNBits when the codes
+        initializer has another reader, and would dequantize the whole table at every call."""
         where = describe(self.gm, site.node)
         if kind != "float":
             raise UnsupportedOpError("onnx_qdq shares a tied embedding table with a weight-only linear (float input); "
                                      "this one quantizes its input too", where=where,
                                      fix="quantize the tied lm_head's weights only, or use tied_embedding: float")
-        if w.bits == 8:
-            new, form, note = self._dq_matmul(site, site.input, w, name, kind)
-            table = lambda ids, e: self.call(e, ops.gather_dq, (ids, *new.args[1:4], w.block, w.bits))  # noqa: E731
-            how = "Gather of the int8 codes and scales + DequantizeLinear"
-        elif w.bits == 4 and w.symmetric and (w.block in NBITS_BLOCKS or _nbits_block(w.block, w.codes.shape[0])):
+        if w.bits in (4, 8) and w.symmetric and (w.block in NBITS_BLOCKS or _nbits_block(w.block, w.codes.shape[0])):
             k = w.codes.shape[0]             # a block dividing K and the group: the table is not padded
             fit = [b for b in NBITS_BLOCKS if k % b == 0 and (w.block == 0 or w.block % b == 0)]
             new, _, _ = self._nbits(site, site.input, w, name, level=self.opts.fused_accuracy_level,
                                     block=max(fit, default=None))
-            k, block = new.args[4], new.args[7]
-            form, note = f"W4A16: MatMulNBits(block {block}, accuracy_level {self.opts.fused_accuracy_level})", ""
-            table = lambda ids, e: self.call(e, ops.gather_nbits, (ids, new.args[1], new.args[2], k, 4, block))  # noqa: E731
-            how = "Gather of the MatMulNBits bytes and scales, nibbles unpacked"
+            block = new.args[7]
+            form, note = f"W{w.bits}A16: MatMulNBits(block {block}, accuracy_level {self.opts.fused_accuracy_level})", ""
+            table = lambda ids, e: self.call(e, ops.gather_nbits, (ids, new.args[1], new.args[2], k, w.bits, block))  # noqa: E731
+            how = "Gather of the MatMulNBits bytes and scales" + (", nibbles unpacked" if w.bits == 4 else "")
         else:
-            raise UnsupportedOpError(f"onnx_qdq shares a tied embedding table with int8 weights or symmetric int4 weights "
-                                     f"in MatMulNBits blocks {NBITS_BLOCKS} (or per channel); this one is {w.bits}-bit"
+            raise UnsupportedOpError(f"onnx_qdq shares a tied embedding table with symmetric int8 or int4 weights in "
+                                     f"MatMulNBits blocks {NBITS_BLOCKS} (or per channel); this one is {w.bits}-bit"
                                      f"{'' if w.symmetric else ' asymmetric'} with block {w.block}", where=where,
-                                     fix="use int8 or symmetric int4 (group 16..256) for the tied lm_head, the torch "
+                                     fix="use symmetric int8 or int4 (group 16..256) for the tied lm_head, the torch "
                                          "backend, or tied_embedding: float")
         first = min(lookups, key=list(self.gm.graph.nodes).index)
         for a in new.args:                           # the initializers are read before the linear: move them up
@@ -277,11 +274,12 @@ class _Rewriter(QdqRewrites):
             scales = w.scale[idx]
         else:                                        # per channel / tensor: the same scale in every block
             scales = w.scale.reshape(1, -1).expand(rows, n) if w.scale.dim() else w.scale.expand(rows, n)
-        unsigned = (w.codes.to(torch.int16) + 2 ** (4 - 1)).to(torch.uint8).t()       # [N, K], zero point 8
-        packed = ops.pack_nbits(unsigned, block, 4)
+        bits = 8 if w.bits == 8 else 4
+        unsigned = (w.codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).t()   # [N, K], zero point 2^(b-1)
+        packed = ops.pack_nbits(unsigned, block, bits)
         node = self.call(site.node, ops.matmul_nbits, (
             x, self.buffer(site.node, f"{name}_nbits", packed),
-            self.buffer(site.node, f"{name}_scales", scales.t().contiguous()), site.bias, k, n, 4, block,
+            self.buffer(site.node, f"{name}_scales", scales.t().contiguous()), site.bias, k, n, bits, block,
             self.opts.accuracy_level if level is None else level))
         return node, f"W{w.bits}A8: MatMulNBits(block {block}, accuracy_level {self.opts.accuracy_level})", \
             "W4A8 runs int8 activations per block of K inside MatMulNBits (not per token): see docs/onnx.md"

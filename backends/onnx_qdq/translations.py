@@ -10,6 +10,8 @@ docs/onnx.md:
   matmul_nbits      com.microsoft.MatMulNBits, unsigned codes with the default zero point 2^(bits-1)
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
                     ReduceMax / ReduceMin over each block)
+  gather_nbits      rows of a matmul_nbits weight (a tied embedding table): Gather of its bytes and scales,
+                    nibbles split (BitwiseAnd / BitShift), (code - zero point) * scale
 Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
 initializers after export.
 """
@@ -125,39 +127,23 @@ def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
     return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
 
 
-def gather_dq(ids, codes, scale, zero_point=None, block: int = 0, bits: int = 8):
-    """Rows `ids` of a [K, N] int8 table: Gather along N (codes, and the scales / zero points laid out [K/block,
-    N] or [N]), DequantizeLinear blocked along K (a per-channel scale is one block of K), K moved last."""
-    rank = len(ids.shape)
-    g = op.Gather(codes, ids, axis=1)                                         # [K, *ids]
-    if scale.shape is not None and len(scale.shape) == 0:                     # per tensor
-        w = op.DequantizeLinear(g, scale, zero_point)
-    else:
-        if block > 0:
-            s = op.Gather(scale, ids, axis=1)
-            z = None if zero_point is None else op.Gather(zero_point, ids, axis=1)
-        else:                                                                 # per channel: one block of K
-            s = op.Unsqueeze(op.Gather(scale, ids, axis=0), _const([0], np.int64))
-            z = None if zero_point is None else op.Unsqueeze(op.Gather(zero_point, ids, axis=0), _const([0], np.int64))
-        w = op.DequantizeLinear(g, s, z, axis=0, block_size=block if block > 0 else codes.shape[0])
-    return op.Transpose(w, perm=[*range(1, rank + 1), 0])
-
-
 def gather_nbits(ids, packed, scales, k: int = 0, bits: int = 4, block: int = 128):
-    """Rows `ids` of a MatMulNBits weight (uint8 [N, blocks, block/2], two codes per byte, low nibble first; zero
-    point 8) with standard ops: Gather of the bytes and of the scales [N, blocks], nibbles split with BitwiseAnd /
-    BitShift, (code - 8) * scale, the padded tail of the last block sliced off."""
+    """Rows `ids` of a MatMulNBits weight (uint8 [N, blocks, block * bits / 8]; 4 bits: two codes per byte, low
+    nibble first; zero point 2^(bits-1)) with standard ops: Gather of the bytes and of the scales [N, blocks],
+    nibbles split with BitwiseAnd / BitShift, (code - zero point) * scale, the padded tail of the last block sliced
+    off."""
     b = op.Gather(packed, ids, axis=0)                                        # [*ids, blocks, blob]
-    lo = op.Unsqueeze(op.BitwiseAnd(b, _const(15, np.uint8)), _const([-1], np.int64))
-    hi = op.Unsqueeze(op.BitShift(b, _const(4, np.uint8), direction="RIGHT"), _const([-1], np.int64))
-    q = op.Sub(op.Cast(op.Concat(lo, hi, axis=-1), to=FLOAT), _const(float(2 ** (bits - 1)), np.float32))
-    s = op.Unsqueeze(op.Gather(scales, ids, axis=0), _const([-1, -2], np.int64))   # [*ids, blocks, 1, 1]
+    if bits == 4:
+        lo = op.Unsqueeze(op.BitwiseAnd(b, _const(15, np.uint8)), _const([-1], np.int64))
+        hi = op.Unsqueeze(op.BitShift(b, _const(4, np.uint8), direction="RIGHT"), _const([-1], np.int64))
+        b = op.Concat(lo, hi, axis=-1)
+    q = op.Sub(op.Cast(b, to=FLOAT), _const(float(2 ** (bits - 1)), np.float32))
+    s = op.Unsqueeze(op.Gather(scales, ids, axis=0), _const([-1, -2] if bits == 4 else [-1], np.int64))
     w = op.Reshape(op.Mul(q, s), op.Concat(op.Shape(ids), _const([-1], np.int64), axis=0))
     return op.Slice(w, _const([0], np.int64), _const([k], np.int64), _const([-1], np.int64))
 
 
 TABLE = {
-    ops.gather_dq: gather_dq,
     ops.gather_nbits: gather_nbits,
     ops.dq_matmul: dq_matmul,
     ops.int8_dyn_matmul: int8_dyn_matmul,
