@@ -8,6 +8,10 @@ Changes   (quantizers inserted with qpass.quantizer.insert_quantizer, metadata a
           W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
           x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric)           (dynamic activations)
             or qpass.fake_quantize(x, scale, zero_point, block, fmt)           (static, from observers)
+          tied_embedding: shared (a linear whose weight an embedding lookup also reads: tie_word_embeddings)
+          embedding(W, ids) -> embedding(Wq, ids), Wq the linear's own weight quantizer node (one node, one
+          set of scales: the lookup reads dequantized rows of the same integer codes; backends store one
+          integer copy and no float table)
 Requires  calibration data for static activations (one run for all observed inputs)
 Preserves nothing (adds nodes and buffers)
 
@@ -21,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
 from qpass.experts import ExpertSite, expert_sites, routers, weight_block
 from qpass.experts import weight_quantizer as expert_weight_quantizer
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, module_path, param_of, select
+from qpass.patterns import storage_twins
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, build, occurrences
 from qpass.primitives import OBSERVERS, choose_qparams
@@ -89,6 +94,12 @@ class QuantizeConfig:
                         "fp16 scales",
         "routers": "also quantize MoE routers (linears whose output feeds a top-k expert selection); default: "
                    "kept float and reported",
+        "tied_embedding": "a quantized linear whose weight an embedding lookup also reads (tied lm_head, "
+                          "tie_word_embeddings): 'float' quantizes the linear's use only (the lookup reads the "
+                          "float table, stored beside the integer copy); 'shared' makes the lookup read the same "
+                          "quantized table (one integer copy, the float table goes; the embeddings change too). "
+                          "On a model without a tied pair 'shared' changes nothing (a report line says so); on a "
+                          "tied model whose tied linear this pass does not quantize it is an error",
     }
 
     weights: QSpec | None = QSpec(IntFormat(8), PerChannel(0))
@@ -98,9 +109,13 @@ class QuantizeConfig:
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     double_quant: DoubleQuantConfig | None = None
     routers: bool = False
+    tied_embedding: Literal["float", "shared"] = "float"
 
     def __post_init__(self):
         w, a = self.weights, self.activations
+        if self.tied_embedding == "shared" and w is None:
+            raise RecipeError("tied_embedding", "'shared' gives the embedding lookup the tied linear's quantized "
+                              "weight: needs weights (not null) in this pass")
         if self.double_quant is not None and (w is None or isinstance(w.granularity, PerTensor)):
             raise RecipeError("double_quant", "quantizes the weight scales: needs weights with per_channel or "
                               "per_group scales")
@@ -149,6 +164,10 @@ class Quantize(Pass):
             if cfg.weights is not None and expert_weight_quantizer(s) is not None:
                 raise QuantizationError(f"the expert weights {s.key} are already quantized by an earlier pass",
                                         fix="set weights: null in this quantize pass, or ignore '*.experts.*'")
+        tied = _tied_embeddings(gm, sites, todo, cfg) if cfg.tied_embedding == "shared" else {}
+        if cfg.tied_embedding == "shared" and not tied:
+            skipped.append("tied_embedding: shared: no embedding lookup reads a weight this pass quantizes (the "
+                           "model's embeddings are not tied): nothing to share, the embedding stays float")
         act_qparams = self._static_activation_qparams(gm, ctx, todo)
         items = []
         for site in todo:
@@ -164,11 +183,15 @@ class Quantize(Pass):
             for meta, _, tensors, _ in items:
                 if meta.role == "weight":
                     tensors["scale_scale"] = _scale_of_scales(tensors["scale"], dq)
-        plan = build(self.name, items, decisions={"double_quant": {"format": dq.format, "block": dq.block}}
-                     if dq is not None else {})
+        decisions = {"double_quant": {"format": dq.format, "block": dq.block}} if dq is not None else {}
+        if tied:
+            decisions["tied_embedding"] = tied
+        plan = build(self.name, items, decisions=decisions)
         self.apply(gm, plan)
         stats = {"linears": len(todo) - len(experts), "weights_quantized": len(todo) if cfg.weights else 0,
                  "inputs_quantized": len(todo) if cfg.activations else 0, "skipped": len(skipped)}
+        if cfg.tied_embedding == "shared":
+            stats["tied_embeddings_shared"] = sum(len(v) for v in tied.values())
         if experts or router:
             stats.update(expert_weights=len(experts), experts=sum(s.experts for s in experts),
                          routers_float=len(router & chosen))
@@ -180,6 +203,8 @@ class Quantize(Pass):
         quantizers on the weight as the matmul consumes it, input quantizers on that linear's input only."""
         sites = [*linear_sites(gm), *expert_sites(gm)]
         by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        tied = plan.decisions.get("tied_embedding", {})
+        twins = storage_twins(gm) if tied else {}
         for qp, t in zip(plan.quantizers, plan.tensors()):
             site = by_key.get((qp.meta.path, qp.at))
             if site is None:
@@ -203,10 +228,20 @@ class Quantize(Pass):
                 dq = plan.decisions["double_quant"]
                 side = SideChannels(scale_q=ScaleQuant(t["scale_scale"], _dq_block(t["scale"].shape, dq["block"]),
                                                        dq["format"]))
-            q = insert_quantizer(gm, site.node, src, meta, block=list(qp.block), scale=t.get("scale"),
+            lookups = _embedding_readers(gm, site, twins) if meta.role == "weight" and meta.path in tied else []
+            if meta.role == "weight" and len(lookups) != len(tied.get(meta.path, ())):
+                raise PlanError(f"the plan shares {meta.path!r}'s quantized weight with {len(tied[meta.path])} "
+                                f"embedding lookup(s) {tied[meta.path]}; this graph has {len(lookups)} reading it",
+                                fix="apply plans to a capture of the model they were made on")
+            before = min([site.node, *lookups], key=_order(gm)) if lookups else site.node
+            q = insert_quantizer(gm, before, src, meta, block=list(qp.block), scale=t.get("scale"),
                                  zero_point=t.get("zero_point"), name=None if "scale" not in t else name,
-                                 origin="quantize", side=side)
+                                 origin="quantize", side=side,
+                                 **({"nn_module_stack": site.node.meta["nn_module_stack"]}
+                                    if lookups and "nn_module_stack" in site.node.meta else {}))
             site.node.replace_input_with(src, q.node)
+            for e in lookups:              # tied_embedding: shared: the lookup reads the same quantized table
+                e.replace_input_with(e.args[0], q.node)
 
     # -- weights
     def _weight_qparams(self, gm: GraphModule, site: LinearSite | ExpertSite, spec: QSpec, ctx: Context):
@@ -232,6 +267,45 @@ class Quantize(Pass):
                                      who="quantize with static activations",
                                      desc="quantize: observing linear inputs"), gm)
         return {k: obs.qparams() for k, obs in observers.items()}
+
+
+def _embedding_readers(gm: GraphModule, site: LinearSite, twins: dict) -> list[Node]:
+    """The embedding lookups (``aten.embedding(W, ids)``) whose table is `site`'s weight: the same get_attr
+    node, or another name of the same storage (`twins`: qpass.patterns.storage_twins), in graph order."""
+    if not isinstance(site, LinearSite):
+        return []
+    names = {site.weight.target, *twins.get(site.weight.target, ())}
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default
+            and isinstance(n.args[0], Node) and n.args[0].op == "get_attr" and n.args[0].target in names]
+
+
+def _tied_embeddings(gm: GraphModule, sites: list, todo: list, cfg: QuantizeConfig) -> dict[str, list[str]]:
+    """tied_embedding: shared: {path of a linear this pass quantizes: module paths of the embedding lookups
+    reading its weight}. A tied linear the pass does not quantize, or one that reads the weight transposed
+    (the table would have to be laid out twice), is a QuantizationError."""
+    out, twins = {}, storage_twins(gm)
+    for site in sites:
+        if not isinstance(site, LinearSite):
+            continue
+        lookups = _embedding_readers(gm, site, twins)
+        if not lookups:
+            continue
+        if is_quantizer(site.weight_use):       # quantized by an earlier pass (again in this one: refused below)
+            continue
+        names = [module_path(gm, e) or e.name for e in lookups]
+        where = f"{describe(gm, site.node)}, tied with the embedding {', '.join(names)}"
+        if site not in todo:
+            raise QuantizationError(
+                f"tied_embedding: shared gives the embedding lookup the quantized weight of its tied linear, but "
+                f"this pass does not quantize that linear ({where})",
+                fix=f"set tied_embedding: shared in the quantize pass that quantizes {_key(site)} (its targets), or "
+                    "remove the option (tied_embedding: float)")
+        if site.weight_use is not site.weight:
+            raise QuantizationError(
+                f"tied_embedding: shared takes a tied linear that reads the table as stored ([out, in] = [vocab, "
+                f"hidden]); this one reads it transposed ({where})", fix="use tied_embedding: float for this model")
+        out[_key(site)] = names
+    return out
 
 
 def _dq_block(shape, block: int) -> tuple[int, int]:

@@ -110,10 +110,11 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     ~2 GB. tokenizer_dir: copy tokenizer / generation-config files from there.
     """
     say = progress or (lambda msg: log.info("%s", msg))
-    opts = patterns.LowerOptions(w4a8=w4a8, accuracy_level=accuracy_level, int8_weights=int8_weights)
     if fused_accuracy_level not in ACCURACY_LEVELS or isinstance(fused_accuracy_level, bool):
         raise UnsupportedOpError(f"fused_accuracy_level must be one of 0..4, got {fused_accuracy_level!r}",
                                  fix="0: exact, 4: fast (the default)")
+    opts = patterns.LowerOptions(w4a8=w4a8, accuracy_level=accuracy_level, int8_weights=int8_weights,
+                                 fused_accuracy_level=fused_accuracy_level)
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ArtifactError(f"{out_dir!r} exists and is not empty", fix="choose a new directory")

@@ -11,6 +11,8 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
     codebook_matmul(x, codes[K,N], table, off_k, off_n,       learned codebooks: Gather(table, codes + offsets)
                     outlier_index?, outlier_value?, bias?)    (+ ScatterND add of sparse values) -> MatMul
     qdq_dynamic(x, block, bits, symmetric)                    scales from x per block of the last axis, Q -> DQ
+    gather_nbits(ids, packed[N,nb,blob], scales[N,nb], k, bits, block)  rows `ids` of a matmul_nbits weight:
+                                                              Gather bytes + scales, unpack nibbles, (q - z) * s
 
 Weight layout: codes are stored [K, N] (the MatMul's B), so DequantizeLinear feeds MatMul directly (a
 Transpose in between blocks onnxruntime's fusions). ``block`` > 0: blocked along K (scale [ceil(K/block), N],
@@ -139,6 +141,17 @@ def _register() -> None:
     def _(x, block, bits, symmetric):
         return torch.empty_like(x)
 
+    @torch.library.custom_op("qpass_onnx::gather_nbits", mutates_args=())
+    def gather_nbits(ids: Tensor, packed: Tensor, scales: Tensor, k: int, bits: int, block: int) -> Tensor:
+        rows = ids.reshape(-1)
+        codes = unpack_nbits(packed[rows], k, bits).float() - 2 ** (bits - 1)          # [rows, K]
+        w = codes * scales[rows].reshape(rows.shape[0], -1).repeat_interleave(block, 1)[:, :k]
+        return w.reshape(*ids.shape, k)
+
+    @gather_nbits.register_fake
+    def _(ids, packed, scales, k, bits, block):
+        return ids.new_empty((*ids.shape, k), dtype=torch.float32)
+
 
 def codebook_weight(codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor, outlier_index: Optional[Tensor],
                     outlier_value: Optional[Tensor]) -> Tensor:
@@ -187,7 +200,7 @@ def unpack_nbits(packed: Tensor, k: int, bits: int) -> Tensor:
 
 def _registered() -> bool:
     try:
-        torch.ops.qpass_onnx.qdq_dynamic.default
+        torch.ops.qpass_onnx.gather_nbits.default
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -204,3 +217,4 @@ matmul_nbits = torch.ops.qpass_onnx.matmul_nbits.default
 qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default
 codebook_matmul = torch.ops.qpass_onnx.codebook_matmul.default
+gather_nbits = torch.ops.qpass_onnx.gather_nbits.default

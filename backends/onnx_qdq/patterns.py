@@ -59,6 +59,8 @@ class LowerOptions:
     w4a8: Literal["matmulnbits", "qdq"] = "matmulnbits"
     accuracy_level: int = 4
     int8_weights: Literal["u8", "s8"] = "u8"
+    fused_accuracy_level: int = 4     # the weight-only MatMulNBits level (lower.py's session config), also the
+                                      # attribute of an explicit MatMulNBits a tied table shares (tied_embedding)
 
     def __post_init__(self):
         if self.w4a8 not in ("matmulnbits", "qdq"):
@@ -67,6 +69,8 @@ class LowerOptions:
             raise UnsupportedOpError(f"int8_weights must be 'u8' or 's8', got {self.int8_weights!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UnsupportedOpError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
+        if self.fused_accuracy_level not in (0, 1, 2, 3, 4):
+            raise UnsupportedOpError(f"fused_accuracy_level must be 0..4, got {self.fused_accuracy_level!r}")
 
 
 # --------------------------------------------------------------------------------------------- kinds
@@ -216,7 +220,10 @@ class _Rewriter(QdqRewrites):
         kind = _input_kind(self.gm, xq)
         name = f"{site.weight.target}"
         fused = next((h for rule, h in FUSED if w is not None and rule(w, kind, self.opts)), None)
-        if fused is not None:
+        lookups = _tied_lookups(wq) if wq is not None else []
+        if lookups:
+            new, form, note = self._tied(site, w, kind, name, lookups)
+        elif fused is not None:
             new, form, note = getattr(self, fused)(site, Quantizer(xq).x, w, name)
         elif side:
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
@@ -281,6 +288,45 @@ class _Rewriter(QdqRewrites):
             note = "per-token int8 activations fuse with symmetric per-channel int8 weights only (exact, unfused)"
         return node, form, note
 
+    def _tied(self, site, w: _Weight, kind: str, name: str, lookups: list[Node]):
+        """A weight-only linear whose quantized weight embedding lookups also read (quantize's tied_embedding:
+        shared): the linear is an explicit MatMulNBits (4 or 8 bits, accuracy level: fused_accuracy_level) whose
+        uint8 bytes and scales the lookups gather (gather_nbits). No float copy of the table is left.
+        NOTE: not DequantizeLinear + MatMul: onnxruntime (1.32) does not fuse that into MatMulNBits when the codes
+        initializer has another reader, and would dequantize the whole table at every call."""
+        where = describe(self.gm, site.node)
+        if kind != "float":
+            raise UnsupportedOpError("onnx_qdq shares a tied embedding table with a weight-only linear (float input); "
+                                     "this one quantizes its input too", where=where,
+                                     fix="quantize the tied lm_head's weights only, or use tied_embedding: float")
+        if w.bits in (4, 8) and w.symmetric and (w.block in NBITS_BLOCKS or _nbits_block(w.block, w.codes.shape[0])):
+            k = w.codes.shape[0]             # a block dividing K and the group: the table is not padded
+            fit = [b for b in NBITS_BLOCKS if k % b == 0 and (w.block == 0 or w.block % b == 0)]
+            new, _, _ = self._nbits(site, site.input, w, name, level=self.opts.fused_accuracy_level,
+                                    block=max(fit, default=None))
+            block = new.args[7]
+            form, note = f"W{w.bits}A16: MatMulNBits(block {block}, accuracy_level {self.opts.fused_accuracy_level})", ""
+            table = lambda ids, e: self.call(e, ops.gather_nbits, (ids, new.args[1], new.args[2], k, w.bits, block))  # noqa: E731
+            how = "Gather of the MatMulNBits bytes and scales" + (", nibbles unpacked" if w.bits == 4 else "")
+        else:
+            raise UnsupportedOpError(f"onnx_qdq shares a tied embedding table with symmetric int8 or int4 weights in "
+                                     f"MatMulNBits blocks {NBITS_BLOCKS} (or per channel); this one is {w.bits}-bit"
+                                     f"{'' if w.symmetric else ' asymmetric'} with block {w.block}", where=where,
+                                     fix="use symmetric int8 or int4 (group 16..256) for the tied lm_head, the torch "
+                                         "backend, or tied_embedding: float")
+        first = min(lookups, key=list(self.gm.graph.nodes).index)
+        for a in new.args:                           # the initializers are read before the linear: move them up
+            if isinstance(a, Node) and a.op == "get_attr":
+                first.prepend(a)
+        for e in lookups:
+            g = table(e.args[1], e)
+            g.meta.update({k: e.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in e.meta})
+            e.replace_all_uses_with(g)
+            self.gm.graph.erase_node(e)
+        readers = ", ".join(sorted({module_path(self.gm, e) or e.name for e in lookups}))
+        text = f"tied table shared with {readers} ({how}): one integer copy, no float table"
+        return new, form, "; ".join(x for x in (note, text) if x)
+
     def _int8_dynamic(self, site, x, w: _Weight, name: str):
         codes, w_zp = (w.codes, 0) if self.opts.int8_weights == "s8" else \
             ((w.codes.to(torch.int16) + 128).to(torch.uint8), 128)
@@ -289,9 +335,9 @@ class _Rewriter(QdqRewrites):
             site.bias, w_zp))
         return node, f"W8A8 per-token: MatMulInteger ({self.opts.int8_weights} weights)", ""
 
-    def _nbits(self, site, x, w: _Weight, name: str):
+    def _nbits(self, site, x, w: _Weight, name: str, level: int | None = None, block: int | None = None):
         k, n = w.codes.shape
-        block = w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k)
+        block = block or (w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k))
         if block is None:
             return self._dq_matmul(site, x, w, name, "token8")  # no MatMulNBits block fits: exact Q/DQ form
         rows = -(-k // block)
@@ -300,12 +346,13 @@ class _Rewriter(QdqRewrites):
             scales = w.scale[idx]
         else:                                        # per channel / tensor: the same scale in every block
             scales = w.scale.reshape(1, -1).expand(rows, n) if w.scale.dim() else w.scale.expand(rows, n)
-        unsigned = (w.codes.to(torch.int16) + 2 ** (4 - 1)).to(torch.uint8).t()       # [N, K], zero point 8
-        packed = ops.pack_nbits(unsigned, block, 4)
+        bits = 8 if w.bits == 8 else 4
+        unsigned = (w.codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).t()   # [N, K], zero point 2^(b-1)
+        packed = ops.pack_nbits(unsigned, block, bits)
         node = self.call(site.node, ops.matmul_nbits, (
             x, self.buffer(site.node, f"{name}_nbits", packed),
-            self.buffer(site.node, f"{name}_scales", scales.t().contiguous()), site.bias, k, n, 4, block,
-            self.opts.accuracy_level))
+            self.buffer(site.node, f"{name}_scales", scales.t().contiguous()), site.bias, k, n, bits, block,
+            self.opts.accuracy_level if level is None else level))
         return node, f"W{w.bits}A8: MatMulNBits(block {block}, accuracy_level {self.opts.accuracy_level})", \
             "W4A8 runs int8 activations per block of K inside MatMulNBits (not per token): see docs/onnx.md"
 
@@ -316,6 +363,11 @@ FUSED = [
     (lambda w, kind, o: kind == "token8" and w.bits == 8 and w.symmetric and w.block == 0, "_int8_dynamic"),
     (lambda w, kind, o: kind == "token8" and w.bits <= 4 and w.symmetric and o.w4a8 == "matmulnbits", "_nbits"),
 ]
+
+
+def _tied_lookups(wq: Node) -> list[Node]:
+    """Embedding lookups reading weight quantizer `wq` itself (quantize's tied_embedding: shared)."""
+    return [u for u in wq.users if u.op == "call_function" and u.target is aten.embedding.default and u.args[0] is wq]
 
 
 def _nbits_block(group: int, k: int) -> int | None:

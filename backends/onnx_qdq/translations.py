@@ -12,6 +12,8 @@ docs/onnx.md:
                     values] -> MatMul: standard ops only, nothing fused (see docs/onnx.md)
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
                     ReduceMax / ReduceMin over each block)
+  gather_nbits      rows of a matmul_nbits weight (a tied embedding table): Gather of its bytes and scales,
+                    nibbles split (BitwiseAnd / BitShift), (code - zero point) * scale
 Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
 initializers after export.
 """
@@ -135,9 +137,24 @@ def codebook_matmul(x, codes, table, off_k, off_n, outlier_index=None, outlier_v
         w = op.Reshape(flat, op.Shape(codes))
     y = op.MatMul(x, w)
     return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see dq_matmul
+def gather_nbits(ids, packed, scales, k: int = 0, bits: int = 4, block: int = 128):
+    """Rows `ids` of a MatMulNBits weight (uint8 [N, blocks, block * bits / 8]; 4 bits: two codes per byte, low
+    nibble first; zero point 2^(bits-1)) with standard ops: Gather of the bytes and of the scales [N, blocks],
+    nibbles split with BitwiseAnd / BitShift, (code - zero point) * scale, the padded tail of the last block sliced
+    off."""
+    b = op.Gather(packed, ids, axis=0)                                        # [*ids, blocks, blob]
+    if bits == 4:
+        lo = op.Unsqueeze(op.BitwiseAnd(b, _const(15, np.uint8)), _const([-1], np.int64))
+        hi = op.Unsqueeze(op.BitShift(b, _const(4, np.uint8), direction="RIGHT"), _const([-1], np.int64))
+        b = op.Concat(lo, hi, axis=-1)
+    q = op.Sub(op.Cast(b, to=FLOAT), _const(float(2 ** (bits - 1)), np.float32))
+    s = op.Unsqueeze(op.Gather(scales, ids, axis=0), _const([-1, -2] if bits == 4 else [-1], np.int64))
+    w = op.Reshape(op.Mul(q, s), op.Concat(op.Shape(ids), _const([-1], np.int64), axis=0))
+    return op.Slice(w, _const([0], np.int64), _const([k], np.int64), _const([-1], np.int64))
 
 
 TABLE = {
+    ops.gather_nbits: gather_nbits,
     ops.dq_matmul: dq_matmul,
     ops.int8_dyn_matmul: int8_dyn_matmul,
     ops.matmul_nbits: matmul_nbits,

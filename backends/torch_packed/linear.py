@@ -279,9 +279,12 @@ class PackedLinear(nn.Module):
 
         Zero points are subtracted in integer arithmetic and the scale applied by one promoting multiply,
         so the result is (q - z) * s rounded once, as in ``fake_quantize``, with a single float pass."""
-        wf, n1 = self.wf, self.wf.n if n1 is None else n1
-        u = self.codes(n0, n1)
-        s, z = self._rows(self.scale, n0, n1), self._rows(self.zero, n0, n1)
+        n1 = self.wf.n if n1 is None else n1
+        return self._values(self.codes(n0, n1), self._rows(self.scale, n0, n1), self._rows(self.zero, n0, n1))
+
+    def _values(self, u: Tensor, s: Tensor, z: Tensor | None) -> Tensor:
+        """float32 values [rows, kp] of storage codes `u` [rows, kp] with their rows' scales and zero points."""
+        wf = self.wf
         f = Q.parse_format(wf.fmt)
         if f.kind == "int":
             if wf.bits < 8 and wf.symmetric:
@@ -300,7 +303,40 @@ class PackedLinear(nn.Module):
             z = z.unsqueeze(-1) if z is not None else None
         if z is not None:
             q = q - z.to(torch.int16)
-        return torch.mul(q, s).view(n1 - n0, wf.kp)
+        return torch.mul(q, s).view(u.shape[0], wf.kp)
+
+    def row_codes(self, rows: Tensor) -> Tensor:
+        """Storage codes of the rows `rows` (1-D int64, any order, repeats allowed) as [len(rows), kp], reading
+        only those rows' bytes (int4pack: their blocks of rows)."""
+        wf, qw = self.wf, self.qweight
+        if wf.layout == "q4":                    # row r: block r // 4 of R rows; chunk c at ((c * R + r % 4) * 8)
+            blk = rows // P.Q4_BLOCK
+            r_in = (wf.n - blk * P.Q4_BLOCK).clamp(max=P.Q4_BLOCK)
+            c = torch.arange(wf.k16 // 16, device=rows.device)
+            start = blk * P.Q4_BLOCK * (wf.k16 // 2) + (rows % P.Q4_BLOCK) * 8
+            idx = (start[:, None] + c[None, :] * (r_in[:, None] * 8))[..., None] + torch.arange(8, device=rows.device)
+            b = qw.reshape(-1)[idx.reshape(-1)].view(-1, wf.k16 // 16, 8)
+            u = torch.stack([b & 15, b >> 4], 2).reshape(-1, wf.k16)
+            return u[:, :wf.kp] if wf.k16 > wf.kp else u
+        if wf.layout == "int4pack":              # blocks of rows of the CPU layout, each unpacked once
+            block = P.int4pack_rows()
+            blocks, where = torch.unique(rows // block, return_inverse=True)
+            parts = [self.codes(int(b) * block, min(wf.n, (int(b) + 1) * block)) for b in blocks.tolist()]
+            starts = torch.tensor([0] + [len(p) for p in parts[:-1]], device=rows.device).cumsum(0)
+            return torch.cat(parts)[starts[where] + rows % block]
+        if wf.layout == "dense":
+            return P.unpack_dense(qw[rows], wf.bits, wf.kp)
+        if wf.layout == "bitplanes":
+            return P.unpack_bitplanes(qw[:, rows], wf.bits, wf.kp)
+        return qw[rows]
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """The dequantized weight rows `ids` (any shape), as float32 [*ids.shape, k]: ``embedding(fake-quantized
+        W, ids)`` for a table tied to this linear, reading and dequantizing only the rows asked for."""
+        wf, rows = self.wf, ids.reshape(-1).long()
+        at = lambda t: t if t is None or wf.bn == -1 else t[rows // wf.bn] if wf.bn > 1 else t[rows]  # noqa: E731
+        v = self._values(self.row_codes(rows), at(self.scale), at(self.zero))
+        return (v[:, :wf.k] if wf.kp > wf.k else v).reshape(*ids.shape, wf.k)
 
     def _table(self) -> Tensor:
         vals = Q.FP4_E2M1_VALUES + tuple(-x for x in Q.FP4_E2M1_VALUES) if self.wf.fmt == "fp4_e2m1" else Q.NF4_VALUES

@@ -46,6 +46,7 @@ from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, quantizers
 
 from .codebook import CodebookLinear
+from .embedding import PackedEmbedding
 from .ext import ExtLinear
 from .experts import lower_expert_weights
 from .kv import PackedKVCache
@@ -228,7 +229,7 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
     for q in quantizers(gm):
         if q.node in handled:
             check_supported(gm, q.node)
-    mods, taken, dropped = {}, set(), set()
+    mods, taken, dropped, tables = {}, set(), set(), set()
     for m in patterns:
         name, replace_container = _placement(gm, m, taken)
         taken.add(name)
@@ -243,6 +244,7 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
             mod = build_linear(gm, m, name, empty=empty)
         if isinstance(mod, PackedLinear):   # an ExtLinear has no kernels to plan: in the graph only
             mods[name] = mod
+        tables |= _tied_lookups(gm, m, name, mod)
         dropped |= _rewrite(gm, m, name, mod, replace_container)
     used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     for target in sorted(dropped - used):    # float weights, weight scales: nothing reads them any more
@@ -252,9 +254,39 @@ def lower_linears(gm: GraphModule, *, shared: dict[str, PackedLinear] | None = N
             continue
         if not isinstance(parent, (PackedLinear, ExtLinear)):  # else it lived in the container the module replaced
             _delete_attr(gm, target)
+    for ptr in tables:                       # a shared tied table: its float tensor, under every name, goes
+        _drop_aliases(gm, ptr)
     gm.graph.lint()
     gm.recompile()
     return mods
+
+
+def _tied_lookups(gm: GraphModule, m: QuantLinear, name: str, mod) -> set[int]:
+    """Embedding lookups reading this linear's weight quantizer (quantize's ``tied_embedding: shared``) ->
+    ``call_module PackedEmbedding(ids)`` on `mod`'s codes. Returns the storage of the float table (dropped
+    afterwards: nothing reads it any more), or nothing when no lookup reads the quantizer."""
+    lookups = [u for u in m.weight_fq.users if u.op == "call_function" and u.target is aten.embedding.default
+               and u.args[0] is m.weight_fq]
+    if not lookups:
+        return set()
+    if not isinstance(mod, PackedLinear) or m.pre_fq or m.fq_in_axis != 1:
+        raise UnsupportedOpError(f"torch_packed gathers tied embedding rows from a packed int/fp8/fp4/nf4 weight read "
+                                 f"as [vocab, hidden]; {name} is {type(mod).__name__} (quantizer on the weight "
+                                 f"{'transposed' if m.fq_in_axis != 1 else 'as stored'})", describe(gm, lookups[0]),
+                                 fix="quantize this linear without side channels or a learned table, or use "
+                                     "tied_embedding: float")
+    for i, e in enumerate(lookups):   # NOTE: padding_idx, scale_grad_by_freq and sparse change gradients only
+        target = f"qpass_packed_embedding.{(m.site.path or m.site.node.name).replace('.', '_')}" + (f"_{i}" if i else "")
+        val = e.meta.get("val")
+        gm.add_submodule(target, PackedEmbedding(mod, name, val.dtype if isinstance(val, torch.Tensor) else torch.float32))
+        with gm.graph.inserting_before(e):
+            new = gm.graph.call_module(target, (e.args[1],))
+        new.meta.update({k: e.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in e.meta})
+        new.meta[META_ORIGIN] = ORIGIN
+        e.replace_all_uses_with(new)
+        gm.graph.erase_node(e)
+    ptr = _attr(gm, m.site.weight.target).untyped_storage().data_ptr()
+    return {ptr} if ptr else set()                    # 0: a meta tensor, which stores nothing anyway
 
 
 def _rewrite(gm: GraphModule, m: QuantLinear, name: str, mod: PackedLinear, replace_container: bool) -> set[str]:
@@ -334,6 +366,7 @@ def _drop_aliases(gm: GraphModule, ptr: int) -> None:
             gm.graph.erase_node(n)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     names = [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_parameters(remove_duplicate=False)]      # a tied table (tied_embedding: shared)
     names += [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     for mod_name, mod in gm.named_modules():
         names += [f"{mod_name}.{k}" if mod_name else k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]

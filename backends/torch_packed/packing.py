@@ -131,6 +131,11 @@ def from_int4pack(packed: Tensor, n: int, k: int) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
+def int4pack_rows() -> int:
+    """Rows per block of this CPU's int4pack layout (a slice of whole blocks unpacks on its own)."""
+    return _int4pack_block()[0]
+
+
 @functools.lru_cache(maxsize=None)
 def int4pack_supported() -> bool:
     """True when the int4pack kernels run here and :func:`from_int4pack` inverts the layout exactly."""
