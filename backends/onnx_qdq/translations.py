@@ -137,6 +137,8 @@ def codebook_matmul(x, codes, table, off_k, off_n, outlier_index=None, outlier_v
         w = op.Reshape(flat, op.Shape(codes))
     y = op.MatMul(x, w)
     return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see dq_matmul
+
+
 def gather_nbits(ids, packed, scales, k: int = 0, bits: int = 4, block: int = 128):
     """Rows `ids` of a MatMulNBits weight (uint8 [N, blocks, block * bits / 8]; 4 bits: two codes per byte, low
     nibble first; zero point 2^(bits-1)) with standard ops: Gather of the bytes and of the scales [N, blocks],
