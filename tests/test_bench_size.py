@@ -59,3 +59,18 @@ def test_bench_py_keeps_the_section_when_it_rewrites_the_file(tmp_path):
     assert lines[2:6] == ["<!-- BEGIN bench-size -->", "| a | b |", "kept", "<!-- END bench-size -->"]
     fresh = bench.real_size_section(str(tmp_path / "none.md"))
     assert "tools/bench_size.py --out" in fresh[3] and fresh[4] == "<!-- END bench-size -->"
+
+
+def test_bench_py_keeps_every_other_tools_section(tmp_path):
+    spec = importlib.util.spec_from_file_location("qpass_tool_bench", ROOT / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "b.md"
+    doc.write_text("x\n<!-- BEGIN bench-qlora -->\nq rows\n<!-- END bench-qlora -->\n"
+                   "<!-- BEGIN kernel-accuracy -->\nk rows\n<!-- END kernel-accuracy -->\n")
+    names = [k[0] for k in bench.KEPT_SECTIONS]
+    assert names == ["bench-size", "kernel-accuracy", "bench-qlora"]
+    got = {k[0]: bench.kept_section(str(doc), *k) for k in bench.KEPT_SECTIONS}
+    assert got["bench-qlora"][3] == "q rows" and got["kernel-accuracy"][3] == "k rows"
+    assert "tools/bench_size.py" in got["bench-size"][3]            # absent: says how to make it
+

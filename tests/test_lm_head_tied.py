@@ -145,6 +145,10 @@ def test_torch_packed_gathers_rows_of_the_packed_codes(tied, head, tmp_path):
         pm.save(tmp_path / "p")
         torch.testing.assert_close(tp.load(tmp_path / "p")(ids).logits, ref, atol=1e-4, rtol=1e-4)
         assert torch.equal(pm.generate(ids[:1, :4], 5), _greedy(qm, ids[:1, :4], 5))   # the decode graph too
+    dg = next(iter(pm._decoders.values()))
+    calls = [n for n in dg.graph.nodes if n.op == "call_method" and n.target == "forward"
+             and isinstance(getattr(dg, n.args[0].target), PackedEmbedding)]
+    assert len(calls) == 1 and dg.meta["qpass_runtime"]["direct_calls"] >= 1     # freeze calls it directly too
     if head == "int8":
         return                   # the float mode's bytes: once per family (int4 below)
     float_pm = qpass.lower(qpass.apply(toy.hf_model(tied), recipe(head, "float"), progress=False), "torch",

@@ -316,6 +316,50 @@ def test_native_q4_kernel_equals_the_dequant_kernel(q4lib, case):
             assert rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads, rel(out, ref))
 
 
+def int8_blocks(x: torch.Tensor, k16: int, xb: int) -> torch.Tensor:
+    """q4_linear_a8's input rounding in torch: x zero-padded to k16 columns, per token and block of xb columns
+    s = max|x| / 127, x^ = s * rint(x / s) (0 where s = 0); returns x^ [M, k16]."""
+    xp = torch.nn.functional.pad(x, (0, k16 - x.shape[-1])).reshape(x.shape[0], k16 // xb, xb)
+    s = xp.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(xp / torch.where(s > 0, s, 1)), 0)
+    assert q.abs().max() <= 127
+    return (q * s).reshape(x.shape[0], k16)
+
+
+@pytest.mark.parametrize("case", Q4_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{'sym' if c[3] else 'asym'}"
+                         f"{'-full' if c[4] else ''}")
+def test_native_q4a8_kernel_is_the_q4_product_on_int8_rounded_inputs(q4lib, case):
+    n, k, block, symmetric, full_range = case
+    mod, wfq, b = int4_linear(n, k, block, symmetric=symmetric, full_range=full_range)
+    assert "q4a8" in tp.kernels.candidates(mod) and "q4a8" not in tp.kernels.candidates(mod, "exact")
+    wf = mod.wf
+    xb = 16 if wf.q4_group % 32 else 32
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 2, 3, 4, 5, 9):                        # 4 input rows per pass, then the rest
+        x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g).pow(4) * 10   # blocks of unequal range
+        x[0, : min(k, 40)] = 0                          # an all-zero block: s = 0
+        xh = int8_blocks(x, wf.k16, xb)[:, :k]
+        ref = torch.nn.functional.linear(xh, wfq, b)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "q4a8")
+            out = mod(x)
+            assert rel(out, ref) <= 1e-5, (m, threads, rel(out, ref))
+        exact = torch.nn.functional.linear(x, wfq, b)
+        assert 0 < rel(out, exact) <= 2e-2             # the rounding is the only difference, and small
+        xp = torch.nn.functional.pad(x, (0, wf.k16 - k)).contiguous()
+        sc = mod.q4_scale if mod.q4_scale is not None else mod.scale
+        zp = mod.q4_zero if mod.q4_zero is not None else mod.zero
+        for isa in range(3):                            # every instruction set this CPU runs: the same sums
+            if not (q4lib.a8_isas >> isa) & 1:
+                continue
+            o = torch.empty(m, n)
+            assert q4lib.a8_isa(isa, xp.data_ptr(), m, wf.k16, mod.qweight.data_ptr(), n, sc.data_ptr(),
+                                zp.data_ptr() if zp is not None else None, wf.q4_group,
+                                b.data_ptr(), o.data_ptr(), 1) == 0
+            assert rel(o, ref) <= 1e-5, (isa, m)
+
+
 def test_native_q4_kernel_takes_any_input_layout_and_dtype(q4lib):
     mod, wfq, b = int4_linear(20, 64, (1, 32))
     force(mod, "q4avx2")

@@ -74,6 +74,12 @@ class Ctx:
         self.linear_threads = [int(t) for t in args.linear_threads.split(",")] if args.linear_threads else \
             [torch.get_num_threads()] if args.quick else sorted({1, cores})
         self.notes: list[str] = []
+        self.cpu_clock = bool(getattr(args, "cpu_clock", False))
+
+    def clock(self, threads: int):
+        """The clock of one measurement: the calling thread's CPU time with --cpu-clock where one thread runs
+        the work (other jobs on the machine then do not count), else wall time."""
+        return time.thread_time if self.cpu_clock and threads == 1 else time.perf_counter
 
 
 def ratio(a: float | None, b: float | None) -> str:
@@ -98,7 +104,8 @@ def machine(ctx: Ctx) -> dict:
 def bandwidth(ctx: Ctx) -> str:
     n = ctx.cfg["copy_mb"] * (1 << 20) // 4
     src, dst = torch.randn(n), torch.empty(n)
-    res = tp.measure({"copy": lambda: dst.copy_(src), "read": lambda: src.sum()}, repeats=ctx.repeats, prune=None)
+    res = tp.measure({"copy": lambda: dst.copy_(src), "read": lambda: src.sum()}, repeats=ctx.repeats, prune=None,
+                     clock=ctx.clock(torch.get_num_threads()))
     nbytes = 4 * n
     ctx.copy_gbs = 2 * nbytes / res["copy"][0] / 1e9           # read + write
     ctx.read_gbs = nbytes / res["read"][0] / 1e9
@@ -166,6 +173,9 @@ def _linears(ctx: Ctx, threads: int) -> list[dict]:
     ctx.notes_linear = (f"Each variant cycles through copies of its weight totalling at least {working_set >> 20} MB "
                         f"(4x the {l3_bytes() >> 20} MB L3), as consecutive layers do in a model, so no variant "
                         "runs from cache." if working_set else "--quick: one copy of each weight (runs from cache).")
+    if ctx.cpu_clock:
+        ctx.notes_linear += (" One-thread rows (and the bandwidth table) are timed by the thread's CPU time "
+                             "(--cpu-clock: the machine was shared, and wall time would count the other jobs' turns).")
     for k, n in ctx.cfg["shapes"]:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
         mods = packed_linears(w)
@@ -184,7 +194,7 @@ def _linears(ctx: Ctx, threads: int) -> list[dict]:
             fns = {name: ((lambda f=f: f(x)), b, lab, low) for name, (f, b, lab, low) in fns.items()}
             with torch.no_grad():
                 res = tp.measure({name: f for name, (f, _, _, _) in fns.items()}, repeats=ctx.repeats,
-                                 keep=("fp32",))
+                                 keep=("fp32",), clock=ctx.clock(threads))
             best = {}
             for name, (_, _, label, lowered) in fns.items():
                 if label and lowered and (label not in best or res[name][0] < res[best[label]][0]):
@@ -227,19 +237,19 @@ class EagerStep:
         return out.logits
 
 
-def run_steps(step, prompt: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
-    """(prefill seconds, decode seconds for `new` greedy steps, generated sequence)."""
+def run_steps(step, prompt: torch.Tensor, new: int, clock=time.perf_counter) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds for `new` greedy steps, generated sequence), by `clock`."""
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = clock()
         logits = step(prompt, torch.arange(prompt.shape[1]))
-        t1 = time.perf_counter()
+        t1 = clock()
         seq = [prompt]
         tok = logits[:, -1:].argmax(-1)
         for i in range(new):
             seq.append(tok)
             logits = step(tok, torch.tensor([prompt.shape[1] + i]))
             tok = logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
+        t2 = clock()
     return t1 - t0, t2 - t1, torch.cat(seq, 1)
 
 
@@ -407,14 +417,24 @@ def notes(ctx: Ctx, lin: list[dict], mod: list[dict]) -> list[str]:
 
 
 SIZE_SECTION = "bench-size"     # written by tools/bench_size.py; kept as it is when this script rewrites the file
+# Sections other tools write into the same file (name, heading, the command that writes it): this script keeps what
+# the previous file held between their marker lines when it rewrites the file.
+KEPT_SECTIONS = (
+    (SIZE_SECTION, "Decode at real size: a 0.5 B synthetic Llama (tools/bench_size.py)",
+     "python tools/bench_size.py --out docs/benchmarks.md"),
+    ("kernel-accuracy", "Approximate kernels: what they cost in perplexity (tools/kernel_accuracy.py)",
+     "python tools/kernel_accuracy.py"),
+    ("bench-qlora", "Training memory of the QAT family at size (tools/bench_qlora.py)",
+     "python tools/bench_qlora.py --out docs/benchmarks.md"),
+)
 
 
-def real_size_section(out: str) -> list[str]:
-    """The heading and marker lines of tools/bench_size.py's section, with what the previous file held there."""
+def kept_section(out: str, name: str, heading: str, command: str) -> list[str]:
+    """The heading and marker lines of another tool's section, with what the previous file held there."""
     from qpass.tables import markers
 
-    begin, end = markers(SIZE_SECTION)
-    body = ["Not measured yet: run `python tools/bench_size.py --out docs/benchmarks.md`."]
+    begin, end = markers(name)
+    body = [f"Not measured yet: run `{command}`."]
     try:
         with open(out, encoding="utf-8") as f:
             old = f.read().split("\n")
@@ -423,7 +443,12 @@ def real_size_section(out: str) -> list[str]:
             body = old[i + 1: j]
     except (OSError, ValueError):
         pass
-    return ["## Decode at real size: a 0.5 B synthetic Llama (tools/bench_size.py)", "", begin, *body, end, ""]
+    return [f"## {heading}", "", begin, *body, end, ""]
+
+
+def real_size_section(out: str) -> list[str]:
+    """tools/bench_size.py's section (:func:`kept_section`)."""
+    return kept_section(out, *KEPT_SECTIONS[0])
 
 
 def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elapsed: float, notes_: list[str]) -> str:
@@ -448,8 +473,12 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
     lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
               "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "
-              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen), so greedy tokens "
-              "can differ from the fake-quant model only at near-ties of its logits.", ""]
+              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen); `q4a8` rounds the "
+              "input to int8 in blocks of 32 columns (≤ 1/254 of each block's largest input) and is otherwise exact, so "
+              "greedy tokens can differ from the fake-quant model only at near-ties of its logits. Their cost in "
+              "perplexity on the bundled models is the next section's table.", ""]
+    for kept in KEPT_SECTIONS[1:]:
+        lines += kept_section(ctx.args.out, *kept)
     return "\n".join(lines)
 
 
@@ -462,6 +491,8 @@ def main(argv=None) -> int:
                     "(default: 1 and all cores)")
     ap.add_argument("--model", default=BUNDLED)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--cpu-clock", action="store_true", help="time one-thread measurements (bandwidth, linears "
+                    "at 1 thread) by the thread's CPU time, not wall time: on a machine shared with other jobs")
     ap.add_argument("--onnx", action="store_true", help="add onnxruntime rows (tools/bench_onnx.py)")
     ap.add_argument("--recipes", help="comma-separated presets (recipes/) of the model section, e.g. "
                     "w4a8_kv4.yaml,rotate_w4a8_kv4.yaml (default: the full list)")

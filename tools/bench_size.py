@@ -75,7 +75,7 @@ def synthetic_llama(size: str, seed: int = 0):
     return model
 
 
-def read_bandwidth(mb: int, repeats: int) -> float:
+def read_bandwidth(mb: int, repeats: int, clock=time.perf_counter) -> float:
     """Memory-read bandwidth (GB/s) of this process at the current thread count: sum of an `mb` MB tensor."""
     import torch
 
@@ -83,9 +83,9 @@ def read_bandwidth(mb: int, repeats: int) -> float:
     x.sum()
     times = []
     for _ in range(max(5, repeats)):
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -231,7 +231,8 @@ def build_onnx_rows(model, want: list[str], work: str, threads: int, say) -> dic
     return rows
 
 
-def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: int, say) -> None:
+def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: int, say, clock=time.perf_counter
+            ) -> None:
     import torch
 
     from bench import run_steps
@@ -239,7 +240,7 @@ def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: in
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
     for r in range(repeats + 1):                         # round 0: warm-up
         for row in rows.values():
-            tpre, tdec, _ = run_steps(row.step, ids, new)
+            tpre, tdec, _ = run_steps(row.step, ids, new, clock)
             if r:
                 row.prefill.append(tpre)
                 row.decode.append(tdec)
@@ -308,6 +309,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     ap.add_argument("--out", default=None, help="Markdown file with a bench-size section to write the table into")
     ap.add_argument("--work", default=None, help="cache of the ONNX models (default .cache/bench-size/SIZE)")
+    ap.add_argument("--cpu-clock", action="store_true", help="time by this thread's CPU time instead of wall time "
+                    "(with --threads 1 only: every row then runs on the calling thread; on a machine shared with other "
+                    "jobs, whose turns wall time would count)")
     ap.add_argument("--bandwidth-mb", type=int, default=None, help="buffer of the read-bandwidth measurement "
                     "(default 512; 32 with --size small)")
     args = ap.parse_args(argv)
@@ -324,6 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             want = [r for r in want if not r.startswith("ort_")]
     if args.threads < 1 or args.repeats < 1 or args.prompt < 1 or args.new_tokens < 1:
         ap.error("--threads, --repeats, --prompt and --new-tokens must be >= 1")
+    if args.cpu_clock and args.threads != 1:
+        ap.error("--cpu-clock times the calling thread only: use it with --threads 1")
     args.want = want
     args.bandwidth_mb = args.bandwidth_mb or (32 if args.size == "small" else 512)
     return args
@@ -348,10 +354,11 @@ def main(argv=None) -> int:
     rows.update(build_onnx_rows(model, args.want, args.work or os.path.join(ROOT, ".cache", "bench-size", args.size),
                                 args.threads, say))
     rows = {k: rows[k] for k in ROWS if k in rows}
-    read_gbs = read_bandwidth(args.bandwidth_mb, args.repeats)
+    clock = time.thread_time if args.cpu_clock else time.perf_counter
+    read_gbs = read_bandwidth(args.bandwidth_mb, args.repeats, clock)
     say(f"memory read bandwidth {read_gbs:.2f} GB/s; measuring")
-    measure(rows, model.config.vocab_size, args.prompt, args.new_tokens, args.repeats, say)
-    read_gbs2 = read_bandwidth(args.bandwidth_mb, args.repeats)
+    measure(rows, model.config.vocab_size, args.prompt, args.new_tokens, args.repeats, say, clock)
+    read_gbs2 = read_bandwidth(args.bandwidth_mb, args.repeats, clock)
     read = max(read_gbs, read_gbs2)
     load1 = os.getloadavg()
     info = tp.machine()
@@ -369,7 +376,9 @@ def main(argv=None) -> int:
         f"{c.intermediate_size}, {c.num_hidden_layers} layers, {c.num_attention_heads}/{c.num_key_value_heads} heads, "
         f"vocab {c.vocab_size}, lm_head untied, random weights, seed 0); batch 1, prompt {args.prompt}, "
         f"{args.new_tokens} greedy decode steps; {args.threads} thread(s); medians of {args.repeats} rounds after "
-        f"a warm-up, the rows interleaved in each round.", "",
+        f"a warm-up, the rows interleaved in each round"
+        + ("; timed by the calling thread's CPU time (--cpu-clock), not wall time: every row runs on that one thread, "
+           "and the turns of other jobs on the shared machine do not count" if args.cpu_clock else "") + ".", "",
         f"Machine: {info['cpu']}, {os.cpu_count()} cores, torch {torch.__version__} ({info['isa']}){onnx_note}, "
         f"Python {platform.python_version()}; native kernels: {tp.native.status()}. Load average "
         f"{load0[0]:.1f} at start, {load1[0]:.1f} at end on {os.cpu_count()} cores"

@@ -11,6 +11,13 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
                      with torch's thread count). fp32 activations and accumulation: exact up to summation
                      order. Only where the library builds on this machine.
+    q4a8             the q4 layout on the same C library's ``q4_linear_a8``: the input (after the recipe's
+                     own input quantizer, if any) is rounded to int8 per token in blocks of 32 columns (16
+                     where groups are 16 wide), x^ = s * rint(x / s), s = max|block| / 127, and the codes are
+                     multiplied as integers (vpmaddubsw): fewer vector ops per weight byte, so decode runs
+                     nearer the memory bandwidth. Exact on x^ up to summation order; x^ itself is the
+                     approximation (relative error <= 1/254 of each block's largest input), the same trade as
+                     llama.cpp's Q8 activations and onnxruntime's MatMulNBits accuracy level 4.
     int4pack         int4 weights (groups 32..256 or per channel, N % 16 == 0) in the CPU int4pack layout:
                      ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations, bf16 scales and zeros and a
                      bf16 result (the vectorized CPU paths exist for bf16 only).
@@ -124,11 +131,13 @@ def _bind_dequant(mod):
     return run
 
 
-def _bind_q4avx2(mod):
+def _bind_q4avx2(mod, *, a8: bool = False):
     """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
-    [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds)."""
+    [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds).
+    a8: ``q4_linear_a8`` (the input rounded to int8 in blocks of 32 columns inside the kernel) instead."""
     wf, fq = mod.wf, _fake_quant(mod)
-    k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, native.q4().linear
+    lib = native.q4()
+    k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, lib.linear_a8 if a8 else lib.linear
     scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
     zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
     tensors = (mod.qweight, scale, zero, mod.bias)              # kept alive with the pointers below
@@ -147,7 +156,8 @@ def _bind_q4avx2(mod):
         out = torch.empty(*x.shape[:-1], n)
         m = x.numel() // k16
         if call(x.data_ptr(), m, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
-            raise RuntimeError(f"q4avx2 failed for a {m}x{k} input and {n}x{k} weights (bad shape or out of memory)")
+            raise RuntimeError(f"{'q4a8' if a8 else 'q4avx2'} failed for a {m}x{k} input and {n}x{k} weights (bad "
+                               "shape or out of memory)")
         return out
     run.tensors = tensors
     return run
@@ -286,6 +296,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
     Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
+    Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(),
+           lambda m: _bind_q4avx2(m, a8=True), "own AVX2 int4 kernel with int8 input blocks (csrc/q4avx2.c)"),
     Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
     Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m) and _int8pack_k(m), _bind_int8pack,
@@ -307,9 +319,10 @@ def candidates(mod, policy: str = "auto") -> list[str]:
 
 
 def measure(fns: Mapping[str, Callable[[], object]], *, repeats: int = 5, target_s: float = 0.004,
-            prune: float | None = 4.0, prune_above_s: float = 0.01, keep: tuple[str, ...] = ()
-            ) -> dict[str, tuple[float, bool]]:
-    """Median seconds per call of each function.
+            prune: float | None = 4.0, prune_above_s: float = 0.01, keep: tuple[str, ...] = (),
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, bool]]:
+    """Median seconds per call of each function (by `clock`: wall time; benchmarks of one thread on a shared
+    machine may pass ``time.thread_time``, the CPU time of the calling thread, which other jobs do not inflate).
 
     Each function gets a warm-up call and a probe (the fastest of 3 calls, robust to load spikes); then
     `repeats` rounds in which every function runs in turn (interleaved, so load changes hit all alike),
@@ -325,9 +338,9 @@ def measure(fns: Mapping[str, Callable[[], object]], *, repeats: int = 5, target
             continue
         times = []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
             if times[-1] > prune_above_s:       # slow: one probe is enough
                 break
         probe[name] = min(times)
@@ -338,10 +351,10 @@ def measure(fns: Mapping[str, Callable[[], object]], *, repeats: int = 5, target
     for _ in range(repeats):
         for n in live:
             fn, k = fns[n], calls[n]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(k):
                 fn()
-            samples[n].append((time.perf_counter() - t0) / k)
+            samples[n].append((clock() - t0) / k)
     for name, e in failed.items():
         log.info("kernel %s failed while measuring, not a candidate: %s", name, e)
     return {n: (statistics.median(samples[n]), False) if n in samples else (probe.get(n, math.inf), True)

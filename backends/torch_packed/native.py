@@ -2,6 +2,8 @@
 
     csrc/q4avx2.c     int4 x fp32 linear layer (AVX2 + FMA, OpenMP over output rows) on the ``q4`` layout
                       (packing.py); exact up to fp32 summation order. See the file's header for the math.
+                      Also ``q4_linear_a8``: the same layer with the input rounded to int8 in blocks of 32
+                      columns first (vpmaddubsw on the codes; the approximate, bandwidth-bound decode path).
                       Also ``i8_linear``: int8 x int8 -> int32 W8A8 linear (exact integer sums, then the fp32
                       scales), on the module's int8 [N, K] weights; see its comment in the same file.
                       And three small fp32 ops of the decode step, each one call in place of several torch ops
@@ -73,7 +75,8 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 
 
 class Q4Library:
-    """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``path`` forces a code path,
+    """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
+    variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path,
     ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store`` and
     ``kv_load`` the others."""
 
@@ -86,6 +89,12 @@ class Q4Library:
         self.linear = lib.q4_linear
         self.linear.restype, self.linear.argtypes = ctypes.c_int, _ARGS
         self.path = lib.q4_linear_path
+        self.linear_a8 = lib.q4_linear_a8
+        self.linear_a8.restype, self.linear_a8.argtypes = ctypes.c_int, _ARGS
+        self.a8_isa = lib.q4_linear_a8_isa                   # tests: force AVX2 (0), AVX-VNNI (1), AVX512-VNNI (2)
+        self.a8_isa.restype, self.a8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
+        lib.q4_a8_isas.restype = ctypes.c_int
+        self.a8_isas = lib.q4_a8_isas()                      # bit i: isa i runs here
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS

@@ -46,6 +46,7 @@ from qpass.patterns import SDPA as _SDPA
 
 from . import native
 from .kv import PackedKVCache
+from .embedding import PackedEmbedding
 from .linear import PackedLinear
 
 aten = torch.ops.aten
@@ -333,7 +334,7 @@ def freeze(gm: GraphModule, *, direct_ops: bool = False) -> dict[str, int]:
             stats["flat_attributes"] += 1
         elif n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            if isinstance(mod, (PackedLinear, PackedKVCache)):
+            if isinstance(mod, (PackedLinear, PackedKVCache, PackedEmbedding)):
                 with gm.graph.inserting_before(n):
                     holder = gm.graph.get_attr(alias(mod))
                     call = gm.graph.call_method("forward", (holder, *n.args), dict(n.kwargs))

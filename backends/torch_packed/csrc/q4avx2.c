@@ -28,6 +28,7 @@
  * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end),
  * and the store / load of a low-bit K/V cache (kv_store, kv_load; the comment before them, at the end).
  */
+#include <cpuid.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -51,6 +52,13 @@ INLINE float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+INLINE int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
 }
 
 INLINE __m256i load_codes(const uint8_t *p) { /* 8 bytes -> 8 int32 lanes */
@@ -296,6 +304,285 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
                 : direct_all(x, m, k16, w, n, s, z, group, bias, out, threads);
 }
 
+/* ------------------------------------------------------------------------- int8-activation direct path
+ *
+ * q4_linear_a8: the same product with the input rounded to int8 first, in blocks of XB columns of a token
+ * (XB = 32, or 16 where the weight groups are 16 columns or k16 is not a multiple of 32):
+ *
+ *     sx = max|x_b| / 127,  xq = rint(x / sx) (0 where sx = 0),  x^ = sx * xq,
+ *     out[m, n] = bias[n] + sum_g s[n, g] * (sum_{k in g} x^_k u[n, k] - z[n, g] sum_{k in g} x^_k)
+ *
+ * i.e. exactly q4_linear on x^ up to fp32 summation order (the approximation is x -> x^ alone; tests compare
+ * against dequantize + fp32 matmul on x^, computed in torch with the same IEEE division and round-half-even).
+ * Why: the exact path spends ~7 vector ops per 8 code bytes on widening, converting and multiplying (it runs
+ * at about 40% of DRAM read bandwidth for one thread); here 32 code bytes (16 codes of 4 rows: one load) take
+ * an and, a shift, an and and two vpmaddubsw (u8 code x s8 input: |sum| <= 2 * 15 * 128, no saturation, and
+ * two chunks still fit int16), the int32 widening, conversion and one FMA coming once per XB-column block.
+ * The input's 8-byte halves are broadcast to the 4 rows of a block straight from memory (vpbroadcastq).
+ * The same trade llama.cpp (Q8 activations) and onnxruntime's MatMulNBits at accuracy level 4 make; kernels.py
+ * registers it as an approximate kernel (exact=False), chosen by measurement like the bf16 ones.
+ */
+#define A8_MAXM 4
+#ifndef A8_PREFETCH
+#define A8_PREFETCH 8192      /* bytes ahead, one prefetch per 64-byte line (measured: 1 KB ahead, as the
+                                  exact path, reaches ~65% of the read bandwidth, 8 KB ~80%) */
+#endif
+
+INLINE float hmax_abs(const float *x, int64_t n) {     /* n: a multiple of 8 */
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x [m, k16] -> xq int8 [m, k16], sx [m, k16 / xb], xs [m, groups] (sum of x^ over each weight group) */
+static void a8_quantize(const float *x, int64_t m, int64_t k16, int64_t xb, int64_t group, int8_t *xq, float *sx,
+                        float *xs) {
+    const int64_t nb = k16 / xb, groups = k16 / group, per = group / xb;
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t g = 0; g < groups; g++) xs[i * groups + g] = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xp = x + i * k16 + b * xb;
+            int8_t *qp = xq + i * k16 + b * xb;
+            const float a = hmax_abs(xp, xb), s = a / 127.f;
+            int32_t isum = 0;
+            if (s > 0.f) {
+                const __m256 sv = _mm256_set1_ps(s);
+                for (int64_t j = 0; j < xb; j += 8) {
+                    const __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xp + j), sv));
+                    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                    _mm_storel_epi64((__m128i *)(qp + j), _mm_packs_epi16(w16, w16));
+                    isum += hsum_i32(q);
+                }
+            } else {
+                memset(qp, 0, (size_t)xb);
+            }
+            sx[i * nb + b] = s;
+            xs[i * groups + b / per] += s * (float)isum;
+        }
+    }
+}
+
+INLINE __m256i bcast8(const int8_t *p) {
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm256_set1_epi64x(v);
+}
+
+/* RB = 4 output rows (one layout block: chunk c at w + c * 32) x MB input rows; DOT(lo, hi, xp, CB) gives the
+ * 8 int32 lanes (lanes 2r, 2r + 1: row r) of one XB-column block. Defined once per instruction set (below). */
+#define A8_DIRECT(NAME, ATTR, DOT)                                                                              \
+ATTR INLINE void NAME(const int MB, const int CB, const int8_t *xq, int64_t k16, const float *sx, int64_t nb,   \
+                      const float *xs, const uint8_t *w, const float *s, const uint8_t *z, int64_t groups,       \
+                      int64_t gblocks, const float *bias, float *out, int64_t ldo) {                            \
+    const __m256i m4 = _mm256_set1_epi8(15);                                                                    \
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);                                              \
+    __m256 acc[A8_MAXM];                                                                                        \
+    for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();                                                  \
+    for (int64_t g = 0; g < groups; g++) {                                                                      \
+        const __m256 sw = _mm256_permutevar8x32_ps(                                                             \
+            _mm256_castps128_ps256(_mm_setr_ps(s[g], s[groups + g], s[2 * groups + g], s[3 * groups + g])), dup); \
+        for (int64_t bb = 0; bb < gblocks; bb++) {                                                              \
+            const int64_t b = g * gblocks + bb, c0 = b * CB;                                                    \
+            __m256i lo[2], hi[2];                                                                               \
+            for (int cc = 0; cc < CB; cc++) {                                                                   \
+                const uint8_t *wc = w + (c0 + cc) * 32;                                                         \
+                if (!((c0 + cc) & 1)) _mm_prefetch((const char *)(wc + A8_PREFETCH), _MM_HINT_T0);              \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)wc);                                      \
+                lo[cc] = _mm256_and_si256(v, m4);                                                               \
+                hi[cc] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                         \
+            }                                                                                                   \
+            for (int m = 0; m < MB; m++)                                                                        \
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, hi, xq + m * k16 + 16 * c0, CB)),           \
+                                         _mm256_mul_ps(sw, _mm256_broadcast_ss(sx + m * nb + b)), acc[m]);      \
+        }                                                                                                       \
+    }                                                                                                           \
+    for (int m = 0; m < MB; m++) {                                                                              \
+        float res[8];                                                                                           \
+        _mm256_storeu_ps(res, acc[m]);                                                                          \
+        for (int r = 0; r < RB; r++) {                                                                          \
+            const float zt = zero_term(s + r * groups, z ? z + r * groups : NULL, xs + m * groups, groups);     \
+            out[m * ldo + r] = (res[2 * r] + res[2 * r + 1]) - zt + (bias ? bias[r] : 0.f);                     \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+/* One full layout block against every input row, A8_MAXM at a time (MB and CB constants for the compiler). */
+#define A8_BLOCK(NAME, ATTR, DIRECT)                                                                            \
+ATTR static void NAME(const int CB, const int8_t *xq, int64_t m, int64_t k16, const float *sx, int64_t nb,      \
+                      const float *xs, const uint8_t *w, const float *s, const uint8_t *z, int64_t groups,       \
+                      int64_t gblocks, const float *bias, float *out, int64_t ldo) {                            \
+    for (int64_t i = 0; i < m; i += A8_MAXM) {                                                                  \
+        const int mb = m - i < A8_MAXM ? (int)(m - i) : A8_MAXM;                                                \
+        const int8_t *xi = xq + i * k16;                                                                        \
+        const float *sxi = sx + i * nb, *xsi = xs + i * groups;                                                 \
+        float *oi = out + i * ldo;                                                                              \
+        if (CB == 2) {                                                                                          \
+            if (mb == 1) DIRECT(1, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);          \
+            else if (mb == 2) DIRECT(2, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
+            else if (mb == 3) DIRECT(3, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
+            else DIRECT(4, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);                  \
+        } else {                                                                                                \
+            if (mb == 1) DIRECT(1, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);          \
+            else if (mb == 2) DIRECT(2, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
+            else if (mb == 3) DIRECT(3, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
+            else DIRECT(4, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);                  \
+        }                                                                                                       \
+    }                                                                                                           \
+}
+
+/* AVX2: vpmaddubsw (u8 code x s8 input -> s16 pairs, |pair| <= 3840: two chunks' lo + hi still fit int16),
+ * then vpmaddwd with ones to int32. */
+INLINE __m256i a8_dot_avx2(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
+    __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], bcast8(xp)), _mm256_maddubs_epi16(hi[0], bcast8(xp + 8)));
+    if (CB == 2)
+        t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], bcast8(xp + 16)),
+                                                 _mm256_maddubs_epi16(hi[1], bcast8(xp + 24))));
+    return _mm256_madd_epi16(t, _mm256_set1_epi16(1));
+}
+A8_DIRECT(a8_direct_avx2, , a8_dot_avx2)
+A8_BLOCK(a8_block_avx2, , a8_direct_avx2)
+
+/* VNNI (vpdpbusd: u8 x s8, four products summed into each int32 lane in one instruction), where the compiler
+ * knows the instruction sets and the CPU has them (checked with cpuid at run time): the VEX form (AVX-VNNI) or
+ * the EVEX one on 256-bit registers (AVX512-VNNI + VL). The same integers as vpmaddubsw here (no saturation). */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define A8_VNNI 1
+#define T_AVXVNNI __attribute__((target("avxvnni")))
+#define T_AVX512VNNI __attribute__((target("avx512vnni,avx512vl")))
+T_AVXVNNI INLINE __m256i a8_dot_avxvnni(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
+    __m256i t = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo[0], bcast8(xp));
+    t = _mm256_dpbusd_avx_epi32(t, hi[0], bcast8(xp + 8));
+    if (CB == 2) {
+        t = _mm256_dpbusd_avx_epi32(t, lo[1], bcast8(xp + 16));
+        t = _mm256_dpbusd_avx_epi32(t, hi[1], bcast8(xp + 24));
+    }
+    return t;
+}
+T_AVX512VNNI INLINE __m256i a8_dot_avx512vnni(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
+    __m256i t = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], bcast8(xp));
+    t = _mm256_dpbusd_epi32(t, hi[0], bcast8(xp + 8));
+    if (CB == 2) {
+        t = _mm256_dpbusd_epi32(t, lo[1], bcast8(xp + 16));
+        t = _mm256_dpbusd_epi32(t, hi[1], bcast8(xp + 24));
+    }
+    return t;
+}
+A8_DIRECT(a8_direct_avxvnni, T_AVXVNNI, a8_dot_avxvnni)
+A8_BLOCK(a8_block_avxvnni, T_AVXVNNI, a8_direct_avxvnni)
+A8_DIRECT(a8_direct_avx512vnni, T_AVX512VNNI, a8_dot_avx512vnni)
+A8_BLOCK(a8_block_avx512vnni, T_AVX512VNNI, a8_direct_avx512vnni)
+#endif
+
+/* AVX512-VNNI + VL usable (the OS saves the AVX-512 state too: XCR0 bits 1, 2, 5..7) */
+static int a8_isa_avx512(void) {
+#if A8_VNNI
+    unsigned a, b, c, d, lo, hi;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((c >> 11) & 1) || !((b >> 31) & 1)) return 0;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6) == 0xe6;
+#else
+    return 0;
+#endif
+}
+
+/* 0: AVX2, 1: AVX-VNNI, 2: AVX512-VNNI (+VL), as far as the compiler and the CPU both have them */
+static int a8_isa(void) {
+#if A8_VNNI
+    unsigned a, b, c, d;
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1)) return 1;
+    if (a8_isa_avx512()) return 2;
+#endif
+    return 0;
+}
+
+typedef void (*a8_block_fn)(const int, const int8_t *, int64_t, int64_t, const float *, int64_t, const float *,
+                            const uint8_t *, const float *, const uint8_t *, int64_t, int64_t, const float *,
+                            float *, int64_t);
+
+/* The last, partial layout block (R < 4 rows, chunk stride 8R): scalar, the same sums. */
+static void a8_rows(int R, const int8_t *xq, int64_t mrows, int64_t k16, const float *sx, int64_t nb,
+                    const float *xs, int64_t xb, const uint8_t *w, const float *s, const uint8_t *z, int64_t groups,
+                    const float *bias, float *out, int64_t ldo) {
+    const int64_t per = (k16 / groups) / xb;
+    for (int r = 0; r < R; r++)
+        for (int64_t m = 0; m < mrows; m++) {
+            float tot = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                int32_t isum = 0;
+                for (int64_t k = b * xb; k < (b + 1) * xb; k++) {
+                    const uint8_t byte = w[(k / 16) * 8 * R + 8 * r + (k % 16) % 8];
+                    const int u = (k % 16) < 8 ? (byte & 15) : (byte >> 4);
+                    isum += u * xq[m * k16 + k];
+                }
+                tot += (float)isum * (s[r * groups + b / per] * sx[m * nb + b]);
+            }
+            const float zt = zero_term(s + r * groups, z ? z + r * groups : NULL, xs + m * groups, groups);
+            out[m * ldo + r] = tot - zt + (bias ? bias[r] : 0.f);
+        }
+}
+
+static int a8_all(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                  const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    a8_block_fn block = a8_block_avx2;
+#if A8_VNNI
+    if (isa == 1) block = a8_block_avxvnni;
+    else if (isa == 2) block = a8_block_avx512vnni;
+#endif
+    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group, gblocks = group / xb;
+    const int CB = (int)(xb / 16);
+    const int64_t blocks = (n + RB - 1) / RB;
+    int8_t *xq = malloc((size_t)(m * k16));
+    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
+    if (!xq || !sx || !xs) {
+        free(xq), free(sx), free(xs);
+        return -1;
+    }
+    a8_quantize(x, m, k16, xb, group, xq, sx, xs);
+    const int parallel = threads > 1 && m * n * k16 >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t bl = 0; bl < blocks; bl++) {
+        const int64_t n0 = bl * RB;
+        const int R = n - n0 < RB ? (int)(n - n0) : RB;
+        const uint8_t *wb = w + n0 * (k16 / 2);
+        const float *sb = s + n0 * groups, *bb = bias ? bias + n0 : NULL;
+        const uint8_t *zb = z ? z + n0 * groups : NULL;
+        if (R < RB) a8_rows(R, xq, m, k16, sx, nb, xs, xb, wb, sb, zb, groups, bb, out + n0, n);
+        else block(CB, xq, m, k16, sx, nb, xs, wb, sb, zb, groups, gblocks, bb, out + n0, n);
+    }
+    free(xq), free(sx), free(xs);
+    return 0;
+}
+
+static int a8_isa_cached = -1;
+
+/* The entry point (same arguments as q4_linear): the fastest instruction set this CPU has. Returns 0, or -1 on
+ * bad arguments or a failed allocation (out is then undefined). */
+int q4_linear_a8(const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                 const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    int isa = __atomic_load_n(&a8_isa_cached, __ATOMIC_RELAXED);
+    if (isa < 0) __atomic_store_n(&a8_isa_cached, isa = a8_isa(), __ATOMIC_RELAXED);
+    return a8_all(isa, x, m, k16, w, n, s, z, group, bias, out, threads);
+}
+
+/* For tests: the instruction sets this library and CPU can run (bit i: isa i of a8_isa), and one forced. */
+int q4_a8_isas(void) {
+    const int best = a8_isa();
+    return 1 | (best >= 1 ? 2 : 0) | (best == 2 ? 4 : 0) | (best == 1 && a8_isa_avx512() ? 4 : 0);
+}
+
+int q4_linear_a8_isa(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                     const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (isa < 0 || isa > 2 || !((q4_a8_isas() >> isa) & 1)) return -2;
+    return a8_all(isa, x, m, k16, w, n, s, z, group, bias, out, threads);
+}
+
 /* ------------------------------------------------------------------------------------------ int8 x int8
  *
  *     out[m, n] = (float)(sum_k a[m, k] * w[n, k]) * sa[m] * ws[n]  (+ bias[n])
@@ -317,13 +604,6 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
  */
 #define I8_NR 4
 #define I8_MR 2
-
-INLINE int32_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
 
 /* acc[m * I8_NR + r] = a[m] . w[r] over the first kv columns (a multiple of 16), mr input rows, nr weight rows */
 INLINE void i8_tile(const int mr, const int nr, const int16_t *a, int64_t lda, const int8_t *w, int64_t ldw,
