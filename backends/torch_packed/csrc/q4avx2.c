@@ -742,15 +742,15 @@ NO_FMA int kv_load(const uint8_t *codes, const float *scales, int64_t bh, int64_
  * rowptr (int64 [N + 1]), idx (int32 flat indices into [N, K], sorted), v (fp32): the sparse side channel, or
  * NULL. x: fp32 [M, K]; out: fp32 [M, N]; bias: fp32 [N] or NULL.
  *
- * Per 8 codes: one 1-, 2- or 4-byte load (3 for bit planes), a variable shift (and a mask, or for bit planes a
- * multiply that gathers the planes' bits: lut_codes; their bytes for 8 chunks at a time: lut_planes8) gives
- * 8 int32 indices,
- * _mm256_permutevar8x32_ps on the table held in a register gives the 8 weights (16 entries: two permutes and a
- * blend on bit 3 of the index), FMA'd into up to LUT_MB input rows at once: for M <= LUT_MB a row's codes are
- * read and decoded once (for larger M again per block of LUT_MB input rows, from L1). Up to 4 input rows keep
- * two accumulators each (even and odd chunks: the FMA latency is hidden at M = 1). Columns past the last whole
- * 8 and the sparse values are summed in scalar code. fp32 throughout: the result differs from decode + fp32
- * matmul only by summation order (a sparse value is added as v * x rather than into the weight first).
+ * Per 8 codes (a chunk): their bytes (one 1-, 2- or 4-byte load; for dense3 and bit planes, the bytes of 8 chunks
+ * at a time: lut_dense3_8, lut_planes8), a variable shift (and a mask, or for bit planes a multiply that gathers
+ * the planes' bits: lut_codes, lut_plane_idx) give 8 int32 indices; _mm256_permutevar8x32_ps on the table held in
+ * a register gives the 8 weights (16 entries: two permutes and a blend on bit 3 of the index), FMA'd into up to
+ * LUT_MB input rows at once: for M <= LUT_MB a row's codes are read and decoded once (for larger M again per block
+ * of LUT_MB input rows, from L1). 1-2 input rows keep four accumulators each, 3-4 two (at M = 1 one chain is
+ * FMA-latency-bound: four made it 1.2x faster). Columns past the last whole 8 and the sparse values are summed in
+ * scalar code. fp32 throughout: the result differs from decode + fp32 matmul only by summation order (a sparse
+ * value is added as v * x rather than into the weight first).
  * Threads: OpenMP over output rows, dynamic in runs of LUT_ROWS.
  */
 #define LUT_MB 8
@@ -818,6 +818,15 @@ INLINE __m256i lut_planes8(const int bits, const uint8_t *row, int64_t pstride, 
     return _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
 }
 
+/* dense3, 8 chunks at once (24 bytes, two in-bounds 16-byte loads: bytes 0..15 and 8..23): lane j of the result
+ * holds the 3 bytes of chunk j (its 24-bit word) in its low bytes */
+INLINE __m256i lut_dense3_8(const uint8_t *p) {
+    const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 8)), _mm_loadu_si128((const __m128i *)p));
+    const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    return _mm256_shuffle_epi8(v, shuf);
+}
+
 INLINE __m256i lut_plane_idx(const int bits, __m256i v8, int j, __m256i shifts) {
     const int sh = 7 * (bits - 1);
     int mul = 0;
@@ -833,16 +842,22 @@ INLINE __m256 lut_lookup(const int bits, __m256 t0, __m256 t1, __m256i idx) {
     return _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* res[m] = sum_k x[m * ldx + k] * weight(row, k) over all K columns, for MB input rows */
+/* res[m] = sum_k x[m * ldx + k] * weight(row, k) over all K columns, for MB input rows. NA accumulators per input
+ * row (chunk c goes to accumulator c % NA): the FMA chains are independent enough to hide the FMA latency (one
+ * chain at M = 1 is latency-bound at one chunk per 4 cycles). */
+#define LUT_FMA(u, w, c)                                                                                      \
+    for (int m = 0; m < MB; m++) a[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + 8 * (c)), a[u][m]);
+
 INLINE void lut_row(const int layout, const int bits, const int MB, const float *x, int64_t ldx, int64_t k,
                     const uint8_t *row, int64_t pstride, const float *tab, int64_t sk, int64_t bk, float *res) {
     const int W = bits == 4 ? 16 : 8;
+    const int NA = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;          /* accumulators per input row: NA * MB <= 8 */
     const __m256i shifts = layout == 0 ? _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                             _mm256_set1_epi32(bits))
                                        : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const int two = MB <= 4;          /* two accumulators per input row */
-    __m256 a0[LUT_MB], a1[LUT_MB];
-    for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    __m256 a[4][LUT_MB];
+    for (int u = 0; u < NA; u++)
+        for (int m = 0; m < MB; m++) a[u][m] = _mm256_setzero_ps();
     const int64_t chunks = k / 8;
     const int64_t gch = sk > 1 ? bk / 8 : chunks;              /* chunks per table group */
     for (int64_t g = 0, c0 = 0; c0 < chunks; g++, c0 += gch) {
@@ -850,36 +865,33 @@ INLINE void lut_row(const int layout, const int bits, const int MB, const float 
         const float *t = tab + (g < sk ? g : sk - 1) * W;
         const __m256 t0 = _mm256_loadu_ps(t), t1 = bits == 4 ? _mm256_loadu_ps(t + 8) : t0;
         int64_t c = c0;
-        if (layout == 1 && bits > 1) {          /* bit planes: 8 chunks per round of loads */
+        if ((layout == 0 && bits == 3) || (layout == 1 && bits > 1)) {   /* 8 chunks per round of loads */
             for (; c + 8 <= c1; c += 8) {
-                const __m256i v8 = lut_planes8(bits, row, pstride, c);
-                for (int j = 0; j < 8; j += 2) {
-                    const __m256 w0 = lut_lookup(bits, t0, t1, lut_plane_idx(bits, v8, j, shifts));
-                    const __m256 w1 = lut_lookup(bits, t0, t1, lut_plane_idx(bits, v8, j + 1, shifts));
-                    for (int m = 0; m < MB; m++) {
-                        a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + 8 * (c + j)), a0[m]);
-                        if (two) a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + 8 * (c + j) + 8), a1[m]);
-                        else a0[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + 8 * (c + j) + 8), a0[m]);
-                    }
+                const __m256i v8 = layout == 0 ? lut_dense3_8(row + 3 * c) : lut_planes8(bits, row, pstride, c);
+                for (int j = 0; j < 8; j++) {
+                    const __m256i idx = layout == 0
+                        ? _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v8, _mm256_set1_epi32(j)), shifts)
+                        : lut_plane_idx(bits, v8, j, shifts);
+                    const __m256 w = lut_lookup(bits, t0, t1, idx);
+                    LUT_FMA(j % NA, w, c + j)
                 }
             }
         }
-        if (two) {
-            for (; c + 2 <= c1; c += 2) {
-                const __m256 w0 = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c, shifts));
-                const __m256 w1 = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c + 1, shifts));
-                for (int m = 0; m < MB; m++) {
-                    a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + 8 * c), a0[m]);
-                    a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * ldx + 8 * c + 8), a1[m]);
-                }
+        for (; c + NA <= c1; c += NA)
+            for (int u = 0; u < NA; u++) {
+                const __m256 w = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c + u, shifts));
+                LUT_FMA(u, w, c + u)
             }
-        }
         for (; c < c1; c++) {
-            const __m256 w0 = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c, shifts));
-            for (int m = 0; m < MB; m++) a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * ldx + 8 * c), a0[m]);
+            const __m256 w = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c, shifts));
+            LUT_FMA(0, w, c)
         }
     }
-    for (int m = 0; m < MB; m++) res[m] = hsum(two ? _mm256_add_ps(a0[m], a1[m]) : a0[m]);
+    for (int m = 0; m < MB; m++) {
+        __m256 sum = a[0][m];
+        for (int u = 1; u < NA; u++) sum = _mm256_add_ps(sum, a[u][m]);
+        res[m] = hsum(sum);
+    }
     for (int64_t j = chunks * 8; j < k; j++) {                  /* the last K % 8 columns */
         const int64_t g = sk > 1 ? j / bk : 0;
         const float wv = tab[(g < sk ? g : sk - 1) * W + lut_code1(layout, bits, row, pstride, j)];
