@@ -25,7 +25,7 @@ a small reference product before it is used. With torch's Linux wheels the libra
 the one torch already loaded (same soname), so there is one OpenMP runtime and one thread pool.
 
 Torch ops: each kernel is also registered as ``torch.ops.qpass_native.<name>`` (token_quant, rms_norm, rope,
-kv_store (mutates its codes / scales arguments), kv_load, q4_linear, i8_linear; schemas in SCHEMAS) with a fake
+kv_store (mutates its codes / scales arguments), kv_load, q4_linear, i8_linear, lut_linear; schemas in SCHEMAS) with a fake
 kernel, so graphs can hold them as op nodes and be traced or exported (the decode runtime's fused RMSNorm and
 RoPE are such nodes: runtime.py). The CPU kernel is the C library where it is loaded (native_on) and a torch
 composition of the same semantics otherwise, so the ops exist and run without a compiler too. How they are
@@ -379,6 +379,8 @@ SCHEMAS = {
     "kv_load": "kv_load(Tensor codes, Tensor scales, SymInt? n, int bits, ScalarType? dtype=None) -> Tensor",
     "q4_linear": "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int group) -> Tensor",
     "i8_linear": "i8_linear(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor",
+    "lut_linear": "lut_linear(Tensor x, Tensor qweight, Tensor table, int bits, str layout, int k, int bn, int bk, "
+                  "Tensor? rowptr, Tensor? index, Tensor? value, Tensor? bias) -> Tensor",
 }
 OPS_NOTE = """\
 NOTE (measured on the dev machine, 2 cores shared with other jobs, torch 2.13, fp32, under torch.no_grad, best
@@ -547,6 +549,18 @@ def _i8_linear_torch(a, a_scale, w, w_scale, bias):
     return y if bias is None else y.add_(bias)
 
 
+def _lut_linear_torch(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, index=None, value=None, bias=None):
+    w = lut_weight(qweight, table, bits, layout, k, bn, bk)
+    if index is not None:
+        w = w.reshape(-1).index_add(0, index.long(), value.float()).view(w.shape)
+    return torch.nn.functional.linear(x.float(), w, bias)
+
+
+def _fake_lut_linear(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, index=None, value=None, bias=None):
+    n = qweight.shape[-2] if layout == "bitplanes" else qweight.shape[0]
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
 def _dispatch(fast, slow):
     """The CPU kernel of an op: the C library where it is on now (native_on), else the torch fallback."""
     state = _state
@@ -583,6 +597,7 @@ _IMPLS = {
                   lambda x, qw, s, z, b, g: x.new_empty((*x.shape[:-1], qw.shape[0]), dtype=torch.float32)),
     "i8_linear": (_i8_linear, _i8_linear_torch,
                   lambda a, sa, w, ws, b: a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float32)),
+    "lut_linear": (lut_linear, _lut_linear_torch, _fake_lut_linear),
 }
 
 
