@@ -220,3 +220,35 @@ def test_a_saved_measured_plan_covers_the_codebook_linears(tmp_path):
     forced = tp.load(tmp_path / "p", kernels="lutavx2")
     assert all(set(m.plan.values()) == {"lutavx2"} for m in forced.codebooks().values())
     torch.testing.assert_close(forced(ids).logits, qm(ids).logits, rtol=0, atol=5e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- BCQ
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.booleans())
+def test_bcq_tables_factor_back_into_their_alphas(seed, q, offset):
+    from qpass.primitives import bcq
+    g = torch.Generator().manual_seed(seed)
+    alpha = (torch.rand(5, 3, q, generator=g) * torch.tensor([0.5 ** i for i in range(q)]) + 1e-3).half()
+    z = (torch.randn(5, 3, generator=g) * 0.1).half() if offset else None
+    table = bcq.table(alpha.float(), None if z is None else z.float())
+    a2, z2 = C.bcq_factors(table, q, offset)
+    assert torch.equal(a2, alpha) and (z2 is None) == (z is None) and (z is None or torch.equal(z2, z))
+    assert torch.equal(bcq.table(a2.float(), None if z2 is None else z2.float()), table)
+
+
+def test_bcq_linears_store_alphas_not_tables_and_reload(tmp_path):
+    from tests.test_bcq import IDS, _bcq
+    from tests import toy
+    qm = qpass.apply(toy.hf_model("llama"), _bcq(offset=True), progress=False)
+    pm = qpass.lower(qm, "torch", kernels="reference")
+    mods = pm.codebooks()
+    assert mods and all(m.fmt == "bcq3z" for m in mods.values())
+    for m in mods.values():                          # 3 bits per weight (K padded to 8) + 4 fp16 values per group
+        assert set(m.state_dict()) == {"qweight", "bcq_alpha", "bcq_z"}
+        assert m.weight_bytes() * 8 == m.n * -(-m.k // 8) * 8 * 3 + m.bcq_alpha.shape[:2].numel() * 4 * 16
+    assert torch.equal(pm(IDS).logits, qm(IDS).logits)          # the rebuilt tables are the graph's, bit for bit
+    pm.save(tmp_path / "p")
+    back = tp.load(tmp_path / "p")
+    assert torch.equal(back(IDS).logits, pm(IDS).logits)

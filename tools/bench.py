@@ -56,6 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 import qpass  # noqa: E402
 from qpass.backends import torch_packed as tp  # noqa: E402
 from qpass.hf import cache_kwargs  # noqa: E402
+from qpass.primitives import bcq  # noqa: E402
 from qpass.primitives import quant as Q  # noqa: E402
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec  # noqa: E402
 from qpass.tables import markdown, write_atomic  # noqa: E402
@@ -208,22 +209,25 @@ CODEBOOK_SECTION = "bench-codebook"      # this script's codebook table: --codeb
 
 def codebook_linears(w: torch.Tensor) -> dict[str, tp.CodebookLinear]:
     """{label: CodebookLinear} of w: 3- and 4-bit per-row tables (SqueezeLLM's format; 3-bit also with 0.5%
-    sparse values, its dense-and-sparse), and 4-bit tables per group of 128 columns (BCQ's q = 4 table of 2^q
-    entries). Codes and tables are random (speed does not depend on them); fp16 tables and scales, as the
-    passes store them."""
+    sparse values, its dense-and-sparse; fp16 tables and scales, as the pass stores them), and BCQ q = 4 in
+    groups of 128 columns (stored as its 4 fp16 α's per group, the 16-entry table derived). Codes, tables and
+    α's are random: speed does not depend on them."""
     n, k = w.shape
     g = torch.Generator().manual_seed(2)
     out = {}
     for label, bits, group, sparse in (("CB3 per-row", 3, None, 0), ("CB3 per-row + 0.5% sparse", 3, None, 0.005),
-                                       ("CB4 per-row", 4, None, 0), ("CB4 g128 (BCQ q=4)", 4, 128, 0)):
+                                       ("CB4 per-row", 4, None, 0), ("BCQ q=4 g128", 4, 128, 0)):
         sk = 1 if group is None else k // group
         codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
         table = torch.randn(n, sk, 1 << bits, generator=g).half()
+        fmt = f"codebook{bits}"
+        if label.startswith("BCQ"):                   # BCQ's format: q α's per group stored, the table derived
+            fmt, table = f"bcq{bits}", bcq.table(torch.rand(n, sk, bits, generator=g).half().float(), None)
         outliers = None
         if sparse:
             idx = torch.randperm(n * k, generator=g)[:int(sparse * n * k)].sort().values.to(torch.int32)
             outliers = (idx, torch.randn(idx.numel(), generator=g).half())
-        out[label] = tp.CodebookLinear(fmt=f"codebook{bits}", block=[1, -1 if group is None else group], codes=codes,
+        out[label] = tp.CodebookLinear(fmt=fmt, block=[1, -1 if group is None else group], codes=codes,
                                        scale=torch.rand(n, sk, generator=g).half(), codebook=table, outliers=outliers,
                                        bias=None)
     return out
@@ -249,13 +253,33 @@ def codebook_rows(ctx: Ctx, threads: int) -> list[dict]:
                     name = f"{label} {kern}" + (" (reference decode + matmul)" if kern == "dequant" else "")
                     fns[name] = (rotating([tp.KERNELS[kern].bind(gm) for gm in group]), mod.weight_bytes())
             with torch.no_grad():
-                res = tp.measure({name: (lambda f=f: f(x)) for name, (f, _) in fns.items()}, repeats=ctx.repeats,
-                                 prune=None)
+                res = timed({name: (lambda f=f: f(x)) for name, (f, _) in fns.items()}, ctx.repeats)
+            med0, best0 = res["fp32 F.linear"]
             for name, (_, nbytes) in fns.items():
-                t = res[name][0]
-                rows.append(dict(shape=f"{k}x{n}", threads=threads, M=m, variant=name, ms=t * 1e3,
-                                 speedup=res["fp32 F.linear"][0] / t, bytes=nbytes))
+                med, best = res[name]
+                rows.append(dict(shape=f"{k}x{n}", threads=threads, M=m, variant=name, ms=med * 1e3, best=best * 1e3,
+                                 speedup=med0 / med, best_speedup=best0 / best, bytes=nbytes))
     return rows
+
+
+def timed(fns: dict, repeats: int, target_s: float = 0.02) -> dict[str, tuple[float, float]]:
+    """{name: (median, min) seconds per call} over `repeats` interleaved rounds (each function runs about
+    `target_s` per round, at least one call) after a warm-up call: the minimum is the run least disturbed by
+    other jobs, the median the typical one."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, round(target_s / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: (statistics.median(ts), min(ts)) for name, ts in samples.items()}
 
 
 def codebook_section(ctx: Ctx, cmd: str) -> str:
@@ -267,23 +291,24 @@ def codebook_section(ctx: Ctx, cmd: str) -> str:
     torch.set_num_threads(threads)
     load1 = os.getloadavg()
     body = [[r["shape"], r["threads"], r["M"], r["variant"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x",
-             f"{r['bytes'] / 1e6:.1f} MB"] for r in rows]
+             f"{r['best']:.3f}", f"{r['best_speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f} MB"] for r in rows]
     head = (f"Generated by `{cmd}` on {datetime.date.today().isoformat()} in {time.perf_counter() - t0:.0f} s (do not "
             f"edit by hand; rerun the command). {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, native library: {tp.native.status()}. Load average {load0[0]:.1f} at start, "
             f"{load1[0]:.1f} at end: other jobs share this machine, so compare rows within one run (x fp32 is "
-            f"against F.linear in the same run, thread count and M, measured interleaved: medians of {ctx.repeats} "
-            "rounds after a warm-up), not with other tables.")
+            f"against F.linear in the same run, thread count and M, measured interleaved in {ctx.repeats} rounds after "
+            "a warm-up: the median round and the best, the one least disturbed by other jobs), not with other "
+            "tables.")
     tail = ("lutavx2: csrc/q4avx2.c `lut_linear` on the stored codes (3-bit: 8 codes in 3 bytes; 4-bit: two a "
             "byte), the table (scale folded in, fp32) held in registers, one permute per 8 weights (two and a blend "
             "for 16 entries), fp32 FMA, sparse values added per row in the same pass. dequant: CodebookLinear's "
             "reference route (decode a tile of rows with torch ops, F.linear). W4 g128 q4avx2: the native int4 "
             "kernel on the same shape. Weight bytes: codes, fp16 tables and scales, sparse indices and values as "
-            "stored. " + (f"Each variant cycles through copies of its weight totalling at least "
+            "stored (BCQ: its α's). " + (f"Each variant cycles through copies of its weight totalling at least "
                           f"{4 * l3_bytes() >> 20} MB (4x L3), so none runs from cache."
                           if not ctx.quick else "--quick: one copy of each weight."))
-    return "\n".join([head, "", table(["in x out", "threads", "M", "kernel", "ms", "x fp32", "weight bytes"], body,
-                                      "lllllrr"), "", tail])
+    return "\n".join([head, "", table(["in x out", "threads", "M", "kernel", "median ms", "x fp32", "best ms",
+                                       "best x fp32", "weight bytes"], body, "lllllrrrr"), "", tail])
 
 
 def codebook_block(ctx: Ctx, text: str | None) -> list[str]:

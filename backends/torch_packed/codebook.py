@@ -8,7 +8,10 @@ per-channel LUTs, BCQ's per-group tables: any ``formats.Codebook``) becomes, in 
                    3 (8 codes in 3 bytes), ``bitplanes`` for 5, 6 and 7, plain uint8 for 8; 3-bit codes saved as
                    bit planes by an earlier qpass are converted when loaded)
     table, scale   the per-block tables ``[Sn, Sk, 2^b]`` and scales ``[Sn, Sk]`` in the dtype the graph holds them
-                   (fp16 when the pass stores them so: the squeezellm pass does), never widened
+                   (fp16 when the pass stores them so: the squeezellm pass does), never widened. BCQ (``bcq<q>[z]``):
+                   the q planes' α's ``bcq_alpha [Sn, Sk, q]`` and offset ``bcq_z [Sn, Sk]`` in fp16, as the bcq
+                   pass fits them (:func:`bcq_factors`); the table (``bcq.table``) and the scale (1) are derived
+                   when built or loaded, not saved
     outlier_index  the sparse side channel, when present: int32 flat indices into ``[N, K]`` and the values
     outlier_value  in the graph's dtype, added after decoding
 
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from qpass.primitives import formats
+from qpass.primitives import bcq, formats
 from qpass.primitives import quant as Q
 
 from . import packing as P
@@ -103,6 +106,17 @@ def block_index(n: int, k: int, block, scale_shape) -> Tensor:
     return (rows.clamp(max=sn - 1)[:, None] * sk + cols.clamp(max=sk - 1)[None, :])
 
 
+def bcq_factors(table: Tensor, q: int, offset: bool) -> tuple[Tensor, Tensor | None]:
+    """BCQ's per-group α's [..., q] and offset z [...] (fp16, as the bcq pass fits them) from its 2^q-entry
+    tables [..., 2^q] (``bcq.table``: entry c = z + sum_i α_i (2 bit_i(c) - 1)): α_i = (T[2^i] - T[0]) / 2 and
+    z = T[0] + sum α. Exact where the table's sums of fp16 values were exact in fp32 (exponents within 13 bits
+    of each other: every fit seen); CodebookLinear rebuilds the table from them with ``bcq.table``."""
+    t = table.float()
+    alpha = torch.stack([(t[..., 1 << i] - t[..., 0]) / 2 for i in range(q)], -1)
+    z = t[..., 0] + alpha.sum(-1) if offset else None
+    return alpha.half(), None if z is None else z.half()
+
+
 @dataclass(frozen=True)
 class CodebookFormat:
     """What kernels.tune reads of a CodebookLinear (a PackedLinear's ``wf``): shape, format and layout."""
@@ -142,8 +156,17 @@ class CodebookLinear(ExtLinear):
                    "outlier_index": outliers[0].to(torch.int32) if outliers else None,
                    "outlier_value": outliers[1] if outliers else None,
                    "input_scale": act_scale, "input_zero": act_zero}
+        fmt_obj = formats.get_format(fmt)
+        self.bcq_offset = getattr(fmt_obj, "offset", None) if isinstance(fmt_obj, bcq.BinaryCoding) else None
+        if self.bcq_offset is not None:           # BCQ: the q planes' α's (+ z) stored, table and scale derived
+            alpha, z = bcq_factors(codebook, self.bits, self.bcq_offset)
+            tensors.update(bcq_alpha=alpha, bcq_z=z)
+            self._bcq_dtypes = (codebook.dtype, scale.dtype)
+        derived = ("codebook", "scale") if self.bcq_offset is not None else ()
         for key, v in tensors.items():
-            self.register_buffer(key, None if v is None else v.detach().clone())
+            self.register_buffer(key, None if v is None else v.detach().clone(), persistent=key not in derived)
+        if self.bcq_offset is not None:
+            self._bcq_rebuild()
         self.zero = self.float_index = self.float_values = self.scale_scale = self.input_float_index = None
         self.float_axis = self.input_float_axis = -1
         self.scale_block, self.scale_fmt = [], ""
@@ -224,8 +247,17 @@ class CodebookLinear(ExtLinear):
         if self.bits == 3 and key in state_dict and state_dict[key].dim() == 3:     # bit planes (qpass before dense3)
             state_dict[key] = P.pack_dense3(P.unpack_bitplanes(state_dict[key], 3, self.k))
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        if self.bcq_offset is not None:
+            self._bcq_rebuild()
         if self._runners:
             self._bind()                 # the native runner holds tables derived from the loaded ones
+
+    def _bcq_rebuild(self) -> None:
+        """BCQ: the table (``bcq.table`` of the stored α's and z, as the pass computes it) and the scale (1)."""
+        table_dtype, scale_dtype = self._bcq_dtypes
+        z = None if self.bcq_z is None else self.bcq_z.float()
+        self.codebook = bcq.table(self.bcq_alpha.float(), z).to(table_dtype)
+        self.scale = torch.ones(self.bcq_alpha.shape[:-1], dtype=scale_dtype, device=self.bcq_alpha.device)
 
     @property
     def storage(self) -> str:
@@ -285,9 +317,11 @@ class CodebookLinear(ExtLinear):
         return out if self.bias is None else out + self.bias
 
     def weight_bytes(self) -> int:
-        """Bytes held for the weight: codes, tables, scales and sparse values as stored (the kernel's derived fp32
-        tables, one per table row or group, are not counted)."""
-        ts = (self.qweight, self.codebook, self.scale, self.outlier_index, self.outlier_value)
+        """Bytes held for the weight: codes, tables, scales (BCQ: the α's and z) and sparse values as stored (the
+        derived tables are not counted)."""
+        ts = (self.qweight, self.bcq_alpha, self.bcq_z) if self.bcq_offset is not None else \
+            (self.qweight, self.codebook, self.scale)
+        ts += (self.outlier_index, self.outlier_value)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def extra_repr(self) -> str:
