@@ -13,7 +13,7 @@ Exactness (what is asserted):
   inputs (the same kernel fed by the torch quantizer), and within the existing bounds of int_mm / dequant.
 * the ``qpass_native`` torch ops (end of file): every kernel registered with its schema and a fake kernel,
   ``torch.library.opcheck`` passes, the ops equal the wrappers bit for bit and their torch fallbacks (bit for
-  bit but rms_norm and q4_linear: summation order), a lowered decode graph holds rms_norm / rope op nodes and
+  bit but rms_norm, q4_linear and lut_linear: summation order), a lowered decode graph holds rms_norm / rope op nodes and
   gives the logits the wrapper calls gave, and without the library (QPASS_NO_NATIVE=1) the ops run their torch
   fallback and the decode graph keeps the aten ops.
 """
@@ -565,7 +565,18 @@ def op_samples(seed: int = 0) -> dict[str, tuple]:
         "kv_load": (codes, scales, 5, 4, None),
         "q4_linear": (torch.randn(3, 64, generator=g), lin.qweight, lin.scale, lin.zero, lin.bias, 32),
         "i8_linear": (a, torch.rand(3, generator=g), w8, torch.rand(7, generator=g), torch.randn(7, generator=g)),
+        "lut_linear": lut_sample(g),
     }
+
+
+def lut_sample(g) -> tuple:
+    """lut_linear's arguments: 4-bit codes, tables per group of 16 columns, 3 sparse values, a bias."""
+    from qpass.backends.torch_packed import packing as P
+    u = torch.randint(0, 16, (6, 40), dtype=torch.uint8, generator=g)
+    index = torch.tensor([3, 90, 239], dtype=torch.int32)
+    rowptr = torch.searchsorted(index, torch.arange(7, dtype=torch.int64) * 40)
+    return (torch.randn(2, 3, 40, generator=g), P.pack_dense(u, 4), torch.randn(6, 3, 16, generator=g), 4, "dense",
+            40, 1, 16, rowptr, index, torch.randn(3, generator=g), torch.randn(6, generator=g))
 
 
 def same(a, b) -> bool:
@@ -582,7 +593,8 @@ def same(a, b) -> bool:
 def test_every_kernel_is_a_registered_op_with_a_fake_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    assert set(native.SCHEMAS) == {"token_quant", "rms_norm", "rope", "kv_store", "kv_load", "q4_linear", "i8_linear"}
+    assert set(native.SCHEMAS) == {"token_quant", "rms_norm", "rope", "kv_store", "kv_load", "q4_linear", "i8_linear",
+                                   "lut_linear"}
     for name, schema in native.SCHEMAS.items():
         op = getattr(OPS, name).default
         assert str(op._schema) == f"{native.NAMESPACE}::{schema}"
@@ -637,6 +649,8 @@ def test_ops_are_the_wrappers_bit_for_bit():
                                        act=tp.ActFormat("int8", (1, -1), True, True))
     a, sa = native.token_quant(xs, 8, codes=True)
     assert same(OPS.i8_linear(a, sa, lin8.qweight, lin8.row_scale, lin8.bias), kernels.KERNELS["i8avx2"].run(lin8, xs))
+    args = s["lut_linear"]
+    assert same(OPS.lut_linear(*args), native.lut_linear(*args))
 
 
 def without_native(monkeypatch) -> None:
@@ -649,7 +663,7 @@ def without_native(monkeypatch) -> None:
 @without_library
 def test_without_the_library_the_ops_run_their_torch_fallback(monkeypatch):
     """Fallback semantics (and, where the library is there, equality with it: bit for bit but rms_norm, whose
-    mean is summed in another order, and q4_linear, a matmul in another order)."""
+    mean is summed in another order, q4_linear and lut_linear, matmuls in another order)."""
     s = op_samples(1)
     s["token_quant"][0][0, 1, 3] = float("inf")                               # a non-finite token
     ran = {}
@@ -668,7 +682,7 @@ def test_without_the_library_the_ops_run_their_torch_fallback(monkeypatch):
         if not NATIVE:
             continue
         ref = ran[name][0]
-        if name in ("rms_norm", "q4_linear"):
+        if name in ("rms_norm", "q4_linear", "lut_linear"):
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), name
         else:
             assert same(out, ref), name

@@ -1,7 +1,7 @@
 """Speed and memory of lowered models, as ratios against baselines measured in the same run.
 
     python tools/bench.py [--quick] [--out docs/benchmarks.md] [--threads N] [--linear-threads 1,2]
-                          [--model models/tiny-llama] [--repeats 5] [--onnx]
+                          [--model models/tiny-llama] [--repeats 5] [--onnx] [--codebook-only]
 
 Sections (each a table in the report):
   machine       CPU, ISA torch dispatches to, threads, whether the native int4 kernel built, load average
@@ -18,6 +18,10 @@ Sections (each a table in the report):
                 each lowered recipe: prefill and batch-1 decode tokens/s, weight bytes of the linear layers,
                 KV-cache bytes, greedy agreement with the fake-quant model, and the kernel plan measured
   memory        peak RSS of this process
+  codebook      learned-codebook linears (CodebookLinear: SqueezeLLM per-row tables, BCQ-style per-group tables,
+                sparse values) on the same shapes at M = 1 and 8: fp32 F.linear, W4 g128 on the native int4
+                kernel, and each codebook variant on the native lookup kernel (lutavx2) and the reference decode
+                + matmul (dequant); written between its marker lines, so ``--codebook-only`` can rerun it alone
   (--model-only runs only this section, with --recipes picking its presets, and prints it: e.g. the cost of the
   rotate pass's online Hadamards, w4a8_kv4.yaml vs rotate_w4a8_kv4.yaml)
   real size     tools/bench_size.py's section (a 0.5 B synthetic Llama, every backend row in one process): that
@@ -52,6 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 import qpass  # noqa: E402
 from qpass.backends import torch_packed as tp  # noqa: E402
 from qpass.hf import cache_kwargs  # noqa: E402
+from qpass.primitives import bcq  # noqa: E402
 from qpass.primitives import quant as Q  # noqa: E402
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec  # noqa: E402
 from qpass.tables import markdown, write_atomic  # noqa: E402
@@ -205,6 +210,134 @@ def _linears(ctx: Ctx, threads: int) -> list[dict]:
                                  speedup=res["fp32"][0] / t, bytes=nbytes, gbs=nbytes / t / 1e9,
                                  chosen=best.get(label) == name))
     return rows
+
+
+# ----------------------------------------------------------------------------------------- codebook
+
+CODEBOOK_SECTION = "bench-codebook"      # this script's codebook table: --codebook-only rewrites it alone
+
+
+def codebook_linears(w: torch.Tensor) -> dict[str, tp.CodebookLinear]:
+    """{label: CodebookLinear} of w: 3- and 4-bit per-row tables (SqueezeLLM's format; 3-bit also with 0.5%
+    sparse values, its dense-and-sparse; fp16 tables and scales, as the pass stores them), and BCQ q = 4 in
+    groups of 128 columns (stored as its 4 fp16 α's per group, the 16-entry table derived). Codes, tables and
+    α's are random: speed does not depend on them."""
+    n, k = w.shape
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for label, bits, group, sparse in (("CB3 per-row", 3, None, 0), ("CB3 per-row + 0.5% sparse", 3, None, 0.005),
+                                       ("CB4 per-row", 4, None, 0), ("BCQ q=4 g128", 4, 128, 0)):
+        sk = 1 if group is None else k // group
+        codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+        table = torch.randn(n, sk, 1 << bits, generator=g).half()
+        fmt = f"codebook{bits}"
+        if label.startswith("BCQ"):                   # BCQ's format: q α's per group stored, the table derived
+            fmt, table = f"bcq{bits}", bcq.table(torch.rand(n, sk, bits, generator=g).half().float(), None)
+        outliers = None
+        if sparse:
+            idx = torch.randperm(n * k, generator=g)[:int(sparse * n * k)].sort().values.to(torch.int32)
+            outliers = (idx, torch.randn(idx.numel(), generator=g).half())
+        out[label] = tp.CodebookLinear(fmt=fmt, block=[1, -1 if group is None else group], codes=codes,
+                                       scale=torch.rand(n, sk, generator=g).half(), codebook=table, outliers=outliers,
+                                       bias=None)
+    return out
+
+
+def codebook_rows(ctx: Ctx, threads: int) -> list[dict]:
+    rows = []
+    working_set = 0 if ctx.quick else 4 * l3_bytes()
+    for k, n in ctx.cfg["shapes"]:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
+        copies = lambda nbytes: max(1, -(-working_set // nbytes))  # noqa: E731
+        ws = [w] + [w.clone() for _ in range(copies(4 * w.numel()) - 1)]
+        s4, _ = Q.choose_qparams(w, QSpec(IntFormat(4), PerGroup(128)), block_size=(1, 128))
+        w4 = tp.PackedLinear.from_weight(w, s4, None, (1, 128), "int4")
+        mods = {"W4 g128": (w4, [kn for kn in ("q4avx2",) if tp.KERNELS[kn].applies(w4)] or ["dequant"])}
+        mods.update({label: (m, tp.kernels.candidates(m)) for label, m in codebook_linears(w).items()})
+        for m in (1, 8):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+            fns = {"fp32 F.linear": (rotating([lambda xx, wi=wi: F.linear(xx, wi) for wi in ws]), 4 * w.numel())}
+            for label, (mod, kerns) in mods.items():
+                group = [mod] + [copy.deepcopy(mod) for _ in range(copies(mod.weight_bytes()) - 1)]
+                for kern in kerns:
+                    name = f"{label} {kern}" + (" (reference decode + matmul)" if kern == "dequant" else "")
+                    fns[name] = (rotating([tp.KERNELS[kern].bind(gm) for gm in group]), mod.weight_bytes())
+            with torch.no_grad():
+                res = timed({name: (lambda f=f: f(x)) for name, (f, _) in fns.items()}, ctx.repeats)
+            med0, best0 = res["fp32 F.linear"]
+            for name, (_, nbytes) in fns.items():
+                med, best = res[name]
+                rows.append(dict(shape=f"{k}x{n}", threads=threads, M=m, variant=name, ms=med * 1e3, best=best * 1e3,
+                                 speedup=med0 / med, best_speedup=best0 / best, bytes=nbytes))
+    return rows
+
+
+def timed(fns: dict, repeats: int, target_s: float = 0.02) -> dict[str, tuple[float, float]]:
+    """{name: (median, min) seconds per call} over `repeats` interleaved rounds (each function runs about
+    `target_s` per round, at least one call) after a warm-up call: the minimum is the run least disturbed by
+    other jobs, the median the typical one."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, round(target_s / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: (statistics.median(ts), min(ts)) for name, ts in samples.items()}
+
+
+def codebook_section(ctx: Ctx, cmd: str) -> str:
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    rows, threads = [], torch.get_num_threads()
+    for t in ctx.linear_threads:
+        torch.set_num_threads(t)
+        rows += codebook_rows(ctx, t)
+    torch.set_num_threads(threads)
+    load1 = os.getloadavg()
+    body = [[r["shape"], r["threads"], r["M"], r["variant"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x",
+             f"{r['best']:.3f}", f"{r['best_speedup']:.2f}x", f"{r['bytes'] / 1e6:.1f} MB"] for r in rows]
+    head = (f"Generated by `{cmd}` on {datetime.date.today().isoformat()} in {time.perf_counter() - t0:.0f} s (do not "
+            f"edit by hand; rerun the command). {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, native library: {tp.native.status()}. Load average {load0[0]:.1f} at start, "
+            f"{load1[0]:.1f} at end: other jobs share this machine, so compare rows within one run (x fp32 is "
+            f"against F.linear in the same run, thread count and M, measured interleaved in {ctx.repeats} rounds after "
+            "a warm-up: the median round and the best, the one least disturbed by other jobs), not with other "
+            "tables.")
+    tail = ("lutavx2: csrc/q4avx2.c `lut_linear` on the stored codes (3-bit: 8 codes in 3 bytes; 4-bit: two a "
+            "byte), the table (scale folded in, fp32) held in registers, one permute per 8 weights (two and a blend "
+            "for 16 entries), fp32 FMA, sparse values added per row in the same pass. dequant: CodebookLinear's "
+            "reference route (decode a tile of rows with torch ops, F.linear). W4 g128 q4avx2: the native int4 "
+            "kernel on the same shape. Weight bytes: codes, fp16 tables and scales, sparse indices and values as "
+            "stored (BCQ: its α's). " + (f"Each variant cycles through copies of its weight totalling at least "
+                          f"{4 * l3_bytes() >> 20} MB (4x L3), so none runs from cache."
+                          if not ctx.quick else "--quick: one copy of each weight."))
+    return "\n".join([head, "", table(["in x out", "threads", "M", "kernel", "median ms", "x fp32", "best ms",
+                                       "best x fp32", "weight bytes"], body, "lllllrrrr"), "", tail])
+
+
+def codebook_block(ctx: Ctx, text: str | None) -> list[str]:
+    """The codebook section with its marker lines: `text`, or what the previous file held there."""
+    from qpass.tables import markers
+
+    begin, end = markers(CODEBOOK_SECTION)
+    body = [text] if text is not None else ["Not measured yet: run `python tools/bench.py --codebook-only`."]
+    if text is None:
+        try:
+            with open(ctx.args.out, encoding="utf-8") as f:
+                old = f.read().split("\n")
+            i, j = old.index(begin), old.index(end)
+            if i < j:
+                body = old[i + 1: j]
+        except (OSError, ValueError):
+            pass
+    return ["## Learned-codebook linears (SqueezeLLM, BCQ): native lookup kernel vs reference decode", "",
+            begin, *body, end, ""]
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -469,6 +602,7 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
         lines += [f"## {title}", "", body, ""]
     if notes_:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes_] + [""]
+    lines += codebook_block(ctx, getattr(ctx, "codebook_text", None))
     lines += real_size_section(ctx.args.out)
     lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
@@ -496,6 +630,8 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx", action="store_true", help="add onnxruntime rows (tools/bench_onnx.py)")
     ap.add_argument("--recipes", help="comma-separated presets (recipes/) of the model section, e.g. "
                     "w4a8_kv4.yaml,rotate_w4a8_kv4.yaml (default: the full list)")
+    ap.add_argument("--codebook-only", action="store_true", help="run only the codebook section and write it "
+                    "between its marker lines of --out (the rest of the file is kept)")
     ap.add_argument("--model-only", action="store_true", help="run only the model section and print it; the "
                     "report file is not written")
     args = ap.parse_args(argv)
@@ -514,11 +650,24 @@ def main(argv=None) -> int:
         print(f"`{cmd.strip()}`: {ctx.model_name}, batch 1, prompt {ctx.cfg['prompt']}, {ctx.cfg['new']} decode "
               f"steps, {threads} thread(s), {ctx.repeats} repeats\n\n{text}")
         return 0
+    cmd = "python tools/bench.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    if args.codebook_only:
+        from qpass.tables import replace_section
+
+        text = codebook_section(ctx, cmd.strip())
+        if os.path.isfile(args.out) and CODEBOOK_SECTION in open(args.out, encoding="utf-8").read():
+            replace_section(args.out, CODEBOOK_SECTION, text)
+        else:
+            print(f"{args.out} has no {CODEBOOK_SECTION} section: printed only", file=sys.stderr)
+        print(text)
+        return 0
     say("bandwidth")
     sections = [("Memory bandwidth (this process, same run)", bandwidth(ctx))]
     say("linears")
     lin_text, lin_rows = linears(ctx)
     sections.append(("Single linear layers: packed kernels vs fp32 F.linear", lin_text))
+    say("codebook")
+    ctx.codebook_text = codebook_section(ctx, cmd.strip())
     say("model")
     mod_text, mod_rows = model_section(ctx)
     sections.append((f"Model: {ctx.model_name}, batch 1, prompt {ctx.cfg['prompt']}, {ctx.cfg['new']} decode steps",
@@ -526,7 +675,6 @@ def main(argv=None) -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sections.append(("Memory", f"Peak RSS of the benchmark process (everything above, Python and torch included): "
                                f"{rss:.0f} MB."))
-    cmd = "python tools/bench.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     text = render(ctx, info, sections, cmd.strip(), time.perf_counter() - t_start, notes(ctx, lin_rows, mod_rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_atomic(args.out, text)

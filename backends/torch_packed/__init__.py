@@ -8,14 +8,17 @@ on this machine:
     pm(input_ids).logits; pm.generate(prompt, 32); pm.save("out/"); load("out/")
 
 Files: packing.py (bit packing, CPU int4pack and q4 layouts), linear.py (PackedLinear), kernels.py (kernel
-table, measurement, plans), native.py (builds and loads our own C kernels, csrc/: the AVX2 int4 kernel),
+table, measurement, plans), native.py (builds and loads our own C kernels, csrc/: the AVX2 int4 kernel and
+the codebook lookup kernel), codebook.py (CodebookLinear: learned codebooks), ext.py (ExtLinear),
 kv.py (PackedKVCache), patterns.py (what is lowered), lower.py (graph rewrite), model.py (PackedModel:
 generate, save, load).
 """
+from . import native
+from .codebook import CodebookLinear
 from .kernels import BUCKETS, KERNELS, TuneRecord, measure, tune
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat
 from .model import PackedModel, load, lower, machine
 
-__all__ = ["lower", "load", "PackedModel", "PackedLinear", "PackedKVCache", "WeightFormat", "ActFormat",
+__all__ = ["lower", "load", "PackedModel", "PackedLinear", "PackedKVCache", "WeightFormat", "ActFormat", "CodebookLinear",
            "KERNELS", "BUCKETS", "TuneRecord", "measure", "tune", "machine"]

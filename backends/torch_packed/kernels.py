@@ -33,6 +33,12 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      Only where the library builds on this machine.
     int8pack_codes   W8A8 on the int8pack kernel: integer input codes fed as bf16 (exact up to 256), one
                      bf16 rounding of each output dot product.
+    lutavx2          learned codebooks (CodebookLinear, codebook.py: SqueezeLLM's per-row tables, BCQ's
+                     per-group ones, 1..4-bit codes, with or without sparse values): our own C kernel
+                     (native.py ``lut_linear``, csrc/q4avx2.c) decoding the stored codes by a table lookup in
+                     registers, fp32 FMA, sparse values added in the same pass; exact up to summation order.
+                     Its fallback ``dequant`` is CodebookLinear's reference route (decode tiles + F.linear).
+                     Only where the library builds on this machine.
 
 Input quantizers: where the native library is there, the common one (dynamic symmetric per-token int of <= 8
 bits, ``ActFormat.fast``) runs as one ``native.token_quant`` call instead of ~5 torch ops: its codes in i8avx2,
@@ -117,6 +123,8 @@ def _input(mod, *, torch_only: bool = False):
 
 
 def _bind_dequant(mod):
+    if mod.wf.layout == "codebook":                 # CodebookLinear: its own reference route
+        return mod.reference
     prep, n, rows, bias, deq = _input(mod, torch_only=True), mod.wf.n, mod.tile_rows(), mod.bias, mod.dequantize
 
     def run(x: Tensor) -> Tensor:
@@ -161,6 +169,25 @@ def _bind_q4avx2(mod, *, a8: bool = False):
         return out
     run.tensors = tensors
     return run
+
+
+def _bind_lutavx2(mod):
+    """native.lut_linear on the module's stored codes and its derived fp32 tables (CodebookLinear.lut_tensors).
+    Returns x's leading dims and dtype."""
+    fq, kw, lut = _fake_quant(mod), mod.lut_tensors(), native.lut_linear
+
+    def run(x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if fq is not None:
+            x = fq(x)
+        y = lut(x if x.dtype is torch.float32 else x.float(), **kw)
+        return y if dtype is torch.float32 else y.to(dtype)
+    run.tensors = kw                 # kept alive with the module
+    return run
+
+
+def _lutavx2_applies(mod) -> bool:
+    return mod.wf.layout == "codebook" and mod.native_applies() and native.available()
 
 
 def _bind_int4pack(mod):
@@ -307,6 +334,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m) and _int8pack_k(m),
            _bind_int8pack_codes,
            "int8 input codes on _weight_int8pack_mm, bf16 result"),
+    Kernel("lutavx2", True, _lutavx2_applies, _bind_lutavx2,
+           "own AVX2 codebook kernel (csrc/q4avx2.c lut_linear): table lookup in registers, fp32"),
 )}
 
 

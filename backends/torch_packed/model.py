@@ -66,6 +66,7 @@ from . import native
 from .kernels import BUCKETS, KERNELS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
+from .codebook import CodebookLinear
 from .ext import ExtLinear
 from .lower import lower_kv_cache, lower_linears, simplify
 from .runtime import optimize_decode
@@ -131,8 +132,12 @@ class PackedModel(nn.Module):
                 + sum(b.numel() * b.element_size() for b in floats), "float_caches": len(floats),
                 "packed_caches": len(kv)}
 
+    def codebooks(self) -> dict[str, CodebookLinear]:
+        """The learned-codebook linears (codebook.py): kernels planned as the PackedLinears' are."""
+        return _codebooks(self.graph_module)
+
     def plan(self) -> dict[str, dict[int, str]]:
-        return {n: dict(m.plan) for n, m in self.linears().items()}
+        return {n: dict(m.plan) for n, m in {**self.linears(), **self.codebooks()}.items()}
 
     # -------------------------------------------------------------------------------- generation
     def decode_graph(self, max_cache_len: int, batch_size: int = 1, *, template: GraphModule | None = None,
@@ -279,8 +284,13 @@ def lower(qm, *, kernels: str | Mapping = "auto", repeats: int = 5) -> PackedMod
     gm = _copy_graph(qm.graph_module)
     mods = lower_linears(gm)
     simplify(gm)
+    mods = {**mods, **_codebooks(gm)}      # learned codebooks: their kernel (lutavx2 or the reference) measured too
     records = tune(list(mods.values()), kernels, repeats=repeats)
     return PackedModel(gm, qm.recipe, qm.source, kernels=kernels, records=records, plans=qm.plans)
+
+
+def _codebooks(gm: GraphModule) -> dict[str, CodebookLinear]:
+    return {n: m for n, m in gm.named_modules() if isinstance(m, CodebookLinear)}
 
 
 def _copy_graph(gm: GraphModule) -> GraphModule:
@@ -305,6 +315,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
     mods = lower_linears(gm, empty=True)
     simplify(gm)
     load_tensors(gm, directory, art.weights)
+    mods = {**mods, **_codebooks(gm)}
     policy = _policy(art.meta.get("kernels"), os.path.join(directory, META)) if kernels is None else _policy(kernels)
     saved = _measured_plan(directory, policy, mods) if kernels is None and policy in MEASURED else None
     if saved is not None:
@@ -345,6 +356,9 @@ def _measured_plan(directory: str, policy: str, mods: dict[str, PackedLinear]
         return None
     data = read_json(directory, TUNING, fix=_RETUNE)
     try:
+        if set(mods) - set(data["plan"]):         # e.g. codebook linears, planned since qpass measures them
+            log.info("%s has no plan for %s: measuring the kernels again", path, sorted(set(mods) - set(data["plan"]))[:3])
+            return None
         if data["machine"] != machine() or data["kernels"] != policy:
             log.info("%s was measured on another machine or policy (%s, %s): measuring the kernels again", path,
                      data["machine"], data["kernels"])

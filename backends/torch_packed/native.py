@@ -14,6 +14,9 @@
                       And the store / load of PackedKVCache's common formats (dynamic symmetric int4 / int8,
                       a scale per token and head or per token): :func:`kv_store`, :func:`kv_load`, one call each in place
                       of ~25 torch ops per cache access, storing the bytes the torch path stores.
+                      And ``lut_linear``: the codebook (table lookup) linear layer on CodebookLinear's stored
+                      b-bit codes (1..4 bits, dense or bit planes) and fp32 tables with the scale folded in,
+                      plus its sparse side channel; exact up to fp32 summation order (:func:`lut_linear`).
 
 Build: ``$CC`` (default ``cc``) ``-O3 -mavx2 -mfma -fopenmp -shared -fPIC`` (without ``-fopenmp`` if that
 fails: one thread) into ``$XDG_CACHE_HOME/qpass/kernels/q4avx2-<hash>.so`` (``~/.cache`` by default; a
@@ -24,7 +27,7 @@ a small reference product before it is used. With torch's Linux wheels the libra
 the one torch already loaded (same soname), so there is one OpenMP runtime and one thread pool.
 
 Torch ops: each kernel is also registered as ``torch.ops.qpass_native.<name>`` (token_quant, rms_norm, rope,
-kv_store (mutates its codes / scales arguments), kv_load, q4_linear, i8_linear; schemas in SCHEMAS) with a fake
+kv_store (mutates its codes / scales arguments), kv_load, q4_linear, i8_linear, lut_linear; schemas in SCHEMAS) with a fake
 kernel, so graphs can hold them as op nodes and be traced or exported (the decode runtime's fused RMSNorm and
 RoPE are such nodes: runtime.py). The CPU kernel is the C library where it is loaded (native_on) and a torch
 composition of the same semantics otherwise, so the ops exist and run without a compiler too. How they are
@@ -57,7 +60,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 6
+ABI_VERSION = 7
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -69,6 +72,8 @@ _RMS_ARGS = [_P, _I, _I, _P, ctypes.c_float, _P]                          # rms_
 _ROPE_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P]                 # rope_f32
 _KVS_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, ctypes.c_int, ctypes.c_int, _P, _P]   # kv_store
 _KVL_ARGS = [_P, _P, _I, _I, _I, _I, ctypes.c_int, _I, _P]                 # kv_load
+_LUT_ARGS = [_P, _I, _I, _P, _I, ctypes.c_int, ctypes.c_int, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P,
+             ctypes.c_int]                                                  # lut_linear
 
 _lock = threading.Lock()
 _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one build attempt per process
@@ -77,8 +82,8 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
     variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path,
-    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store`` and
-    ``kv_load`` the others."""
+    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
+    ``kv_load`` and ``lut_linear`` the others."""
 
     def __init__(self, path: str):
         self.file = path
@@ -100,7 +105,7 @@ class Q4Library:
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
                                ("rope", "rope_f32", _ROPE_ARGS), ("kv_store", "kv_store", _KVS_ARGS),
-                               ("kv_load", "kv_load", _KVL_ARGS)):
+                               ("kv_load", "kv_load", _KVL_ARGS), ("lut_linear", "lut_linear", _LUT_ARGS)):
             f = getattr(lib, fn)
             f.restype, f.argtypes = ctypes.c_int, args
             setattr(self, name, f)
@@ -322,6 +327,53 @@ def kv_load(codes: torch.Tensor, scales: torch.Tensor, n: int | None, bits: int,
     return out if dtype is torch.float32 else out.to(dtype)
 
 
+
+LUT_LAYOUTS = {"dense": 0, "dense3": 0, "bitplanes": 1}
+
+
+def lut_weight(qweight: torch.Tensor, table: torch.Tensor, bits: int, layout: str, k: int, bn: int, bk: int
+               ) -> torch.Tensor:
+    """The fp32 [N, K] weight :func:`lut_linear` multiplies by (no sparse values): the torch decode of its
+    arguments, for tests and the fallback. table fp32 [Sn, Sk, W], W >= 2^bits."""
+    from .packing import unpack_bitplanes, unpack_dense, unpack_dense3
+
+    u = unpack_dense(qweight, bits, k) if layout == "dense" else unpack_dense3(qweight, k) if layout == "dense3" \
+        else unpack_bitplanes(qweight, bits, k)
+    n = u.shape[0]
+    sn, sk, w = table.shape
+    rows = (torch.arange(n) // bn).clamp(max=sn - 1)
+    cols = (torch.arange(k) // bk).clamp(max=sk - 1)
+    return table.reshape(-1)[((rows[:, None] * sk + cols[None, :]) * w + u.long()).reshape(-1)].view(n, k)
+
+
+def lut_linear(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, bits: int, layout: str, k: int,
+               bn: int, bk: int, rowptr: torch.Tensor | None = None, index: torch.Tensor | None = None,
+               value: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out [..., N] = x [..., K] (fp32) times the codebook weight (csrc/q4avx2.c lut_linear):
+
+        W[n, k] = table[min(n // bn, Sn - 1), min(k // bk, Sk - 1), code[n, k]],   W.flat[index] += value
+
+    codes as CodebookLinear stores them (``layout`` 'dense' for 1, 2, 4 bits: [N, ceil(K bits / 8)];
+    'dense3' for 3 bits: [N, 3 ceil(K / 8)]; 'bitplanes' for 1..4 bits: [bits, N, ceil(K / 8)]), table fp32 contiguous [Sn, Sk, W] (W = 8 for bits <= 3,
+    16 for 4), bk a multiple of 8 when Sk > 1 (>= K for one group). The sparse side channel: index int32
+    sorted flat indices into [N, K], value fp32, rowptr int64 [N + 1] (where each row's entries start), or
+    None. bias fp32 [N] or None. Exact up to fp32 summation order."""
+    if x.dtype is not torch.float32 or x.shape[-1] != k:
+        raise ValueError(f"lut_linear: x {tuple(x.shape)} {x.dtype}, expected fp32 [..., {k}]")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n = qweight.shape[-2] if layout == "bitplanes" else qweight.shape[0]
+    sn, sk, _ = table.shape
+    out = torch.empty(*x.shape[:-1], n)
+    m = x.numel() // k
+    ptr = [t.data_ptr() if t is not None else None for t in (rowptr, index, value, bias)]
+    if _lib().lut_linear(x.data_ptr(), m, k, qweight.data_ptr(), n, LUT_LAYOUTS[layout], bits, table.data_ptr(),
+                         sn, sk, bn, bk, *ptr, out.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError(f"lut_linear failed for a {m}x{k} input, {n}x{k} weights, {bits} bits {layout}, table "
+                           f"{tuple(table.shape)}, block ({bn}, {bk})")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ torch ops
 # Every kernel above is also an operator of the ``qpass_native`` namespace (torch.ops.qpass_native.<name>), so a
 # graph holds it as an op node (traceable, exportable, printable) rather than as an opaque Python function. See
@@ -336,6 +388,8 @@ SCHEMAS = {
     "kv_load": "kv_load(Tensor codes, Tensor scales, SymInt? n, int bits, ScalarType? dtype=None) -> Tensor",
     "q4_linear": "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int group) -> Tensor",
     "i8_linear": "i8_linear(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor",
+    "lut_linear": "lut_linear(Tensor x, Tensor qweight, Tensor table, int bits, str layout, int k, int bn, int bk, "
+                  "Tensor? rowptr, Tensor? index, Tensor? value, Tensor? bias) -> Tensor",
 }
 OPS_NOTE = """\
 NOTE (measured on the dev machine, 2 cores shared with other jobs, torch 2.13, fp32, under torch.no_grad, best
@@ -504,6 +558,18 @@ def _i8_linear_torch(a, a_scale, w, w_scale, bias):
     return y if bias is None else y.add_(bias)
 
 
+def _lut_linear_torch(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, index=None, value=None, bias=None):
+    w = lut_weight(qweight, table, bits, layout, k, bn, bk)
+    if index is not None:
+        w = w.reshape(-1).index_add(0, index.long(), value.float()).view(w.shape)
+    return torch.nn.functional.linear(x.float(), w, bias)
+
+
+def _fake_lut_linear(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, index=None, value=None, bias=None):
+    n = qweight.shape[-2] if layout == "bitplanes" else qweight.shape[0]
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
 def _dispatch(fast, slow):
     """The CPU kernel of an op: the C library where it is on now (native_on), else the torch fallback."""
     state = _state
@@ -540,6 +606,7 @@ _IMPLS = {
                   lambda x, qw, s, z, b, g: x.new_empty((*x.shape[:-1], qw.shape[0]), dtype=torch.float32)),
     "i8_linear": (_i8_linear, _i8_linear_torch,
                   lambda a, sa, w, ws, b: a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float32)),
+    "lut_linear": (lut_linear, _lut_linear_torch, _fake_lut_linear),
 }
 
 
@@ -660,7 +727,34 @@ def _self_check(lib: Q4Library) -> None:
     rc = lib.i8_linear(a.data_ptr(), 3, k, w8.data_ptr(), n, sa.data_ptr(), ws.data_ptr(), None, out.data_ptr(), 1)
     if rc != 0 or not torch.allclose(out, ref, rtol=1e-6, atol=0):
         raise ValueError(f"self-check failed (i8_linear, rc={rc})")
+    _self_check_lut(lib, g)
     _self_check_ops(lib, g)
+
+
+def _self_check_lut(lib: Q4Library, g: torch.Generator) -> None:
+    """lut_linear on every (layout, bits), per-row and per-group tables, a K % 8 tail and sparse values,
+    against the torch decode + matmul."""
+    from .packing import pack_bitplanes, pack_dense, pack_dense3
+
+    n, k = 5, 45
+    x = torch.randn(3, k, generator=g)
+    for layout, bits in (("dense", 1), ("dense", 2), ("dense", 4), ("dense3", 3), ("bitplanes", 3)):
+        u = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+        qw = pack_dense(u, bits) if layout == "dense" else pack_dense3(u) if layout == "dense3" else \
+            pack_bitplanes(u, bits)
+        for sk, bk in ((1, k), (3, 16)):
+            table = torch.randn(n, sk, 16 if bits == 4 else 8, generator=g)
+            index = torch.tensor([3, 50, 51, 4 * k + 44], dtype=torch.int32)
+            value = torch.randn(4, generator=g)
+            rowptr = torch.searchsorted(index, torch.arange(n + 1, dtype=torch.int32) * k).long()
+            w = lut_weight(qw, table, bits, layout, k, 1, bk).reshape(-1).index_add(0, index.long(), value)
+            ref = x @ w.view(n, k).t()
+            out = torch.empty(3, n)
+            rc = lib.lut_linear(x.data_ptr(), 3, k, qw.data_ptr(), n, LUT_LAYOUTS[layout], bits, table.data_ptr(),
+                                n, sk, 1, bk, rowptr.data_ptr(), index.data_ptr(), value.data_ptr(), None,
+                                out.data_ptr(), 1)
+            if rc != 0 or not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+                raise ValueError(f"self-check failed (lut_linear {layout} {bits} bits, {sk} groups, rc={rc})")
 
 
 def _self_check_ops(lib: Q4Library, g: torch.Generator) -> None:

@@ -5,6 +5,9 @@ input columns). Four layouts:
 
 * ``dense``     bits in {1, 2, 4}: ``8 // bits`` codes per byte along K, the first code in the lowest bits
                 (int4: two codes per byte, low nibble = even column). ``[N, ceil(K * bits / 8)]`` uint8.
+* ``dense3``    3 bits: 8 codes in 3 bytes along K (a little-endian 24-bit word, code i at bits 3i .. 3i + 2),
+                ``[N, 3 * ceil(K / 8)]`` uint8: exactly 3 bits per code, and 8 codes are one shift apart (the
+                codebook kernel, csrc/q4avx2.c ``lut_linear``, decodes them with one load and one shift).
 * ``bitplanes`` any bits in 1..8: plane ``j`` holds bit ``j`` of every code, 8 codes per byte along K
                 (first code in bit 0). ``[bits, N, ceil(K / 8)]`` uint8; exactly ``bits`` bits per code, so
                 3-, 5-, 6- and 7-bit codes waste nothing.
@@ -67,6 +70,22 @@ def unpack_dense(packed: Tensor, bits: int, k: int) -> Tensor:
         u = (packed.unsqueeze(-1) >> shifts) & mask
     u = u.reshape(packed.shape[0], per * packed.shape[1])
     return u[:, :k] if u.shape[1] != k else u
+
+
+def pack_dense3(u: Tensor) -> Tensor:
+    """[N, K] codes < 8 -> [N, 3 * ceil(K / 8)] uint8: 8 codes per 3 bytes, code i of a group at bits 3i."""
+    v = _pad_cols(u.to(torch.int32), 8)
+    v = v.view(v.shape[0], -1, 8)
+    word = (v << (3 * torch.arange(8, dtype=torch.int32, device=u.device))).sum(-1)
+    return torch.stack([(word >> s) & 255 for s in (0, 8, 16)], -1).to(torch.uint8).reshape(u.shape[0], -1)
+
+
+def unpack_dense3(packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_dense3`: [N, k] uint8 codes."""
+    b = packed.view(packed.shape[0], -1, 3).to(torch.int32)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    u = (word.unsqueeze(-1) >> (3 * torch.arange(8, dtype=torch.int32, device=packed.device))) & 7
+    return u.to(torch.uint8).reshape(packed.shape[0], -1)[:, :k]
 
 
 # -------------------------------------------------------------------------------------- bitplanes

@@ -26,7 +26,8 @@
  * The same library holds i8_linear, the W8A8 kernel (int8 x int8 -> int32, then fp32 scales; see its comment
  * further down), and three small fp32 ops of the decode step that replace chains of torch ops bit for bit
  * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end),
- * and the store / load of a low-bit K/V cache (kv_store, kv_load; the comment before them, at the end).
+ * and the store / load of a low-bit K/V cache (kv_store, kv_load; the comment before them, at the end),
+ * and lut_linear, the codebook (table lookup) linear layer (its comment, at the very end).
  */
 #include <cpuid.h>
 #include <immintrin.h>
@@ -45,7 +46,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 6; }
+int q4_abi_version(void) { return 7; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1001,5 +1002,241 @@ NO_FMA int kv_load(const uint8_t *codes, const float *scales, int64_t bh, int64_
                 }
             }
         }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ codebook (table lookup) linear
+ *
+ *     out[m, n] = bias[n] + sum_k x[m, k] * T[min(n / bn, sn - 1), min(k / bk, sk - 1)][code[n, k]]
+ *                         + sum_{j = rowptr[n]}^{rowptr[n + 1] - 1} v[j] * x[m, idx[j] - n * K]
+ *
+ * The codes as CodebookLinear stores them (codebook.py; packing.py's layouts), read in place, no second copy:
+ *   layout 0 (dense, bits 1, 2, 4): row n at w + n * ceil(K * bits / 8), 8 / bits codes per byte, the first in
+ *            the low bits; (dense3, bits 3): row n at w + n * 3 ceil(K / 8), 8 codes per 3 bytes (a little-endian
+ *            24-bit word, code i at bit 3i);
+ *   layout 1 (bit planes, bits 1..4): plane p of row n at w + (p * N + n) * ceil(K / 8), bit i of byte c holding
+ *            bit p of the code of column 8c + i.
+ * T: fp32 tables [sn, sk, W] (W = 8 for bits <= 3, 16 for 4 bits; entries past 2^bits are never read) with the
+ * scale folded in by the caller (and rounded to the model's dtype), so every weight is the reference decode's
+ * value exactly; bn: output rows per table row, bk: columns per table group (a multiple of 8 when sk > 1).
+ * rowptr (int64 [N + 1]), idx (int32 flat indices into [N, K], sorted), v (fp32): the sparse side channel, or
+ * NULL. x: fp32 [M, K]; out: fp32 [M, N]; bias: fp32 [N] or NULL.
+ *
+ * Per 8 codes (a chunk): their bytes (one 1-, 2- or 4-byte load; for dense3 and bit planes, the bytes of 8 chunks
+ * at a time: lut_dense3_8, lut_planes8), a variable shift (and a mask, or for bit planes a multiply that gathers
+ * the planes' bits: lut_codes, lut_plane_idx) give 8 int32 indices; _mm256_permutevar8x32_ps on the table held in
+ * a register gives the 8 weights (16 entries: two permutes and a blend on bit 3 of the index), FMA'd into up to
+ * LUT_MB input rows at once: for M <= LUT_MB a row's codes are read and decoded once (for larger M again per block
+ * of LUT_MB input rows, from L1). 1-2 input rows keep four accumulators each, 3-4 two (at M = 1 one chain is
+ * FMA-latency-bound: four made it 1.2x faster). Columns past the last whole 8 and the sparse values are summed in
+ * scalar code. fp32 throughout: the result differs from decode + fp32 matmul only by summation order (a sparse
+ * value is added as v * x rather than into the weight first).
+ * Threads: OpenMP over output rows, dynamic in runs of LUT_ROWS.
+ */
+#define LUT_MB 8
+#define LUT_ROWS 16
+
+INLINE uint32_t lut_ld(const uint8_t *p, int bytes) {  /* little-endian; 3 bytes combined in registers (a
+                                                          3-byte memcpy into a word stalls store forwarding) */
+    if (bytes == 3) {
+        uint16_t lo;
+        memcpy(&lo, p, 2);
+        return (uint32_t)lo | (uint32_t)p[2] << 16;
+    }
+    if (bytes == 4) {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    if (bytes == 2) {
+        uint16_t v;
+        memcpy(&v, p, 2);
+        return v;
+    }
+    return p[0];
+}
+
+/* the 8 codes of chunk c (columns 8c .. 8c + 7) of a row as int32 lanes; bits above the code's may be set
+ * where the lookup ignores them (4-bit dense: permute reads bits 0-2, the blend bit 3 alone). Bit planes: the
+ * bytes of the planes combine into v = b0 | b1 << 8 | ..., lane i shifts v right by i and keeps bits 0, 8, 16,
+ * 24; one multiply by sum_p 2^(S - 7p) (S = 7 (bits - 1)) moves bit 8p to S + p with no carries, so a shift
+ * by S leaves the code (zeros above it up to bit 7). */
+INLINE __m256i lut_codes(const int layout, const int bits, const uint8_t *row, int64_t pstride, int64_t c,
+                         __m256i shifts) {
+    if (layout == 0) {
+        const __m256i t = _mm256_srlv_epi32(_mm256_set1_epi32((int)lut_ld(row + c * bits, bits)), shifts);
+        return bits >= 3 ? t : _mm256_and_si256(t, _mm256_set1_epi32((1 << bits) - 1));
+    }
+    uint32_t v = row[c];
+    for (int p = 1; p < bits; p++) v |= (uint32_t)row[p * pstride + c] << (8 * p);
+    if (bits == 1) return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts), _mm256_set1_epi32(1));
+    const int sh = 7 * (bits - 1);
+    int mul = 0;
+    for (int p = 0; p < bits; p++) mul |= 1 << (sh - 7 * p);
+    const __m256i t = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)v), shifts),
+                                       _mm256_set1_epi32(0x01010101));
+    return _mm256_srli_epi32(_mm256_mullo_epi32(t, _mm256_set1_epi32(mul)), sh);
+}
+
+INLINE int lut_code1(const int layout, const int bits, const uint8_t *row, int64_t pstride, int64_t k) {
+    if (layout == 0 && bits == 3) return (int)(lut_ld(row + 3 * (k / 8), 3) >> (3 * (k % 8))) & 7;
+    if (layout == 0) return (row[k * bits / 8] >> ((k * bits) % 8)) & ((1 << bits) - 1);
+    int u = 0;
+    for (int p = 0; p < bits; p++) u |= ((row[p * pstride + k / 8] >> (k % 8)) & 1) << p;
+    return u;
+}
+
+/* Bit planes, 8 chunks at once: lane j of the result is v_j = b0_j | b1_j << 8 | ... (bytes c + j of the
+ * planes) from one 8-byte load per plane and two rounds of unpacks; lut_plane_idx takes chunk j from it. */
+INLINE __m256i lut_planes8(const int bits, const uint8_t *row, int64_t pstride, int64_t c) {
+    const __m128i z = _mm_setzero_si128();
+    const __m128i b0 = _mm_loadl_epi64((const __m128i *)(row + c));
+    const __m128i b1 = bits > 1 ? _mm_loadl_epi64((const __m128i *)(row + pstride + c)) : z;
+    const __m128i b2 = bits > 2 ? _mm_loadl_epi64((const __m128i *)(row + 2 * pstride + c)) : z;
+    const __m128i b3 = bits > 3 ? _mm_loadl_epi64((const __m128i *)(row + 3 * pstride + c)) : z;
+    const __m128i a = _mm_unpacklo_epi8(b0, b1), b = _mm_unpacklo_epi8(b2, b3);
+    return _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+}
+
+/* dense3, 8 chunks at once (24 bytes, two in-bounds 16-byte loads: bytes 0..15 and 8..23): lane j of the result
+ * holds the 3 bytes of chunk j (its 24-bit word) in its low bytes */
+INLINE __m256i lut_dense3_8(const uint8_t *p) {
+    const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 8)), _mm_loadu_si128((const __m128i *)p));
+    const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                          4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    return _mm256_shuffle_epi8(v, shuf);
+}
+
+INLINE __m256i lut_plane_idx(const int bits, __m256i v8, int j, __m256i shifts) {
+    const int sh = 7 * (bits - 1);
+    int mul = 0;
+    for (int p = 0; p < bits; p++) mul |= 1 << (sh - 7 * p);
+    const __m256i t = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v8, _mm256_set1_epi32(j)),
+                                                         shifts), _mm256_set1_epi32(0x01010101));
+    return _mm256_srli_epi32(_mm256_mullo_epi32(t, _mm256_set1_epi32(mul)), sh);
+}
+
+INLINE __m256 lut_lookup(const int bits, __m256 t0, __m256 t1, __m256i idx) {
+    const __m256 w = _mm256_permutevar8x32_ps(t0, idx);
+    if (bits < 4) return w;
+    return _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(t1, idx), _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* res[m] = sum_k x[m * ldx + k] * weight(row, k) over all K columns, for MB input rows. NA accumulators per input
+ * row (chunk c goes to accumulator c % NA): the FMA chains are independent enough to hide the FMA latency (one
+ * chain at M = 1 is latency-bound at one chunk per 4 cycles). */
+#define LUT_FMA(u, w, c)                                                                                      \
+    for (int m = 0; m < MB; m++) a[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * ldx + 8 * (c)), a[u][m]);
+
+INLINE void lut_row(const int layout, const int bits, const int MB, const float *x, int64_t ldx, int64_t k,
+                    const uint8_t *row, int64_t pstride, const float *tab, int64_t sk, int64_t bk, float *res) {
+    const int W = bits == 4 ? 16 : 8;
+    const int NA = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;          /* accumulators per input row: NA * MB <= 8 */
+    const __m256i shifts = layout == 0 ? _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                            _mm256_set1_epi32(bits))
+                                       : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 a[4][LUT_MB];
+    for (int u = 0; u < NA; u++)
+        for (int m = 0; m < MB; m++) a[u][m] = _mm256_setzero_ps();
+    const int64_t chunks = k / 8;
+    const int64_t gch = sk > 1 ? bk / 8 : chunks;              /* chunks per table group */
+    for (int64_t g = 0, c0 = 0; c0 < chunks; g++, c0 += gch) {
+        const int64_t c1 = c0 + gch < chunks ? c0 + gch : chunks;
+        const float *t = tab + (g < sk ? g : sk - 1) * W;
+        const __m256 t0 = _mm256_loadu_ps(t), t1 = bits == 4 ? _mm256_loadu_ps(t + 8) : t0;
+        int64_t c = c0;
+        if ((layout == 0 && bits == 3) || (layout == 1 && bits > 1)) {   /* 8 chunks per round of loads */
+            for (; c + 8 <= c1; c += 8) {
+                const __m256i v8 = layout == 0 ? lut_dense3_8(row + 3 * c) : lut_planes8(bits, row, pstride, c);
+                for (int j = 0; j < 8; j++) {
+                    const __m256i idx = layout == 0
+                        ? _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(v8, _mm256_set1_epi32(j)), shifts)
+                        : lut_plane_idx(bits, v8, j, shifts);
+                    const __m256 w = lut_lookup(bits, t0, t1, idx);
+                    LUT_FMA(j % NA, w, c + j)
+                }
+            }
+        }
+        for (; c + NA <= c1; c += NA)
+            for (int u = 0; u < NA; u++) {
+                const __m256 w = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c + u, shifts));
+                LUT_FMA(u, w, c + u)
+            }
+        for (; c < c1; c++) {
+            const __m256 w = lut_lookup(bits, t0, t1, lut_codes(layout, bits, row, pstride, c, shifts));
+            LUT_FMA(0, w, c)
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        __m256 sum = a[0][m];
+        for (int u = 1; u < NA; u++) sum = _mm256_add_ps(sum, a[u][m]);
+        res[m] = hsum(sum);
+    }
+    for (int64_t j = chunks * 8; j < k; j++) {                  /* the last K % 8 columns */
+        const int64_t g = sk > 1 ? j / bk : 0;
+        const float wv = tab[(g < sk ? g : sk - 1) * W + lut_code1(layout, bits, row, pstride, j)];
+        for (int m = 0; m < MB; m++) res[m] += wv * x[m * ldx + j];
+    }
+}
+
+#define LUT_ROW_MB(L, B)                                                                                        \
+    static void lut_row_##L##_##B(int mb, const float *x, int64_t ldx, int64_t k, const uint8_t *row,          \
+                                  int64_t pstride, const float *tab, int64_t sk, int64_t bk, float *res) {     \
+        switch (mb) {                                                                                           \
+        case 1: lut_row(L, B, 1, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 2: lut_row(L, B, 2, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 3: lut_row(L, B, 3, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 4: lut_row(L, B, 4, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 5: lut_row(L, B, 5, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 6: lut_row(L, B, 6, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        case 7: lut_row(L, B, 7, x, ldx, k, row, pstride, tab, sk, bk, res); break;                            \
+        default: lut_row(L, B, 8, x, ldx, k, row, pstride, tab, sk, bk, res); break;                           \
+        }                                                                                                       \
+    }
+LUT_ROW_MB(0, 1)
+LUT_ROW_MB(0, 2)
+LUT_ROW_MB(0, 3)
+LUT_ROW_MB(0, 4)
+LUT_ROW_MB(1, 1)
+LUT_ROW_MB(1, 2)
+LUT_ROW_MB(1, 3)
+LUT_ROW_MB(1, 4)
+
+typedef void (*lut_row_fn)(int, const float *, int64_t, int64_t, const uint8_t *, int64_t, const float *, int64_t,
+                           int64_t, float *);
+
+/* The entry point. Returns 0, or -1 on bad arguments (out is then untouched). */
+int lut_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int layout, int bits,
+               const float *tab, int64_t sn, int64_t sk, int64_t bn, int64_t bk, const int64_t *rowptr,
+               const int32_t *idx, const float *val, const float *bias, float *out, int threads) {
+    lut_row_fn fn = NULL;
+    if (layout == 0) fn = bits == 1 ? lut_row_0_1 : bits == 2 ? lut_row_0_2 : bits == 3 ? lut_row_0_3
+                                 : bits == 4 ? lut_row_0_4 : NULL;
+    else if (layout == 1) fn = bits == 1 ? lut_row_1_1 : bits == 2 ? lut_row_1_2 : bits == 3 ? lut_row_1_3
+                                 : bits == 4 ? lut_row_1_4 : NULL;
+    if (!fn || m < 0 || n < 0 || k <= 0 || sn < 1 || sk < 1 || bn < 1 || bk < 1 || (sk > 1 && bk % 8)) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    const int W = bits == 4 ? 16 : 8;
+    const int64_t stride = layout == 0 ? (bits == 3 ? 3 * ((k + 7) / 8) : (k * bits + 7) / 8) : (k + 7) / 8;
+    const int64_t pstride = n * stride;
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, LUT_ROWS) num_threads(threads) if (parallel)
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t tr = r / bn < sn ? r / bn : sn - 1;
+        const float *tab_r = tab + tr * sk * W;
+        float res[LUT_MB];
+        for (int64_t m0 = 0; m0 < m; m0 += LUT_MB) {
+            const int mb = m - m0 < LUT_MB ? (int)(m - m0) : LUT_MB;
+            const float *xm = x + m0 * k;
+            fn(mb, xm, k, k, w + r * stride, pstride, tab_r, sk, bk, res);
+            if (rowptr)
+                for (int64_t j = rowptr[r]; j < rowptr[r + 1]; j++) {
+                    const int64_t col = (int64_t)idx[j] - r * k;
+                    for (int i = 0; i < mb; i++) res[i] += val[j] * xm[i * k + col];
+                }
+            for (int i = 0; i < mb; i++) out[(m0 + i) * n + r] = res[i] + (bias ? bias[r] : 0.f);
+        }
+    }
     return 0;
 }
