@@ -6,13 +6,15 @@ Changes   per linear, two candidates at the recipe's bit widths: the integer fam
           recipe gives `activations`, for the layer's input too (``joint``: the paper's rule, one family per
           layer, so its GEMM is INT or FP; ``joint: false``: each tensor chooses on its own). The candidate of
           smaller layer error wins (ties: int):
-            weight_mse   mean (W - Q(W))^2 (the paper's W-only metric; activations: mean (X - Q(X))^2 on the
-                         token sample)
-            output_mse   mean (X W^T - Q(X) Q(W)^T)^2 on a sample of calibration tokens (the paper's W-A metric)
+            output_mse   mean (X W^T - Q(X) Q(W)^T)^2 on a sample of calibration tokens (the default; weight-only:
+                         Q(X) = X): the layer-output error the paper allows as its metric, which weighs each
+                         weight's error by how much the inputs use it
+            weight_mse   mean (W - Q(W))^2 (tensor error, no data needed; activations: mean (X - Q(X))^2 on
+                         the token sample)
             auto         weight_mse without activations, output_mse with them
           then inserts the chosen quantizers as the quantize pass does (static activation scales from the
           recipe's observer, per chosen format)
-Requires  calibration data for output_mse, activations or static activation scales
+Requires  calibration data for output_mse (the default), activations or static activation scales
 Preserves nothing (adds quantizer nodes)
 
 The plan is the quantize pass's (each quantizer with its chosen spec) plus each linear's choice and both errors.
@@ -59,8 +61,9 @@ class MofqConfig:
         "weights": "bit width (4 or 8) and granularity of the weights; the format is chosen per layer (int<b> or "
                    "fp4_e2m1 / fp8_e4m3); `format` may name either family, it only sets the bits",
         "activations": "bit width and granularity of the linear inputs (null: weight-only); format chosen per layer",
-        "metric": "weight_mse (tensor error), output_mse (layer output error on calibration tokens) or auto "
-                  "(weight_mse without activations, output_mse with them: the paper's choices)",
+        "metric": "output_mse (default: layer output error on calibration tokens), weight_mse (tensor error, "
+                  "no calibration needed for weight-only) or auto (weight_mse without activations, output_mse "
+                  "with them)",
         "joint": "one family per layer for weights and activations (the paper: the GEMM is INT or FP); false: each "
                  "tensor chooses on its own",
         "tokens": "calibration tokens kept per linear input for output_mse and activation errors",
@@ -71,7 +74,7 @@ class MofqConfig:
 
     weights: QSpec = QSpec(IntFormat(4), PerGroup(128))
     activations: QSpec | None = None
-    metric: Literal["auto", "weight_mse", "output_mse"] = "auto"
+    metric: Literal["auto", "weight_mse", "output_mse"] = "output_mse"
     joint: bool = True
     tokens: int = 512
     observer: ObserverConfig = field(default_factory=ObserverConfig)
@@ -148,6 +151,9 @@ class Mofq(Pass):
             stats["activations_int"] = sum(c["activations"] == "int" for c in choice.values())
             stats["activations_float"] = len(todo) - stats["activations_int"]
         stats["metric"] = "output_mse" if cfg.output_metric else "weight_mse"
+        if cfg.output_metric:     # layers where the tensor error alone would have chosen the other weight format
+            stats["weight_mse_disagrees"] = sum(
+                c["weights"] != min(FAMILIES, key=lambda f: (c["weight_mse"][f], f == "float")) for c in choice.values())
         stats["choice"] = {k: _summary(c) for k, c in choice.items()}
         return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
@@ -169,7 +175,8 @@ class Mofq(Pass):
                 errors[fw if ac is None else f"{fw}/{fa}"] = float((xq @ fake_quant(w, wc[fw]).t() - ref).pow(2).mean())
             best = min(errors, key=lambda c: (errors[c], c.count("float")))     # ties: int
             fw, _, fa = best.partition("/")
-            return {"weights": fw, "activations": fa or None, "errors": errors}
+            wmse = {f: float((fake_quant(w, wc[f]) - w).pow(2).mean()) for f in FAMILIES}   # for the report
+            return {"weights": fw, "activations": fa or None, "errors": errors, "weight_mse": wmse}
         errors = {f: float((fake_quant(w, wc[f]) - w).pow(2).mean()) for f in FAMILIES}
         fw = min(FAMILIES, key=lambda f: (errors[f], f == "float"))
         out = {"weights": fw, "activations": None, "errors": {f"weights_{f}": e for f, e in errors.items()}}
@@ -218,6 +225,8 @@ def fake_quant(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
 
 def _summary(c: dict) -> str:
     errs = ", ".join(f"{k} {v:.3e}" if math.isfinite(v) else f"{k} {v}" for k, v in c["errors"].items())
+    if "weight_mse" in c:
+        errs += "; weight MSE " + ", ".join(f"{k} {v:.3e}" for k, v in c["weight_mse"].items())
     fams = c["weights"] if c["activations"] is None else f"W {c['weights']}, A {c['activations']}"
     return f"{fams} ({errs})"
 

@@ -42,7 +42,7 @@ def test_heavy_tails_favour_float_and_uniform_values_favour_int():
 
 @pytest.fixture(scope="module")
 def w4():
-    return qpass.apply(toy.hf_model("llama"), recipe(), calib_data=CALIB, progress=False)
+    return qpass.apply(toy.hf_model("llama"), recipe(metric="weight_mse"), calib_data=CALIB, progress=False)
 
 
 def test_weight_mse_choice_is_the_smaller_error_and_the_quantizers_follow_it(w4):
@@ -66,11 +66,27 @@ def test_output_mse_with_activations_is_joint_and_minimal():
     acts = {q.path: q for q in quantizers(qm.graph_module, role="input")}
     for path, c in qm.plans[0].decisions["choice"].items():
         assert c["weights"] == c["activations"] and set(c["errors"]) == {"int/int", "float/float"}
+        assert set(c["weight_mse"]) == {"int", "float"}
         assert c["errors"][f"{c['weights']}/{c['activations']}"] == min(c["errors"].values())
         assert acts[path].fmt_name == {"int": "int8", "float": "fp8_e4m3"}[c["activations"]] and acts[path].dynamic
     split = qpass.apply(toy.hf_model("llama"), recipe(weights=W8C, activations=A8, joint=False), calib_data=CALIB,
                         progress=False)
     assert all(len(c["errors"]) == 4 for c in split.plans[0].decisions["choice"].values())
+
+
+def test_weight_only_default_is_the_output_error_and_reports_both_metrics():
+    """The default metric is the layer output error ||XW^T - XQ(W)^T||^2 on calibration tokens; the report keeps
+    each layer's weight MSE too, and counts the layers where it alone would have chosen the other format."""
+    qm = qpass.apply(toy.hf_model("llama"), recipe(), calib_data=CALIB, progress=False)
+    stats = qm.report["mofq"].stats
+    assert stats["metric"] == "output_mse" and stats["linears"] == 14
+    disagree = 0
+    for path, c in qm.plans[0].decisions["choice"].items():
+        assert set(c["errors"]) == {"int", "float"} and c["activations"] is None
+        assert c["errors"][c["weights"]] == min(c["errors"].values())
+        assert set(c["weight_mse"]) == {"int", "float"} and "weight MSE" in stats["choice"][path]
+        disagree += c["weights"] != min(("int", "float"), key=lambda f: c["weight_mse"][f])
+    assert stats["weight_mse_disagrees"] == disagree
 
 
 def test_static_activations_get_scales_of_their_chosen_format():
@@ -117,7 +133,7 @@ class _One(nn.Module):
 
 def test_weight_only_weight_mse_needs_no_calibration():
     x = torch.randn(2, 3, 8)
-    qm = qpass.apply(qpass.capture(_One(), (x,)), recipe(ignore=[]), progress=False)
+    qm = qpass.apply(qpass.capture(_One(), (x,)), recipe(ignore=[], metric="weight_mse"), progress=False)
     assert qm.report["mofq"].stats["linears"] == 1
 
 
@@ -137,9 +153,11 @@ def test_unknown_targets_and_missing_calibration_are_errors():
     with pytest.raises(TargetNotFoundError, match="q_prj"):
         qpass.apply(toy.hf_model("llama"), recipe(targets=["model.layers.*.self_attn.q_prj"]), progress=False)
     with pytest.raises(CalibrationError, match="mofq needs calibration data"):
-        qpass.apply(toy.hf_model("llama"), recipe(metric="output_mse"), progress=False)
+        qpass.apply(toy.hf_model("llama"), recipe(), progress=False)      # output_mse, the default
 
 
-@pytest.mark.parametrize("path", ["recipes/mofq_w4a16.yaml", "recipes/mofq_w8a8.yaml", "recipes/mofq_w4a8.yaml"])
+@pytest.mark.parametrize("path", ["recipes/mofq_w4a16.yaml", "recipes/mofq_w8a8.yaml", "recipes/mofq_w4a8.yaml",
+                                  "recipes/mofq_cmp_w4a16_weight_mse.yaml", "recipes/mofq_cmp_w4a4_static.yaml",
+                                  "recipes/mofq_cmp_w4a8_static.yaml"])
 def test_presets_load(path):
     assert type(qpass.Recipe.from_yaml(path).passes[0]).name == "mofq"

@@ -181,3 +181,50 @@ def test_a_pow2_model_saves_and_loads_exactly(applied, tmp_path):
     ids = toy.token_ids(batch=2, t=7, seed=2)
     assert torch.equal(loaded(ids).logits, qm(ids).logits)
     assert [q.meta.spec for q in quantizers(loaded.graph_module)] == [q.meta.spec for q in quantizers(qm.graph_module)]
+
+
+STATIC, PER_TOKEN = {"granularity": "per_tensor"}, {"granularity": "per_token", "dynamic": True}
+
+
+@pytest.mark.parametrize("arch, fmt, act", [("llama", "fp8_e4m3", STATIC), ("llama", "fp8_e5m2", PER_TOKEN),
+                                            ("opt", "fp8_e4m3", PER_TOKEN)],
+                         ids=["llama-e4m3-static", "llama-e5m2-per_token", "opt-e4m3-per_token"])
+def test_fp8_activations_lower_to_onnx_float8_qdq_with_parity(arch, fmt, act, tmp_path):
+    """FP8 inputs of int-weight linears: float8 QuantizeLinear/DequantizeLinear (saturating, round to nearest
+    even, as torch's float8 cast), static per-tensor or per-token scales (max|x| / fp8 max); onnxruntime's logits
+    equal the fake-quant model's to float rounding. The torch backend keeps the FP8 input in its packed linear."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from qpass.backends import onnx_qdq
+
+    w = {"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": True}
+    qm = qpass.apply(toy.hf_model(arch), {"passes": [{"quantize": {
+        "weights": w, "activations": {"format": fmt, **act}, "ignore": ["lm_head"]}}]}, calib_data=CALIB,
+        progress=False)
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
+    qpass.lower(qm, "onnx", tmp_path / "m")
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    want = {"fp8_e4m3": onnx.TensorProto.FLOAT8E4M3FN, "fp8_e5m2": onnx.TensorProto.FLOAT8E5M2}[fmt]
+    q8 = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+          and any(a.name == "output_dtype" and a.i == want for a in n.attribute)]
+    assert q8, "no float8 QuantizeLinear in the exported graph"
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids)
+    # E5M2 has 2 mantissa bits: a float-rounding difference upstream (onnxruntime's norms) can move one value
+    # across a rounding boundary, a step of up to 1/8 of it; E4M3 stays within float rounding here
+    tol = 2e-2 if fmt == "fp8_e5m2" else 1e-4
+    torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=tol)
+
+
+def test_onnx_refuses_fp4_activations_by_name(tmp_path):
+    """Opset 21 has no 4-bit float type: FP4 inputs are refused at lowering, naming the format and the node."""
+    pytest.importorskip("onnxruntime")
+    qm = qpass.apply(toy.hf_model("llama"), {"passes": [{"quantize": {
+        "weights": {"bits": 4, "granularity": "per_channel", "symmetric": True},
+        "activations": {"format": "fp4_e2m1", "granularity": "per_tensor"}, "ignore": ["lm_head"]}}]},
+        calib_data=CALIB, progress=False)
+    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)fp4_e2m1.*model\.layers\.0"):
+        qpass.lower(qm, "onnx", tmp_path / "m")

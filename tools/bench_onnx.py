@@ -4,7 +4,9 @@
     python tools/bench_onnx.py [--model models/tiny-llama] [--eval data/austen/eval.txt] [--threads 1]
                                [--prompt 128] [--new-tokens 64] [--repeats 5] [--eval-tokens 0 (all)]
                                [--levels 0,4]
-    python tools/bench_onnx.py --parity [--eval-tokens 4096] [--levels 0,4]  # ORT logits vs the fake-quant model
+    python tools/bench_onnx.py --parity [--eval-tokens 4096] [--levels 0,4] [--recipe R.yaml ...]
+                               # ORT logits and perplexity vs the fake-quant model (default recipes: w8a8,
+                               # w4a16_g128, w4a8_kv4; --recipe: any presets in recipes/, e.g. W+A rows)
 
 --levels: the ``session.qdq_matmulnbits_accuracy_level`` values of the W4A16 rows (onnxruntime's
 DequantizeLinear+MatMul -> MatMulNBits fusion; 0/1: fp32 math, 4: int8 activations inside the kernel). With
@@ -308,6 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--codes", action="store_true", help="after the table: compare the INT4 codes and scales of "
                     "qpass's full_range W4 g128 graph with MatMulNBitsQuantizer's")
     ap.add_argument("--calib", default=os.path.join(ROOT, "data", "austen", "calib.txt"))
+    ap.add_argument("--recipe", action="append", default=[], metavar="R.yaml",
+                    help="with --parity: a preset of recipes/ to lower and compare (repeatable; default: w8a8.yaml, "
+                         "w4a16_g128.yaml, w4a8_kv4.yaml)")
     ap.add_argument("--levels", default="0,4", help="accuracy levels of the W4A16 rows, comma-separated, the "
                     "reference first (default 0,4; each of 0..4)")
     args = ap.parse_args(argv)
@@ -330,8 +335,12 @@ def main(argv=None) -> int:
     import onnxruntime
 
     if args.parity:
-        rows = parity_rows(args.model, args.eval, args.calib, ["w8a8.yaml", "w4a16_g128.yaml", "w4a8_kv4.yaml"],
-                           eval_tokens=args.eval_tokens, levels=args.levels)
+        recipes = [os.path.basename(r) for r in args.recipe] or ["w8a8.yaml", "w4a16_g128.yaml", "w4a8_kv4.yaml"]
+        missing = [r for r in recipes if not os.path.isfile(os.path.join(ROOT, "recipes", r))]
+        if missing:
+            raise SystemExit(f"bench_onnx.py: --recipe {missing[0]} is not a preset in recipes/")
+        rows = parity_rows(args.model, args.eval, args.calib, recipes, eval_tokens=args.eval_tokens,
+                           levels=args.levels)
         print(parity_table(rows))
         return 0
 

@@ -13,6 +13,10 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
     qdq_dynamic(x, block, bits, symmetric)                    scales from x per block of the last axis, Q -> DQ
     gather_nbits(ids, packed[N,nb,blob], scales[N,nb], k, bits, block)  rows `ids` of a matmul_nbits weight:
                                                               Gather bytes + scales, unpack nibbles, (q - z) * s
+    qdq_fp8(x, scale, axis, e5m2)                             float8 QuantizeLinear -> DequantizeLinear (static:
+                                                              per tensor, 0-d scale, or per axis, 1-D scale)
+    qdq_fp8_dynamic(x, block, e5m2)                           scale = max|x| / fp8 max per block of the last axis
+                                                              (per token: the whole axis), float8 Q -> DQ
 
 Weight layout: codes are stored [K, N] (the MatMul's B), so DequantizeLinear feeds MatMul directly (a
 Transpose in between blocks onnxruntime's fusions). ``block`` > 0: blocked along K (scale [ceil(K/block), N],
@@ -153,6 +157,53 @@ def _register() -> None:
         return ids.new_empty((*ids.shape, k), dtype=torch.float32)
 
 
+FP8_MAX = {False: 448.0, True: 57344.0}                     # e4m3fn, e5m2 (qpass.primitives.spec.FLOAT_MAX)
+FP8_TORCH = {False: torch.float8_e4m3fn, True: torch.float8_e5m2}
+
+
+def fp8_roundtrip(x: Tensor, scale: Tensor, e5m2: bool) -> Tensor:
+    """x / scale saturated to the format's range, rounded to float8 (nearest even), times scale: what qpass's
+    fake_quantize computes for fp8 formats and what float8 QuantizeLinear (saturate=1) + DequantizeLinear do."""
+    m = FP8_MAX[e5m2]
+    return ((x / scale).clamp(-m, m).to(FP8_TORCH[e5m2]).to(x.dtype) * scale).contiguous()
+
+
+def fp8_dynamic_scale(x: Tensor, block: int, e5m2: bool) -> Tensor:
+    """max|x| / fp8 max per block of `block` elements of the last axis (0: the whole tensor), floored at
+    SCALE_FLOOR; shaped to broadcast against x reshaped [..., D / block, block]."""
+    if block == 0:
+        return (x.abs().amax() / FP8_MAX[e5m2]).clamp(min=SCALE_FLOOR)
+    xg = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    return (xg.abs().amax(-1, keepdim=True) / FP8_MAX[e5m2]).clamp(min=SCALE_FLOOR)
+
+
+def _register_fp8() -> None:
+    @torch.library.custom_op("qpass_onnx::qdq_fp8", mutates_args=())
+    def qdq_fp8(x: Tensor, scale: Tensor, axis: int, e5m2: bool) -> Tensor:
+        s = scale
+        if scale.dim() == 1:
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            s = scale.reshape(shape)
+        return fp8_roundtrip(x, s, e5m2)
+
+    @qdq_fp8.register_fake
+    def _(x, scale, axis, e5m2):
+        return torch.empty_like(x)
+
+    @torch.library.custom_op("qpass_onnx::qdq_fp8_dynamic", mutates_args=())
+    def qdq_fp8_dynamic(x: Tensor, block: int, e5m2: bool) -> Tensor:
+        s = fp8_dynamic_scale(x, block, e5m2)
+        if block == 0:
+            return fp8_roundtrip(x, s, e5m2)
+        xg = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+        return fp8_roundtrip(xg, s, e5m2).reshape(x.shape)
+
+    @qdq_fp8_dynamic.register_fake
+    def _(x, block, e5m2):
+        return torch.empty_like(x)
+
+
 def codebook_weight(codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor, outlier_index: Optional[Tensor],
                     outlier_value: Optional[Tensor]) -> Tensor:
     """[K, N] weight of a codebook_matmul: ``table[codes + off_k + off_n]`` (the table flattened, scales folded in,
@@ -210,6 +261,8 @@ if not _registered():
     _register()
 if not hasattr(torch.ops.qpass_onnx, "codebook_matmul"):
     _register_codebook()
+if not hasattr(torch.ops.qpass_onnx, "qdq_fp8"):
+    _register_fp8()
 
 dq_matmul = torch.ops.qpass_onnx.dq_matmul.default
 int8_dyn_matmul = torch.ops.qpass_onnx.int8_dyn_matmul.default
@@ -218,3 +271,5 @@ qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default
 codebook_matmul = torch.ops.qpass_onnx.codebook_matmul.default
 gather_nbits = torch.ops.qpass_onnx.gather_nbits.default
+qdq_fp8 = torch.ops.qpass_onnx.qdq_fp8.default
+qdq_fp8_dynamic = torch.ops.qpass_onnx.qdq_fp8_dynamic.default

@@ -7,12 +7,14 @@ Changes   a table keyed by (weight kind, input kind) picks the lowering of each 
             int8 weights, per-token int8 input int8_dyn_matmul  -> MatMulInteger chain (MatMulIntegerToFloat)
             int<=4 weights, per-token int8     matmul_nbits     -> MatMulNBits, accuracy_level 4 (W4A8)
             int weights, other input           qdq / qdq_dynamic on the input + dq_matmul (exact, unfused)
+            int weights, fp8 input             qdq_fp8 / qdq_fp8_dynamic (float8 Q/DQ) + dq_matmul (exact, unfused)
           other quantizers become qdq (static scales) or qdq_dynamic (scales from the tensor), with
           permute/reshape around them when their blocks span several axes (per-token K/V across heads);
           a K/V quantizer on cat([past_key_values input, new]) moves onto `new` (``_Rewriter.past_cache``)
           learned codebook weights (formats.Codebook, per channel or per group, optionally with sparse values)
                                                codebook_matmul  -> Gather(table) [+ ScatterND] + MatMul
-Requires  integer formats or learned codebooks (fp8 / fp4 / nf4 raise UnsupportedOpError naming the node)
+Requires  integer formats or learned codebooks; fp8 for activations / KV (float weights, fp4 / nf4 anywhere raise
+          UnsupportedOpError naming the node)
 Preserves the function: the rewritten graph runs in torch and equals the fake-quant graph up to float
           rounding (W4A8 MatMulNBits is checked at accuracy level 0 there; level 4 is onnxruntime's kernel)
 
@@ -38,7 +40,7 @@ from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, role_of, unsupported
 
 from . import ops, side_channels
-from .qdq import Lowered, LoweringReport, QdqRewrites, check_int
+from .qdq import FP8_FORMATS, Lowered, LoweringReport, QdqRewrites, check_int, is_fp8
 
 aten = torch.ops.aten
 NBITS_BLOCKS = (16, 32, 64, 128, 256)   # block sizes onnxruntime's MatMulNBits kernels take
@@ -94,7 +96,9 @@ class _Weight:
 def _input_kind(gm: GraphModule, n: Node | None) -> str:
     if n is None:
         return "float"
-    bits = check_int(gm, n)
+    bits = check_int(gm, n, fp8=True)
+    if is_fp8(n):
+        return "fp8"
     q = Quantizer(n)
     if q.dynamic:
         block = q.block
@@ -277,6 +281,9 @@ class _Rewriter(QdqRewrites):
             form = f"W{w.bits}A8 static: Q/DQ input + DQ weight ({gran})"
             if w.bits != 8:
                 note = "int8 Q/DQ activations with sub-8-bit weights do not fuse in onnxruntime (exact, slow)"
+        elif kind == "fp8":
+            form = f"W{w.bits} + float8 Q/DQ input ({gran})"
+            note = note or "FP8 activations as float8 QuantizeLinear/DequantizeLinear: exact, unfused"
         elif kind == "other":
             form = f"W{w.bits} + Q/DQ input ({gran})"
             note = note or "this activation quantizer has no fused onnxruntime kernel: Q/DQ, exact, unfused"
@@ -395,11 +402,12 @@ def _flips(n: Node, weight: Node) -> int:
     return count
 
 
-# What this backend lowers (qpass.quantizer.Support), for every role: integer formats; weights may carry
+# What this backend lowers (qpass.quantizer.Support), for every role: integer formats (and fp8 for every role but
+# weights: float8 Q/DQ); weights may carry
 # second-level scales and sparse values (side_channels.py), or be learned codebooks (formats.Codebook) with
 # sparse values (codebook_matmul: Gather + MatMul). Layouts are checked where they are lowered.
 SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook"}), side=side_channels.SIDE | frozenset({"outliers"})),
-            "*": Support(kinds=frozenset({"int"}))}
+            "*": Support(kinds=frozenset({"int", "float"}))}      # float: fp8 only (checked in check_supported)
 
 
 def check_supported(gm: GraphModule) -> None:
@@ -407,14 +415,17 @@ def check_supported(gm: GraphModule) -> None:
     a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
     for q in quantizers(gm):
         part = unsupported(q, SUPPORTS)
-        if part is None and q.side_channels and is_codebook(q) and q.side_channels.names != ("outliers",):
+        if part is None and q.fmt.kind == "float" and q.fmt_name not in FP8_FORMATS:
+            part = f"format {q.fmt_name} (kind float: only fp8 formats lower, as float8 Q/DQ; opset 21 has no " \
+                   f"{q.fmt_name} type)"
+        elif part is None and q.side_channels and is_codebook(q) and q.side_channels.names != ("outliers",):
             part = "side channels other than sparse values on a codebook"
         elif part is None and q.side_channels and not is_codebook(q):
             part = side_channels.why_not(q)
         if part is None:
             continue
         if q.fmt.kind in BUILTIN_KINDS and not q.side_channels and q.codebook is None:
-            check_int(gm, q.node)
+            check_int(gm, q.node, fp8=q.role != "weight")
         raise refuse(gm, q, "onnx_qdq", part, fix="use the torch backend (qpass.lower(qm, 'torch')), or an "
                      "int format without side channels for this target (ignore it in the recipe to keep it float)")
 

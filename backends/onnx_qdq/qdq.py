@@ -6,6 +6,7 @@ linears without a fused form. Mixed into ``patterns._Rewriter`` (uses its ``gm``
                     over several axes: those axes moved last and flattened into one (Transpose + Reshape)
     dynamic scales  qdq_dynamic(x, block, bits, symmetric): per block of the last axis (per token: the whole
                     axis); blocks over several axes (per token across K/V heads) flattened the same way
+    fp8 formats     the same layouts with qdq_fp8 / qdq_fp8_dynamic (float8 Q/DQ; symmetric, no zero point)
 """
 from __future__ import annotations
 
@@ -54,15 +55,24 @@ def fmt_of(n: Node) -> str:
     return Quantizer(n).fmt_name
 
 
-def check_int(gm: GraphModule, n: Node) -> int:
+FP8_FORMATS = {"fp8_e4m3": False, "fp8_e5m2": True}     # format -> e5m2 flag of qdq_fp8 (ONNX FLOAT8E4M3FN / E5M2)
+
+
+def check_int(gm: GraphModule, n: Node, fp8: bool = False) -> int:
+    """The code width of quantizer `n`'s int format; `fp8`: FP8 formats pass too (8). Anything else raises."""
     f = parse_format(fmt_of(n))
-    if f.kind != "int":
+    if f.kind != "int" and not (fp8 and f.name in FP8_FORMATS):
+        what = "integer, or float8 for activations" if fp8 else "integer"
         raise UnsupportedOpError(
-            f"onnx_qdq cannot lower {n.target.name()} with {f.name} codes (ONNX Q/DQ here are integer)",
+            f"onnx_qdq cannot lower {n.target.name()} with {f.name} codes (ONNX Q/DQ here are {what})",
             where=describe(gm, n),
             fix="use the torch backend (qpass.lower(qm, 'torch')), or an int format for this target "
                 "(ignore it in the recipe to keep it in float)")
     return f.bits
+
+
+def is_fp8(n: Node) -> bool:
+    return fmt_of(n) in FP8_FORMATS
 
 
 class QdqRewrites:
@@ -100,7 +110,7 @@ class QdqRewrites:
 
     def standalone(self, fq: Node, before: Node | None = None, user: Node | None = None) -> Node:
         """Replace quantizer `fq` by Q/DQ (for all its users, or only `user`); returns the new node."""
-        check_int(self.gm, fq)
+        check_int(self.gm, fq, fp8=Quantizer(fq).role != "weight")
         q = Quantizer(fq)
         before = before or fq
         x = q.x
@@ -123,20 +133,24 @@ class QdqRewrites:
         rank = len(shape)
         reduced = [d for d in range(rank) if block[d] == -1 and not _is_one(shape[d])]
         grouped = [d for d in range(rank) if block[d] > 1]
+
+        def dyn(y: Node, size: int, like: Node | None = None) -> Node:
+            if is_fp8(fq):
+                return self.call(before, ops.qdq_fp8_dynamic, (y, size, FP8_FORMATS[q.fmt_name]), like=like)
+            return self.call(before, ops.qdq_dynamic, (y, size, bits, symmetric), like=like)
         if not grouped and len(reduced) == sum(not _is_one(s) for s in shape):   # one scale for the tensor
-            return self.call(before, ops.qdq_dynamic, (x, 0, bits, symmetric), like=x)
+            return dyn(x, 0, like=x)
         if grouped:
             g = grouped[0]
             if len(grouped) > 1 or reduced or g != rank - 1 or not _known(shape[g]) or shape[g] % block[g]:
                 raise _layout_error(self.gm, fq, block, shape)
-            return self.call(before, ops.qdq_dynamic, (x, block[g], bits, symmetric), like=x)
+            return dyn(x, block[g], like=x)
         if not all(_known(shape[d]) for d in reduced):
             raise _layout_error(self.gm, fq, block, shape)
         if reduced == [rank - 1]:                                                # per token
-            return self.call(before, ops.qdq_dynamic, (x, shape[-1], bits, symmetric), like=x)
+            return dyn(x, shape[-1], like=x)
         size = math.prod(shape[d] for d in reduced)
-        return self._around(before, x, reduced, lambda y: self.call(before, ops.qdq_dynamic, (y, size, bits,
-                                                                                              symmetric)))
+        return self._around(before, x, reduced, lambda y: dyn(y, size))
 
     def _static(self, before: Node, fq: Node, x: Node, shape: list) -> Node:
         q = Quantizer(fq)
@@ -145,6 +159,8 @@ class QdqRewrites:
         fmt, bits = q.fmt_name, q.fmt.bits
         if any(b > 1 for b in q.block):
             raise _layout_error(self.gm, fq, q.block, shape)
+        if is_fp8(fq):
+            return self._static_fp8(before, fq, x, shape, scale)
         if bits not in (4, 8):   # Q saturates at the container's range, not at the code range
             raise UnsupportedOpError(f"onnx_qdq lowers static activation scales for int4 and int8 only, got {fmt}",
                                      where=describe(self.gm, fq), fix="use int8 or int4 here, or dynamic scales")
@@ -166,6 +182,21 @@ class QdqRewrites:
         if len(kept) == 1:
             return self.call(before, ops.qdq, (x, s, z, kept[0], 0, bits, signed), like=x)
         return self._around(before, x, kept, lambda y: self.call(before, ops.qdq, (y, s, z, -1, 0, bits, signed)))
+
+    def _static_fp8(self, before: Node, fq: Node, x: Node, shape: list, scale: torch.Tensor) -> Node:
+        """Static fp8 scales: float8 QuantizeLinear -> DequantizeLinear, per tensor or per axis."""
+        q = Quantizer(fq)
+        e5m2 = FP8_FORMATS[q.fmt_name]
+        kept = [d for d in range(len(shape)) if scale.shape[d] > 1]
+        name = f"{q.path or fq.name}_qdq"
+        if not kept:
+            s = self.buffer(before, f"{name}_scale", scale.reshape(()))
+            return self.call(before, ops.qdq_fp8, (x, s, 0, e5m2), like=x)
+        flat = scale.permute(*[d for d in range(len(shape)) if d not in kept], *kept).reshape(-1)
+        s = self.buffer(before, f"{name}_scale", flat)
+        if len(kept) == 1:
+            return self.call(before, ops.qdq_fp8, (x, s, kept[0], e5m2), like=x)
+        return self._around(before, x, kept, lambda y: self.call(before, ops.qdq_fp8, (y, s, -1, e5m2)))
 
     def _around(self, before: Node, x: Node, last: list[int], body) -> Node:
         """Move dims `last` to the end and flatten them into one axis, apply `body`, restore the layout."""

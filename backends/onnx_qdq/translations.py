@@ -12,6 +12,9 @@ docs/onnx.md:
                     values] -> MatMul: standard ops only, nothing fused (see docs/onnx.md)
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
                     ReduceMax / ReduceMin over each block)
+  qdq_fp8 /         float8 (E4M3FN / E5M2) QuantizeLinear (saturate) -> DequantizeLinear, the input of a linear
+  qdq_fp8_dynamic   with FP8 activations (dynamic: scale = max|x| / fp8 max per block of the last axis, blocked
+                    QuantizeLinear); onnxruntime runs float8 Q/DQ on CPU (exact, unfused)
   gather_nbits      rows of a matmul_nbits weight (a tied embedding table): Gather of its bytes and scales,
                     nibbles split (BitwiseAnd / BitShift), (code - zero point) * scale
 Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
@@ -129,6 +132,29 @@ def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
     return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
 
 
+def _fp8(e5m2: bool) -> ir.DataType:
+    return ir.DataType.FLOAT8E5M2 if e5m2 else ir.DataType.FLOAT8E4M3FN
+
+
+def qdq_fp8(x, scale, axis: int = 0, e5m2: bool = False):
+    q = op.QuantizeLinear(x, scale, axis=axis, output_dtype=_fp8(e5m2), saturate=1)
+    return op.DequantizeLinear(q, scale, axis=axis)
+
+
+def qdq_fp8_dynamic(x, block: int = 0, e5m2: bool = False):
+    floor = _const(ops.SCALE_FLOOR, np.float32)
+    top = _const(ops.FP8_MAX[bool(e5m2)], np.float32)
+    if block == 0:
+        scale = op.Max(op.Div(op.ReduceMax(op.Abs(x), keepdims=0), top), floor)
+        q = op.QuantizeLinear(x, scale, output_dtype=_fp8(e5m2), saturate=1)
+        return op.DequantizeLinear(q, scale)
+    shape = op.Concat(op.Shape(x, end=-1), _const([-1, block], np.int64), axis=0)
+    amax = op.ReduceMax(op.Abs(op.Reshape(x, shape)), _const([-1], np.int64), keepdims=0)
+    scale = op.Max(op.Div(amax, top), floor)
+    q = op.QuantizeLinear(x, scale, axis=-1, block_size=block, output_dtype=_fp8(e5m2), saturate=1)
+    return op.DequantizeLinear(q, scale, axis=-1, block_size=block)
+
+
 def codebook_matmul(x, codes, table, off_k, off_n, outlier_index=None, outlier_value=None, bias=None):
     idx = op.Add(op.Add(op.Cast(codes, to=ir.DataType.INT32), off_k), off_n)
     w = op.Gather(table, idx, axis=0)
@@ -163,4 +189,6 @@ TABLE = {
     ops.qdq: qdq,
     ops.qdq_dynamic: qdq_dynamic,
     ops.codebook_matmul: codebook_matmul,
+    ops.qdq_fp8: qdq_fp8,
+    ops.qdq_fp8_dynamic: qdq_fp8_dynamic,
 }
