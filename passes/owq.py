@@ -17,9 +17,10 @@ Preserves nothing (adds nodes and buffers)
 Deviations from the paper and its code (xvyaward/owq), and why:
 * k per linear is the same fraction of every selected linear (the budget per linear), where the reference takes
   a per-model table of which layer types get columns; here `targets` / `ignore` choose the layers.
-* Sensitivity uses round-to-nearest with the pass's weight spec (groups included); the reference uses a
-  per-channel quantizer with its MSE truncation search. Scales are min-max: no truncation (clip) search,
-  so OWQ and the RTN/GPTQ rows of qpass compare on the same grid.
+* Sensitivity uses round-to-nearest with the pass's min-max weight spec (groups included); the reference uses a
+  per-channel quantizer with its MSE truncation search. Scales are min-max by default (`clip: minmax`), so OWQ
+  and the RTN/GPTQ rows of qpass compare on the same grid; `clip: mse` runs the reference's truncation search
+  (qpass.primitives.owq.clipped_qparams) for the scales of the quantized columns.
 * Groups are contiguous in the original column order (no g_idx): a group holding a weak column has fewer
   quantized columns; the reference forms groups over the compacted non-weak columns.
 """
@@ -58,6 +59,8 @@ class OwqConfig:
         "damp": "gptq: dampening, a fraction of mean(diag H)",
         "block_size": "gptq: columns per lazy batch update",
         "act_order": "gptq: quantize the other columns by decreasing diag(H)",
+        "clip": "scales: minmax, or mse (the reference's truncation search: per row / group, the min-max range "
+                "shrunk by the ratio minimising sum |q(w) - w|^2.4)",
         "targets": "module-path globs to quantize",
         "ignore": "module-path globs to leave in float (a bare name matches as a suffix: lm_head)",
     }
@@ -69,6 +72,7 @@ class OwqConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    clip: Literal["minmax", "mse"] = "minmax"
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
@@ -92,6 +96,8 @@ class OwqConfig:
             raise RecipeError("damp", f"must be in [0, 10), got {self.damp}")
         if not 1 <= self.block_size <= 1 << 16:
             raise RecipeError("block_size", f"must be in [1, {1 << 16}], got {self.block_size}")
+        if self.clip not in ("minmax", "mse"):
+            raise RecipeError("clip", f"must be minmax or mse, got {self.clip!r}")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
 
@@ -156,7 +162,7 @@ class Owq(Pass):
                 # gptq: placeholder columns now, chosen from the sweep's Hessian below
                 cols = O.weak_columns(O.column_sensitivity(w, diag[s.node], cfg.weights, block), k) \
                     if s.node in diag else torch.arange(k, dtype=torch.int64)
-                scale, zp = O.owq_rtn_qparams(w, cfg.weights, block, cols)
+                scale, zp = O.owq_rtn_qparams(w, cfg.weights, block, cols, clip=cfg.clip == "mse")
             ks[s.node] = k
             flip = (lambda t: t.t().contiguous()) if s.use_in_axis == 0 else (lambda t: t)
             tensors = {"scale": flip(scale), "zero_point": None if zp is None else flip(zp),
@@ -228,7 +234,7 @@ class Owq(Pass):
         w = _canonical(param.detach(), s)
         block = cfg.weights.block_size(w.shape)
         cols = O.weak_columns(O.column_sensitivity(w, torch.diagonal(h), cfg.weights, block), idx.numel())
-        s_new, z_new = O.owq_rtn_qparams(w, cfg.weights, block, cols)
+        s_new, z_new = O.owq_rtn_qparams(w, cfg.weights, block, cols, clip=cfg.clip == "mse")
         _write(s, scale, zp, idx, s_new, z_new, cols)
 
     def _requantize(self, gm: GraphModule, s: LinearSite, h: torch.Tensor) -> None:
@@ -238,7 +244,7 @@ class Owq(Pass):
         k = 0 if idx is None else idx.numel()
         cols = O.weak_columns(O.column_sensitivity(w, torch.diagonal(h), cfg.weights, block), k)
         res = O.owq_gptq(w, h, cfg.weights, cols, block=block, percdamp=cfg.damp, block_size=cfg.block_size,
-                         act_order=cfg.act_order)
+                         act_order=cfg.act_order, clip=cfg.clip == "mse")
         with torch.no_grad():
             param.copy_(res.weight if s.in_axis == 1 else res.weight.t())
         _write(s, scale, zp, idx, res.scale, res.zero_point, cols)

@@ -69,6 +69,34 @@ def test_more_weak_columns_reduce_the_reconstruction_error_and_follow_the_outlie
         assert all(a > b for a, b in zip(errs, errs[1:])), (method, errs)
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 50), g=st.sampled_from([8, 16, -1]), sym=st.booleans(), k=st.integers(0, 6))
+def test_truncation_search_is_never_worse_than_min_max_in_its_norm(seed, g, sym, k):
+    w, _, h = _layer(seed=seed)
+    spec = QSpec(IntFormat(3), PerGroup(g) if g > 0 else PerChannel(0), symmetric=sym)
+    block = spec.block_size(w.shape)
+    cols = torch.arange(k, dtype=torch.int64)
+
+    def norm(s, z):
+        fq = F.fake_quantize_ext(w, s, z, block, "int3", float_columns=(cols, 1))
+        return (fq - w).abs().pow(O.CLIP_NORM).sum(1)
+
+    mm, cl = O.owq_rtn_qparams(w, spec, block, cols), O.owq_rtn_qparams(w, spec, block, cols, clip=True)
+    assert (cl[0] <= mm[0] * (1 + 1e-6)).all()                                 # ranges only shrink
+    assert (norm(*cl) <= norm(*mm) * (1 + 1e-5) + 1e-9).all()                # per block, so per row
+    res = O.owq_gptq(w, h, spec, cols, clip=True)
+    fq = F.fake_quantize_ext(res.weight, res.scale, res.zero_point, block, "int3", float_columns=(cols, 1))
+    assert torch.equal(fq, res.weight)                                         # on the clipped grid
+
+
+def test_truncation_search_lowers_the_reconstruction_error():
+    w, x, h = _layer(d=64, out=48)
+    xtx = x.double().t() @ x.double()
+    cols = O.weak_columns(O.column_sensitivity(w, torch.diagonal(h), G16, (1, 16)), 2)
+    errs = [reconstruction_error(w, O.owq_gptq(w, h, G16, cols, clip=c).weight, xtx) for c in (False, True)]
+    assert errs[1] < errs[0]
+
+
 @settings(max_examples=50, deadline=None)
 @given(out=st.integers(1, 64), inp=st.integers(1, 300), g=st.sampled_from([16, 64, -1]),
        target=st.floats(3.01, 16.0), sym=st.booleans())

@@ -121,8 +121,29 @@ class _Builtin(FormatCodec):
 
 
 def nearest(y: Tensor, table: Tensor) -> Tensor:
-    """Index of the nearest entry of `table` ([*y.shape, T], broadcastable) for each element; ties -> lower."""
-    return (y.unsqueeze(-1) - table).abs().argmin(-1)
+    """Index of the nearest entry of `table` ([*y.shape, T], broadcastable) for each element; ties -> lower.
+    The same int64 indices as ``(y.unsqueeze(-1) - table).abs().argmin(-1)``, computed as a running minimum
+    over the T entries (no [*y.shape, T] distance tensor; a strict ``<`` keeps the lower index on ties, a NaN
+    ``y`` gets 0 as argmin gives it). A table with a non-finite entry takes the argmin itself (argmin ranks a
+    NaN distance first)."""
+    t = table.shape[-1]
+    if t == 1 or t > _RUNNING_MAX or not bool(torch.isfinite(table).all()):
+        return (y.unsqueeze(-1) - table).abs().argmin(-1)
+    with torch.no_grad():
+        shape = torch.broadcast_shapes(y.shape, table.shape[:-1])
+        best = (y - table[..., 0]).abs().expand(shape).contiguous()
+        d = torch.empty_like(best)
+        less = torch.empty(shape, dtype=torch.bool, device=y.device)
+        code = torch.zeros(shape, dtype=torch.uint8, device=y.device)
+        for i in range(1, t):
+            torch.sub(y, table[..., i], out=d).abs_()
+            torch.lt(d, best, out=less)
+            torch.minimum(best, d, out=best)          # = where(less, d, best): no NaN among finite entries
+            code.add_(less.view(torch.uint8) * (i - code))    # = where(less, i, code), mod 256 (faster)
+    return code.long()
+
+
+_RUNNING_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -220,6 +241,46 @@ def _expand_table(table: Tensor, block: BlockSize, shape) -> Tensor:
     return torch.stack(cols, -1)
 
 
+# Codebook formats run per block: ``quant.blocks`` lays a tensor out as [*scale_shape, K] (the K elements of each
+# block; a partial last block padded with copies of its own elements), so a block's table [*scale_shape, 1, T]
+# and scale [*scale_shape, 1] broadcast against its elements without expanding them to the tensor's shape. The
+# arithmetic per element is the same (x / scale, the nearest entry, entry * scale): the same values, bit for bit.
+
+
+def _encode_blocks(c: FormatCodec, x: Tensor, s: Tensor, zero_point: Tensor | None, block_size: BlockSize,
+                   codebook: Tensor, dtype: torch.dtype) -> Tensor:
+    """Codes of `x` per block: [*scale_shape, K] (`s`: the effective scale)."""
+    y = quant.blocks(x.to(dtype), block_size) / s.to(dtype).unsqueeze(-1)
+    z = None if zero_point is None else zero_point.to(dtype).unsqueeze(-1)
+    return c.encode(y, z, codebook.to(dtype).unsqueeze(-2))
+
+
+def _decode_blocks(c: FormatCodec, codes: Tensor, s: Tensor, zero_point: Tensor | None, block_size: BlockSize,
+                   codebook: Tensor, dtype: torch.dtype) -> Tensor:
+    """Values (x units, `dtype`) of per-block codes [*scale_shape, K]."""
+    if type(c).decode is Codebook.decode:      # the table entry of each code: one gather from the block's table
+        v = torch.gather(codebook.to(dtype), -1, codes.long())
+    else:
+        z = None if zero_point is None else zero_point.to(dtype).unsqueeze(-1)
+        v = c.decode(codes, z, codebook.unsqueeze(-2), dtype)
+    return v * s.to(dtype).unsqueeze(-1)
+
+
+def _unblocks(t: Tensor, block_size: BlockSize, shape) -> Tensor:
+    """Inverse of ``quant.blocks``: [*scale_shape, K] -> `shape` (the padding of partial blocks cut)."""
+    rank, nbs, bbs = len(shape), [], []
+    for n, b in zip(shape, block_size):
+        bb = n if b == -1 else max(1, min(b, n))
+        nbs.append(-(-n // bb))
+        bbs.append(bb)
+    t = t.reshape(*nbs, *bbs).permute([j for i in range(rank) for j in (i, rank + i)])
+    t = t.reshape([nb * bb for nb, bb in zip(nbs, bbs)])
+    for i, n in enumerate(shape):
+        if t.shape[i] != n:
+            t = t.narrow(i, 0, n)
+    return t.contiguous()
+
+
 def _check_table(fmt: FormatCodec, table: Tensor | None, scale: Tensor, where: str) -> None:
     want = fmt.table_size
     if want and (table is None or tuple(table.shape) != (*scale.shape, want)):
@@ -248,9 +309,11 @@ def quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_size
         return quant.quantize(x, s, zero_point, block_size, fmt)
     quant.check_block_size(x.shape, block_size)
     _check_table(c, codebook, s, "quantize_ext")
-    y, z, _ = quant._code_units(x, s, zero_point, block_size, quant._compute_dtype(x.dtype))
-    table = None if codebook is None else _expand_table(codebook.to(y.dtype), block_size, x.shape)
-    return c.encode(y, z, table)
+    dtype = quant._compute_dtype(x.dtype)
+    if codebook is not None and x.numel():
+        return _unblocks(_encode_blocks(c, x, s, zero_point, block_size, codebook, dtype), block_size, x.shape)
+    y, z, _ = quant._code_units(x, s, zero_point, block_size, dtype)
+    return c.encode(y, z, None)
 
 
 def dequantize_ext(codes: Tensor, scale: Tensor, zero_point: Tensor | None, block_size: BlockSize, fmt: str,
@@ -265,10 +328,14 @@ def dequantize_ext(codes: Tensor, scale: Tensor, zero_point: Tensor | None, bloc
     else:
         _check_table(c, codebook, s, "dequantize_ext")
         dtype = quant._compute_dtype(out_dtype)
-        se = quant.expand_to(s.to(dtype), block_size, codes.shape)
-        z = None if zero_point is None else quant.expand_to(zero_point.to(dtype), block_size, codes.shape)
-        table = None if codebook is None else _expand_table(codebook, block_size, codes.shape)
-        out = (c.decode(codes, z, table, dtype) * se).to(out_dtype)
+        if codebook is not None and codes.numel():
+            cb = quant.blocks(codes, block_size)
+            out = _unblocks(_decode_blocks(c, cb, s, zero_point, block_size, codebook, dtype), block_size,
+                            codes.shape).to(out_dtype)
+        else:
+            se = quant.expand_to(s.to(dtype), block_size, codes.shape)
+            z = None if zero_point is None else quant.expand_to(zero_point.to(dtype), block_size, codes.shape)
+            out = (c.decode(codes, z, None, dtype) * se).to(out_dtype)
     return apply_side(out, outliers, float_columns)
 
 
@@ -295,11 +362,19 @@ def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block
         quant.check_block_size(x.shape, block_size)
         y, _, s = quant._code_units(x, scale, None, block_size, quant._compute_dtype(x.dtype))
         return (c.roundtrip(y) * s).to(x.dtype)
-    codes = quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook, scale_q=scale_q)
     cols = None
     if float_columns is not None:
         index, axis = float_columns
         cols = (index, axis, x.index_select(axis % x.dim(), index.long()))
+    if codebook is not None and c.kind not in BUILTIN_KINDS and x.numel():    # codes and values per block
+        quant.check_block_size(x.shape, block_size)
+        s = effective_scale(scale, scale_q)
+        _check_table(c, codebook, s, "fake_quantize_ext")
+        dtype = quant._compute_dtype(x.dtype)
+        codes = _encode_blocks(c, x, s, zero_point, block_size, codebook, dtype)
+        out = _decode_blocks(c, codes, s, zero_point, block_size, codebook, dtype)
+        return apply_side(_unblocks(out, block_size, x.shape).to(x.dtype), outliers, cols)
+    codes = quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook, scale_q=scale_q)
     return dequantize_ext(codes, scale, zero_point, block_size, fmt, x.dtype, codebook=codebook,
                           outliers=outliers, float_columns=cols, scale_q=scale_q)
 

@@ -13,6 +13,10 @@ Layout as ``qpass.primitives.gptq``: a weight in canonical ``[out, in]`` layout,
   act-order) and feeds every error forward, so the weak columns receive all updates and are stored updated.
   Groups stay contiguous in the original column order (the graph's quantizer has no ``g_idx``): a group's
   scale comes from its quantized columns. With no weak column this is ``gptq_quantize`` exactly.
+* Truncation search (``clip``, the reference's ``--tuning mse``: GPTQ's ``Quantizer(mse=True)`` with its norm 2.4,
+  grid 100 and max shrink 0.8): each row's (group's) min-max range is shrunk by the ratio p = 1 - i/100,
+  i < 80, that minimises ``sum |q(w) - w|^2.4`` over the quantized columns (ties: the larger p; p = 1 is min-max),
+  for RTN and for every group the GPTQ column loop reaches (from its error-updated columns).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from qpass.primitives.gptq import GptqResult, _ColumnQParams, _sweep, hessian_inverse_factor
-from qpass.primitives.quant import choose_qparams, fake_quantize, scale_shape
+from qpass.primitives.quant import blocks, choose_qparams, fake_quantize, scale_shape
 from qpass.primitives.spec import QSpec
 
 FLOAT_BITS = 16          # a float column element, as stored by the OWQ kernel (fp16)
@@ -58,27 +62,64 @@ def columns_for_bits(shape: tuple[int, int], spec: QSpec, block, target_bits: fl
     return max(0, min(in_f, math.floor(spare / (out_f * FLOAT_BITS + INDEX_BITS))))
 
 
-def owq_rtn_qparams(w: Tensor, spec: QSpec, block, cols: Tensor) -> tuple[Tensor, Tensor | None]:
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4      # the reference's (GPTQ's Quantizer) constants
+
+
+def clipped_qparams(x: Tensor, spec: QSpec, block) -> tuple[Tensor, Tensor | None]:
+    """Scale and zero point per block of `x` from its min-max range shrunk by the ratio that minimises the block's
+    ``sum |q(x) - x|^2.4`` (ratios 1, 0.99, .., 0.21; ties keep the larger ratio, so never worse than min-max
+    in that norm). A zero element stays exact for every ratio (the ranges include 0)."""
+    block = tuple(block)
+    best = None
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        p = 1 - i / CLIP_GRID
+        s, z = choose_qparams(x * p, spec, block_size=block)
+        err = blocks((fake_quantize(x, s, z, list(block), spec.format.name) - x).abs().pow(CLIP_NORM),
+                     block, fill=0.0).sum(-1)
+        if best is None:
+            best = [err, s, z]
+            continue
+        t = err < best[0]
+        best = [torch.where(t, err, best[0]), torch.where(t, s, best[1]),
+                None if z is None else torch.where(t, z, best[2])]
+    return best[1], best[2]
+
+
+def owq_rtn_qparams(w: Tensor, spec: QSpec, block, cols: Tensor, *,
+                    clip: bool = False) -> tuple[Tensor, Tensor | None]:
     """Round-to-nearest scale and zero point of `w` from its non-weak columns (min-max ranges include 0, so a
-    zeroed column does not change them)."""
-    return choose_qparams(w.index_fill(1, cols, 0.0), spec, block_size=tuple(block))
+    zeroed column does not change them); `clip`: with the truncation search."""
+    x = w.index_fill(1, cols, 0.0)
+    return clipped_qparams(x, spec, block) if clip else choose_qparams(x, spec, block_size=tuple(block))
 
 
 class _KeepFloat(_ColumnQParams):
     """Column quantizer parameters plus one extra column block, the weak columns, 'quantized' as themselves."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, clip: bool = False):
         super().__init__(*args)
         self.ready.append(True)
         self.float_block = len(self.ready) - 1
+        self.clip = clip
+
+    def compute(self, b: int, cols: Tensor) -> None:
+        if not self.clip:
+            return super().compute(b, cols)
+        s, z = clipped_qparams(cols, self.spec, self.row_block)
+        self.scale[:, b:b + 1] = s
+        if self.zero_point is not None:
+            self.zero_point[:, b:b + 1] = z
+        self.ready[b] = True
 
     def quantize(self, b: int, col: Tensor) -> Tensor:
         return col.clone() if b == self.float_block else super().quantize(b, col)
 
 
 def owq_gptq(w: Tensor, h: Tensor, spec: QSpec, cols: Tensor, *, block: tuple[int, int] | None = None,
-             percdamp: float = 0.01, block_size: int = 128, act_order: bool = False) -> GptqResult:
-    """GPTQ of `w` ([out, in]) with input Hessian `h` that keeps columns `cols` in float (see the module doc).
+             percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
+             clip: bool = False) -> GptqResult:
+    """GPTQ of `w` ([out, in]) with input Hessian `h` that keeps columns `cols` in float (see the module doc;
+    `clip`: each group's scale from the truncation search).
     ``result.weight`` holds the quantized columns on the grid and the weak columns as updated floats."""
     out_f, in_f = w.shape
     block = tuple(spec.block_size(w.shape) if block is None else block)
@@ -89,7 +130,7 @@ def owq_gptq(w: Tensor, h: Tensor, spec: QSpec, cols: Tensor, *, block: tuple[in
     W[:, dead] = 0.0
     width = in_f if block[1] == -1 else min(block[1], in_f)
     n_blocks = -(-in_f // width)
-    qp = _KeepFloat(spec, block, scale_shape((out_f, in_f), block), n_blocks, width, W.device)
+    qp = _KeepFloat(spec, block, scale_shape((out_f, in_f), block), n_blocks, width, W.device, clip=clip)
     weak = torch.zeros(in_f, dtype=torch.bool, device=W.device)
     weak[cols.long()] = True
     rest = torch.arange(in_f, device=W.device)[~weak]
@@ -108,4 +149,4 @@ def owq_gptq(w: Tensor, h: Tensor, spec: QSpec, cols: Tensor, *, block: tuple[in
 
 
 __all__ = ["column_sensitivity", "weak_columns", "base_bits", "columns_for_bits", "owq_rtn_qparams", "owq_gptq",
-           "FLOAT_BITS", "INDEX_BITS"]
+           "clipped_qparams", "FLOAT_BITS", "INDEX_BITS", "CLIP_GRID", "CLIP_MAX_SHRINK", "CLIP_NORM"]

@@ -23,18 +23,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .formats import nearest
+
 
 def _objective(w: Tensor, f: Tensor, c: Tensor) -> Tensor:
     """Per-row sum f (w - nearest centroid)^2."""
-    d = (w.unsqueeze(-1) - c.unsqueeze(1)).abs()
-    q = c.gather(1, d.argmin(-1))
+    q = c.gather(1, nearest(w, c.unsqueeze(1)))
     return (f * (w - q) ** 2).sum(1)
 
 
 def _lloyd(w: Tensor, f: Tensor, c: Tensor, iters: int) -> Tensor:
     n, t = c.shape
     for _ in range(iters):
-        a = (w.unsqueeze(-1) - c.unsqueeze(1)).abs().argmin(-1)           # [N, K]
+        a = nearest(w, c.unsqueeze(1))                                    # [N, K]
         num = torch.zeros(n, t, dtype=w.dtype).scatter_add_(1, a, f * w)
         den = torch.zeros(n, t, dtype=w.dtype).scatter_add_(1, a, f)
         new = torch.where(den > 0, num / den.clamp(min=torch.finfo(w.dtype).tiny), c)   # empty cluster: kept
