@@ -360,6 +360,15 @@ def test_native_q4a8_kernel_is_the_q4_product_on_int8_rounded_inputs(q4lib, case
             assert rel(o, ref) <= 1e-5, (isa, m)
 
 
+def test_q4a8_is_not_offered_where_the_input_is_already_quantized(q4lib):
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(0))
+    spec = QSpec(format_from_name("int4"), PerTensor(), symmetric=True)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, 32))
+    w4a8 = tp.PackedLinear.from_weight(w, scale, zp, (1, 32), "int4", act=tp.ActFormat("int8", (1, 1, -1), True, True))
+    assert w4a8.wf.layout == "q4" and "q4avx2" in tp.kernels.candidates(w4a8)
+    assert "q4a8" not in tp.kernels.candidates(w4a8)      # int8 codes rounded again would only add error
+
+
 def test_native_q4_kernel_takes_any_input_layout_and_dtype(q4lib):
     mod, wfq, b = int4_linear(20, 64, (1, 32))
     force(mod, "q4avx2")

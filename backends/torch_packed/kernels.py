@@ -11,8 +11,9 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
                      with torch's thread count). fp32 activations and accumulation: exact up to summation
                      order. Only where the library builds on this machine.
-    q4a8             the q4 layout on the same C library's ``q4_linear_a8``: the input (after the recipe's
-                     own input quantizer, if any) is rounded to int8 per token in blocks of 32 columns (16
+    q4a8             weight-only int4 (no input quantizer: W4A8's inputs are already int8 codes, and rounding
+                     them again would only add error) in the q4 layout on the same C library's
+                     ``q4_linear_a8``: the input is rounded to int8 per token in blocks of 32 columns (16
                      where groups are 16 wide), x^ = s * rint(x / s), s = max|block| / 127, and the codes are
                      multiplied as integers (vpmaddubsw): fewer vector ops per weight byte, so decode runs
                      nearer the memory bandwidth. Exact on x^ up to summation order; x^ itself is the
@@ -323,7 +324,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
     Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
-    Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(),
+    Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and m.act is None and _cpu(m) and native.available(),
            lambda m: _bind_q4avx2(m, a8=True), "own AVX2 int4 kernel with int8 input blocks (csrc/q4avx2.c)"),
     Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
