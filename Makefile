@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qpass-installed
 
-.PHONY: demo test venv docs clean lock
+.PHONY: demo test test-all venv docs clean lock
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" --durations=20
+
+test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q
 
 docs: $(STAMP)
