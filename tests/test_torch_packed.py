@@ -360,6 +360,27 @@ def test_native_q4a8_kernel_is_the_q4_product_on_int8_rounded_inputs(q4lib, case
             assert rel(o, ref) <= 1e-5, (isa, m)
 
 
+@pytest.mark.parametrize("case", Q4_CASES[:8], ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{'sym' if c[3] else 'asym'}")
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_native_q4i8_kernel_equals_the_dequant_kernel_on_w4a8(q4lib, case, act_bits):
+    n, k, block, symmetric, full_range = case
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int4"), PerTensor(), symmetric=symmetric, full_range=full_range)
+    scale, zp = Q.choose_qparams(w, spec, block_size=block)
+    mod = tp.PackedLinear.from_weight(w, scale, zp, block, "int4", bias=b,
+                                      act=tp.ActFormat(f"int{act_bits}", (1, 1, -1), True, True))
+    assert mod.wf.layout == "q4" and "q4i8" in tp.kernels.candidates(mod, "exact")
+    for m in (1, 3, 4, 5, 9):
+        x = torch.randn(m, k, generator=g) * 3
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "q4i8")
+            out = mod(x)
+            force(mod, "dequant")
+            assert rel(out, mod(x)) <= 1e-5, (m, threads, rel(out, mod(x)))
+
+
 def test_q4a8_is_not_offered_where_the_input_is_already_quantized(q4lib):
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(0))
     spec = QSpec(format_from_name("int4"), PerTensor(), symmetric=True)

@@ -11,6 +11,10 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
                      with torch's thread count). fp32 activations and accumulation: exact up to summation
                      order. Only where the library builds on this machine.
+    q4i8             W4A8 (int4 weights in the q4 layout, the common dynamic symmetric per-token int input
+                     quantizer): the input's own int8 codes (one native.token_quant call) times the int4 codes
+                     with integer dot products (q4a8's kernel, one scale per token instead of per block):
+                     exact up to fp32 summation order.
     q4a8             weight-only int4 (no input quantizer: W4A8's inputs are already int8 codes, and rounding
                      them again would only add error) in the q4 layout on the same C library's
                      ``q4_linear_a8``: the input is rounded to int8 per token in blocks of 32 columns (16
@@ -191,6 +195,36 @@ def _lutavx2_applies(mod) -> bool:
     return mod.wf.layout == "codebook" and mod.native_applies() and native.available()
 
 
+def _bind_q4i8(mod):
+    """W4A8 through ``q4_linear_i8``: the input's int8 codes and per-token scales from one native.token_quant call
+    (the fake-quant graph's own codes, bit for bit), then integer dot products with the int4 codes. Returns
+    [..., N] (x's leading dims)."""
+    wf, call, tq, bits = mod.wf, native.q4().linear_i8, native.token_quant, _native_act_bits(mod)
+    k, k16, n, group = wf.k, wf.k16, wf.n, wf.q4_group
+    scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
+    zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
+    tensors = (mod.qweight, scale, zero, mod.bias)              # kept alive with the pointers below
+    qw, s, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    threads = torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        a, sa = tq(x, bits, codes=True)                          # int8 [M, K], fp32 [M], both contiguous
+        m = a.shape[0]
+        out = torch.empty(*x.shape[:-1], n)
+        if call(a.data_ptr(), sa.data_ptr(), m, k, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
+            raise RuntimeError(f"q4i8 failed for a {m}x{k} input and {n}x{k} weights (bad shape or out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def _q4i8_applies(mod) -> bool:
+    """int4 in the q4 layout with the common dynamic symmetric per-token int input quantizer (<= 8 bits), fp32."""
+    return (mod.wf.layout == "q4" and _cpu(mod) and native.available() and mod.act is not None
+            and mod.act.symmetric and _native_act_bits(mod) is not None
+            and (mod.bias is None or mod.bias.dtype == torch.float32))
+
+
 def _bind_int4pack(mod):
     prep, qw, sz, g, bias = _input(mod), mod.qweight, mod.sz, mod.wf.int4pack_group, mod.bias
 
@@ -324,6 +358,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
     Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
+    Kernel("q4i8", True, _q4i8_applies, _bind_q4i8, "own int4 x int8-code kernel for W4A8 (csrc/q4avx2.c), exact"),
     Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and m.act is None and _cpu(m) and native.available(),
            lambda m: _bind_q4avx2(m, a8=True), "own AVX2 int4 kernel with int8 input blocks (csrc/q4avx2.c)"),
     Kernel("int4pack", False, lambda m: m.wf.layout == "int4pack" and _cpu(m), _bind_int4pack,

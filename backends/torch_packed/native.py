@@ -3,7 +3,8 @@
     csrc/q4avx2.c     int4 x fp32 linear layer (AVX2 + FMA, OpenMP over output rows) on the ``q4`` layout
                       (packing.py); exact up to fp32 summation order. See the file's header for the math.
                       Also ``q4_linear_a8``: the same layer with the input rounded to int8 in blocks of 32
-                      columns first (vpmaddubsw on the codes; the approximate, bandwidth-bound decode path).
+                      columns first (vpmaddubsw on the codes; the approximate, bandwidth-bound decode path),
+                      and ``q4_linear_i8``: the same integer path on a W4A8 layer's own int8 input codes (exact).
                       Also ``i8_linear``: int8 x int8 -> int32 W8A8 linear (exact integer sums, then the fp32
                       scales), on the module's int8 [N, K] weights; see its comment in the same file.
                       And three small fp32 ops of the decode step, each one call in place of several torch ops
@@ -96,6 +97,9 @@ class Q4Library:
         self.path = lib.q4_linear_path
         self.linear_a8 = lib.q4_linear_a8
         self.linear_a8.restype, self.linear_a8.argtypes = ctypes.c_int, _ARGS
+        self.linear_i8 = lib.q4_linear_i8                    # W4A8 on int8 input codes (exact)
+        self.linear_i8.restype = ctypes.c_int
+        self.linear_i8.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P, _P, ctypes.c_int]
         self.a8_isa = lib.q4_linear_a8_isa                   # tests: force AVX2 (0), AVX-VNNI (1), AVX512-VNNI (2)
         self.a8_isa.restype, self.a8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         lib.q4_a8_isas.restype = ctypes.c_int

@@ -526,26 +526,18 @@ static void a8_rows(int R, const int8_t *xq, int64_t mrows, int64_t k16, const f
         }
 }
 
-static int a8_all(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
-                  const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
-    if (m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group) return -1;
-    if (m == 0 || n == 0) return 0;
-    if (threads < 1) threads = 1;
+/* The product on prepared inputs: xq int8 [m, k16], sx [m, k16 / xb] block scales, xs [m, groups] sums of x^ */
+static void a8_run(int isa, const int8_t *xq, const float *sx, const float *xs, int64_t xb, int64_t m, int64_t k16,
+                   const uint8_t *w, int64_t n, const float *s, const uint8_t *z, int64_t group, const float *bias,
+                   float *out, int threads) {
     a8_block_fn block = a8_block_avx2;
 #if A8_VNNI
     if (isa == 1) block = a8_block_avxvnni;
     else if (isa == 2) block = a8_block_avx512vnni;
 #endif
-    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group, gblocks = group / xb;
+    const int64_t nb = k16 / xb, groups = k16 / group, gblocks = group / xb;
     const int CB = (int)(xb / 16);
     const int64_t blocks = (n + RB - 1) / RB;
-    int8_t *xq = malloc((size_t)(m * k16));
-    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
-    if (!xq || !sx || !xs) {
-        free(xq), free(sx), free(xs);
-        return -1;
-    }
-    a8_quantize(x, m, k16, xb, group, xq, sx, xs);
     const int parallel = threads > 1 && m * n * k16 >= PARALLEL_MIN;
     #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
     for (int64_t bl = 0; bl < blocks; bl++) {
@@ -557,6 +549,26 @@ static int a8_all(int isa, const float *x, int64_t m, int64_t k16, const uint8_t
         if (R < RB) a8_rows(R, xq, m, k16, sx, nb, xs, xb, wb, sb, zb, groups, bb, out + n0, n);
         else block(CB, xq, m, k16, sx, nb, xs, wb, sb, zb, groups, gblocks, bb, out + n0, n);
     }
+}
+
+static int q4_args_bad(int64_t m, int64_t n, int64_t k16, int64_t group) {
+    return m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group;
+}
+
+static int a8_all(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
+                  const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (q4_args_bad(m, n, k16, group)) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group;
+    int8_t *xq = malloc((size_t)(m * k16));
+    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
+    if (!xq || !sx || !xs) {
+        free(xq), free(sx), free(xs);
+        return -1;
+    }
+    a8_quantize(x, m, k16, xb, group, xq, sx, xs);
+    a8_run(isa, xq, sx, xs, xb, m, k16, w, n, s, z, group, bias, out, threads);
     free(xq), free(sx), free(xs);
     return 0;
 }
@@ -582,6 +594,40 @@ int q4_linear_a8_isa(int isa, const float *x, int64_t m, int64_t k16, const uint
                      const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
     if (isa < 0 || isa > 2 || !((q4_a8_isas() >> isa) & 1)) return -2;
     return a8_all(isa, x, m, k16, w, n, s, z, group, bias, out, threads);
+}
+
+/* q4_linear_i8: W4A8 on the input's own int8 codes, exact. a: int8 codes [m, k] (symmetric, one scale sa[i] per
+ * input row, e.g. the dynamic per-token quantizer's), x^ = sa * a. The codes are the block codes of
+ * q4_linear_a8 with one scale for every block of a row, so the same kernels compute
+ * out[i, n] = bias[n] + sa[i] * sum_g s[n, g] * (sum_{k in g} a_k u[n, k] - z[n, g] sum_{k in g} a_k):
+ * integer sums exact, the fake-quant graph's x^ W^T up to fp32 summation order. k16: the layout's padded K. */
+int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t k16, const uint8_t *w, int64_t n,
+                 const float *s, const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
+    if (q4_args_bad(m, n, k16, group) || k <= 0 || k > k16) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    int isa = __atomic_load_n(&a8_isa_cached, __ATOMIC_RELAXED);
+    if (isa < 0) __atomic_store_n(&a8_isa_cached, isa = a8_isa(), __ATOMIC_RELAXED);
+    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group;
+    int8_t *xq = malloc((size_t)(m * k16));
+    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
+    if (!xq || !sx || !xs) {
+        free(xq), free(sx), free(xs);
+        return -1;
+    }
+    for (int64_t i = 0; i < m; i++) {
+        memcpy(xq + i * k16, a + i * k, (size_t)k);
+        memset(xq + i * k16 + k, 0, (size_t)(k16 - k));
+        for (int64_t b = 0; b < nb; b++) sx[i * nb + b] = sa[i];
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t t = 0;
+            for (int64_t j = g * group; j < (g + 1) * group; j++) t += xq[i * k16 + j];
+            xs[i * groups + g] = sa[i] * (float)t;
+        }
+    }
+    a8_run(isa, xq, sx, xs, xb, m, k16, w, n, s, z, group, bias, out, threads);
+    free(xq), free(sx), free(xs);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ int8 x int8
