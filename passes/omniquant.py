@@ -27,6 +27,7 @@ Preserves nothing with LET (may add bias nodes); graph structure without
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -38,7 +39,7 @@ from qpass import patterns as P
 from qpass.analyses import STRUCTURE, Observed
 from qpass.blockwise import TRAIN_DOCS, BlockMethod, BlockState, BlockwiseConfig, summarize, train_blocks
 from qpass.errors import RecipeError
-from qpass.folding import Consumer, FoldGroup, Producer, shift_reason
+from qpass.folding import Consumer, FoldGroup, shift_reason
 from qpass.graph import LinearSite, is_quantizer, linear_sites, param_of, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan
@@ -100,20 +101,50 @@ class LetGroup:
     key: tuple
 
 
+def _bypassable(n: Node) -> bool:
+    """A weight quantizer or a dynamic activation quantizer: LET transforms what they see. Static activation
+    quantizers stay (their calibrated ranges would not follow a transform): sinks of the folding analysis."""
+    if not is_quantizer(n):
+        return False
+    q = Quantizer(n)
+    return q.role == "weight" or q.dynamic
+
+
 def float_view(gm: GraphModule) -> GraphModule:
-    """A copy of `gm`'s graph (same node names, parameters shared) without its weight quantizers and dynamic
-    activation quantizers, so that ``folding.analyze`` finds the folding points the recipe's quantizers hide.
-    Static activation quantizers stay (their calibrated ranges would not follow a transform): sinks."""
+    """A copy of `gm` (parameters shared) without its weight and dynamic activation quantizers (tests: the graph
+    with its quantizers off)."""
     g = Graph()
     out = g.graph_copy(gm.graph, {})
     g.output(out)
     for n in list(g.nodes):
-        if is_quantizer(n):
-            q = Quantizer(n)
-            if q.role == "weight" or q.dynamic:
-                n.replace_all_uses_with(q.x)
-                g.erase_node(n)
+        if _bypassable(n):
+            n.replace_all_uses_with(Quantizer(n).x)
+            g.erase_node(n)
     return GraphModule(gm, g)
+
+
+@contextmanager
+def _bypassed(gm: GraphModule):
+    """`gm`'s graph with its users of weight and dynamic activation quantizers reading the quantizers' inputs
+    instead, so that ``folding.analyze`` finds the folding points the recipe's quantizers hide; restored after
+    (in place: no copy of the module, which streaming could not make)."""
+    saved, cut = {}, {}
+    for n in list(gm.graph.nodes):
+        if _bypassable(n):
+            for u in n.users:
+                saved.setdefault(u, (u.args, u.kwargs))
+            n.replace_all_uses_with(Quantizer(n).x)
+            cut[n] = (n.args, n.kwargs)
+    for n in cut:                   # detached: no longer a user of its input and tensors
+        n.args, n.kwargs = (), {}
+    try:
+        yield gm
+    finally:
+        for n, (args, kwargs) in cut.items():
+            n.args, n.kwargs = args, kwargs
+        for u, (args, kwargs) in saved.items():
+            u.args, u.kwargs = args, kwargs
+        gm.recompile()
 
 
 def _through_attention(group: FoldGroup) -> bool:
@@ -132,13 +163,9 @@ def _through_attention(group: FoldGroup) -> bool:
 
 
 def _real_group(gm: GraphModule, g: FoldGroup) -> FoldGroup:
-    """`g` (of a float view) with the real graph's nodes and linear sites."""
-    by_name = {n.name: n for n in gm.graph.nodes}
+    """`g` (found with the quantizers bypassed) with the graph's linear sites as they are (weight quantizers)."""
     sites = {s.node: s for s in linear_sites(gm)}
-    prod = g.producer
-    real = Producer(by_name[prod.node.name], prod.kind, tuple((by_name[p.name], ax) for p, ax in prod.params),
-                    prod.channels, prod.path)
-    return FoldGroup(real, tuple(Consumer(sites[by_name[c.site.node.name]], c.channel_map) for c in g.consumers))
+    return FoldGroup(g.producer, tuple(Consumer(sites[c.site.node], c.channel_map) for c in g.consumers))
 
 
 def _key(view: GraphModule, g: FoldGroup) -> tuple:
@@ -150,13 +177,14 @@ def _key(view: GraphModule, g: FoldGroup) -> tuple:
 def let_groups(gm: GraphModule, ctx: Context, cfg: OmniQuantConfig) -> tuple[list[LetGroup], list[str], list]:
     """The LET folding points of `gm` with their initial scales and shifts; adds the zero biases the shifts need
     (returned as os_plus-style edits, which ``OmniQuant.apply`` repeats). Returns (groups, near misses, edits)."""
-    view = float_view(gm)
-    analysis = folding.analyze(view)
-    paths = [c.site.path for g in analysis.groups for c in g.consumers]
+    with _bypassed(gm):
+        analysis = folding.analyze(gm)
+        found = [(g, _key(gm, g), _through_attention(g), shift_reason(g)) for g in analysis.groups]
+    paths = [c.site.path for g, *_ in found for c in g.consumers]
     chosen = select(paths, cfg.targets, cfg.ignore, "omniquant") if paths else set()
     near, todo = [], []
-    for g in analysis.groups:
-        if g.producer.kind == "linear" and not _through_attention(g):
+    for g, key, attn, no_shift in found:
+        if g.producer.kind == "linear" and not attn:
             near.append(f"{g.name}: no LET before the second FFN linear (unstable in the paper)")
             continue
         left = [c.site.path for c in g.consumers if c.site.path not in chosen]
@@ -169,27 +197,27 @@ def let_groups(gm: GraphModule, ctx: Context, cfg: OmniQuantConfig) -> tuple[lis
         if why:
             near.append(f"{g.name}: no LET ({why})")
             continue
-        todo.append(g)
+        todo.append((g, real, key, no_shift))
     if not todo:
         return [], near, []
-    names = tuple(dict.fromkeys(c.site.input.name for g in todo for c in g.consumers))
-    stats = ctx.get(Observed(names, _MakeStats(0), who="omniquant",
-                             desc="omniquant: observing linear inputs (LET initialisation)"), gm)
+    names = tuple(dict.fromkeys(c.site.input.name for g, *_ in todo for c in g.consumers))   # quantizer inputs
+    stats = ctx.get(Observed(names, _MakeStats(0), who="omniquant",       # the recipe's model, blocks before
+                             desc="omniquant: observing linear inputs (LET initialisation)"), gm)  # quantized
     inits, edits = [], []
-    for g in todo:
-        shift = cfg.let_shift and shift_reason(g) is None
+    for g, real, key, no_shift in todo:
+        shift = cfg.let_shift and no_shift is None
         if cfg.let_shift and not shift:
-            near.append(f"{g.name}: LET scale only, no shift ({shift_reason(g)})")
-        s0, z0 = _init(gm, g, [stats[c.site.input.name] for c in g.consumers], shift, cfg.let_alpha)
-        inits.append((_key(view, g), s0, z0))
+            near.append(f"{g.name}: LET scale only, no shift ({no_shift})")
+        with ctx.loaded([c.site.weight.target for c in g.consumers]):
+            s0, z0 = _init(gm, g, [stats[c.site.input.name] for c in g.consumers], shift, cfg.let_alpha)
+        inits.append((key, s0, z0))
         if z0 is not None:
-            edits += _bias_edits(gm, _real_group(gm, g))
+            edits += _bias_edits(gm, real)
     edits = list(dict.fromkeys(edits))           # a v_proj both consumes and produces
     if edits:
         _apply_edits(gm, edits)
-        view = float_view(gm)
-        analysis = folding.analyze(view)
-    by_key = {_key(view, g): g for g in analysis.groups}
+    with _bypassed(gm):
+        by_key = {_key(gm, g): g for g in folding.analyze(gm).groups}
     out = [LetGroup(_real_group(gm, by_key[k]), s0, z0, k) for k, s0, z0 in inits]
     return out, near, edits
 
