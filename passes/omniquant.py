@@ -200,9 +200,10 @@ def let_groups(gm: GraphModule, ctx: Context, cfg: OmniQuantConfig) -> tuple[lis
         todo.append((g, real, key, no_shift))
     if not todo:
         return [], near, []
-    names = tuple(dict.fromkeys(c.site.input.name for g, *_ in todo for c in g.consumers))   # quantizer inputs
-    stats = ctx.get(Observed(names, _MakeStats(0), who="omniquant",       # the recipe's model, blocks before
-                             desc="omniquant: observing linear inputs (LET initialisation)"), gm)  # quantized
+    # the quantizers' inputs, observed on the graph as the recipe made it (earlier blocks quantized)
+    names = tuple(dict.fromkeys(c.site.input.name for g, *_ in todo for c in g.consumers))
+    stats = ctx.get(Observed(names, _MakeStats(0), who="omniquant",
+                             desc="omniquant: observing linear inputs (LET initialisation)"), gm)
     inits, edits = [], []
     for g, real, key, no_shift in todo:
         shift = cfg.let_shift and no_shift is None
