@@ -10,7 +10,7 @@ Changes   only those norm parameters, block by block (qpass.blockwise), so that 
           model's inputs; the student is the block as quantized, on the outputs of the blocks before it as already
           tweaked. Data: text the float model generates itself (LLM-QAT's generator, qpass.qat.datagen: random
           start tokens, a few greedy tokens, then sampled), or the calibration set (``data: calibration``).
-          Adam; the best step kept, the block left as it was when that is better on the training data. Baked:
+          Adam; the best step kept, the block left as it was when that is better on held-out samples. Baked:
           the tuned norm weights are the parameters; no node added
 Requires  the float model (``qpass.apply``; not ``apply_from_disk``, which has no float model in memory)
 Preserves graph structure

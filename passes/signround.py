@@ -6,9 +6,9 @@ Changes   per weight element a rounding offset V in [-0.5, 0.5] (start 0): W~ = 
           - z); with ``minmax_tuning`` (AutoRound's default) per scale block multipliers on the block's min and
           max (start 1, clamped to [0, 1]: only shrinking) from which s and z are recomputed. Trained block by
           block (qpass.blockwise) against the float block's outputs (MSE), SignSGD (lr 1/steps, linearly decayed
-          as AutoRound's repo does), the best step's values kept. Baked: the weight parameter becomes the
-          dequantized learned rounding s * (q - z), exactly representable (the quantizer maps it to itself), and
-          the quantizer's scale / zero-point buffers the tuned ones; no node added
+          as AutoRound's repo does), the best step's values (on held-out samples) kept. Baked: the weight
+          parameter becomes the dequantized learned rounding s * (q - z), exactly representable (the quantizer
+          maps it to itself), and the quantizer's scale / zero-point buffers the tuned ones; no node added
 Requires  calibration data (the block-by-block sweep); the recipe's other quantizers (activations) stay live
           while training
 Preserves graph structure

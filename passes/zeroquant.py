@@ -9,7 +9,7 @@ Changes   trains every float parameter the block reads (the selected linears' we
           block's outputs (MSE), one block at a time; inputs: the float model's (the paper's LKD: student and
           teacher layer k see the teacher's layer k-1 output; ``feed: quantized`` trains on the outputs of the
           already distilled blocks instead); Adam, best step kept, the block left as it was when that is better
-          on the calibration set. Baked: the trained values are the parameters; no node added
+          on held-out calibration samples (``holdout``). Baked: the trained values are the parameters; no node added
 Requires  calibration data (the block-by-block sweep; any text: LKD needs no original training data)
 Preserves graph structure
 """

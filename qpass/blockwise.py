@@ -15,10 +15,16 @@ method is a small pass that says what is trainable (a :class:`BlockMethod`). For
   of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic);
 * **optimiser**: ``signsgd`` (p -= lr * sign(grad), SignRound), ``adam`` or ``adamw`` (weight decay 0,
   OmniQuant); ``schedule: linear`` decays the learning rate to 0 over the steps (AutoRound);
-* **best step**: the loss of each step is that of the parameters before its update; the parameters of the
-  lowest one are kept. Then the full calibration loss of that best state and of the initial state (the
-  method's "do nothing": RTN, the PTQ start) are compared and the better one is kept, so a block is never
-  worse than where it started on the calibration set;
+* **held-out split** (``holdout``, default 0.25): a fraction of the calibration samples (drawn with the seed,
+  the same for every block) is never trained on; the best step and the start-or-trained choice below are
+  made on their loss, every ``holdout_every`` steps and after the last (a deviation from the papers, which
+  train and select on every sample: on small calibration sets the training loss keeps falling while held-out
+  text gets worse). ``holdout: 0``: the papers' way, below with "the calibration set" for "held-out";
+* **best step**: without held-out samples, the loss of each step is that of the parameters before its update
+  (on its batch); the parameters of the lowest one are kept. Then the loss of that best state and of the
+  initial state (the method's "do nothing": RTN, the PTQ start) on the held-out samples (or on the full
+  calibration set) are compared and the better one is kept, so a block is never worse than where it started
+  on the samples it is judged on;
 * **baking** (:meth:`BlockState.bake`): every learned quantity is written into ordinary graph parameters in
   place (rounded weights, quantizer scales and zero points, norm weights): no node is added, so the result
   saves, loads (through plans) and lowers like any qpass graph, and streams from disk (``apply_from_disk``:
@@ -69,6 +75,10 @@ TRAIN_DOCS = {
             "(the float model's, the same as the teacher's)",
     "keep_best": "keep the parameters of the step with the lowest loss (false: those after the last step); either "
                  "way the start is kept when it has the lower full calibration loss",
+    "holdout": "fraction of the calibration samples held out of training (the same split for every block, drawn "
+               "with the seed): the best step and the start-or-trained choice are made on their loss, not on the "
+               "training loss (0: train and select on every sample, as the papers do)",
+    "holdout_every": "with holdout: evaluate the held-out loss every this many steps (and after the last one)",
     "targets": "module-path globs of the linears the method trains (norms: of the blocks holding them)",
     "ignore": "module-path globs to leave alone",
 }
@@ -87,6 +97,8 @@ class BlockwiseConfig:
     seed: int = 0
     feed: Literal["quantized", "float"] = "quantized"
     keep_best: bool = True
+    holdout: float = 0.25
+    holdout_every: int = 10
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
 
@@ -103,6 +115,10 @@ class BlockwiseConfig:
             raise RecipeError("schedule", f"must be constant or linear, got {self.schedule!r}")
         if self.feed not in ("quantized", "float"):
             raise RecipeError("feed", f"must be quantized or float, got {self.feed!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise RecipeError("holdout", f"must be a fraction in [0, 1) (0: no held-out samples), got {self.holdout}")
+        if not 1 <= self.holdout_every <= 1_000_000:
+            raise RecipeError("holdout_every", f"must be a number of steps >= 1, got {self.holdout_every}")
         if not self.targets:
             raise RecipeError("targets", "must list at least one module-path glob (e.g. ['*'])")
 
@@ -146,7 +162,7 @@ class BlockMethod(ABC):
 
 @dataclass
 class BlockResult:
-    """What training one block did (losses: mean over the calibration samples)."""
+    """What training one block did (losses: mean over the samples the choice was made on)."""
 
     block: str
     loss_start: float
@@ -156,10 +172,12 @@ class BlockResult:
     steps: int
     seconds: float
     record: dict
+    selected_on: str = "calibration"  # "held-out": losses on the held-out samples (holdout > 0)
 
     def to_dict(self) -> dict:
         return {"loss_start": self.loss_start, "loss_best": self.loss_best, "kept": self.kept,
-                "best_step": self.best_step, "steps": self.steps, "seconds": round(self.seconds, 3)}
+                "best_step": self.best_step, "steps": self.steps, "seconds": round(self.seconds, 3),
+                "selected_on": self.selected_on}
 
 
 def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: BlockwiseConfig, *,
@@ -213,32 +231,51 @@ def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: Bloc
     return results
 
 
+def split_holdout(n: int, cfg: BlockwiseConfig) -> tuple[list[int], list[int]]:
+    """(training, held-out) sample indices: round(holdout * n) samples drawn with the seed (the same for every
+    block), at least one left on each side; no held-out samples when holdout is 0 or n < 2."""
+    k = min(int(round(cfg.holdout * n)), n - 1) if n >= 2 else 0
+    if k <= 0:
+        return list(range(n)), []
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + 17)).tolist()
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
 def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], outputs: list[Node],
            targets: list[list[torch.Tensor]], state: BlockState, cfg: BlockwiseConfig, gm: GraphModule,
            progress: bool) -> BlockResult:
     t0 = time.perf_counter()
-    n = len(inputs)
+    train, held = split_holdout(len(inputs), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step.index)
     opt = _optimizer(state.groups, cfg)
 
-    def full_loss(over: dict) -> float:
+    def full_loss(over: dict, idx: list[int]) -> float:
         with torch.no_grad():
             return sum(float(state.loss(_forward(sweep, nodes, inputs[i], outputs, over), targets[i]))
-                       for i in range(n)) / n
+                       for i in idx) / len(idx)
 
-    loss_start = full_loss({})               # the block as it is: the method's "do nothing"
+    pick = held or train                     # the samples the best state is chosen on
+    loss_start = full_loss({}, pick)         # the block as it is: the method's "do nothing"
     best, best_step, best_loss = None, -1, float("inf")
+
+    def consider(t: int, loss: float) -> None:
+        nonlocal best, best_step, best_loss
+        if loss < best_loss:
+            best, best_step, best_loss = state.snapshot(), t, loss
+
     bar = tqdm(range(cfg.steps), desc=f"{step.name}", disable=not progress, leave=False)
     for t in bar:
-        batch = torch.randperm(n, generator=gen)[: min(cfg.batch_size, n)].tolist()
+        if held and cfg.keep_best and t % cfg.holdout_every == 0:
+            consider(t, full_loss(state.overrides(), held))          # the parameters before step t
+        batch = [train[j] for j in torch.randperm(len(train), generator=gen)[: min(cfg.batch_size, len(train))]]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in batch:
             loss = state.loss(_forward(sweep, nodes, inputs[i], outputs, state.overrides()), targets[i]) / len(batch)
             loss.backward()
             total += float(loss.detach())
-        if cfg.keep_best and total < best_loss:
-            best, best_step, best_loss = state.snapshot(), t, total
+        if not held and cfg.keep_best:
+            consider(t, total)
         if cfg.schedule == "linear":
             for g, g0 in zip(opt.param_groups, state.groups):
                 g["lr"] = g0.get("lr", cfg.lr) * (1.0 - t / cfg.steps)
@@ -246,18 +283,21 @@ def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], 
         state.project()
         bar.set_postfix(loss=f"{total:.3g}")
     bar.close()
+    if held and cfg.keep_best and cfg.steps:
+        consider(cfg.steps, full_loss(state.overrides(), held))      # after the last step
     if best is not None:
         state.restore(best)
     else:
-        best_step = cfg.steps - 1
-    loss_best = full_loss(state.overrides()) if cfg.steps else float("inf")
+        best_step = cfg.steps - 1 if not held else cfg.steps
+    loss_best = full_loss(state.overrides(), pick) if cfg.steps else float("inf")
     if loss_best < loss_start:
         kept, record = "trained", state.bake(gm)
-    else:                                    # the start is better on the calibration set: the graph is left as is
+    else:                                    # the start is better on the selection samples: the graph is left as is
         kept, record = "start", {}
     res = BlockResult(step.name, loss_start, min(loss_best, loss_start), kept, best_step, cfg.steps,
-                      time.perf_counter() - t0, record)
-    log.info("%s: loss %.4g -> %.4g (%s, best step %d)", step.name, loss_start, res.loss_best, kept, best_step)
+                      time.perf_counter() - t0, record, "held-out" if held else "calibration")
+    log.info("%s: %s loss %.4g -> %.4g (%s, best step %d)", step.name, res.selected_on, loss_start, res.loss_best,
+             kept, best_step)
     return res
 
 
@@ -351,5 +391,5 @@ def summarize(results: list[BlockResult]) -> dict[str, Any]:
             "per_block": {r.block: r.to_dict() for r in results}}
 
 
-__all__ = ["BlockwiseConfig", "BlockState", "BlockMethod", "BlockResult", "TRAIN_DOCS", "train_blocks",
+__all__ = ["BlockwiseConfig", "BlockState", "BlockMethod", "BlockResult", "TRAIN_DOCS", "train_blocks", "split_holdout",
            "ste_round", "summarize"]

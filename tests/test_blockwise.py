@@ -43,7 +43,8 @@ def weights_exact(gm, stats=None):
         assert torch.equal(Q.fake_quantize(w, param_of(gm, q.scale), zp, q.block, q.fmt_name), w)
 
 
-@pytest.mark.parametrize("passes", [[{"signround": {"steps": 30}}], [{"omniquant": {"steps": 30}}]],
+@pytest.mark.parametrize("passes", [[{"signround": {"steps": 30, "holdout": 0}}],
+                                    [{"omniquant": {"steps": 30, "holdout": 0}}]],
                          ids=["signround", "omniquant"])
 @pytest.mark.parametrize("weights", [W3G, W2A], ids=["w3g16sym", "w2g16asym"])
 def test_it_fires_lowers_the_block_loss_and_bakes_exact_weights(passes, weights):
@@ -112,7 +113,7 @@ def test_at_the_start_it_is_rtn_and_zero_steps_change_nothing():
 def test_weight_activation_recipe_trains_with_activation_quantizers_live():
     model = toy.hf_model("llama")
     rtn = run(quant(W4, A4), model=model)
-    qm = run(quant(W4, A4), {"omniquant": {"steps": 40, "lr": 0.05}}, model=model)
+    qm = run(quant(W4, A4), {"omniquant": {"steps": 40, "lr": 0.05, "let": False, "holdout": 0}}, model=model)
     assert op_counts(qm.graph_module) == op_counts(rtn.graph_module)
     st = qm.report["omniquant"].stats
     assert st["blocks"] == 2 and st["mean_loss_ratio"] < 1.0
@@ -125,7 +126,7 @@ def test_feed_float_and_one_segment_graphs_work():
     x = toy.seq_input(batch=2, t=8, d=32)
     gm = qpass.capture(layer, (x,))
     calib = [(toy.seq_input(batch=2, t=8, d=32, seed=s),) for s in range(3)]
-    recipe = {"passes": [{"quantize": {"weights": W2A}}, {"signround": {"steps": 20, "feed": "float"}}]}
+    recipe = {"passes": [{"quantize": {"weights": W2A}}, {"signround": {"steps": 20, "feed": "float", "holdout": 0}}]}
     qm = qpass.apply(gm, recipe, calib_data=calib, progress=False)
     st = qm.report["signround"].stats
     assert st["blocks"] == 1 and st["linears"] == 7 and st["mean_loss_ratio"] < 1.0
@@ -169,7 +170,7 @@ def test_zeroquant_lkd_trains_weights_and_norms_against_the_float_block():
     model = toy.hf_model("llama")
     w4a8 = quant(W3G, {"bits": 8, "granularity": "per_token", "dynamic": True})
     rtn = run(w4a8, model=model)
-    qm = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3}}, model=model)
+    qm = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3, "holdout": 0}}, model=model)
     st = qm.report["zeroquant"].stats
     assert st["blocks"] == 2 and st["linears"] == 14 and st["mean_loss_ratio"] < 1.0
     assert op_counts(qm.graph_module) == op_counts(rtn.graph_module)
@@ -180,7 +181,7 @@ def test_zeroquant_lkd_trains_weights_and_norms_against_the_float_block():
     assert not any(k.endswith("_scale") for k in changed)          # quantizer scales stay as quantize chose them
     ids = torch.cat(CALIB)
     assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
-    nn = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3, "norms": False}}, model=model)
+    nn = run(w4a8, {"zeroquant": {"steps": 30, "lr": 1e-3, "norms": False, "holdout": 0}}, model=model)
     sn = nn.graph_module.state_dict()
     assert not any("layernorm" in k for k in sa if not torch.equal(sa[k], sn[k]))
 
@@ -209,3 +210,113 @@ def test_norm_tweak_options_and_errors():
     gm = qpass.capture(toy.hf_model("llama"), (CALIB[0],))
     with pytest.raises(qpass.QpassError, match="Hugging Face causal LM"):
         qpass.apply(gm, {"passes": [quant(), {"norm_tweak": {"steps": 2}}]}, calib_data=CALIB, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ held-out selection
+
+
+def test_holdout_split_is_seeded_and_selection_uses_the_held_out_samples():
+    from qpass.blockwise import BlockwiseConfig, split_holdout
+
+    train, held = split_holdout(32, BlockwiseConfig(holdout=0.25))
+    assert len(held) == 8 and sorted(train + held) == list(range(32))
+    assert split_holdout(32, BlockwiseConfig(holdout=0.25)) == (train, held)
+    assert split_holdout(32, BlockwiseConfig(holdout=0.25, seed=1)) != (train, held)
+    assert split_holdout(1, BlockwiseConfig(holdout=0.5)) == ([0], [])
+    assert split_holdout(8, BlockwiseConfig(holdout=0.0)) == (list(range(8)), [])
+    qm = run(quant(W2A), {"signround": {"steps": 12, "holdout": 0.5, "holdout_every": 4}})
+    per = qm.report["signround"].stats["per_block"].values()
+    assert all(b["selected_on"] == "held-out" and b["loss_best"] <= b["loss_start"] for b in per)
+    assert all(b["kept"] == "start" or b["best_step"] in (0, 4, 8, 12) for b in per)
+    weights_exact(qm.graph_module, qm.report["signround"].stats if any(b["kept"] == "trained" for b in per)
+                  else None)
+    with pytest.raises(RecipeError, match="holdout"):
+        run(quant(), {"signround": {"holdout": 1.0}})
+
+
+# ----------------------------------------------------------------------------------------------- OmniQuant LET
+
+
+def _let_setup(family):
+    from qpass.calibration import CalibrationSet
+    from qpass.pass_infra import Context
+    from qpass.passes.omniquant import OmniQuantConfig, let_groups
+
+    qm = run(quant(W4, A4), model=toy.hf_model(family))
+    gm = qm.graph_module
+    ctx = Context(CalibrationSet(CALIB), progress=False)
+    groups, near, edits = let_groups(gm, ctx, OmniQuantConfig())
+    return qm, gm, groups, near, edits
+
+
+def _flat_out(gm, ids):
+    out = gm(ids)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_let_folded_with_quantizers_off_is_the_original_function(family):
+    from qpass.passes.omniquant import OmniQuantConfig, _LetState, float_view
+
+    qm, gm, groups, near, edits = _let_setup(family)
+    kinds = sorted({g.group.producer.kind for g in groups})
+    assert len(groups) == 6 and "linear" in kinds             # per block: q/k/v, v -> o, gate/up (fc1)
+    assert any("second FFN linear" in n for n in near)          # down_proj / fc2: no LET (the paper)
+    assert all(g.z0 is not None for g in groups if g.group.producer.kind != "linear") or family == "llama"
+    if family == "llama":                                       # shifts: zero biases on RMSNorms and q/k/v/o/gate/up
+        assert edits and any(e[0] == "norm" for e in edits)
+    ids = CALIB[0]
+    before = _flat_out(float_view(gm), ids)
+    sites = [s for s in linear_sites(gm) if Quantizer.of(s.weight_use) is not None]
+    st = _LetState(gm, sites, groups, OmniQuantConfig())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, s, z in st.let:
+            s.copy_(s * (0.5 + torch.rand(s.shape, generator=g)))
+            if z is not None:
+                z.add_(torch.randn(z.shape, generator=g))
+    st.fold_float(gm)
+    after = _flat_out(float_view(gm), ids)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_let_trains_folds_and_lowers_with_parity(family, tmp_path):
+    model = toy.hf_model(family)
+    rtn = run(quant(W4, A4), model=model)
+    qm = run(quant(W4, A4), {"omniquant": {"steps": 20, "holdout": 0}}, model=model)
+    st = qm.report["omniquant"].stats
+    assert st["let_groups"] == 6 and st["blocks"] == 2 and st["mean_loss_ratio"] < 1.0
+    assert all(b["loss_best"] <= b["loss_start"] for b in st["per_block"].values())
+    assert (st["biases_added"] > 0) == (family == "llama")
+    ops_rtn, ops = op_counts(rtn.graph_module), op_counts(qm.graph_module)
+    assert set(ops) == set(ops_rtn)                              # no new op kinds (llama: more adds)
+    weights_exact(qm.graph_module, st)
+    ids = torch.cat(CALIB)
+    assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
+    qm.save(tmp_path / "q")
+    back = qpass.load(tmp_path / "q")
+    x = toy.token_ids(batch=1, t=9, seed=4)
+    torch.testing.assert_close(back(x).logits, qm(x).logits)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    torch.testing.assert_close(pm(x).logits, qm(x).logits, rtol=1e-5, atol=1e-5)
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    qpass.lower(qm, "onnx", tmp_path / "o", fused_accuracy_level=0)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "o")), x)
+    torch.testing.assert_close(got.float(), qm(x).logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_let_auto_follows_the_paper_and_options_are_checked():
+    w = run(quant(W3G), {"omniquant": {"steps": 2}})
+    assert w.report["omniquant"].stats["let_groups"] == 0                # weight-only: LWC alone
+    forced = run(quant(W3G), {"omniquant": {"steps": 2, "let": True, "lwc": False}})
+    assert forced.report["omniquant"].stats["let_groups"] == 6
+    none = run(quant(W3G), {"omniquant": {"lwc": False}})
+    assert none.report["omniquant"].stats["blocks"] == 0
+    with pytest.raises(RecipeError, match="let"):
+        run(quant(), {"omniquant": {"let": "sometimes"}})
+    with pytest.raises(RecipeError, match="let_alpha"):
+        run(quant(), {"omniquant": {"let_alpha": 2.0}})
