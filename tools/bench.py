@@ -323,21 +323,9 @@ def codebook_section(ctx: Ctx, cmd: str) -> str:
 
 def codebook_block(ctx: Ctx, text: str | None) -> list[str]:
     """The codebook section with its marker lines: `text`, or what the previous file held there."""
-    from qpass.tables import markers
-
-    begin, end = markers(CODEBOOK_SECTION)
-    body = [text] if text is not None else ["Not measured yet: run `python tools/bench.py --codebook-only`."]
-    if text is None:
-        try:
-            with open(ctx.args.out, encoding="utf-8") as f:
-                old = f.read().split("\n")
-            i, j = old.index(begin), old.index(end)
-            if i < j:
-                body = old[i + 1: j]
-        except (OSError, ValueError):
-            pass
-    return ["## Learned-codebook linears (SqueezeLLM, BCQ): native lookup kernel vs reference decode", "",
-            begin, *body, end, ""]
+    heading = "Learned-codebook linears (SqueezeLLM, BCQ): native lookup kernel vs reference decode"
+    block = kept_section(ctx.args.out, CODEBOOK_SECTION, heading, "python tools/bench.py --codebook-only")
+    return block if text is None else [*block[:3], text, *block[-2:]]
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -45,7 +45,7 @@ from qpass.primitives import quant as Q
 
 from . import packing as P
 from .ext import ExtLinear
-from .kernels import BUCKETS, FALLBACK, KERNELS, bucket
+from .kernels import Planned, bucket
 
 
 TILE_ELEMENTS = 1 << 18      # weight elements decoded at a time (1 MB of fp32: stays in cache)
@@ -137,7 +137,7 @@ class CodebookFormat:
         return f"{self.fmt} block {list(self.block)} table {self.table}{' + sparse' if self.sparse else ''}"
 
 
-class CodebookLinear(ExtLinear):
+class CodebookLinear(Planned, ExtLinear):
     """y = linear(input_fq(x), lookup(codes, table * scale) + outliers, bias); see the module doc."""
 
     def __init__(self, *, fmt: str, block, codes: Tensor, scale: Tensor, codebook: Tensor,
@@ -220,27 +220,6 @@ class CodebookLinear(ExtLinear):
         return self._rows(self._table(), 0, self.n)
 
     # ----------------------------------------------------------------------------------- kernels
-    @property
-    def plan(self) -> dict[int, str]:
-        """{M bucket: kernel name} (kernels.tune sets it); buckets without an entry run the reference."""
-        return self._plan
-
-    @plan.setter
-    def plan(self, plan: dict[int, str]) -> None:
-        self._plan = dict(plan)
-        self._bind()
-
-    def _bind(self) -> None:
-        kernels = {b: self._plan.get(b, FALLBACK) for b in BUCKETS}
-        kernels = {b: k if KERNELS[k].applies(self) else FALLBACK for b, k in kernels.items()}
-        bound = {k: KERNELS[k].bind(self) for k in set(kernels.values())}
-        self._runners = {b: bound[k] for b, k in kernels.items()}
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self._runners:
-            self._bind()                 # the runners hold tensors: rebind to the moved ones
-        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
         key = prefix + "qweight"

@@ -144,6 +144,15 @@ def _bind_dequant(mod):
     return run
 
 
+def _q4_tensors(mod) -> tuple[tuple, tuple]:
+    """The q4 kernels' tensors (codes, one scale and zero point per row and group, bias), to keep alive, and
+    their data pointers (None for an absent one)."""
+    scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
+    zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
+    tensors = (mod.qweight, scale, zero, mod.bias)
+    return tensors, tuple(t.data_ptr() if t is not None else None for t in tensors)
+
+
 def _bind_q4avx2(mod, *, a8: bool = False):
     """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
     [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds).
@@ -151,10 +160,7 @@ def _bind_q4avx2(mod, *, a8: bool = False):
     wf, fq = mod.wf, _fake_quant(mod)
     lib = native.q4()
     k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, lib.linear_a8 if a8 else lib.linear
-    scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
-    zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
-    tensors = (mod.qweight, scale, zero, mod.bias)              # kept alive with the pointers below
-    qw, s, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    tensors, (qw, s, z, b) = _q4_tensors(mod)
     threads = torch.get_num_threads
 
     def run(x: Tensor) -> Tensor:
@@ -201,10 +207,7 @@ def _bind_q4i8(mod):
     [..., N] (x's leading dims)."""
     wf, call, tq, bits = mod.wf, native.q4().linear_i8, native.token_quant, _native_act_bits(mod)
     k, k16, n, group = wf.k, wf.k16, wf.n, wf.q4_group
-    scale = mod.q4_scale if mod.q4_scale is not None else mod.scale
-    zero = mod.q4_zero if mod.q4_zero is not None else mod.zero
-    tensors = (mod.qweight, scale, zero, mod.bias)              # kept alive with the pointers below
-    qw, s, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    tensors, (qw, s, z, b) = _q4_tensors(mod)
     threads = torch.get_num_threads
 
     def run(x: Tensor) -> Tensor:
@@ -373,6 +376,34 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("lutavx2", True, _lutavx2_applies, _bind_lutavx2,
            "own AVX2 codebook kernel (csrc/q4avx2.c lut_linear): table lookup in registers, fp32"),
 )}
+
+
+class Planned:
+    """A module run by the kernel its plan names per M bucket (PackedLinear, CodebookLinear): ``plan`` is
+    {M bucket: kernel name} (kernels.tune sets it); buckets without an entry, or naming a kernel that does not
+    apply here (a plan saved where the native kernel was built, loaded where it is not, or disabled since), run
+    the fallback. The runners are bound once per plan change and rebound after a device move."""
+
+    @property
+    def plan(self) -> dict[int, str]:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: dict[int, str]) -> None:
+        self._plan = dict(plan)
+        self._bind()
+
+    def _bind(self) -> None:
+        kernels = {b: self._plan.get(b, FALLBACK) for b in BUCKETS}
+        kernels = {b: k if KERNELS[k].applies(self) else FALLBACK for b, k in kernels.items()}
+        bound = {k: KERNELS[k].bind(self) for k in set(kernels.values())}
+        self._runners = {b: bound[k] for b, k in kernels.items()}
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self._runners:
+            self._bind()                 # the runners hold tensors: rebind to the moved ones
+        return out
 
 
 def candidates(mod, policy: str = "auto") -> list[str]:

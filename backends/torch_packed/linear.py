@@ -43,7 +43,7 @@ from qpass.primitives import quant as Q
 
 from . import native
 from . import packing as P
-from .kernels import BUCKETS, FALLBACK, KERNELS, bucket
+from .kernels import Planned, bucket
 
 TILE_BYTES = 4 << 20          # dequantize at most this many fp32 bytes of weight at a time (cache sized)
 
@@ -166,7 +166,7 @@ def storage_codes(q: Tensor, fmt: str, symmetric: bool) -> Tensor:
     return (q.to(torch.int16) + (1 << (f.bits - 1))).to(torch.uint8) if symmetric else q.to(torch.uint8)
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(Planned, nn.Module):
     """y = x Wᵀ + b with W held packed; `plan` maps an M bucket (1, 8, 128) to a kernel name."""
 
     def __init__(self, wf: WeightFormat, act: ActFormat | None = None, *, has_bias: bool = False,
@@ -373,29 +373,6 @@ class PackedLinear(nn.Module):
                 zp.reshape(rows, 1).float() if zp is not None else None)
 
     # ----------------------------------------------------------------------------------- forward
-    @property
-    def plan(self) -> dict[int, str]:
-        """{M bucket: kernel name}; buckets without an entry run the dequant fallback."""
-        return self._plan
-
-    @plan.setter
-    def plan(self, plan: dict[int, str]) -> None:
-        self._plan = dict(plan)
-        self._bind()
-
-    def _bind(self) -> None:
-        # NOTE: a plan may name a kernel that does not apply here (a plan saved where the native kernel was
-        # built, loaded where it is not, or disabled since): such buckets run the fallback.
-        kernels = {b: self._plan.get(b, FALLBACK) for b in BUCKETS}
-        kernels = {b: k if KERNELS[k].applies(self) else FALLBACK for b, k in kernels.items()}
-        bound = {k: KERNELS[k].bind(self) for k in set(kernels.values())}
-        self._runners = {b: bound[k] for b, k in kernels.items()}
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self._runners:
-            self._bind()                 # the runners hold tensors: rebind to the moved ones
-        return out
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._runners[bucket(x.numel() // self.wf.k)](x)

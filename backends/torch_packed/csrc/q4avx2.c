@@ -454,24 +454,18 @@ A8_BLOCK(a8_block_avx2, , a8_direct_avx2)
 #define A8_VNNI 1
 #define T_AVXVNNI __attribute__((target("avxvnni")))
 #define T_AVX512VNNI __attribute__((target("avx512vnni,avx512vl")))
-T_AVXVNNI INLINE __m256i a8_dot_avxvnni(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
-    __m256i t = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo[0], bcast8(xp));
-    t = _mm256_dpbusd_avx_epi32(t, hi[0], bcast8(xp + 8));
-    if (CB == 2) {
-        t = _mm256_dpbusd_avx_epi32(t, lo[1], bcast8(xp + 16));
-        t = _mm256_dpbusd_avx_epi32(t, hi[1], bcast8(xp + 24));
-    }
-    return t;
+#define A8_DOT_VNNI(NAME, ATTR, DPBUSD)                                                                         \
+ATTR INLINE __m256i NAME(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {                 \
+    __m256i t = DPBUSD(_mm256_setzero_si256(), lo[0], bcast8(xp));                                              \
+    t = DPBUSD(t, hi[0], bcast8(xp + 8));                                                                       \
+    if (CB == 2) {                                                                                              \
+        t = DPBUSD(t, lo[1], bcast8(xp + 16));                                                                  \
+        t = DPBUSD(t, hi[1], bcast8(xp + 24));                                                                  \
+    }                                                                                                           \
+    return t;                                                                                                   \
 }
-T_AVX512VNNI INLINE __m256i a8_dot_avx512vnni(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
-    __m256i t = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo[0], bcast8(xp));
-    t = _mm256_dpbusd_epi32(t, hi[0], bcast8(xp + 8));
-    if (CB == 2) {
-        t = _mm256_dpbusd_epi32(t, lo[1], bcast8(xp + 16));
-        t = _mm256_dpbusd_epi32(t, hi[1], bcast8(xp + 24));
-    }
-    return t;
-}
+A8_DOT_VNNI(a8_dot_avxvnni, T_AVXVNNI, _mm256_dpbusd_avx_epi32)
+A8_DOT_VNNI(a8_dot_avx512vnni, T_AVX512VNNI, _mm256_dpbusd_epi32)
 A8_DIRECT(a8_direct_avxvnni, T_AVXVNNI, a8_dot_avxvnni)
 A8_BLOCK(a8_block_avxvnni, T_AVXVNNI, a8_direct_avxvnni)
 A8_DIRECT(a8_direct_avx512vnni, T_AVX512VNNI, a8_dot_avx512vnni)
@@ -555,21 +549,36 @@ static int q4_args_bad(int64_t m, int64_t n, int64_t k16, int64_t group) {
     return m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group;
 }
 
+/* The prepared input of a8_run: int8 codes [m, k16], block scales [m, nb], group sums of x^ [m, groups]. */
+typedef struct {
+    int8_t *xq;
+    float *sx, *xs;
+    int64_t xb, nb, groups;
+} A8Input;
+
+static void a8_input_free(A8Input *in) { free(in->xq), free(in->sx), free(in->xs); }
+
+static int a8_input(A8Input *in, int64_t m, int64_t k16, int64_t group) {
+    in->xb = group % 32 ? 16 : 32, in->nb = k16 / in->xb, in->groups = k16 / group;
+    in->xq = malloc((size_t)(m * k16));
+    in->sx = malloc(sizeof(float) * m * in->nb), in->xs = malloc(sizeof(float) * m * in->groups);
+    if (!in->xq || !in->sx || !in->xs) {
+        a8_input_free(in);
+        return -1;
+    }
+    return 0;
+}
+
 static int a8_all(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
                   const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
     if (q4_args_bad(m, n, k16, group)) return -1;
     if (m == 0 || n == 0) return 0;
     if (threads < 1) threads = 1;
-    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group;
-    int8_t *xq = malloc((size_t)(m * k16));
-    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
-    if (!xq || !sx || !xs) {
-        free(xq), free(sx), free(xs);
-        return -1;
-    }
-    a8_quantize(x, m, k16, xb, group, xq, sx, xs);
-    a8_run(isa, xq, sx, xs, xb, m, k16, w, n, s, z, group, bias, out, threads);
-    free(xq), free(sx), free(xs);
+    A8Input in;
+    if (a8_input(&in, m, k16, group)) return -1;
+    a8_quantize(x, m, k16, in.xb, group, in.xq, in.sx, in.xs);
+    a8_run(isa, in.xq, in.sx, in.xs, in.xb, m, k16, w, n, s, z, group, bias, out, threads);
+    a8_input_free(&in);
     return 0;
 }
 
@@ -608,13 +617,11 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
     if (threads < 1) threads = 1;
     int isa = __atomic_load_n(&a8_isa_cached, __ATOMIC_RELAXED);
     if (isa < 0) __atomic_store_n(&a8_isa_cached, isa = a8_isa(), __ATOMIC_RELAXED);
-    const int64_t xb = group % 32 ? 16 : 32, nb = k16 / xb, groups = k16 / group;
-    int8_t *xq = malloc((size_t)(m * k16));
-    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m * groups);
-    if (!xq || !sx || !xs) {
-        free(xq), free(sx), free(xs);
-        return -1;
-    }
+    A8Input in;
+    if (a8_input(&in, m, k16, group)) return -1;
+    const int64_t xb = in.xb, nb = in.nb, groups = in.groups;
+    int8_t *xq = in.xq;
+    float *sx = in.sx, *xs = in.xs;
     for (int64_t i = 0; i < m; i++) {
         memcpy(xq + i * k16, a + i * k, (size_t)k);
         memset(xq + i * k16 + k, 0, (size_t)(k16 - k));
@@ -626,7 +633,7 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
         }
     }
     a8_run(isa, xq, sx, xs, xb, m, k16, w, n, s, z, group, bias, out, threads);
-    free(xq), free(sx), free(xs);
+    a8_input_free(&in);
     return 0;
 }
 
