@@ -658,6 +658,10 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
  */
 #define I8_NR 4
 #define I8_MR 2
+#ifndef I8_PREFETCH
+#define I8_PREFETCH 2048      /* bytes ahead in each weight row, once per 64-byte line (measured at M = 1,
+                                  one thread: 33% of the read bandwidth without, ~47% with 0.5-4 KB) */
+#endif
 
 /* acc[m * I8_NR + r] = a[m] . w[r] over the first kv columns (a multiple of 16), mr input rows, nr weight rows */
 INLINE void i8_tile(const int mr, const int nr, const int16_t *a, int64_t lda, const int8_t *w, int64_t ldw,
@@ -667,6 +671,8 @@ INLINE void i8_tile(const int mr, const int nr, const int16_t *a, int64_t lda, c
         for (int r = 0; r < nr; r++) c[m][r] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kv; k += 16) {
         __m256i wv[I8_NR];
+        if (!(k & 63))
+            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)(w + r * ldw + k + I8_PREFETCH), _MM_HINT_T0);
         for (int r = 0; r < nr; r++) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * ldw + k)));
         for (int m = 0; m < mr; m++) {
             const __m256i av = _mm256_loadu_si256((const __m256i *)(a + m * lda + k));
