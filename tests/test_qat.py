@@ -1,5 +1,6 @@
 import functools
 import os
+import socket
 import subprocess
 import sys
 
@@ -175,10 +176,13 @@ def one_step(steps_before: int = 0, parallel: str = "ddp"):
 def test_two_processes_match_one_process(tmp_path, parallel):
     out = tmp_path / f"{parallel}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    port = {"ddp": 29517, "fsdp": 29518}[parallel]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                    "tests/helpers/ddp_qat_step.py", str(out), parallel], check=True, env=env, timeout=300,
-                   capture_output=True)
+    with socket.socket() as sk:                  # a free port (a fixed one can still be taken, or in TIME_WAIT)
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", "tests/helpers/ddp_qat_step.py",
+                          str(out), parallel], env=env, timeout=300, capture_output=True)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
     got = safetensors.torch.load_file(str(out))
     loss, grads, after = one_step()
     assert float(got["loss"]) == pytest.approx(loss, rel=1e-5)
