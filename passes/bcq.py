@@ -31,10 +31,10 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites
-from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import describe, is_quantizer, linear_sites, param_of, select
+from qpass.errors import RecipeError
+from qpass.graph import choose_linears, linear_sites, param_of, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, build, occurrences
+from qpass.plan import Plan, SiteIndex, build
 from qpass.primitives import bcq as B
 from qpass.primitives.formats import get_format
 from qpass.primitives.spec import PerChannel, PerGroup, QSpec
@@ -95,14 +95,7 @@ class Bcq(Pass):
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "bcq")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if s.path in chosen]
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        for s in todo:
-            if is_quantizer(s.weight_use):
-                raise QuantizationError(f"the weight of {describe(gm, s.node)} is already quantized by an earlier "
-                                        "pass", fix="use bcq instead of that pass for this linear, or ignore it here")
+        todo, near, at = choose_linears(gm, sites, cfg.targets, cfg.ignore, "bcq")
         if not todo:
             return PassResult(modified=False, stats={"linears": 0}, near_misses=near)
         items, err, norm = [], 0.0, 0.0
@@ -116,7 +109,7 @@ class Bcq(Pass):
             scale = torch.ones(tab.shape[:-1])
             if s.use_in_axis == 0:                     # the weight as the matmul consumes it is [in, out]
                 scale, tab = scale.t().contiguous(), tab.transpose(0, 1).contiguous()
-            items.append((QuantMeta("weight", "", _key(s), cfg.spec), weight_block_size(cfg.spec, s.use_in_axis),
+            items.append((QuantMeta("weight", "", site_key(s), cfg.spec), weight_block_size(cfg.spec, s.use_in_axis),
                           {"scale": scale, "codebook": tab}, at[s.node]))
         plan = build(self.name, items, decisions={"bits": cfg.bits, "group_size": cfg.group_size,
                                                   "offset": cfg.offset, "iterations": cfg.iterations,
@@ -130,21 +123,14 @@ class Bcq(Pass):
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's BCQ weight quantizers (a codebook quantizer per linear, table per group)."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for qp, t in zip(plan.quantizers, plan.tensors()):
-            site = by_key.get((qp.meta.path, qp.at))
-            if site is None:
-                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
-                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
-                                "they were made on")
+            site = index.quantized(qp)
             meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
             q = insert_quantizer(gm, site.node, site.weight_use, meta, block=list(qp.block), scale=t["scale"],
                                  codebook=t["codebook"], name=f"{site.weight.target}_scale", origin="bcq")
             site.node.replace_input_with(site.weight_use, q.node)
 
-
-def _key(site) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["Bcq", "BcqConfig"]

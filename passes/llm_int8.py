@@ -31,10 +31,10 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.analyses import ActAbsMax, LinearSites
-from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.errors import RecipeError
+from qpass.graph import choose_linears, linear_sites, param_of, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, build, occurrences
+from qpass.plan import Plan, SiteIndex, build
 from qpass.primitives import choose_qparams
 from qpass.primitives.spec import IntFormat, PerChannel, PerToken, QSpec
 from qpass.quantizer import FloatColumns, QuantMeta, SideChannels, insert_quantizer
@@ -77,30 +77,23 @@ class LlmInt8(Pass):
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "llm_int8")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if s.path in chosen]
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        for s in todo:
-            if is_quantizer(s.weight_use) or is_quantizer(s.input):
-                raise QuantizationError(f"{describe(gm, s.node)} is already quantized by an earlier pass",
-                                        fix="use llm_int8 instead of that pass for this linear, or ignore it here")
+        todo, near, at = choose_linears(gm, sites, cfg.targets, cfg.ignore, "llm_int8", inputs=True)
         if not todo:
             return PassResult(modified=False, stats={"linears": 0}, near_misses=near)
         absmax = ctx.get(ActAbsMax(tuple(dict.fromkeys(s.input.name for s in todo))), gm)
         items, counts = [], {}
         for s in todo:
             cols = torch.nonzero(absmax[s.input.name] >= cfg.threshold).flatten().to(torch.int64)
-            counts[_key(s)] = int(cols.numel())
+            counts[site_key(s)] = int(cols.numel())
             with ctx.loaded([s.weight.target]):
                 w = param_of(gm, s.weight).detach()
                 w = w if s.in_axis == 1 else w.t()                                  # [out, in]
                 scale, _ = choose_qparams(w.index_fill(1, cols, 0.0), WEIGHTS, block_size=(1, -1))
             side = cols if cols.numel() else None
             scale = scale.t().contiguous() if s.use_in_axis == 0 else scale
-            items.append((QuantMeta("weight", "", _key(s), WEIGHTS), weight_block_size(WEIGHTS, s.use_in_axis),
+            items.append((QuantMeta("weight", "", site_key(s), WEIGHTS), weight_block_size(WEIGHTS, s.use_in_axis),
                           {"scale": scale, "float_columns": side}, at[s.node]))
-            items.append((QuantMeta("input", "", _key(s), INPUTS), INPUTS.block_size(s.input.meta["val"].shape),
+            items.append((QuantMeta("input", "", site_key(s), INPUTS), INPUTS.block_size(s.input.meta["val"].shape),
                           {"float_columns": side}, at[s.node]))
         plan = build(self.name, items, decisions={"threshold": cfg.threshold, "outlier_features": counts})
         self.apply(gm, plan)
@@ -113,27 +106,20 @@ class LlmInt8(Pass):
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's weight and input quantizers (float columns where the plan records them)."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for qp, t in zip(plan.quantizers, plan.tensors()):
-            site = by_key.get((qp.meta.path, qp.at))
-            if site is None:
-                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
-                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
-                                "they were made on")
+            site = index.quantized(qp)
             weight = qp.meta.role == "weight"
             src = site.weight_use if weight else site.input
             axis = site.use_in_axis if weight else -1
             side = SideChannels(float_columns=FloatColumns(t["float_columns"], axis)) \
                 if "float_columns" in t else SideChannels()
             meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
-            name = f"{site.weight.target}_scale" if weight else f"{_key(site)}_input"
+            name = f"{site.weight.target}_scale" if weight else f"{site_key(site)}_input"
             q = insert_quantizer(gm, site.node, src, meta, block=list(qp.block), scale=t.get("scale"),
                                  name=name, side=side, origin="llm_int8")
             site.node.replace_input_with(src, q.node)
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["LlmInt8", "LlmInt8Config"]

@@ -31,9 +31,9 @@ from torch.fx import GraphModule
 from qpass.adapters import META_LORA
 from qpass.analyses import LinearSites
 from qpass.errors import RecipeError
-from qpass.graph import META_ORIGIN, LinearSite, add_tensor, get_attr, insert_call, linear_sites, select
+from qpass.graph import META_ORIGIN, LinearSite, add_tensor, get_attr, insert_call, linear_sites, select, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, occurrences
+from qpass.plan import Plan, PlanError, SiteIndex, occurrences
 from qpass.quantizer import Quantizer
 
 aten = torch.ops.aten
@@ -84,11 +84,11 @@ class Lora(Pass):
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
         chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "lora")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
         done = set(gm.meta.get(META_LORA, {}))
         todo = [s for s in sites if s.path in chosen]
         near = [f"{s.path or s.node.name}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        again = [_key(s) for s in todo if _key(s) in done]
+        again = [site_key(s) for s in todo if site_key(s) in done]
         if again:
             raise RecipeError("lora.targets", f"{again[0]} already has an adapter from an earlier lora pass; use "
                               "targets/ignore so that each linear gets one adapter")
@@ -99,7 +99,7 @@ class Lora(Pass):
             a = torch.empty(cfg.rank, n_in)
             _kaiming_uniform(a, g)
             values[i] = {"A": a, "B": torch.zeros(n_out, cfg.rank)}
-            adapters.append({"path": _key(s), "at": at[s.node], "rank": cfg.rank, "alpha": cfg.alpha,
+            adapters.append({"path": site_key(s), "at": at[s.node], "rank": cfg.rank, "alpha": cfg.alpha,
                              "in": n_in, "out": n_out})
         plan = Plan(self.name, decisions={"adapters": adapters}, values=values)
         self.apply(gm, plan)
@@ -137,7 +137,7 @@ class LoraMerge(Pass):
 
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         registry = dict(gm.meta.get(META_LORA, {}))
-        sites = {_key(s): s for s in linear_sites(gm)}
+        sites = {site_key(s): s for s in linear_sites(gm)}
         merged, requantized = [], 0
         for path, (a, b, scaling) in registry.items():
             site = sites.get(path)
@@ -218,9 +218,9 @@ def planned_branches(gm: GraphModule, plan: Plan, key: str, what: str, names: tu
     linear site and its A [rank, in] and B [out, rank] (the plan's values under `names`, else zeros of those
     shapes). A linear the graph lacks is a PlanError naming `what` the plan adds."""
     sites = linear_sites(gm)
-    by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+    index = SiteIndex(sites)
     for i, rec in enumerate(plan.decisions.get(key, [])):
-        site = by_key.get((rec["path"], rec["at"]))
+        site = index.get(rec["path"], rec["at"])
         if site is None:
             raise PlanError(f"the plan adds {what} to linear {rec['path']!r} (occurrence {rec['at']}), which this "
                             "graph does not have", fix="apply plans to a capture of the model they were made on")
@@ -270,9 +270,6 @@ def _kaiming_uniform(t: torch.Tensor, g: torch.Generator) -> None:
     with torch.no_grad():
         t.uniform_(-bound, bound, generator=g)
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 def adapter_parameters(gm: GraphModule) -> list[torch.nn.Parameter]:

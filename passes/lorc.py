@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.analyses import LinearSites
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, param_of, select
+from qpass.graph import LinearSite, describe, param_of, select, site_key
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, occurrences
 from qpass.quantizer import Quantizer
@@ -77,11 +77,11 @@ class Lorc(Pass):
                 fix="place lorc after the passes that quantize the weights ('- quantize: {weights: ...}', then "
                     "optionally '- gptq'): it compensates their error")
         chosen = select([s.path for s in quantized], cfg.targets, cfg.ignore, "lorc") if quantized else set()
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
         done = set(gm.meta.get(META_LORC, {}))
         todo = [s for s in quantized if s.path in chosen]
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
-        again = [_key(s) for s in todo if _key(s) in done]
+        near = [f"{site_key(s)}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
+        again = [site_key(s) for s in todo if site_key(s) in done]
         if again:
             raise RecipeError("lorc.targets", f"{again[0]} already has a LoRC branch from an earlier lorc pass; use "
                               "targets/ignore so that each linear gets one")
@@ -99,8 +99,8 @@ class Lorc(Pass):
             values[i] = {"L": (u[:, :r] * root).float().contiguous(),
                          "R": (root[:, None] * vh[:r]).float().contiguous()}
             total = float(sv.pow(2).sum())
-            errors[_key(s)] = float(sv[r:].pow(2).sum()) / total if total > 0 else 0.0
-            branches.append({"path": _key(s), "at": at[s.node], "rank": r, "in": e.shape[1], "out": e.shape[0]})
+            errors[site_key(s)] = float(sv[r:].pow(2).sum()) / total if total > 0 else 0.0
+            branches.append({"path": site_key(s), "at": at[s.node], "rank": r, "in": e.shape[1], "out": e.shape[0]})
         plan = Plan(self.name, decisions={"branches": branches}, values=values)
         self.apply(gm, plan)
         params = sum(b["rank"] * (b["in"] + b["out"]) for b in branches)
@@ -174,9 +174,6 @@ def _teacher_weight(teacher, target: str, shape) -> torch.Tensor | None:
             return p.detach()
     return None
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["Lorc", "LorcConfig", "META_LORC"]

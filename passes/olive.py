@@ -32,7 +32,7 @@ from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites, Observed
 from qpass.errors import RecipeError
-from qpass.graph import param_of, select
+from qpass.graph import param_of, select, site_key
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, build, occurrences
 from qpass.primitives.formats import get_format
@@ -40,7 +40,7 @@ from qpass.primitives.olive import OliveObserver, search_scale
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerTensor, QSpec
 from qpass.quantizer import QuantMeta
 
-from .quantize import Quantize, _key, _refuse_double_quantization, weight_block_size
+from .quantize import Quantize, _refuse_double_quantization, weight_block_size
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,10 @@ class Olive(Pass):
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         sites = list(ctx.get(LinearSites(), gm))
-        chosen = select([_key(s) for s in sites], cfg.targets, cfg.ignore, self.name)
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if _key(s) in chosen]
-        skipped = [f"{_key(s)}: excluded by targets/ignore" for s in sites if _key(s) not in chosen]
+        chosen = select([site_key(s) for s in sites], cfg.targets, cfg.ignore, self.name)
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
+        todo = [s for s in sites if site_key(s) in chosen]
+        skipped = [f"{site_key(s)}: excluded by targets/ignore" for s in sites if site_key(s) not in chosen]
         _refuse_double_quantization(gm, todo, cfg)
         acts = self._activation_scales(gm, ctx, todo)
         items, outliers = [], 0
@@ -137,11 +137,11 @@ class Olive(Pass):
                     w = w.t() if site.weight_use is not site.weight else w
                     scale = search_scale(w, block, spec.format.name, cfg.ratios)
                     outliers += _outlier_count(w, scale, block, spec)
-                items.append((QuantMeta("weight", "", _key(site), spec), block, {"scale": scale}, at[site.node]))
+                items.append((QuantMeta("weight", "", site_key(site), spec), block, {"scale": scale}, at[site.node]))
             if cfg.activations is not None:
                 spec = olive_spec(cfg.activations)
                 block = spec.block_size(site.input.meta["val"].shape)
-                items.append((QuantMeta("input", "", _key(site), spec), block,
+                items.append((QuantMeta("input", "", site_key(site), spec), block,
                               {"scale": acts[site.input.name]}, at[site.node]))
         plan = build(self.name, items, decisions={"ratios": list(cfg.ratios)})
         self.apply(gm, plan)

@@ -36,7 +36,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from qpass import folding
 from qpass import patterns as P
-from qpass.analyses import STRUCTURE, Observed
+from qpass.analyses import Observed
 from qpass.blockwise import TRAIN_DOCS, BlockMethod, BlockState, BlockwiseConfig, summarize, train_blocks
 from qpass.errors import RecipeError
 from qpass.folding import Consumer, FoldGroup, shift_reason

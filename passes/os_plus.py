@@ -30,7 +30,7 @@ from qpass import folding
 from qpass.analyses import FoldGroups, Observed
 from qpass.errors import RecipeError
 from qpass.folding import FoldGroup, canonical_weight, fold_scales, fold_shifts, shift_reason
-from qpass.graph import linear_sites, param_of, select
+from qpass.graph import linear_sites, select
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, occurrences
 from qpass.primitives import choose_qparams

@@ -35,10 +35,10 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites, Observed
-from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.errors import RecipeError
+from qpass.graph import LinearSite, choose_linears, linear_sites, param_of, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, build, occurrences
+from qpass.plan import Plan, SiteIndex, build
 from qpass.primitives import owq as O
 from qpass.primitives.gptq import HessianAccumulator
 from qpass.primitives.spec import BUILTIN_KINDS, IntFormat, PerChannel, PerHead, PerToken, QSpec
@@ -136,14 +136,7 @@ class Owq(Pass):
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "owq")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if s.path in chosen]
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        for s in todo:
-            if is_quantizer(s.weight_use):
-                raise QuantizationError(f"the weight of {describe(gm, s.node)} is already quantized by an earlier "
-                                        "pass", fix="use owq instead of that pass for this linear, or ignore it here")
+        todo, near, at = choose_linears(gm, sites, cfg.targets, cfg.ignore, "owq")
         if not todo:
             return PassResult(modified=False, stats={"linears": 0}, near_misses=near)
         diag = {}
@@ -167,9 +160,11 @@ class Owq(Pass):
             flip = (lambda t: t.t().contiguous()) if s.use_in_axis == 0 else (lambda t: t)
             tensors = {"scale": flip(scale), "zero_point": None if zp is None else flip(zp),
                        "float_columns": cols if k else None}
-            items.append((QuantMeta("weight", "", _key(s), cfg.weights), weight_block_size(cfg.weights, s.use_in_axis),
+            items.append((QuantMeta("weight", "", site_key(s), cfg.weights),
+                          weight_block_size(cfg.weights, s.use_in_axis),
                           tensors, at[s.node]))
-        plan = build(self.name, items, decisions={"method": cfg.method, "columns": {_key(s): ks[s.node] for s in todo}})
+        plan = build(self.name, items,
+                     decisions={"method": cfg.method, "columns": {site_key(s): ks[s.node] for s in todo}})
         self.apply(gm, plan)
         if cfg.method == "gptq":
             fresh = {s.node: s for s in linear_sites(gm)}     # weight_use is now the quantizer
@@ -182,13 +177,9 @@ class Owq(Pass):
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's weight quantizers (float columns along the weight's input axis where recorded)."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for qp, t in zip(plan.quantizers, plan.tensors()):
-            site = by_key.get((qp.meta.path, qp.at))
-            if site is None:
-                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
-                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
-                                "they were made on")
+            site = index.quantized(qp)
             side = SideChannels(float_columns=FloatColumns(t["float_columns"], site.use_in_axis)) \
                 if "float_columns" in t else SideChannels()
             meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
@@ -211,7 +202,7 @@ class Owq(Pass):
                     for s in stage:
                         why = shared_weight(gm, s)
                         if why:   # NOTE: re-rounding would change a tied weight too: keep the RTN result
-                            near.append(f"{_key(s)}: rtn, not gptq: {why}")
+                            near.append(f"{site_key(s)}: rtn, not gptq: {why}")
                             self._choose_only(gm, s, accs[s.input].hessian)
                         else:
                             self._requantize(gm, s, accs[s.input].hessian)
@@ -264,9 +255,6 @@ def _canonical(param: torch.Tensor, s: LinearSite) -> torch.Tensor:
     """The weight as [out, in]."""
     return param if s.in_axis == 1 else param.t()
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["Owq", "OwqConfig"]

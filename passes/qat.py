@@ -34,7 +34,6 @@ from qpass.memory import PeakRss
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError
 from qpass.quantizer import quantizers
-from qpass.primitives import ops
 from qpass.qat.training import Trainer, TrainSettings, world
 
 log = logging.getLogger("qpass.qat")

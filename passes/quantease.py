@@ -31,9 +31,9 @@ from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, linear_sites, param_of, select, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, occurrences
+from qpass.plan import Plan, PlanError, SiteIndex, occurrences
 from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from qpass.primitives.quantease import quantease
 from qpass.quantizer import Quantizer, SideChannels, SparseValues, insert_quantizer
@@ -106,16 +106,16 @@ class QuantEase(Pass):
                 fix="place '- quantize: {weights: {bits: 3, granularity: per_group, group_size: 64}}' before "
                     "'- quantease' in the recipe: quantease re-rounds the weights that pass inserted")
         chosen = select([s.path for s in quantized], cfg.targets, cfg.ignore, "quantease") if quantized else set()
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
+        near = [f"{site_key(s)}: excluded by targets/ignore" for s in quantized if s.path not in chosen]
         todo, why_not = requantizable(gm, [s for s in quantized if s.path in chosen])
         near += why_not
         stats = {"linears": 0, "mean_ratio_vs_gptq": None, "at_or_below_gptq": 0, "outliers": 0}
         if not todo:
             return PassResult(modified=False, stats=stats, near_misses=near)
-        counts = [{"path": _key(s), "at": at[s.node], "count": _outlier_count(gm, s, cfg.outliers)} for s in todo]
+        counts = [{"path": site_key(s), "at": at[s.node], "count": _outlier_count(gm, s, cfg.outliers)} for s in todo]
         counts = [c for c in counts if c["count"]]
-        plan = Plan(self.name, decisions={"linears": sorted(_key(s) for s in todo), "outliers": counts})
+        plan = Plan(self.name, decisions={"linears": sorted(site_key(s) for s in todo), "outliers": counts})
         if counts:           # the sparse side channel first (zeros), filled in place by the sweep below
             self.apply(gm, plan)
             fresh = {s.node: s for s in linear_sites(gm)}
@@ -123,7 +123,7 @@ class QuantEase(Pass):
         errors = {}
 
         def requantize(s: LinearSite, acc: HessianAccumulator) -> None:
-            errors[_key(s)] = self._requantize(gm, s, acc)
+            errors[site_key(s)] = self._requantize(gm, s, acc)
 
         hessians, blocks = hessian_sweep(gm, ctx, todo, requantize, who="quantease", sequential=cfg.sequential,
                                          true_sequential=cfg.true_sequential, feed=cfg.feed)
@@ -138,9 +138,9 @@ class QuantEase(Pass):
         """Give the weight quantizers the plan lists outliers for their sparse side channel (the values come
         from the fresh run or the saved state dict); re-rounded values need nothing else in the graph."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for o in plan.decisions.get("outliers", []):
-            site = by_key.get((o["path"], o["at"]))
+            site = index.get(o["path"], o["at"])
             q = Quantizer.of(site.weight_use) if site is not None else None
             if q is None or q.role != "weight" or q.side_channels:
                 raise PlanError(f"the plan adds outliers to the weight quantizer of {o['path']!r} (occurrence "
@@ -188,9 +188,6 @@ class QuantEase(Pass):
 def _outlier_count(gm: GraphModule, site: LinearSite, fraction: float) -> int:
     return int(round(fraction * param_of(gm, site.weight).numel()))
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["QuantEase", "QuantEaseConfig"]

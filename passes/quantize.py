@@ -31,10 +31,10 @@ from qpass.analyses import LinearSites, Observed
 from qpass.errors import QuantizationError, RecipeError
 from qpass.experts import ExpertSite, expert_sites, routers, weight_block
 from qpass.experts import weight_quantizer as expert_weight_quantizer
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, module_path, param_of, select
+from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, module_path, param_of, select, site_key
 from qpass.patterns import storage_twins
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, build, occurrences
+from qpass.plan import Plan, PlanError, SiteIndex, build, occurrences
 from qpass.primitives import OBSERVERS, choose_qparams
 from qpass.quantizer import NO_SIDE, QuantMeta, ScaleQuant, SideChannels, insert_quantizer
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
@@ -149,10 +149,10 @@ class Quantize(Pass):
         cfg = self.config
         router = set() if cfg.routers else set(routers(gm))
         sites = [*ctx.get(LinearSites(), gm), *expert_sites(gm)]
-        chosen = select([_key(s) for s in sites], cfg.targets, cfg.ignore, "quantize")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if _key(s) in chosen and _key(s) not in router]
-        skipped = [f"{_key(s)}: excluded by targets/ignore" for s in sites if _key(s) not in chosen]
+        chosen = select([site_key(s) for s in sites], cfg.targets, cfg.ignore, "quantize")
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
+        todo = [s for s in sites if site_key(s) in chosen and site_key(s) not in router]
+        skipped = [f"{site_key(s)}: excluded by targets/ignore" for s in sites if site_key(s) not in chosen]
         skipped += [f"{p}: MoE router (its output selects experts: top-k) kept float; routers: true quantizes it"
                     for p in sorted(router & chosen)]
         experts = [s for s in todo if isinstance(s, ExpertSite)]
@@ -177,7 +177,7 @@ class Quantize(Pass):
                 block, tensors = (self._weight_qparams(gm, site, spec, ctx) if role == "weight" else
                                   (spec.block_size(site.input.meta["val"].shape),
                                    _qparam_dict(act_qparams.get(site.input.name))))
-                items.append((QuantMeta(role, "", _key(site), spec), block, tensors, at[site.node]))
+                items.append((QuantMeta(role, "", site_key(site), spec), block, tensors, at[site.node]))
         dq = cfg.double_quant
         if dq is not None:
             for meta, _, tensors, _ in items:
@@ -202,16 +202,12 @@ class Quantize(Pass):
         """Insert the plan's quantizers on the linears it names (module path and occurrence): weight
         quantizers on the weight as the matmul consumes it, input quantizers on that linear's input only."""
         sites = [*linear_sites(gm), *expert_sites(gm)]
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         tied = plan.decisions.get("tied_embedding", {})
         twins = storage_twins(gm) if tied else {}
         for qp, t in zip(plan.quantizers, plan.tensors()):
-            site = by_key.get((qp.meta.path, qp.at))
-            if site is None:
-                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
-                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
-                                "they were made on")
-            meta = dataclasses.replace(qp.meta, site=site.node.name, path=_key(site))
+            site = index.quantized(qp)
+            meta = dataclasses.replace(qp.meta, site=site.node.name, path=site_key(site))
             if isinstance(site, ExpertSite) and meta.role == "weight":   # on the stacked parameter, every use
                 w, first = site.weight, min(site.weight.users, key=_order(gm))
                 q = insert_quantizer(gm, first, w, meta, block=list(qp.block), scale=t.get("scale"),
@@ -222,7 +218,7 @@ class Quantize(Pass):
             if meta.role == "weight":
                 name = f"{site.weight.target}_scale"
             else:   # NOTE: named by module path: another capture (the decode graph) gets the same names
-                name = f"{_key(site)}_input_scale"
+                name = f"{site_key(site)}_input_scale"
             side = NO_SIDE
             if "scale_scale" in t:
                 dq = plan.decisions["double_quant"]
@@ -298,13 +294,13 @@ def _tied_embeddings(gm: GraphModule, sites: list, todo: list, cfg: QuantizeConf
             raise QuantizationError(
                 f"tied_embedding: shared gives the embedding lookup the quantized weight of its tied linear, but "
                 f"this pass does not quantize that linear ({where})",
-                fix=f"set tied_embedding: shared in the quantize pass that quantizes {_key(site)} (its targets), or "
-                    "remove the option (tied_embedding: float)")
+                fix=f"set tied_embedding: shared in the quantize pass that quantizes {site_key(site)} (its "
+                    "targets), or remove the option (tied_embedding: float)")
         if site.weight_use is not site.weight:
             raise QuantizationError(
                 f"tied_embedding: shared takes a tied linear that reads the table as stored ([out, in] = [vocab, "
                 f"hidden]); this one reads it transposed ({where})", fix="use tied_embedding: float for this model")
-        out[_key(site)] = names
+        out[site_key(site)] = names
     return out
 
 
@@ -323,11 +319,6 @@ def _scale_of_scales(scale: torch.Tensor, dq: DoubleQuantConfig) -> torch.Tensor
     s2, _ = choose_qparams(scale.float(), spec, block_size=_dq_block(scale.shape, dq.block))
     return s2
 
-
-def _key(site: LinearSite | ExpertSite) -> str:
-    """How a plan names a linear: its module path (a hand-built graph without module paths: the node name); a
-    stacked expert weight: ``<experts module>.<parameter>``."""
-    return site.key if isinstance(site, ExpertSite) else (site.path or site.node.name)
 
 
 def _order(gm: GraphModule):

@@ -34,9 +34,9 @@ from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites
 from qpass.errors import QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, linear_sites, param_of, select
+from qpass.graph import LinearSite, describe, linear_sites, param_of, select, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, occurrences
+from qpass.plan import Plan, PlanError, SiteIndex, occurrences
 from qpass.primitives.gptq import HessianAccumulator, gptq_quantize, reconstruction_error
 from qpass.primitives.spqr import SpqrResult, spqr_quantize
 from qpass.quantizer import Quantizer, ScaleQuant, SideChannels, SparseValues, insert_quantizer
@@ -128,15 +128,15 @@ class Spqr(Pass):
                 f"spqr found no quantized weights among the {len(sites)} linears (e.g. {describe(gm, sites[0].node)})",
                 fix="place '- quantize: {weights: {bits: 3, granularity: per_group, group_size: 16, symmetric: "
                     "false}}' before '- spqr' in the recipe: spqr re-rounds the weights that pass inserted")
-        chosen = select([_key(s) for s in quantized], cfg.targets, cfg.ignore, "spqr") if quantized else set()
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in quantized if _key(s) not in chosen]
-        todo, why_not = requantizable(gm, [s for s in quantized if _key(s) in chosen])
+        chosen = select([site_key(s) for s in quantized], cfg.targets, cfg.ignore, "spqr") if quantized else set()
+        at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
+        near = [f"{site_key(s)}: excluded by targets/ignore" for s in quantized if site_key(s) not in chosen]
+        todo, why_not = requantizable(gm, [s for s in quantized if site_key(s) in chosen])
         near += why_not
         for s in list(todo):
             why = _grid_unsupported(s)
             if why:
-                near.append(f"{_key(s)}: {why}")
+                near.append(f"{site_key(s)}: {why}")
                 todo.remove(s)
         stats = {"linears": 0, "outliers": 0}
         if not todo:
@@ -150,8 +150,8 @@ class Spqr(Pass):
         errors, found = {}, {}
 
         def requantize(s: LinearSite, acc: HessianAccumulator) -> None:
-            key = (_key(s), at[s.node])
-            errors[_key(s)], found[key] = self._requantize(gm, s, acc, room[key])
+            key = (site_key(s), at[s.node])
+            errors[site_key(s)], found[key] = self._requantize(gm, s, acc, room[key])
 
         hessians, blocks = hessian_sweep(gm, ctx, todo, requantize, who="spqr", sequential=cfg.sequential,
                                          true_sequential=cfg.true_sequential, feed=cfg.feed)
@@ -175,12 +175,12 @@ class Spqr(Pass):
                 raise QuantizationError(
                     f"spqr: target_bits {cfg.target_bits} is below the {cfg.target_bits - left:.3f} bits/weight that "
                     f"int{bits} codes in groups of {block[1]} with {cfg.scale_bits}-bit statistics take "
-                    f"in {_key(site)}", fix="raise target_bits, or use larger groups (quantize.weights.group_size)")
+                    f"in {site_key(site)}", fix="raise target_bits, or use larger groups (quantize.weights.group_size)")
             room = int(left * out_f * in_f // OUTLIER_BITS)
         elif cfg.outliers:
             room = int(cfg.max_outliers * out_f * in_f)
-        return {"path": _key(site), "at": at, "scale_block": [cfg.scale_group, 1], "scale_fmt": f"int{cfg.scale_bits}",
-                "outliers": room}
+        return {"path": site_key(site), "at": at, "scale_block": [cfg.scale_group, 1],
+                "scale_fmt": f"int{cfg.scale_bits}", "outliers": room}
 
     @classmethod
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
@@ -188,9 +188,9 @@ class Spqr(Pass):
         the recorded block) and, where recorded (a count, 0 allowed), sparse values; the values come from the
         fresh run or the saved state dict."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for r in plan.decisions["linears"]:
-            site = by_key.get((r["path"], r["at"]))
+            site = index.get(r["path"], r["at"])
             q = Quantizer.of(site.weight_use) if site is not None else None
             if q is None or q.role != "weight" or q.side_channels or q.zero_point is None:
                 raise PlanError(f"the plan gives SpQR side channels to the weight quantizer of {r['path']!r} "
@@ -312,9 +312,6 @@ def _grid_unsupported(site: LinearSite) -> str | None:
         return f"spqr needs groups along the input (quantize.weights granularity: per_group), got block {block}"
     return None
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["Spqr", "SpqrConfig", "search_threshold", "stat_bits"]

@@ -32,10 +32,10 @@ from torch.nn import functional as F
 
 from qpass.analyses import LinearSites
 from qpass.calibration import logits_of
-from qpass.errors import CalibrationError, QuantizationError, RecipeError
-from qpass.graph import LinearSite, describe, is_quantizer, linear_sites, param_of, select
+from qpass.errors import CalibrationError, RecipeError
+from qpass.graph import LinearSite, choose_linears, linear_sites, param_of, site_key
 from qpass.pass_infra import Context, Pass, PassResult
-from qpass.plan import Plan, PlanError, build, occurrences
+from qpass.plan import Plan, SiteIndex, build
 from qpass.primitives import squeezellm as S
 from qpass.primitives.formats import get_format
 from qpass.primitives.spec import PerChannel, QSpec
@@ -92,15 +92,7 @@ class SqueezeLlm(Pass):
     def run(self, gm: GraphModule, ctx: Context) -> PassResult:
         cfg = self.config
         sites = ctx.get(LinearSites(), gm)
-        chosen = select([s.path for s in sites], cfg.targets, cfg.ignore, "squeezellm")
-        at = dict(zip((s.node for s in sites), occurrences(_key(s) for s in sites)))
-        todo = [s for s in sites if s.path in chosen]
-        near = [f"{_key(s)}: excluded by targets/ignore" for s in sites if s.path not in chosen]
-        for s in todo:
-            if is_quantizer(s.weight_use):
-                raise QuantizationError(f"the weight of {describe(gm, s.node)} is already quantized by an earlier "
-                                        "pass", fix="use squeezellm instead of that pass for this linear, or ignore "
-                                                    "it here")
+        todo, near, at = choose_linears(gm, sites, cfg.targets, cfg.ignore, "squeezellm")
         if not todo:
             return PassResult(modified=False, stats={"linears": 0}, near_misses=near)
         fisher, n = _fisher(gm, ctx, todo, cfg.max_samples)
@@ -117,7 +109,7 @@ class SqueezeLlm(Pass):
                 index = ((index % k) * w.shape[0] + index // k).contiguous()
             tensors = {"scale": scale, "codebook": table, "outlier_index": index if index.numel() else None,
                        "outlier_value": r.value if index.numel() else None}
-            items.append((QuantMeta("weight", "", _key(s), spec), block, tensors, at[s.node]))
+            items.append((QuantMeta("weight", "", site_key(s), spec), block, tensors, at[s.node]))
             sparse, err = sparse + index.numel(), err + r.weighted_error
         decisions = {"bits": cfg.bits, "outliers": cfg.outliers, "sensitive": cfg.sensitive, "iters": cfg.iters,
                      "fisher_samples": n, "kmeans_starts": ["weighted_quantiles", "uniform_grid"]}
@@ -130,13 +122,9 @@ class SqueezeLlm(Pass):
     def apply(cls, gm: GraphModule, plan: Plan) -> None:
         """Insert the plan's codebook weight quantizers (with their sparse values where recorded)."""
         sites = linear_sites(gm)
-        by_key = {(_key(s), at): s for s, at in zip(sites, occurrences(map(_key, sites)))}
+        index = SiteIndex(sites)
         for qp, t in zip(plan.quantizers, plan.tensors()):
-            site = by_key.get((qp.meta.path, qp.at))
-            if site is None:
-                raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
-                                f"does not have ({len(sites)} linears)", fix="apply plans to a capture of the model "
-                                "they were made on")
+            site = index.quantized(qp)
             side = SideChannels(outliers=SparseValues(t["outlier_index"], t["outlier_value"])) \
                 if "outlier_index" in t else SideChannels()
             meta = dataclasses.replace(qp.meta, site=site.node.name, path=site.path)
@@ -181,9 +169,6 @@ def _canonical(t: torch.Tensor, s: LinearSite) -> torch.Tensor:
     """The weight (or its Fisher) as [out, in]."""
     return t if s.in_axis == 1 else t.t()
 
-
-def _key(site: LinearSite) -> str:
-    return site.path or site.node.name
 
 
 __all__ = ["SqueezeLlm", "SqueezeLlmConfig"]

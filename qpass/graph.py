@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .errors import TargetNotFoundError
+from .errors import QuantizationError, TargetNotFoundError
 from .patterns import TRANSPOSES
 from .primitives import ops as qops
 
@@ -139,6 +140,49 @@ def linear_sites(gm: GraphModule) -> list[LinearSite]:
         bias = bias if isinstance(bias, Node) and bias.op == "get_attr" else None
         sites.append(LinearSite(node, src[0], w, x, bias, in_axis, module_path(gm, node)))
     return sites
+
+
+def site_key(site) -> str:
+    """How plans and reports name a linear: its module path (a hand-built graph without module paths: the node
+    name); a stacked expert weight (experts.ExpertSite): its ``<experts module>.<parameter>`` key."""
+    key = getattr(site, "key", None)
+    return key if key is not None else (site.path or site.node.name)
+
+
+def occurrences(keys) -> list[int]:
+    """For keys in graph order, the occurrence index of each (0 for the first time a path is seen)."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        out.append(seen.get(k, 0))
+        seen[k] = out[-1] + 1
+    return out
+
+
+class Chosen(NamedTuple):
+    """The linears a pass will quantize: `todo` in graph order, `near` the near-miss lines of the ones its
+    targets/ignore left out, `at` each site node's occurrence index (plans name a linear by key and occurrence)."""
+
+    todo: list[LinearSite]
+    near: list[str]
+    at: dict[Node, int]
+
+
+def choose_linears(gm: GraphModule, sites: list[LinearSite], include: tuple[str, ...], ignore: tuple[str, ...],
+                   who: str, *, inputs: bool = False) -> Chosen:
+    """The run preamble of a pass that quantizes linears it finds itself: `select` by targets/ignore (errors on
+    globs that match nothing), the near-miss list, and a clear error where an earlier pass already quantized a
+    chosen linear's weight (with `inputs`, its input too: the pass quantizes both)."""
+    chosen = select([s.path for s in sites], include, ignore, who)
+    at = dict(zip((s.node for s in sites), occurrences(site_key(s) for s in sites)))
+    todo = [s for s in sites if s.path in chosen]
+    near = [f"{site_key(s)}: excluded by targets/ignore" for s in sites if s.path not in chosen]
+    for s in todo:
+        if is_quantizer(s.weight_use) or (inputs and is_quantizer(s.input)):
+            what = describe(gm, s.node) if inputs else f"the weight of {describe(gm, s.node)}"
+            raise QuantizationError(f"{what} is already quantized by an earlier pass",
+                                    fix=f"use {who} instead of that pass for this linear, or ignore it here")
+    return Chosen(todo, near, at)
 
 
 def select(paths: list[str], include: tuple[str, ...], ignore: tuple[str, ...], where: str) -> set[str]:

@@ -30,7 +30,7 @@ so ``(path, occurrence)`` finds the same linear in each; a path the graph lacks 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch
 from torch.fx import GraphModule
 
 from .errors import ArtifactError
+from .graph import occurrences, site_key
 from .quantizer import QuantMeta
 
 PLAN_VERSION = 1
@@ -178,14 +179,25 @@ def build(pass_name: str, items: Sequence[tuple[QuantMeta, Sequence[int], Mappin
     return Plan(pass_name, tuple(records), values=values, **fields)
 
 
-def occurrences(keys: Iterable[str]) -> list[int]:
-    """For keys in graph order, the occurrence index of each (0 for the first time a path is seen)."""
-    seen: dict[str, int] = {}
-    out = []
-    for k in keys:
-        out.append(seen.get(k, 0))
-        seen[k] = out[-1] + 1
-    return out
+class SiteIndex:
+    """A graph's linears as plans name them: (site_key, occurrence in graph order) -> site."""
+
+    def __init__(self, sites: Sequence, key=site_key):
+        self.count = len(sites)
+        keys = [key(s) for s in sites]
+        self._by = {(k, at): s for s, k, at in zip(sites, keys, occurrences(keys))}
+
+    def get(self, path: str, at: int):
+        return self._by.get((path, at))
+
+    def quantized(self, qp: QuantizerPlan):
+        """The linear whose weight or input quantizer `qp` plans; a clear PlanError where this graph has none."""
+        site = self.get(qp.meta.path, qp.at)
+        if site is None:
+            raise PlanError(f"the plan quantizes linear {qp.meta.path!r} (occurrence {qp.at}), which this graph "
+                            f"does not have ({self.count} linears)",
+                            fix="apply plans to a capture of the model they were made on")
+        return site
 
 
 def apply_plans(gm: GraphModule, plans: Sequence[Plan]) -> None:
@@ -219,5 +231,5 @@ def _not_a_plan(where: str, i: int):
     raise PlanError(f"{where}[{i}] is not a JSON object", fix="quantize again and save")
 
 
-__all__ = ["Plan", "QuantizerPlan", "TensorSpec", "PlanError", "PLAN_VERSION", "build", "occurrences",
+__all__ = ["Plan", "QuantizerPlan", "TensorSpec", "PlanError", "PLAN_VERSION", "build", "occurrences", "SiteIndex",
            "apply_plans", "plans_to_json", "plans_from_json"]

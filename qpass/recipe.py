@@ -22,8 +22,8 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import yaml
 

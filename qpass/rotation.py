@@ -24,7 +24,6 @@ graph output) makes the stream unrotatable, and the reason names the node. Reade
 from __future__ import annotations
 
 import heapq
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from torch.fx import GraphModule, Node
 
 from . import patterns as P
 from .folding import _concrete, _concrete_shape
-from .graph import LinearSite, describe, linear_sites, module_path, param_of
+from .graph import LinearSite, linear_sites, module_path, param_of
 
 aten = torch.ops.aten
 
