@@ -15,9 +15,10 @@ Preserves nothing (adds nodes and buffers)
 
 Deviation: the paper (and bitsandbytes) finds the outlier columns at run time in every input (any |x| >=
 threshold in the current batch). Here the set is decided once from calibration data and is static: the quantizer
-IR has no op with a data-dependent set of float columns (it would need one whose column count is decided per
-call, which neither backend could lower as a fixed graph). A feature that crosses the threshold only outside the
-calibration data is quantized with its token's int8 grid. With `threshold` low enough to catch the systematic
+IR has no op with a data-dependent set of float columns yet. Nothing forbids one (eager torch can index the
+columns found per call, and ONNX expresses it with standard ops of data-dependent shape: ReduceMax(Abs) ->
+GreaterOrEqual -> NonZero -> Gather); it is not built (issue 16 keeps it open). A feature that crosses the
+threshold only outside the calibration data is quantized with its token's int8 grid. With `threshold` low enough to catch the systematic
 outlier dimensions (the paper: they recur across layers and tokens) the two agree on the calibration data.
 bitsandbytes counts a feature as an outlier at |x| >= threshold; so does this pass.
 """

@@ -325,8 +325,9 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
  */
 #define A8_MAXM 4
 #ifndef A8_PREFETCH
-#define A8_PREFETCH 8192      /* bytes ahead, one prefetch per 64-byte line (measured: 1 KB ahead, as the
-                                  exact path, reaches ~65% of the read bandwidth, 8 KB ~80%) */
+#define A8_PREFETCH 8192      /* bytes ahead, one prefetch per 64-byte line. Chosen by a scratch sweep
+                                  (1 KB, as the exact path, was slower than 8 KB at M = 1); what a tool
+                                  measures: docs/benchmarks.md's linear table (python tools/bench.py) */
 #endif
 
 INLINE float hmax_abs(const float *x, int64_t n) {     /* n: a multiple of 8 */
@@ -659,8 +660,9 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
 #define I8_NR 4
 #define I8_MR 2
 #ifndef I8_PREFETCH
-#define I8_PREFETCH 2048      /* bytes ahead in each weight row, once per 64-byte line (measured at M = 1,
-                                  one thread: 33% of the read bandwidth without, ~47% with 0.5-4 KB) */
+#define I8_PREFETCH 2048      /* bytes ahead in each weight row, once per 64-byte line. Chosen by a scratch
+                                  sweep at M = 1 (0.5-4 KB all beat no prefetch); what a tool measures:
+                                  docs/benchmarks.md's linear table (python tools/bench.py) */
 #endif
 
 /* acc[m * I8_NR + r] = a[m] . w[r] over the first kv columns (a multiple of 16), mr input rows, nr weight rows */
