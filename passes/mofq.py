@@ -12,15 +12,28 @@ Changes   per linear, two candidates at the recipe's bit widths: the integer fam
             weight_mse   mean (W - Q(W))^2 (tensor error, no data needed; activations: mean (X - Q(X))^2 on
                          the token sample)
             auto         weight_mse without activations, output_mse with them
-          then inserts the chosen quantizers as the quantize pass does (static activation scales from the
-          recipe's observer, per chosen format)
+          then (``select: model``, the default) scores three whole-model candidates on the calibration
+          samples: the per-layer choice above (the paper's), all-int and all-float, each by the mean KL(FP || Q)
+          of the graph's output distribution (softmax of the last axis: next-token logits for an LM) against
+          the float graph's, and keeps the lowest (ties: the per-layer choice, then int); ``select: layer``
+          keeps the per-layer choice as the paper does. Inserts the chosen quantizers as the quantize pass does
+          (static activation scales from the recipe's observer, per chosen format)
 Requires  calibration data for output_mse (the default), activations or static activation scales
 Preserves nothing (adds quantizer nodes)
 
-The plan is the quantize pass's (each quantizer with its chosen spec) plus each linear's choice and both errors.
+The plan is the quantize pass's (each quantizer with its chosen spec) plus each linear's choice and both errors,
+and with ``select: model`` each candidate's KL and the winner (stats ``candidates`` / ``selected``).
+
+Deviation (``select: model``): the paper picks per layer only. Layer errors do not add up to the model's: a
+layer-wise mix can lose end to end to one uniform format (seen at W4A16 on the bundled models, docs/results_wa.md),
+so the uniform formats are kept as candidates and the model's own output decides; the paper's mix is kept
+whenever it is at least as good. The candidates are scored on the same calibration samples the layer errors
+came from (three candidates: little room to overfit them). It needs one copy of the graph per scored candidate
+(in memory only: with the weights streamed from disk it falls back to the per-layer choice and says so).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -30,6 +43,7 @@ import torch
 from torch.fx import GraphModule
 
 from qpass.analyses import LinearSites, Observed
+from qpass.calibration import run_graph
 from qpass.errors import RecipeError
 from qpass.folding import canonical_weight
 from qpass.graph import param_of, select
@@ -66,6 +80,10 @@ class MofqConfig:
                   "with them)",
         "joint": "one family per layer for weights and activations (the paper: the GEMM is INT or FP); false: each "
                  "tensor chooses on its own",
+        "select": "model (default): keep the per-layer choice, all-int or all-float, whichever gives the lowest "
+                  "KL(FP || Q) of the model's outputs on the calibration samples; layer: the per-layer choice "
+                  "only (the paper; also what model falls back to, with a note, without calibration data or "
+                  "with the weights streamed from disk)",
         "tokens": "calibration tokens kept per linear input for output_mse and activation errors",
         "observer": "static activation scale estimator: {kind: minmax|moving_average|percentile|mse, ...}",
         "targets": "module-path globs of the linears to quantize",
@@ -76,6 +94,7 @@ class MofqConfig:
     activations: QSpec | None = None
     metric: Literal["auto", "weight_mse", "output_mse"] = "output_mse"
     joint: bool = True
+    select: Literal["model", "layer"] = "model"
     tokens: int = 512
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     targets: tuple[str, ...] = ("*",)
@@ -100,6 +119,8 @@ class MofqConfig:
                 raise RecipeError("activations.dynamic", "per_token scales are computed at run time")
             if getattr(a.granularity, "axis", -1) != -1:
                 raise RecipeError("activations.axis", "activation channels are the last axis: use axis: -1")
+        if self.select not in ("model", "layer"):
+            raise RecipeError("select", f"must be 'model' or 'layer', got {self.select!r}")
         if not 1 <= self.tokens <= 1 << 20:
             raise RecipeError("tokens", f"must be an integer in [1, {1 << 20}], got {self.tokens}")
         if not self.targets:
@@ -141,8 +162,30 @@ class Mofq(Pass):
             with ctx.loaded([s.weight.target]):
                 w = canonical_weight(gm, s).double()
             choice[k] = self._choose(w, samples.get(s.input.name), wc, ac)
+        selected, scores = "layer", {}
+        if cfg.select == "model" and (ctx.calib is None or len(ctx.calib) == 0):
+            near.append("mofq: select: model scores the candidates on calibration data and none was given: kept "
+                        "the per-layer choice")
+        elif cfg.select == "model" and ctx.store is not None:
+            near.append("mofq: select: model needs the graph in memory (weights are streamed from disk): kept the "
+                        "per-layer choice")
+        elif cfg.select == "model":
+            uniform = {f: {k: _uniform(c, f, ac is not None) for k, c in choice.items()} for f in FAMILIES}
+            cands = {"layer": choice, **{f: u for f, u in uniform.items() if u != choice}}
+            calib = ctx.require_calibration("mofq")
+            ref = [torch.log_softmax(run_graph(gm, x).float(), -1) for x in calib.samples]
+            for name, ch in cands.items():
+                trial = copy.deepcopy(gm)
+                self.apply(trial, build(self.name, self._items(trial, ctx, sites, keys, todo, ch, wc, ac)))
+                trial.recompile()
+                scores[name] = _kl(ref, [run_graph(trial, x) for x in calib.samples])
+                del trial
+            order = ("layer", *FAMILIES)
+            selected = min(scores, key=lambda n: (scores[n], order.index(n)))
+            choice = cands[selected]
         items = self._items(gm, ctx, sites, keys, todo, choice, wc, ac)
-        plan = build(self.name, items, decisions={"choice": choice})
+        decisions = {"choice": choice, "select": cfg.select, "selected": selected, "candidates": scores}
+        plan = build(self.name, items, decisions=decisions)
         self.apply(gm, plan)
         stats["linears"] = len(todo)
         stats["weights_int"] = sum(c["weights"] == "int" for c in choice.values())
@@ -155,6 +198,8 @@ class Mofq(Pass):
             stats["weight_mse_disagrees"] = sum(
                 c["weights"] != min(FAMILIES, key=lambda f: (c["weight_mse"][f], f == "float")) for c in choice.values())
         stats["choice"] = {k: _summary(c) for k, c in choice.items()}
+        if scores:
+            stats["candidates"], stats["selected"] = scores, selected
         return PassResult(modified=True, stats=stats, near_misses=near, plan=plan)
 
     @classmethod
@@ -221,6 +266,21 @@ def fake_quant(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
         return Q.fake_quantize_dynamic(x, block, spec.format.name, spec.symmetric)
     scale, zp = choose_qparams(x, spec)
     return Q.fake_quantize(x, scale, zp, block, spec.format.name)
+
+
+def _uniform(c: dict, family: str, activations: bool) -> dict:
+    """Linear choice `c` with every tensor in `family` (errors kept: they are the layer's measurements)."""
+    return {**c, "weights": family, "activations": family if activations else None}
+
+
+def _kl(ref_logp: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Mean over positions of KL(P || Q), P = exp(ref_logp), Q = softmax(output) over the last axis."""
+    total, n = 0.0, 0
+    for p, q in zip(ref_logp, outputs):
+        q = torch.log_softmax(q.float(), -1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        total, n = total + float(kl.sum()), n + kl.numel()
+    return total / max(n, 1)
 
 
 def _summary(c: dict) -> str:

@@ -42,7 +42,8 @@ def test_heavy_tails_favour_float_and_uniform_values_favour_int():
 
 @pytest.fixture(scope="module")
 def w4():
-    return qpass.apply(toy.hf_model("llama"), recipe(metric="weight_mse"), calib_data=CALIB, progress=False)
+    return qpass.apply(toy.hf_model("llama"), recipe(metric="weight_mse", select="layer"), calib_data=CALIB,
+                       progress=False)
 
 
 def test_weight_mse_choice_is_the_smaller_error_and_the_quantizers_follow_it(w4):
@@ -60,7 +61,8 @@ def test_weight_mse_choice_is_the_smaller_error_and_the_quantizers_follow_it(w4)
 
 
 def test_output_mse_with_activations_is_joint_and_minimal():
-    qm = qpass.apply(toy.hf_model("llama"), recipe(weights=W8C, activations=A8), calib_data=CALIB, progress=False)
+    qm = qpass.apply(toy.hf_model("llama"), recipe(weights=W8C, activations=A8, select="layer"), calib_data=CALIB,
+                     progress=False)
     stats = qm.report["mofq"].stats
     assert stats["metric"] == "output_mse"
     acts = {q.path: q for q in quantizers(qm.graph_module, role="input")}
@@ -69,7 +71,7 @@ def test_output_mse_with_activations_is_joint_and_minimal():
         assert set(c["weight_mse"]) == {"int", "float"}
         assert c["errors"][f"{c['weights']}/{c['activations']}"] == min(c["errors"].values())
         assert acts[path].fmt_name == {"int": "int8", "float": "fp8_e4m3"}[c["activations"]] and acts[path].dynamic
-    split = qpass.apply(toy.hf_model("llama"), recipe(weights=W8C, activations=A8, joint=False), calib_data=CALIB,
+    split = qpass.apply(toy.hf_model("llama"), recipe(weights=W8C, activations=A8, joint=False, select="layer"), calib_data=CALIB,
                         progress=False)
     assert all(len(c["errors"]) == 4 for c in split.plans[0].decisions["choice"].values())
 
@@ -77,9 +79,9 @@ def test_output_mse_with_activations_is_joint_and_minimal():
 def test_weight_only_default_is_the_output_error_and_reports_both_metrics():
     """The default metric is the layer output error ||XW^T - XQ(W)^T||^2 on calibration tokens; the report keeps
     each layer's weight MSE too, and counts the layers where it alone would have chosen the other format."""
-    qm = qpass.apply(toy.hf_model("llama"), recipe(), calib_data=CALIB, progress=False)
+    qm = qpass.apply(toy.hf_model("llama"), recipe(select="layer"), calib_data=CALIB, progress=False)
     stats = qm.report["mofq"].stats
-    assert stats["metric"] == "output_mse" and stats["linears"] == 14
+    assert stats["metric"] == "output_mse" and stats["linears"] == 14 and "candidates" not in stats
     disagree = 0
     for path, c in qm.plans[0].decisions["choice"].items():
         assert set(c["errors"]) == {"int", "float"} and c["activations"] is None
@@ -135,6 +137,43 @@ def test_weight_only_weight_mse_needs_no_calibration():
     x = torch.randn(2, 3, 8)
     qm = qpass.apply(qpass.capture(_One(), (x,)), recipe(ignore=[], metric="weight_mse"), progress=False)
     assert qm.report["mofq"].stats["linears"] == 1
+    assert "candidates" not in qm.report["mofq"].stats      # select: model needs data: the per-layer choice, said so
+    assert any("select: model" in m and "per-layer choice" in m for m in qm.report["mofq"].near_misses)
+
+
+def _kl(fp, q, samples) -> float:
+    total, n = 0.0, 0
+    for (ids,) in samples:
+        with torch.no_grad():
+            p, lq = (torch.log_softmax(m(ids).logits.float(), -1) for m in (fp, q))
+        kl = (p.exp() * (p - lq)).sum(-1)
+        total, n = total + float(kl.sum()), n + kl.numel()
+    return total / n
+
+
+def test_select_model_keeps_the_candidate_of_lowest_model_kl_and_its_scores_are_the_models(tmp_path):
+    """Default select: model: the per-layer choice, all-int and all-float are scored by the model's output KL on
+    the calibration samples, the lowest is kept; each score is the KL of that model (all-int is the quantize
+    pass's int4 model, computed here independently), and the graph carries the winner's formats."""
+    fp = toy.hf_model("llama")
+    qm = qpass.apply(fp, recipe(), calib_data=CALIB, progress=False)
+    stats, dec = qm.report["mofq"].stats, qm.plans[0].decisions
+    scores, sel = stats["candidates"], stats["selected"]
+    assert "layer" in scores and set(scores) <= {"layer", "int", "float"} and len(scores) >= 2
+    assert scores[sel] == min(scores.values()) and dec["selected"] == sel and dec["candidates"] == scores
+    samples = [(c.unsqueeze(0) if c.dim() == 1 else c,) for c in CALIB]
+    assert _kl(fp, qm, samples) == pytest.approx(scores[sel], rel=1e-4, abs=1e-9)
+    if "int" in scores:
+        rtn = qpass.apply(fp, {"passes": [{"quantize": {"weights": W4C, "ignore": ["lm_head"]}}]}, progress=False)
+        assert _kl(fp, rtn, samples) == pytest.approx(scores["int"], rel=1e-4, abs=1e-9)
+    wq = {q.path: q.fmt_name for q in quantizers(qm.graph_module, role="weight")}
+    for path, c in dec["choice"].items():
+        assert wq[path] == {"int": "int4", "float": "fp4_e2m1"}[c["weights"]]
+        if sel != "layer":
+            assert c["weights"] == sel
+    qm.save(tmp_path / "m")                                    # the chosen formats load through the plan
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    assert torch.equal(qpass.load(tmp_path / "m")(ids).logits, qm(ids).logits)
 
 
 @pytest.mark.parametrize("options, path", [
@@ -143,6 +182,7 @@ def test_weight_only_weight_mse_needs_no_calibration():
     ({"activations": {"bits": 3, "granularity": "per_token", "dynamic": True}}, "passes[0].mofq.activations.bits"),
     ({"metric": "kl"}, "passes[0].mofq.metric"),
     ({"tokens": 0}, "passes[0].mofq.tokens"),
+    ({"select": "best"}, "passes[0].mofq.select"),
 ])
 def test_bad_options_name_their_recipe_path(options, path):
     with pytest.raises(qpass.RecipeError, match=path.replace("[", r"\[").replace("]", r"\]")):
