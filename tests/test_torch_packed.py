@@ -657,8 +657,10 @@ def test_bundled_model_on_the_native_kernel_keeps_greedy_tokens(bundled, q4lib, 
     pm = qpass.lower(qm, "torch", kernels="q4avx2")
     plans = {k for m in pm.linears().values() for k in m.plan.values()}
     assert plans == {"q4avx2"}, plans
-    differ, _ = greedy_check(qm, pm, prompt, 32, template)
-    assert differ == 0, f"{rec}: the native kernel changed {differ} greedy tokens"
+    differ, margin = greedy_check(qm, pm, prompt, 32, template)
+    # exact up to fp32 summation order (which differs per instruction set: AVX2 vs AVX-512 machines): a token
+    # may flip only where the fake-quant model's top two logits are a near tie (seen once, w4a8_kv4 on a Xeon)
+    assert margin <= TIE_BOUND, f"{rec}: the native kernel changed {differ} greedy tokens, margin {margin:.4f}"
 
 
 # ------------------------------------------------------------------------------------------- the bench
