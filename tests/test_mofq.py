@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import qpass
-from qpass.errors import CalibrationError, TargetNotFoundError, UnsupportedOpError
+from qpass.errors import CalibrationError, TargetNotFoundError
 from qpass.passes.mofq import candidates, fake_quant
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, QSpec
 from qpass.quantizer import quantizers
@@ -100,15 +100,20 @@ def test_static_activations_get_scales_of_their_chosen_format():
         assert float(qm.graph_module.get_buffer(q.scale.target)) > 0
 
 
-def test_lowers_to_torch_with_parity_and_onnx_refuses_a_float_layer_by_name(w4, tmp_path):
+def test_a_mixed_choice_lowers_to_torch_and_onnx_with_parity(w4, tmp_path):
+    """int4 layers as MatMulNBits / DequantizeLinear, FP4 layers as Gather from the E2M1 grid: one ONNX graph."""
     ids = toy.token_ids(batch=2, t=9, seed=11)
     pm = qpass.lower(w4, "torch", kernels="exact")
     torch.testing.assert_close(pm(ids).logits, w4(ids).logits, rtol=1e-5, atol=1e-5)
     pytest.importorskip("onnxruntime")
-    floats = [p for p, c in w4.plans[0].decisions["choice"].items() if c["weights"] == "float"]
-    if floats:
-        with pytest.raises(UnsupportedOpError, match="fp4_e2m1"):
-            qpass.lower(w4, "onnx", tmp_path / "refused")
+    from qpass.backends import onnx_qdq
+
+    art = qpass.lower(w4, "onnx", tmp_path / "m", fused_accuracy_level=0)
+    floats = {p for p, c in w4.plans[0].decisions["choice"].items() if c["weights"] == "float"}
+    grid = {r.path for r in art.report.rows if "Gather(grid)" in r.form}
+    assert floats and grid == floats                 # the toy model gets some FP4 layers (weight MSE)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids[:1])
+    torch.testing.assert_close(got.float(), w4(ids[:1]).logits.float(), rtol=0, atol=1e-4)
 
 
 def test_an_all_int_choice_lowers_to_onnx_with_parity(tmp_path):

@@ -1,7 +1,6 @@
 """ONNX QDQ backend: what onnxruntime fuses, real integer initializers, parity with the fake-quant graph, the
 optimum-style decoder directory and incremental generation."""
 import copy
-import json
 import os
 
 import pytest
@@ -114,9 +113,35 @@ def test_w4a8_is_matmulnbits_with_int8_activations(tmp_path):
     torch.testing.assert_close(exact(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [
+    {"format": "nf4", "granularity": "per_group", "group_size": 32},
+    {"format": "fp4_e2m1", "granularity": "per_group", "group_size": 32},
+    {"format": "fp8_e4m3", "granularity": "per_channel"},
+    {"format": "fp8_e5m2", "granularity": "per_tensor"},
+], ids=["nf4_g32", "fp4_g32", "fp8e4m3_channel", "fp8e5m2_tensor"])
+def test_float_format_weights_are_grid_gather_matmul_with_parity(weights, tmp_path):
+    """fp4 / nf4 / fp8 weights: uint8 codes [K, N] decoded by Gather from the format's value grid, times the scale
+    of each element's block (fc2's last group is partial), MatMul; onnxruntime equals the fake-quant graph.
+    Over 8192 weights a linear: torch.onnx's exporter folds constant subgraphs of smaller inputs into floats."""
+    model = toy.TinyMLP(d=96, hidden=112)
+    x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(0))
+    qm = qpass.apply(model, recipe(weights), example_inputs=(x,), progress=False)
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    assert [r.form for r in art.report.rows] == [f"{weights['format']} {weights['granularity']}: "
+                                                 "Gather(grid) * scale + MatMul"] * 2
+    model = onnx.load(art.model_path)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gather") == 4 and ops.count("MatMul") == 2 and "DequantizeLinear" not in ops
+    codes = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
+    assert sorted(tuple(i.dims) for i in codes) == [(96, 112), (112, 96)]           # [K, N], one byte a weight
+    torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
+
+
 def test_non_integer_formats_are_refused_with_the_node(tmp_path):
-    qm, _ = mlp_qm(recipe({"format": "nf4", "granularity": "per_group", "group_size": 32}))
-    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)nf4.*fc1.*fix: use the torch backend"):
+    """FP4 activations: opset 21 has no 4-bit float type (weights lower through Gather; inputs would need a
+    data-dependent rounding to the grid)."""
+    qm, _ = mlp_qm(recipe(W4G32, {"format": "fp4_e2m1", "granularity": "per_tensor"}))
+    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)fp4_e2m1.*fc1.*fix: use the torch backend"):
         qpass.lower(qm, "onnx", tmp_path / "m")
     assert not os.path.exists(tmp_path / "m")
 

@@ -146,16 +146,27 @@ def test_fp8_beats_int8_per_tensor_on_activations_with_outlier_channels():
     assert err["fp8_e4m3"] < err["int8"]
 
 
-def test_torch_lowers_every_recipe_with_parity_and_onnx_refuses_float_formats_by_name(applied, tmp_path):
+def test_torch_lowers_every_recipe_with_parity(applied):
     ids = toy.token_ids(batch=2, t=9, seed=11)
     for path, qm in applied.items():
         pm = qpass.lower(qm, "torch", kernels="exact")
         torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("path", ["recipes/zqfp_w4a8_fp.yaml", "recipes/zqfp_w4a8_fp_static.yaml"])
+def test_fp4_weights_with_fp8_activations_lower_to_onnx_with_parity(applied, path, tmp_path):
+    """FP4 weights (Gather from the E2M1 grid, times the group scale) with FP8 inputs (float8 Q/DQ), dynamic per
+    token or static: onnxruntime's logits equal the fake-quant model's to float rounding."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    qm = applied["recipes/zqfp_w4a8_fp.yaml"]
-    with pytest.raises(qpass.UnsupportedOpError, match=r"(?s)(fp4_e2m1|fp8_e4m3|float).*model\.layers\.0"):
-        qpass.lower(qm, "onnx", tmp_path / "m")
+    from qpass.backends import onnx_qdq
+
+    qm = applied[path]
+    art = qpass.lower(qm, "onnx", tmp_path / "m")
+    assert all(r.form.startswith("fp4_e2m1 per_group: Gather(grid)") for r in art.report.rows), art.report.rows
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids)
+    torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=1e-4)
 
 
 def test_pow2_int4_weights_lower_to_onnx_with_parity(tmp_path):

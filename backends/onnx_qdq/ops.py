@@ -10,6 +10,8 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
     qdq(x, scale, zp?, axis, block, bits, signed)             QuantizeLinear -> DequantizeLinear (static)
     codebook_matmul(x, codes[K,N], table, off_k, off_n,       learned codebooks: Gather(table, codes + offsets)
                     outlier_index?, outlier_value?, bias?)    (+ ScatterND add of sparse values) -> MatMul
+    grid_matmul(x, codes[K,N], grid, scale, off_k, off_n,    fixed-grid float formats (fp4_e2m1, nf4, fp8 weights):
+                bias?)                                        Gather(grid, codes) * Gather(scale, offsets) -> MatMul
     qdq_dynamic(x, block, bits, symmetric)                    scales from x per block of the last axis, Q -> DQ
     gather_nbits(ids, packed[N,nb,blob], scales[N,nb], k, bits, block)  rows `ids` of a matmul_nbits weight:
                                                               Gather bytes + scales, unpack nibbles, (q - z) * s
@@ -214,6 +216,24 @@ def codebook_weight(codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor, 
     return w
 
 
+def grid_weight(codes: Tensor, grid: Tensor, scale: Tensor, off_k: Tensor, off_n: Tensor) -> Tensor:
+    """[K, N] weight of a grid_matmul: ``grid[codes] * scale[off_k + off_n]`` (the format's value of each code, in
+    code units, times the scale of the element's block; `scale` flattened, offsets selecting the block)."""
+    return grid[codes.long()] * scale[off_k.long() + off_n.long()]
+
+
+def _register_grid() -> None:
+    @torch.library.custom_op("qpass_onnx::grid_matmul", mutates_args=())
+    def grid_matmul(x: Tensor, codes: Tensor, grid: Tensor, scale: Tensor, off_k: Tensor, off_n: Tensor,
+                    bias: Optional[Tensor]) -> Tensor:
+        y = x @ grid_weight(codes, grid, scale, off_k, off_n).to(x.dtype)
+        return y if bias is None else y + bias
+
+    @grid_matmul.register_fake
+    def _(x, codes, grid, scale, off_k, off_n, bias):
+        return _linear_out(x, codes.shape[1])
+
+
 def _register_codebook() -> None:
     @torch.library.custom_op("qpass_onnx::codebook_matmul", mutates_args=())
     def codebook_matmul(x: Tensor, codes: Tensor, table: Tensor, off_k: Tensor, off_n: Tensor,
@@ -263,6 +283,8 @@ if not hasattr(torch.ops.qpass_onnx, "codebook_matmul"):
     _register_codebook()
 if not hasattr(torch.ops.qpass_onnx, "qdq_fp8"):
     _register_fp8()
+if not hasattr(torch.ops.qpass_onnx, "grid_matmul"):
+    _register_grid()
 
 dq_matmul = torch.ops.qpass_onnx.dq_matmul.default
 int8_dyn_matmul = torch.ops.qpass_onnx.int8_dyn_matmul.default
@@ -270,6 +292,7 @@ matmul_nbits = torch.ops.qpass_onnx.matmul_nbits.default
 qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default
 codebook_matmul = torch.ops.qpass_onnx.codebook_matmul.default
+grid_matmul = torch.ops.qpass_onnx.grid_matmul.default
 gather_nbits = torch.ops.qpass_onnx.gather_nbits.default
 qdq_fp8 = torch.ops.qpass_onnx.qdq_fp8.default
 qdq_fp8_dynamic = torch.ops.qpass_onnx.qdq_fp8_dynamic.default

@@ -13,8 +13,10 @@ Changes   a table keyed by (weight kind, input kind) picks the lowering of each 
           a K/V quantizer on cat([past_key_values input, new]) moves onto `new` (``_Rewriter.past_cache``)
           learned codebook weights (formats.Codebook, per channel or per group, optionally with sparse values)
                                                codebook_matmul  -> Gather(table) [+ ScatterND] + MatMul
-Requires  integer formats or learned codebooks; fp8 for activations / KV (float weights, fp4 / nf4 anywhere raise
-          UnsupportedOpError naming the node)
+          fixed-grid float weights (fp4_e2m1, nf4, fp8; static scales, no side channels)
+                                               grid_matmul      -> Gather(grid) * Gather(scale) + MatMul
+Requires  integer formats, learned codebooks or fixed-grid float weights; fp8 for activations / KV (fp4 / nf4
+          activations raise UnsupportedOpError naming the node)
 Preserves the function: the rewritten graph runs in torch and equals the fake-quant graph up to float
           rounding (W4A8 MatMulNBits is checked at accuracy level 0 there; level 4 is onnxruntime's kernel)
 
@@ -156,6 +158,19 @@ def is_codebook(q: Quantizer) -> bool:
             and set(q.side_channels.names) <= {"outliers"} and len(q.block) == 2)
 
 
+def _block_offsets(q: Quantizer, w_use: torch.Tensor, scale_shape, size: int, in_axis: int):
+    """(off_k [K, 1], off_n [1, N]) int32: the flat index of each element's block in a [*scale_shape] layout
+    (times `size`, the entries per block), laid out as the [K, N] MatMul weight (`in_axis`: the axis of `w_use`,
+    the weight as the quantizer sees it, that is K)."""
+    (a, b), (sa, sb) = w_use.shape, scale_shape
+    ba, bb = (a if q.block[0] == -1 else q.block[0]), (b if q.block[1] == -1 else q.block[1])
+    off_a = ((torch.arange(a) // ba).clamp(max=sa - 1) * sb * size).to(torch.int32)
+    off_b = ((torch.arange(b) // bb).clamp(max=sb - 1) * size).to(torch.int32)
+    if in_axis == 1:                                                      # the quantizer sees [N, K]
+        return off_b.reshape(-1, 1).contiguous(), off_a.reshape(1, -1).contiguous()
+    return off_a.reshape(-1, 1).contiguous(), off_b.reshape(1, -1).contiguous()
+
+
 def _codebook_weight(gm: GraphModule, site: LinearSite, fq: Node) -> _CodebookWeight:
     q = Quantizer(fq)
     w = param_of(gm, site.weight).detach()
@@ -164,22 +179,62 @@ def _codebook_weight(gm: GraphModule, site: LinearSite, fq: Node) -> _CodebookWe
     codes = F.quantize_ext(w_use, scale, None, list(q.block), q.fmt_name, codebook=table)
     dtype = torch.promote_types(w.dtype, torch.float32)                 # formats.dequantize_ext's arithmetic
     flat = (table.to(dtype) * scale.to(dtype).unsqueeze(-1)).reshape(-1).float()
-    (a, b), (sa, sb), size = w_use.shape, scale.shape, table.shape[-1]
-    ba, bb = (a if q.block[0] == -1 else q.block[0]), (b if q.block[1] == -1 else q.block[1])
-    off_a = ((torch.arange(a) // ba).clamp(max=sa - 1) * sb * size).to(torch.int32)
-    off_b = ((torch.arange(b) // bb).clamp(max=sb - 1) * size).to(torch.int32)
+    off_k, off_n = _block_offsets(q, w_use, scale.shape, table.shape[-1], site.use_in_axis)
     o = q.side_channels.outliers
     idx = val = None
     if o is not None:
         idx, val = getattr(gm, o.index.target).detach().long(), getattr(gm, o.value.target).detach().float()
+    a, b = w_use.shape
     if site.use_in_axis == 1:                                             # the quantizer sees [N, K]
-        codes, off_k, off_n = codes.t(), off_b.reshape(-1, 1), off_a.reshape(1, -1)
+        codes = codes.t()
         if idx is not None:
             idx = (idx % b) * a + idx // b
-    else:
-        off_k, off_n = off_a.reshape(-1, 1), off_b.reshape(1, -1)
-    return _CodebookWeight(codes.to(torch.uint8).contiguous(), flat.contiguous(), off_k.contiguous(),
-                           off_n.contiguous(), None if idx is None else idx.reshape(-1, 1).contiguous(), val)
+    return _CodebookWeight(codes.to(torch.uint8).contiguous(), flat.contiguous(), off_k, off_n,
+                           None if idx is None else idx.reshape(-1, 1).contiguous(), val)
+
+
+def is_grid(q: Quantizer) -> bool:
+    """A weight in a built-in float format with a fixed value grid (fp4_e2m1, nf4, fp8_e4m3 / e5m2): static
+    scales, no zero point, no side channels, a 2-D block layout."""
+    return (q.role == "weight" and q.fmt.kind in ("float", "lut") and q.codebook is None and not q.dynamic
+            and q.zero_point is None and not q.side_channels and len(q.block) == 2)
+
+
+def format_grid(fmt: str) -> torch.Tensor:
+    """float32 value (in code units) of every code of a built-in float format, indexed by the code's bits as
+    uint8: 16 entries for fp4_e2m1 / nf4, 256 for fp8 (the NaN patterns included: rounding never makes them)."""
+    dtype = F.quant.codes_dtype(fmt, True)
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    return F.quant._decode(torch.arange(16, dtype=torch.uint8), None, fmt, torch.float32)
+
+
+@dataclass(frozen=True)
+class _GridWeight:
+    """A fixed-grid float weight for grid_matmul, laid out [K, N] (see ops.grid_weight)."""
+
+    codes: torch.Tensor                 # uint8 [K, N] (fp8: the float8 bits)
+    grid: torch.Tensor                  # float32 [2^bits]
+    scale: torch.Tensor                 # float32 [blocks]
+    off_k: torch.Tensor                 # int32 [K, 1], off_n int32 [1, N]: the block of each element
+    off_n: torch.Tensor
+
+
+def _grid_weight(gm: GraphModule, site: LinearSite, fq: Node) -> _GridWeight:
+    q = Quantizer(fq)
+    w = param_of(gm, site.weight).detach()
+    w_use = w.t() if _flips(q.x, site.weight) % 2 else w                 # as the quantizer sees it: [A, B]
+    scale = getattr(gm, q.scale.target).detach()
+    if scale.dim() != 2:                                                  # per tensor: one block
+        scale = scale.reshape(1, 1)
+    codes = F.quantize_ext(w_use, scale, None, list(q.block), q.fmt_name)
+    if codes.dtype != torch.uint8:                                        # fp8 codes: their bits
+        codes = codes.view(torch.uint8)
+    off_k, off_n = _block_offsets(q, w_use, scale.shape, 1, site.use_in_axis)
+    if site.use_in_axis == 1:
+        codes = codes.t()
+    return _GridWeight(codes.contiguous(), format_grid(q.fmt_name), scale.float().reshape(-1).contiguous(),
+                       off_k, off_n)
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -219,6 +274,13 @@ class _Rewriter(QdqRewrites):
         if wq is not None and is_codebook(Quantizer(wq)):
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             return self._finish(site, wq, *self._codebook(site, x, wq))
+        if wq is not None and is_grid(Quantizer(wq)):
+            if _tied_lookups(wq):
+                raise UnsupportedOpError(f"onnx_qdq lowers {Quantizer(wq).fmt_name} weights of linears, not of a "
+                                         "tied embedding table", where=describe(self.gm, site.node),
+                                         fix="use an int format for the tied lm_head, or the torch backend")
+            x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
+            return self._finish(site, wq, *self._grid(site, x, wq))
         side = wq is not None and bool(Quantizer(wq).side_channels)       # side_channels.py lowers those
         w = _weight(self.gm, site, wq) if wq is not None and not side else None
         kind = _input_kind(self.gm, xq)
@@ -259,6 +321,18 @@ class _Rewriter(QdqRewrites):
         sparse = f" + {cb.outlier_index.shape[0]} sparse values (ScatterND add)" if cb.outlier_index is not None else ""
         form = f"{q.fmt_name} {q.granularity}: Gather(table) + MatMul{sparse}"
         return node, form, "codebook weights: uint8 codes + tables, decoded by Gather; nothing fused (docs/onnx.md)"
+
+    def _grid(self, site: LinearSite, x: Node, fq: Node):
+        """A fixed-grid float weight (fp4_e2m1, nf4, fp8) -> grid_matmul (uint8 codes, grid, scales, offsets)."""
+        g = _grid_weight(self.gm, site, fq)
+        name, b = f"{site.weight.target}", site.node
+        node = self.call(b, ops.grid_matmul, (
+            x, self.buffer(b, f"{name}_codes", g.codes), self.buffer(b, f"{name}_grid", g.grid),
+            self.buffer(b, f"{name}_scale", g.scale), self.buffer(b, f"{name}_off_k", g.off_k),
+            self.buffer(b, f"{name}_off_n", g.off_n), site.bias))
+        q = Quantizer(fq)
+        form = f"{q.fmt_name} {q.granularity}: Gather(grid) * scale + MatMul"
+        return node, form, "float-format weights: uint8 codes decoded by Gather from the format's grid; nothing fused"
 
     def _dq_matmul(self, site, x, w: _Weight | None, name: str, kind: str):
         if w is None:
@@ -406,7 +480,8 @@ def _flips(n: Node, weight: Node) -> int:
 # weights: float8 Q/DQ); weights may carry
 # second-level scales and sparse values (side_channels.py), or be learned codebooks (formats.Codebook) with
 # sparse values (codebook_matmul: Gather + MatMul). Layouts are checked where they are lowered.
-SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook"}), side=side_channels.SIDE | frozenset({"outliers"})),
+SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook", "float", "lut"}),
+                             side=side_channels.SIDE | frozenset({"outliers"})),    # float / lut: is_grid only
             "*": Support(kinds=frozenset({"int", "float"}))}      # float: fp8 only (checked in check_supported)
 
 
@@ -415,7 +490,11 @@ def check_supported(gm: GraphModule) -> None:
     a built-in non-integer format with check_int's message, anything else naming every unsupported part."""
     for q in quantizers(gm):
         part = unsupported(q, SUPPORTS)
-        if part is None and q.fmt.kind == "float" and q.fmt_name not in FP8_FORMATS:
+        if part is None and q.role == "weight" and q.fmt.kind in ("float", "lut"):
+            if not is_grid(q):
+                part = f"format {q.fmt_name} with a zero point, side channels, quantized scales or dynamic scales " \
+                       f"(float-format weights lower as Gather from the format's grid with plain static scales)"
+        elif part is None and q.fmt.kind == "float" and q.fmt_name not in FP8_FORMATS:
             part = f"format {q.fmt_name} (kind float: only fp8 formats lower, as float8 Q/DQ; opset 21 has no " \
                    f"{q.fmt_name} type)"
         elif part is None and q.side_channels and is_codebook(q) and q.side_channels.names != ("outliers",):

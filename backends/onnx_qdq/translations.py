@@ -10,6 +10,8 @@ docs/onnx.md:
   matmul_nbits      com.microsoft.MatMulNBits, unsigned codes with the default zero point 2^(bits-1)
   codebook_matmul   Gather(table, Cast(codes, INT32) + off_k + off_n) [-> ScatterND(reduction add) of the sparse
                     values] -> MatMul: standard ops only, nothing fused (see docs/onnx.md)
+  grid_matmul       Gather(grid, Cast(codes, INT32)) * Gather(scale, off_k + off_n) -> MatMul: weights in a
+                    float format with a fixed value grid (fp4_e2m1, nf4, fp8), standard ops, nothing fused
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
                     ReduceMax / ReduceMin over each block)
   qdq_fp8 /         float8 (E4M3FN / E5M2) QuantizeLinear (saturate) -> DequantizeLinear, the input of a linear
@@ -165,6 +167,13 @@ def codebook_matmul(x, codes, table, off_k, off_n, outlier_index=None, outlier_v
     return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see dq_matmul
 
 
+def grid_matmul(x, codes, grid, scale, off_k, off_n, bias=None):
+    w = op.Mul(op.Gather(grid, op.Cast(codes, to=ir.DataType.INT32), axis=0),
+               op.Gather(scale, op.Add(off_k, off_n), axis=0))
+    y = op.MatMul(x, w)
+    return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see dq_matmul
+
+
 def gather_nbits(ids, packed, scales, k: int = 0, bits: int = 4, block: int = 128):
     """Rows `ids` of a MatMulNBits weight (uint8 [N, blocks, block * bits / 8]; 4 bits: two codes per byte, low
     nibble first; zero point 2^(bits-1)) with standard ops: Gather of the bytes and of the scales [N, blocks],
@@ -189,6 +198,7 @@ TABLE = {
     ops.qdq: qdq,
     ops.qdq_dynamic: qdq_dynamic,
     ops.codebook_matmul: codebook_matmul,
+    ops.grid_matmul: grid_matmul,
     ops.qdq_fp8: qdq_fp8,
     ops.qdq_fp8_dynamic: qdq_fp8_dynamic,
 }
