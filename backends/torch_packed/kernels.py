@@ -11,6 +11,12 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
                      with torch's thread count). fp32 activations and accumulation: exact up to summation
                      order. Only where the library builds on this machine.
+    q4deq            int4 weights in the q4 layout, the prefill path: our own C dequantizer (native.py
+                     ``q4_dequant``, AVX2) writes tiles of Q4DEQ_TILE_BYTES of fp32 weight rows, the values
+                     fake-quant computes bit for bit, into one reused buffer, and torch's fp32 matmul
+                     (MKL) multiplies each tile. The dequantization costs ~8% of an M = 128 matmul, so
+                     prefill runs at about fp32 speed (the ``dequant`` fallback's torch ops cost as much
+                     as the matmul). Exact up to fp32 summation order. Only where the library builds.
     q4i8             W4A8 (int4 weights in the q4 layout, the common dynamic symmetric per-token int input
                      quantizer): the input's own int8 codes (one native.token_quant call) times the int4 codes
                      with integer dot products (q4a8's kernel, one scale per token instead of per block):
@@ -59,6 +65,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -76,6 +83,8 @@ aten = torch.ops.aten
 
 BUCKETS = (1, 8, 128)          # representative M of: decode (1), small batches (2..16), prefill (> 16)
 FALLBACK = "dequant"
+Q4DEQ_TILE_BYTES = 8 << 20     # fp32 bytes per q4deq tile: a scratch sweep at M = 32 and 128 (4096-, 11008-wide
+                               # layers, 1 thread, 2 MB L2) had 8 MB fastest, 2 MB 1.3x and 16 MB up to 1.3x slower
 
 
 def bucket(m: int) -> int:
@@ -177,6 +186,58 @@ def _bind_q4avx2(mod, *, a8: bool = False):
         if call(x.data_ptr(), m, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
             raise RuntimeError(f"{'q4a8' if a8 else 'q4avx2'} failed for a {m}x{k} input and {n}x{k} weights (bad "
                                "shape or out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def q4deq_rows(n: int, kp: int) -> int:
+    """Rows per q4deq tile: Q4DEQ_TILE_BYTES of fp32 values (whole layout blocks of 4 rows), at most n."""
+    return min(n, max(4, Q4DEQ_TILE_BYTES // (4 * kp) // 4 * 4))
+
+
+_TILES = threading.local()       # one q4deq tile buffer per thread, shared by every module (calls in a thread are
+                                 # sequential), grown to the largest tile asked for (Q4DEQ_TILE_BYTES, or 4 rows if more)
+
+
+def _tile_buffer(numel: int) -> Tensor:
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _TILES.buf = torch.empty(numel)
+    return buf
+
+
+def _bind_q4deq(mod):
+    """q4 weights dequantized by ``native.q4().dequant`` into a tile of q4deq_rows rows (one buffer per thread
+    shared by all modules, so a call allocates only its outputs and a model holds one tile), each tile multiplied by torch's fp32 matmul as tile @ x^T into its rows
+    of an [N, M] result (``torch.mm(..., out=)`` on a row slice), transposed into [M, N] with the bias added in one
+    pass at the end. (That orientation measured 1.1-1.5x faster than x @ tile^T into column slices of [M, N] at
+    M = 32..128 on the 4096-wide layers: docs/benchmarks.md.) The input as the other kernels take it (native
+    token_quant where it applies: the torch fake-quant bit for bit), zero-padded to kp. Returns [..., N]."""
+    wf, prep, call = mod.wf, _input(mod), native.q4().dequant
+    n, kp, k16, group = wf.n, wf.kp, wf.k16, wf.q4_group
+    rows = q4deq_rows(n, kp)
+    tensors, (qw, s, z, _) = _q4_tensors(mod)
+    bias, threads = mod.bias, torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = prep(x)
+        buf = _tile_buffer(rows * kp)[: rows * kp].view(rows, kp)
+        m = x.shape[0]
+        out_t = torch.empty(n, m)
+        xt = x.t()
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            t = buf[: n1 - n0]
+            if call(qw, n, k16, s, z, group, n0, n1, kp, t.data_ptr(), kp, threads()):
+                raise RuntimeError(f"q4deq failed for rows {n0}..{n1} of {n}x{kp} weights (bad arguments)")
+            torch.mm(t, xt, out=out_t[n0:n1])
+        out = torch.empty(*lead, n)
+        if bias is None:
+            out.view(m, n).copy_(out_t.t())
+        else:
+            torch.add(out_t.t(), bias, out=out.view(m, n))
         return out
     run.tensors = tensors
     return run
@@ -361,6 +422,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
     Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
+    Kernel("q4deq", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4deq,
+           "own AVX2 dequantizer (csrc/q4avx2.c q4_dequant) into L2-sized tiles + torch's fp32 matmul"),
     Kernel("q4i8", True, _q4i8_applies, _bind_q4i8, "own int4 x int8-code kernel for W4A8 (csrc/q4avx2.c), exact"),
     Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and m.act is None and _cpu(m) and native.available(),
            lambda m: _bind_q4avx2(m, a8=True), "own AVX2 int4 kernel with int8 input blocks (csrc/q4avx2.c)"),

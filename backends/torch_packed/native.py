@@ -15,6 +15,8 @@
                       And the store / load of PackedKVCache's common formats (dynamic symmetric int4 / int8,
                       a scale per token and head or per token): :func:`kv_store`, :func:`kv_load`, one call each in place
                       of ~25 torch ops per cache access, storing the bytes the torch path stores.
+                      And ``q4_dequant``: rows of the q4 layout dequantized to fp32 (bit for bit the fake-quant
+                      values), the tile step of kernels.py's ``q4deq`` prefill kernel.
                       And ``lut_linear``: the codebook (table lookup) linear layer on CodebookLinear's stored
                       b-bit codes (1..4 bits, dense or bit planes) and fp32 tables with the scale folded in,
                       plus its sparse side channel; exact up to fp32 summation order (:func:`lut_linear`).
@@ -61,7 +63,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 7
+ABI_VERSION = 8
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -82,7 +84,7 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 
 class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
-    variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path,
+    variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path, ``dequant`` is ``q4_dequant``,
     ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
     ``kv_load`` and ``lut_linear`` the others."""
 
@@ -105,6 +107,9 @@ class Q4Library:
         lib.q4_a8_isas.restype = ctypes.c_int
         self.a8_isas = lib.q4_a8_isas()                      # bit i: isa i runs here
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
+        self.dequant = lib.q4_dequant                        # rows of the q4 layout -> fp32 (kernels.py q4deq)
+        self.dequant.restype = ctypes.c_int
+        self.dequant.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, ctypes.c_int]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
@@ -721,6 +726,10 @@ def _self_check(lib: Q4Library) -> None:
                           out.data_ptr(), 1)
             if rc != 0 or not torch.allclose(out, ref[:m], rtol=1e-4, atol=1e-4):
                 raise ValueError(f"self-check failed (path {path}, M={m}, rc={rc})")
+    deq = torch.full((3, k + 1), 7.0)                        # q4_dequant: rows 4..6 (the partial block), 50 columns
+    rc = lib.dequant(qw.data_ptr(), n, k, s.data_ptr(), z.data_ptr(), group, 4, 7, 50, deq.data_ptr(), k + 1, 1)
+    if rc != 0 or not (torch.equal(deq[:, :50], w[4:7, :50]) and (deq[:, 50:] == 7.0).all()):
+        raise ValueError(f"self-check failed (q4_dequant, rc={rc})")
     k = 45                                                   # i8_linear: a 16-column tail, codes at -128
     a = torch.randint(-128, 128, (3, k), dtype=torch.int8, generator=g)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)

@@ -46,7 +46,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 7; }
+int q4_abi_version(void) { return 8; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -548,6 +548,69 @@ static void a8_run(int isa, const int8_t *xq, const float *sx, const float *xs, 
 
 static int q4_args_bad(int64_t m, int64_t n, int64_t k16, int64_t group) {
     return m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group;
+}
+
+/* --------------------------------------------------------------------------------- dequantize rows
+ *
+ * q4_dequant: rows [n0, n1) of the q4 layout as fp32, out[(i - n0) * ldo + j] = (u[i, j] - z[i, g]) * s[i, g]
+ * (z = 8 without zero points; g = j / group) for j < kp, the columns the caller multiplies (kp <= k16: the
+ * weight's own K padded to whole groups; the columns up to k16 are never written). One rounding per value, as
+ * fake-quant (and PackedLinear.dequantize) does it: (u - z) is exact in fp32, so the values equal torch's bit
+ * for bit. The kernels.py ``q4deq`` kernel runs this on tiles of rows that stay in L2 and multiplies each with
+ * torch's fp32 matmul (MKL / oneDNN): the prefill path, where the matmul's register blocking beats our own.
+ * Per layout block of 4 rows (the last one may hold fewer), 16 columns at a time: one 8-byte load per row, and,
+ * shift, two conversions, a subtract and a multiply per 8 values. n0: a multiple of 4 (a block boundary).
+ * Threads: OpenMP over blocks when the range is large enough to pay for the fork. Returns 0, or -1 on bad
+ * arguments (out untouched).
+ */
+INLINE void deq_store(float *o, __m256 v, int64_t j, int64_t kp) {   /* values j .. j + 7, those below kp */
+    if (j + 8 <= kp) {
+        _mm256_storeu_ps(o + j, v);
+    } else if (j < kp) {
+        float t[8];
+        _mm256_storeu_ps(t, v);
+        memcpy(o + j, t, sizeof(float) * (size_t)(kp - j));
+    }
+}
+
+int q4_dequant(const uint8_t *w, int64_t n, int64_t k16, const float *s, const uint8_t *z, int64_t group,
+               int64_t n0, int64_t n1, int64_t kp, float *out, int64_t ldo, int threads) {
+    if (q4_args_bad(0, n, k16, group) || n0 < 0 || n0 % RB || n1 < n0 || n1 > n || kp <= 0 || kp > k16 || ldo < kp)
+        return -1;
+    if (n1 == n0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t groups = k16 / group, gchunks = group / 16, chunks = (kp + 15) / 16;
+    const int64_t b0 = n0 / RB, b1 = (n1 + RB - 1) / RB;
+    const int parallel = threads > 1 && (n1 - n0) * kp >= PARALLEL_MIN;
+    const __m256i mask = _mm256_set1_epi32(15);
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t r0 = b * RB, R = n - r0 < RB ? n - r0 : RB, cs = 8 * R;
+        const int64_t ra = r0 > n0 ? r0 : n0, rb = r0 + R < n1 ? r0 + R : n1;   /* rows of the block we write */
+        const uint8_t *wb = w + r0 * (k16 / 2);
+        for (int64_t i = ra; i < rb; i++) {
+            const int64_t r = i - r0;
+            float *o = out + (i - n0) * ldo;
+            for (int64_t g = 0; g * gchunks < chunks; g++) {
+                const __m256 sv = _mm256_set1_ps(s[i * groups + g]);
+                const __m256 zv = _mm256_set1_ps(z ? (float)z[i * groups + g] : 8.f);
+                const int64_t c1 = (g + 1) * gchunks < chunks ? (g + 1) * gchunks : chunks;
+                for (int64_t c = g * gchunks; c < c1; c++) {
+                    const __m256i v = load_codes(wb + c * cs + 8 * r);
+                    const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), zv), sv);
+                    const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), zv), sv);
+                    if (16 * c + 16 <= kp) {
+                        _mm256_storeu_ps(o + 16 * c, lo);
+                        _mm256_storeu_ps(o + 16 * c + 8, hi);
+                    } else {
+                        deq_store(o, lo, 16 * c, kp);
+                        deq_store(o, hi, 16 * c + 8, kp);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
 }
 
 /* The prepared input of a8_run: int8 codes [m, k16], block scales [m, nb], group sums of x^ [m, groups]. */
