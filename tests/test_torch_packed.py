@@ -489,6 +489,30 @@ def test_native_i8_kernel_equals_the_int_mm_kernel(q4lib, case):
                 assert rel(out, ref) <= 1e-6, (m, threads, full_range, rel(out, ref))
 
 
+@pytest.mark.parametrize("case", [(37, 200, True, True), (6, 45, False, False), (21, 203, True, True),
+                                  (64, 96, False, True), (5, 7, False, True)], ids=str)
+def test_native_w8_kernel_equals_the_fake_quant_product(q4lib, case):
+    """w8avx2 (W8A16, int8 weights x fp32 input): N % 4, K tails of 8 and 32, symmetric and asymmetric, M = 1..5
+    on 1 and 2 threads, against the dequant kernel and F.linear on the fake-quantized weight."""
+    n, k, symmetric, bias = case
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int8"), PerTensor(), symmetric=symmetric)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, -1))
+    mod = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8", bias=b if bias else None)
+    assert "w8avx2" in tp.kernels.candidates(mod, "exact")
+    wfq = Q.fake_quantize(w, scale, zp, (1, -1), "int8")
+    for m in (1, 2, 3, 5):
+        x = torch.randn(2, m, k, generator=g)
+        ref = torch.nn.functional.linear(x, wfq, b if bias else None)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "w8avx2")
+            out = mod(x)
+            force(mod, "dequant")
+            assert out.shape == (2, m, n) and rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads)
+
+
 @pytest.mark.parametrize("k", [16, 45, 203, 4096])
 def test_native_i8_kernel_sums_extreme_codes_exactly(q4lib, k):
     """Codes at -128 and 127 on both sides (what a saturating int16 pair sum would get wrong): the int32

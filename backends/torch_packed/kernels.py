@@ -34,6 +34,11 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      bf16 result (the vectorized CPU paths exist for bf16 only).
     int8pack         int8 per-channel weights: ``aten._weight_int8pack_mm`` with bf16 activations/scales
                      (K % 16 == 0 only: the op crashes on AVX512-BF16 CPUs otherwise).
+    w8avx2           int8 per-channel weights (W8A16; also under a W8A8 recipe's input fake-quant, as q4avx2):
+                     our own C kernel (native.py ``w8_linear``: sign-extend, convert, fp32 FMA, 4 weight rows
+                     at a time, prefetched) on the module's int8 [N, K] codes, the scale once per dot product,
+                     the zero point through the input's row sum: exact up to fp32 rounding order. The decode
+                     GEMV of W8A16 (int8pack rounds to bf16). Only where the library builds on this machine.
     int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
                      fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
                      then the scales: exact up to float rounding of the fp32 reference.
@@ -376,6 +381,37 @@ def _i8avx2_applies(mod) -> bool:
             and native.available())
 
 
+def _bind_w8avx2(mod):
+    """w8_linear through ctypes on the module's int8 [N, K] codes, per-row scales and c-space zero points (the
+    input fake-quantized first where the recipe quantizes it, as q4avx2 does). Returns [..., N] (x's leading dims)."""
+    fq, k, n, call = _fake_quant(mod), mod.wf.k, mod.wf.n, native.q4().w8_linear
+    zc = mod.zero_c.contiguous() if mod.zero_c is not None else None
+    tensors = (mod.qweight, mod.row_scale, zc, mod.bias)             # kept alive with the pointers below
+    qw, rs, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    threads = torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        if fq is not None:
+            x = fq(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n)
+        m = x.numel() // k
+        if call(x.data_ptr(), m, k, qw, n, rs, z, b, out.data_ptr(), threads()):
+            raise RuntimeError(f"w8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def _w8avx2_applies(mod) -> bool:
+    return (_int8_rows(mod) and mod.wf.k == mod.wf.kp and _cpu(mod) and mod.qweight.dtype == torch.int8
+            and mod.qweight.is_contiguous() and mod.row_scale.dtype == torch.float32
+            and (mod.bias is None or mod.bias.dtype == torch.float32) and native.available())
+
+
 def _bind_int8pack_codes(mod):
     codes, qw, ones, rs, bias = _codes(mod), mod.qweight, mod.ones_bf16, mod.row_scale, mod.bias
 
@@ -431,6 +467,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
     Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m) and _int8pack_k(m), _bind_int8pack,
            "_weight_int8pack_mm, bf16 activations"),
+    Kernel("w8avx2", True, _w8avx2_applies, _bind_w8avx2,
+           "own AVX2 int8-weight x fp32 kernel (csrc/q4avx2.c w8_linear), exact"),
     Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
     Kernel("i8avx2", True, _i8avx2_applies, _bind_i8avx2, "own AVX2 int8 x int8 -> int32 kernel (csrc/q4avx2.c)"),
     Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m) and _int8pack_k(m),

@@ -17,6 +17,8 @@
                       of ~25 torch ops per cache access, storing the bytes the torch path stores.
                       And ``q4_dequant``: rows of the q4 layout dequantized to fp32 (bit for bit the fake-quant
                       values), the tile step of kernels.py's ``q4deq`` prefill kernel.
+                      And ``w8_linear``: weight-only int8 (per-channel, symmetric or not) x fp32 input, the
+                      W8A16 decode GEMV (kernels.py ``w8avx2``; exact up to fp32 rounding order).
                       And ``lut_linear``: the codebook (table lookup) linear layer on CodebookLinear's stored
                       b-bit codes (1..4 bits, dense or bit planes) and fp32 tables with the scale folded in,
                       plus its sparse side channel; exact up to fp32 summation order (:func:`lut_linear`).
@@ -85,7 +87,7 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
     variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path, ``dequant`` is ``q4_dequant``,
-    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
+    ``w8_linear``, ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
     ``kv_load`` and ``lut_linear`` the others."""
 
     def __init__(self, path: str):
@@ -110,6 +112,9 @@ class Q4Library:
         self.dequant = lib.q4_dequant                        # rows of the q4 layout -> fp32 (kernels.py q4deq)
         self.dequant.restype = ctypes.c_int
         self.dequant.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, ctypes.c_int]
+        self.w8_linear = lib.w8_linear                       # W8A16: int8 weights x fp32 input (kernels.py w8avx2)
+        self.w8_linear.restype = ctypes.c_int
+        self.w8_linear.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _P, ctypes.c_int]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
@@ -740,6 +745,14 @@ def _self_check(lib: Q4Library) -> None:
     rc = lib.i8_linear(a.data_ptr(), 3, k, w8.data_ptr(), n, sa.data_ptr(), ws.data_ptr(), None, out.data_ptr(), 1)
     if rc != 0 or not torch.allclose(out, ref, rtol=1e-6, atol=0):
         raise ValueError(f"self-check failed (i8_linear, rc={rc})")
+    for zc in (None, torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)):   # w8_linear, K tail of 13
+        x = torch.randn(3, k, generator=g)
+        ref = x @ ((w8.int() - (zc[:, None] if zc is not None else 0)).float() * ws[:, None]).t()
+        out = torch.empty(3, n)
+        rc = lib.w8_linear(x.data_ptr(), 3, k, w8.data_ptr(), n, ws.data_ptr(),
+                           zc.data_ptr() if zc is not None else None, None, out.data_ptr(), 1)
+        if rc != 0 or not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+            raise ValueError(f"self-check failed (w8_linear, rc={rc})")
     _self_check_lut(lib, g)
     _self_check_ops(lib, g)
 

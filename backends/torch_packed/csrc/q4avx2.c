@@ -816,6 +816,123 @@ int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n
     return 0;
 }
 
+/* ------------------------------------------------------------------------------ int8 weights x fp32
+ *
+ *     out[m, n] = ((sum_k x[m, k] * c[n, k]) - zc[n] * sum_k x[m, k]) * ws[n]  (+ bias[n])
+ *
+ * w8_linear: weight-only int8 (W8A16): c int8 codes [N, K] (the module's int8 layout, per-channel scales ws fp32
+ * [N], c-space zero points zc int32 [N] or NULL for symmetric codes: value = (c - zc) * ws), x fp32 [M, K]. The
+ * products and sums in fp32 FMA; the scale applied once per dot product and the zero point through the input's
+ * row sum (the reassociation q4_linear's direct path makes): the fake-quant graph's x W^T up to fp32 rounding
+ * order. Per 8 codes of a weight row: one sign-extending load (vpmovsxbd), one conversion, then an FMA per input
+ * row; W8_RB = 4 weight rows (4 streams; each line prefetched at the same columns of the next block's rows, which a
+ * scratch sweep at M = 1 on 4096x4096, 2048x5632, 5632x2048 had at 86-97% of read bandwidth, vs 55-88% for 2 KB
+ * ahead and 79-96% two blocks ahead) x 1 or 2 input rows at a time
+ * (M = 1: two accumulators per row, so the FMA chains do not wait on each other). A decode step reads each weight
+ * byte once: the point is to run at the memory's read bandwidth (torch's int8pack kernel rounds to bf16, and the
+ * dequant fallback writes fp32 tiles). Larger M re-reads each block of 4 rows from L1 per pair of input rows.
+ * Threads: OpenMP over blocks of 4 weight rows, dynamic in runs of CHUNK.
+ */
+#define W8_RB 4
+#ifndef W8_PF_BLOCKS
+#define W8_PF_BLOCKS 1        /* blocks ahead where W8_PREFETCH is 0 */
+#endif
+#ifndef W8_PREFETCH
+#define W8_PREFETCH 0         /* bytes ahead in each weight row, once per 64-byte line; 0: the same columns of the
+                                 next block's rows (W8_RB rows ahead) */
+#endif
+
+/* res[m * W8_RB + r] = x[m] . c[r] over k columns, MB input rows (ldx apart), R weight rows (ldw apart) */
+INLINE void w8_dots(const int MB, const int R, const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw,
+                    float *res) {
+    const int NA = MB == 1 ? 2 : 1;
+    __m256 acc[2][W8_RB][2];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++)
+            for (int a = 0; a < NA; a++) acc[m][r][a] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        if (!(j & 63))
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(w + r * ldw + j + (W8_PREFETCH ? W8_PREFETCH : W8_PF_BLOCKS * W8_RB * ldw)),
+                             _MM_HINT_T0);
+        for (int q = 0; q < 4; q++) {
+            __m256 wv[W8_RB];
+            for (int r = 0; r < R; r++)
+                wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j + 8 * q))));
+            for (int m = 0; m < MB; m++) {
+                const __m256 xv = _mm256_loadu_ps(x + m * ldx + j + 8 * q);
+                for (int r = 0; r < R; r++) acc[m][r][q % NA] = _mm256_fmadd_ps(wv[r], xv, acc[m][r][q % NA]);
+            }
+        }
+    }
+    for (; j + 8 <= k; j += 8)
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j))));
+            for (int m = 0; m < MB; m++)
+                acc[m][r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + j), acc[m][r][0]);
+        }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            float t = hsum(NA == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+            for (int64_t i = j; i < k; i++) t += x[m * ldx + i] * (float)w[r * ldw + i];
+            res[m * W8_RB + r] = t;
+        }
+}
+
+int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
+              const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k <= 0) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    float *xs = NULL;
+    if (zc) {                                          /* row sums of x, for the zero points */
+        xs = malloc(sizeof(float) * m);
+        if (!xs) return -1;
+        for (int64_t i = 0; i < m; i++) {
+            __m256 a = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j + 8 <= k; j += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i * k + j));
+            float t = hsum(a);
+            for (; j < k; j++) t += x[i * k + j];
+            xs[i] = t;
+        }
+    }
+    const int64_t blocks = (n + W8_RB - 1) / W8_RB;
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * W8_RB;
+        const int R = n - n0 < W8_RB ? (int)(n - n0) : W8_RB;
+        for (int64_t i = 0; i < m; i += 2) {
+            const int mb = m - i < 2 ? 1 : 2;
+            float res[2 * W8_RB];
+            const float *xi = x + i * k;
+            if (R == W8_RB) {
+                if (mb == 1) w8_dots(1, W8_RB, xi, k, k, w + n0 * k, k, res);
+                else w8_dots(2, W8_RB, xi, k, k, w + n0 * k, k, res);
+            } else {
+                for (int r = 0; r < R; r++) {
+                    float one[2 * W8_RB];
+                    if (mb == 1) w8_dots(1, 1, xi, k, k, w + (n0 + r) * k, k, one);
+                    else w8_dots(2, 1, xi, k, k, w + (n0 + r) * k, k, one);
+                    res[r] = one[0];
+                    res[W8_RB + r] = one[W8_RB];
+                }
+            }
+            for (int mm = 0; mm < mb; mm++)
+                for (int r = 0; r < R; r++) {
+                    float y = res[mm * W8_RB + r];
+                    if (zc) y -= (float)zc[n0 + r] * xs[i + mm];
+                    y *= ws[n0 + r];
+                    out[(i + mm) * n + n0 + r] = bias ? y + bias[n0 + r] : y;
+                }
+        }
+    }
+    free(xs);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------ small fp32 ops
  *
  * Three ops of a decode step that are a handful of torch ops each (and at small widths cost far more in
