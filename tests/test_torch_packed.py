@@ -316,6 +316,62 @@ def test_native_q4_kernel_equals_the_dequant_kernel(q4lib, case):
             assert rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads, rel(out, ref))
 
 
+@pytest.mark.parametrize("case", Q4_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{'sym' if c[3] else 'asym'}"
+                         f"{'-full' if c[4] else ''}")
+def test_native_q4_dequantizer_is_the_torch_dequant_bit_for_bit(q4lib, case, monkeypatch):
+    """q4_dequant on row ranges (block-aligned starts, any end, the partial last block) writes exactly
+    PackedLinear.dequantize's values and nothing past kp; the q4deq kernel built on it (tiles of 8 rows here,
+    so several tiles and a partial last one) computes what the dequant kernel does at M = 1, 7, 64 on 1 and 2
+    threads."""
+    n, k, block, symmetric, full_range = case
+    mod, wfq, b = int4_linear(n, k, block, symmetric=symmetric, full_range=full_range)
+    assert "q4deq" in tp.kernels.candidates(mod, "exact")
+    wf, ref = mod.wf, mod.dequantize()
+    _, (qw, sc, zp, _) = tp.kernels._q4_tensors(mod)
+    for n0, n1 in ((0, n), (4, n), (0, 4), (4, n - 1), (n // 4 * 4, n), (0, 0)):
+        for threads in (1, 2):
+            out = torch.full((n, wf.kp + 3), 7.0)
+            assert q4lib.dequant(qw, n, wf.k16, sc, zp, wf.q4_group, n0, n1, wf.kp, out.data_ptr(), wf.kp + 3,
+                                 threads) == 0
+            assert torch.equal(out[: n1 - n0, : wf.kp], ref[n0:n1]), (n0, n1, threads)
+            assert (out[: n1 - n0, wf.kp:] == 7.0).all() and (out[n1 - n0:] == 7.0).all()
+    out = torch.empty(n, wf.kp)
+    for bad in ((2, n, wf.kp), (0, n + 1, wf.kp), (0, n, wf.k16 + 1), (4, 3, wf.kp)):   # unaligned, past N or k16
+        assert q4lib.dequant(qw, n, wf.k16, sc, zp, wf.q4_group, *bad, out.data_ptr(), wf.k16 + 1, 1) == -1
+    monkeypatch.setattr(tp.kernels, "Q4DEQ_TILE_BYTES", 8 * 4 * wf.kp)
+    assert tp.kernels.q4deq_rows(n, wf.kp) == min(n, 8)
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 7, 64):
+        x = torch.randn(2, m, k, generator=g)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "q4deq")
+            out = mod(x)
+            force(mod, "dequant")
+            assert out.shape == (2, m, n) and rel(out, mod(x)) <= 1e-5, (m, threads, rel(out, mod(x)))
+            assert rel(out, torch.nn.functional.linear(x, wfq, b)) <= 1e-5
+    force(mod, "q4deq")
+    assert mod(torch.randn(0, k)).shape == (0, n)
+
+
+def test_native_q4deq_kernel_quantizes_the_input_as_the_dequant_kernel(q4lib):
+    """W4A8: q4deq multiplies the input fake-quant values (native token_quant, the torch ones bit for bit)."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 200, generator=g), torch.randn(37, generator=g)
+    spec = QSpec(format_from_name("int4"), PerTensor(), symmetric=False)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, 32))
+    mod = tp.PackedLinear.from_weight(w, scale, zp, (1, 32), "int4", bias=b,
+                                      act=tp.ActFormat("int8", (1, 1, -1), True, True))
+    assert "q4deq" in tp.kernels.candidates(mod, "exact")
+    x = torch.randn(9, 200, generator=g) * 3
+    force(mod, "q4deq")
+    out = mod(x)
+    force(mod, "dequant")
+    assert rel(out, mod(x)) <= 1e-5
+    ref = torch.nn.functional.linear(mod.input_fake_quant(x), Q.fake_quantize(w, scale, zp, (1, 32), "int4"), b)
+    assert rel(out, ref) <= 1e-5 and rel(out, torch.nn.functional.linear(x, w, b)) > 1e-4
+
+
 def int8_blocks(x: torch.Tensor, k16: int, xb: int) -> torch.Tensor:
     """q4_linear_a8's input rounding in torch: x zero-padded to k16 columns, per token and block of xb columns
     s = max|x| / 127, x^ = s * rint(x / s) (0 where s = 0); returns x^ [M, k16]."""
@@ -431,6 +487,30 @@ def test_native_i8_kernel_equals_the_int_mm_kernel(q4lib, case):
                 ref = mod(x)
                 assert out.shape == ref.shape == (2, m, n)
                 assert rel(out, ref) <= 1e-6, (m, threads, full_range, rel(out, ref))
+
+
+@pytest.mark.parametrize("case", [(37, 200, True, True), (6, 45, False, False), (21, 203, True, True),
+                                  (64, 96, False, True), (5, 7, False, True)], ids=str)
+def test_native_w8_kernel_equals_the_fake_quant_product(q4lib, case):
+    """w8avx2 (W8A16, int8 weights x fp32 input): N % 4, K tails of 8 and 32, symmetric and asymmetric, M = 1..5
+    on 1 and 2 threads, against the dequant kernel and F.linear on the fake-quantized weight."""
+    n, k, symmetric, bias = case
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int8"), PerTensor(), symmetric=symmetric)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, -1))
+    mod = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8", bias=b if bias else None)
+    assert "w8avx2" in tp.kernels.candidates(mod, "exact")
+    wfq = Q.fake_quantize(w, scale, zp, (1, -1), "int8")
+    for m in (1, 2, 3, 5):
+        x = torch.randn(2, m, k, generator=g)
+        ref = torch.nn.functional.linear(x, wfq, b if bias else None)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "w8avx2")
+            out = mod(x)
+            force(mod, "dequant")
+            assert out.shape == (2, m, n) and rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads)
 
 
 @pytest.mark.parametrize("k", [16, 45, 203, 4096])

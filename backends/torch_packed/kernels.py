@@ -11,6 +11,12 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      or not, any scale sign): our own C kernel (native.py, csrc/q4avx2.c; AVX2 + FMA, OpenMP
                      with torch's thread count). fp32 activations and accumulation: exact up to summation
                      order. Only where the library builds on this machine.
+    q4deq            int4 weights in the q4 layout, the prefill path: our own C dequantizer (native.py
+                     ``q4_dequant``, AVX2) writes tiles of Q4DEQ_TILE_BYTES of fp32 weight rows, the values
+                     fake-quant computes bit for bit, into one reused buffer, and torch's fp32 matmul
+                     (MKL) multiplies each tile. The dequantization costs ~8% of an M = 128 matmul, so
+                     prefill runs at about fp32 speed (the ``dequant`` fallback's torch ops cost as much
+                     as the matmul). Exact up to fp32 summation order. Only where the library builds.
     q4i8             W4A8 (int4 weights in the q4 layout, the common dynamic symmetric per-token int input
                      quantizer): the input's own int8 codes (one native.token_quant call) times the int4 codes
                      with integer dot products (q4a8's kernel, one scale per token instead of per block):
@@ -28,6 +34,11 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      bf16 result (the vectorized CPU paths exist for bf16 only).
     int8pack         int8 per-channel weights: ``aten._weight_int8pack_mm`` with bf16 activations/scales
                      (K % 16 == 0 only: the op crashes on AVX512-BF16 CPUs otherwise).
+    w8avx2           int8 per-channel weights (W8A16; also under a W8A8 recipe's input fake-quant, as q4avx2):
+                     our own C kernel (native.py ``w8_linear``: sign-extend, convert, fp32 FMA, 4 weight rows
+                     at a time, prefetched) on the module's int8 [N, K] codes, the scale once per dot product,
+                     the zero point through the input's row sum: exact up to fp32 rounding order. The decode
+                     GEMV of W8A16 (int8pack rounds to bf16). Only where the library builds on this machine.
     int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
                      fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
                      then the scales: exact up to float rounding of the fp32 reference.
@@ -59,6 +70,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -76,6 +88,8 @@ aten = torch.ops.aten
 
 BUCKETS = (1, 8, 128)          # representative M of: decode (1), small batches (2..16), prefill (> 16)
 FALLBACK = "dequant"
+Q4DEQ_TILE_BYTES = 8 << 20     # fp32 bytes per q4deq tile: a scratch sweep at M = 32 and 128 (4096-, 11008-wide
+                               # layers, 1 thread, 2 MB L2) had 8 MB fastest, 2 MB 1.3x and 16 MB up to 1.3x slower
 
 
 def bucket(m: int) -> int:
@@ -177,6 +191,58 @@ def _bind_q4avx2(mod, *, a8: bool = False):
         if call(x.data_ptr(), m, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
             raise RuntimeError(f"{'q4a8' if a8 else 'q4avx2'} failed for a {m}x{k} input and {n}x{k} weights (bad "
                                "shape or out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def q4deq_rows(n: int, kp: int) -> int:
+    """Rows per q4deq tile: Q4DEQ_TILE_BYTES of fp32 values (whole layout blocks of 4 rows), at most n."""
+    return min(n, max(4, Q4DEQ_TILE_BYTES // (4 * kp) // 4 * 4))
+
+
+_TILES = threading.local()       # one q4deq tile buffer per thread, shared by every module (calls in a thread are
+                                 # sequential), grown to the largest tile asked for (Q4DEQ_TILE_BYTES, or 4 rows if more)
+
+
+def _tile_buffer(numel: int) -> Tensor:
+    buf = getattr(_TILES, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _TILES.buf = torch.empty(numel)
+    return buf
+
+
+def _bind_q4deq(mod):
+    """q4 weights dequantized by ``native.q4().dequant`` into a tile of q4deq_rows rows (one buffer per thread
+    shared by all modules, so a call allocates only its outputs and a model holds one tile), each tile multiplied by torch's fp32 matmul as tile @ x^T into its rows
+    of an [N, M] result (``torch.mm(..., out=)`` on a row slice), transposed into [M, N] with the bias added in one
+    pass at the end. (That orientation measured 1.1-1.5x faster than x @ tile^T into column slices of [M, N] at
+    M = 32..128 on the 4096-wide layers: docs/benchmarks.md.) The input as the other kernels take it (native
+    token_quant where it applies: the torch fake-quant bit for bit), zero-padded to kp. Returns [..., N]."""
+    wf, prep, call = mod.wf, _input(mod), native.q4().dequant
+    n, kp, k16, group = wf.n, wf.kp, wf.k16, wf.q4_group
+    rows = q4deq_rows(n, kp)
+    tensors, (qw, s, z, _) = _q4_tensors(mod)
+    bias, threads = mod.bias, torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = prep(x)
+        buf = _tile_buffer(rows * kp)[: rows * kp].view(rows, kp)
+        m = x.shape[0]
+        out_t = torch.empty(n, m)
+        xt = x.t()
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            t = buf[: n1 - n0]
+            if call(qw, n, k16, s, z, group, n0, n1, kp, t.data_ptr(), kp, threads()):
+                raise RuntimeError(f"q4deq failed for rows {n0}..{n1} of {n}x{kp} weights (bad arguments)")
+            torch.mm(t, xt, out=out_t[n0:n1])
+        out = torch.empty(*lead, n)
+        if bias is None:
+            out.view(m, n).copy_(out_t.t())
+        else:
+            torch.add(out_t.t(), bias, out=out.view(m, n))
         return out
     run.tensors = tensors
     return run
@@ -315,6 +381,37 @@ def _i8avx2_applies(mod) -> bool:
             and native.available())
 
 
+def _bind_w8avx2(mod):
+    """w8_linear through ctypes on the module's int8 [N, K] codes, per-row scales and c-space zero points (the
+    input fake-quantized first where the recipe quantizes it, as q4avx2 does). Returns [..., N] (x's leading dims)."""
+    fq, k, n, call = _fake_quant(mod), mod.wf.k, mod.wf.n, native.q4().w8_linear
+    zc = mod.zero_c.contiguous() if mod.zero_c is not None else None
+    tensors = (mod.qweight, mod.row_scale, zc, mod.bias)             # kept alive with the pointers below
+    qw, rs, z, b = (t.data_ptr() if t is not None else None for t in tensors)
+    threads = torch.get_num_threads
+
+    def run(x: Tensor) -> Tensor:
+        if fq is not None:
+            x = fq(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n)
+        m = x.numel() // k
+        if call(x.data_ptr(), m, k, qw, n, rs, z, b, out.data_ptr(), threads()):
+            raise RuntimeError(f"w8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
+        return out
+    run.tensors = tensors
+    return run
+
+
+def _w8avx2_applies(mod) -> bool:
+    return (_int8_rows(mod) and mod.wf.k == mod.wf.kp and _cpu(mod) and mod.qweight.dtype == torch.int8
+            and mod.qweight.is_contiguous() and mod.row_scale.dtype == torch.float32
+            and (mod.bias is None or mod.bias.dtype == torch.float32) and native.available())
+
+
 def _bind_int8pack_codes(mod):
     codes, qw, ones, rs, bias = _codes(mod), mod.qweight, mod.ones_bf16, mod.row_scale, mod.bias
 
@@ -361,6 +458,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("dequant", True, lambda m: True, _bind_dequant, "tiled dequantize + fp32 matmul"),
     Kernel("q4avx2", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4avx2,
            "own AVX2 int4 kernel (csrc/q4avx2.c), fp32"),
+    Kernel("q4deq", True, lambda m: m.wf.layout == "q4" and _cpu(m) and native.available(), _bind_q4deq,
+           "own AVX2 dequantizer (csrc/q4avx2.c q4_dequant) into L2-sized tiles + torch's fp32 matmul"),
     Kernel("q4i8", True, _q4i8_applies, _bind_q4i8, "own int4 x int8-code kernel for W4A8 (csrc/q4avx2.c), exact"),
     Kernel("q4a8", False, lambda m: m.wf.layout == "q4" and m.act is None and _cpu(m) and native.available(),
            lambda m: _bind_q4avx2(m, a8=True), "own AVX2 int4 kernel with int8 input blocks (csrc/q4avx2.c)"),
@@ -368,6 +467,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            "_weight_int4pack_mm_for_cpu, bf16 activations"),
     Kernel("int8pack", False, lambda m: _int8_rows(m) and _cpu(m) and _int8pack_k(m), _bind_int8pack,
            "_weight_int8pack_mm, bf16 activations"),
+    Kernel("w8avx2", True, _w8avx2_applies, _bind_w8avx2,
+           "own AVX2 int8-weight x fp32 kernel (csrc/q4avx2.c w8_linear), exact"),
     Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
     Kernel("i8avx2", True, _i8avx2_applies, _bind_i8avx2, "own AVX2 int8 x int8 -> int32 kernel (csrc/q4avx2.c)"),
     Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m) and _int8pack_k(m),

@@ -15,6 +15,10 @@
                       And the store / load of PackedKVCache's common formats (dynamic symmetric int4 / int8,
                       a scale per token and head or per token): :func:`kv_store`, :func:`kv_load`, one call each in place
                       of ~25 torch ops per cache access, storing the bytes the torch path stores.
+                      And ``q4_dequant``: rows of the q4 layout dequantized to fp32 (bit for bit the fake-quant
+                      values), the tile step of kernels.py's ``q4deq`` prefill kernel.
+                      And ``w8_linear``: weight-only int8 (per-channel, symmetric or not) x fp32 input, the
+                      W8A16 decode GEMV (kernels.py ``w8avx2``; exact up to fp32 rounding order).
                       And ``lut_linear``: the codebook (table lookup) linear layer on CodebookLinear's stored
                       b-bit codes (1..4 bits, dense or bit planes) and fp32 tables with the scale folded in,
                       plus its sparse side channel; exact up to fp32 summation order (:func:`lut_linear`).
@@ -61,7 +65,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 7
+ABI_VERSION = 8
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -82,8 +86,8 @@ _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one
 
 class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
-    variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path,
-    ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
+    variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path, ``dequant`` is ``q4_dequant``,
+    ``w8_linear``, ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
     ``kv_load`` and ``lut_linear`` the others."""
 
     def __init__(self, path: str):
@@ -105,6 +109,12 @@ class Q4Library:
         lib.q4_a8_isas.restype = ctypes.c_int
         self.a8_isas = lib.q4_a8_isas()                      # bit i: isa i runs here
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
+        self.dequant = lib.q4_dequant                        # rows of the q4 layout -> fp32 (kernels.py q4deq)
+        self.dequant.restype = ctypes.c_int
+        self.dequant.argtypes = [_P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, ctypes.c_int]
+        self.w8_linear = lib.w8_linear                       # W8A16: int8 weights x fp32 input (kernels.py w8avx2)
+        self.w8_linear.restype = ctypes.c_int
+        self.w8_linear.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _P, ctypes.c_int]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
@@ -721,6 +731,10 @@ def _self_check(lib: Q4Library) -> None:
                           out.data_ptr(), 1)
             if rc != 0 or not torch.allclose(out, ref[:m], rtol=1e-4, atol=1e-4):
                 raise ValueError(f"self-check failed (path {path}, M={m}, rc={rc})")
+    deq = torch.full((3, k + 1), 7.0)                        # q4_dequant: rows 4..6 (the partial block), 50 columns
+    rc = lib.dequant(qw.data_ptr(), n, k, s.data_ptr(), z.data_ptr(), group, 4, 7, 50, deq.data_ptr(), k + 1, 1)
+    if rc != 0 or not (torch.equal(deq[:, :50], w[4:7, :50]) and (deq[:, 50:] == 7.0).all()):
+        raise ValueError(f"self-check failed (q4_dequant, rc={rc})")
     k = 45                                                   # i8_linear: a 16-column tail, codes at -128
     a = torch.randint(-128, 128, (3, k), dtype=torch.int8, generator=g)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -731,6 +745,14 @@ def _self_check(lib: Q4Library) -> None:
     rc = lib.i8_linear(a.data_ptr(), 3, k, w8.data_ptr(), n, sa.data_ptr(), ws.data_ptr(), None, out.data_ptr(), 1)
     if rc != 0 or not torch.allclose(out, ref, rtol=1e-6, atol=0):
         raise ValueError(f"self-check failed (i8_linear, rc={rc})")
+    for zc in (None, torch.randint(-128, 128, (n,), dtype=torch.int32, generator=g)):   # w8_linear, K tail of 13
+        x = torch.randn(3, k, generator=g)
+        ref = x @ ((w8.int() - (zc[:, None] if zc is not None else 0)).float() * ws[:, None]).t()
+        out = torch.empty(3, n)
+        rc = lib.w8_linear(x.data_ptr(), 3, k, w8.data_ptr(), n, ws.data_ptr(),
+                           zc.data_ptr() if zc is not None else None, None, out.data_ptr(), 1)
+        if rc != 0 or not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+            raise ValueError(f"self-check failed (w8_linear, rc={rc})")
     _self_check_lut(lib, g)
     _self_check_ops(lib, g)
 

@@ -46,7 +46,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 7; }
+int q4_abi_version(void) { return 8; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -550,6 +550,69 @@ static int q4_args_bad(int64_t m, int64_t n, int64_t k16, int64_t group) {
     return m < 0 || n < 0 || k16 <= 0 || k16 % 16 || group <= 0 || group % 16 || k16 % group;
 }
 
+/* --------------------------------------------------------------------------------- dequantize rows
+ *
+ * q4_dequant: rows [n0, n1) of the q4 layout as fp32, out[(i - n0) * ldo + j] = (u[i, j] - z[i, g]) * s[i, g]
+ * (z = 8 without zero points; g = j / group) for j < kp, the columns the caller multiplies (kp <= k16: the
+ * weight's own K padded to whole groups; the columns up to k16 are never written). One rounding per value, as
+ * fake-quant (and PackedLinear.dequantize) does it: (u - z) is exact in fp32, so the values equal torch's bit
+ * for bit. The kernels.py ``q4deq`` kernel runs this on tiles of rows that stay in L2 and multiplies each with
+ * torch's fp32 matmul (MKL / oneDNN): the prefill path, where the matmul's register blocking beats our own.
+ * Per layout block of 4 rows (the last one may hold fewer), 16 columns at a time: one 8-byte load per row, and,
+ * shift, two conversions, a subtract and a multiply per 8 values. n0: a multiple of 4 (a block boundary).
+ * Threads: OpenMP over blocks when the range is large enough to pay for the fork. Returns 0, or -1 on bad
+ * arguments (out untouched).
+ */
+INLINE void deq_store(float *o, __m256 v, int64_t j, int64_t kp) {   /* values j .. j + 7, those below kp */
+    if (j + 8 <= kp) {
+        _mm256_storeu_ps(o + j, v);
+    } else if (j < kp) {
+        float t[8];
+        _mm256_storeu_ps(t, v);
+        memcpy(o + j, t, sizeof(float) * (size_t)(kp - j));
+    }
+}
+
+int q4_dequant(const uint8_t *w, int64_t n, int64_t k16, const float *s, const uint8_t *z, int64_t group,
+               int64_t n0, int64_t n1, int64_t kp, float *out, int64_t ldo, int threads) {
+    if (q4_args_bad(0, n, k16, group) || n0 < 0 || n0 % RB || n1 < n0 || n1 > n || kp <= 0 || kp > k16 || ldo < kp)
+        return -1;
+    if (n1 == n0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t groups = k16 / group, gchunks = group / 16, chunks = (kp + 15) / 16;
+    const int64_t b0 = n0 / RB, b1 = (n1 + RB - 1) / RB;
+    const int parallel = threads > 1 && (n1 - n0) * kp >= PARALLEL_MIN;
+    const __m256i mask = _mm256_set1_epi32(15);
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t r0 = b * RB, R = n - r0 < RB ? n - r0 : RB, cs = 8 * R;
+        const int64_t ra = r0 > n0 ? r0 : n0, rb = r0 + R < n1 ? r0 + R : n1;   /* rows of the block we write */
+        const uint8_t *wb = w + r0 * (k16 / 2);
+        for (int64_t i = ra; i < rb; i++) {
+            const int64_t r = i - r0;
+            float *o = out + (i - n0) * ldo;
+            for (int64_t g = 0; g * gchunks < chunks; g++) {
+                const __m256 sv = _mm256_set1_ps(s[i * groups + g]);
+                const __m256 zv = _mm256_set1_ps(z ? (float)z[i * groups + g] : 8.f);
+                const int64_t c1 = (g + 1) * gchunks < chunks ? (g + 1) * gchunks : chunks;
+                for (int64_t c = g * gchunks; c < c1; c++) {
+                    const __m256i v = load_codes(wb + c * cs + 8 * r);
+                    const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), zv), sv);
+                    const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), zv), sv);
+                    if (16 * c + 16 <= kp) {
+                        _mm256_storeu_ps(o + 16 * c, lo);
+                        _mm256_storeu_ps(o + 16 * c + 8, hi);
+                    } else {
+                        deq_store(o, lo, 16 * c, kp);
+                        deq_store(o, hi, 16 * c + 8, kp);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* The prepared input of a8_run: int8 codes [m, k16], block scales [m, nb], group sums of x^ [m, groups]. */
 typedef struct {
     int8_t *xq;
@@ -750,6 +813,123 @@ int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n
                  bias ? bias + n0 : NULL, out + n0, n);
     }
     free(a);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ int8 weights x fp32
+ *
+ *     out[m, n] = ((sum_k x[m, k] * c[n, k]) - zc[n] * sum_k x[m, k]) * ws[n]  (+ bias[n])
+ *
+ * w8_linear: weight-only int8 (W8A16): c int8 codes [N, K] (the module's int8 layout, per-channel scales ws fp32
+ * [N], c-space zero points zc int32 [N] or NULL for symmetric codes: value = (c - zc) * ws), x fp32 [M, K]. The
+ * products and sums in fp32 FMA; the scale applied once per dot product and the zero point through the input's
+ * row sum (the reassociation q4_linear's direct path makes): the fake-quant graph's x W^T up to fp32 rounding
+ * order. Per 8 codes of a weight row: one sign-extending load (vpmovsxbd), one conversion, then an FMA per input
+ * row; W8_RB = 4 weight rows (4 streams; each line prefetched at the same columns of the next block's rows, which a
+ * scratch sweep at M = 1 on 4096x4096, 2048x5632, 5632x2048 had at 86-97% of read bandwidth, vs 55-88% for 2 KB
+ * ahead and 79-96% two blocks ahead) x 1 or 2 input rows at a time
+ * (M = 1: two accumulators per row, so the FMA chains do not wait on each other). A decode step reads each weight
+ * byte once: the point is to run at the memory's read bandwidth (torch's int8pack kernel rounds to bf16, and the
+ * dequant fallback writes fp32 tiles). Larger M re-reads each block of 4 rows from L1 per pair of input rows.
+ * Threads: OpenMP over blocks of 4 weight rows, dynamic in runs of CHUNK.
+ */
+#define W8_RB 4
+#ifndef W8_PF_BLOCKS
+#define W8_PF_BLOCKS 1        /* blocks ahead where W8_PREFETCH is 0 */
+#endif
+#ifndef W8_PREFETCH
+#define W8_PREFETCH 0         /* bytes ahead in each weight row, once per 64-byte line; 0: the same columns of the
+                                 next block's rows (W8_RB rows ahead) */
+#endif
+
+/* res[m * W8_RB + r] = x[m] . c[r] over k columns, MB input rows (ldx apart), R weight rows (ldw apart) */
+INLINE void w8_dots(const int MB, const int R, const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw,
+                    float *res) {
+    const int NA = MB == 1 ? 2 : 1;
+    __m256 acc[2][W8_RB][2];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++)
+            for (int a = 0; a < NA; a++) acc[m][r][a] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        if (!(j & 63))
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(w + r * ldw + j + (W8_PREFETCH ? W8_PREFETCH : W8_PF_BLOCKS * W8_RB * ldw)),
+                             _MM_HINT_T0);
+        for (int q = 0; q < 4; q++) {
+            __m256 wv[W8_RB];
+            for (int r = 0; r < R; r++)
+                wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j + 8 * q))));
+            for (int m = 0; m < MB; m++) {
+                const __m256 xv = _mm256_loadu_ps(x + m * ldx + j + 8 * q);
+                for (int r = 0; r < R; r++) acc[m][r][q % NA] = _mm256_fmadd_ps(wv[r], xv, acc[m][r][q % NA]);
+            }
+        }
+    }
+    for (; j + 8 <= k; j += 8)
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j))));
+            for (int m = 0; m < MB; m++)
+                acc[m][r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + j), acc[m][r][0]);
+        }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            float t = hsum(NA == 2 ? _mm256_add_ps(acc[m][r][0], acc[m][r][1]) : acc[m][r][0]);
+            for (int64_t i = j; i < k; i++) t += x[m * ldx + i] * (float)w[r * ldw + i];
+            res[m * W8_RB + r] = t;
+        }
+}
+
+int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
+              const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k <= 0) return -1;
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    float *xs = NULL;
+    if (zc) {                                          /* row sums of x, for the zero points */
+        xs = malloc(sizeof(float) * m);
+        if (!xs) return -1;
+        for (int64_t i = 0; i < m; i++) {
+            __m256 a = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j + 8 <= k; j += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i * k + j));
+            float t = hsum(a);
+            for (; j < k; j++) t += x[i * k + j];
+            xs[i] = t;
+        }
+    }
+    const int64_t blocks = (n + W8_RB - 1) / W8_RB;
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * W8_RB;
+        const int R = n - n0 < W8_RB ? (int)(n - n0) : W8_RB;
+        for (int64_t i = 0; i < m; i += 2) {
+            const int mb = m - i < 2 ? 1 : 2;
+            float res[2 * W8_RB];
+            const float *xi = x + i * k;
+            if (R == W8_RB) {
+                if (mb == 1) w8_dots(1, W8_RB, xi, k, k, w + n0 * k, k, res);
+                else w8_dots(2, W8_RB, xi, k, k, w + n0 * k, k, res);
+            } else {
+                for (int r = 0; r < R; r++) {
+                    float one[2 * W8_RB];
+                    if (mb == 1) w8_dots(1, 1, xi, k, k, w + (n0 + r) * k, k, one);
+                    else w8_dots(2, 1, xi, k, k, w + (n0 + r) * k, k, one);
+                    res[r] = one[0];
+                    res[W8_RB + r] = one[W8_RB];
+                }
+            }
+            for (int mm = 0; mm < mb; mm++)
+                for (int r = 0; r < R; r++) {
+                    float y = res[mm * W8_RB + r];
+                    if (zc) y -= (float)zc[n0 + r] * xs[i + mm];
+                    y *= ws[n0 + r];
+                    out[(i + mm) * n + n0 + r] = bias ? y + bias[n0 + r] : y;
+                }
+        }
+    }
+    free(xs);
     return 0;
 }
 
