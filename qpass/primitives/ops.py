@@ -136,6 +136,8 @@ def _register() -> None:
     @torch.library.custom_op("qpass::fake_quantize_dynamic", mutates_args=())
     def fake_quantize_dynamic(x: Tensor, block_size: list[int], fmt: str, symmetric: bool,
                               clip_ratio: float = 1.0) -> Tensor:
+        if clip_ratio != 1.0:
+            quant.check_clip_ratio(clip_ratio)
         return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric, clip_ratio).contiguous()
 
     @fake_quantize_dynamic.register_fake
