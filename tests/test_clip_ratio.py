@@ -136,8 +136,9 @@ def test_weight_clip_search_never_loses_to_min_max_and_gptq_takes_it():
     rec = {"version": 1, "passes": [{"quantize": {"weights": W4, "weight_clip": True, "ignore": ["lm_head"]}}]}
     base = {"version": 1, "passes": [{"quantize": {"weights": W4, "ignore": ["lm_head"]}}]}
     model = toy.hf_model("llama")
-    sc = lambda qm: [qm.graph_module.get_buffer(q.scale.target) for q in quantizers(qm.graph_module, "weight")]  # noqa: E731
-    clipped, plain = sc(qpass.apply(model, rec, progress=False)), sc(qpass.apply(model, base, progress=False))
+    def scales(qm):
+        return [qm.graph_module.get_buffer(q.scale.target) for q in quantizers(qm.graph_module, "weight")]
+    clipped, plain = scales(qpass.apply(model, rec, progress=False)), scales(qpass.apply(model, base, progress=False))
     assert all(bool((a <= b).all()) for a, b in zip(clipped, plain)) and any(not a.equal(b)
                                                                           for a, b in zip(clipped, plain))
 

@@ -138,7 +138,8 @@ class QdqRewrites:
             if is_fp8(fq):
                 if q.clip_ratio != 1.0:
                     raise UnsupportedOpError(f"onnx_qdq lowers a clipping ratio on dynamic integer scales only, got "
-                                             f"{q.fmt_name} with clip_ratio {q.clip_ratio}", where=describe(self.gm, fq),
+                                             f"{q.fmt_name} with clip_ratio {q.clip_ratio}",
+                                             where=describe(self.gm, fq),
                                              fix="use clip_ratio: 1.0 for float8 activations, or an int format")
                 return self.call(before, ops.qdq_fp8_dynamic, (y, size, FP8_FORMATS[q.fmt_name]), like=like)
             clip = (q.clip_ratio,) if q.clip_ratio != 1.0 else ()
