@@ -7,7 +7,7 @@ Matches   ``scaled_dot_product_attention(q, k, v)`` and eager attention ``softma
           stores) or before it (``pre_rope``, LLM-QAT's k_proj output). In a static-cache decode graph
           (``qpass.capture_decode``) the kv-head tensor is the cache buffer, so the quantizer goes on the
           tensor written into it (``index_copy_(cache, 2, pos, k)``): a backend can store it low-bit.
-Changes   k -> qpass.fake_quantize_dynamic(k, block, fmt, symmetric)      (scales per token / head / group)
+Changes   k -> qpass.fake_quantize_dynamic(k, block, fmt, symmetric[, clip_ratio])  (scales per token / head / group)
             or qpass.fake_quantize(k, scale, zero_point, block, fmt)      (static, calibrated per head or
                                                                            per channel; KIVI keys)
           block on [batch, kv_heads, seq, head_dim]:

@@ -263,7 +263,7 @@ def fake_quant(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """`x` fake-quantized as `spec` does (static specs: min-max qparams from `x` itself)."""
     block = spec.block_size(x.shape)
     if spec.dynamic:
-        return Q.fake_quantize_dynamic(x, block, spec.format.name, spec.symmetric)
+        return Q.fake_quantize_dynamic(x, block, spec.format.name, spec.symmetric, spec.clip_ratio)
     scale, zp = choose_qparams(x, spec)
     return Q.fake_quantize(x, scale, zp, block, spec.format.name)
 

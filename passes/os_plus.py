@@ -213,7 +213,7 @@ def _fq(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
     """Fake-quantize a weight or a token sample as `spec` does (static specs: qparams from this tensor)."""
     block = spec.block_size(x.shape)
     if spec.dynamic:
-        return Q.fake_quantize_dynamic(x, block, spec.format.name, spec.symmetric)
+        return Q.fake_quantize_dynamic(x, block, spec.format.name, spec.symmetric, spec.clip_ratio)
     scale, zp = choose_qparams(x, spec)
     return Q.fake_quantize(x, scale, zp, block, spec.format.name)
 

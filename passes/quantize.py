@@ -5,8 +5,8 @@ Matches   linear(x, W[, b]), addmm(b, x, W'), mm(x, W'), matmul(x, W') with W a 
           (qpass.experts: per-expert scales, keyed <experts module>.<parameter>); routers (linears feeding a
           top-k) stay float unless `routers: true`
 Changes   (quantizers inserted with qpass.quantizer.insert_quantizer, metadata a QuantMeta)
-          W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (scales from min-max)
-          x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric)           (dynamic activations)
+          W -> qpass.fake_quantize(W, scale, zero_point, block, fmt)           (min-max scales, or weight_clip's)
+          x -> qpass.fake_quantize_dynamic(x, block, fmt, symmetric[, clip_ratio]) (dynamic activations)
             or qpass.fake_quantize(x, scale, zero_point, block, fmt)           (static, from observers)
           tied_embedding: shared (a linear whose weight an embedding lookup also reads: tie_word_embeddings)
           embedding(W, ids) -> embedding(Wq, ids), Wq the linear's own weight quantizer node (one node, one
@@ -36,6 +36,7 @@ from qpass.patterns import storage_twins
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan, PlanError, SiteIndex, build, occurrences
 from qpass.primitives import OBSERVERS, choose_qparams
+from qpass.primitives.gptq import clipped_qparams
 from qpass.quantizer import NO_SIDE, QuantMeta, ScaleQuant, SideChannels, insert_quantizer
 from qpass.primitives.spec import IntFormat, PerChannel, PerGroup, PerHead, PerTensor, PerToken, QSpec
 
@@ -85,7 +86,10 @@ class DoubleQuantConfig:
 class QuantizeConfig:
     name: ClassVar[str] = "quantize"
     field_docs: ClassVar[dict] = {
-        "weights": "weight quantizer (null: keep weights in float); scales from min-max",
+        "weights": "weight quantizer (null: keep weights in float); scales from min-max (or weight_clip)",
+        "weight_clip": "each weight row's (group's) scale from its min-max range shrunk by the ratio (1, 0.99, .., "
+                       "0.21) that minimises sum |q(w) - w|^2.4 (GPTQ's Quantizer(mse=True), QuaRot's --w_clip for "
+                       "RTN); false: min-max",
         "activations": "input quantizer of each linear (null: none); dynamic per_token or static per_tensor",
         "targets": "module-path globs to quantize",
         "ignore": "module-path globs to leave in float (a bare name matches as a suffix: lm_head)",
@@ -104,6 +108,7 @@ class QuantizeConfig:
 
     weights: QSpec | None = QSpec(IntFormat(8), PerChannel(0))
     activations: QSpec | None = None
+    weight_clip: bool = False
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     observer: ObserverConfig = field(default_factory=ObserverConfig)
@@ -116,6 +121,9 @@ class QuantizeConfig:
         if self.tied_embedding == "shared" and w is None:
             raise RecipeError("tied_embedding", "'shared' gives the embedding lookup the tied linear's quantized "
                               "weight: needs weights (not null) in this pass")
+        if self.weight_clip and (w is None or w.format.kind != "int" or w.full_range or w.scale_pow2):
+            raise RecipeError("weight_clip", "searches a clipping ratio for integer weight scales (min-max ones: "
+                              "without full_range or scale_pow2); needs weights with an int format")
         if self.double_quant is not None and (w is None or isinstance(w.granularity, PerTensor)):
             raise RecipeError("double_quant", "quantizes the weight scales: needs weights with per_channel or "
                               "per_group scales")
@@ -244,14 +252,19 @@ class Quantize(Pass):
         if isinstance(site, ExpertSite):           # per expert: block 1 along the expert axis
             block = weight_block(spec.granularity.block_size((0, 0)), site.in_axis)
             with ctx.loaded([site.weight.target]):
-                scale, zp = choose_qparams(param_of(gm, site.weight).detach(), spec, block_size=block)
+                scale, zp = self._choose(param_of(gm, site.weight).detach(), spec, block)
             return block, {"scale": scale, "zero_point": zp}
         block = weight_block_size(spec, use_in_axis=site.use_in_axis)
         flip = site.weight_use is not site.weight                  # consumed transposed (mm family)
         with ctx.loaded([site.weight.target]):   # weights on disk: one linear in memory at a time
             w = param_of(gm, site.weight).detach()
-            scale, zp = choose_qparams(w.t() if flip else w, spec, block_size=block)
+            scale, zp = self._choose(w.t() if flip else w, spec, block)
         return block, {"scale": scale, "zero_point": zp}
+
+    def _choose(self, w: torch.Tensor, spec: QSpec, block) -> tuple:
+        if self.config.weight_clip:        # the scales go into the plan: a reload does not search again
+            return clipped_qparams(w, spec, block)
+        return choose_qparams(w, spec, block_size=block)
 
     # -- activations
     def _static_activation_qparams(self, gm: GraphModule, ctx: Context, todo: list[LinearSite]) -> dict:

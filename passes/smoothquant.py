@@ -179,7 +179,7 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 
 def _fq_act(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
-    return Q.fake_quantize_dynamic(x, spec.block_size(x.shape), spec.format.name, spec.symmetric)
+    return Q.fake_quantize_dynamic(x, spec.block_size(x.shape), spec.format.name, spec.symmetric, spec.clip_ratio)
 
 
 def _fq_weight(w: torch.Tensor, spec: QSpec) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A quantizer is one node of a ``qpass::`` fake-quant op (``qpass.primitives.ops``)::
 
     fake_quantize(x, scale, zero_point, block, fmt)                 static scales (get_attr buffers)
-    fake_quantize_dynamic(x, block, fmt, symmetric)                 scales computed from x at run time
+    fake_quantize_dynamic(x, block, fmt, symmetric[, clip_ratio])   scales computed from x at run time
     fake_quantize_ext(x, scale, zero_point, block, fmt, codebook,   registered formats (learned codebooks)
                       outlier_index, outlier_value, float_columns,  and side channels on a weight quantizer;
                       float_axis, scale_scale, scale_block, scale_fmt,  scale None: dynamic (symmetric) with
@@ -14,7 +14,7 @@ with ``node.meta[META_QUANT]`` a :class:`QuantMeta` (what it quantizes: role, si
 Nobody reads these arguments by position: :class:`Quantizer` names them::
 
     q = Quantizer.of(node)              # None for any other node
-    q.x, q.scale, q.zero_point, q.block, q.fmt, q.symmetric, q.dynamic, q.meta.role, q.side_channels
+    q.x, q.scale, q.zero_point, q.block, q.fmt, q.symmetric, q.dynamic, q.clip_ratio, q.meta.role, q.side_channels
     quantizers(gm, role="weight")       # every weight quantizer, in graph order
     insert_quantizer(gm, before, x, meta, block=..., scale=..., zero_point=..., name=..., origin="quantize")
 
@@ -56,14 +56,16 @@ def spec_to_dict(spec: QSpec) -> dict:
     name = next(k for k, v in _GRANULARITIES.items() if type(g) is v)
     return {"format": spec.format.name, "granularity": {"kind": name, **dataclasses.asdict(g)},
             "symmetric": spec.symmetric, "dynamic": spec.dynamic, "full_range": spec.full_range,
-            **({"scale_pow2": True} if spec.scale_pow2 else {})}
+            **({"scale_pow2": True} if spec.scale_pow2 else {}),
+            **({"clip_ratio": spec.clip_ratio} if spec.clip_ratio != 1.0 else {})}
 
 
 def spec_from_dict(d: Mapping) -> QSpec:
     g = dict(d["granularity"])
     gran = _GRANULARITIES[g.pop("kind")](**g)
     return QSpec(get_format(d["format"]), gran, symmetric=d["symmetric"], dynamic=d["dynamic"],
-                 full_range=d.get("full_range", False), scale_pow2=d.get("scale_pow2", False))
+                 full_range=d.get("full_range", False), scale_pow2=d.get("scale_pow2", False),
+                 clip_ratio=float(d.get("clip_ratio", 1.0)))
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,14 @@ class Quantizer:
         return bool(self.node.args[3]) if self._dyn_op else self.zero_point is None
 
     @property
+    def clip_ratio(self) -> float:
+        """The dynamic scale's clipping ratio (``fake_quantize_dynamic``'s fifth argument; 1.0: min-max)."""
+        if not self._dyn_op:
+            return 1.0
+        a = self.node.args
+        return float(a[4] if len(a) > 4 else self.node.kwargs.get("clip_ratio", 1.0))
+
+    @property
     def codebook(self) -> Node | None:
         """The learned table of a codebook format (ext op only)."""
         return self.node.args[5] if self.node.target is _EXT else None
@@ -307,13 +317,16 @@ def insert_quantizer(gm: GraphModule, before: Node, x: Node, meta: QuantMeta, *,
             raise ValueError("a quantizer without a scale is dynamic (spec.dynamic) and has no table; its only "
                              "side channel is float columns, with symmetric scales")
         if side:
+            if spec.clip_ratio != 1.0:
+                raise ValueError("clip_ratio is not supported with float columns (fake_quantize_ext)")
             c = side.float_columns
             args = (x, None, None, list(block), fmt, None, None, None,
                     get_attr(gm, before, add_tensor(gm, f"{name}_float_columns", c.index)), c.axis, None, [], "")
             fq = insert_call(gm, before, _EXT, args, origin, val_like=x, **node_meta)
             fq.meta[META_QUANT] = dataclasses.replace(meta, side=side.names)
             return Quantizer(fq)
-        fq = insert_call(gm, before, _DYNAMIC, (x, list(block), fmt, spec.symmetric), origin, val_like=x,
+        clip = (spec.clip_ratio,) if spec.clip_ratio != 1.0 else ()    # 1.0: the four-argument node, as before
+        fq = insert_call(gm, before, _DYNAMIC, (x, list(block), fmt, spec.symmetric, *clip), origin, val_like=x,
                          **node_meta)
         fq.meta[META_QUANT] = meta
         return Quantizer(fq)

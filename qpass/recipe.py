@@ -48,7 +48,7 @@ RECIPE_VERSION = 1
 FORMATS = ("int", *FLOAT_MAX, "nf4")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token", "per_head")
 _QSPEC_KEYS = ("bits", "format", "granularity", "group_size", "axis", "symmetric", "dynamic", "full_range",
-               "scale_pow2")
+               "scale_pow2", "clip_ratio")
 QSPEC_KEYS = _QSPEC_KEYS
 MAX_GROUP_SIZE = 1 << 16     # larger than any model's feature dimension; a bigger group is a typo
 
@@ -81,9 +81,25 @@ def qspec_from_dict(d: Any, path: str) -> QSpec:
     if scale_pow2 and (dynamic or full_range):
         raise RecipeError(f"{path}.scale_pow2", "applies to static scales (weights, static activations) without "
                           "full_range; remove it or set dynamic: false")
+    clip_ratio = _clip_ratio(d, path, fmt, dynamic)
     gran = _granularity_from_dict(d, path, dynamic)
     return QSpec(format=fmt, granularity=gran, symmetric=symmetric, dynamic=dynamic, full_range=full_range,
-                 scale_pow2=scale_pow2)
+                 scale_pow2=scale_pow2, clip_ratio=clip_ratio)
+
+
+def _clip_ratio(d: Mapping, path: str, fmt, dynamic: bool) -> float:
+    if "clip_ratio" not in d:
+        return 1.0
+    c = d["clip_ratio"]
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise RecipeError(f"{path}.clip_ratio", f"must be a number in (0, 1], got {c!r}")
+    if not 0.0 < c <= 1.0:
+        raise RecipeError(f"{path}.clip_ratio", f"must be in (0, 1] (1.0: min-max; QuaRot uses 0.9 for activations, "
+                          f"0.95 for the KV cache), got {c}")
+    if c != 1.0 and (not dynamic or fmt.kind != "int"):
+        raise RecipeError(f"{path}.clip_ratio", "applies to dynamic integer quantizers (dynamic: true, an int "
+                          "format); static scales are clipped by the observer (percentile, mse)")
+    return float(c)
 
 
 def _granularity_from_dict(d: Mapping, path: str, dynamic: bool):
@@ -138,6 +154,8 @@ def qspec_to_dict(spec: QSpec) -> dict:
         d["full_range"] = True
     if spec.scale_pow2:
         d["scale_pow2"] = True
+    if spec.clip_ratio != 1.0:
+        d["clip_ratio"] = spec.clip_ratio
     return d
 
 
@@ -157,7 +175,8 @@ CODECS: dict[Any, Codec] = {
                  "per_tensor|per_channel|per_group|per_token|per_head, group_size: 1..65536, axis: -4..3, "
                  "symmetric, dynamic, "
                  "full_range (symmetric int, static: all 2^b codes, as onnxruntime's MLAS), "
-                 "scale_pow2 (static: scales rounded up to powers of two, ZeroQuant-FP)}"),
+                 "scale_pow2 (static: scales rounded up to powers of two, ZeroQuant-FP), "
+                 "clip_ratio (dynamic int: (0, 1], each block's min/max times it before the scale, QuaRot)}"),
 }
 
 

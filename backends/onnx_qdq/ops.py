@@ -78,14 +78,18 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
-def dynamic_qparams(x: Tensor, block: int, bits: int, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+def dynamic_qparams(x: Tensor, block: int, bits: int, symmetric: bool,
+                    clip_ratio: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Min-max scale (and zero point) per block of `block` elements along the last axis (per token when
-    `block` is the whole axis); block == 0: one scale for the whole tensor."""
+    `block` is the whole axis); block == 0: one scale for the whole tensor. `clip_ratio`: min and max times it
+    first (qpass's dynamic clipping ratio)."""
     if block == 0:
         mn, mx = x.amin().reshape([1] * x.dim()), x.amax().reshape([1] * x.dim())
     else:
         xg = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
         mn, mx = xg.amin(-1), xg.amax(-1)
+    if clip_ratio != 1.0:
+        mn, mx = mn * clip_ratio, mx * clip_ratio
     if symmetric:
         return (torch.maximum(-mn, mx).clamp(min=0) / qrange(bits, True)[1]).clamp(min=SCALE_FLOOR), None
     lo, hi = mn.clamp(max=0), mx.clamp(min=0)
@@ -139,12 +143,12 @@ def _register() -> None:
         return torch.empty_like(x)
 
     @torch.library.custom_op("qpass_onnx::qdq_dynamic", mutates_args=())
-    def qdq_dynamic(x: Tensor, block: int, bits: int, symmetric: bool) -> Tensor:
-        s, z = dynamic_qparams(x, block, bits, symmetric)
+    def qdq_dynamic(x: Tensor, block: int, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> Tensor:
+        s, z = dynamic_qparams(x, block, bits, symmetric, clip_ratio)
         return _qdq_reference(x, s, z, -1, block, *qrange(bits, symmetric)).contiguous()
 
     @qdq_dynamic.register_fake
-    def _(x, block, bits, symmetric):
+    def _(x, block, bits, symmetric, clip_ratio=1.0):
         return torch.empty_like(x)
 
     @torch.library.custom_op("qpass_onnx::gather_nbits", mutates_args=())

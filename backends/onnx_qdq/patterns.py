@@ -105,7 +105,8 @@ def _input_kind(gm: GraphModule, n: Node | None) -> str:
     if q.dynamic:
         block = q.block
         per_token = all(b == 1 for b in block[:-1]) and block[-1] == -1
-        return "token8" if per_token and q.symmetric and bits == 8 else "other"
+        # a clipping ratio: the Q/DQ chain (qdq_dynamic), which has it; the fused int8 paths compute max|x| / 127
+        return "token8" if per_token and q.symmetric and bits == 8 and q.clip_ratio == 1.0 else "other"
     return "static8" if bits == 8 and _is_per_tensor(gm, n) else "other"
 
 

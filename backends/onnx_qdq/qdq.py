@@ -136,8 +136,14 @@ class QdqRewrites:
 
         def dyn(y: Node, size: int, like: Node | None = None) -> Node:
             if is_fp8(fq):
+                if q.clip_ratio != 1.0:
+                    raise UnsupportedOpError(f"onnx_qdq lowers a clipping ratio on dynamic integer scales only, got "
+                                             f"{q.fmt_name} with clip_ratio {q.clip_ratio}",
+                                             where=describe(self.gm, fq),
+                                             fix="use clip_ratio: 1.0 for float8 activations, or an int format")
                 return self.call(before, ops.qdq_fp8_dynamic, (y, size, FP8_FORMATS[q.fmt_name]), like=like)
-            return self.call(before, ops.qdq_dynamic, (y, size, bits, symmetric), like=like)
+            clip = (q.clip_ratio,) if q.clip_ratio != 1.0 else ()
+            return self.call(before, ops.qdq_dynamic, (y, size, bits, symmetric, *clip), like=like)
         if not grouped and len(reduced) == sum(not _is_one(s) for s in shape):   # one scale for the tensor
             return dyn(x, 0, like=x)
         if grouped:

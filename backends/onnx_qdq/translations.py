@@ -13,7 +13,7 @@ docs/onnx.md:
   grid_matmul       Gather(grid, Cast(codes, INT32)) * Gather(scale, off_k + off_n) -> MatMul: weights in a
                     float format with a fixed value grid (fp4_e2m1, nf4, fp8), standard ops, nothing fused
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
-                    ReduceMax / ReduceMin over each block)
+                    ReduceMax / ReduceMin over each block, times the clipping ratio when it is not 1)
   qdq_fp8 /         float8 (E4M3FN / E5M2) QuantizeLinear (saturate) -> DequantizeLinear, the input of a linear
   qdq_fp8_dynamic   with FP8 activations (dynamic: scale = max|x| / fp8 max per block of the last axis, blocked
                     QuantizeLinear); onnxruntime runs float8 Q/DQ on CPU (exact, unfused)
@@ -110,7 +110,7 @@ def qdq(x, scale, zero_point=None, axis: int = 0, block: int = 0, bits: int = 8,
     return op.DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block)
 
 
-def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
+def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True, clip_ratio: float = 1.0):
     if block == 0:
         mn, mx = op.ReduceMin(x, keepdims=0), op.ReduceMax(x, keepdims=0)
     else:   # [..., D] -> [..., D / block, block], reduced over the last axis
@@ -118,6 +118,9 @@ def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True):
         xg = op.Reshape(x, shape)
         last = _const([-1], np.int64)
         mn, mx = op.ReduceMin(xg, last, keepdims=0), op.ReduceMax(xg, last, keepdims=0)
+    if clip_ratio != 1.0:   # the clipping ratio: min and max times it before the scale (one Mul each)
+        c = _const(clip_ratio, np.float32)
+        mn, mx = op.Mul(mn, c), op.Mul(mx, c)
     floor = _const(ops.SCALE_FLOOR, np.float32)
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)

@@ -273,7 +273,7 @@ class CodebookLinear(Planned, ExtLinear):
         a = self.act
         if a is None:
             return x
-        return Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
+        return Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric, a.clip_ratio) if a.dynamic else \
             Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -285,7 +285,7 @@ class CodebookLinear(Planned, ExtLinear):
         """The reference route: decode a tile of rows at a time, F.linear (kernel ``dequant``)."""
         a = self.act
         if a is not None:
-            x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
+            x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric, a.clip_ratio) if a.dynamic else \
                 Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
         table, step = self._table(), max(1, TILE_ELEMENTS // max(self.k, 1))
         if step >= self.n:

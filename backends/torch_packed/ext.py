@@ -129,7 +129,7 @@ class ExtLinear(nn.Module):
         elif a is not None and a.fmt.startswith("olive"):              # OliVe pairs (static): the emulation
             x = formats.fake_quantize_ext(x, self.input_scale, None, list(a.block), a.fmt)
         elif a is not None:
-            x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric) if a.dynamic else \
+            x = Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric, a.clip_ratio) if a.dynamic else \
                 Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
         return F.linear(x, self.weight(), self.bias)
 

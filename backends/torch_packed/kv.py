@@ -28,9 +28,11 @@ from .linear import storage_codes
 
 class PackedKVCache(nn.Module):
     def __init__(self, shape, fmt: str, block, symmetric: bool, *, scale: Tensor | None = None,
-                 zero_point: Tensor | None = None, name: str = "", dtype: torch.dtype = torch.float32):
+                 zero_point: Tensor | None = None, name: str = "", dtype: torch.dtype = torch.float32,
+                 clip_ratio: float = 1.0):
         super().__init__()
         self.shape, self.fmt, self.block, self.symmetric = tuple(shape), fmt, list(block), symmetric
+        self.clip_ratio = float(clip_ratio)          # dynamic scales: each block's min/max times this
         self.dtype = dtype                           # of the float cache this replaces (what attention reads)
         self.dynamic, self.name = scale is None, name
         f = Q.parse_format(fmt)
@@ -39,7 +41,9 @@ class PackedKVCache(nn.Module):
         width = -(-d * self.bits // 8) if self.bits in P.DENSE_BITS else d
         # the native store / load (see the module doc): its bits where the format is the common one, else None;
         # _native: whether they are used, decided at the first call (None: not yet; reset by .to() and the like)
+        # NOTE: the native kv_store computes absmax / qmax: a clip ratio takes the torch path
         common = (self.dynamic and symmetric and f.kind == "int" and self.block in ([1, 1, 1, -1], [1, -1, 1, -1])
+                  and self.clip_ratio == 1.0
                   and (self.bits == 8 or (self.bits == 4 and d % 2 == 0)))
         self._native_bits = self.bits if common else None
         self._native: bool | None = None
@@ -87,7 +91,7 @@ class PackedKVCache(nn.Module):
             q = self._fast_codes(k.float(), pos)
         else:
             if self.dynamic:
-                scale, zp = Q.dynamic_qparams(k, self.block, self.fmt, self.symmetric)
+                scale, zp = Q.dynamic_qparams(k, self.block, self.fmt, self.symmetric, self.clip_ratio)
                 self.scale.index_copy_(2, pos, scale)
                 if zp is not None:
                     self.zero.index_copy_(2, pos, zp)
@@ -119,10 +123,13 @@ class PackedKVCache(nn.Module):
 
     def _fast_codes(self, k: Tensor, pos: Tensor) -> Tensor:
         """Codes of `k` and its scales written at `pos`, as ``dynamic_qparams`` + ``quantize`` give them
-        (absmax / qmax floored at SCALE_FLOOR; a block holding inf/NaN dequantizes to NaN either way)."""
+        ((clip_ratio *) absmax / qmax floored at SCALE_FLOOR; a block holding inf/NaN dequantizes to NaN either way)."""
         lo, hi = Q.qrange(self.fmt, True)
         dims = [i for i, b in enumerate(self.block) if b == -1]
-        s = k.abs().amax(dim=dims, keepdim=True).div_(hi).clamp_(min=Q.SCALE_FLOOR)
+        amax = k.abs().amax(dim=dims, keepdim=True)
+        if self.clip_ratio != 1.0:
+            amax = amax.mul_(self.clip_ratio)
+        s = amax.div_(hi).clamp_(min=Q.SCALE_FLOOR)
         self.scale.index_copy_(2, pos, s)
         return (k / s).round_().clamp_(lo, hi).to(torch.int8)
 
@@ -165,4 +172,5 @@ class PackedKVCache(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dynamic" if self.dynamic else "static"
-        return f"{list(self.shape)}, {self.fmt} block={self.block} {kind}"
+        clip = f" clip {self.clip_ratio:g}" if self.clip_ratio != 1.0 else ""
+        return f"{list(self.shape)}, {self.fmt} block={self.block} {kind}{clip}"

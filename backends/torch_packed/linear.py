@@ -112,6 +112,7 @@ class ActFormat:
     block: tuple[int, ...]
     symmetric: bool
     dynamic: bool
+    clip_ratio: float = 1.0       # dynamic scales: each block's min/max times this (QuaRot's clipping)
 
     @property
     def per_row(self) -> bool:
@@ -125,14 +126,17 @@ class ActFormat:
 
     @property
     def fast(self) -> bool:
-        """Dynamic symmetric per-token int: the common case, computed with a short dedicated path."""
+        """Dynamic symmetric per-token int without clipping: the common case, computed with a short dedicated path
+        (and natively, by native.token_quant, which computes absmax / qmax). A clip ratio takes the general path."""
         b = self.block
-        return self.dynamic and self.symmetric and self.integer and all(x == 1 for x in b[:-1]) and b[-1] == -1
+        return (self.dynamic and self.symmetric and self.integer and all(x == 1 for x in b[:-1]) and b[-1] == -1
+                and self.clip_ratio == 1.0)
 
     def describe(self) -> str:
         g = "per-token" if self.block[-1] == -1 and self.block[0] == 1 else \
             "per-tensor" if all(x == -1 for x in self.block) else f"block {list(self.block)}"
-        return f"{self.fmt} {g} {'dynamic' if self.dynamic else 'static'}{'' if self.symmetric else ' asym'}"
+        clip = f" clip {self.clip_ratio:g}" if self.clip_ratio != 1.0 else ""
+        return f"{self.fmt} {g} {'dynamic' if self.dynamic else 'static'}{'' if self.symmetric else ' asym'}{clip}"
 
 
 def choose_layout(fmt: str, n: int, k: int, bn: int, bk: int) -> str:
@@ -352,7 +356,7 @@ class PackedLinear(Planned, nn.Module):
         if a is None:
             return x
         if a.dynamic:          # per-token symmetric int takes the primitive's fast path
-            return Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric)
+            return Q.fake_quantize_dynamic(x, list(a.block), a.fmt, a.symmetric, a.clip_ratio)
         return Q.fake_quantize(x, self.input_scale, self.input_zero, list(a.block), a.fmt)
 
     def input_codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -364,7 +368,7 @@ class PackedLinear(Planned, nn.Module):
             q = (x / s).round_().clamp_(*Q.qrange(a.fmt, True)).to(torch.int8)
             return q.reshape(-1, self.wf.k), s.reshape(-1, 1), None
         if a.dynamic:
-            scale, zp = Q.dynamic_qparams(x, list(a.block), a.fmt, a.symmetric)
+            scale, zp = Q.dynamic_qparams(x, list(a.block), a.fmt, a.symmetric, a.clip_ratio)
         else:
             scale, zp = self.input_scale, self.input_zero
         q = Q.quantize(x, scale, zp, list(a.block), a.fmt)

@@ -93,7 +93,7 @@ def _tensor(gm: GraphModule, node: Node | None, where: str) -> torch.Tensor | No
 def _act_format(gm: GraphModule, fq: Node) -> tuple[ActFormat, torch.Tensor | None, torch.Tensor | None]:
     q = Quantizer(fq)
     if q.dynamic:
-        return ActFormat(q.fmt_name, q.block, q.symmetric, True), None, None
+        return ActFormat(q.fmt_name, q.block, q.symmetric, True, q.clip_ratio), None, None
     scale, zp = _tensor(gm, q.scale, "the input scale"), _tensor(gm, q.zero_point, "the input zero point")
     return ActFormat(q.fmt_name, q.block, zp is None, False), scale, zp
 
@@ -331,7 +331,8 @@ def lower_kv_cache(gm: GraphModule) -> dict[str, PackedKVCache]:
         fq, q = w.fq, Quantizer(w.fq)
         check_supported(gm, fq)
         if q.dynamic:
-            mod = PackedKVCache(cache.shape, q.fmt_name, list(q.block), q.symmetric, dtype=cache.dtype)
+            mod = PackedKVCache(cache.shape, q.fmt_name, list(q.block), q.symmetric, dtype=cache.dtype,
+                                clip_ratio=q.clip_ratio)
         else:
             zp = _tensor(gm, q.zero_point, "the K/V zero point")
             mod = PackedKVCache(cache.shape, q.fmt_name, list(q.block), zp is None,

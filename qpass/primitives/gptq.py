@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from qpass.errors import QuantizationError
-from qpass.primitives.quant import choose_qparams, fake_quantize, scale_shape
+from qpass.primitives.quant import blocks, choose_qparams, fake_quantize, scale_shape
 from qpass.primitives.spec import QSpec
 
 log = logging.getLogger("qpass.gptq")
@@ -96,11 +96,36 @@ def hessian_inverse_factor(h: Tensor, percdamp: float, *, retries: int = 8) -> t
                             fix="check the calibration data (NaN/inf activations?) or raise gptq.damp")
 
 
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4      # the reference's (GPTQ's Quantizer) constants
+
+
+def clipped_qparams(x: Tensor, spec: QSpec, block) -> tuple[Tensor, Tensor | None]:
+    """Scale and zero point per block of `x` from its min-max range shrunk by the ratio that minimises the block's
+    ``sum |q(x) - x|^2.4`` (ratios 1, 0.99, .., 0.21; ties keep the larger ratio, so never worse than min-max
+    in that norm). A zero element stays exact for every ratio (the ranges include 0)."""
+    block = tuple(block)
+    best = None
+    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+        p = 1 - i / CLIP_GRID
+        s, z = choose_qparams(x * p, spec, block_size=block)
+        err = blocks((fake_quantize(x, s, z, list(block), spec.format.name) - x).abs().pow(CLIP_NORM),
+                     block, fill=0.0).sum(-1)
+        if best is None:
+            best = [err, s, z]
+            continue
+        t = err < best[0]
+        best = [torch.where(t, err, best[0]), torch.where(t, s, best[1]),
+                None if z is None else torch.where(t, z, best[2])]
+    return best[1], best[2]
+
+
 def gptq_quantize(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] | None = None,
                   percdamp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> GptqResult:
+                  static_groups: bool = False, clip: bool = False) -> GptqResult:
     """Quantize ``w`` ([out, in]) with GPTQ given the input Hessian ``h`` ([in, in]) and the quantizer
-    `spec` laid out with the canonical `block` (default ``spec.block_size(w.shape)``)."""
+    `spec` laid out with the canonical `block` (default ``spec.block_size(w.shape)``). `clip`: each row's
+    (group's) scale from :func:`clipped_qparams` (the reference's ``Quantizer(mse=True)``, QuaRot's ``w_clip``)
+    of the columns as the sweep reaches them, instead of their min-max."""
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise QuantizationError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
@@ -114,7 +139,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec: QSpec, *, block: tuple[int, int] |
 
     width = in_f if block[1] == -1 else min(block[1], in_f)            # columns per quantizer column block
     n_blocks = -(-in_f // width)
-    qp = _ColumnQParams(spec, block, scale_shape((out_f, in_f), block), n_blocks, width, W.device)
+    qp = _ColumnQParams(spec, block, scale_shape((out_f, in_f), block), n_blocks, width, W.device, clip=clip)
     if static_groups:
         for b in range(n_blocks):
             qp.compute(b, W[:, b * width:(b + 1) * width])
@@ -171,8 +196,8 @@ def _sweep(W: Tensor, U: Tensor, qp: "_ColumnQParams", col_block: list[int], blo
 class _ColumnQParams:
     """Scale / zero point of the quantizer, filled one column block (group) at a time."""
 
-    def __init__(self, spec: QSpec, block, shape, n_blocks: int, width: int, device):
-        self.spec, self.width = spec, width
+    def __init__(self, spec: QSpec, block, shape, n_blocks: int, width: int, device, *, clip: bool = False):
+        self.spec, self.width, self.clip = spec, width, clip
         self.row_block = (block[0], -1)
         self.scale = torch.ones(shape, dtype=torch.float32, device=device)
         self.zero_point = None
@@ -181,7 +206,8 @@ class _ColumnQParams:
         self.ready = [False] * n_blocks
 
     def compute(self, b: int, cols: Tensor) -> None:
-        s, z = choose_qparams(cols, self.spec, block_size=self.row_block)
+        s, z = (clipped_qparams(cols, self.spec, self.row_block) if self.clip else
+                choose_qparams(cols, self.spec, block_size=self.row_block))
         self.scale[:, b:b + 1] = s
         if self.zero_point is not None:
             self.zero_point[:, b:b + 1] = z
@@ -198,4 +224,5 @@ def reconstruction_error(w: Tensor, w_hat: Tensor, xtx: Tensor) -> float:
     return float(((d @ xtx.double()) * d).sum())
 
 
-__all__ = ["HessianAccumulator", "GptqResult", "gptq_quantize", "hessian_inverse_factor", "reconstruction_error"]
+__all__ = ["HessianAccumulator", "GptqResult", "gptq_quantize", "hessian_inverse_factor", "reconstruction_error",
+           "clipped_qparams"]

@@ -5,11 +5,16 @@ quantizer and every backend matches that one op.
     qpass::dequantize(Tensor codes, Tensor scale, Tensor? zero_point, int[] block_size, str fmt,
                       ScalarType out_dtype) -> Tensor
     qpass::fake_quantize(Tensor x, Tensor scale, Tensor? zero_point, int[] block_size, str fmt) -> Tensor
-    qpass::fake_quantize_dynamic(Tensor x, int[] block_size, str fmt, bool symmetric) -> Tensor
+    qpass::fake_quantize_dynamic(Tensor x, int[] block_size, str fmt, bool symmetric,
+                                 float clip_ratio=1.0) -> Tensor
     qpass::fake_quantize_ext(Tensor x, Tensor? scale, Tensor? zero_point, int[] block_size, str fmt,
                              Tensor? codebook, Tensor? outlier_index, Tensor? outlier_value,
                              Tensor? float_columns, int float_axis, Tensor? scale_scale,
                              int[] scale_block_size, str scale_fmt, Tensor? scale_zero_point=None) -> Tensor
+
+``fake_quantize_dynamic``'s ``clip_ratio`` (default 1.0: min-max) shrinks each block's range before the scale is
+computed (QuaRot's activation / KV clipping ratios; ``quant.dynamic_qparams``). Passes give it only when it is not
+1.0, so graphs without clipping keep the four-argument node.
 
 ``fake_quantize_ext`` is the quantizer of registered formats (learned codebooks: ``codebook`` holds one table
 per block) and of weight quantizers with side channels (sparse values, float columns, second-level scales);
@@ -70,7 +75,7 @@ def _fq_backward(ctx, grad):
 
 
 def _dyn_backward(ctx, grad):
-    return grad, None, None, None
+    return grad, None, None, None, None
 
 
 def _ext_backward(ctx, grad):
@@ -129,12 +134,16 @@ def _register() -> None:
     fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup_context)
 
     @torch.library.custom_op("qpass::fake_quantize_dynamic", mutates_args=())
-    def fake_quantize_dynamic(x: Tensor, block_size: list[int], fmt: str, symmetric: bool) -> Tensor:
-        return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric).contiguous()
+    def fake_quantize_dynamic(x: Tensor, block_size: list[int], fmt: str, symmetric: bool,
+                              clip_ratio: float = 1.0) -> Tensor:
+        if clip_ratio != 1.0:
+            quant.check_clip_ratio(clip_ratio)
+        return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric, clip_ratio).contiguous()
 
     @fake_quantize_dynamic.register_fake
-    def _(x, block_size, fmt, symmetric):
+    def _(x, block_size, fmt, symmetric, clip_ratio=1.0):
         _check_static(x, None, None, block_size, fmt)
+        quant.check_clip_ratio(clip_ratio)
         if not symmetric and quant.parse_format(fmt).kind != "int":
             raise QuantizationError(f"{fmt} is symmetric only", fix="pass symmetric=True")
         return x.new_empty(x.shape)

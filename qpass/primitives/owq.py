@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from qpass.primitives.gptq import CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM, clipped_qparams  # noqa: F401  (re-exported)
 from qpass.primitives.gptq import GptqResult, _ColumnQParams, _sweep, hessian_inverse_factor
 from qpass.primitives.quant import blocks, choose_qparams, fake_quantize, scale_shape
 from qpass.primitives.spec import QSpec
@@ -60,29 +61,6 @@ def columns_for_bits(shape: tuple[int, int], spec: QSpec, block, target_bits: fl
     out_f, in_f = shape
     spare = target_bits * out_f * in_f - base_bits(shape, spec, block)
     return max(0, min(in_f, math.floor(spare / (out_f * FLOAT_BITS + INDEX_BITS))))
-
-
-CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4      # the reference's (GPTQ's Quantizer) constants
-
-
-def clipped_qparams(x: Tensor, spec: QSpec, block) -> tuple[Tensor, Tensor | None]:
-    """Scale and zero point per block of `x` from its min-max range shrunk by the ratio that minimises the block's
-    ``sum |q(x) - x|^2.4`` (ratios 1, 0.99, .., 0.21; ties keep the larger ratio, so never worse than min-max
-    in that norm). A zero element stays exact for every ratio (the ranges include 0)."""
-    block = tuple(block)
-    best = None
-    for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-        p = 1 - i / CLIP_GRID
-        s, z = choose_qparams(x * p, spec, block_size=block)
-        err = blocks((fake_quantize(x, s, z, list(block), spec.format.name) - x).abs().pow(CLIP_NORM),
-                     block, fill=0.0).sum(-1)
-        if best is None:
-            best = [err, s, z]
-            continue
-        t = err < best[0]
-        best = [torch.where(t, err, best[0]), torch.where(t, s, best[1]),
-                None if z is None else torch.where(t, z, best[2])]
-    return best[1], best[2]
 
 
 def owq_rtn_qparams(w: Tensor, spec: QSpec, block, cols: Tensor, *,

@@ -354,34 +354,52 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, block_siz
     return (_roundtrip(y, z, fmt) * s).to(x.dtype)
 
 
-def dynamic_qparams(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool):
+def check_clip_ratio(clip_ratio: float) -> None:
+    """A dynamic quantizer's clipping ratio is in (0, 1] (1: min-max, no clipping)."""
+    if not (isinstance(clip_ratio, (int, float)) and 0.0 < clip_ratio <= 1.0):
+        raise QuantizationError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}",
+                                fix="use 1.0 for min-max scales, e.g. 0.9 to clip the top 10% of each block's range")
+
+
+def dynamic_qparams(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool, clip_ratio: float = 1.0):
     """Min-max (scale, float zero point or None) of `x` per block, never raising on data: blocks with
-    inf/NaN get a NaN scale. Used by `fake_quantize_dynamic`."""
+    inf/NaN get a NaN scale. Used by `fake_quantize_dynamic`.
+
+    `clip_ratio` c (QuaRot's ``a_clip_ratio`` / ``k_clip_ratio`` / ``v_clip_ratio``): each block's min and max
+    are multiplied by c before the min-max formulas (symmetric: scale = c * absmax / qmax; asymmetric: the
+    range [c * min(min, 0), c * max(max, 0)]); values outside saturate. c == 1 computes exactly min-max."""
     if x.numel() == 0:
         shape = scale_shape(x.shape, block_size)
         return _qparams(x.new_zeros(shape), x.new_zeros(shape), fmt, symmetric, int_zp=False)
     mn, mx = block_minmax(x, block_size)
+    if clip_ratio != 1.0:
+        mn, mx = mn * clip_ratio, mx * clip_ratio
     return _qparams(mn, mx, fmt, symmetric, int_zp=False)
 
 
-def token_scale(x: Tensor, fmt: str) -> Tensor:
-    """Per-token (last axis) symmetric int scale, [..., 1]: absmax / qmax floored at SCALE_FLOOR, as
-    `dynamic_qparams` computes it, except that a token holding inf/NaN gets an inf/NaN scale (its outputs are
+def token_scale(x: Tensor, fmt: str, clip_ratio: float = 1.0) -> Tensor:
+    """Per-token (last axis) symmetric int scale, [..., 1]: (clip_ratio *) absmax / qmax floored at SCALE_FLOOR,
+    as `dynamic_qparams` computes it, except that a token holding inf/NaN gets an inf/NaN scale (its outputs are
     NaN either way)."""
-    return x.abs().amax(-1, keepdim=True).div_(qrange(fmt, True)[1]).clamp_(min=SCALE_FLOOR)
+    amax = x.abs().amax(-1, keepdim=True)
+    if clip_ratio != 1.0:
+        amax = amax.mul_(clip_ratio)
+    return amax.div_(qrange(fmt, True)[1]).clamp_(min=SCALE_FLOOR)
 
 
-def fake_quantize_dynamic(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool) -> Tensor:
+def fake_quantize_dynamic(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool,
+                          clip_ratio: float = 1.0) -> Tensor:
     """Fake-quantize `x` with min-max qparams computed from `x` itself, per block (per-token activations:
-    block (1, ..., 1, -1)). A block holding inf/NaN comes out all NaN; other blocks are unaffected."""
+    block (1, ..., 1, -1)), the range shrunk by `clip_ratio` (see `dynamic_qparams`). A block holding inf/NaN
+    comes out all NaN; other blocks are unaffected."""
     if symmetric and x.dtype == torch.float32 and fmt.startswith("int") and x.numel() and \
             all(b == 1 for b in block_size[:-1]) and block_size[-1] in (-1, x.shape[-1]):
         # per-token symmetric int (the activation quantizer of every W8A8 / W4A8 recipe): the same float32
         # operations as the general path (scale = absmax / qmax floored, round(x / scale) clamped, times scale;
         # an inf/NaN token makes its scale inf/NaN and so its outputs NaN) in four fused passes, ~2.5x faster.
-        scale = token_scale(x, fmt)
+        scale = token_scale(x, fmt, clip_ratio)
         return (x / scale).round_().clamp_(*qrange(fmt, True)).mul_(scale)
-    scale, zp = dynamic_qparams(x, block_size, fmt, symmetric)
+    scale, zp = dynamic_qparams(x, block_size, fmt, symmetric, clip_ratio)
     return fake_quantize(x, scale, zp, block_size, fmt)
 
 

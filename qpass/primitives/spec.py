@@ -185,7 +185,12 @@ class QSpec:
     constraint: an FP4 weight times its scale is then an exponent shift, exactly representable in FP8 E4M3
     within its exponent range). Rounding up never clips more than min-max does; it costs at most one bit
     of resolution. Codes, dequantization and the quantizer ops are unchanged (the scale is a tensor), so
-    every backend runs it as is."""
+    every backend runs it as is.
+
+    ``clip_ratio`` (dynamic integer quantizers only; default 1.0 = min-max): each block's min and max are
+    multiplied by it before the scale is computed at run time, so the largest values saturate (QuaRot clips
+    per-token activations at 0.9 and the KV cache at 0.95). Part of the quantizer node
+    (``fake_quantize_dynamic(..., clip_ratio)``), so every backend computes the same scales."""
 
     format: Format = IntFormat(8)
     granularity: Granularity = PerChannel(0)
@@ -193,6 +198,7 @@ class QSpec:
     dynamic: bool = False
     full_range: bool = False
     scale_pow2: bool = False
+    clip_ratio: float = 1.0
 
     def __post_init__(self):
         if self.format.kind != "int" and not self.symmetric:
@@ -201,6 +207,11 @@ class QSpec:
             raise ValueError("full_range applies to symmetric integer quantizers with static scales only")
         if self.scale_pow2 and (self.dynamic or self.full_range):
             raise ValueError("scale_pow2 applies to static scales (weights, static activations) without full_range")
+        if not (isinstance(self.clip_ratio, (int, float)) and 0.0 < self.clip_ratio <= 1.0):
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.clip_ratio != 1.0 and (not self.dynamic or self.format.kind != "int"):
+            raise ValueError("clip_ratio applies to dynamic integer quantizers (scales computed at run time); "
+                             "static scales come from observers (percentile, mse)")
 
     def block_size(self, shape) -> tuple[int, ...]:
         return self.granularity.block_size(tuple(shape))
