@@ -7,8 +7,8 @@ A quantizer is one node of a ``qpass::`` fake-quant op (``qpass.primitives.ops``
     fake_quantize_ext(x, scale, zero_point, block, fmt, codebook,   registered formats (learned codebooks)
                       outlier_index, outlier_value, float_columns,  and side channels on a weight quantizer;
                       float_axis, scale_scale, scale_block, scale_fmt,  scale None: dynamic (symmetric) with
-                      scale_zero_point=None)
-                                                                    float columns (LLM.int8() inputs)
+                      scale_zero_point=None, float_threshold=None)  float columns, fixed or found per call
+                                                                    by a threshold (LLM.int8() inputs)
 
 with ``node.meta[META_QUANT]`` a :class:`QuantMeta` (what it quantizes: role, site, module path, spec, ...).
 Nobody reads these arguments by position: :class:`Quantizer` names them::
@@ -78,7 +78,8 @@ class QuantMeta:
     spec      the QSpec it implements
     block_size, position   kv_cache: the block on the K/V tensor; where it sits (pre_rope, attention_input,
                            cache_write)
-    side      names of the side channels it carries ('outliers', 'float_columns', 'scale_q')
+    side      names of the side channels it carries ('outliers', 'float_columns', 'scale_q',
+              'threshold_columns')
 
     Read-only mapping access (``meta["role"]``, ``meta.get("path")``) is kept for dict-style readers: the
     keys are the fields that are set."""
@@ -144,6 +145,16 @@ class FloatColumns(Generic[T]):
 
 
 @dataclass(frozen=True)
+class ThresholdColumns:
+    """Slices along `axis` (an input's features) kept in float where their largest magnitude over every other
+    axis of the current tensor reaches `threshold`: the set is found in every call, not stored (LLM.int8()'s
+    outlier feature dimensions, ``formats.threshold_columns``). Dynamic quantizers only."""
+
+    threshold: float
+    axis: int = -1
+
+
+@dataclass(frozen=True)
 class ScaleQuant(Generic[T]):
     """Second-level scales: the scale is fake-quantized with `scale` (its own scale), `block`, `fmt` and, when
     given, `zero_point` (asymmetric min-max second level, SpQR's; without it symmetric, QLoRA's)."""
@@ -156,15 +167,18 @@ class ScaleQuant(Generic[T]):
 
 @dataclass(frozen=True)
 class SideChannels(Generic[T]):
-    """The optional side channels of a weight quantizer: nodes in a graph view, tensors when inserting."""
+    """The optional side channels of a quantizer: nodes in a graph view, tensors when inserting. A dynamic
+    quantizer takes float columns only: a fixed set (`float_columns`) or one found per call (`threshold_columns`)."""
 
     outliers: SparseValues[T] | None = None
     float_columns: FloatColumns[T] | None = None
     scale_q: ScaleQuant[T] | None = None
+    threshold_columns: ThresholdColumns | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in ("outliers", "float_columns", "scale_q") if getattr(self, n) is not None)
+        return tuple(n for n in ("outliers", "float_columns", "scale_q", "threshold_columns")
+                     if getattr(self, n) is not None)
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -248,10 +262,12 @@ class Quantizer:
         if self.node.target is not _EXT:
             return NO_SIDE
         a = self.node.args
+        thr = a[14] if len(a) > 14 else self.node.kwargs.get("float_threshold")
         return SideChannels(
             SparseValues(a[6], a[7]) if a[6] is not None else None,
             FloatColumns(a[8], a[9]) if a[8] is not None else None,
-            ScaleQuant(a[10], tuple(a[11]), a[12], a[13] if len(a) > 13 else None) if a[10] is not None else None)
+            ScaleQuant(a[10], tuple(a[11]), a[12], a[13] if len(a) > 13 else None) if a[10] is not None else None,
+            ThresholdColumns(float(thr), a[9]) if thr is not None else None)
 
     @property
     def meta(self) -> QuantMeta | None:
@@ -305,23 +321,29 @@ def insert_quantizer(gm: GraphModule, before: Node, x: Node, meta: QuantMeta, *,
     """Insert a quantizer of `x` before `before` and return its view. Users are not rewired (the caller
     decides: one consumer or all).
 
-    scale None: dynamic (``fake_quantize_dynamic``, meta.spec.dynamic; with float columns, the only side channel
-    a dynamic quantizer takes, ``fake_quantize_ext`` without a scale, symmetric only). Else static: tensors are registered
+    scale None: dynamic (``fake_quantize_dynamic``, meta.spec.dynamic; with float columns, fixed or found per call
+    by a threshold, the only side channels a dynamic quantizer takes, ``fake_quantize_ext`` without a scale,
+    symmetric only). Else static (no threshold columns): tensors are registered
     as buffers named `name` (the scale) and ``name.replace('scale', 'zero_point')`` (get_attr nodes are
     used as they are). A codebook or side channels make it ``fake_quantize_ext`` (buffers ``<name>_codebook``,
     ``<name>_outlier_index``, ...). `node_meta` overrides the meta copied from `before` (nn_module_stack)."""
     spec, fmt = meta.spec, meta.spec.format.name
     if scale is None:
-        if not spec.dynamic or codebook is not None or (side and (side.names != ("float_columns",)
+        if not spec.dynamic or codebook is not None or (side and (side.names not in (("float_columns",),
+                                                                                     ("threshold_columns",))
                                                                   or not spec.symmetric)):
             raise ValueError("a quantizer without a scale is dynamic (spec.dynamic) and has no table; its only "
-                             "side channel is float columns, with symmetric scales")
+                             "side channel is float columns (fixed or by threshold), with symmetric scales")
         if side:
             if spec.clip_ratio != 1.0:
                 raise ValueError("clip_ratio is not supported with float columns (fake_quantize_ext)")
-            c = side.float_columns
-            args = (x, None, None, list(block), fmt, None, None, None,
-                    get_attr(gm, before, add_tensor(gm, f"{name}_float_columns", c.index)), c.axis, None, [], "")
+            c, t = side.float_columns, side.threshold_columns
+            if c is not None:
+                args = (x, None, None, list(block), fmt, None, None, None,
+                        get_attr(gm, before, add_tensor(gm, f"{name}_float_columns", c.index)), c.axis, None, [], "")
+            else:
+                args = (x, None, None, list(block), fmt, None, None, None, None, t.axis, None, [], "", None,
+                        float(t.threshold))
             fq = insert_call(gm, before, _EXT, args, origin, val_like=x, **node_meta)
             fq.meta[META_QUANT] = dataclasses.replace(meta, side=side.names)
             return Quantizer(fq)
@@ -336,6 +358,8 @@ def insert_quantizer(gm: GraphModule, before: Node, x: Node, meta: QuantMeta, *,
             return value
         return get_attr(gm, before, add_tensor(gm, stem_name or f"{name}_{suffix}", value))
 
+    if side.threshold_columns is not None:
+        raise ValueError("threshold columns (found per call) need a dynamic quantizer (scale None)")
     s_node = attr(scale, "", name)
     z_node = attr(zero_point, "", name.replace("scale", "zero_point") if name else None)
     ext = codebook is not None or bool(side) or get_format(fmt).kind not in BUILTIN_KINDS
@@ -400,6 +424,7 @@ def refuse(gm: GraphModule, q: Quantizer, backend: str, part: str, fix: str) -> 
                               f"unsupported {part}", where=where, fix=fix)
 
 
-__all__ = ["QuantMeta", "Quantizer", "SideChannels", "SparseValues", "FloatColumns", "ScaleQuant", "NO_SIDE",
+__all__ = ["QuantMeta", "Quantizer", "SideChannels", "SparseValues", "FloatColumns", "ThresholdColumns",
+           "ScaleQuant", "NO_SIDE",
            "Support", "quantizers", "insert_quantizer", "role_of", "unsupported", "refuse", "is_quantizer",
            "spec_to_dict", "spec_from_dict", "ROLES", "META_QUANT"]

@@ -6,6 +6,9 @@ a fake kernel (for export with dynamic shapes) and one onnxscript translation (`
 
     dq_matmul(x, codes[K,N], scale, zp?, block, bits, bias?)  MatMul(x, DequantizeLinear(codes)) (+ Add)
     int8_dyn_matmul(x, codes[K,N], w_scale, bias?, w_zp)      per-token int8 x -> MatMulInteger -> Cast -> Mul
+    int8_outlier_matmul(x, codes[K,N], w_scale, bias?, w_zp,  LLM.int8(): the features O with max |x| >= threshold
+                        threshold)                            in this call stay float: int8_dyn_matmul(x with O
+                                                              zeroed) + x[..., O] @ deq(codes)[O] (NonZero, Gather)
     matmul_nbits(x, packed[N,nb,blob], scales, bias?, ...)    com.microsoft.MatMulNBits
     qdq(x, scale, zp?, axis, block, bits, signed)             QuantizeLinear -> DequantizeLinear (static)
     codebook_matmul(x, codes[K,N], table, off_k, off_n,       learned codebooks: Gather(table, codes + offsets)
@@ -117,6 +120,20 @@ def _register() -> None:
 
     @int8_dyn_matmul.register_fake
     def _(x, codes, w_scale, bias, w_zp):
+        return _linear_out(x, codes.shape[1])
+
+    @torch.library.custom_op("qpass_onnx::int8_outlier_matmul", mutates_args=())
+    def int8_outlier_matmul(x: Tensor, codes: Tensor, w_scale: Tensor, bias: Optional[Tensor], w_zp: int,
+                            threshold: float) -> Tensor:
+        mask = x.reshape(-1, x.shape[-1]).abs().amax(0) >= threshold          # [K]: this call's outlier features
+        q, s = per_token_int8(x.masked_fill(mask, 0.0))
+        w = (codes.float() - w_zp) * w_scale
+        y = (q * s) @ w + x.float()[..., mask] @ w[mask]
+        y = y.to(x.dtype)
+        return y if bias is None else y + bias
+
+    @int8_outlier_matmul.register_fake
+    def _(x, codes, w_scale, bias, w_zp, threshold):
         return _linear_out(x, codes.shape[1])
 
     @torch.library.custom_op("qpass_onnx::matmul_nbits", mutates_args=())
@@ -292,6 +309,7 @@ if not hasattr(torch.ops.qpass_onnx, "grid_matmul"):
 
 dq_matmul = torch.ops.qpass_onnx.dq_matmul.default
 int8_dyn_matmul = torch.ops.qpass_onnx.int8_dyn_matmul.default
+int8_outlier_matmul = torch.ops.qpass_onnx.int8_outlier_matmul.default
 matmul_nbits = torch.ops.qpass_onnx.matmul_nbits.default
 qdq = torch.ops.qpass_onnx.qdq.default
 qdq_dynamic = torch.ops.qpass_onnx.qdq_dynamic.default

@@ -6,6 +6,9 @@ Changes   a table keyed by (weight kind, input kind) picks the lowering of each 
             int weights, float input           dq_matmul        -> DequantizeLinear + MatMul (MatMulNBits)
             int8 weights, per-token int8 input int8_dyn_matmul  -> MatMulInteger chain (MatMulIntegerToFloat)
             int<=4 weights, per-token int8     matmul_nbits     -> MatMulNBits, accuracy_level 4 (W4A8)
+            int8 per-channel symmetric weights, int8_outlier_matmul -> LLM.int8(): features with max |x| >=
+              per-token int8 input with threshold threshold in this call stay float (NonZero/Gather + MatMul),
+              columns (llm_int8, dynamic)                  the rest as int8_dyn_matmul
             int weights, other input           qdq / qdq_dynamic on the input + dq_matmul (exact, unfused)
             int weights, fp8 input             qdq_fp8 / qdq_fp8_dynamic (float8 Q/DQ) + dq_matmul (exact, unfused)
           other quantizers become qdq (static scales) or qdq_dynamic (scales from the tensor), with
@@ -272,6 +275,8 @@ class _Rewriter(QdqRewrites):
         if bias_arg is not None and site.bias is None:
             raise UnsupportedOpError("onnx_qdq lowers linears whose bias is a parameter; this one is computed",
                                      where=describe(self.gm, site.node), fix="use the torch backend")
+        if xq is not None and Quantizer(xq).side_channels.threshold_columns is not None:
+            return self._finish(site, wq, *self._int8_outliers(site, xq, wq))
         if wq is not None and is_codebook(Quantizer(wq)):
             x = self.standalone(xq, before=site.node, user=site.node) if xq is not None else site.input
             return self._finish(site, wq, *self._codebook(site, x, wq))
@@ -417,6 +422,39 @@ class _Rewriter(QdqRewrites):
             site.bias, w_zp))
         return node, f"W8A8 per-token: MatMulInteger ({self.opts.int8_weights} weights)", ""
 
+    def _int8_outliers(self, site, xq: Node, wq: Node | None):
+        """LLM.int8() with the outlier features found per call (an input quantizer with threshold columns) ->
+        int8_outlier_matmul. Only on symmetric per-channel int8 weights and a per-token int8 input."""
+        q, where = Quantizer(xq), describe(self.gm, site.node)
+        t = q.side_channels.threshold_columns
+        fix = "quantize this linear with llm_int8 (int8 per-row weights, per-token int8 inputs), or use the torch " \
+              "backend (qpass.lower(qm, 'torch'))"
+        wqq = Quantizer(wq) if wq is not None else None
+        if wqq is None or wqq.side_channels or wqq.codebook is not None or wqq.fmt_name != "int8":
+            raise UnsupportedOpError("onnx_qdq lowers per-call float features (threshold columns) in front of a "
+                                     "plain int8 weight quantizer only; this linear's weight is "
+                                     f"{'float' if wqq is None else wqq.fmt_name}", where=where, fix=fix)
+        w = _weight(self.gm, site, wq)
+        per_token = all(b == 1 for b in q.block[:-1]) and q.block[-1] == -1
+        if not (w.symmetric and w.block == 0 and w.scale.dim() == 1) or not (per_token and q.symmetric
+                                                                             and q.fmt_name == "int8"):
+            raise UnsupportedOpError("onnx_qdq lowers per-call float features with symmetric per-channel int8 "
+                                     "weights and a symmetric per-token int8 input only (LLM.int8())",
+                                     where=where, fix=fix)
+        if t.axis not in (-1, len(q.block) - 1):
+            raise UnsupportedOpError(f"onnx_qdq lowers threshold columns along the last axis only, not {t.axis}",
+                                     where=where, fix=fix)
+        name = f"{site.weight.target}"
+        codes, w_zp = (w.codes, 0) if self.opts.int8_weights == "s8" else \
+            ((w.codes.to(torch.int16) + 128).to(torch.uint8), 128)
+        node = self.call(site.node, ops.int8_outlier_matmul, (
+            q.x, self.buffer(site.node, f"{name}_codes", codes), self.buffer(site.node, f"{name}_dq_scale", w.scale),
+            site.bias, w_zp, float(t.threshold)))
+        form = f"W8A8 per-token, float features where max |x| >= {t.threshold:g} per call: MatMulInteger + " \
+               f"NonZero/Gather MatMul ({self.opts.int8_weights} weights)"
+        return node, form, ("LLM.int8() decomposition: the outlier features are found in every call (ReduceMax, "
+                            "NonZero); the int8 part fuses as W8A8 does, the float part is a small unfused MatMul")
+
     def _nbits(self, site, x, w: _Weight, name: str, level: int | None = None, block: int | None = None):
         k, n = w.codes.shape
         block = block or (w.block if w.block in NBITS_BLOCKS else _nbits_block(w.block, k))
@@ -483,6 +521,7 @@ def _flips(n: Node, weight: Node) -> int:
 # sparse values (codebook_matmul: Gather + MatMul). Layouts are checked where they are lowered.
 SUPPORTS = {"weight": Support(kinds=frozenset({"int", "codebook", "float", "lut"}),
                              side=side_channels.SIDE | frozenset({"outliers"})),    # float / lut: is_grid only
+            "input": Support(kinds=frozenset({"int", "float"}), side=frozenset({"threshold_columns"})),
             "*": Support(kinds=frozenset({"int", "float"}))}      # float: fp8 only (checked in check_supported)
 
 
@@ -500,7 +539,7 @@ def check_supported(gm: GraphModule) -> None:
                    f"{q.fmt_name} type)"
         elif part is None and q.side_channels and is_codebook(q) and q.side_channels.names != ("outliers",):
             part = "side channels other than sparse values on a codebook"
-        elif part is None and q.side_channels and not is_codebook(q):
+        elif part is None and q.side_channels and not is_codebook(q) and q.role != "input":
             part = side_channels.why_not(q)
         if part is None:
             continue

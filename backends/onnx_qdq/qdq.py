@@ -112,6 +112,10 @@ class QdqRewrites:
         """Replace quantizer `fq` by Q/DQ (for all its users, or only `user`); returns the new node."""
         check_int(self.gm, fq, fp8=Quantizer(fq).role != "weight")
         q = Quantizer(fq)
+        if q.side_channels:                   # Q/DQ would drop them: never silently
+            raise UnsupportedOpError(f"onnx_qdq cannot lower the side channels {list(q.side_channels.names)} of a "
+                                     f"qpass::{q.op} as a standalone Q/DQ", where=describe(self.gm, fq),
+                                     fix="use the torch backend (qpass.lower(qm, 'torch'))")
         before = before or fq
         x = q.x
         shape = list(x.meta["val"].shape)

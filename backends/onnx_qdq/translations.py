@@ -7,6 +7,11 @@ docs/onnx.md:
   int8_dyn_matmul   per-token scale = max|x| / 127; codes = round(x / scale) + 128 as uint8 (zero point 128:
                     the symmetric int8 codes, exactly); MatMulInteger -> Cast -> Mul(scale * w_scale)
                     -> com.microsoft.MatMulIntegerToFloat (which takes a per-row A scale)
+  int8_outlier_matmul  LLM.int8() with the outlier features found per call: mask = ReduceMax(Abs(x) over every
+                    token) >= threshold; int8_dyn_matmul(Where(mask, 0, x)) + MatMul(Gather(x, idx, axis -1),
+                    (Cast(Gather(codes, idx, axis 0)) - zp) * w_scale), idx = Squeeze(NonZero(mask)): standard
+                    ops of data-dependent shape; the int8 part fuses as int8_dyn_matmul does, the float part is a
+                    plain MatMul of [M, |O|] x [|O|, N] (empty when no feature crosses the threshold)
   matmul_nbits      com.microsoft.MatMulNBits, unsigned codes with the default zero point 2^(bits-1)
   codebook_matmul   Gather(table, Cast(codes, INT32) + off_k + off_n) [-> ScatterND(reduction add) of the sparse
                     values] -> MatMul: standard ops only, nothing fused (see docs/onnx.md)
@@ -92,6 +97,19 @@ def int8_dyn_matmul(x, codes, w_scale, bias=None, w_zp: int = 128):
     # NOTE: y - (-bias), not Add: onnxruntime (1.31) folds a bias Add into MatMulIntegerToFloat, whose kernel
     # applies a per-row A scale after adding the bias, i.e. scales the bias too (wrong). Sub is not folded.
     return y if bias is None else op.Sub(y, op.Neg(bias))
+
+
+def int8_outlier_matmul(x, codes, w_scale, bias=None, w_zp: int = 128, threshold: float = 6.0):
+    k = op.Shape(x, start=-1)
+    flat = op.Reshape(x, op.Concat(_const([-1], np.int64), k, axis=0))
+    mask = op.GreaterOrEqual(op.ReduceMax(op.Abs(flat), _const([0], np.int64), keepdims=0),
+                             _const(float(threshold), np.float32))                        # [K]
+    y = int8_dyn_matmul(op.Where(mask, _const(0.0, np.float32), x), codes, w_scale, None, w_zp)
+    idx = op.Squeeze(op.NonZero(mask), _const([0], np.int64))                            # [|O|] int64
+    w_o = op.Cast(op.Gather(codes, idx, axis=0), to=FLOAT)
+    w_o = op.Mul(op.Sub(w_o, _const(float(w_zp), np.float32)), w_scale)                 # [|O|, N]
+    y = op.Add(y, op.MatMul(op.Gather(x, idx, axis=-1), w_o))
+    return y if bias is None else op.Sub(y, op.Neg(bias))      # NOTE: Sub, not Add: see int8_dyn_matmul
 
 
 def matmul_nbits(x, packed, scales, bias=None, k: int = 0, n: int = 0, bits: int = 4, block: int = 128,
@@ -197,6 +215,7 @@ TABLE = {
     ops.gather_nbits: gather_nbits,
     ops.dq_matmul: dq_matmul,
     ops.int8_dyn_matmul: int8_dyn_matmul,
+    ops.int8_outlier_matmul: int8_outlier_matmul,
     ops.matmul_nbits: matmul_nbits,
     ops.qdq: qdq,
     ops.qdq_dynamic: qdq_dynamic,

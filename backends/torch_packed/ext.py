@@ -16,6 +16,9 @@ An OliVe input quantizer (registered format ``olive<b>``, static scale) runs its
 A dynamic input quantizer with float columns (LLM.int8()'s outlier feature dimensions) lowers here too:
 ``formats.fake_quantize_dynamic_ext`` on the input (the columns stay float), then the same linear, so the
 float columns of input and weight meet in one float matmul (the decomposition is not split into two GEMMs).
+An input quantizer with threshold columns (the set found per call) in front of a weight that needs this route
+(a format PackedLinear has no packed form for) runs ``formats.fake_quantize_dynamic_ext`` the same way; in
+front of a plain int8 weight it is PackedLinear's (linear.py: int8 GEMM plus the float columns).
 """
 from __future__ import annotations
 
@@ -126,6 +129,8 @@ class ExtLinear(nn.Module):
         if a is not None and self.input_float_index is not None:     # dynamic with float columns (LLM.int8())
             x = formats.fake_quantize_dynamic_ext(x, list(a.block), a.fmt, a.symmetric,
                                                   float_columns=(self.input_float_index, self.input_float_axis))
+        elif a is not None and a.threshold is not None:                # the float features found per call
+            x = formats.fake_quantize_dynamic_ext(x, list(a.block), a.fmt, a.symmetric, threshold=(a.threshold, -1))
         elif a is not None and a.fmt.startswith("olive"):              # OliVe pairs (static): the emulation
             x = formats.fake_quantize_ext(x, self.input_scale, None, list(a.block), a.fmt)
         elif a is not None:

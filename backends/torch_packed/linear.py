@@ -15,6 +15,13 @@ so ``dequantize`` here reproduces ``qpass.primitives.fake_quantize`` bit for bit
 module too, because which kernel runs decides whether it is applied as fake-quant (float kernels) or as
 integer codes (``int_mm``).
 
+An input quantizer with threshold columns (LLM.int8()'s dynamic outlier features, ``ActFormat.threshold``) runs
+as the paper's decomposition: per call, the features whose max |x| over the call reaches the threshold are
+found, the chosen kernel (int_mm, i8avx2, ...: any W8A8 kernel) runs on the input with those features zeroed
+(so they neither widen a token's scale nor enter the int8 product), and x[:, O] (float) times the stored
+weight's columns O (dequantized, [N, |O|]) is added: y = int8 GEMM + a small float GEMM. Equal to the
+fake-quant graph up to float summation order.
+
 Memory layout of int4 weights (one copy, chosen by :func:`choose_layout` when the module is built or
 loaded): ``q4`` when our own kernel (native.py, csrc/q4avx2.c) builds on this machine and the groups are
 whole 16-column chunks (group % 16 == 0, or per channel); else ``int4pack`` when torch's CPU int4pack kernel
@@ -113,6 +120,7 @@ class ActFormat:
     symmetric: bool
     dynamic: bool
     clip_ratio: float = 1.0       # dynamic scales: each block's min/max times this (QuaRot's clipping)
+    threshold: float | None = None     # float features found per call (LLM.int8(); last axis), None: none
 
     @property
     def per_row(self) -> bool:
@@ -136,7 +144,8 @@ class ActFormat:
         g = "per-token" if self.block[-1] == -1 and self.block[0] == 1 else \
             "per-tensor" if all(x == -1 for x in self.block) else f"block {list(self.block)}"
         clip = f" clip {self.clip_ratio:g}" if self.clip_ratio != 1.0 else ""
-        return f"{self.fmt} {g} {'dynamic' if self.dynamic else 'static'}{'' if self.symmetric else ' asym'}{clip}"
+        return f"{self.fmt} {g} {'dynamic' if self.dynamic else 'static'}{'' if self.symmetric else ' asym'}{clip}" + \
+            (f", float features where max |x| >= {self.threshold:g}" if self.threshold is not None else "")
 
 
 def choose_layout(fmt: str, n: int, k: int, bn: int, bk: int) -> str:
@@ -379,10 +388,25 @@ class PackedLinear(Planned, nn.Module):
     # ----------------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor) -> Tensor:
+        t = self.act.threshold if self.act is not None else None
+        idx = None
+        if t is not None:              # LLM.int8(): the outlier features of this call stay float
+            mask = x.reshape(-1, self.wf.k).abs().amax(0) >= t
+            idx = torch.nonzero(mask).flatten() if bool(mask.any()) else None
+            if idx is not None:
+                x_out, x = x[..., idx], x.index_fill(-1, idx, 0.0)
         y = self._runners[bucket(x.numel() // self.wf.k)](x)
         if y.dim() != x.dim():
             y = y.reshape(*x.shape[:-1], self.wf.n)
+        if idx is not None:
+            y = y + (x_out.float() @ self.column_values(idx).t())
         return y if y.dtype == x.dtype else y.to(x.dtype)               # kernels compute in fp32
+
+    def column_values(self, idx: Tensor) -> Tensor:
+        """float32 dequantized weight columns `idx` (input features) as [N, len(idx)]."""
+        if self.wf.layout == "int8" and self.wf.bk == -1 and self.zero is None:
+            return self.qweight[:, idx].float() * self.row_scale.unsqueeze(1)
+        return self.dequantize()[:, idx]
 
     # ------------------------------------------------------------------------ derived + state dict
     DERIVED = ("sz", "scale_bf16", "ones_bf16", "row_scale", "zero_c", "colsum", "q4_scale", "q4_zero")

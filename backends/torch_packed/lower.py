@@ -43,7 +43,7 @@ from qpass.primitives import hadamard as HD
 from qpass.primitives import quant as Q
 from qpass.primitives.formats import Codebook
 from qpass.primitives.spec import BUILTIN_KINDS
-from qpass.quantizer import Quantizer, quantizers
+from qpass.quantizer import Quantizer, quantizers, refuse
 
 from .codebook import CodebookLinear
 from .embedding import PackedEmbedding
@@ -92,8 +92,13 @@ def _tensor(gm: GraphModule, node: Node | None, where: str) -> torch.Tensor | No
 
 def _act_format(gm: GraphModule, fq: Node) -> tuple[ActFormat, torch.Tensor | None, torch.Tensor | None]:
     q = Quantizer(fq)
+    t = q.side_channels.threshold_columns
+    if t is not None and t.axis not in (-1, len(q.block) - 1):
+        raise refuse(gm, q, "torch_packed", f"threshold columns along axis {t.axis} (the input features, the "
+                     "last axis, only)", fix="keep the float features along the last axis (llm_int8 does)")
     if q.dynamic:
-        return ActFormat(q.fmt_name, q.block, q.symmetric, True, q.clip_ratio), None, None
+        return ActFormat(q.fmt_name, q.block, q.symmetric, True, q.clip_ratio,
+                         None if t is None else t.threshold), None, None
     scale, zp = _tensor(gm, q.scale, "the input scale"), _tensor(gm, q.zero_point, "the input zero point")
     return ActFormat(q.fmt_name, q.block, zp is None, False), scale, zp
 
@@ -152,7 +157,8 @@ def _generic(m: QuantLinear) -> bool:
     """A weight quantizer with a registered (non-packed) format, a table or side channels: ExtLinear's route."""
     q = Quantizer(m.weight_fq)
     qi = Quantizer(m.input_fq) if m.input_fq is not None else None
-    side_in = qi is not None and (bool(qi.side_channels) or qi.fmt.kind not in BUILTIN_KINDS)   # LLM.int8(), olive
+    side_in = qi is not None and (set(qi.side_channels.names) - {"threshold_columns"}   # static LLM.int8(), olive
+                                  or qi.fmt.kind not in BUILTIN_KINDS)
     return q.codebook is not None or bool(q.side_channels) or q.fmt.kind not in BUILTIN_KINDS or side_in
 
 

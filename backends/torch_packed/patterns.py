@@ -31,10 +31,12 @@ _SIDE = frozenset({"outliers", "float_columns", "scale_q"})
 # What this backend lowers, per quantizer role ('*': any other role). Weights: every registered format
 # (int/fp8/fp4/nf4 packed; any other format or side channel by the generic dequantize-then-matmul route,
 # ext.ExtLinear), per tensor, channel or group. Inputs and K/V: the built-in formats; inputs may keep float
-# columns (LLM.int8()'s dynamic quantizer with outlier feature dimensions, by ExtLinear), or OliVe's pair format
+# columns (LLM.int8()'s dynamic quantizer with outlier feature dimensions: a fixed set by ExtLinear, the set
+# found per call by a threshold in PackedLinear's int8 kernels plus a float matmul), or OliVe's pair format
 # (static scales; ExtLinear runs its encode/decode on the input: an emulation, as on the weight).
 SUPPORTS = {"weight": Support(kinds=frozenset({"*"}), side=_SIDE),
-            "input": Support(kinds=frozenset({*BUILTIN_KINDS, "olive"}), side=frozenset({"float_columns"})),
+            "input": Support(kinds=frozenset({*BUILTIN_KINDS, "olive"}),
+                             side=frozenset({"float_columns", "threshold_columns"})),
             "*": Support()}
 
 

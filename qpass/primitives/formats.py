@@ -32,7 +32,10 @@ Side channels of a weight quantizer (all optional; the reference semantics, impl
 so ``fake_quantize_ext(x, ...) == dequantize_ext(quantize_ext(x, ...), ..., float_values=x[cols])`` bit for bit.
 
 Dynamic quantizers (scales computed from ``x`` at run time, per-token activations) take one side channel,
-float columns (LLM.int8()'s mixed-precision decomposition: outlier feature dimensions stay in float)::
+float columns (LLM.int8()'s mixed-precision decomposition: outlier feature dimensions stay in float), given
+either as a fixed set ``float_columns = (index, axis)`` or found in every call, ``threshold = (t, axis)``:
+the slices along ``axis`` whose largest magnitude over every other axis (all tokens of the call) reaches t
+(``threshold_columns``; bitsandbytes' rule, |x| >= t)::
 
     x_hat = fake_quantize_dynamic(x with the float columns zeroed) ; x_hat[..., cols] = x[..., cols]
 
@@ -379,10 +382,30 @@ def fake_quantize_ext(x: Tensor, scale: Tensor, zero_point: Tensor | None, block
                           outliers=outliers, float_columns=cols, scale_q=scale_q)
 
 
+def threshold_columns(x: Tensor, threshold: float, axis: int = -1) -> Tensor:
+    """Bool mask over ``x.shape[axis]``: the slices whose largest magnitude over every other axis reaches
+    `threshold` (LLM.int8()'s outlier feature dimensions of this call; bitsandbytes counts |x| >= threshold)."""
+    axis = axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    a = x.abs()
+    return (a.amax(dims) if dims else a) >= threshold
+
+
 def fake_quantize_dynamic_ext(x: Tensor, block_size: BlockSize, fmt: str, symmetric: bool, *,
-                              float_columns: tuple | None = None) -> Tensor:
-    """fake_quantize_dynamic of `x` with the float columns (index, axis) zeroed (so they do not set the scales),
-    then those columns put back with x's own values (see the module doc)."""
+                              float_columns: tuple | None = None, threshold: tuple | None = None) -> Tensor:
+    """fake_quantize_dynamic of `x` with the float columns zeroed (so they do not set the scales), then those
+    columns put back with x's own values (see the module doc). `float_columns`: (index, axis), a fixed set;
+    `threshold`: (t, axis), the set found in `x` itself (``threshold_columns``). At most one of the two."""
+    if float_columns is not None and threshold is not None:
+        raise QuantizationError("a dynamic quantizer takes fixed float columns or a threshold, not both")
+    if threshold is not None:
+        t, axis = threshold
+        axis = axis % x.dim()
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        m = threshold_columns(x, t, axis).reshape(shape)
+        out = quant.fake_quantize_dynamic(x.masked_fill(m, 0.0), block_size, fmt, symmetric)
+        return torch.where(m, x, out)
     if float_columns is None:
         return quant.fake_quantize_dynamic(x, block_size, fmt, symmetric)
     index, axis = float_columns
@@ -393,4 +416,5 @@ def fake_quantize_dynamic_ext(x: Tensor, block_size: BlockSize, fmt: str, symmet
 
 __all__ = ["FormatCodec", "Codebook", "register_format", "unregister_format", "get_format", "codec",
            "format_names", "quantize_ext", "dequantize_ext", "fake_quantize_ext", "fake_quantize_dynamic_ext",
+           "threshold_columns",
            "effective_scale", "apply_side", "nearest"]

@@ -10,7 +10,8 @@ quantizer and every backend matches that one op.
     qpass::fake_quantize_ext(Tensor x, Tensor? scale, Tensor? zero_point, int[] block_size, str fmt,
                              Tensor? codebook, Tensor? outlier_index, Tensor? outlier_value,
                              Tensor? float_columns, int float_axis, Tensor? scale_scale,
-                             int[] scale_block_size, str scale_fmt, Tensor? scale_zero_point=None) -> Tensor
+                             int[] scale_block_size, str scale_fmt, Tensor? scale_zero_point=None,
+                             float? float_threshold=None) -> Tensor
 
 ``fake_quantize_dynamic``'s ``clip_ratio`` (default 1.0: min-max) shrinks each block's range before the scale is
 computed (QuaRot's activation / KV clipping ratios; ``quant.dynamic_qparams``). Passes give it only when it is not
@@ -19,9 +20,11 @@ computed (QuaRot's activation / KV clipping ratios; ``quant.dynamic_qparams``). 
 ``fake_quantize_ext`` is the quantizer of registered formats (learned codebooks: ``codebook`` holds one table
 per block) and of weight quantizers with side channels (sparse values, float columns, second-level scales);
 its semantics are ``qpass.primitives.formats.fake_quantize_ext``. Without a scale it is a dynamic symmetric
-quantizer (scales from x at run time) whose only side channel is float columns
-(``formats.fake_quantize_dynamic_ext``: LLM.int8()'s outlier feature dimensions). Passes insert it only where one
-of those is used, so every other quantizer stays the plain op. Read its arguments through ``qpass.quantizer.Quantizer``.
+quantizer (scales from x at run time) whose only side channel is float columns (``formats.fake_quantize_dynamic_ext``:
+LLM.int8()'s outlier feature dimensions), either a fixed set (``float_columns``) or the slices along
+``float_axis`` whose max |x| over the call reaches ``float_threshold`` (found per call). Passes insert it only
+where one of those is used, so every other quantizer stays the plain op. Read its arguments through
+``qpass.quantizer.Quantizer``.
 
 Semantics, dtypes and edge cases are those of ``qpass.primitives.quant`` (the real kernels call it).
 Outputs are contiguous and never alias an input. Each op has a fake kernel (output shape = input shape, so
@@ -79,7 +82,7 @@ def _dyn_backward(ctx, grad):
 
 
 def _ext_backward(ctx, grad):
-    return (grad,) + (None,) * 13
+    return (grad,) + (None,) * 14
 
 
 def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size, scale_fmt,
@@ -91,13 +94,25 @@ def _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_sca
     return {"outliers": outliers, "float_columns": cols, "scale_q": scale_q}
 
 
-def _check_dynamic_ext(zero_point, codebook, side: dict) -> None:
-    """A fake_quantize_ext without a scale is dynamic and symmetric, with float columns as its only side channel."""
+def _check_dynamic_ext(zero_point, codebook, side: dict, float_threshold) -> None:
+    """A fake_quantize_ext without a scale is dynamic and symmetric, with float columns as its only side channel
+    (a fixed set or a threshold, not both)."""
     extra = [k for k, v in (("zero_point", zero_point), ("codebook", codebook), ("outliers", side["outliers"]),
                             ("scale_q", side["scale_q"])) if v is not None]
     if extra:
         raise QuantizationError(f"a dynamic fake_quantize_ext (no scale) takes float columns only, got {extra}",
                                 fix="give a static scale for tables, sparse values or second-level scales")
+    if float_threshold is not None and side["float_columns"] is not None:
+        raise QuantizationError("a dynamic fake_quantize_ext takes fixed float columns or a float threshold, not both",
+                                fix="pass float_columns=None with float_threshold (columns found per call)")
+    if float_threshold is not None and not float_threshold > 0:
+        raise QuantizationError(f"float_threshold must be > 0, got {float_threshold}")
+
+
+def _check_threshold_static(scale, float_threshold) -> None:
+    if scale is not None and float_threshold is not None:
+        raise QuantizationError("float_threshold (columns found per call) needs a dynamic quantizer (scale None)",
+                                fix="store the float columns as float_columns for a static quantizer")
 
 
 def _register() -> None:
@@ -156,27 +171,32 @@ def _register() -> None:
                           codebook: Optional[Tensor], outlier_index: Optional[Tensor],
                           outlier_value: Optional[Tensor], float_columns: Optional[Tensor], float_axis: int,
                           scale_scale: Optional[Tensor], scale_block_size: list[int], scale_fmt: str,
-                          scale_zero_point: Optional[Tensor] = None) -> Tensor:
+                          scale_zero_point: Optional[Tensor] = None,
+                          float_threshold: Optional[float] = None) -> Tensor:
         side = _ext_side(outlier_index, outlier_value, float_columns, float_axis, scale_scale, scale_block_size,
                          scale_fmt, scale_zero_point)
+        _check_threshold_static(scale, float_threshold)
         if scale is None:
-            _check_dynamic_ext(zero_point, codebook, side)
-            return formats.fake_quantize_dynamic_ext(x, block_size, fmt, True,
-                                                     float_columns=side["float_columns"]).contiguous()
+            _check_dynamic_ext(zero_point, codebook, side, float_threshold)
+            thr = None if float_threshold is None else (float_threshold, float_axis)
+            return formats.fake_quantize_dynamic_ext(x, block_size, fmt, True, float_columns=side["float_columns"],
+                                                     threshold=thr).contiguous()
         return formats.fake_quantize_ext(x, scale, zero_point, block_size, fmt, codebook=codebook,
                                          **side).contiguous()
 
     @fake_quantize_ext.register_fake
     def _(x, scale, zero_point, block_size, fmt, codebook, outlier_index, outlier_value, float_columns,
-          float_axis, scale_scale, scale_block_size, scale_fmt, scale_zero_point=None):
+          float_axis, scale_scale, scale_block_size, scale_fmt, scale_zero_point=None, float_threshold=None):
         _check_static(x, scale, zero_point, block_size, fmt)
+        _check_threshold_static(scale, float_threshold)
         if scale_zero_point is not None and scale_scale is None:
             raise QuantizationError("a second-level zero point needs a second-level scale (scale_scale)")
         if (outlier_index is None) != (outlier_value is None):
             raise QuantizationError("sparse values need both outlier_index and outlier_value")
         if scale is None:
             _check_dynamic_ext(zero_point, codebook, _ext_side(outlier_index, outlier_value, float_columns,
-                                                               float_axis, scale_scale, scale_block_size, scale_fmt))
+                                                               float_axis, scale_scale, scale_block_size, scale_fmt),
+                               float_threshold)
         return x.new_empty(x.shape)
 
     fake_quantize_ext.register_autograd(_ext_backward)
