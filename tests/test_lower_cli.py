@@ -132,11 +132,12 @@ def test_clear_one_line_errors(model_dir, tmp_path, capsys, case):
 
 
 def test_unsupported_op_and_interrupt_leave_no_output(model_dir, tmp_path, capsys, monkeypatch):
-    nf4 = tmp_path / "nf4.yaml"
-    nf4.write_text("version: 1\npasses:\n  - quantize: {weights: {format: nf4, granularity: per_group, "
-                   "group_size: 16}, ignore: [lm_head]}\n")
-    code, _, err = lower(capsys, model_dir, "--recipe", nf4, "--out", tmp_path / "out")
-    assert code == 1 and "nf4" in error_line(err) and "fix:" in error_line(err)
+    # FP4 activations have no ONNX QDQ form (nf4 / fp4 / fp8 weights do, as grid_matmul)
+    fp4 = tmp_path / "fp4a.yaml"
+    fp4.write_text("version: 1\npasses:\n  - quantize: {weights: {bits: 4, granularity: per_group, group_size: 16}, "
+                   "activations: {format: fp4_e2m1, granularity: per_token, dynamic: true}, ignore: [lm_head]}\n")
+    code, _, err = lower(capsys, model_dir, "--recipe", fp4, "--out", tmp_path / "out")
+    assert code == 1 and "fp4_e2m1" in error_line(err) and "fix:" in error_line(err)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
