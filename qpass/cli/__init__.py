@@ -51,11 +51,38 @@ def build_parser(prog: str = "qpass") -> tuple[argparse.ArgumentParser, dict[str
     return ap, parsers
 
 
+def _import_heavy() -> None:
+    """Import torch and transformers with Ctrl-C held until both are loaded.
+
+    torch's import cannot be interrupted safely: a KeyboardInterrupt raised inside it is swallowed by some
+    submodules' ``try/except`` (the command then runs on as if nothing happened) or leaves a half-initialised
+    ``torch`` behind (an AttributeError "partially initialized module" later). So while they load, SIGINT only
+    sets a flag, and the interrupt is raised once they are in: Ctrl-C then always exits 130 with one line."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return                              # signal handlers can only be set from the main thread
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        import torch  # noqa: F401
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _run(module, args, ap: argparse.ArgumentParser, name: str) -> int:
     from ..errors import QpassError
     from ._common import CliError, UsageError, one_line
 
     try:
+        _import_heavy()
         return module.run(args)
     except UsageError as e:
         ap.error(str(e))                     # exits 2 with the usage line
