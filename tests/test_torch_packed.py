@@ -746,6 +746,7 @@ def test_bundled_model_on_the_native_kernel_keeps_greedy_tokens(bundled, q4lib, 
 # ------------------------------------------------------------------------------------------- the bench
 
 
+@pytest.mark.slow                         # the whole tool in a subprocess (~12 s idle, 30 s loaded): make test-all
 def test_bench_quick_writes_a_report(tmp_path):
     out = tmp_path / "bench.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--quick", "--out", str(out)],
