@@ -107,6 +107,9 @@ def test_codebook_bytes_are_saved_for_real():
     assert stored == sum(m.qweight.numel() for m in mods) + tables
     assert stored * 8 / weights < 3 + 8 * tables / weights + 0.3     # bit planes of 3 bits: K padded to 8
     assert stored < floats / 3          # 32-wide toy rows: the 8-entry fp16 tables are 4 of the bits per weight
+    report = pm.weight_bytes()          # the model's byte report counts the codebook linears too
+    assert report["codebook_linears"] == len(mods) and report["linears"] >= len(mods)
+    assert report["packed"] >= sum(m.weight_bytes() for m in mods) and report["fp32"] >= 4 * weights
 
 
 @pytest.mark.parametrize("family,bits,group,outliers", [("llama", *CASES[1]), ("gpt2", *CASES[3])],

@@ -118,10 +118,12 @@ class PackedModel(nn.Module):
         return {n: m for n, m in self.graph_module.named_modules() if isinstance(m, PackedLinear)}
 
     def weight_bytes(self) -> dict[str, int]:
-        """Bytes held for the weights of lowered linears vs the same weights in fp32."""
-        mods = self.linears().values()
-        return {"packed": sum(m.weight_bytes() for m in mods), "fp32": sum(4 * m.wf.n * m.wf.k for m in mods),
-                "linears": len(mods)}
+        """Bytes held for the weights of lowered linears (packed int and codebook ones) vs the same weights in
+        fp32."""
+        mods, books = list(self.linears().values()), list(self.codebooks().values())
+        return {"packed": sum(m.weight_bytes() for m in mods + books),
+                "fp32": sum(4 * m.wf.n * m.wf.k for m in mods) + sum(4 * m.n * m.k for m in books),
+                "linears": len(mods) + len(books), "codebook_linears": len(books)}
 
     def kv_cache_bytes(self, max_cache_len: int, batch_size: int = 1) -> dict[str, int]:
         """Bytes of the decode graph's K/V caches: low-bit ones vs the float caches they replace."""
