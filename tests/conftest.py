@@ -70,6 +70,72 @@ def pytest_collection_modifyitems(config, items):
                                     f"collected: {sorted(kept - collected)} (collected: {sorted(collected)})")
 
 
+# ------------------------------------------------------------------ capture cache (tests only)
+# torch.export of a toy Hugging Face model is most of the suite's time (about two thirds of a typical test file's),
+# and most tests export the same few toy configurations again. The wrapper below keeps the ExportedProgram of each
+# HF model qpass.capture exports (its `_CausalLM` root) under a key of everything the graph depends on (model and
+# submodule classes and their forward functions, config, parameter and buffer names, shapes and dtypes, training
+# flag, input shapes and dtypes, dynamic shapes) and, for the next model with the same key, returns a copy bound to
+# that model's own parameters and buffers, as a fresh export would be (ExportedProgram.module() deep-copies the
+# graph on each call). The first export of each configuration is a real one and failed exports are not cached, so
+# capture's own checks and errors are exercised as before; only qpass.capture's HF root is cached (toy nn.Modules,
+# decode-step and ONNX exports are not). QPASS_TEST_CAPTURE_CACHE=0 turns it off.
+import copy
+import os
+
+_EXPORT = torch.export.export
+_CACHE: dict = {}
+
+
+def _spec(x):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, x.device.type)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(_spec(v) for v in x))
+    if isinstance(x, dict):
+        return ("D", tuple((k, _spec(v)) for k, v in sorted(x.items())))
+    return ("V", repr(x))
+
+
+def _capture_key(mod, args, kwargs):
+    if type(mod).__name__ != "_CausalLM" or type(mod).__module__ != "qpass.capture" or kwargs.get("strict", True):
+        return None
+    model = mod.model
+    cfg = getattr(model, "config", None)
+    if not hasattr(cfg, "to_json_string") or any("forward" in vars(m) for m in mod.modules()):
+        return None                         # not a transformers config, or an instance-patched forward
+    classes = tuple(sorted({(type(m).__module__, type(m).__qualname__, id(type(m).forward)) for m in mod.modules()}))
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
+                    for n, t in [*mod.named_parameters(remove_duplicate=False),
+                                 *mod.named_buffers(remove_duplicate=False)])
+    return (classes, cfg.to_json_string(use_diff=False), getattr(cfg, "_attn_implementation", None), tensors,
+            tuple(m.training for m in mod.modules()), _spec(args), repr(kwargs.get("dynamic_shapes")),
+            tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in ("dynamic_shapes", "strict"))))
+
+
+def _rebound(ep, mod):
+    named = {**dict(mod.named_parameters(remove_duplicate=False)), **dict(mod.named_buffers(remove_duplicate=False))}
+    new = copy.copy(ep)
+    new._state_dict = {k: named[k] for k in ep.state_dict}
+    new._constants = {k: named[k] if k in named else (v.clone() if isinstance(v, torch.Tensor) else v)
+                      for k, v in ep.constants.items()}
+    return new
+
+
+def _cached_export(mod, args=(), kwargs=None, **kw):
+    key = _capture_key(mod, args, {**kw, "kwargs": kwargs}) if kwargs is None else None
+    if key is not None and key in _CACHE:
+        return _rebound(_CACHE[key], mod)
+    ep = _EXPORT(mod, args, kwargs, **kw)
+    if key is not None:
+        _CACHE[key] = ep
+    return ep
+
+
+if os.environ.get("QPASS_TEST_CAPTURE_CACHE", "1") != "0":
+    torch.export.export = _cached_export
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test starts with one thread, whatever an earlier test in this process set."""
