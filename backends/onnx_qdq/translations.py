@@ -18,7 +18,8 @@ docs/onnx.md:
   grid_matmul       Gather(grid, Cast(codes, INT32)) * Gather(scale, off_k + off_n) -> MatMul: weights in a
                     float format with a fixed value grid (fp4_e2m1, nf4, fp8), standard ops, nothing fused
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
-                    ReduceMax / ReduceMin over each block, times the clipping ratio when it is not 1)
+                    ReduceMax / ReduceMin over each block, times the clipping ratio when it is not 1); codes of 2,
+                    3, 5, 6 or 7 bits in INT8 / UINT8 with an integer Clip to their range between Q and DQ
   qdq_fp8 /         float8 (E4M3FN / E5M2) QuantizeLinear (saturate) -> DequantizeLinear, the input of a linear
   qdq_fp8_dynamic   with FP8 activations (dynamic: scale = max|x| / fp8 max per block of the last axis, blocked
                     QuantizeLinear); onnxruntime runs float8 Q/DQ on CPU (exact, unfused)
