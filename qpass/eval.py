@@ -185,6 +185,31 @@ def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, ca
     return rows
 
 
+def evaluate_lowered(lowered: Callable, eval_ids, *, reference: Callable | None = None, window: int = 256,
+                     name: str = "lowered", progress: bool = True) -> list[dict]:
+    """Rows for a model that is only run, not built here (a lowered ONNX model in onnxruntime: anything called as
+    lowered(input_ids) returning logits or `.logits`), on the windows `evaluate` uses: the FP32 row when
+    `reference` (the float model it was lowered from) is given, then the lowered model's, with KL(FP‖Q) and top-1
+    agreement against the reference. Without a reference only the perplexity is scored (kl and top1_agreement
+    None). Weight bytes are counted on qpass graphs only, so the lowered row has none."""
+    wins = windows(eval_ids, window)
+
+    def log_probs(model, desc: str) -> list[torch.Tensor]:
+        return [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
+                for w in tqdm(wins, desc=desc, disable=not progress, leave=False)]
+
+    with torch.no_grad():
+        out = log_probs(lowered, f"evaluating {name}")
+        if reference is None:
+            return [{"name": name, **_scores(out, out, wins), "kl": None, "top1_agreement": None}]
+        ref = log_probs(reference, "FP32 reference")
+    if ref[0].shape != out[0].shape:
+        raise ValueError(f"the lowered model gives logits of shape {tuple(out[0].shape)} on a window, the reference "
+                         f"{tuple(ref[0].shape)}: not the model it was lowered from")
+    return [{"name": "FP32", **_scores(ref, ref, wins), **weight_bytes(reference), "seconds": 0.0},
+            {"name": name, **_scores(ref, out, wins)}]
+
+
 def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.Tensor]) -> dict:
     """Perplexity of `out` and its agreement with `ref` (lists of per-window log-probabilities)."""
     nll, n_pred, kl, agree, n = 0.0, 0, 0.0, 0, 0
@@ -207,10 +232,14 @@ def markdown(rows: list[dict]) -> str:
     if timed:
         head += ["apply time (s)", "peak RSS while applying (GB)"]
     body = []
+
+    def cell(r: dict, key: str, fmt: str) -> str:      # "–": not measured (a lowered model's weight bytes, ...)
+        return "–" if r.get(key) is None else format(r[key], fmt)
     for r in rows:
-        q = r.get("quantized_bits_per_weight")
-        line = [r["name"], f"{r['perplexity']:.3f}", f"{r['kl']:.5f}", f"{100 * r['top1_agreement']:.2f}%",
-                f"{r['linear_weight_bytes']:,}", f"{r['bits_per_weight']:.2f}", "–" if q is None else f"{q:.2f}"]
+        top1 = r.get("top1_agreement")
+        line = [r["name"], f"{r['perplexity']:.3f}", cell(r, "kl", ".5f"),
+                "–" if top1 is None else f"{100 * top1:.2f}%", cell(r, "linear_weight_bytes", ","),
+                cell(r, "bits_per_weight", ".2f"), cell(r, "quantized_bits_per_weight", ".2f")]
         if timed:
             peak = r.get("peak_rss")
             line += ["–" if "peak_rss" not in r else f"{r['seconds']:.1f}",

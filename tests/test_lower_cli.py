@@ -55,7 +55,7 @@ def lowered(model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_lowers_with_calibration_and_prints_report_and_parity(lowered):
+def test_cli_lowers_with_calibration_and_prints_report_and_parity(lowered, model_dir):
     code, stdout, out = lowered
     assert code == 0
     for text in ("calibration windows", "W4A8: MatMulNBits", "exporting to ONNX", "parity vs fake-quant"):
@@ -63,6 +63,7 @@ def test_cli_lowers_with_calibration_and_prints_report_and_parity(lowered):
     assert {"model.onnx", "config.json", "recipe.yaml", "qpass.json", "tokenizer.json"} <= set(os.listdir(out))
     fig = json.load(open(out / "qpass.json"))["parity"]
     assert fig["max_abs_logit_diff"] < 1e-3 and fig["tokens"] == 32
+    assert json.load(open(out / "qpass.json"))["source_model"] == os.path.abspath(model_dir)   # tools/eval.py's FP
     assert not leftovers(out.parent)
 
 

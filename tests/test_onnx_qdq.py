@@ -8,6 +8,7 @@ import torch
 
 import qpass
 from qpass import Recipe
+from qpass.quantizer import quantizers
 from tests import toy
 
 ort = pytest.importorskip("onnxruntime")
@@ -135,6 +136,38 @@ def test_float_format_weights_are_grid_gather_matmul_with_parity(weights, tmp_pa
     codes = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
     assert sorted(tuple(i.dims) for i in codes) == [(96, 112), (112, 96)]           # [K, N], one byte a weight
     torch.testing.assert_close(run(art.path, x), qm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activations", [
+    {"bits": 6, "granularity": "per_tensor", "symmetric": True},
+    {"bits": 3, "granularity": "per_tensor", "symmetric": True},
+    {"bits": 5, "granularity": "per_channel", "axis": -1, "symmetric": False},
+    {"bits": 6, "granularity": "per_channel", "axis": -1, "symmetric": True},
+    {"bits": 6, "granularity": "per_token", "dynamic": True, "symmetric": False},
+    {"bits": 3, "granularity": "per_token", "dynamic": True},
+    {"bits": 8, "granularity": "per_token", "dynamic": True, "symmetric": False},
+], ids=["a6_static", "a3_static", "a5_per_channel_asym", "a6_per_channel", "a6_token_asym", "a3_token",
+        "a8_token_asym"])
+def test_activations_below_8_bits_clip_codes_to_their_own_range(activations, tmp_path):
+    """int2..int7 (not 4) codes are Q/DQ through INT8 / UINT8, whose Q saturates at +-127 / 255: an integer Clip to
+    the format's range must follow the Q. Inputs 4x the calibration range make the static codes saturate. 8-bit
+    codes with a zero point per channel / token dequantize as (q - zp) * scale (onnxruntime's MatMulIntegerToFloat,
+    which it would fuse the DequantizeLinear into, refuses a per-row zero point)."""
+    qm, x = mlp_qm(recipe(W, activations))
+    art = qpass.lower(qm, "onnx", tmp_path / "m", fused_accuracy_level=0)
+    nodes = onnx.load(art.model_path).graph.node
+    made_by = {o: n.op_type for n in nodes for o in n.output}
+    clips = [n for n in nodes if n.op_type == "Clip" and made_by.get(n.input[0]) == "QuantizeLinear"]
+    assert len(clips) == (2 if activations["bits"] < 8 else 0)              # one per linear input, on the codes
+    assert "Clip" in optimized_ops(art.path, tmp_path)                      # onnxruntime keeps it
+    big = 4 * x
+    if not activations.get("dynamic"):
+        gm = qm.graph_module
+        q = quantizers(gm, role="input")[0]                                     # fc1's input: x itself
+        s = getattr(gm, q.scale.target)
+        codes = (big / s).round() + (0 if q.zero_point is None else getattr(gm, q.zero_point.target))
+        assert float(codes.max()) > 2 ** (activations["bits"] - activations["symmetric"]) - 1   # saturates
+    torch.testing.assert_close(run(art.path, big), qm(big), atol=1e-5, rtol=1e-5)
 
 
 def test_non_integer_formats_are_refused_with_the_node(tmp_path):

@@ -92,6 +92,18 @@ def test_onnx_lowers_with_parity(llama, tmp_path):
     torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=5e-3)
 
 
+def test_w6a6_static_lowers_to_onnx_with_parity(tmp_path):
+    """Static int6 inputs: INT8 Q, Clip to [-32, 31], DQ (docs/onnx.md); level 0: exact int6 weight MatMulNBits."""
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    qm = qpass.apply(toy.hf_model("opt"), "recipes/os_plus_w6a6_static.yaml", calib_data=CALIB, progress=False)
+    qpass.lower(qm, "onnx", tmp_path / "m", fused_accuracy_level=0)
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids)
+    torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=1e-5)
+
+
 def test_plan_applies_to_a_fresh_capture_with_zero_placeholders(llama):
     model, qm = llama
     plan = qm.plans[0]

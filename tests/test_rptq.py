@@ -123,6 +123,20 @@ def test_lowers_to_torch_and_onnx_with_parity_and_reloads(family, tmp_path):
     torch.testing.assert_close(got.float(), qm(ids[:1]).logits.float(), rtol=0, atol=5e-3)
 
 
+def test_w6a6_per_cluster_lowers_to_onnx_with_parity(tmp_path):
+    """Per-cluster asymmetric int6 inputs: UINT8 Q, Clip to [0, 63], (q - zp) * scale per channel (docs/onnx.md)."""
+    pytest.importorskip("onnxruntime")
+    from qpass.backends import onnx_qdq
+
+    rec = recipe(activations={**A4, "bits": 6})
+    rec["passes"].append({"quantize": {"weights": {**W4, "bits": 6}, "ignore": ["lm_head"]}})
+    qm = qpass.apply(toy.hf_model("opt"), rec, calib_data=CALIB, progress=False)
+    qpass.lower(qm, "onnx", tmp_path / "m", fused_accuracy_level=0)
+    ids = toy.token_ids(batch=1, t=9, seed=4)
+    got = onnx_qdq.logits(onnx_qdq.session(str(tmp_path / "m")), ids)
+    torch.testing.assert_close(got.float(), qm(ids).logits.float(), rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ primitives
 
 points = st.lists(st.tuples(st.floats(-50, 0, width=32), st.floats(0, 50, width=32)), min_size=1, max_size=40)

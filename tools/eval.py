@@ -2,6 +2,8 @@
 
 `python tools/eval.py --table docs/comparison.yaml --out docs/comparison.md` writes the one comparison table
 (every method of the manifest on both bundled models; rows cached in docs/comparison.json).
+`python tools/eval.py OUT_DIR` scores a lowered ONNX directory (tools/lower.py --backend onnx) in onnxruntime
+beside the float model it was lowered from (docs/onnx.md, "Evaluating a lowered model").
 
 The code and the options are in qpass/cli/eval.py (`--help` lists them); this file only runs it under its
 own name, so the checkout and the installed command behave the same.

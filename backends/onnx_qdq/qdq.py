@@ -3,7 +3,8 @@ linears without a fused form. Mixed into ``patterns._Rewriter`` (uses its ``gm``
 ``call`` and ``buffer``).
 
     static scales   qdq(x, scale, zp, axis, 0, bits, signed): per tensor (0-d scale) or per axis (1-D); scales
-                    over several axes: those axes moved last and flattened into one (Transpose + Reshape)
+                    over several axes: those axes moved last and flattened into one (Transpose + Reshape);
+                    2 to 8 bits (below 8 and not 4: INT8 / UINT8 codes clipped to the format's range)
     dynamic scales  qdq_dynamic(x, block, bits, symmetric): per block of the last axis (per token: the whole
                     axis); blocks over several axes (per token across K/V heads) flattened the same way
     fp8 formats     the same layouts with qdq_fp8 / qdq_fp8_dynamic (float8 Q/DQ; symmetric, no zero point)
@@ -166,14 +167,11 @@ class QdqRewrites:
         q = Quantizer(fq)
         scale = getattr(self.gm, q.scale.target).detach().float()
         zp = getattr(self.gm, q.zero_point.target).detach() if q.zero_point is not None else None
-        fmt, bits = q.fmt_name, q.fmt.bits
+        bits = q.fmt.bits
         if any(b > 1 for b in q.block):
             raise _layout_error(self.gm, fq, q.block, shape)
         if is_fp8(fq):
             return self._static_fp8(before, fq, x, shape, scale)
-        if bits not in (4, 8):   # Q saturates at the container's range, not at the code range
-            raise UnsupportedOpError(f"onnx_qdq lowers static activation scales for int4 and int8 only, got {fmt}",
-                                     where=describe(self.gm, fq), fix="use int8 or int4 here, or dynamic scales")
         kept = [d for d in range(len(shape)) if scale.shape[d] > 1]
         signed = zp is None
         if signed and bits == 8 and self.opts.int8_weights == "u8":   # int8 codes as uint8 + 128: exact

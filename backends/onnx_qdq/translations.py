@@ -18,7 +18,8 @@ docs/onnx.md:
   grid_matmul       Gather(grid, Cast(codes, INT32)) * Gather(scale, off_k + off_n) -> MatMul: weights in a
                     float format with a fixed value grid (fp4_e2m1, nf4, fp8), standard ops, nothing fused
   qdq / qdq_dynamic QuantizeLinear -> DequantizeLinear (dynamic: blocked along the last axis, scales from
-                    ReduceMax / ReduceMin over each block, times the clipping ratio when it is not 1)
+                    ReduceMax / ReduceMin over each block, times the clipping ratio when it is not 1); codes of 2,
+                    3, 5, 6 or 7 bits in INT8 / UINT8 with an integer Clip to their range between Q and DQ
   qdq_fp8 /         float8 (E4M3FN / E5M2) QuantizeLinear (saturate) -> DequantizeLinear, the input of a linear
   qdq_fp8_dynamic   with FP8 activations (dynamic: scale = max|x| / fp8 max per block of the last axis, blocked
                     QuantizeLinear); onnxruntime runs float8 Q/DQ on CPU (exact, unfused)
@@ -64,6 +65,22 @@ def _container(bits: int, signed: bool) -> ir.DataType:
     if bits <= 4:
         return ir.DataType.INT4 if signed else ir.DataType.UINT4
     return ir.DataType.INT8 if signed else ir.DataType.UINT8
+
+
+def _act_container(bits: int, signed: bool) -> ir.DataType:
+    """The Q/DQ type of activation codes: INT4 / UINT4 or INT8 / UINT8 exactly at 4 and 8 bits; every other width
+    (2, 3, 5, 6, 7) is held in INT8 / UINT8 and clipped to its own range (_clip_codes)."""
+    return _container(bits, signed) if bits == 4 else _container(8, signed)
+
+
+def _clip_codes(q, bits: int, signed: bool):
+    """QuantizeLinear saturates at its container's range; a b-bit format below 8 that is not 4 saturates at
+    [qmin, qmax] of b bits: an integer Clip on the codes (onnxruntime's CPU Clip runs int8 / uint8), exact."""
+    if bits in (4, 8):
+        return q
+    qmin, qmax = ops.qrange(bits, signed)
+    dtype = np.int8 if signed else np.uint8
+    return op.Clip(q, _const(qmin, dtype), _const(qmax, dtype))
 
 
 def dq_matmul(x, codes, scale, zero_point=None, block: int = 0, bits: int = 8, bias=None):
@@ -119,13 +136,34 @@ def matmul_nbits(x, packed, scales, bias=None, k: int = 0, n: int = 0, bits: int
 
 
 def qdq(x, scale, zero_point=None, axis: int = 0, block: int = 0, bits: int = 8, signed: bool = True):
-    if zero_point is not None and bits <= 4:
-        zero_point = op.Cast(zero_point, to=_container(bits, signed))
+    container = _act_container(bits, signed)
+    if zero_point is not None and container != (ir.DataType.INT8 if signed else ir.DataType.UINT8):
+        zero_point = op.Cast(zero_point, to=container)
     if zero_point is None:
-        q = op.QuantizeLinear(x, scale, axis=axis, block_size=block, output_dtype=_container(bits, signed))
+        q = op.QuantizeLinear(x, scale, axis=axis, block_size=block, output_dtype=container)
     else:
         q = op.QuantizeLinear(x, scale, zero_point, axis=axis, block_size=block)
+    q = _clip_codes(q, bits, signed)
+    trailing = _trailing_dims(x, axis)
+    if block == 0 and trailing is not None and scale.shape is not None and len(scale.shape) == 1 and \
+            container in (ir.DataType.INT8, ir.DataType.UINT8):
+        # NOTE: (Cast(q) - zp) * scale, not DequantizeLinear, per axis on 8-bit codes: onnxruntime (1.32) fuses
+        # a DequantizeLinear of the input + one of the weight + MatMul into MatMulIntegerToFloat, whose kernel
+        # refuses a per-axis input zero point at run time (seen on RPTQ's per-cluster int6 inputs). The same
+        # values: DequantizeLinear computes (q - zp) * scale in float.
+        shape = _const([-1] + [1] * trailing, np.int64)
+        y = op.Cast(q, to=FLOAT)
+        if zero_point is not None:
+            y = op.Sub(y, op.Reshape(op.Cast(zero_point, to=FLOAT), shape))
+        return op.Mul(y, op.Reshape(scale, shape))
     return op.DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block)
+
+
+def _trailing_dims(x, axis: int) -> int | None:
+    """How many axes of `x` follow `axis` (None when `x`'s rank is unknown and `axis` is not negative)."""
+    if axis < 0:
+        return -axis - 1
+    return None if x.shape is None else len(x.shape) - axis - 1
 
 
 def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True, clip_ratio: float = 1.0):
@@ -143,16 +181,22 @@ def qdq_dynamic(x, block: int = 0, bits: int = 8, symmetric: bool = True, clip_r
     if symmetric:
         qmax = float(2 ** (bits - 1) - 1)
         scale = op.Max(op.Div(op.Max(op.Neg(mn), mx), _const(qmax, np.float32)), floor)
-        q = op.QuantizeLinear(x, scale, axis=-1, block_size=block, output_dtype=_container(bits, True))
-        return op.DequantizeLinear(q, scale, axis=-1, block_size=block)
+        q = op.QuantizeLinear(x, scale, axis=-1, block_size=block, output_dtype=_act_container(bits, True))
+        return op.DequantizeLinear(_clip_codes(q, bits, True), scale, axis=-1, block_size=block)
     zero = _const(0.0, np.float32)
     qmax = float(2**bits - 1)
     lo, hi = op.Min(mn, zero), op.Max(mx, zero)
     scale = op.Max(op.Div(op.Sub(hi, lo), _const(qmax, np.float32)), floor)
     zp = op.Clip(op.Round(op.Div(op.Neg(lo), scale)), zero, _const(qmax, np.float32))
-    zp = op.Cast(zp, to=_container(bits, False))
-    q = op.QuantizeLinear(x, scale, zp, axis=-1, block_size=block)
-    return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
+    zp = op.Cast(zp, to=_act_container(bits, False))
+    q = _clip_codes(op.QuantizeLinear(x, scale, zp, axis=-1, block_size=block), bits, False)
+    if block == 0 or bits == 4:
+        return op.DequantizeLinear(q, scale, zp, axis=-1, block_size=block)
+    # NOTE: (Cast(q) - zp) * scale per block, not DequantizeLinear: a zero point per token on 8-bit codes hits
+    # the MatMulIntegerToFloat fusion of qdq's note (the kernel refuses a per-row input zero point)
+    last = _const([-1], np.int64)
+    y = op.Sub(op.Cast(op.Reshape(q, shape), to=FLOAT), op.Unsqueeze(op.Cast(zp, to=FLOAT), last))
+    return op.Reshape(op.Mul(y, op.Unsqueeze(scale, last)), op.Shape(x))
 
 
 def _fp8(e5m2: bool) -> ir.DataType:

@@ -3,6 +3,13 @@
     qpass eval MODEL_DIR [--recipe R.yaml ...] [--eval TEXT] [--calib TEXT] [--json OUT.json] [--markdown OUT.md]
                [--window 256] [--calib-samples 32] [--max-eval-tokens N] [--seed 0] [--no-progress]
     qpass eval --table MANIFEST.yaml --out DOC.md [--model DIR ...] [--skip-family F ...] [--force] [--strict]
+    qpass eval LOWERED_DIR [--fp-model HF_DIR] [--eval TEXT] [--json OUT.json] [--markdown OUT.md] ...
+
+The third form scores a lowered ONNX directory (``tools/lower.py --backend onnx``: model.onnx + qpass.json) in
+onnxruntime (``QpassORTModelForCausalLM``, the session configuration recorded at lowering) on the same eval
+windows: its perplexity, and KL(FP‖Q) / top-1 agreement against the float model it was lowered from
+(--fp-model, else the source that tools/lower.py records in qpass.json). Without a float model only the
+perplexity is scored.
 
 The second form is the one comparison table (docs/comparison.md from docs/comparison.yaml): every row of the
 manifest on every model (default: the two bundled models), one table per model, rows cached in DOC.json beside
@@ -51,6 +58,9 @@ def add_arguments(ap) -> None:
                     help="score only the first N tokens of the held-out text (default: all of it)")
     ap.add_argument("--json", dest="json_path", metavar="OUT.json", help="also write the rows as JSON")
     ap.add_argument("--markdown", dest="markdown_path", metavar="OUT.md", help="also write the table as Markdown")
+    ap.add_argument("--fp-model", metavar="HF_DIR",
+                    help="with a lowered ONNX MODEL_DIR: the float model it was lowered from, the reference of KL "
+                         "and top-1 (default: the source tools/lower.py records in qpass.json)")
     ap.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     t = ap.add_argument_group("comparison table (--table)")
@@ -100,6 +110,13 @@ def run(args, say=say) -> int:
         raise UsageError(f"{', '.join(table_only)} only go with --table")
     if not args.model_dir:
         raise UsageError("give MODEL_DIR (or --table MANIFEST.yaml)")
+    if is_lowered_onnx(args.model_dir):
+        return run_lowered(args, say)
+    if args.fp_model:
+        raise UsageError("--fp-model goes with a lowered ONNX MODEL_DIR (model.onnx + qpass.json)")
+    if os.path.isdir(args.model_dir) and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise CliError(f"{args.model_dir!r} is neither a Hugging Face model directory (no config.json) nor a lowered "
+                       "ONNX directory (no model.onnx or qpass.json, as tools/lower.py --backend onnx writes)")
     check_model_dir(args.model_dir)
     for path in args.recipe:
         read_recipe(path)
@@ -131,6 +148,80 @@ def run(args, say=say) -> int:
         out = {"model": args.model_dir, "eval": display(eval_path), "eval_tokens": eval_ids.numel(),
                "calib": display(calib_path) if calib_path else None, "window": args.window,
                "calib_samples": args.calib_samples, "rows": rows, "command": " ".join(sys.argv)}
+        write_atomic(args.json_path, json.dumps(out, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ a lowered ONNX model
+
+def is_lowered_onnx(path: str) -> bool:
+    """A directory qpass.lower(qm, "onnx", dir) wrote: a model.onnx, or a qpass.json of that format (a damaged
+    directory; verify() says what is wrong when it is loaded)."""
+    if os.path.isfile(os.path.join(path, "model.onnx")):
+        return True
+    try:
+        with open(os.path.join(path, "qpass.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == "qpass-onnx"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_lowered(args, say=say) -> int:
+    """Score a lowered ONNX directory in onnxruntime (see the module docstring)."""
+    import torch
+
+    from qpass.backends.onnx_qdq import QpassORTModelForCausalLM
+    from qpass.backends.onnx_qdq.lower import verify
+    from qpass.eval import evaluate_lowered, markdown
+
+    lowered = args.model_dir
+    if args.recipe or args.calib_path:
+        raise UsageError(f"{lowered!r} is a lowered ONNX model, already quantized: --recipe and --calib apply to "
+                         "a Hugging Face model directory (lower one with tools/lower.py --recipe)")
+    meta = verify(lowered)                                   # ArtifactError (one line) on a damaged directory
+    fp_dir, recorded = args.fp_model, meta.get("source_model")
+    if fp_dir is None and recorded:
+        if os.path.isfile(os.path.join(recorded, "config.json")):
+            fp_dir = recorded
+        else:
+            note(f"the float model qpass.json records ({recorded}) is not there: perplexity only (give --fp-model "
+                 "HF_DIR for KL and top-1)")
+    if fp_dir is not None:
+        check_model_dir(fp_dir)
+    named = {**data_files(lowered), **(data_files(fp_dir) if fp_dir else {})}
+    eval_path = args.eval_path or named.get("eval")
+    if not eval_path:
+        raise UsageError(f"give --eval TEXT (no qpass_data.json in {lowered}"
+                         f"{' or ' + fp_dir if fp_dir else ''} names one)")
+    check_text_file(eval_path, "evaluation text")
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(args.seed)
+    tok_dir = lowered if meta.get("tokenizer_files") or not fp_dir else fp_dir
+    eval_ids = token_ids(load_tokenizer(tok_dir, "qpass eval"), eval_path)
+    if args.max_eval_tokens:
+        eval_ids = eval_ids[: args.max_eval_tokens]
+    onnx_model = QpassORTModelForCausalLM.from_pretrained(lowered, use_cache=False)
+    reference = load_model(fp_dir) if fp_dir else None
+    name = f"ONNX {os.path.basename(os.path.normpath(lowered))} (onnxruntime)"
+    if not args.no_progress:
+        note(f"scoring {name}{' and FP32' if reference is not None else ''} on {eval_ids.numel()} tokens")
+    try:
+        rows = evaluate_lowered(onnx_model, eval_ids, reference=reference, window=args.window, name=name,
+                                progress=not args.no_progress)
+    except ValueError as e:           # a text shorter than one window, another model's vocabulary
+        raise CliError(str(e)) from e
+    rows[-1]["recipe"] = display(os.path.join(lowered, "recipe.yaml"))
+    say(f"lowered model {lowered} (fused accuracy level {meta['options']['fused_accuracy_level']}); FP model "
+        f"{fp_dir or '– (KL and top-1 need --fp-model)'}; eval {display(eval_path)} ({eval_ids.numel()} tokens, "
+        f"windows of {args.window})")
+    table = markdown(rows)
+    say(table)
+    say(BITS_NOTE + " A lowered model's bytes are not counted here (–).")
+    if args.markdown_path:
+        write_atomic(args.markdown_path, f"{table}\n")
+    if args.json_path:
+        out = {"lowered": lowered, "fp_model": fp_dir, "eval": display(eval_path), "eval_tokens": eval_ids.numel(),
+               "window": args.window, "rows": rows, "command": " ".join(sys.argv)}
         write_atomic(args.json_path, json.dumps(out, indent=2))
     return 0
 

@@ -179,6 +179,7 @@ def run(args, say=_say) -> int:
             with open(meta_path) as f:
                 meta = json.load(f)
             meta["parity"] = fig
+            meta["source_model"] = os.path.abspath(args.model_dir)     # tools/eval.py's FP reference
             with open(meta_path, "w") as f:
                 json.dump(meta, f, indent=2)
         install(staged, out)
