@@ -167,6 +167,18 @@ def _q4_tensors(mod) -> tuple[tuple, tuple]:
     return tensors, tuple(t.data_ptr() if t is not None else None for t in tensors)
 
 
+def _f32_rows(x: Tensor, fq, k: int, k_pad: int) -> Tensor:
+    """A native kernel's input: fake-quantized where the recipe quantizes it, fp32, contiguous, zero-padded from k
+    to k_pad columns."""
+    if fq is not None:
+        x = fq(x)
+    if x.dtype != torch.float32:
+        x = x.float()
+    if k_pad != k:
+        return F.pad(x, (0, k_pad - k))
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _bind_q4avx2(mod, *, a8: bool = False):
     """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
     [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds).
@@ -178,14 +190,7 @@ def _bind_q4avx2(mod, *, a8: bool = False):
     threads = torch.get_num_threads
 
     def run(x: Tensor) -> Tensor:
-        if fq is not None:
-            x = fq(x)
-        if x.dtype != torch.float32:
-            x = x.float()
-        if k16 != k:
-            x = F.pad(x, (0, k16 - k))
-        elif not x.is_contiguous():
-            x = x.contiguous()
+        x = _f32_rows(x, fq, k, k16)
         out = torch.empty(*x.shape[:-1], n)
         m = x.numel() // k16
         if call(x.data_ptr(), m, k16, qw, n, s, z, group, b, out.data_ptr(), threads()):
@@ -391,12 +396,7 @@ def _bind_w8avx2(mod):
     threads = torch.get_num_threads
 
     def run(x: Tensor) -> Tensor:
-        if fq is not None:
-            x = fq(x)
-        if x.dtype != torch.float32:
-            x = x.float()
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = _f32_rows(x, fq, k, k)
         out = torch.empty(*x.shape[:-1], n)
         m = x.numel() // k
         if call(x.data_ptr(), m, k, qw, n, rs, z, b, out.data_ptr(), threads()):
