@@ -109,7 +109,8 @@ def _capture_key(mod, args, kwargs):
                     for n, t in [*mod.named_parameters(remove_duplicate=False),
                                  *mod.named_buffers(remove_duplicate=False)])
     return (classes, cfg.to_json_string(use_diff=False), getattr(cfg, "_attn_implementation", None), tensors,
-            tuple(m.training for m in mod.modules()), _spec(args), repr(kwargs.get("dynamic_shapes")),
+            tuple(m.training for m in mod.modules()), torch.is_grad_enabled(), torch.get_default_dtype(),
+            _spec(args), repr(kwargs.get("dynamic_shapes")),
             tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in ("dynamic_shapes", "strict"))))
 
 
