@@ -366,3 +366,18 @@ def test_lwc_on_a_symmetric_grid_has_one_clip_factor_per_group():
     ((lq.value() - lq.w) ** 2).sum().backward()
     both = (lq.a_min.grad != 0) & (lq.a_max.grad != 0)
     assert not both.any()
+
+
+def test_epochs_pass_over_every_training_sample_once_per_epoch():
+    from qpass.blockwise import BlockwiseConfig, _batches
+    cfg = BlockwiseConfig(epochs=3, batch_size=4)
+    batches = _batches([0, 2, 3, 5, 7, 8, 9], cfg, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4, 3] * 3
+    for e in range(3):
+        assert sorted(batches[2 * e] + batches[2 * e + 1]) == [0, 2, 3, 5, 7, 8, 9]
+    assert batches[0] + batches[1] != batches[2] + batches[3]            # a fresh order each epoch
+    assert _batches([0, 1], BlockwiseConfig(), torch.Generator()) == []  # steps mode: each step draws its batch
+    qm = run(quant(W2A), {"omniquant": {"epochs": 2, "batch_size": 2, "holdout": 0}})   # 4 samples: 2 per epoch
+    assert {b["steps"] for b in qm.report["omniquant"].stats["per_block"].values()} == {4}
+    with pytest.raises(RecipeError, match="epochs"):
+        run(quant(), {"omniquant": {"epochs": -1}})
