@@ -12,7 +12,8 @@ method is a small pass that says what is trainable (a :class:`BlockMethod`). For
   inputs are the float ones (``feed: float``) or the outputs of the blocks before it as already trained and
   baked (``feed: quantized``);
 * **loss**: the method's (:meth:`BlockState.loss`), MSE of the block outputs by default, on a random batch
-  of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic);
+  of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic), or, with
+  ``epochs``, ``epochs`` passes over the training samples, each in a fresh seeded order (OmniQuant's loop);
 * **optimiser**: ``signsgd`` (p -= lr * sign(grad), SignRound), ``adam`` or ``adamw`` (weight decay 0,
   OmniQuant); ``schedule: linear`` decays the learning rate to 0 over the steps (AutoRound);
 * **held-out split** (``holdout``, default 0.25): a fraction of the calibration samples (drawn with the seed,
@@ -65,7 +66,9 @@ log = logging.getLogger("qpass.blockwise")
 Optimizer = Literal["signsgd", "adam", "adamw"]
 
 TRAIN_DOCS = {
-    "steps": "optimiser steps per block (0: no training, the start is kept)",
+    "steps": "optimiser steps per block (0: no training, the start is kept); not with epochs",
+    "epochs": "passes over the training samples per block, each in a fresh seeded order, in batches of batch_size "
+              "(OmniQuant's budget: steps = epochs x ceil(training samples / batch_size)); 0: use steps",
     "lr": "learning rate (signsgd: the step size)",
     "batch_size": "calibration samples per step (sampled with the seed; each sample back-propagated alone)",
     "optimizer": "signsgd (p -= lr * sign(grad)), adam or adamw (weight decay 0)",
@@ -90,6 +93,7 @@ class BlockwiseConfig:
 
     name: ClassVar[str] = "blockwise"
     steps: int = 200
+    epochs: int = 0
     lr: float = 0.005
     batch_size: int = 8
     optimizer: Optimizer = "adam"
@@ -105,6 +109,9 @@ class BlockwiseConfig:
     def __post_init__(self):
         if not 0 <= self.steps <= 1_000_000:
             raise RecipeError("steps", f"must be an integer in [0, 1000000] (SignRound: 200), got {self.steps}")
+        if not 0 <= self.epochs <= 100_000:
+            raise RecipeError("epochs", f"must be an integer in [0, 100000] (OmniQuant: 20, W2: 40; 0: use steps), "
+                                        f"got {self.epochs}")
         if not 0.0 < self.lr < 10.0:
             raise RecipeError("lr", f"must be in (0, 10), got {self.lr}")
         if not 1 <= self.batch_size <= 1 << 16:
@@ -263,11 +270,14 @@ def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], 
         if loss < best_loss:
             best, best_step, best_loss = state.snapshot(), t, loss
 
-    bar = tqdm(range(cfg.steps), desc=f"{step.name}", disable=not progress, leave=False)
+    batches = _batches(train, cfg, gen)
+    n_steps = len(batches) if cfg.epochs else cfg.steps
+    bar = tqdm(range(n_steps), desc=f"{step.name}", disable=not progress, leave=False)
     for t in bar:
         if held and cfg.keep_best and t % cfg.holdout_every == 0:
             consider(t, full_loss(state.overrides(), held))          # the parameters before step t
-        batch = [train[j] for j in torch.randperm(len(train), generator=gen)[: min(cfg.batch_size, len(train))]]
+        batch = batches[t] if cfg.epochs else [train[j] for j in torch.randperm(len(train), generator=gen)[
+            : min(cfg.batch_size, len(train))]]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in batch:
@@ -278,27 +288,37 @@ def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], 
             consider(t, total)
         if cfg.schedule == "linear":
             for g, g0 in zip(opt.param_groups, state.groups):
-                g["lr"] = g0.get("lr", cfg.lr) * (1.0 - t / cfg.steps)
+                g["lr"] = g0.get("lr", cfg.lr) * (1.0 - t / n_steps)
         opt.step()
         state.project()
         bar.set_postfix(loss=f"{total:.3g}")
     bar.close()
-    if held and cfg.keep_best and cfg.steps:
-        consider(cfg.steps, full_loss(state.overrides(), held))      # after the last step
+    if held and cfg.keep_best and n_steps:
+        consider(n_steps, full_loss(state.overrides(), held))        # after the last step
     if best is not None:
         state.restore(best)
     else:
-        best_step = cfg.steps - 1 if not held else cfg.steps
-    loss_best = full_loss(state.overrides(), pick) if cfg.steps else float("inf")
+        best_step = n_steps - 1 if not held else n_steps
+    loss_best = full_loss(state.overrides(), pick) if n_steps else float("inf")
     if loss_best < loss_start:
         kept, record = "trained", state.bake(gm)
     else:                                    # the start is better on the selection samples: the graph is left as is
         kept, record = "start", {}
-    res = BlockResult(step.name, loss_start, min(loss_best, loss_start), kept, best_step, cfg.steps,
+    res = BlockResult(step.name, loss_start, min(loss_best, loss_start), kept, best_step, n_steps,
                       time.perf_counter() - t0, record, "held-out" if held else "calibration")
     log.info("%s: %s loss %.4g -> %.4g (%s, best step %d)", step.name, res.selected_on, loss_start, res.loss_best,
              kept, best_step)
     return res
+
+
+def _batches(train: list[int], cfg: BlockwiseConfig, gen: torch.Generator) -> list[list[int]]:
+    """With `epochs`: every epoch a seeded permutation of the training samples cut into batches of batch_size (the
+    last one smaller), as OmniQuant's loop. Without: [] (each step draws its own batch)."""
+    out = []
+    for _ in range(cfg.epochs):
+        order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
+        out += [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    return out
 
 
 class _SignSGD(torch.optim.Optimizer):

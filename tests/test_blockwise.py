@@ -320,3 +320,64 @@ def test_let_auto_follows_the_paper_and_options_are_checked():
         run(quant(), {"omniquant": {"let": "sometimes"}})
     with pytest.raises(RecipeError, match="let_alpha"):
         run(quant(), {"omniquant": {"let_alpha": 2.0}})
+
+
+def _lwc(weights):
+    """An LWC quantizer (OmniQuant's sigmoid clip factors) on the first quantized linear of a toy RTN graph."""
+    gm = run(quant(weights)).graph_module
+    s = next(s for s in linear_sites(gm) if Quantizer.of(s.weight_use))
+    return LearnedWeightQuantizer(gm, s, rounding=False, clip="sigmoid")
+
+
+def test_lwc_on_an_asymmetric_grid_moves_both_clip_factors_and_recomputes_the_zero_point():
+    lq = _lwc(W2A)
+    assert torch.allclose(torch.sigmoid(lq.a_max), torch.sigmoid(torch.tensor(4.0)))      # the paper's init
+    assert torch.allclose(torch.sigmoid(lq.a_min), torch.sigmoid(torch.tensor(4.0)))
+    # the zero point (and scale) follow the clipped range: h = (g_max max - g_min min) / 3, z = round(-g_min min / h)
+    with torch.no_grad():
+        lq.a_min.fill_(-1.0)
+    scale, zp = lq.qparams()
+    lo, hi = lq.mn * torch.sigmoid(lq.a_min), lq.mx * torch.sigmoid(lq.a_max)
+    assert torch.allclose(scale, (hi - lo) / 3)
+    assert torch.equal(zp, torch.round(-lo / scale).clamp(0, 3))
+    with torch.no_grad():
+        lq.a_min.fill_(4.0)
+    # gradients of the reconstruction error reach both factors of every group, and differ (independent)
+    ((lq.value() - lq.w) ** 2).sum().backward()
+    gmin, gmax = lq.a_min.grad, lq.a_max.grad
+    assert (gmin != 0).float().mean() > 0.9 and (gmax != 0).float().mean() > 0.9
+    assert not torch.allclose(gmin, gmax)
+    # a few AdamW steps: the two factors end apart (a symmetric grid would tie them to one scale)
+    lq.a_min.grad = lq.a_max.grad = None
+    opt = torch.optim.AdamW(lq.params, lr=0.1, weight_decay=0.0)
+    for _ in range(30):
+        opt.zero_grad()
+        ((lq.value() - lq.w) ** 2).sum().backward()
+        opt.step()
+    g_min, g_max = torch.sigmoid(lq.a_min), torch.sigmoid(lq.a_max)
+    assert (g_min < 0.98).any() and (g_max < 0.98).any()
+    assert (g_min - g_max).abs().max() > 0.05
+
+
+def test_lwc_on_a_symmetric_grid_has_one_clip_factor_per_group():
+    """h = max(-g_min min, g_max max) / qmax: one of the two factors decides each group's scale (why the
+    table's LWC rows use the asymmetric grid, as the paper)."""
+    lq = _lwc(W3G)
+    ((lq.value() - lq.w) ** 2).sum().backward()
+    both = (lq.a_min.grad != 0) & (lq.a_max.grad != 0)
+    assert not both.any()
+
+
+def test_epochs_pass_over_every_training_sample_once_per_epoch():
+    from qpass.blockwise import BlockwiseConfig, _batches
+    cfg = BlockwiseConfig(epochs=3, batch_size=4)
+    batches = _batches([0, 2, 3, 5, 7, 8, 9], cfg, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4, 3] * 3
+    for e in range(3):
+        assert sorted(batches[2 * e] + batches[2 * e + 1]) == [0, 2, 3, 5, 7, 8, 9]
+    assert batches[0] + batches[1] != batches[2] + batches[3]            # a fresh order each epoch
+    assert _batches([0, 1], BlockwiseConfig(), torch.Generator()) == []  # steps mode: each step draws its batch
+    qm = run(quant(W2A), {"omniquant": {"epochs": 2, "batch_size": 2, "holdout": 0}})   # 4 samples: 2 per epoch
+    assert {b["steps"] for b in qm.report["omniquant"].stats["per_block"].values()} == {4}
+    with pytest.raises(RecipeError, match="epochs"):
+        run(quant(), {"omniquant": {"epochs": -1}})
