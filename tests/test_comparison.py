@@ -217,7 +217,9 @@ def test_a_failing_row_is_an_error_cell(work, calls, capsys):
     body = model_tables((work / "comparison.md").read_text())[str(work / "llama")][1:]
     assert [r[1] for r in body] == ["FP32", "RTN W4", "KV4"]
     assert body[1][5] != "–" and float(body[1][5]) > 0                    # the other rows are there
-    assert float(body[1][9]) > 0 and (body[1][10] == "–" or float(body[1][10]) > 0)    # apply time, peak RSS
+    # apply time (a number; 0.0 s is possible: the toy row applies in well under 0.05 s once its capture is
+    # cached, see tests/conftest.py) and peak RSS
+    assert float(body[1][9]) >= 0 and (body[1][10] == "–" or float(body[1][10]) > 0)
     assert body[2][5].startswith("error: TargetNotFoundError: ") and "model.nothing.*" in body[2][5]
     assert body[2][3:5] + body[2][6:] == ["–"] * 7
     # a failed row is tried again on the next run (its cause may be gone), the others come from the cache
