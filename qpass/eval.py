@@ -167,9 +167,7 @@ def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, ca
 
     calib = [w.unsqueeze(0) for w in calib_ids.split(window) if w.numel() == window][:calib_samples]
     wins = windows(eval_ids, window)
-    with torch.no_grad():
-        ref = [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
-               for w in tqdm(wins, desc="FP32 reference", disable=not progress, leave=False)]
+    ref = _log_probs(model, wins, "FP32 reference", progress)
     rows = [{"name": "FP32", **_scores(ref, ref, wins), **weight_bytes(model), "seconds": 0.0}]
     for path in recipes:
         name = os.path.basename(path) if isinstance(path, (str, os.PathLike)) else f"recipe {len(rows)}"
@@ -177,9 +175,7 @@ def evaluate(model, recipes: list, eval_ids, calib_ids, *, window: int = 256, ca
         with PeakRss() as peak:
             qm = apply(model, path, calib_data=calib, progress=progress)
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            out = [F.log_softmax(logits_of(qm(w.unsqueeze(0)))[0].float(), -1)
-                   for w in tqdm(wins, desc=f"evaluating {name}", disable=not progress, leave=False)]
+        out = _log_probs(qm, wins, f"evaluating {name}", progress)
         rows.append({"name": name, "recipe": str(path), **_scores(ref, out, wins), **weight_bytes(qm),
                      "seconds": seconds, "peak_rss": peak.bytes})
     return rows
@@ -193,21 +189,22 @@ def evaluate_lowered(lowered: Callable, eval_ids, *, reference: Callable | None 
     agreement against the reference. Without a reference only the perplexity is scored (kl and top1_agreement
     None). Weight bytes are counted on qpass graphs only, so the lowered row has none."""
     wins = windows(eval_ids, window)
-
-    def log_probs(model, desc: str) -> list[torch.Tensor]:
-        return [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
-                for w in tqdm(wins, desc=desc, disable=not progress, leave=False)]
-
-    with torch.no_grad():
-        out = log_probs(lowered, f"evaluating {name}")
-        if reference is None:
-            return [{"name": name, **_scores(out, out, wins), "kl": None, "top1_agreement": None}]
-        ref = log_probs(reference, "FP32 reference")
+    out = _log_probs(lowered, wins, f"evaluating {name}", progress)
+    if reference is None:
+        return [{"name": name, **_scores(out, out, wins), "kl": None, "top1_agreement": None}]
+    ref = _log_probs(reference, wins, "FP32 reference", progress)
     if ref[0].shape != out[0].shape:
         raise ValueError(f"the lowered model gives logits of shape {tuple(out[0].shape)} on a window, the reference "
                          f"{tuple(ref[0].shape)}: not the model it was lowered from")
     return [{"name": "FP32", **_scores(ref, ref, wins), **weight_bytes(reference), "seconds": 0.0},
             {"name": name, **_scores(ref, out, wins)}]
+
+
+@torch.no_grad()
+def _log_probs(model: Callable, wins: list[torch.Tensor], desc: str, progress: bool) -> list[torch.Tensor]:
+    """The model's log-probabilities on each eval window (one call per window, fp32)."""
+    return [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
+            for w in tqdm(wins, desc=desc, disable=not progress, leave=False)]
 
 
 def _scores(ref: list[torch.Tensor], out: list[torch.Tensor], wins: list[torch.Tensor]) -> dict:

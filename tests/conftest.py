@@ -124,7 +124,7 @@ def _rebound(ep, mod):
 
 
 def _cached_export(mod, args=(), kwargs=None, **kw):
-    key = _capture_key(mod, args, {**kw, "kwargs": kwargs}) if kwargs is None else None
+    key = _capture_key(mod, args, kw) if kwargs is None else None
     if key is not None and key in _CACHE:
         return _rebound(_CACHE[key], mod)
     ep = _EXPORT(mod, args, kwargs, **kw)
