@@ -251,3 +251,71 @@ def test_unknown_family_to_skip(work, calls, capsys):
     with pytest.raises(SystemExit) as e:
         table(work, "--skip-family", "QAT")
     assert e.value.code == 2 and "families are weight-only PTQ, KV cache" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- rows from other tables
+
+W4_ONLY = "version: 1\nrows:\n  - {family: weight-only PTQ, method: RTN W4, recipe: w4.yaml}\n"
+
+
+def _age(cache_path: pathlib.Path, rid: str, commit: str = "0" * 40) -> None:
+    """Make one cached row look computed by an earlier code version (another sources digest and commit)."""
+    cache = json.loads(cache_path.read_text())
+    for entry in cache["models"].values():
+        row = entry["rows"][rid]
+        row["key_parts"]["sources"] = "an-earlier-digest"
+        row["key"] = "not-the-current-key"
+        row["run"]["commit"] = commit
+    cache_path.write_text(json.dumps(cache))
+
+
+def test_import_takes_rows_of_the_same_inputs_and_missing_evaluates_the_rest(work, calls, capsys):
+    (work / "family.yaml").write_text(W4_ONLY)
+    assert table(work, manifest="family.yaml", out="family.md") == 0
+    assert calls["recipes"] == ["w4.yaml"]
+    fam = model_tables((work / "family.md").read_text())[str(work / "llama")]
+    # the comparison table takes the family's W4 row and evaluates only the KV4 row it lacks
+    assert table(work, "--import", str(work / "family.json"), "--missing") == 0
+    assert calls["recipes"] == ["w4.yaml", "kv4.yaml"]
+    assert "family.json: 2 row(s) taken" in capsys.readouterr().err         # FP32 and RTN W4
+    body = model_tables((work / "comparison.md").read_text())[str(work / "llama")]
+    assert body[2][:9] == fam[2][:9] and body[2][1] == "RTN W4"                # same numbers, current: no mark
+    rows = json.loads((work / "comparison.json").read_text())["models"][str(work / "llama")]["rows"]
+    assert rows[str(work / "w4.yaml")]["run"]["imported_from"].endswith("family.json")
+
+
+def test_import_marks_rows_of_an_earlier_code_version_and_missing_keeps_them(work, calls):
+    (work / "family.yaml").write_text(W4_ONLY)
+    assert table(work, manifest="family.yaml", out="family.md") == 0
+    _age(work / "family.json", str(work / "w4.yaml"))
+    assert table(work, "--import", str(work / "family.json"), "--missing") == 0
+    assert calls["recipes"] == ["w4.yaml", "kv4.yaml"]
+    doc = (work / "comparison.md").read_text()
+    assert [r[1] for r in model_tables(doc)[str(work / "llama")][1:]] == ["FP32", "RTN W4 ‡", "KV4"]
+    assert "‡ a row computed from the same model, recipe file" in doc and "† a row" not in doc
+    # without --missing the aged row is evaluated again, and the import does not bring the older one back
+    assert table(work, "--import", str(work / "family.json")) == 0
+    assert calls["recipes"] == ["w4.yaml", "kv4.yaml", "w4.yaml"]
+    assert [r[1] for r in model_tables((work / "comparison.md").read_text())[str(work / "llama")][1:]] == [
+        "FP32", "RTN W4", "KV4"]
+
+
+def test_import_skips_rows_of_another_recipe_file(work, calls, capsys):
+    (work / "family.yaml").write_text(W4_ONLY)
+    assert table(work, manifest="family.yaml", out="family.md") == 0
+    (work / "w4.yaml").write_text(W4.replace("bits: 4", "bits: 3"))     # the family's row is of the old file now
+    assert table(work, "--import", str(work / "family.json"), "--missing") == 0
+    assert "family.json: 1 row(s) taken" in capsys.readouterr().err          # FP32 alone
+    assert calls["recipes"] == ["w4.yaml", "w4.yaml", "kv4.yaml"]
+
+
+def test_import_and_missing_usage_errors(work, calls, capsys):
+    with pytest.raises(SystemExit) as e:
+        table(work, "--force", "--missing")
+    assert e.value.code == 2 and "--force and --missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        table(work, "--import", str(work / "comparison.json"))
+    assert e.value.code == 2 and "this table's own cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "models/tiny-llama", "--missing"])
+    assert e.value.code == 2 and "--missing only go with --table" in capsys.readouterr().err

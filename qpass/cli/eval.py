@@ -75,6 +75,13 @@ def add_arguments(ap) -> None:
     t.add_argument("--skip-family", action="append", default=[], metavar="FAMILY",
                    help="do not evaluate the rows of this family (e.g. QAT); cached rows still show")
     t.add_argument("--force", action="store_true", help="evaluate every row again, cached or not")
+    t.add_argument("--import", dest="imports", action="append", default=[], metavar="ROWS.json",
+                   help="take rows from another table's cache (e.g. docs/results_wa.json) where this one has no "
+                        "current row: only a row of the same model, texts, settings and recipe file (the code "
+                        "version may differ: such a row shows ‡); repeatable")
+    t.add_argument("--missing", action="store_true",
+                   help="evaluate only the rows that have no result at all; rows from an earlier code version "
+                        "stay as they are (‡) and rows whose recipe, model, texts or settings changed (†) too")
     t.add_argument("--strict", action="store_true",
                    help="stop at the first row that fails (default: the table shows the error in its row)")
 
@@ -105,7 +112,8 @@ def run(args, say=say) -> int:
         return run_table(args, say)
     table_only = [o for o, v in (("--out", args.out), ("--cache", args.cache), ("--model", args.models),
                                  ("--skip-family", args.skip_family), ("--force", args.force),
-                                 ("--strict", args.strict)) if v]
+                                 ("--strict", args.strict), ("--import", args.imports),
+                                 ("--missing", args.missing)) if v]
     if table_only:
         raise UsageError(f"{', '.join(table_only)} only go with --table")
     if not args.model_dir:
@@ -548,6 +556,13 @@ def run_table(args, say=say) -> int:
                 others.append(model_inputs(name, settings, code))
             except CliError as e:
                 note(f"note: cached model {name} is left out of the table: {e}")
+    if args.force and args.missing:
+        raise UsageError("--force and --missing contradict each other: give one")
+    for path in args.imports:
+        if os.path.abspath(path) == os.path.abspath(cache_path):
+            raise UsageError(f"--import {path}: that is this table's own cache")
+        taken = import_rows(cache, _load_cache(path), path, inputs, rows)
+        note(f"{display(path)}: {taken} row(s) taken")
     logging.basicConfig(level=logging.WARNING)
     argv = " ".join(sys.argv) if sys.argv and sys.argv[0] else "qpass eval --table ..."
     t_run = time.perf_counter()
@@ -563,7 +578,7 @@ def run_table(args, say=say) -> int:
             fresh = old is not None and old.get("key") == key and "error" not in old.get("result", {})
             if row is not None and row.family in args.skip_family:
                 continue
-            if args.force or not fresh:
+            if args.force or not (fresh or (args.missing and old is not None and "error" not in old["result"])):
                 plan.append((row, rid, key, parts))
         need_rows = [p for p in plan if p[0] is not None]
         if not need_rows and not any(p[0] is None for p in plan):
@@ -637,6 +652,72 @@ def run_table(args, say=say) -> int:
     return 0
 
 
+CODE_PARTS = ("qpass", "sources", "torch", "transformers")
+
+
+def _same_inputs(parts: dict, current: dict) -> bool:
+    """Whether a cached row was computed from the same model, texts, settings and recipe file as the current key
+    (the code version may differ)."""
+    return all(parts.get(k) == v for k, v in current.items() if k not in CODE_PARTS)
+
+
+def _descends(commit: str | None, of: str | None) -> bool:
+    """Whether git commit `commit` is `of` or comes after it (False when either is unknown)."""
+    import subprocess
+
+    if not commit or not of:
+        return False
+    try:
+        return subprocess.run(["git", "-C", CHECKOUT, "merge-base", "--is-ancestor", of, commit],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _better(cand: dict, mine: dict | None, key: str, parts: dict) -> bool:
+    """Whether an imported row of the current inputs (`cand`) should replace this cache's row `mine`."""
+    if mine is None or "error" in mine.get("result", {}):
+        return True
+    if mine.get("key") == key:                              # this cache's row is current
+        return False
+    if cand["key"] == key or not _same_inputs(mine.get("key_parts", {}), parts):
+        return True
+    # both from earlier code versions: the later commit wins
+    c, o = cand.get("run", {}).get("commit"), mine.get("run", {}).get("commit")
+    return c != o and _descends(c, o)
+
+
+def import_rows(cache: dict, other: dict, source: str, inputs: list[ModelInputs], rows: list[TableRow]) -> int:
+    """Copy into `cache` the rows of another table's cache `other` that this table lacks or has only in an older
+    form. A row is taken only when its model, texts, settings and recipe file are the ones this table would use
+    (so its numbers are this row's, computed by the code version it names), and then only if this cache has no
+    row with the current key: over a row of changed inputs, a failed row or none; over a row of the same inputs
+    from an earlier code version, when its commit comes after that row's. Returns the number of rows taken."""
+    taken = 0
+    for m in inputs:
+        theirs = other["models"].get(m.name, {})
+        if not theirs.get("rows"):
+            continue
+        entry = cache["models"].setdefault(m.name, {"rows": {}})
+        for row in [None, *rows]:
+            rid = FP if row is None else row.id
+            cand = theirs["rows"].get(rid)
+            if cand is None or "error" in cand.get("result", {}) or "key_parts" not in cand:
+                continue
+            key, parts = m.key(None if row is None else row.recipe)
+            if not _same_inputs(cand["key_parts"], parts):
+                continue
+            mine = entry["rows"].get(rid)
+            if not _better(cand, mine, key, parts):
+                continue
+            entry["rows"][rid] = {**cand, "run": {**cand.get("run", {}), "imported_from": display(source)}}
+            if "eval" not in entry and "eval" in theirs:
+                entry.update({k: theirs[k] for k in ("eval", "eval_tokens", "calib", "calib_windows", "window")
+                              if k in theirs})
+            taken += 1
+    return taken
+
+
 def _write_cache(path: str, cache: dict, manifest: str) -> None:
     cache["manifest"] = display(manifest)
     write_atomic(path, json.dumps(cache, indent=1, ensure_ascii=False) + "\n")
@@ -664,7 +745,7 @@ def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, m
     """The generated part of the doc, from the cache alone: header, one table per model, notes."""
     from .. import tables
 
-    runs, stale_any = [], False
+    runs, stale_any, code_stale = [], False, False
     sections = []
     for m in models:
         entry = cache["models"].get(m.name, {"rows": {}})
@@ -677,8 +758,13 @@ def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, m
             mark = ""
             if e is not None:
                 runs.append(e.get("run", {}))
-                if e.get("key") != m.key(None if row is None else row.recipe)[0]:
-                    mark, stale_any = " †", True
+                key, parts = m.key(None if row is None else row.recipe)
+                if e.get("key") != key:
+                    if _same_inputs(e.get("key_parts", {}), parts):
+                        mark = " ‡"
+                        code_stale = True
+                    else:
+                        mark, stale_any = " †", True
             body.append(_fmt_row(row, e["result"] if e else None, fp, mark))
         info = (f"Eval `{entry['eval']}` ({entry['eval_tokens']:,} tokens in windows of {entry['window']}); "
                 f"calibration: {entry['calib_windows']} windows of `{entry['calib']}`."
@@ -716,8 +802,12 @@ def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, m
         "process's (the FP model and its reference log-probabilities included): compare rows, not absolutes.",
     ]
     if stale_any:
-        head.append("- † a row from an earlier run whose inputs (model, recipe, texts, settings or code) have "
-                    "changed since: rerun the command to refresh it.")
+        head.append("- † a row from an earlier run whose inputs (model, recipe file, texts or settings) have "
+                    "changed since: its numbers may not be this recipe's any more; rerun the command to refresh it.")
+    if code_stale:
+        head.append("- ‡ a row computed from the same model, recipe file, texts and settings by an earlier version "
+                    "of qpass (the commit listed under Versions; torch and transformers as its run had them): "
+                    "rerun the command without `--missing` to refresh it.")
     legend = [[r.method, r.id, r.paper or "–", r.notes or "–"] for r in rows if r.paper or r.notes]
     tail = ("\n\n## Methods\n\n" + tables.markdown(["method", "recipe", "paper", "notes"], legend)) if legend else ""
     return "\n".join(head) + "\n\n" + "\n\n".join(sections) + tail
