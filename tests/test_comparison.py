@@ -319,3 +319,25 @@ def test_import_and_missing_usage_errors(work, calls, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "models/tiny-llama", "--missing"])
     assert e.value.code == 2 and "--missing only go with --table" in capsys.readouterr().err
+
+
+def test_import_from_git_history_and_a_missing_file(work, calls, capsys, monkeypatch):
+    import subprocess
+
+    (work / "family.yaml").write_text(W4_ONLY)
+    assert table(work, manifest="family.yaml", out="family.md") == 0
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "add", "family.json"], check=True)
+    subprocess.run(["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   check=True)
+    (work / "family.json").unlink()                                   # only the commit has it now
+    monkeypatch.setattr(cli_eval, "CHECKOUT", str(work))
+    assert table(work, "--import", "HEAD:family.json", "--missing") == 0
+    assert "HEAD:family.json: 2 row(s) taken" in capsys.readouterr().err
+    assert calls["recipes"] == ["w4.yaml", "kv4.yaml"]
+    rows = json.loads((work / "comparison.json").read_text())["models"][str(work / "llama")]["rows"]
+    assert rows[str(work / "w4.yaml")]["run"]["imported_from"] == "HEAD:family.json"
+    for spec, words in (("HEAD:nothing.json", "git has no nothing.json at HEAD"),
+                        (str(work / "none.json"), "no such file")):
+        assert table(work, "--import", spec) == 1
+        assert words in capsys.readouterr().err

@@ -3,6 +3,7 @@
     qpass eval MODEL_DIR [--recipe R.yaml ...] [--eval TEXT] [--calib TEXT] [--json OUT.json] [--markdown OUT.md]
                [--window 256] [--calib-samples 32] [--max-eval-tokens N] [--seed 0] [--no-progress]
     qpass eval --table MANIFEST.yaml --out DOC.md [--model DIR ...] [--skip-family F ...] [--force] [--strict]
+               [--import ROWS.json | COMMIT:ROWS.json ...] [--missing]
     qpass eval LOWERED_DIR [--fp-model HF_DIR] [--eval TEXT] [--json OUT.json] [--markdown OUT.md] ...
 
 The third form scores a lowered ONNX directory (``tools/lower.py --backend onnx``: model.onnx + qpass.json) in
@@ -13,7 +14,9 @@ perplexity is scored.
 
 The second form is the one comparison table (docs/comparison.md from docs/comparison.yaml): every row of the
 manifest on every model (default: the two bundled models), one table per model, rows cached in DOC.json beside
-the doc and re-evaluated only when their inputs change (see qpass/cli/eval.py's table section).
+the doc and re-evaluated only when their inputs change (see qpass/cli/eval.py's table section). --import takes
+rows from the family tables' caches (docs/results_*.json) computed from the same model, texts, settings and
+recipe file; --missing evaluates only the rows no cache has, leaving rows of earlier code versions marked ‡.
 
 Deterministic: fixed seed, fixed non-overlapping windows (see qpass.eval). Without --eval/--calib the files
 named in MODEL_DIR/qpass_data.json are used (the bundled models have one). Every recipe is applied to the same
@@ -76,9 +79,10 @@ def add_arguments(ap) -> None:
                    help="do not evaluate the rows of this family (e.g. QAT); cached rows still show")
     t.add_argument("--force", action="store_true", help="evaluate every row again, cached or not")
     t.add_argument("--import", dest="imports", action="append", default=[], metavar="ROWS.json",
-                   help="take rows from another table's cache (e.g. docs/results_wa.json) where this one has no "
-                        "current row: only a row of the same model, texts, settings and recipe file (the code "
-                        "version may differ: such a row shows ‡); repeatable")
+                   help="take rows from another table's cache (e.g. docs/results_wa.json, or COMMIT:PATH for one "
+                        "as an earlier commit had it) where this one has no current row: only a row of the same "
+                        "model, texts, settings and recipe file (the code version may differ: such a row shows ‡); "
+                        "repeatable")
     t.add_argument("--missing", action="store_true",
                    help="evaluate only the rows that have no result at all; rows from an earlier code version "
                         "stay as they are (‡) and rows whose recipe, model, texts or settings changed (†) too")
@@ -561,8 +565,8 @@ def run_table(args, say=say) -> int:
     for path in args.imports:
         if os.path.abspath(path) == os.path.abspath(cache_path):
             raise UsageError(f"--import {path}: that is this table's own cache")
-        taken = import_rows(cache, _load_cache(path), path, inputs, rows)
-        note(f"{display(path)}: {taken} row(s) taken")
+        taken = import_rows(cache, _read_import(path), path, inputs, rows)
+        note(f"{path if _git_spec(path) else display(path)}: {taken} row(s) taken")
     logging.basicConfig(level=logging.WARNING)
     argv = " ".join(sys.argv) if sys.argv and sys.argv[0] else "qpass eval --table ..."
     t_run = time.perf_counter()
@@ -674,6 +678,39 @@ def _descends(commit: str | None, of: str | None) -> bool:
         return False
 
 
+def _git_spec(path: str) -> tuple[str, str] | None:
+    """(commit, file) for an --import of the form COMMIT:PATH (a cache as an earlier commit had it), else None."""
+    rev, sep, file = path.partition(":")
+    if not sep or os.path.exists(path) or not rev or os.sep in rev:
+        return None
+    return rev, file
+
+
+def _read_import(path: str) -> dict:
+    """An --import's cache: a file, or COMMIT:PATH read with git show from this checkout's history."""
+    import subprocess
+
+    spec = _git_spec(path)
+    if spec is None:
+        if not os.path.isfile(path):
+            raise CliError(f"--import {path}: no such file (give a table cache, or COMMIT:PATH for one in git history)")
+        return _load_cache(path)
+    try:
+        proc = subprocess.run(["git", "-C", CHECKOUT, "show", f"{spec[0]}:{spec[1]}"], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CliError(f"--import {path}: git show failed ({one_line(e)})") from e
+    if proc.returncode != 0:
+        raise CliError(f"--import {path}: git has no {spec[1]} at {spec[0]} ({one_line(proc.stderr.strip())})")
+    try:
+        cache = json.loads(proc.stdout)
+    except ValueError as e:
+        raise CliError(f"--import {path}: not JSON ({one_line(e)})") from e
+    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("models"), dict):
+        raise CliError(f"--import {path}: not a format-{CACHE_FORMAT} comparison cache")
+    return cache
+
+
 def _better(cand: dict, mine: dict | None, key: str, parts: dict) -> bool:
     """Whether an imported row of the current inputs (`cand`) should replace this cache's row `mine`."""
     if mine is None or "error" in mine.get("result", {}):
@@ -710,7 +747,8 @@ def import_rows(cache: dict, other: dict, source: str, inputs: list[ModelInputs]
             mine = entry["rows"].get(rid)
             if not _better(cand, mine, key, parts):
                 continue
-            entry["rows"][rid] = {**cand, "run": {**cand.get("run", {}), "imported_from": display(source)}}
+            entry["rows"][rid] = {**cand, "run": {**cand.get("run", {}),
+                                                  "imported_from": source if _git_spec(source) else display(source)}}
             if "eval" not in entry and "eval" in theirs:
                 entry.update({k: theirs[k] for k in ("eval", "eval_tokens", "calib", "calib_windows", "window")
                               if k in theirs})
