@@ -241,14 +241,19 @@ def test_groups_that_straddle_heads_are_refused_with_the_attention_and_a_fix():
 
 
 def _w4a4_asym_kv(group: int):
+    """W4A4 and asymmetric KV4: groups of `group` along head_dim, or (0) one zero point per token across heads."""
+    kv = asym_kv(group)
+    if not group:
+        kv = {role: {k: v for k, v in spec.items() if k != "group_size"} | {"granularity": "per_token"}
+              for role, spec in kv.items()}
     rec = {"passes": [{"quantize": {"weights": {"bits": 4, "granularity": "per_channel"},
                                     "activations": {"bits": 4, "granularity": "per_token", "dynamic": True,
                                                     "clip_ratio": 0.9}, "ignore": ["lm_head"]}},
-                      {"kv_cache": asym_kv(group)}]}
+                      {"kv_cache": kv}]}
     return qpass.apply(toy.hf_model("llama"), rec, progress=False)
 
 
-@pytest.mark.parametrize("group", [4, 128])
+@pytest.mark.parametrize("group", [4, 128, 0])
 def test_torch_backend_stores_asymmetric_kv_with_zero_points_and_parity(group):
     from qpass.backends.torch_packed import PackedKVCache
 
@@ -258,9 +263,9 @@ def test_torch_backend_stores_asymmetric_kv_with_zero_points_and_parity(group):
     torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
     dg, fq = pm.decode_graph(16), qm.decode_graph(16)
     caches = [m for m in dg.modules() if isinstance(m, PackedKVCache)]
-    g = min(group, 8)
+    zero_shape = {4: (1, 2, 16, 2), 128: (1, 2, 16, 1), 0: (1, 1, 16, 1)}[group]    # head_dim 8, 2 K/V heads
     assert len(caches) == 4 and all(c.zero is not None and c.zero.dtype == torch.uint8 and not c.symmetric
-                                    and c.zero.shape[-1] == 8 // g and c.clip_ratio == 0.95 for c in caches)
+                                    and tuple(c.zero.shape) == zero_shape and c.clip_ratio == 0.95 for c in caches)
     for t, pos in [(ids[:, :6], torch.arange(6)), (ids[:, 6:7], torch.tensor([6])), (ids[:, 7:8], torch.tensor([7]))]:
         a, b = dg(input_ids=t, cache_position=pos), fq(input_ids=t, cache_position=pos)
         torch.testing.assert_close(getattr(a, "logits", a), getattr(b, "logits", b), rtol=1e-5, atol=1e-5)
@@ -270,7 +275,7 @@ def test_torch_backend_stores_asymmetric_kv_with_zero_points_and_parity(group):
     assert torch.equal(pm.generate(prompt, max_new_tokens=4), qm.generate(prompt, max_new_tokens=4))
 
 
-@pytest.mark.parametrize("group", [4, 128])
+@pytest.mark.parametrize("group", [4, 128, 0])
 def test_onnx_lowers_asymmetric_kv_with_zero_points_and_parity(group, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
@@ -289,6 +294,7 @@ def test_onnx_lowers_asymmetric_kv_with_zero_points_and_parity(group, tmp_path):
     steps = [run(ids[:, :6], torch.arange(6))] + [run(ids[:, i:i + 1], torch.tensor([i])) for i in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1).float(), ref, rtol=0, atol=5e-3)
     model = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    block = {4: 4, 128: 8, 0: 16}[group]                # per token across heads: the 2 heads' 8 channels flattened
     kv_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3
-             and any(a.name == "block_size" and a.i == min(group, 8) for a in n.attribute)]
+             and any(a.name == "block_size" and a.i == block for a in n.attribute)]
     assert len(kv_dq) >= 4                               # K and V of both layers dequantized with zero points
