@@ -15,7 +15,11 @@ Changes   k -> qpass.fake_quantize_dynamic(k, block, fmt, symmetric[, clip_ratio
             per_head  dynamic (1, 1, 1, -1) per token and head;  static (-1, 1, -1, -1) per head
             per_channel (axis -1) static (-1, 1, -1, 1);  dynamic (1, 1, -1, 1) over the sequence (KIVI;
                       not causal, so refused on decode graphs)
-            per_group (1, 1, 1, g) per token and head, groups of g channels;  per_tensor (-1, -1, -1, -1)
+            per_group (1, 1, 1, g) per token and head, groups of g channels (g >= head_dim: one group per
+                      head, block (1, 1, 1, -1); otherwise head_dim must be a multiple of g);
+            per_tensor (-1, -1, -1, -1)
+          symmetric: false gives each block a zero point: the range [c * min(min, 0), c * max(max, 0)], c the
+          clip_ratio (QuaRot's KV quantizer: asymmetric, groups of 128 along head_dim, c = 0.95)
 Requires  calibration data for static scales (one run for all of them)
 Preserves nothing (adds nodes and buffers). Differentiable: straight-through gradients for QAT.
 """
@@ -50,8 +54,9 @@ _MOVES = P.LAYOUT | P.CASTS        # K on its way from k_proj to RoPE: values mo
 _CACHE_WRITES = {aten.index_copy_.default, aten.index_copy.default}
 
 
-def kv_block(g: Granularity, dynamic: bool) -> tuple[int, int, int, int]:
-    """Block size of a K/V quantizer on [batch, kv_heads, seq, head_dim] (see the module docstring)."""
+def kv_block(g: Granularity, dynamic: bool, head_dim: int | None = None) -> tuple[int, int, int, int]:
+    """Block size of a K/V quantizer on [batch, kv_heads, seq, head_dim] (see the module docstring); with
+    `head_dim` known, a group as wide as the head or wider is the head (QuaRot's groups of 128 on narrower heads)."""
     if isinstance(g, PerTensor):
         return (-1, -1, -1, -1)
     if isinstance(g, PerToken):
@@ -60,6 +65,8 @@ def kv_block(g: Granularity, dynamic: bool) -> tuple[int, int, int, int]:
         return (1, 1, 1, -1) if g.per_token else (1, 1, -1, -1) if dynamic else (-1, 1, -1, -1)
     if isinstance(g, PerChannel):
         return (1, 1, -1, 1) if dynamic else (-1, 1, -1, 1)
+    if head_dim is not None and g.group_size >= head_dim:
+        return (1, 1, 1, -1)
     return (1, 1, 1, g.group_size)
 
 
@@ -79,7 +86,9 @@ class KvCacheConfig:
     name: ClassVar[str] = "kv_cache"
     field_docs: ClassVar[dict] = {
         "keys": "K quantizer (null: keep K in float): per_token (dynamic), per_head (dynamic: per token and "
-                "head; static: per head), per_channel with axis -1 (static: KIVI keys), per_group, per_tensor",
+                "head; static: per head), per_channel with axis -1 (static: KIVI keys), per_group (dynamic: per "
+                "token and head in groups of group_size channels; group_size >= head_dim: one group per head), "
+                "per_tensor; symmetric: false adds a zero point per block (QuaRot: per_group 128, clip_ratio 0.95)",
         "values": "V quantizer (null: keep V in float); same granularities as keys",
         "k_position": "quantize K after RoPE (what a cache stores) or before it (LLM-QAT: the k_proj output)",
         "targets": "module-path globs of the attention modules to quantize (e.g. model.layers.*.self_attn)",
@@ -159,6 +168,7 @@ class KvCache(Pass):
                     points.append(found)
         specs = {"key": cfg.keys, "value": cfg.values}
         _refuse_sequence_scales_at_cache_writes(gm, points, specs)
+        _refuse_partial_groups(points, specs)
         qparams = self._static_qparams(gm, ctx, points, specs)
         keys = [module_path(gm, s.node) or s.node.name for s in sites]
         at = dict(zip((s.node for s in sites), occurrences(keys)))
@@ -166,7 +176,7 @@ class KvCache(Pass):
         for p in points:
             spec = specs[p.role]
             scale, zp = (None, None) if spec.dynamic else qparams[p]
-            block = kv_block(spec.granularity, spec.dynamic)
+            block = kv_block(spec.granularity, spec.dynamic, _head_dim(p.src))
             items.append((QuantMeta(p.role, "", p.path or p.attn.name, spec, block_size=block, position=p.position),
                           block, {"scale": scale, "zero_point": zp}, at[p.attn]))
         plan = build(self.name, items, decisions={"k_position": cfg.k_position})
@@ -244,6 +254,24 @@ def _refuse_sequence_scales_at_cache_writes(gm: GraphModule, points: list[_Point
                 f"{type(spec.granularity).__name__} scales over the sequence cannot be computed there",
                 fix=f"use static (calibrated) scales for {p.role}s (dynamic: false), or per_token / per_head "
                     "dynamic scales")
+
+
+def _refuse_partial_groups(points: list[_Point], specs: dict) -> None:
+    for p in points:
+        g, d = specs[p.role].granularity, _head_dim(p.src)
+        if isinstance(g, PerGroup) and d is not None and g.group_size < d and d % g.group_size:
+            fits = [n for n in range(d // 2, 0, -1) if d % n == 0][:2]
+            raise QuantizationError(
+                f"{p.role}s of {p.path or p.attn.name} have head_dim {d}, which is not a multiple of group_size "
+                f"{g.group_size}: a group would straddle two heads' channels or be cut short",
+                fix=f"use a group_size that divides {d} (e.g. {' or '.join(map(str, fits))}), or one of {d} or more "
+                    "for one group per head (QuaRot's 128 on heads up to 128 wide)")
+
+
+def _head_dim(n: Node) -> int | None:
+    v = n.meta.get("val")
+    d = v.shape[-1] if isinstance(v, torch.Tensor) and v.dim() == 4 else None
+    return d if isinstance(d, int) else None
 
 
 # ------------------------------------------------------------------------------------- finding K and V

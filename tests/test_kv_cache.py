@@ -186,3 +186,115 @@ def test_save_load_round_trip_with_smoothquant_quantize_and_kv_cache(tmp_path):
 def test_a_second_kv_cache_pass_is_refused():
     with pytest.raises(qpass.QuantizationError, match="already quantized by an earlier pass"):
         qpass.apply(toy.captured("llama")[1], Recipe([KvCacheConfig(), KvCacheConfig()]))
+
+
+# --------------------------------------------------------- asymmetric K/V in groups (QuaRot's KV quantizer)
+# QuaRot quantizes K and V asymmetrically (a zero point), per token and head in groups of 128 channels, each group's
+# min and max times 0.95. The toy heads are 8 wide: group_size 4 splits each head in two, 128 is one group per head.
+
+def asym_kv(group_size: int, clip: float = 0.95) -> dict:
+    spec = {"bits": 4, "granularity": "per_group", "group_size": group_size, "symmetric": False, "dynamic": True,
+            "clip_ratio": clip}
+    return {"keys": spec, "values": dict(spec)}
+
+
+def asym_reference(x: torch.Tensor, g: int, c: float, bits: int = 4) -> torch.Tensor:
+    """QuaRot's asymmetric ActQuantizer per group of g along the last axis, written out in float64."""
+    xg = x.double().reshape(*x.shape[:-1], -1, g)
+    lo = torch.minimum(xg.amin(-1, keepdim=True), torch.zeros(())) * c
+    hi = torch.maximum(xg.amax(-1, keepdim=True), torch.zeros(())) * c
+    qmax = 2**bits - 1
+    s = (hi - lo) / qmax
+    z = torch.round(-lo / s)
+    return ((torch.clamp(torch.round(xg / s) + z, 0, qmax) - z) * s).reshape(x.shape)
+
+
+@pytest.mark.parametrize("group, block, g", [(4, [1, 1, 1, 4], 4), (128, [1, 1, 1, -1], 8)])
+def test_asymmetric_groups_are_quarots_kv_quantizer(group, block, g):
+    qm = qpass.apply(toy.captured("llama")[1], Recipe.from_dict({"passes": [{"kv_cache": asym_kv(group)}]}),
+                     progress=False)
+    nodes = kv_nodes(qm.graph_module)
+    assert len(nodes) == 4 and all(str(n.target) == FQD for n in nodes)
+    assert all(list(n.args[1]) == block and n.args[3] is False and n.args[4] == 0.95 for n in nodes)
+    ids = toy.token_ids(batch=2, t=6, seed=4)
+    keep = {("in", i): n.args[0] for i, n in enumerate(nodes)} | {("out", i): n for i, n in enumerate(nodes)}
+
+    class Last:
+        def update(self, x):
+            self.x = x
+
+    got = observe(qm.graph_module, keep, lambda k, n: Last(), CalibrationSet([ids]), progress=False)
+    for i in range(len(nodes)):
+        x, y = got[("in", i)].x, got[("out", i)].x
+        ref = asym_reference(x, g, 0.95).float()
+        step = (x.abs().amax(-1, keepdim=True) / 7).expand_as(x)
+        assert bool(((y - ref).abs() <= 1e-5 * step + 1e-6).float().mean() > 0.99)     # up to fp32 vs fp64 ties
+        assert bool(((y - ref).abs() <= step * 1.001).all())
+        assert max(len(torch.unique(b)) for b in y.reshape(-1, g)) <= 16              # 16 codes with a zero point
+
+
+def test_groups_that_straddle_heads_are_refused_with_the_attention_and_a_fix():
+    with pytest.raises(qpass.QuantizationError,
+                       match=r"(?s)keys of model\.layers\.0\.self_attn have head_dim 8.*group_size 3.*fix:.*4 or 2"):
+        qpass.apply(toy.captured("llama")[1], Recipe.from_dict({"passes": [{"kv_cache": asym_kv(3)}]}),
+                    progress=False)
+
+
+def _w4a4_asym_kv(group: int):
+    """W4A4 and asymmetric KV4: groups of `group` along head_dim, or (0) one zero point per token across heads."""
+    kv = asym_kv(group)
+    if not group:
+        kv = {role: {k: v for k, v in spec.items() if k != "group_size"} | {"granularity": "per_token"}
+              for role, spec in kv.items()}
+    rec = {"passes": [{"quantize": {"weights": {"bits": 4, "granularity": "per_channel"},
+                                    "activations": {"bits": 4, "granularity": "per_token", "dynamic": True,
+                                                    "clip_ratio": 0.9}, "ignore": ["lm_head"]}},
+                      {"kv_cache": kv}]}
+    return qpass.apply(toy.hf_model("llama"), rec, progress=False)
+
+
+@pytest.mark.parametrize("group", [4, 128, 0])
+def test_torch_backend_stores_asymmetric_kv_with_zero_points_and_parity(group):
+    from qpass.backends.torch_packed import PackedKVCache
+
+    qm = _w4a4_asym_kv(group)
+    pm = qpass.lower(qm, "torch", kernels="exact")
+    ids = toy.token_ids(batch=1, t=10, seed=5)
+    torch.testing.assert_close(pm(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
+    dg, fq = pm.decode_graph(16), qm.decode_graph(16)
+    caches = [m for m in dg.modules() if isinstance(m, PackedKVCache)]
+    zero_shape = {4: (1, 2, 16, 2), 128: (1, 2, 16, 1), 0: (1, 1, 16, 1)}[group]    # head_dim 8, 2 K/V heads
+    assert len(caches) == 4 and all(c.zero is not None and c.zero.dtype == torch.uint8 and not c.symmetric
+                                    and tuple(c.zero.shape) == zero_shape and c.clip_ratio == 0.95 for c in caches)
+    for t, pos in [(ids[:, :6], torch.arange(6)), (ids[:, 6:7], torch.tensor([6])), (ids[:, 7:8], torch.tensor([7]))]:
+        a, b = dg(input_ids=t, cache_position=pos), fq(input_ids=t, cache_position=pos)
+        torch.testing.assert_close(getattr(a, "logits", a), getattr(b, "logits", b), rtol=1e-5, atol=1e-5)
+    assert int(caches[0].zero[:, :, :8].min()) >= 0 and int(caches[0].zero[:, :, :8].max()) <= 15
+    assert int(caches[0].zero[:, :, :8].max()) > 0                    # a zero point used, not a symmetric grid
+    prompt = toy.token_ids(1, 5)
+    assert torch.equal(pm.generate(prompt, max_new_tokens=4), qm.generate(prompt, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("group", [4, 128, 0])
+def test_onnx_lowers_asymmetric_kv_with_zero_points_and_parity(group, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from qpass.backends import onnx_qdq
+    from qpass.backends.onnx_qdq.runtime import DecoderRunner
+
+    qm = _w4a4_asym_kv(group)
+    qpass.lower(qm, "onnx", tmp_path / "m")
+    sess = onnx_qdq.session(str(tmp_path / "m"))
+    ids = toy.token_ids(batch=1, t=10, seed=5)
+    ref = qm(ids).logits.float()
+    torch.testing.assert_close(onnx_qdq.logits(sess, ids).float(), ref, rtol=0, atol=5e-3)
+    run = DecoderRunner(sess)                            # prefill, then one token at a time through the past cache
+    run.reset(1)
+    steps = [run(ids[:, :6], torch.arange(6))] + [run(ids[:, i:i + 1], torch.tensor([i])) for i in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1).float(), ref, rtol=0, atol=5e-3)
+    model = onnx.load(str(tmp_path / "m" / "model.onnx"), load_external_data=False)
+    block = {4: 4, 128: 8, 0: 16}[group]                # per token across heads: the 2 heads' 8 channels flattened
+    kv_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3
+             and any(a.name == "block_size" and a.i == block for a in n.attribute)]
+    assert len(kv_dq) >= 4                               # K and V of both layers dequantized with zero points

@@ -7,7 +7,8 @@ returns the whole cache dequantized [batch, heads, max_len, head_dim] for attent
 is bit for bit the fake-quant graph's cache at every written position; unwritten positions are masked.
 
 Codes: 8-bit formats one byte each (int8 / uint8 / float8 bits), 1-, 2- and 4-bit formats packed along
-head_dim (two int4 codes per byte), other widths one byte per code. Scales float32, one per block.
+head_dim (two int4 codes per byte), other widths one byte per code. Scales float32, one per block; asymmetric
+int formats (dynamic or static) also a zero point per block, one byte (uint8) for dynamic scales.
 
 The common formats, dynamic symmetric int4 / int8 with a scale per token and head (block [1, 1, 1, -1]) or per
 token over all heads (block [1, -1, 1, -1], LLM-QAT's per-token KV), with fp32 rows: where the native library is there (native.available(), decided at the first call), a step is two
@@ -51,7 +52,9 @@ class PackedKVCache(nn.Module):
         sshape = Q.scale_shape(self.shape, self.block)
         if self.dynamic:
             self.register_buffer("scale", torch.zeros(sshape))
-            self.register_buffer("zero", None if symmetric or f.kind != "int" else torch.zeros(sshape))
+            # asymmetric int: one zero point per block, an integer code in [0, 2^b - 1] (QuaRot's KV quantizer)
+            self.register_buffer("zero", None if symmetric or f.kind != "int" else
+                                 torch.zeros(sshape, dtype=torch.uint8))
         else:
             self.register_buffer("scale", scale.detach().float().clone())
             self.register_buffer("zero", zero_point.detach().clone() if zero_point is not None else None)
@@ -93,8 +96,8 @@ class PackedKVCache(nn.Module):
             if self.dynamic:
                 scale, zp = Q.dynamic_qparams(k, self.block, self.fmt, self.symmetric, self.clip_ratio)
                 self.scale.index_copy_(2, pos, scale)
-                if zp is not None:
-                    self.zero.index_copy_(2, pos, zp)
+                if zp is not None:       # integral floats in [0, 2^b - 1] (a NaN block's NaN scale decides)
+                    self.zero.index_copy_(2, pos, zp.nan_to_num(0.0).to(self.zero.dtype))
             else:
                 scale, zp = self.scale, self.zero
             q = Q.quantize(k, scale, zp, self.block, self.fmt)
