@@ -25,7 +25,8 @@ method is a small pass that says what is trainable (a :class:`BlockMethod`). For
   (on its batch); the parameters of the lowest one are kept. Then the loss of that best state and of the
   initial state (the method's "do nothing": RTN, the PTQ start) on the held-out samples (or on the full
   calibration set) are compared and the better one is kept, so a block is never worse than where it started
-  on the samples it is judged on;
+  on the samples it is judged on (``train_blocks(block_guard=False)`` skips that choice: Norm Tweaking's
+  ``guard: none``);
 * **baking** (:meth:`BlockState.bake`): every learned quantity is written into ordinary graph parameters in
   place (rounded weights, quantizer scales and zero points, norm weights): no node is added, so the result
   saves, loads (through plans) and lowers like any qpass graph, and streams from disk (``apply_from_disk``:
@@ -189,12 +190,14 @@ class BlockResult:
 
 def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: BlockwiseConfig, *,
                  who: str, teacher: Callable[[str], torch.Tensor | None] | None = None,
-                 calib: "CalibrationSet | None" = None) -> list[BlockResult]:
+                 calib: "CalibrationSet | None" = None, block_guard: bool = True) -> list[BlockResult]:
     """Train and bake `method` block by block (see the module doc). Returns one result per trained block.
 
     `teacher`: the float value of a graph parameter by get_attr target (None: the graph's own), for passes that
     run after another pass changed the float weights (Norm Tweaking after GPTQ): the teacher stream then runs
-    every block with those values. `calib`: samples to train on instead of the context's calibration set."""
+    every block with those values. `calib`: samples to train on instead of the context's calibration set.
+    `block_guard`: keep a block's start when its loss is not lower than the best step's (the default); False: the
+    best step is baked whatever its loss against the start (Norm Tweaking's ``guard: none``, the paper's way)."""
     from .block_sweep import Sweep
 
     if calib is None:
@@ -231,7 +234,8 @@ def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: Bloc
                 targets = [[t[o] for o in outputs] for t in targets]
             inputs = step._envs if cfg.feed == "float" or student is None else student
             if state is not None:
-                results.append(_train(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress))
+                results.append(_train(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress,
+                                      block_guard))
             if cfg.feed == "quantized" and step.index + 1 < len(sweep.names):
                 with torch.no_grad():
                     student = [sweep._run(nodes, pos, env, live, {}, lambda n: False) for env in inputs]
@@ -250,7 +254,7 @@ def split_holdout(n: int, cfg: BlockwiseConfig) -> tuple[list[int], list[int]]:
 
 def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], outputs: list[Node],
            targets: list[list[torch.Tensor]], state: BlockState, cfg: BlockwiseConfig, gm: GraphModule,
-           progress: bool) -> BlockResult:
+           progress: bool, block_guard: bool = True) -> BlockResult:
     t0 = time.perf_counter()
     train, held = split_holdout(len(inputs), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step.index)
@@ -300,11 +304,11 @@ def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], 
     else:
         best_step = n_steps - 1 if not held else n_steps
     loss_best = full_loss(state.overrides(), pick) if n_steps else float("inf")
-    if loss_best < loss_start:
+    if n_steps and (loss_best < loss_start or not block_guard):
         kept, record = "trained", state.bake(gm)
     else:                                    # the start is better on the selection samples: the graph is left as is
         kept, record = "start", {}
-    res = BlockResult(step.name, loss_start, min(loss_best, loss_start), kept, best_step, n_steps,
+    res = BlockResult(step.name, loss_start, loss_best if kept == "trained" else loss_start, kept, best_step, n_steps,
                       time.perf_counter() - t0, record, "held-out" if held else "calibration")
     log.info("%s: %s loss %.4g -> %.4g (%s, best step %d)", step.name, res.selected_on, loss_start, res.loss_best,
              kept, best_step)

@@ -212,6 +212,72 @@ def test_norm_tweak_options_and_errors():
         qpass.apply(gm, {"passes": [quant(), {"norm_tweak": {"steps": 2}}]}, calib_data=CALIB, progress=False)
 
 
+def _norm_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "get_attr" and "layernorm" in str(n.target)]
+
+
+@pytest.mark.parametrize("start_scale", [1.0, 3.0], ids=["tuning_worse", "tuning_better"])
+def test_norm_tweak_model_guard_keeps_the_norms_with_the_lower_held_out_kl(start_scale):
+    from qpass.passes.norm_tweak import NormTweakConfig, model_guard
+
+    model = toy.hf_model("llama")
+    gm = run(quant(W2A), {"gptq": {}}, model=model).graph_module
+    norms = _norm_nodes(gm)
+    good = [param_of(gm, n).detach().clone() for n in norms]
+    # tuning_worse: the start is the float norms and the "tuned" ones are 3x them; tuning_better: the other way round
+    start = [v * start_scale for v in good]
+    tuned = [v * (3.0 / start_scale) for v in good]
+    with torch.no_grad():
+        for n, v in zip(norms, tuned):
+            param_of(gm, n).copy_(v)
+    out = model_guard(gm, model, norms, start, [(x,) for x in CALIB], NormTweakConfig(holdout=0.5))
+    assert out["samples"] == 2 and out["selected_on"] == "held-out"
+    want = "start" if start_scale == 1.0 else "tuned"
+    assert out["kept"] == want and (out["kl_tuned"] < out["kl_start"]) == (want == "tuned")
+    kept = start if want == "start" else tuned
+    assert all(torch.equal(param_of(gm, n), v) for n, v in zip(norms, kept))
+
+
+def test_norm_tweak_guard_model_reverts_a_tuning_that_hurts_the_model_and_block_does_not(monkeypatch):
+    from qpass.passes import norm_tweak
+
+    def hurt(gm, ctx, method, cfg, **kw):          # a "tuning" that every block would have kept: 3x every norm
+        assert kw["block_guard"] == (cfg.guard != "none")
+        with torch.no_grad():
+            for n in method.norms:
+                param_of(gm, n).mul_(3.0)
+        return []
+
+    model = toy.hf_model("llama")
+    base = run(quant(W2A), {"gptq": {}}, model=model).graph_module.state_dict()
+    monkeypatch.setattr(norm_tweak, "train_blocks", hurt)
+    tweak = {"steps": 2, "samples": 4, "seq_len": 16}
+    qm = run(quant(W2A), {"gptq": {}}, {"norm_tweak": tweak}, model=model)
+    g = qm.report["norm_tweak"].stats["guard"]
+    assert g["kept"] == "start" and g["kl_start"] < g["kl_tuned"] and g["samples"] == 1
+    assert next(p for p in qm.plans if p.pass_name == "norm_tweak").decisions["kept"] == "start"
+    sd = qm.graph_module.state_dict()
+    assert all(torch.equal(base[k], sd[k]) for k in base)
+    for guard in ("block", "none"):
+        qm = run(quant(W2A), {"gptq": {}}, {"norm_tweak": {**tweak, "guard": guard}}, model=model)
+        assert "guard" not in qm.report["norm_tweak"].stats
+        sd = qm.graph_module.state_dict()
+        assert {k for k in base if not torch.equal(base[k], sd[k])} and all(
+            torch.equal(base[k], sd[k]) for k in base if "layernorm" not in k)
+    with pytest.raises(RecipeError, match="guard.*model.*block.*none"):
+        run(quant(), {"norm_tweak": {"guard": "output"}})
+
+
+def test_norm_tweak_guard_none_bakes_the_best_step_even_when_the_start_was_better():
+    # lr 5 on norm weights near 1: every block's loss ends far above its start; block keeps the start, none does not
+    tweak = {"steps": 3, "lr": 5.0, "samples": 4, "seq_len": 16, "keep_best": False}
+    model = toy.hf_model("llama")
+    per = {g: run(quant(W2A), {"gptq": {}}, {"norm_tweak": {**tweak, "guard": g}}, model=model)
+           .report["norm_tweak"].stats["per_block"] for g in ("block", "none")}
+    assert all(b["kept"] == "start" and b["loss_best"] == b["loss_start"] for b in per["block"].values())
+    assert all(b["kept"] == "trained" and b["loss_best"] > b["loss_start"] for b in per["none"].values())
+
+
 # ------------------------------------------------------------------------------------------ held-out selection
 
 
