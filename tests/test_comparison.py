@@ -341,3 +341,13 @@ def test_import_from_git_history_and_a_missing_file(work, calls, capsys, monkeyp
                         (str(work / "none.json"), "no such file")):
         assert table(work, "--import", spec) == 1
         assert words in capsys.readouterr().err
+
+
+def test_missing_evaluates_rows_of_a_changed_recipe_file_but_not_of_an_earlier_code_version(work, calls):
+    assert table(work) == 0
+    _age(work / "comparison.json", str(work / "kv4.yaml"))                   # KV4: same file, earlier code
+    (work / "w4.yaml").write_text(W4.replace("bits: 4", "bits: 3"))           # RTN W4: its file changed
+    assert table(work, "--missing") == 0
+    assert calls["recipes"] == ["w4.yaml", "kv4.yaml", "w4.yaml"]
+    doc = (work / "comparison.md").read_text()
+    assert [r[1] for r in model_tables(doc)[str(work / "llama")][1:]] == ["FP32", "RTN W4", "KV4 ‡"]

@@ -16,7 +16,8 @@ The second form is the one comparison table (docs/comparison.md from docs/compar
 manifest on every model (default: the two bundled models), one table per model, rows cached in DOC.json beside
 the doc and re-evaluated only when their inputs change (see qpass/cli/eval.py's table section). --import takes
 rows from the family tables' caches (docs/results_*.json) computed from the same model, texts, settings and
-recipe file; --missing evaluates only the rows no cache has, leaving rows of earlier code versions marked ‡.
+recipe file; --missing evaluates only the rows no cache has for their current inputs, leaving rows of earlier
+code versions marked ‡.
 
 Deterministic: fixed seed, fixed non-overlapping windows (see qpass.eval). Without --eval/--calib the files
 named in MODEL_DIR/qpass_data.json are used (the bundled models have one). Every recipe is applied to the same
@@ -84,8 +85,9 @@ def add_arguments(ap) -> None:
                         "model, texts, settings and recipe file (the code version may differ: such a row shows ‡); "
                         "repeatable")
     t.add_argument("--missing", action="store_true",
-                   help="evaluate only the rows that have no result at all; rows from an earlier code version "
-                        "stay as they are (‡) and rows whose recipe, model, texts or settings changed (†) too")
+                   help="evaluate only the rows that have no result for their current inputs (none, or one from "
+                        "another recipe file, model, texts or settings); rows of the same inputs from an earlier "
+                        "code version stay as they are (‡)")
     t.add_argument("--strict", action="store_true",
                    help="stop at the first row that fails (default: the table shows the error in its row)")
 
@@ -582,7 +584,11 @@ def run_table(args, say=say) -> int:
             fresh = old is not None and old.get("key") == key and "error" not in old.get("result", {})
             if row is not None and row.family in args.skip_family:
                 continue
-            if args.force or not (fresh or (args.missing and old is not None and "error" not in old["result"])):
+            # --missing: a row of the same inputs from an earlier code version (‡) stays; one of other inputs (†)
+            # is not this recipe's result any more, so it is evaluated like a row that has none
+            kept = (args.missing and old is not None and "error" not in old["result"]
+                    and _same_inputs(old.get("key_parts", {}), parts))
+            if args.force or not (fresh or kept):
                 plan.append((row, rid, key, parts))
         need_rows = [p for p in plan if p[0] is not None]
         if not need_rows and not any(p[0] is None for p in plan):
@@ -841,7 +847,8 @@ def render_table(rows: list[TableRow], models: list[ModelInputs], cache: dict, m
     ]
     if stale_any:
         head.append("- † a row from an earlier run whose inputs (model, recipe file, texts or settings) have "
-                    "changed since: its numbers may not be this recipe's any more; rerun the command to refresh it.")
+                    "changed since: its numbers may not be this recipe's any more; rerun the command (`--missing` "
+                    "is enough) to refresh it.")
     if code_stale:
         head.append("- ‡ a row computed from the same model, recipe file, texts and settings by an earlier version "
                     "of qpass (the commit listed under Versions; torch and transformers as its run had them): "
