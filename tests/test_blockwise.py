@@ -231,11 +231,40 @@ def test_norm_tweak_model_guard_keeps_the_norms_with_the_lower_held_out_kl(start
         for n, v in zip(norms, tuned):
             param_of(gm, n).copy_(v)
     out = model_guard(gm, model, norms, start, [(x,) for x in CALIB], NormTweakConfig(holdout=0.5))
-    assert out["samples"] == 2 and out["selected_on"] == "held-out"
+    assert out["samples"] == 2 and out["selected_on"] == "held-out" and out["metric"] == "kl"
     want = "start" if start_scale == 1.0 else "tuned"
-    assert out["kept"] == want and (out["kl_tuned"] < out["kl_start"]) == (want == "tuned")
+    assert out["kept"] == want and (out["tuned"] < out["start"]) == (want == "tuned")
     kept = start if want == "start" else tuned
     assert all(torch.equal(param_of(gm, n), v) for n, v in zip(norms, kept))
+
+
+def test_norm_tweak_model_guard_on_text_keeps_the_norms_with_the_lower_next_token_loss():
+    from qpass.calibration import run_graph
+    from qpass.passes.norm_tweak import NormTweakConfig, _nll, model_guard
+
+    model = toy.hf_model("llama")
+    gm = run(quant(W2A), {"gptq": {}}, model=model).graph_module
+    norms = _norm_nodes(gm)
+    good = [param_of(gm, n).detach().clone() for n in norms]
+    text = [(x,) for x in CALIB]
+    with torch.no_grad():
+        loss = {}
+        for name, scale in (("good", 1.0), ("scaled", 3.0)):
+            for n, v in zip(norms, good):
+                param_of(gm, n).copy_(v * scale)
+            loss[name] = _nll(text, [run_graph(gm, x) for x in text])
+        # the reference: the same loss by hand, from the model's own logits
+        logits = run_graph(gm, text[0])[:, :-1]                            # [batch, T - 1, vocab]
+        by_hand = -torch.log_softmax(logits, -1).gather(-1, CALIB[0][:, 1:, None]).mean()
+        assert abs(_nll(text[:1], [run_graph(gm, text[0])]) - float(by_hand)) < 1e-5
+    assert loss["good"] != loss["scaled"]
+    # the graph holds the 3x norms ("tuned", the loop's last values); the start is the unscaled ones
+    out = model_guard(gm, model, norms, good, [(x,) for x in CALIB], NormTweakConfig(), text=text)
+    assert out["metric"] == "nll" and out["samples"] == len(CALIB) and out["selected_on"] == "calibration text"
+    assert out["tuned"] == pytest.approx(loss["scaled"]) and out["start"] == pytest.approx(loss["good"])
+    want = "tuned" if loss["scaled"] < loss["good"] else "start"
+    assert out["kept"] == want
+    assert all(torch.equal(param_of(gm, n), v * (3.0 if want == "tuned" else 1.0)) for n, v in zip(norms, good))
 
 
 def test_norm_tweak_guard_model_reverts_a_tuning_that_hurts_the_model_and_block_does_not(monkeypatch):
@@ -254,7 +283,8 @@ def test_norm_tweak_guard_model_reverts_a_tuning_that_hurts_the_model_and_block_
     tweak = {"steps": 2, "samples": 4, "seq_len": 16}
     qm = run(quant(W2A), {"gptq": {}}, {"norm_tweak": tweak}, model=model)
     g = qm.report["norm_tweak"].stats["guard"]
-    assert g["kept"] == "start" and g["kl_start"] < g["kl_tuned"] and g["samples"] == 1
+    # generated data: the whole calibration text is held out from the tuning and scores the two candidates
+    assert g["kept"] == "start" and g["start"] < g["tuned"] and g["metric"] == "nll" and g["samples"] == len(CALIB)
     assert next(p for p in qm.plans if p.pass_name == "norm_tweak").decisions["kept"] == "start"
     sd = qm.graph_module.state_dict()
     assert all(torch.equal(base[k], sd[k]) for k in base)
