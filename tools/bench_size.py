@@ -308,6 +308,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rows", default=None, help=f"comma-separated subset of {', '.join(ROWS)} (default: all)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime rows")
     ap.add_argument("--out", default=None, help="Markdown file with a bench-size section to write the table into")
+    ap.add_argument("--section", default=SECTION, help=f"the section of --out (default {SECTION}; e.g. "
+                    f"{SECTION}-2t for a second table at another thread count)")
     ap.add_argument("--work", default=None, help="cache of the ONNX models (default .cache/bench-size/SIZE)")
     ap.add_argument("--cpu-clock", action="store_true", help="time by this thread's CPU time instead of wall time "
                     "(with --threads 1 only: every row then runs on the calling thread; on a machine shared with other "
@@ -340,7 +342,18 @@ def main(argv=None) -> int:
     import torch
 
     from qpass.backends import torch_packed as tp
-    from qpass.tables import replace_section
+    from qpass.tables import markers, replace_section
+
+    if args.out:                     # before minutes of measuring: the section must be there to be written
+        begin, end = markers(args.section)
+        try:
+            with open(args.out, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f.read().split("\n")]
+        except OSError as e:
+            raise SystemExit(f"bench_size: --out {args.out}: {e}")
+        if lines.count(begin) != 1 or lines.count(end) != 1:
+            raise SystemExit(f"bench_size: {args.out} needs one {begin!r} line and one {end!r} line (add them where "
+                             "the table should go)")
 
     say = lambda m: print(f"[bench_size] {m}", file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
@@ -397,8 +410,8 @@ def main(argv=None) -> int:
     ])
     print(text)
     if args.out:
-        replace_section(args.out, SECTION, text)
-        say(f"wrote the {SECTION} section of {args.out}")
+        replace_section(args.out, args.section, text)
+        say(f"wrote the {args.section} section of {args.out}")
     return 0
 
 
