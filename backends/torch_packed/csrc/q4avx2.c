@@ -37,6 +37,17 @@
 #include <stdlib.h>
 
 #define INLINE static inline __attribute__((always_inline))
+/* The cache level the int4 kernels' weight-stream prefetches fill (q4_linear, q4_linear_a8 / _i8): L2 (T1). A
+ * decode step at model size streams weights that are in no cache; a T0 prefetch (into L1) holds one of L1's few
+ * line-fill buffers per line for the whole trip from DRAM, a T1 prefetch only L2's larger queue, so more lines are
+ * in flight. Cold stream of every linear of a 0.5 B decode step at M = 1, one thread (scratch measurement,
+ * 2026-12-06, Intel Xeon): q4a8 69% -> 89% of the read bandwidth, q4 (exact) 49% -> 56%; the int8 kernels measured
+ * better with T0 (i8 87% vs 81%, w8 84% vs 82%) and keep it. Weights already in L1/L2 (small models) lose a
+ * little: the demand load then hits L2 instead of L1 (q4a8 -12% at 2048x2048 in cache). tools/bench_size.py has
+ * the model numbers. */
+#ifndef QP_HINT
+#define QP_HINT _MM_HINT_T1
+#endif
 #define RB 4                   /* output rows per block (the layout's block) */
 #define KC 256                 /* columns per dequantized tile */
 #define MC 32                  /* input rows per pass over the weights in the tile path (x block stays in L2) */
@@ -99,7 +110,7 @@ INLINE void direct(const int R, const int MB, const float *x, int64_t ldx, const
             for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
         for (int64_t c = g * gchunks; c < (g + 1) * gchunks; c++) {
             const uint8_t *wc = w + c * cs;
-            _mm_prefetch((const char *)(wc + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wc + PREFETCH), QP_HINT);
             __m256 lo[RB], hi[RB];
             for (int r = 0; r < R; r++) {
                 const __m256i v = load_codes(wc + 8 * r);
@@ -392,7 +403,7 @@ ATTR INLINE void NAME(const int MB, const int CB, const int8_t *xq, int64_t k16,
             __m256i lo[2], hi[2];                                                                               \
             for (int cc = 0; cc < CB; cc++) {                                                                   \
                 const uint8_t *wc = w + (c0 + cc) * 32;                                                         \
-                if (!((c0 + cc) & 1)) _mm_prefetch((const char *)(wc + A8_PREFETCH), _MM_HINT_T0);              \
+                if (!((c0 + cc) & 1)) _mm_prefetch((const char *)(wc + A8_PREFETCH), QP_HINT);              \
                 const __m256i v = _mm256_loadu_si256((const __m256i *)wc);                                      \
                 lo[cc] = _mm256_and_si256(v, m4);                                                               \
                 hi[cc] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                         \
