@@ -734,9 +734,11 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
 #define I8_NR 4
 #define I8_MR 2
 #ifndef I8_PREFETCH
-#define I8_PREFETCH 2048      /* bytes ahead in each weight row, once per 64-byte line. Chosen by a scratch
-                                  sweep at M = 1 (0.5-4 KB all beat no prefetch); what a tool measures:
-                                  docs/benchmarks.md's linear table (python tools/bench.py) */
+#define I8_PREFETCH 6144      /* bytes ahead in each weight row, once per 64-byte line. Chosen by a scratch
+                                  sweep at M = 1 on a cold stream of every linear of a 0.5 B decode step
+                                  (2026-12-06, Intel Xeon; three runs): 2 KB (the earlier choice, from an
+                                  in-cache sweep) 72-82% of the read bandwidth, 4 KB 64%, 6 KB 96-99%, 8 KB
+                                  80-90%, 12-16 KB 88-93%; what a tool measures: tools/bench_size.py's W8A8 row */
 #endif
 
 /* acc[m * I8_NR + r] = a[m] . w[r] over the first kv columns (a multiple of 16), mr input rows, nr weight rows */
