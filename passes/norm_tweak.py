@@ -15,7 +15,8 @@ Changes   only those norm parameters, block by block (qpass.blockwise), so that 
           is compared with the same model with the norms it started from, and the tuned norms are kept only when
           they score better (stats ``guard``): by the next-token loss on the calibration text where the recipe
           has calibration data (windows the tuning did not train on: all of them with generated data), else by
-          KL(FP || Q) against the float model on the held-out generated sequences. Baked: the tuned norm weights are the parameters; no node added
+          KL(FP || Q) against the float model on the held-out generated sequences. Baked: the tuned norm weights
+          are the parameters; no node added
 Requires  the float model (``qpass.apply``; not ``apply_from_disk``, which has no float model in memory)
 Preserves graph structure
 
@@ -88,8 +89,9 @@ class NormTweakConfig(BlockwiseConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.guard not in GUARDS:
-            raise RecipeError("guard", f"must be model (the whole model's held-out KL decides), block (each block's "
-                                       f"held-out loss) or none (the paper: keep the tuning), got {self.guard!r}")
+            raise RecipeError("guard", f"must be model (the whole model's score on held-out data decides), block "
+                                       f"(each block's held-out loss) or none (the paper: keep the tuning), got "
+                                       f"{self.guard!r}")
         if not 1 <= self.samples <= 100_000:
             raise RecipeError("samples", f"must be a number of sequences >= 1, got {self.samples}")
         if not 8 <= self.seq_len <= 1 << 16:
@@ -214,27 +216,29 @@ def model_guard(gm: GraphModule, teacher: nn.Module, norms: list[Node], start: l
     "selected_on"}."""
     if text:
         xs, metric, where = text, "nll", "calibration text"
-        score = _nll
+
+        def score() -> float:
+            return _nll(xs, [run_graph(gm, x) for x in xs])
     else:
         _, held = split_holdout(len(samples), cfg)
         xs, metric = [samples[i] for i in (held or range(len(samples)))], "kl"
-        where = "held-out" if held else "calibration"
+        where = "held-out" if held else "all samples"
         ref = [torch.log_softmax(logits_of(teacher(*x)).float(), -1) for x in xs]
 
-        def score(xs_, outs):
-            return _kl(ref, outs)
+        def score() -> float:
+            return _kl(ref, [run_graph(gm, x) for x in xs])
     params = [param_of(gm, n) for n in norms]
     tuned = [p.detach().clone() for p in params]
-    s_tuned = score(xs, [run_graph(gm, x) for x in xs])
+    s_tuned = score()
     for p, v in zip(params, start):
         p.copy_(v)
-    s_start = score(xs, [run_graph(gm, x) for x in xs])
+    s_start = score()
     kept = "tuned" if s_tuned < s_start else "start"
     if kept == "tuned":
         for p, v in zip(params, tuned):
             p.copy_(v)
-    log.info("norm_tweak guard: %s on %d %s sequences: tuned %.6g, start %.6g: kept the %s norms", metric, len(xs),
-             where, s_tuned, s_start, kept)
+    log.info("norm_tweak guard: %s on %d sequences (%s): tuned %.6g, start %.6g: kept the %s norms", metric,
+             len(xs), where, s_tuned, s_start, kept)
     return {"kept": kept, "metric": metric, "tuned": s_tuned, "start": s_start, "samples": len(xs),
             "selected_on": where}
 

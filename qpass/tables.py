@@ -82,8 +82,26 @@ def replace_section(path: str | os.PathLike, name: str, body: str) -> bool:
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         old = f.read()
-    begin, end = markers(name)
     lines = old.split("\n")
+    start, stop = _section_lines(lines, path, name)
+    new = "\n".join(lines[: start + 1] + ([body.rstrip("\n")] if body.strip("\n") else []) + lines[stop:])
+    if new == old:
+        return False
+    write_atomic(path, new)
+    return True
+
+
+def check_section(path: str | os.PathLike, name: str) -> None:
+    """Raise what :func:`replace_section` would (ValueError; OSError if the file cannot be read) before a tool
+    spends minutes on the body."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        _section_lines(f.read().split("\n"), path, name)
+
+
+def _section_lines(lines: list[str], path: str, name: str) -> tuple[int, int]:
+    """The indices of section `name`'s BEGIN and END lines, or a ValueError naming the file and the marker."""
+    begin, end = markers(name)
     starts = [i for i, ln in enumerate(lines) if ln.strip() == begin]
     ends = [i for i, ln in enumerate(lines) if ln.strip() == end]
     for marker, found in ((begin, starts), (end, ends)):
@@ -92,8 +110,4 @@ def replace_section(path: str | os.PathLike, name: str, body: str) -> bool:
                              f"(section {name!r} needs one {begin!r} line and one {end!r} line after it)")
     if ends[0] < starts[0]:
         raise ValueError(f"{path}: {end!r} comes before {begin!r}")
-    new = "\n".join(lines[: starts[0] + 1] + ([body.rstrip("\n")] if body.strip("\n") else []) + lines[ends[0]:])
-    if new == old:
-        return False
-    write_atomic(path, new)
-    return True
+    return starts[0], ends[0]

@@ -59,6 +59,12 @@ def test_bench_py_keeps_the_section_when_it_rewrites_the_file(tmp_path):
     assert lines[2:6] == ["<!-- BEGIN bench-size -->", "| a | b |", "kept", "<!-- END bench-size -->"]
     fresh = bench.real_size_section(str(tmp_path / "none.md"))
     assert "tools/bench_size.py --out" in fresh[3] and fresh[4] == "<!-- END bench-size -->"
+    # the 2-thread table (--section bench-size-2t) is kept too, right after the first
+    doc.write_text(doc.read_text() + "<!-- BEGIN bench-size-2t -->\ntwo threads\n<!-- END bench-size-2t -->\n")
+    lines = bench.real_size_section(str(doc))
+    i = lines.index("<!-- BEGIN bench-size-2t -->")
+    assert lines[i + 1: i + 3] == ["two threads", "<!-- END bench-size-2t -->"] and i > lines.index(
+        "<!-- END bench-size -->")
 
 
 def test_bench_py_keeps_every_other_tools_section(tmp_path):

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from qpass import tables
-from qpass.tables import markdown, replace_section, text, write_atomic
+from qpass.tables import check_section, markdown, replace_section, text, write_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -156,6 +156,14 @@ def test_replace_section_refuses_without_its_markers(tmp_path, content, missing)
         replace_section(doc, "parity", "new")
     assert str(doc) in str(e.value)
     assert doc.read_text() == content                      # nothing written
+    with pytest.raises(ValueError, match=re.escape(missing)):   # the same check, before a tool's measurements
+        check_section(doc, "parity")
+
+
+def test_check_section_passes_where_replace_section_would_write(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- BEGIN parity -->\nold\n<!-- END parity -->\n")
+    assert check_section(doc, "parity") is None and doc.read_text().count("old") == 1
 
 
 def test_write_atomic(tmp_path):

@@ -567,9 +567,14 @@ def kept_section(out: str, name: str, heading: str, command: str) -> list[str]:
     return [f"## {heading}", "", begin, *body, end, ""]
 
 
+# tools/bench_size.py's second table (--threads 2 --section bench-size-2t), kept right after its first one
+SIZE_2T = ("bench-size-2t", "Decode at real size, 2 threads (tools/bench_size.py)",
+           "python tools/bench_size.py --threads 2 --section bench-size-2t --out docs/benchmarks.md")
+
+
 def real_size_section(out: str) -> list[str]:
-    """tools/bench_size.py's section (:func:`kept_section`)."""
-    return kept_section(out, *KEPT_SECTIONS[0])
+    """tools/bench_size.py's sections, at 1 and at 2 threads (:func:`kept_section`)."""
+    return kept_section(out, *KEPT_SECTIONS[0]) + kept_section(out, *SIZE_2T)
 
 
 def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elapsed: float, notes_: list[str]) -> str:

@@ -147,8 +147,6 @@ class Row:
 
 
 def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> dict[str, Row]:
-    import torch
-
     import qpass
     from bench import EagerStep, _graph_step
     from qpass.backends import torch_packed as tp
@@ -342,18 +340,13 @@ def main(argv=None) -> int:
     import torch
 
     from qpass.backends import torch_packed as tp
-    from qpass.tables import markers, replace_section
+    from qpass.tables import check_section, replace_section
 
     if args.out:                     # before minutes of measuring: the section must be there to be written
-        begin, end = markers(args.section)
         try:
-            with open(args.out, encoding="utf-8") as f:
-                lines = [ln.strip() for ln in f.read().split("\n")]
-        except OSError as e:
-            raise SystemExit(f"bench_size: --out {args.out}: {e}")
-        if lines.count(begin) != 1 or lines.count(end) != 1:
-            raise SystemExit(f"bench_size: {args.out} needs one {begin!r} line and one {end!r} line (add them where "
-                             "the table should go)")
+            check_section(args.out, args.section)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"bench_size: --out: {e}")
 
     say = lambda m: print(f"[bench_size] {m}", file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()

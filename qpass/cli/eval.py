@@ -461,15 +461,9 @@ class TableScorer:
         self.ref = None
 
     def _logprobs(self, model, desc: str) -> list:
-        import torch
-        from torch.nn import functional as F
-        from tqdm.auto import tqdm
+        from qpass.eval import _log_probs
 
-        from qpass.calibration import logits_of
-
-        with torch.no_grad():
-            return [F.log_softmax(logits_of(model(w.unsqueeze(0)))[0].float(), -1)
-                    for w in tqdm(self.wins, desc=desc, disable=not self.progress, leave=False)]
+        return _log_probs(model, self.wins, desc, self.progress)
 
     def reference(self) -> dict:
         import torch
@@ -511,8 +505,13 @@ def _load_cache(path: str) -> dict:
             cache = json.load(f)
     except (OSError, ValueError) as e:
         raise CliError(f"cache {path!r} is not readable JSON ({one_line(e)}): move it away or fix it") from e
+    return _checked_cache(cache, f"cache {path!r}", "move it away")
+
+
+def _checked_cache(cache, what: str, fix: str) -> dict:
+    """`cache` if it is a comparison-table cache of this format, else a CliError naming `what`."""
     if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("models"), dict):
-        raise CliError(f"cache {path!r} is not a format-{CACHE_FORMAT} comparison cache: move it away")
+        raise CliError(f"{what} is not a format-{CACHE_FORMAT} comparison cache: {fix}")
     return cache
 
 
@@ -533,6 +532,8 @@ def run_table(args, say=say) -> int:
                          f"{', '.join(bad)} do not go with it")
     if not args.out:
         raise UsageError("--table needs --out DOC.md")
+    if args.force and args.missing:
+        raise UsageError("--force and --missing contradict each other: give one")
     out = args.out
     cache_path = args.cache or (os.path.splitext(out)[0] + ".json")
     if os.path.abspath(cache_path) == os.path.abspath(out):
@@ -562,8 +563,6 @@ def run_table(args, say=say) -> int:
                 others.append(model_inputs(name, settings, code))
             except CliError as e:
                 note(f"note: cached model {name} is left out of the table: {e}")
-    if args.force and args.missing:
-        raise UsageError("--force and --missing contradict each other: give one")
     for path in args.imports:
         if os.path.abspath(path) == os.path.abspath(cache_path):
             raise UsageError(f"--import {path}: that is this table's own cache")
@@ -712,9 +711,7 @@ def _read_import(path: str) -> dict:
         cache = json.loads(proc.stdout)
     except ValueError as e:
         raise CliError(f"--import {path}: not JSON ({one_line(e)})") from e
-    if not isinstance(cache, dict) or cache.get("format") != CACHE_FORMAT or not isinstance(cache.get("models"), dict):
-        raise CliError(f"--import {path}: not a format-{CACHE_FORMAT} comparison cache")
-    return cache
+    return _checked_cache(cache, f"--import {path}", "give a table's cache (docs/results_*.json)")
 
 
 def _better(cand: dict, mine: dict | None, key: str, parts: dict) -> bool:
