@@ -235,3 +235,36 @@ def test_a_saved_bf16_model_loads_in_bf16(tmp_path):
     for saved, loaded in ((qm, qpass.load(tmp_path / "fq")), (pm, tp.load(tmp_path / "packed"))):
         assert {p.dtype for p in loaded.graph_module.parameters()} == {torch.bfloat16}
         assert torch.equal(loaded(ids).logits, saved(ids).logits)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no AVX2/FMA or no C compiler)")
+@pytest.mark.parametrize("family,kv", [("llama", None), ("llama", KV4), ("gpt2", None)])
+def test_attention_fuses_after_the_prefix_cut_and_keeps_the_step(family, kv):
+    pm, template = lowered(family, kv=kv)
+    ref = pm.decode_graph(64, template=template, optimize=False)
+    pm._decoders.clear()
+    gm = pm.decode_graph(64, template=template, optimize=False)
+    assert runtime.prefix_attention(gm) == 2
+    assert runtime.fuse_attention(gm) == 2 and count(gm, runtime.attention) == 2
+    assert count(gm, aten.scaled_dot_product_attention.default) == 0
+    for n in gm.graph.nodes:
+        if n.target is runtime.attention:
+            assert n.args[3].target is runtime.additive_mask and isinstance(n.args[4], float)
+    pm._decoders.clear()
+    for a, b in zip(run(gm), run(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_not_fused_with_dropout_a_causal_flag_or_a_boolean_mask():
+    def graph(mask_dtype, **kw):
+        g = torch.fx.Graph()
+        q, k, v, m = (g.placeholder(s) for s in "qkvm")
+        g.output(g.call_function(aten.scaled_dot_product_attention.default, (q, k, v, m), kw))
+        gm = torch.fx.GraphModule(torch.nn.Module(), g)
+        for n, t in zip(gm.graph.nodes, [torch.empty(1, 4, 1, 8)] * 3 + [torch.empty(1, 1, 1, 5, dtype=mask_dtype)]):
+            n.meta["val"] = t
+        return gm
+    assert runtime.fuse_attention(graph(torch.float32, scale=0.5)) == 1
+    assert runtime.fuse_attention(graph(torch.bool)) == 0
+    assert runtime.fuse_attention(graph(torch.float32, dropout_p=0.1)) == 0
+    assert runtime.fuse_attention(graph(torch.float32, is_causal=True)) == 0

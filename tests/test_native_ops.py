@@ -9,6 +9,8 @@ Exactness (what is asserted):
   is taken in double, torch's in fp32; 2.8 is the worst measured, d up to 11008), bit for bit where torch's sum
   is exact (small integers).
 * ``rope``: bit for bit ``x * cos + cat(-x2, x1) * sin``, contiguous or transposed-view inputs.
+* ``attention``: torch's scaled_dot_product_attention within rtol 1e-5 (a polynomial exp, another summation
+  order), GQA, strided K/V, masks; torch's op itself past ATTENTION_MAX_T query rows or for a boolean mask.
 * i8avx2 (W8A8) and q4avx2 / dequant (W4A8) module outputs: bit for bit the previous path's outputs on finite
   inputs (the same kernel fed by the torch quantizer), and within the existing bounds of int_mm / dequant.
 * the ``qpass_native`` torch ops (end of file): every kernel registered with its schema and a fake kernel,
@@ -234,6 +236,56 @@ def test_rope_errors():
         native.rope(x, torch.randn(1, 4, 8), torch.randn(1, 4, 8))                         # wrong T
     with pytest.raises(TypeError):
         native.rope(x.double(), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def sdpa(q, k, v, mask, scale):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("b,hq,hkv", [(1, 4, 4), (1, 16, 4), (2, 6, 3), (1, 40, 2)])
+@pytest.mark.parametrize("t", [1, 3, native.ATTENTION_MAX_T])
+@pytest.mark.parametrize("n,d,dv", [(1, 64, 64), (37, 12, 20), (130, 128, 128), (9, 8, 72)])
+def test_attention_is_torch_sdpa_up_to_rounding(b, hq, hkv, t, n, d, dv):
+    """GQA or not, n and head dims that are not multiples of 8 (tails), K/V as slices of a longer cache, q a
+    transposed view, masks: none, [1, 1, T, N], per batch and head [B, Hq, T, N]."""
+    g = torch.Generator().manual_seed(b * 1000 + hq * 10 + t + n)
+    q = torch.randn(b, t, hq, d, generator=g).transpose(1, 2)
+    kc, vc = torch.randn(b, hkv, n + 5, d, generator=g), torch.randn(b, hkv, n + 5, dv, generator=g)
+    k, v = kc[:, :, :n], vc[:, :, :n]
+    causal = torch.zeros(1, 1, t, n)
+    for i in range(t):                                   # query i sits at position n - t + i: the later keys masked
+        causal[0, 0, i, n - t + i + 1:] = float("-inf")
+    full = torch.randn(b, hq, t, n, generator=g)
+    for mask in (None, causal if n >= t else None, full):
+        out = native.attention(q, k, v, mask, 0.2)
+        ref = sdpa(q, k, v, mask, 0.2)
+        assert out.shape == (b, hq, t, dv) and out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_edges():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16)
+    mask = torch.zeros(1, 1, 2, 5)
+    mask[0, 0, 1] = float("-inf")                        # the second query row sees no key: NaN, as softmax makes it
+    out = native.attention(q, k, v, mask, 0.25)
+    assert out[:, :, 1].isnan().all() and out[:, :, 0].isfinite().all()
+    torch.testing.assert_close(out[:, :, 0], sdpa(q, k, v, mask, 0.25)[:, :, 0], rtol=1e-5, atol=1e-5)
+    # past ATTENTION_MAX_T query rows (prefill), a boolean mask or another dtype: torch's op itself, bit for bit
+    long_q = torch.randn(1, 4, native.ATTENTION_MAX_T + 1, 16, generator=g)
+    assert torch.equal(native.attention(long_q, k, v, None, 0.25), sdpa(long_q, k, v, None, 0.25))
+    bmask = torch.ones(1, 1, 2, 5, dtype=torch.bool)
+    assert torch.equal(native.attention(q, k, v, bmask, 0.25), sdpa(q, k, v, bmask, 0.25))
+    assert native.attention(q.double(), k.double(), v.double(), None, 0.25).dtype == torch.float64
+    # extreme scores stay finite (the exp is clamped and the max subtracted)
+    big = native.attention(q * 1e4, k, v, None, 1.0)
+    torch.testing.assert_close(big, sdpa(q * 1e4, k, v, None, 1.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        native.attention(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16), None, 0.25)   # 4 heads on 3
 
 
 # -------------------------------------------------------------------------------- kernels that use them
@@ -566,7 +618,16 @@ def op_samples(seed: int = 0) -> dict[str, tuple]:
         "q4_linear": (torch.randn(3, 64, generator=g), lin.qweight, lin.scale, lin.zero, lin.bias, 32),
         "i8_linear": (a, torch.rand(3, generator=g), w8, torch.rand(7, generator=g), torch.randn(7, generator=g)),
         "lut_linear": lut_sample(g),
+        "attention": attention_sample(g),
     }
+
+
+def attention_sample(g) -> tuple:
+    """attention's arguments: 4 query heads on 2 K/V heads, 2 query rows, 9 of a 12-slot cache, an additive mask."""
+    kc, vc = torch.randn(2, 2, 12, 16, generator=g), torch.randn(2, 2, 12, 16, generator=g)
+    mask = torch.zeros(1, 1, 2, 9)
+    mask[..., 0, 8] = float("-inf")
+    return torch.randn(2, 4, 2, 16, generator=g), kc[:, :, :9], vc[:, :, :9], mask, 0.25
 
 
 def lut_sample(g) -> tuple:
@@ -594,7 +655,7 @@ def test_every_kernel_is_a_registered_op_with_a_fake_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     assert set(native.SCHEMAS) == {"token_quant", "rms_norm", "rope", "kv_store", "kv_load", "q4_linear", "i8_linear",
-                                   "lut_linear"}
+                                   "lut_linear", "attention"}
     for name, schema in native.SCHEMAS.items():
         op = getattr(OPS, name).default
         assert str(op._schema) == f"{native.NAMESPACE}::{schema}"
@@ -651,6 +712,7 @@ def test_ops_are_the_wrappers_bit_for_bit():
     assert same(OPS.i8_linear(a, sa, lin8.qweight, lin8.row_scale, lin8.bias), kernels.KERNELS["i8avx2"].run(lin8, xs))
     args = s["lut_linear"]
     assert same(OPS.lut_linear(*args), native.lut_linear(*args))
+    assert same(OPS.attention(*s["attention"]), native.attention(*s["attention"]))
 
 
 def without_native(monkeypatch) -> None:
@@ -682,7 +744,7 @@ def test_without_the_library_the_ops_run_their_torch_fallback(monkeypatch):
         if not NATIVE:
             continue
         ref = ran[name][0]
-        if name in ("rms_norm", "q4_linear", "lut_linear"):
+        if name in ("rms_norm", "q4_linear", "lut_linear", "attention"):
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), name
         else:
             assert same(out, ref), name
@@ -755,7 +817,8 @@ def test_a_lowered_decode_graph_holds_the_ops_and_keeps_its_logits():
     # logits, bit for bit
     from qpass.backends.torch_packed import runtime
 
-    assert runtime.freeze(gm, direct_ops=True)["direct_ops"] == 9
+    assert count(OPS.attention.default) == 2
+    assert runtime.freeze(gm, direct_ops=True)["direct_ops"] == 11
     assert not any(str(n.target).startswith("qpass_native") for n in gm.graph.nodes)
     assert sum(1 for n in gm.graph.nodes if n.target is native.rms_norm) == 5
     with torch.no_grad():
@@ -769,6 +832,6 @@ def test_without_the_library_the_decode_graph_keeps_the_aten_ops(monkeypatch):
     pm, steps = _decode_setup()
     gm = pm.decode_graph(64)
     assert not any(str(n.target).startswith("qpass_native") for n in gm.graph.nodes)
-    assert "rms_norm" not in gm.meta["qpass_runtime"] and "rope" not in gm.meta["qpass_runtime"]
+    assert not {"rms_norm", "rope", "attention"} & set(gm.meta["qpass_runtime"])
     with torch.no_grad():
         assert all(gm(input_ids=ids, cache_position=pos).isfinite().all() for ids, pos in steps)

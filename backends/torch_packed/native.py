@@ -65,7 +65,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 8
+ABI_VERSION = 9
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -79,6 +79,8 @@ _KVS_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, ctypes.c_int, ctypes.c_int,
 _KVL_ARGS = [_P, _P, _I, _I, _I, _I, ctypes.c_int, _I, _P]                 # kv_load
 _LUT_ARGS = [_P, _I, _I, _P, _I, ctypes.c_int, ctypes.c_int, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P,
              ctypes.c_int]                                                  # lut_linear
+_ATT_ARGS = [_P, _I, _I, _I, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I, _I,
+             ctypes.c_float, _P, ctypes.c_int]                              # attention_f32
 
 _lock = threading.Lock()
 _state: dict = {}                   # {"lib": Q4Library | None, "why": str}: one build attempt per process
@@ -88,7 +90,7 @@ class Q4Library:
     """The loaded library: ``linear(...)`` is ``q4_linear`` (see csrc/q4avx2.c), ``linear_a8`` its int8-input
     variant ``q4_linear_a8`` (same arguments), ``path`` forces a code path, ``dequant`` is ``q4_dequant``,
     ``w8_linear``, ``i8_linear``, ``token_quant``, ``rms_norm`` (``rms_norm_f32``), ``rope`` (``rope_f32``), ``kv_store``,
-    ``kv_load`` and ``lut_linear`` the others."""
+    ``kv_load``, ``lut_linear`` and ``attention`` (``attention_f32``) the others."""
 
     def __init__(self, path: str):
         self.file = path
@@ -119,7 +121,8 @@ class Q4Library:
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
                                ("rope", "rope_f32", _ROPE_ARGS), ("kv_store", "kv_store", _KVS_ARGS),
-                               ("kv_load", "kv_load", _KVL_ARGS), ("lut_linear", "lut_linear", _LUT_ARGS)):
+                               ("kv_load", "kv_load", _KVL_ARGS), ("lut_linear", "lut_linear", _LUT_ARGS),
+                               ("attention", "attention_f32", _ATT_ARGS)):
             f = getattr(lib, fn)
             f.restype, f.argtypes = ctypes.c_int, args
             setattr(self, name, f)
@@ -388,6 +391,40 @@ def lut_linear(x: torch.Tensor, qweight: torch.Tensor, table: torch.Tensor, bits
     return out
 
 
+ATTENTION_MAX_T = 8     # query rows per call up to which attention() runs the native kernel (decode); longer (prefill):
+#                         torch's scaled_dot_product_attention, whose blocked flash kernel is the faster one there
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)`` for fp32 q [B, Hq,
+    T, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (Hq a multiple of Hkv; any strides, e.g. a slice of a static
+    cache) and an additive fp32 mask broadcastable to [B, Hq, T, N] or None. Up to ATTENTION_MAX_T query rows
+    the native kernel (csrc: attention_f32; equal up to fp32 rounding, a row with every key masked is NaN);
+    otherwise, or for what the kernel does not take (other dtypes, a boolean mask, no keys), torch's op.
+    Returns a contiguous [B, Hq, T, Dv] tensor."""
+    b, hq, t, d = q.shape
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if (t > ATTENTION_MAX_T or n == 0 or hq % hkv or k.shape[0] != b or v.shape[:3] != k.shape[:3]
+            or k.shape[-1] != d or not (q.dtype is k.dtype is v.dtype is torch.float32)
+            or (mask is not None and mask.dtype is not torch.float32)):
+        return _attention_torch(q, k, v, mask, scale)
+    q, k, v = (x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in (q, k, v))
+    if mask is not None:
+        mask = mask.expand(b, hq, t, n)                 # broadcast dims get stride 0; raises where it cannot
+        if mask.stride(-1) != 1 and n > 1:
+            mask = mask.contiguous()
+        mp, (msb, msh, mst, _) = mask.data_ptr(), mask.stride()
+    else:
+        mp, msb, msh, mst = None, 0, 0, 0
+    out = torch.empty(b, hq, t, dv)
+    if _lib().attention(q.data_ptr(), b, hq, t, d, *q.stride()[:3], k.data_ptr(), hkv, n, *k.stride()[:3],
+                        v.data_ptr(), dv, *v.stride()[:3], mp, msb, msh, mst, scale, out.data_ptr(),
+                        torch.get_num_threads()):
+        raise RuntimeError(f"attention failed for q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ torch ops
 # Every kernel above is also an operator of the ``qpass_native`` namespace (torch.ops.qpass_native.<name>), so a
 # graph holds it as an op node (traceable, exportable, printable) rather than as an opaque Python function. See
@@ -404,6 +441,7 @@ SCHEMAS = {
     "i8_linear": "i8_linear(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor",
     "lut_linear": "lut_linear(Tensor x, Tensor qweight, Tensor table, int bits, str layout, int k, int bn, int bk, "
                   "Tensor? rowptr, Tensor? index, Tensor? value, Tensor? bias) -> Tensor",
+    "attention": "attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
 }
 OPS_NOTE = """\
 NOTE (measured on the dev machine, 2 cores shared with other jobs, torch 2.13, fp32, under torch.no_grad, best
@@ -579,6 +617,16 @@ def _lut_linear_torch(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, i
     return torch.nn.functional.linear(x.float(), w, bias)
 
 
+def _attention_torch(q, k, v, mask, scale):
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def _fake_attention(q, k, v, mask, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
+
+
 def _fake_lut_linear(x, qweight, table, bits, layout, k, bn, bk, rowptr=None, index=None, value=None, bias=None):
     n = qweight.shape[-2] if layout == "bitplanes" else qweight.shape[0]
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
@@ -621,6 +669,7 @@ _IMPLS = {
     "i8_linear": (_i8_linear, _i8_linear_torch,
                   lambda a, sa, w, ws, b: a.new_empty((a.shape[0], w.shape[0]), dtype=torch.float32)),
     "lut_linear": (lut_linear, _lut_linear_torch, _fake_lut_linear),
+    "attention": (attention, _attention_torch, _fake_attention),
 }
 
 

@@ -27,7 +27,8 @@
  * further down), and three small fp32 ops of the decode step that replace chains of torch ops bit for bit
  * (token_quant: per-token symmetric int quantization; rms_norm_f32; rope_f32; see the comment at the end),
  * and the store / load of a low-bit K/V cache (kv_store, kv_load; the comment before them, at the end),
- * and lut_linear, the codebook (table lookup) linear layer (its comment, at the very end).
+ * and lut_linear, the codebook (table lookup) linear layer (its comment, near the end), and attention_f32, the
+ * decode step's attention for a few query rows (its comment, at the very end).
  */
 #include <cpuid.h>
 #include <immintrin.h>
@@ -57,7 +58,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 8; }
+int q4_abi_version(void) { return 9; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -1493,4 +1494,184 @@ int lut_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n
         }
     }
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------ attention (decode)
+ * attention_f32: out = softmax(q k^T * scale + mask) v for a few query rows against n keys: the decode step's
+ * attention, where torch's scaled_dot_product_attention costs tens of microseconds of set-up per call for one
+ * query row (its flash kernel is blocked for long rows). Grouped query heads: hq = g * hkv, query head h reads K/V
+ * head h / g, and the g query rows of one K/V head are scored together, so each key row is read once for all g.
+ *   q    [b, hq, t, d]   strides (qsb, qsh, qst) in elements, the last dim contiguous
+ *   k    [b, hkv, n, d]  strides (ksb, ksh, ksn), last dim contiguous (a slice of a static cache is fine)
+ *   v    [b, hkv, n, dv] strides (vsb, vsh, vsn), last dim contiguous
+ *   mask NULL, or additive fp32 [b, hq, t, n] with strides (msb, msh, mst) (0 where it broadcasts), last dim
+ *        contiguous
+ *   out  [b, hq, t, dv] contiguous
+ * Per query row: s_j = (q . k_j) * scale + mask_j (the dot product in fp32 with fused multiply-adds, 8 lanes then
+ * summed), p_j = exp(s_j - max_j s_j) (a polynomial exp, within a few ulp of expf), out = (sum_j p_j v_j) / sum_j
+ * p_j, in key order. So it equals the torch expression up to fp32 rounding (tests: rtol 1e-5), not bit for bit.
+ * A row whose keys are all masked (-inf) is NaN, as softmax makes it. OpenMP over (batch, K/V head, query
+ * position) when the work is large enough. Returns -1 for inconsistent sizes or no memory. */
+
+INLINE __m256 exp256(__m256 x) {          /* Cephes' expf, 8 lanes: x clamped to [-88.38, 88.38] */
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+#define ATT_PF_KEYS 16            /* key rows ahead of the scoring that are prefetched */
+#define ATT_G 16                  /* query heads per K/V head handled at once (more: in several passes) */
+
+/* 8 sums at once: lane i of the result is the sum of the 8 lanes of a[i] */
+INLINE __m256 hsum8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+INLINE float dot_f32(const float *a, const float *b, int64_t d, __m256i dmask) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), acc1);
+    }
+    for (; c + 8 <= d; c += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc0);
+    if (c < d) acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(a + c, dmask), _mm256_maskload_ps(b + c, dmask), acc1);
+    return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+/* p v for one row: o[0:w] = inv * sum_j p_j v_j[c0:c0+w], W columns (a multiple of 8) in registers */
+#define ATT_PV(W)                                                                                               \
+    do {                                                                                                        \
+        __m256 a[W / 8];                                                                                        \
+        for (int u = 0; u < W / 8; u++) a[u] = _mm256_setzero_ps();                                             \
+        for (int64_t jj = 0; jj < n; jj++) {                                                                    \
+            const float *vj = v + jj * vsn + c;                                                                 \
+            const __m256 p = _mm256_set1_ps(sr[jj]);                                                            \
+            for (int u = 0; u < W / 8; u++) a[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * u), a[u]);       \
+        }                                                                                                       \
+        for (int u = 0; u < W / 8; u++) _mm256_storeu_ps(o + c + 8 * u, _mm256_mul_ps(a[u], inv));             \
+    } while (0)
+
+static void att_rows(int g, const float *const *qr, const float *const *mr, int64_t d, int64_t dv,
+                     const float *k, int64_t ksn, const float *v, int64_t vsn, int64_t n, float scale,
+                     float *const *orow, float *s) {
+    const __m256i dmask = tail_mask(d & 7), vmask = tail_mask(dv & 7);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < ATT_PF_KEYS && j < n; j++)
+        for (int64_t c = 0; c < d * 4; c += 64) _mm_prefetch((const char *)(k + j * ksn) + c, _MM_HINT_T1);
+    int64_t j0 = 0;
+    for (; j0 + 8 <= n; j0 += 8) {                 /* scores, 8 keys at a time: 8 independent FMA chains per row */
+        /* A decode step streams the weights between two attention calls, so the K/V rows come from DRAM in short
+         * runs (one head's rows at a time) that the hardware prefetcher is slow to pick up: the K rows
+         * ATT_PF_KEYS ahead and the V rows of these keys (read after the softmax) are prefetched here. */
+        for (int u = 0; u < 8; u++) {
+            const char *kp = (const char *)(k + (j0 + ATT_PF_KEYS + u) * ksn), *vp = (const char *)(v + (j0 + u) * vsn);
+            for (int64_t c = 0; c < d * 4; c += 64)
+                if (j0 + ATT_PF_KEYS + u < n) _mm_prefetch(kp + c, _MM_HINT_T1);
+            for (int64_t c = 0; c < dv * 4; c += 64) _mm_prefetch(vp + c, _MM_HINT_T1);
+        }
+        for (int r = 0; r < g; r++) {
+            __m256 a[8];
+            for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 8 <= d; c += 8) {
+                const __m256 x = _mm256_loadu_ps(qr[r] + c);
+                for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k + (j0 + u) * ksn + c), a[u]);
+            }
+            if (c < d) {
+                const __m256 x = _mm256_maskload_ps(qr[r] + c, dmask);
+                for (int u = 0; u < 8; u++)
+                    a[u] = _mm256_fmadd_ps(x, _mm256_maskload_ps(k + (j0 + u) * ksn + c, dmask), a[u]);
+            }
+            __m256 sc = _mm256_mul_ps(hsum8(a), vscale);
+            if (mr[r]) sc = _mm256_add_ps(sc, _mm256_loadu_ps(mr[r] + j0));
+            _mm256_storeu_ps(s + r * n + j0, sc);
+        }
+    }
+    for (; j0 < n; j0++)
+        for (int r = 0; r < g; r++)
+            s[r * n + j0] = dot_f32(qr[r], k + j0 * ksn, d, dmask) * scale + (mr[r] ? mr[r][j0] : 0.0f);
+    for (int r = 0; r < g; r++) {
+        float *sr = s + r * n, *o = orow[r];
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; j++) mx = sr[j] > mx ? sr[j] : mx;
+        if (!(mx > -INFINITY)) {                                  /* every key masked (or NaN scores) */
+            for (int64_t c = 0; c < dv; c++) o[c] = NAN;
+            continue;
+        }
+        const __m256 vm = _mm256_set1_ps(mx);
+        __m256 sum8 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
+            _mm256_storeu_ps(sr + j, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = hsum(sum8);
+        for (; j < n; j++) {
+            float e[8];
+            _mm256_storeu_ps(e, exp256(_mm256_set1_ps(sr[j] - mx)));
+            sr[j] = e[0];
+            sum += e[0];
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sum);
+        int64_t c = 0;
+        for (; c + 64 <= dv; c += 64) ATT_PV(64);
+        for (; c + 16 <= dv; c += 16) ATT_PV(16);
+        for (; c < dv; c += 8) {
+            const __m256i lm = c + 8 <= dv ? _mm256_set1_epi32(-1) : vmask;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t jj = 0; jj < n; jj++)
+                a = _mm256_fmadd_ps(_mm256_set1_ps(sr[jj]), _mm256_maskload_ps(v + jj * vsn + c, lm), a);
+            _mm256_maskstore_ps(o + c, lm, _mm256_mul_ps(a, inv));
+        }
+    }
+}
+
+int attention_f32(const float *q, int64_t b, int64_t hq, int64_t t, int64_t d, int64_t qsb, int64_t qsh,
+                  int64_t qst, const float *k, int64_t hkv, int64_t n, int64_t ksb, int64_t ksh, int64_t ksn,
+                  const float *v, int64_t dv, int64_t vsb, int64_t vsh, int64_t vsn, const float *mask,
+                  int64_t msb, int64_t msh, int64_t mst, float scale, float *out, int threads) {
+    if (b < 0 || hq < 1 || hkv < 1 || hq % hkv || t < 0 || d < 1 || dv < 1 || n < 1) return -1;
+    if (b == 0 || t == 0) return 0;
+    const int64_t g = hq / hkv, tasks = b * hkv * t;
+    const int parallel = threads > 1 && tasks > 1 && b * hq * t * n * (d + dv) >= PARALLEL_MIN;
+    int failed = 0;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)
+    for (int64_t task = 0; task < tasks; task++) {
+        const int64_t bi = task / (hkv * t), kh = task / t % hkv, ti = task % t;
+        const int gc = g < ATT_G ? (int)g : ATT_G;
+        float *s = (float *)malloc(sizeof(float) * gc * n);
+        if (!s) {
+            failed = 1;
+            continue;
+        }
+        for (int64_t h0 = 0; h0 < g; h0 += ATT_G) {
+            const int gr = g - h0 < ATT_G ? (int)(g - h0) : ATT_G;
+            const float *qr[ATT_G], *mr[ATT_G];
+            float *orow[ATT_G];
+            for (int r = 0; r < gr; r++) {
+                const int64_t h = kh * g + h0 + r;
+                qr[r] = q + bi * qsb + h * qsh + ti * qst;
+                mr[r] = mask ? mask + bi * msb + h * msh + ti * mst : NULL;
+                orow[r] = out + ((bi * hq + h) * t + ti) * dv;
+            }
+            att_rows(gr, qr, mr, d, dv, k + bi * ksb + kh * ksh, ksn, v + bi * vsb + kh * vsh, vsn, n, scale, orow, s);
+        }
+        free(s);
+    }
+    return failed ? -1 : 0;
 }
