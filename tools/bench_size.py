@@ -24,7 +24,10 @@ Each row: prefill ms (one step over a PROMPT-token prompt, empty cache), decode 
 steps after it), both x FP32 eager; bytes read per decode token (every weight the step reads: all tensors of the
 model but the embedding table, of which one row is read, plus the K/V cache written so far at the mean decode
 position) and the fraction of the bandwidth limit: bytes per token x tokens/s over the memory-read bandwidth
-measured in the same process (sum of a 512 MB tensor at the same thread count). Timings are medians of REPEATS
+measured in the same process (sum of a 512 MB tensor at the same thread count). Packed rows also time their
+linear modules alone (called back to back on one token, in the step's order: "linears ms / token" and their
+fraction of the read bandwidth), and the rest of the step (decode time minus that): where a row's gap to the
+bandwidth limit is, kernels or everything else. Timings are medians of REPEATS
 rounds after a warm-up round, the rows run in turn in each round (load from other processes spreads over all).
 The table goes between the <!-- BEGIN bench-size --> and <!-- END bench-size --> lines of --out (tools/bench.py
 keeps that section when it rewrites the file); without --out only stdout.
@@ -139,11 +142,29 @@ def onnx_bytes_per_token(path: str) -> int:
 
 
 class Row:
-    def __init__(self, key: str, step, backend: str, weight_bytes: int, kv_bytes_per_pos: float):
+    def __init__(self, key: str, step, backend: str, weight_bytes: int, kv_bytes_per_pos: float, linears=None):
         self.key, self.step, self.backend = key, step, backend
         self.weight_bytes, self.kv_bytes_per_pos = weight_bytes, kv_bytes_per_pos
         self.prefill: list[float] = []
         self.decode: list[float] = []
+        self.linears = linears or []            # [(PackedLinear, one-token input)] in graph order (packed rows)
+        self.linear_bytes = sum(_tensor_bytes(list(m.parameters()) + list(m.buffers())) for m, _ in self.linears)
+        self.linear_pass: list[float] = []      # seconds per pass over self.linears
+
+
+def packed_linears(gm) -> list:
+    """The PackedLinear modules of a lowered graph in the order a step calls them, each with a one-token fp32
+    input of its width: the decode step's linear kernels, to time without the rest of the step."""
+    import torch
+
+    from qpass.backends.torch_packed.linear import PackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), PackedLinear):
+            out.append((m, torch.randn(1, 1, m.wf.k, generator=g)))
+    return out
 
 
 def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> dict[str, Row]:
@@ -177,7 +198,8 @@ def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> 
         g = pm.decode_graph(length, template=template)
         kv = pm.kv_cache_bytes(length)
         per_pos = kv["packed"] / length if kv["packed_caches"] else fp32_kv
-        rows[rec] = Row(rec, _graph_step(g), "torch packed", graph_bytes_per_token(pm.graph_module), per_pos)
+        rows[rec] = Row(rec, _graph_step(g), "torch packed", graph_bytes_per_token(pm.graph_module), per_pos,
+                        packed_linears(pm.graph_module))
         del qm
         gc.collect()
         say(f"{rec}: quantized, lowered (kernels measured) and decode graph built in {time.perf_counter() - t0:.0f} s")
@@ -242,6 +264,14 @@ def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: in
             if r:
                 row.prefill.append(tpre)
                 row.decode.append(tdec)
+            if row.linears:                              # the step's linears alone, back to back, 8 passes
+                with torch.no_grad():
+                    t0 = clock()
+                    for _ in range(8):
+                        for m, x in row.linears:
+                            m(x)
+                    if r:
+                        row.linear_pass.append((clock() - t0) / 8)
         say(f"round {r}/{repeats} done" + (" (warm-up)" if not r else ""))
 
 
@@ -260,13 +290,17 @@ def table(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> str:
         pre = statistics.median(row.prefill)
         dec = new / statistics.median(row.decode)
         per_tok = row.weight_bytes + row.kv_bytes_per_pos * (prompt + new / 2)
+        lin = statistics.median(row.linear_pass) if row.linear_pass else None
         body.append([LABELS[key], row.backend, f"{pre * 1e3:.0f}", f"{pre0 / pre:.2f}x" if pre0 else "-",
                      f"{dec:.2f}", f"{dec / dec0:.2f}x" if dec0 else "-", _mb(per_tok),
                      f"{dec * per_tok / 1e9:.2f} GB/s", f"{100 * dec * per_tok / 1e9 / read_gbs:.0f}%",
-                     f"{read_gbs / (per_tok / 1e9):.1f}"])
+                     f"{read_gbs / (per_tok / 1e9):.1f}",
+                     f"{lin * 1e3:.2f}" if lin else "-",
+                     f"{100 * row.linear_bytes / lin / 1e9 / read_gbs:.0f}%" if lin else "-",
+                     f"{(1 / dec - lin) * 1e3:.2f}" if lin else "-"])
     return markdown(["variant", "runs on", "prefill ms", "prefill x eager", "decode tok/s", "decode x eager",
-                     "bytes read / token", "achieved", "of read bw", "bw-limit tok/s"], body, "llrrrrrrrr",
-                    spaced_rule=True)
+                     "bytes read / token", "achieved", "of read bw", "bw-limit tok/s", "linears ms / token",
+                     "linears of read bw", "rest ms / token"], body, "llrrrrrrrrrrr", spaced_rule=True)
 
 
 def targets(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> list[str]:
@@ -399,7 +433,11 @@ def main(argv=None) -> int:
         "Bytes read / token: every tensor a decode step reads (all weights but the embedding table, of which one "
         "row is read, plus the K/V cache written so far at the mean decode position; packed K/V caches at their "
         "packed size). Achieved: bytes read / token x decode tokens/s; of read bw: that over the measured read "
-        "bandwidth; bw-limit tok/s: the decode speed at which the step would take exactly the read bandwidth.",
+        "bandwidth; bw-limit tok/s: the decode speed at which the step would take exactly the read bandwidth. "
+        "Linears (packed rows): the step's packed linear modules called back to back on a one-token input, in the "
+        "order the step calls them, 8 passes per round (the same weight bytes in the same order as a step reads "
+        "them), and their bytes (the modules' tensors) over that time; rest: decode ms per token "
+        "minus that, i.e. attention, norms, RoPE, the K/V cache, argmax and the per-op cost of running the graph.",
     ])
     print(text)
     if args.out:
