@@ -33,6 +33,25 @@ def test_small_run_writes_its_section(tmp_path, capsys):
         assert row in text
     assert "bytes read / token" in text and "of read bw" in text and "python tools/bench_size.py --size small" in text
     assert "W4A16 with lm_head in int4, decode vs FP32 eager" in text and "bandwidth limit:" in text
+    # the packed row's linears timed alone; the float rows have none
+    assert "linears ms / token" in text and "rest ms / token" in text
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if " | torch " in line}
+    lin = cells["W4A16 g128 + lm_head int4 packed"]
+    assert float(lin[-3]) > 0 and lin[-2].endswith("%")
+    assert cells["FP32 eager (transformers)"][-3:-1] == ["-", "-"]
+
+
+def test_packed_linears_are_the_lowered_graphs_in_step_order():
+    import qpass
+    from qpass.backends import torch_packed as tp
+
+    model = bench_size.synthetic_llama("small")
+    pm = tp.lower(qpass.apply(model, ROOT / "recipes" / "w4a16_g128.yaml", progress=False), kernels="reference")
+    lins = bench_size.packed_linears(pm.graph_module)
+    assert len(lins) == 7 * model.config.num_hidden_layers                # lm_head stays fp32 in this recipe
+    assert [x.shape[-1] for _, x in lins[:7]] == [128, 128, 128, 128, 128, 128, 352]   # q k v o gate up down
+    row = bench_size.Row("w4a16_g128", None, "torch packed", 0, 0.0, lins)
+    assert row.linear_bytes == sum(bench_size._tensor_bytes(list(m.parameters()) + list(m.buffers())) for m, _ in lins)
 
 
 def test_bytes_per_token_skips_the_embedding_table():
