@@ -69,8 +69,10 @@ class QatConfig:
         "cache_dir": "where generated data is cached (reused when the settings match)",
         "checkpoint_dir": "save trainer state every checkpoint_every steps; an existing checkpoint is resumed",
         "tokenizer": "tokenizer for a text-file data source (default: the model's own directory)",
-        "intermediate": "module paths (globs match at their own depth: model.layers.* = every decoder layer) whose "
-                        "outputs are distilled too: normalized MSE to the teacher's, added to the logit loss",
+        "intermediate": "modules whose outputs are distilled too (normalized MSE to the teacher's, added to the "
+                        "logit loss): blocks (every decoder block the graph's block analysis finds, any "
+                        "architecture), or module path globs, matched at their own depth (model.layers.* = every "
+                        "decoder layer of a Llama)",
         "intermediate_weight": "weight of the intermediate-output loss",
         "held_out": "fraction of the training sequences held out and scored during training (0: none); with "
                     "keep_best the best point, the start included, is what qat hands back",

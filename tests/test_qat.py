@@ -254,6 +254,26 @@ def test_module_outputs_are_the_decoder_layers_hidden_states():
     assert len(gm.graph.nodes) == before and not [m for m in dict(gm.named_modules()) if "_qpass_feature" in m]
 
 
+@pytest.mark.parametrize("family,prefix", [("llama", "model.layers"), ("opt", "model.decoder.layers"),
+                                           ("gpt2", "transformer.h")])
+def test_intermediate_blocks_are_the_decoder_blocks_of_any_architecture(family, prefix):
+    from qpass.qat.distill import BLOCKS, module_outputs
+
+    model = toy.hf_model(family)
+    gm = qpass.capture(model)
+    outs = module_outputs(gm, [BLOCKS], "qat.intermediate")
+    assert list(outs) == [f"{prefix}.{i}" for i in range(model.config.num_hidden_layers)]
+    assert outs == module_outputs(gm, [f"{prefix}.*"], "qat.intermediate")
+
+
+def test_intermediate_blocks_on_a_graph_without_blocks_is_a_recipe_error():
+    from qpass.qat.distill import module_outputs
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    with pytest.raises(qpass.errors.RecipeError, match=r"qat.intermediate\[0\].*no decoder blocks"):
+        module_outputs(gm, ["blocks"], "qat.intermediate")
+
+
 def test_intermediate_distillation_trains_and_its_errors_name_the_path():
     model = peaky_llama()
     qat = {"samples": 16, "seq_len": 16, "steps": 6, "batch_size": 8, "lr": 3e-4, "cache_dir": None, "seed": 0}
@@ -362,3 +382,15 @@ def test_fsdp_close_gives_back_a_plain_module_with_tied_weights_tied():
     assert tied == {n for n, _ in gm.named_parameters(remove_duplicate=False)} - {n for n, _ in gm.named_parameters()}
     with torch.no_grad():
         assert torch.equal(qm(ids).logits, ref)
+
+
+def test_a_tap_the_teacher_lacks_is_a_recipe_error():
+    from qpass.qat.distill import feature_taps, module_outputs
+
+    model = toy.hf_model("llama")
+    gm = qpass.capture(model)
+    outs = module_outputs(gm, ["model.layers.0"], "qat.intermediate")
+    with pytest.raises(qpass.errors.RecipeError, match="the teacher has no module 'model.layerz.0'"):
+        with feature_taps(gm, model, {"model.layerz.0": outs["model.layers.0"]}):
+            pass
+    assert not [m for m in dict(gm.named_modules()) if "_qpass_feature" in m]

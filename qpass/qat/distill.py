@@ -7,6 +7,10 @@ a temporary tap node after that node (removed when training ends, so the pass ad
 is a forward hook on ``teacher.get_submodule(path)`` (first element of a tuple output). Both keep the tensor of
 the current forward; the student's keeps its autograd graph.
 
+Which modules: globs of module paths, or ``blocks``: every decoder block the graph's block analysis finds
+(``qpass.block_sweep.find_blocks``: the repeated ``<prefix>.<i>`` modules, ``model.layers.*`` on Llama,
+``model.decoder.layers.*`` on OPT), so a recipe needs no architecture's module names.
+
 The loss per module is the normalized squared error ``mean((s - t)^2) / mean(t^2)`` (scale-free, so layers with
 large activations do not dominate), averaged over the modules.
 """
@@ -24,9 +28,13 @@ from qpass.errors import RecipeError, TargetNotFoundError
 from qpass.graph import module_path
 
 
+BLOCKS = "blocks"        # the pattern that means every decoder block, whatever the architecture names them
+
+
 def module_outputs(gm: GraphModule, patterns: Sequence[str], where: str) -> dict[str, Node]:
     """{module path: its output node} for the modules matched by `patterns`. A glob matches module paths with
-    as many dotted components as itself (``model.layers.*`` is every decoder layer, not their children)."""
+    as many dotted components as itself (``model.layers.*`` is every decoder layer, not their children);
+    ``blocks`` (BLOCKS) is every decoder block the graph's block analysis finds."""
     order = [n for n in gm.graph.nodes if n.op == "call_function"]
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     members: dict[str, list[Node]] = {}
@@ -37,9 +45,17 @@ def module_outputs(gm: GraphModule, patterns: Sequence[str], where: str) -> dict
                 members.setdefault(".".join(parts[:k]), []).append(n)
     out: dict[str, Node] = {}
     for i, pat in enumerate(patterns):
-        depth = pat.count(".")
-        hits = sorted((p for p in members if p.count(".") == depth and fnmatch.fnmatchcase(p, pat)),
-                      key=lambda p: pos[members[p][0]])
+        if pat == BLOCKS:
+            from qpass.block_sweep import find_blocks
+
+            hits = [b.path for b in find_blocks(gm) if b.path in members]
+            if not hits:
+                raise RecipeError(f"{where}[{i}]", "blocks: the graph has no decoder blocks (no repeated "
+                                  "'<prefix>.<int>' modules); name the modules with globs of their paths")
+        else:
+            depth = pat.count(".")
+            hits = sorted((p for p in members if p.count(".") == depth and fnmatch.fnmatchcase(p, pat)),
+                          key=lambda p: pos[members[p][0]])
         if not hits:
             raise TargetNotFoundError(f"{where}[{i}]", pat, sorted(members))
         for path in hits:
@@ -76,8 +92,8 @@ def feature_taps(gm: GraphModule, teacher: nn.Module, outputs: dict[str, Node]) 
             try:
                 mod = teacher.get_submodule(path)
             except AttributeError:
-                raise RecipeError("qat.intermediate", f"the teacher has no module {path!r}",
-                                  fix="name modules as the student graph shows them (qpass.describe)") from None
+                raise RecipeError("qat.intermediate", f"the teacher has no module {path!r}; name modules as the "
+                                  "student graph shows them (qpass.describe)") from None
             hooks.append(mod.register_forward_hook(
                 lambda m, a, o, path=path: teach.__setitem__(path, o[0] if isinstance(o, (tuple, list)) else o)))
             name = f"_qpass_feature_{i}"
@@ -105,4 +121,4 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
     return torch.stack(losses).mean()
 
 
-__all__ = ["feature_loss", "feature_taps", "module_outputs"]
+__all__ = ["BLOCKS", "feature_loss", "feature_taps", "module_outputs"]
