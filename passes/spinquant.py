@@ -60,7 +60,7 @@ class SpinQuantConfig:
     field_docs: ClassVar[dict] = {
         "steps": "Cayley SGD steps (SpinQuant: 100)",
         "lr": "learning rate at the first step, decayed to 0 by a cosine (SpinQuant: 1.5); the step is also capped at "
-              "1 / ||W||_1 (SGDG)",
+              "1 / ‖W‖₁ (SGDG)",
         "batch_size": "calibration samples per step (SpinQuant: 8 = 8 GPUs x 1); epochs of the samples in seeded "
                       "random orders",
         "seed": "seed of the sample order (the run is deterministic for a seed)",
@@ -235,13 +235,13 @@ def _check_rotated(gm: GraphModule, stream: Stream) -> None:
     """rotate ran before: every norm weight on the stream is folded (the identity), no reader shares a table."""
     for n in stream.norm_weights:
         if not R._neutral(gm, n):
-            raise RecipeError("spinquant", f"the norm {n.name} ({module_path(gm, n) or 'the residual stream'}) still "
+            raise QuantizationError(f"spinquant: the norm {n.name} ({module_path(gm, n) or 'the residual stream'}) still "
                               "has its weight: spinquant learns on top of rotate's folded, rotated stream",
                               fix="put '- rotate: {kind: hadamard, seed: 0}' first in the recipe, before quantize")
     tables = {t.args[0].target for t in stream.tables}
     for r in stream.readers:
         if r.weight.target in tables:
-            raise RecipeError("spinquant", f"{r.path} reads the embedding table (tied weights): rotate unties them",
+            raise QuantizationError(f"spinquant: {r.path} reads the embedding table (tied weights): rotate unties them",
                               fix="put '- rotate: {...}' first in the recipe")
 
 
@@ -275,7 +275,7 @@ def _weight_quantizers(gm: GraphModule, stream: Stream) -> list[_WeightQ]:
                 mode = m
                 break
         if mode is None:
-            raise RecipeError("spinquant", f"the weight quantizer of {where} has scales that neither min-max nor the "
+            raise QuantizationError(f"spinquant: the weight quantizer of {where} has scales that neither min-max nor the "
                               "clipping search give for its weight: a pass after quantize (gptq, awq, ...) changed "
                               "them, and rotating the weights now would undo that pass",
                               fix="put spinquant right after quantize / kv_cache and before gptq")
