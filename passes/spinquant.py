@@ -171,7 +171,6 @@ class SpinQuant(Pass):
         stream = _stream(gm)
         _check_rotated(gm, stream)
         wqs = _weight_quantizers(gm, stream)
-        live = [n for n in gm.graph.nodes if is_quantizer(n) and (role_of(n) != "weight" or cfg.weights == "live")]
         if not any(is_quantizer(n) for n in gm.graph.nodes):
             raise QuantizationError("spinquant found no quantizer in the graph: the float loss does not depend on "
                                     "the rotation, there is nothing to learn",
@@ -181,20 +180,20 @@ class SpinQuant(Pass):
         params = stream_params(stream)
         mean_preserving = bool(stream.layer_norms)
         start = time.perf_counter()
-        u, history, calib_loss = _learn(gm, stream.dim, params, wqs, samples, cfg, mean_preserving, live_weights=cfg.weights == "live",
-                            progress=ctx.progress)
+        u, history, calib_loss = _learn(gm, stream.dim, params, wqs, samples, cfg, mean_preserving,
+                                        live_weights=cfg.weights == "live", progress=ctx.progress)
         err = float((u.T @ u - torch.eye(u.shape[0], dtype=u.dtype)).abs().max())
         if err > 1e-5:
-            raise QuantizationError(f"spinquant: the learned rotation drifted off orthogonal (max |UᵀU - I| = {err:.2e})",
-                                    fix="report this as a qpass bug; lower lr meanwhile")
+            raise QuantizationError(f"spinquant: the learned rotation drifted off orthogonal (max |UᵀU - I| = "
+                                    f"{err:.2e})", fix="report this as a qpass bug; lower lr meanwhile")
         _bake(gm, params, wqs, u)
         stats = {"dim": stream.dim, "params_rotated": len(params), "weight_quantizers_rescaled": len(wqs),
                  "steps": cfg.steps, "samples": len(samples), "mean_preserving": mean_preserving,
                  "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
                  "loss_first10": _mean(history[:10]), "loss_last10": _mean(history[-10:]),
                  "loss_by_tenth": [round(_mean(c), 4) for c in _tenths(history)],
-                 **calib_loss, "orthogonality_error": err, "distance_from_start": float((u - torch.eye(u.shape[0],
-                                                                                         dtype=u.dtype)).norm()),
+                 **calib_loss, "orthogonality_error": err,
+                 "distance_from_start": float((u - torch.eye(u.shape[0], dtype=u.dtype)).norm()),
                  "seconds": round(time.perf_counter() - start, 2)}
         decisions = {"dim": stream.dim, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                      "seed": cfg.seed, "weights": cfg.weights, "mean_preserving": mean_preserving,
@@ -235,14 +234,15 @@ def _check_rotated(gm: GraphModule, stream: Stream) -> None:
     """rotate ran before: every norm weight on the stream is folded (the identity), no reader shares a table."""
     for n in stream.norm_weights:
         if not R._neutral(gm, n):
-            raise QuantizationError(f"spinquant: the norm {n.name} ({module_path(gm, n) or 'the residual stream'}) still "
-                              "has its weight: spinquant learns on top of rotate's folded, rotated stream",
-                              fix="put '- rotate: {kind: hadamard, seed: 0}' first in the recipe, before quantize")
+            raise QuantizationError(f"spinquant: the norm {n.name} ({module_path(gm, n) or 'the residual stream'}) "
+                                    "still has its weight: spinquant learns on top of rotate's folded, rotated stream",
+                                    fix="put '- rotate: {kind: hadamard, seed: 0}' first in the recipe (before "
+                                        "quantize)")
     tables = {t.args[0].target for t in stream.tables}
     for r in stream.readers:
         if r.weight.target in tables:
-            raise QuantizationError(f"spinquant: {r.path} reads the embedding table (tied weights): rotate unties them",
-                              fix="put '- rotate: {...}' first in the recipe")
+            raise QuantizationError(f"spinquant: {r.path} reads the embedding table (tied weights): rotate unties "
+                                    "them", fix="put '- rotate: {...}' first in the recipe")
 
 
 def _weight_quantizers(gm: GraphModule, stream: Stream) -> list[_WeightQ]:
@@ -275,10 +275,10 @@ def _weight_quantizers(gm: GraphModule, stream: Stream) -> list[_WeightQ]:
                 mode = m
                 break
         if mode is None:
-            raise QuantizationError(f"spinquant: the weight quantizer of {where} has scales that neither min-max nor the "
-                              "clipping search give for its weight: a pass after quantize (gptq, awq, ...) changed "
-                              "them, and rotating the weights now would undo that pass",
-                              fix="put spinquant right after quantize / kv_cache and before gptq")
+            raise QuantizationError(f"spinquant: the weight quantizer of {where} has scales that neither min-max nor "
+                                    "the clipping search give for its weight: a pass after quantize (gptq, awq, ...) "
+                                    "changed them, and rotating the weights now would undo that pass",
+                                    fix="put spinquant right after quantize / kv_cache and before gptq")
         out.append(_WeightQ(q, site, mode))
     return out
 
