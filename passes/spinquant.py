@@ -41,16 +41,19 @@ from tqdm.auto import tqdm
 
 from qpass.calibration import logits_of
 from qpass.errors import CalibrationError, QuantizationError, RecipeError, UnsupportedOpError
-from qpass.graph import LinearSite, is_quantizer, module_path, param_of
+from qpass import patterns as P
+from qpass.graph import LinearSite, is_quantizer, linear_sites, module_path, param_of
 from qpass.pass_infra import Context, Pass, PassResult
 from qpass.plan import Plan
 from qpass.primitives.gptq import clipped_qparams
+from qpass.primitives.hadamard import HADAMARD
 from qpass.primitives.quant import choose_qparams
 from qpass.quantizer import Quantizer, role_of
 from qpass.rotation import Stream, residual_stream_rotation
 
 from . import rotate as R
 
+aten = torch.ops.aten
 WEIGHTS = ("live", "float")
 
 
@@ -66,6 +69,8 @@ class SpinQuantConfig:
         "seed": "seed of the sample order (the run is deterministic for a seed)",
         "weights": "live: the weight quantizers quantize W(U) while learning (scales recomputed every step); float: "
                    "weights unquantized while learning (SpinQuant's setting when GPTQ follows: W16A4KV4)",
+        "r2": "also learn R2: one head_dim x head_dim rotation per attention, on V's heads (v_proj rows) and the "
+              "matching columns of o_proj (through its online Hadamard, if rotate put one there)",
     }
 
     steps: int = 100
@@ -73,6 +78,7 @@ class SpinQuantConfig:
     batch_size: int = 8
     seed: int = 0
     weights: Literal["live", "float"] = "live"
+    r2: bool = True
 
     def __post_init__(self):
         if not 0 <= self.steps <= 100_000:
@@ -153,6 +159,141 @@ def _qparams(x: torch.Tensor, q: Quantizer, mode: str) -> tuple[torch.Tensor, to
     return choose_qparams(x, spec, block_size=q.block)
 
 
+
+# ------------------------------------------------------------------------------------- R2 (per head)
+
+_HEAD_PATH = P.RESHAPES | P.TRANSPOSES | P.CASTS | frozenset({
+    aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.detach.default})
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """R2 of one attention: V's producer `v` (its output channels in heads of `dim`), the linear `o` that reads the
+    attention output (its input columns in heads of `dim`), and `mix` [in, in] (float64), the transform between
+    them: the online Hadamard rotate put on o's input (``had(x) = x mix``), or the identity."""
+
+    name: str
+    v: LinearSite
+    o: LinearSite
+    dim: int
+    mix: torch.Tensor
+
+
+def head_pairs(gm: GraphModule, near: list[str]) -> list[_Heads]:
+    """Every attention whose V comes from one linear and whose output goes to one linear through layout ops only
+    (a KV quantizer, repeat_kv; an online Hadamard and an activation quantizer on o's input); others: `near`."""
+    sites = {s.node: s for s in linear_sites(gm)}
+    by_input: dict[Node, LinearSite] = {}
+    for s in sites.values():
+        by_input.setdefault(s.input, s)
+    out = []
+    for site in P.attention_sites(gm):
+        name = module_path(gm, site.node) or site.node.name
+        val = site.value.meta.get("val") if isinstance(site.value, Node) else None
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            near.append(f"{name}: no R2 (V is not a [batch, heads, seq, head_dim] tensor)")
+            continue
+        dim = int(val.shape[-1])
+        v = _back_to_linear(site.value, sites)
+        o, mix = _forward_to_linear(gm, site.node, by_input)
+        why = None
+        if v is None or o is None:
+            why = "V does not come from one linear" if v is None else "the attention output does not reach one linear"
+        elif v.weight is o.weight or param_of(gm, v.weight).shape[v.out_axis] % dim or \
+                param_of(gm, o.weight).shape[o.in_axis] % dim:
+            why = "the linears' channels are not whole heads"
+        if why:
+            near.append(f"{name}: no R2 ({why} through layout ops only)")
+            continue
+        out.append(_Heads(name, v, o, dim, mix))
+    return out
+
+
+def _single_user(n: Node) -> Node | None:
+    users = [u for u in n.users if not P.is_call(u, P.SHAPE_ONLY)]
+    return users[0] if len(users) == 1 else None
+
+
+def _back_to_linear(n, sites: dict) -> LinearSite | None:
+    for _ in range(64):
+        if not isinstance(n, Node):
+            return None
+        if n in sites:
+            return sites[n]
+        if is_quantizer(n) and role_of(n) in ("value", "key_value", "kv") or P.is_call(n, _HEAD_PATH):
+            prev = Quantizer(n).x if is_quantizer(n) else n.args[0]
+            if not isinstance(prev, Node) or _single_user(prev) is not n:
+                return None
+            n = prev
+            continue
+        return None
+    return None
+
+
+def _forward_to_linear(gm: GraphModule, n: Node, by_input: dict) -> tuple[LinearSite | None, torch.Tensor | None]:
+    mix = None
+    for _ in range(64):
+        if n in by_input:
+            o = by_input[n]
+            width = int(param_of(gm, o.weight).shape[o.in_axis])
+            return o, (mix if mix is not None else torch.eye(width, dtype=torch.float64))
+        u = _single_user(n)
+        if u is None:
+            return None, None
+        if P.is_call(u, _HEAD_PATH) and u.args[0] is n:
+            n = u
+            continue
+        if u.target is HADAMARD and u.args[0] is n and mix is None:
+            width = int(n.meta["val"].shape[-1])
+            fetch = [_attr(gm, a) if isinstance(a, Node) else a for a in u.args[1:]]
+            mix = HADAMARD(torch.eye(width, dtype=torch.float64), *fetch).double()
+            n = u
+            continue
+        if is_quantizer(u) and role_of(u) == "input" and Quantizer(u).x is n:
+            n = u
+            continue
+        return None, None
+    return None, None
+
+
+def _attr(gm: GraphModule, n: Node) -> torch.Tensor:
+    return _tensor(gm, n.target)
+
+
+def _rows_by_head(c: torch.Tensor, u2: torch.Tensor, dim: int) -> torch.Tensor:
+    """[out, in] canonical weight with its rows in heads of `dim`: each head's rows h -> u2ᵀ h."""
+    out, inp = c.shape
+    return torch.einsum("ji,hjk->hik", u2, c.reshape(out // dim, dim, inp)).reshape(out, inp)
+
+
+def r2_values(h: _Heads, vals: dict, u2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """v's weight and bias and o's weight with R2 = u2 applied (on the values in `vals`, stored layouts)."""
+    out = {}
+    v, o = h.v, h.o
+    w = vals[v.weight.target]
+    c = w if v.in_axis == 1 else w.T
+    c = _rows_by_head(c, u2, h.dim)
+    out[v.weight.target] = c if v.in_axis == 1 else c.T
+    if v.bias is not None:
+        b = vals[v.bias.target]
+        out[v.bias.target] = (b.reshape(-1, h.dim) @ u2).reshape(-1)
+    w = vals[o.weight.target]
+    c = w if o.in_axis == 1 else w.T
+    k = c.shape[1] // h.dim
+    mix = h.mix.to(u2.dtype)
+    c = c @ (mix.T @ torch.block_diag(*([u2] * k)) @ mix)
+    out[o.weight.target] = c if o.in_axis == 1 else c.T
+    return out
+
+
+def _r2_targets(heads: list[_Heads]) -> list[str]:
+    ts = []
+    for h in heads:
+        ts += [h.v.weight.target, h.o.weight.target] + ([h.v.bias.target] if h.v.bias is not None else [])
+    return ts
+
+
 # ------------------------------------------------------------------------------------------- pass
 
 
@@ -178,15 +319,17 @@ class SpinQuant(Pass):
                                         "spinquant in the recipe")
         samples = [_token_ids(s, i) for i, s in enumerate(calib.samples)]
         params = stream_params(stream)
+        near: list[str] = []
+        heads = head_pairs(gm, near) if cfg.r2 else []
         mean_preserving = bool(stream.layer_norms)
         start = time.perf_counter()
-        u, history, calib_loss = _learn(gm, stream.dim, params, wqs, samples, cfg, mean_preserving,
-                                        live_weights=cfg.weights == "live", progress=ctx.progress)
-        err = float((u.T @ u - torch.eye(u.shape[0], dtype=u.dtype)).abs().max())
+        u, u2s, history, calib_loss = _learn(gm, stream.dim, params, heads, wqs, samples, cfg, mean_preserving,
+                                             live_weights=cfg.weights == "live", progress=ctx.progress)
+        err = max(float((m.T @ m - torch.eye(m.shape[0], dtype=m.dtype)).abs().max()) for m in [u, *u2s])
         if err > 1e-5:
-            raise QuantizationError(f"spinquant: the learned rotation drifted off orthogonal (max |UᵀU - I| = "
+            raise QuantizationError(f"spinquant: a learned rotation drifted off orthogonal (max |UᵀU - I| = "
                                     f"{err:.2e})", fix="report this as a qpass bug; lower lr meanwhile")
-        _bake(gm, params, wqs, u)
+        _bake(gm, params, heads, wqs, u, u2s)
         stats = {"dim": stream.dim, "params_rotated": len(params), "weight_quantizers_rescaled": len(wqs),
                  "steps": cfg.steps, "samples": len(samples), "mean_preserving": mean_preserving,
                  "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
@@ -194,11 +337,13 @@ class SpinQuant(Pass):
                  "loss_by_tenth": [round(_mean(c), 4) for c in _tenths(history)],
                  **calib_loss, "orthogonality_error": err,
                  "distance_from_start": float((u - torch.eye(u.shape[0], dtype=u.dtype)).norm()),
+                 "r2_learned": len(heads), "r2_distance_from_start": _mean([float((m - torch.eye(
+                     m.shape[0], dtype=m.dtype)).norm()) for m in u2s]),
                  "seconds": round(time.perf_counter() - start, 2)}
         decisions = {"dim": stream.dim, "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size,
                      "seed": cfg.seed, "weights": cfg.weights, "mean_preserving": mean_preserving,
-                     "params": sorted(p.target for p in params)}
-        return PassResult(modified=True, stats=stats, plan=Plan(self.name, decisions=decisions))
+                     "params": sorted(p.target for p in params), "r2": [h.name for h in heads]}
+        return PassResult(modified=True, stats=stats, near_misses=near, plan=Plan(self.name, decisions=decisions))
 
     def streaming_refusal(self) -> str | None:
         return "spinquant back-propagates through the whole quantized model, which needs every weight in memory"
@@ -294,21 +439,28 @@ def _token_ids(sample: tuple, i: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------- learning
 
 
-def _values(gm: GraphModule, params: list[_Param], u: torch.Tensor, bases: dict) -> dict[str, torch.Tensor]:
-    return {p.target: _act(bases[p.target], p.side, u) for p in params}
+def _values(params: list[_Param], heads: list[_Heads], u: torch.Tensor, u2s: list[torch.Tensor],
+            bases: dict) -> dict[str, torch.Tensor]:
+    """The stream's parameters with R1's U applied, then V / o_proj with each R2 (the two act on different axes
+    of a weight, so the order does not matter)."""
+    vals = {p.target: _act(bases[p.target], p.side, u) for p in params}
+    for h, u2 in zip(heads, u2s):
+        vals.update(r2_values(h, {**bases, **vals}, u2))
+    return vals
 
 
-def _learn(gm: GraphModule, d: int, params: list[_Param], wqs: list[_WeightQ], samples: list[torch.Tensor],
-           cfg: SpinQuantConfig, mean_preserving: bool, *, live_weights: bool,
-           progress: bool) -> tuple[torch.Tensor, list[float], dict]:
-    """U (float64) after cfg.steps Cayley SGD steps, the batch loss of every step (before its update), and the
-    mean loss over every calibration sample before and after learning."""
+def _learn(gm: GraphModule, d: int, params: list[_Param], heads: list[_Heads], wqs: list[_WeightQ],
+           samples: list[torch.Tensor], cfg: SpinQuantConfig, mean_preserving: bool, *, live_weights: bool,
+           progress: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[float], dict]:
+    """U (R1's update, float64) and one U2 per attention of `heads` after cfg.steps Cayley SGD steps, the batch
+    loss of every step (before its update), and the mean loss over every calibration sample before and after."""
     u = torch.eye(d, dtype=torch.float64)
+    u2s = [torch.eye(h.dim, dtype=torch.float64) for h in heads]
     history: list[float] = []
     capped = 0
     if cfg.steps == 0:
-        return u, history, {}
-    bases = {p.target: _tensor(gm, p.target).detach().float() for p in params}
+        return u, u2s, history, {}
+    bases = {t: _tensor(gm, t).detach().float() for t in [p.target for p in params] + _r2_targets(heads)}
     ones = torch.full((d, 1), 1.0 / math.sqrt(d), dtype=torch.float64)
     proj = torch.eye(d, dtype=torch.float64) - ones @ ones.T
     order = _order(len(samples), cfg)
@@ -319,42 +471,56 @@ def _learn(gm: GraphModule, d: int, params: list[_Param], wqs: list[_WeightQ], s
     hooks = _identity_weight_quantizers(gm, identity)
     try:
         with torch.no_grad():
-            before = _mean([float(_loss(gm, params, wqs, bases, u.float(), ids, live_weights)) for ids in samples])
+            before = _mean([float(_loss(gm, params, heads, wqs, bases, u.float(), [m.float() for m in u2s], ids,
+                                        live_weights)) for ids in samples])
         bar = tqdm(range(cfg.steps), desc="spinquant", disable=not progress, leave=False)
         for step in bar:
             batch = order[step]
             uf = u.float().requires_grad_(True)
+            u2f = [m.float().requires_grad_(True) for m in u2s]
             total = 0.0
             for i in batch:
-                loss = _loss(gm, params, wqs, bases, uf, samples[i], live_weights)
+                loss = _loss(gm, params, heads, wqs, bases, uf, u2f, samples[i], live_weights)
                 (loss / len(batch)).backward()
                 total += float(loss.detach()) / len(batch)
             history.append(total)
-            g = uf.grad.double()
-            w = 0.5 * (g @ u.T - u @ g.T)
-            if mean_preserving:
-                w = proj @ w @ proj
             lr_t = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            norm1 = float(w.abs().sum(0).max())
-            tau = min(lr_t, 1.0 / norm1) if norm1 > 0 else 0.0
-            capped += tau < lr_t
-            eye = torch.eye(d, dtype=torch.float64)
-            u = torch.linalg.solve(eye + tau / 2 * w, (eye - tau / 2 * w) @ u)
+            u, was_capped = _cayley(u, uf.grad, lr_t, proj if mean_preserving else None)
+            capped += was_capped
+            u2s = [_cayley(m, mf.grad, lr_t, None)[0] for m, mf in zip(u2s, u2f)]
             bar.set_postfix(loss=f"{total:.4f}")
         with torch.no_grad():
-            after = _mean([float(_loss(gm, params, wqs, bases, u.float(), ids, live_weights)) for ids in samples])
+            after = _mean([float(_loss(gm, params, heads, wqs, bases, u.float(), [m.float() for m in u2s], ids,
+                                       live_weights)) for ids in samples])
     finally:
         for h in hooks:
             h()
         for name, p in gm.named_parameters():
             p.requires_grad_(saved[name])
-    return u, history, {"calib_loss_start": before, "calib_loss_end": after, "steps_capped": capped}
+    return u, u2s, history, {"calib_loss_start": before, "calib_loss_end": after, "steps_capped": capped}
 
 
-def _loss(gm: GraphModule, params: list[_Param], wqs: list[_WeightQ], bases: dict, u: torch.Tensor,
-          ids: torch.Tensor, live_weights: bool) -> torch.Tensor:
-    """Next-token cross-entropy of the graph on `ids` with the stream's parameters rotated by `u`."""
-    vals = _values(gm, params, u, bases)
+def _cayley(u: torch.Tensor, grad: torch.Tensor | None, lr: float,
+            proj: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """One SGDG step (momentum 0) on the Stiefel manifold: W = ½(G Uᵀ − U Gᵀ) (in the complement of the ones
+    vector with `proj`), τ = min(lr, 1/‖W‖₁), U <- (I + τ/2 W)⁻¹ (I − τ/2 W) U; and whether the cap bound."""
+    if grad is None:
+        return u, False
+    g = grad.double()
+    w = 0.5 * (g @ u.T - u @ g.T)
+    if proj is not None:
+        w = proj @ w @ proj
+    norm1 = float(w.abs().sum(0).max())
+    tau = min(lr, 1.0 / norm1) if norm1 > 0 else 0.0
+    eye = torch.eye(u.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(eye + tau / 2 * w, (eye - tau / 2 * w) @ u), tau < lr
+
+
+def _loss(gm: GraphModule, params: list[_Param], heads: list[_Heads], wqs: list[_WeightQ], bases: dict,
+          u: torch.Tensor, u2s: list[torch.Tensor], ids: torch.Tensor, live_weights: bool) -> torch.Tensor:
+    """Next-token cross-entropy of the graph on `ids` with the stream's parameters rotated by `u` and each
+    attention's V / o_proj by its R2 in `u2s`."""
+    vals = _values(params, heads, u, u2s, bases)
     if live_weights:
         vals.update(_scales(wqs, vals))
     logits = logits_of(torch.func.functional_call(gm, vals, (ids,), strict=False))
@@ -410,11 +576,17 @@ def _identity_weight_quantizers(gm: GraphModule, nodes: dict[Node, _WeightQ]) ->
 
 
 @torch.no_grad()
-def _bake(gm: GraphModule, params: list[_Param], wqs: list[_WeightQ], u: torch.Tensor) -> None:
-    """Multiply U into the stream's parameters (float64) and choose the weight quantizers' scales again."""
-    for p in params:
-        t = _tensor(gm, p.target)
-        t.copy_(_act(t.detach().double(), p.side, u).to(t.dtype))
+def _bake(gm: GraphModule, params: list[_Param], heads: list[_Heads], wqs: list[_WeightQ], u: torch.Tensor,
+          u2s: list[torch.Tensor]) -> None:
+    """Multiply U and the U2s into the parameters (float64) and choose the weight quantizers' scales again."""
+    moved = [(h, m) for h, m in zip(heads, u2s) if not torch.equal(m, torch.eye(h.dim, dtype=m.dtype))]
+    heads, u2s = [h for h, _ in moved], [m for _, m in moved]
+    targets = [p.target for p in params] + _r2_targets(heads)
+    bases = {t: _tensor(gm, t).detach().double() for t in targets}
+    vals = _values(params, heads, u, u2s, bases)
+    for t, v in vals.items():
+        p = _tensor(gm, t)
+        p.copy_(v.to(p.dtype))
     for wq in wqs:
         x = _quantizer_input(wq.q, wq.site, param_of(gm, wq.site.weight).detach())
         s, z = _qparams(x.float(), wq.q, wq.mode)

@@ -68,6 +68,8 @@ def test_learns_an_orthogonal_rotation_that_lowers_the_loss_and_keeps_the_float_
                      progress=False)
     st = qm.report["spinquant"].stats
     assert st["orthogonality_error"] < 1e-5 and st["distance_from_start"] > 1e-3
+    assert st["r2_learned"] == 2 and st["r2_distance_from_start"] > 1e-4          # one R2 per attention
+    assert not qm.report["spinquant"].near_misses
     assert st["mean_preserving"] == (family == "opt")
     assert st["params_rotated"] >= 8 and st["weight_quantizers_rescaled"] == (12 if family == "opt" else 14)
     assert st["calib_loss_end"] < st["calib_loss_start"]                          # the training loss went down
@@ -98,6 +100,19 @@ def test_float_weights_while_learning_then_gptq_and_the_run_is_deterministic():
                                                                               "weights": "float", "seed": 4}}]},
                         calib_data=CALIB, progress=False)
     assert other.report["spinquant"].stats["loss_by_tenth"] != st["loss_by_tenth"]        # another sample order
+
+
+def test_without_online_hadamards_and_without_r2():
+    """R2 where o_proj has no online Hadamard (residual-only rotate) keeps the float function; r2: false learns R1
+    only."""
+    model = _model("opt")
+    ids = toy.token_ids(batch=2, t=9, seed=5)
+    ref = model(ids).logits
+    qm = qpass.apply(model, _recipe({"steps": 5, "batch_size": 2}, online=False), calib_data=CALIB, progress=False)
+    assert qm.report["spinquant"].stats["r2_learned"] == 2
+    torch.testing.assert_close(_float(qm.graph_module)(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    qm = qpass.apply(model, _recipe({"steps": 5, "batch_size": 2, "r2": False}), calib_data=CALIB, progress=False)
+    assert qm.report["spinquant"].stats["r2_learned"] == 0 and qm.plans[-1].decisions["r2"] == []
 
 
 def test_zero_steps_keeps_rotate_s_graph():
