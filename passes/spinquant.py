@@ -1,7 +1,9 @@
-"""Learn the residual stream's rotation on the quantized network (SpinQuant's R1, Liu et al. 2024).
+"""Learn the rotations on the quantized network (SpinQuant's R1 and R2, Liu et al. 2024).
 
 Matches   the residual stream of ``qpass.rotation.residual_stream_rotation`` on the quantized graph (activation
-          quantizers on the stream followed through), after ``rotate`` has folded its norms and rotated it by Q
+          quantizers on the stream followed through), after ``rotate`` has folded its norms and rotated it by Q;
+          with ``r2``, every attention whose V comes from one linear (v_proj) and whose output reaches one linear
+          (o_proj) through layout ops, KV / activation quantizers, repeat_kv and rotate's online Hadamard only
 Changes   the stream's rotation R = Q U: U [d, d] orthogonal, start I (R starts at rotate's randomized Hadamard),
           learned with Cayley SGD on the Stiefel manifold to minimise the next-token cross-entropy of the
           *quantized* graph on the calibration samples, every weight frozen. While learning, the graph runs with
@@ -17,15 +19,19 @@ Changes   the stream's rotation R = Q U: U [d, d] orthogonal, start I (R starts 
           τ = min(lr_t, 1 / ‖W‖₁) (SGDG's cap), ``U <- (I + τ/2 W)⁻¹ (I − τ/2 W) U``; lr_t cosine from ``lr`` to
           0 over ``steps`` (the paper's HF-Trainer schedule). Batches: ``batch_size`` samples per step, epochs of
           the calibration samples in seeded random orders (deterministic for a seed).
-          Baked: U is multiplied into the stream's parameters (float64, as rotate does) and every weight
+          R2 (``r2``): per attention one U2 [head_dim, head_dim] (start I: on top of rotate's per-head H D), the
+          same for every head: v_proj's rows per head ``U2ᵀ W_h`` (bias ``b_h U2``), o_proj's columns
+          ``W Aᵀ blockdiag(U2) A`` with A the online Hadamard on o_proj's input (``had(x) = x A``; I without
+          one), learned by the same Cayley steps (no all-ones constraint inside a head).
+          Baked: U (and the U2s) are multiplied into the parameters (float64, as rotate does) and every weight
           quantizer on the stream gets its scale (and zero point) again from its rotated weight, the way it
           was chosen (min-max, or the clipping search of ``quantize: {weight_clip: true}``); no node is added,
           so the result saves, loads and lowers like any rotated graph. The float function is unchanged.
 Requires  calibration data (token ids: the loss is next-token cross-entropy); ``rotate`` before (the stream's
           norms folded) and at least one quantizer on the stream's linears (``quantize``, and ``kv_cache``
           before it to learn with the KV cache quantized); weight quantizers still with their RTN scales, so
-          before ``gptq`` / ``awq`` and the like. R2 (per attention head) and the online Hadamards R3/R4 stay as
-          rotate made them (a deviation: SpinQuant learns R2 too)
+          before ``gptq`` / ``awq`` and the like. The online Hadamards (R3 on Q/K, R4 before the writers) stay as
+          rotate made them, as in SpinQuant
 Preserves nothing it is asked for (weights change)
 """
 from __future__ import annotations
@@ -221,7 +227,7 @@ def _back_to_linear(n, sites: dict) -> LinearSite | None:
             return None
         if n in sites:
             return sites[n]
-        if is_quantizer(n) and role_of(n) in ("value", "key_value", "kv") or P.is_call(n, _HEAD_PATH):
+        if is_quantizer(n) and role_of(n) == "value" or P.is_call(n, _HEAD_PATH):
             prev = Quantizer(n).x if is_quantizer(n) else n.args[0]
             if not isinstance(prev, Node) or _single_user(prev) is not n:
                 return None
@@ -299,7 +305,8 @@ def _r2_targets(heads: list[_Heads]) -> list[str]:
 
 @dataclass(frozen=True)
 class SpinQuant(Pass):
-    """Learn the residual stream's rotation (R1) by Cayley SGD on the quantized network's loss, then bake it."""
+    """Learn SpinQuant's rotations (R1 on the residual stream, R2 per attention) by Cayley SGD on the quantized
+    network's loss, then bake them into the weights."""
 
     config: SpinQuantConfig = SpinQuantConfig()
     name: ClassVar[str] = "spinquant"
