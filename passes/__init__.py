@@ -27,6 +27,7 @@ from .squeezellm import SqueezeLlm, SqueezeLlmConfig
 from .zeroquant import ZeroQuant, ZeroQuantConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 from .spqr import Spqr, SpqrConfig
+from .spinquant import SpinQuant, SpinQuantConfig
 
 # The one literal table of passes: recipe name -> (config class, pass class). No scanning.
 PASSES = {
@@ -42,6 +43,7 @@ PASSES = {
     "llm_int8": (LlmInt8Config, LlmInt8),
     "os_plus": (OsPlusConfig, OsPlus),
     "rotate": (RotateConfig, Rotate),
+    "spinquant": (SpinQuantConfig, SpinQuant),
     "quip": (QuipConfig, Quip),
     "quantease": (QuantEaseConfig, QuantEase),
     "lorc": (LorcConfig, Lorc),
@@ -69,6 +71,6 @@ __all__ = ["PASSES", "make_pass", "Quantize", "QuantizeConfig", "ObserverConfig"
            "Lora", "LoraConfig", "LoraMerge", "LoraMergeConfig",
            "SignRound", "SignRoundConfig", "OmniQuant", "OmniQuantConfig", "ZeroQuant", "ZeroQuantConfig",
            "NormTweak", "NormTweakConfig",
-           "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
+           "OsPlus", "OsPlusConfig", "Rotate", "RotateConfig", "SpinQuant", "SpinQuantConfig", "Quip", "QuipConfig", "Owq", "OwqConfig", "LlmInt8", "LlmInt8Config",
            "QuantEase", "QuantEaseConfig", "Lorc", "LorcConfig",
            "SqueezeLlm", "SqueezeLlmConfig", "Spqr", "SpqrConfig", "Bcq", "BcqConfig", "Rptq", "RptqConfig", "Fptq", "FptqConfig", "Mofq", "MofqConfig", "Olive", "OliveConfig"]

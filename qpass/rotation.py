@@ -31,7 +31,8 @@ from torch.fx import GraphModule, Node
 
 from . import patterns as P
 from .folding import _concrete, _concrete_shape
-from .graph import LinearSite, linear_sites, module_path, param_of
+from .graph import LinearSite, is_quantizer, linear_sites, module_path, param_of
+from .quantizer import Quantizer, role_of
 
 aten = torch.ops.aten
 
@@ -64,17 +65,23 @@ class _Blocked(Exception):
     pass
 
 
-def residual_stream_rotation(gm: GraphModule) -> Stream | str:
-    """The graph's residual stream (see the module doc), or the reason it cannot be rotated."""
+def residual_stream_rotation(gm: GraphModule, *, through_quantizers: bool = False) -> Stream | str:
+    """The graph's residual stream (see the module doc), or the reason it cannot be rotated.
+
+    ``through_quantizers``: an activation quantizer on a stream value (the input quantizer of a reader, inserted by
+    ``quantize``) is followed as if it were the value itself, so the stream of an already quantized graph is found
+    (passes/spinquant.py learns the rotation there, with the quantizers live). It does not commute with a rotation:
+    the quantized graph is rotatable only by changing what it quantizes, which is the point of learning it."""
     try:
-        return _Walk(gm).run()
+        return _Walk(gm, through_quantizers).run()
     except _Blocked as e:
         return str(e)
 
 
 class _Walk:
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, through_quantizers: bool = False):
         self.gm = gm
+        self.through_quantizers = through_quantizers
         self.sites = {s.node: s for s in linear_sites(gm)}
         self.pos = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.state: dict[Node, str] = {}          # "R" stream value, "SQ" its square, "I" rotation-invariant
@@ -148,6 +155,9 @@ class _Walk:
         others = [a for a in n.args[:2] if a is not x]
         (o,) = others if len(others) == 1 else (None,)
         if (t in _PASS or t in _SCALAR_OPS) and len(ins) == 1 and n.args[0] is x:
+            return self._mark(n, "R")
+        if self.through_quantizers and is_quantizer(n) and len(ins) == 1 and role_of(n) == "input" and \
+                Quantizer(n).x is x:
             return self._mark(n, "R")
         if t in P.LAYOUT:
             if len(ins) == 1 and n.args[0] is x and _keeps_channels(n, self.stream.dim):

@@ -46,6 +46,8 @@ CONFORMANCE = {
                 {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
     "rotate": [{"rotate": {"seed": 1, "online": True, "heads": True}},                  # adds hadamard nodes
                {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}}],
+    "spinquant": [{"rotate": {"seed": 1}}, {"quantize": {"weights": W8, "activations": A8, "ignore": ["lm_head"]}},
+                  {"spinquant": {"steps": 2, "batch_size": 2}}],                  # learned rotation baked in
     "quip": [{"quip": {"seed": 1}}, {"quantize": {"weights": W4G, "ignore": ["lm_head"]}}, {"gptq": {}}],
     "quantease": [{"quantize": {"weights": W4G, "ignore": ["lm_head"]}},        # outliers: a side channel
                   {"quantease": {"iterations": 2, "outliers": 0.01}}],
