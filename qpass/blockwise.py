@@ -12,12 +12,13 @@ method is a small pass that says what is trainable (a :class:`BlockMethod`). For
   inputs are the float ones (``feed: float``) or the outputs of the blocks before it as already trained and
   baked (``feed: quantized``);
 * **loss**: the method's (:meth:`BlockState.loss`), MSE of the block outputs by default, on a random batch
-  of calibration samples per step. ``aug_loss`` (OmniQuant's ``--aug_loss``, off by default) adds a second
-  target: the float block (quantizers off, the teacher's weights) run on the *student's* inputs, computed once
-  per block before training; the loss is then loss(student, teacher) + loss(student, that target), for the
-  training steps and for the best-step / start-or-trained choice alike (with ``feed: float``, and on the first
-  block, the two targets are the same and the loss is doubled) (``torch.Generator`` seeded with ``seed``: deterministic), or, with
-  ``epochs``, ``epochs`` passes over the training samples, each in a fresh seeded order (OmniQuant's loop);
+  of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic), or, with
+  ``epochs``, ``epochs`` passes over the training samples, each in a fresh seeded order (OmniQuant's loop).
+  ``aug_loss`` (OmniQuant's ``--aug_loss``, off by default) adds a second target: the float block (quantizers
+  off, the teacher's weights) run on the *student's* inputs, computed once per block before training; the loss
+  is then loss(student, teacher) + loss(student, that target), for the training steps and for the best-step /
+  start-or-trained choice alike (with ``feed: float``, and on the first block, the two targets are the same and
+  the loss is doubled);
 * **optimiser**: ``signsgd`` (p -= lr * sign(grad), SignRound), ``adam`` or ``adamw`` (weight decay 0,
   OmniQuant); ``schedule: linear`` decays the learning rate to 0 over the steps (AutoRound);
 * **held-out split** (``holdout``, default 0.25): a fraction of the calibration samples (drawn with the seed,
