@@ -16,7 +16,8 @@ Changes   LWC: per scale block of each weight (per output channel, or per group)
           Trained block by block (qpass.blockwise) against the float block's outputs (MSE) with AdamW (weight
           decay 0), the recipe's quantizers live, weight quantizer scales recomputed from the transformed weight
           every step; best step kept (on held-out samples by default), the block left as it was when that is
-          better. Baked: norm weights and biases, linear biases, and each weight as its dequantized value under
+          better. ``aug_loss`` (the reference's --aug_loss, used by its W2A16 g64 LLaMA scripts): the engine's
+          second target, the float block on the student's (quantized) inputs, added to the MSE. Baked: norm weights and biases, linear biases, and each weight as its dequantized value under
           the learned scale / zero point (which the quantizer maps to itself); LET adds zero biases where a shift
           needs one and there is none (RMSNorm, bias-free linears: the plan's ``edits``), no other node
           NOT done here: the q/k scale inside attention (RoPE sits between q_proj / k_proj and the product on
@@ -57,8 +58,9 @@ class OmniQuantConfig(BlockwiseConfig):
     field_docs: ClassVar[dict] = {
         **TRAIN_DOCS,
         "lwc": "learnable weight clipping (false with LET: the weight quantizers keep min-max ranges)",
-        "let": "learnable equivalent transformation: true, false, or auto (the paper's defaults: on when the "
-               "graph quantizes activations, off for weight-only recipes)",
+        "let": "learnable equivalent transformation: true, false, or auto (on when the graph quantizes "
+               "activations, off for weight-only recipes: the paper's LLaMA setting; the reference code's "
+               "weight-only OPT scripts turn LET on, a per-model-family choice auto does not make)",
         "let_lr": "learning rate of LET's scales and shifts",
         "let_alpha": "SmoothQuant migration strength of LET's initial scales",
         "let_shift": "learn shifts too where the graph allows one (initialised at OS+'s channel centres)",

@@ -13,7 +13,12 @@ method is a small pass that says what is trainable (a :class:`BlockMethod`). For
   baked (``feed: quantized``);
 * **loss**: the method's (:meth:`BlockState.loss`), MSE of the block outputs by default, on a random batch
   of calibration samples per step (``torch.Generator`` seeded with ``seed``: deterministic), or, with
-  ``epochs``, ``epochs`` passes over the training samples, each in a fresh seeded order (OmniQuant's loop);
+  ``epochs``, ``epochs`` passes over the training samples, each in a fresh seeded order (OmniQuant's loop).
+  ``aug_loss`` (OmniQuant's ``--aug_loss``, off by default) adds a second target: the float block (quantizers
+  off, the teacher's weights) run on the *student's* inputs, computed once per block before training; the loss
+  is then loss(student, teacher) + loss(student, that target), for the training steps and for the best-step /
+  start-or-trained choice alike (with ``feed: float``, and on the first block, the two targets are the same and
+  the loss is doubled);
 * **optimiser**: ``signsgd`` (p -= lr * sign(grad), SignRound), ``adam`` or ``adamw`` (weight decay 0,
   OmniQuant); ``schedule: linear`` decays the learning rate to 0 over the steps (AutoRound);
 * **held-out split** (``holdout``, default 0.25): a fraction of the calibration samples (drawn with the seed,
@@ -77,6 +82,9 @@ TRAIN_DOCS = {
     "seed": "seed of the batch sampling (the run is deterministic for a seed)",
     "feed": "student inputs of block i: `quantized` (outputs of blocks 0..i-1 as trained and baked) or `float` "
             "(the float model's, the same as the teacher's)",
+    "aug_loss": "add a second target to the loss: the float block (quantizers off) on the student's inputs (with "
+                "feed: quantized, the outputs of the blocks already quantized), as OmniQuant's --aug_loss; the loss "
+                "becomes loss(student, float block on float inputs) + loss(student, float block on student inputs)",
     "keep_best": "keep the parameters of the step with the lowest loss (false: those after the last step); either "
                  "way the start is kept when it has the lower full calibration loss",
     "holdout": "fraction of the calibration samples held out of training (the same split for every block, drawn "
@@ -101,6 +109,7 @@ class BlockwiseConfig:
     schedule: Literal["constant", "linear"] = "constant"
     seed: int = 0
     feed: Literal["quantized", "float"] = "quantized"
+    aug_loss: bool = False
     keep_best: bool = True
     holdout: float = 0.25
     holdout_every: int = 10
@@ -125,6 +134,8 @@ class BlockwiseConfig:
             raise RecipeError("feed", f"must be quantized or float, got {self.feed!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise RecipeError("holdout", f"must be a fraction in [0, 1) (0: no held-out samples), got {self.holdout}")
+        if not isinstance(self.aug_loss, bool):
+            raise RecipeError("aug_loss", f"must be true or false, got {self.aug_loss!r}")
         if not 1 <= self.holdout_every <= 1_000_000:
             raise RecipeError("holdout_every", f"must be a number of steps >= 1, got {self.holdout_every}")
         if not self.targets:
@@ -215,6 +226,7 @@ def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: Bloc
             live = step._live_out(nodes, pos)
             outputs = [n for n in nodes if n in live and _is_float(n)] or _graph_outputs(nodes)
             state = method.setup(gm, step, nodes)
+            over: dict = {}
             if teacher is None:
                 step.observe({}, lambda k, n: None)         # float outputs of the block, kept as the targets
             else:                                           # the teacher's values in place of the graph's
@@ -233,9 +245,16 @@ def train_blocks(gm: GraphModule, ctx: "Context", method: BlockMethod, cfg: Bloc
             if isinstance(targets[0], dict):
                 targets = [[t[o] for o in outputs] for t in targets]
             inputs = step._envs if cfg.feed == "float" or student is None else student
+            aug = None
+            if state is not None and cfg.aug_loss:       # the float block on the student's inputs (aug_loss)
+                if inputs is step._envs:
+                    aug = targets
+                else:
+                    with torch.no_grad():
+                        aug = [_forward(sweep, nodes, env, outputs, over, float_=True) for env in inputs]
             if state is not None:
                 results.append(_train(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress,
-                                      block_guard))
+                                      block_guard, aug))
             if cfg.feed == "quantized" and step.index + 1 < len(sweep.names):
                 with torch.no_grad():
                     student = [sweep._run(nodes, pos, env, live, {}, lambda n: False) for env in inputs]
@@ -254,16 +273,21 @@ def split_holdout(n: int, cfg: BlockwiseConfig) -> tuple[list[int], list[int]]:
 
 def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], outputs: list[Node],
            targets: list[list[torch.Tensor]], state: BlockState, cfg: BlockwiseConfig, gm: GraphModule,
-           progress: bool, block_guard: bool = True) -> BlockResult:
+           progress: bool, block_guard: bool = True,
+           aug: list[list[torch.Tensor]] | None = None) -> BlockResult:
     t0 = time.perf_counter()
     train, held = split_holdout(len(inputs), cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step.index)
     opt = _optimizer(state.groups, cfg)
 
+    def sample_loss(over: dict, i: int) -> torch.Tensor:
+        out = _forward(sweep, nodes, inputs[i], outputs, over)
+        loss = state.loss(out, targets[i])
+        return loss if aug is None else loss + state.loss(out, aug[i])     # aug_loss: OmniQuant's second term
+
     def full_loss(over: dict, idx: list[int]) -> float:
         with torch.no_grad():
-            return sum(float(state.loss(_forward(sweep, nodes, inputs[i], outputs, over), targets[i]))
-                       for i in idx) / len(idx)
+            return sum(float(sample_loss(over, i)) for i in idx) / len(idx)
 
     pick = held or train                     # the samples the best state is chosen on
     loss_start = full_loss({}, pick)         # the block as it is: the method's "do nothing"
@@ -285,7 +309,7 @@ def _train(sweep: "Sweep", step: "Step", nodes: list[Node], inputs: list[dict], 
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in batch:
-            loss = state.loss(_forward(sweep, nodes, inputs[i], outputs, state.overrides()), targets[i]) / len(batch)
+            loss = sample_loss(state.overrides(), i) / len(batch)
             loss.backward()
             total += float(loss.detach())
         if not held and cfg.keep_best:

@@ -477,3 +477,83 @@ def test_epochs_pass_over_every_training_sample_once_per_epoch():
     assert {b["steps"] for b in qm.report["omniquant"].stats["per_block"].values()} == {4}
     with pytest.raises(RecipeError, match="epochs"):
         run(quant(), {"omniquant": {"epochs": -1}})
+
+
+# ------------------------------------------------------------------------------------- aug_loss (OmniQuant's)
+
+
+def test_aug_loss_adds_the_float_block_on_the_student_inputs_as_a_second_target(monkeypatch):
+    """The loss has the second term (the float block, quantizers off, on the student's inputs, computed once per
+    block before training); on the first block, or with feed: float, it is the same target (the loss doubles)."""
+    import qpass.blockwise as B
+
+    seen = []
+    real = B._train
+
+    def spy(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress, block_guard=True, aug=None):
+        want = None
+        if aug is not None:
+            with torch.no_grad():
+                want = [B._forward(sweep, nodes, env, outputs, {}, float_=True) for env in inputs]
+        seen.append((step.index, aug, want, targets, inputs is not None))
+        return real(sweep, step, nodes, inputs, outputs, targets, state, cfg, gm, progress, block_guard, aug)
+
+    monkeypatch.setattr(B, "_train", spy)
+    model = toy.hf_model("llama")
+    om = {"steps": 4, "holdout": 0}
+    run(quant(W2A), {"omniquant": om}, model=model)
+    assert len(seen) == 2 and all(a is None for _, a, *_ in seen)       # off by default: no second target
+    seen.clear()
+    on = run(quant(W2A), {"omniquant": {**om, "aug_loss": True}}, model=model)
+    assert len(seen) == 2
+    (i0, aug0, want0, tg0, _), (i1, aug1, want1, tg1, _) = seen
+    assert aug0 is tg0                              # block 0: the student's inputs are the float ones
+    for a, w in zip(aug1, want1):                   # block 1: the float block on the quantized block 0's outputs
+        for x, y in zip(a, w):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert any(not torch.equal(x, y) for a, t in zip(aug1, tg1) for x, y in zip(a, t))
+    # the loss the engine reports is the two-term one: block 0's start loss is twice that without aug_loss
+    seen.clear()
+    monkeypatch.setattr(B, "_train", real)
+    off = run(quant(W2A), {"omniquant": om}, model=model)
+    p_on, p_off = (m.report["omniquant"].stats["per_block"]["model.layers.0"] for m in (on, off))
+    assert p_on["loss_start"] == pytest.approx(2 * p_off["loss_start"], rel=1e-6)
+    p_on, p_off = (m.report["omniquant"].stats["per_block"]["model.layers.1"] for m in (on, off))
+    assert p_on["loss_start"] > p_off["loss_start"]
+
+
+def test_aug_loss_changes_the_result_is_deterministic_and_off_changes_nothing():
+    model = toy.hf_model("llama")
+    om = {"steps": 10, "holdout": 0}
+    base = run(quant(W2A), {"omniquant": om}, model=model)
+    off = run(quant(W2A), {"omniquant": {**om, "aug_loss": False}}, model=model)
+    on = run(quant(W2A), {"omniquant": {**om, "aug_loss": True}}, model=model)
+    again = run(quant(W2A), {"omniquant": {**om, "aug_loss": True}}, model=model)
+    sb, so, sn, sa = (m.graph_module.state_dict() for m in (base, off, on, again))
+    assert all(torch.equal(sb[k], so[k]) for k in sb)                    # false is the default
+    assert all(torch.equal(sn[k], sa[k]) for k in sn)                    # deterministic
+    assert any(not torch.equal(sb[k], sn[k]) for k in sb)                # the second term changes what is learned
+    weights_exact(on.graph_module, on.report["omniquant"].stats)
+    # with feed: float both targets are the float block on float inputs: the loss doubles, Adam's steps do not
+    # change with the loss's scale, so (up to rounding) the result is LWC's without it
+    ff = {**om, "feed": "float"}
+    a = run(quant(W2A), {"omniquant": ff}, model=model).report["omniquant"].stats["per_block"]
+    b = run(quant(W2A), {"omniquant": {**ff, "aug_loss": True}}, model=model).report["omniquant"].stats["per_block"]
+    assert all(b[k]["loss_start"] == pytest.approx(2 * a[k]["loss_start"], rel=1e-6) for k in a)
+
+
+def test_aug_loss_with_let_trains_and_a_bad_value_is_a_recipe_error():
+    model = toy.hf_model("opt")
+    rtn = run(quant(W2A), model=model)
+    qm = run(quant(W2A), {"omniquant": {"steps": 10, "holdout": 0, "let": True, "aug_loss": True}}, model=model)
+    st = qm.report["omniquant"].stats
+    assert st["let_groups"] == 6 and st["blocks"] == 2
+    weights_exact(qm.graph_module, st)
+    ids = torch.cat(CALIB)
+    assert out_mse(qm, model, ids) < out_mse(rtn, model, ids)
+    for bad in ("yes", 1, None):
+        with pytest.raises(RecipeError, match="aug_loss"):
+            run(quant(), {"omniquant": {"aug_loss": bad}})
+    from qpass.blockwise import BlockwiseConfig
+    with pytest.raises(RecipeError, match="aug_loss"):
+        BlockwiseConfig(aug_loss="true")
