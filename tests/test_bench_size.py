@@ -42,16 +42,22 @@ def test_small_run_writes_its_section(tmp_path, capsys):
 
 
 def test_packed_linears_are_the_lowered_graphs_in_step_order():
+    import torch
+
     import qpass
     from qpass.backends import torch_packed as tp
 
     model = bench_size.synthetic_llama("small")
     pm = tp.lower(qpass.apply(model, ROOT / "recipes" / "w4a16_g128.yaml", progress=False), kernels="reference")
     lins = bench_size.packed_linears(pm.graph_module)
-    assert len(lins) == 7 * model.config.num_hidden_layers                # lm_head stays fp32 in this recipe
+    assert len(lins) == 7 * model.config.num_hidden_layers + 1            # + lm_head, left fp32 by this recipe
     assert [x.shape[-1] for _, x in lins[:7]] == [128, 128, 128, 128, 128, 128, 352]   # q k v o gate up down
+    head, x = lins[-1]
+    assert torch.equal(head(x), model.lm_head(x)) and head.tensors() == [pm.graph_module.get_parameter(
+        next(n.target for n in pm.graph_module.graph.nodes if n.op == "get_attr" and "lm_head" in n.target))]
     row = bench_size.Row("w4a16_g128", None, "torch packed", 0, 0.0, lins)
-    assert row.linear_bytes == sum(bench_size._tensor_bytes(list(m.parameters()) + list(m.buffers())) for m, _ in lins)
+    packed = sum(bench_size._tensor_bytes(list(m.parameters()) + list(m.buffers())) for m, _ in lins[:-1])
+    assert row.linear_bytes == packed + model.lm_head.weight.numel() * 4
 
 
 def test_bytes_per_token_skips_the_embedding_table():

@@ -147,14 +147,15 @@ class Row:
         self.weight_bytes, self.kv_bytes_per_pos = weight_bytes, kv_bytes_per_pos
         self.prefill: list[float] = []
         self.decode: list[float] = []
-        self.linears = linears or []            # [(PackedLinear, one-token input)] in graph order (packed rows)
-        self.linear_bytes = sum(_tensor_bytes(list(m.parameters()) + list(m.buffers())) for m, _ in self.linears)
+        self.linears = linears or []            # [(linear, one-token input)] in graph order (packed rows)
+        self.linear_bytes = sum(_tensor_bytes(_linear_tensors(m)) for m, _ in self.linears)
         self.linear_pass: list[float] = []      # seconds per pass over self.linears
 
 
 def packed_linears(gm) -> list:
-    """The PackedLinear modules of a lowered graph in the order a step calls them, each with a one-token fp32
-    input of its width: the decode step's linear kernels, to time without the rest of the step."""
+    """The linear layers of a lowered graph in the order a step calls them, each as (callable, one-token fp32
+    input of its width): the PackedLinear modules, and the linears left in float (``aten.linear`` on a weight
+    parameter: lm_head where a recipe ignores it), so that the pass reads every weight byte a decode step reads."""
     import torch
 
     from qpass.backends.torch_packed.linear import PackedLinear
@@ -164,7 +165,39 @@ def packed_linears(gm) -> list:
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(m := gm.get_submodule(n.target), PackedLinear):
             out.append((m, torch.randn(1, 1, m.wf.k, generator=g)))
+        elif (n.op == "call_function" and n.target is torch.ops.aten.linear.default and len(n.args) >= 2
+              and getattr(n.args[1], "op", None) == "get_attr"):
+            w = _attr(gm, n.args[1].target)
+            b = _attr(gm, n.args[2].target) if len(n.args) > 2 and getattr(n.args[2], "op", None) == "get_attr" \
+                else None
+            out.append((_FloatLinear(w, b), torch.randn(1, 1, w.shape[1], generator=g)))
     return out
+
+
+class _FloatLinear:
+    """A float linear of the graph as the pass calls it: F.linear on the graph's own weight (and bias)."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x):
+        from torch.nn import functional as F
+
+        return F.linear(x, self.weight, self.bias)
+
+    def tensors(self) -> list:
+        return [t for t in (self.weight, self.bias) if t is not None]
+
+
+def _attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _linear_tensors(m) -> list:
+    return m.tensors() if isinstance(m, _FloatLinear) else list(m.parameters()) + list(m.buffers())
 
 
 def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> dict[str, Row]:
@@ -434,10 +467,13 @@ def main(argv=None) -> int:
         "row is read, plus the K/V cache written so far at the mean decode position; packed K/V caches at their "
         "packed size). Achieved: bytes read / token x decode tokens/s; of read bw: that over the measured read "
         "bandwidth; bw-limit tok/s: the decode speed at which the step would take exactly the read bandwidth. "
-        "Linears (packed rows): the step's packed linear modules called back to back on a one-token input, in the "
-        "order the step calls them, 8 passes per round (the same weight bytes in the same order as a step reads "
+        "Linears (packed rows): the step's linear layers (its packed modules, and F.linear for a layer left in "
+        "float, e.g. an fp32 lm_head) called back to back on a one-token input, in the order the step calls them, "
+        "8 passes per round (the same weight bytes in the same order as a step reads "
         "them), and their bytes (the modules' tensors) over that time; rest: decode ms per token "
-        "minus that, i.e. attention, norms, RoPE, the K/V cache, argmax and the per-op cost of running the graph.",
+        "minus that, i.e. attention, norms, RoPE, the K/V cache, argmax and the per-op cost of running the graph, "
+        "and whatever the same linears lose inside a step against back to back (caches and prefetchers the rest "
+        "of the step disturbs).",
     ])
     print(text)
     if args.out:
