@@ -252,7 +252,7 @@ def _forward_to_linear(gm: GraphModule, n: Node, by_input: dict) -> tuple[Linear
             continue
         if u.target is HADAMARD and u.args[0] is n and mix is None:
             width = int(n.meta["val"].shape[-1])
-            fetch = [_attr(gm, a) if isinstance(a, Node) else a for a in u.args[1:]]
+            fetch = [param_of(gm, a) if isinstance(a, Node) else a for a in u.args[1:]]
             mix = HADAMARD(torch.eye(width, dtype=torch.float64), *fetch).double()
             n = u
             continue
@@ -261,10 +261,6 @@ def _forward_to_linear(gm: GraphModule, n: Node, by_input: dict) -> tuple[Linear
             continue
         return None, None
     return None, None
-
-
-def _attr(gm: GraphModule, n: Node) -> torch.Tensor:
-    return _tensor(gm, n.target)
 
 
 def _rows_by_head(c: torch.Tensor, u2: torch.Tensor, dim: int) -> torch.Tensor:

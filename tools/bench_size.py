@@ -159,6 +159,7 @@ def packed_linears(gm) -> list:
     import torch
 
     from qpass.backends.torch_packed.linear import PackedLinear
+    from qpass.graph import param_of
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -167,9 +168,8 @@ def packed_linears(gm) -> list:
             out.append((m, torch.randn(1, 1, m.wf.k, generator=g)))
         elif (n.op == "call_function" and n.target is torch.ops.aten.linear.default and len(n.args) >= 2
               and getattr(n.args[1], "op", None) == "get_attr"):
-            w = _attr(gm, n.args[1].target)
-            b = _attr(gm, n.args[2].target) if len(n.args) > 2 and getattr(n.args[2], "op", None) == "get_attr" \
-                else None
+            w = param_of(gm, n.args[1])
+            b = param_of(gm, n.args[2]) if len(n.args) > 2 and getattr(n.args[2], "op", None) == "get_attr" else None
             out.append((_FloatLinear(w, b), torch.randn(1, 1, w.shape[1], generator=g)))
     return out
 
@@ -187,13 +187,6 @@ class _FloatLinear:
 
     def tensors(self) -> list:
         return [t for t in (self.weight, self.bias) if t is not None]
-
-
-def _attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _linear_tensors(m) -> list:

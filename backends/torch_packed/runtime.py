@@ -23,9 +23,9 @@ fuse_rope         ``x * cos + cat(-x2, x1) * sin`` (7 aten calls) -> one ``torch
 fuse_attention    ``scaled_dot_product_attention(q, k, v, float mask, scale=, enable_gqa=)`` -> one
                   ``torch.ops.qpass_native.attention`` op node: for up to native.ATTENTION_MAX_T query rows (a
                   decode step) the native kernel, which scores each key row once for all the query heads that
-                  share it (GQA) and skips torch's flash-attention set-up (1.4x faster per call at 16/4 heads,
-                  128 keys, head dim 128); longer calls (prefill) still run torch's op. Up to fp32 rounding
-                  (a polynomial exp; rtol 1e-5).
+                  share it (GQA) with independent FMA chains over 8 keys, where torch's flash kernel is blocked
+                  for long query runs; longer calls (prefill) still run torch's op. Up to fp32 rounding (a
+                  polynomial exp; rtol 1e-5).
 freeze            The step's calling convention without the pytree (de)flattening and export's input guard;
                   parameters, buffers and packed modules read from flat attributes (one dict lookup instead of
                   a chain of ``__getattr__``); packed modules called through ``forward`` (no hook dispatch);
@@ -178,21 +178,7 @@ attention = native.ops.attention.default     # (q, k, v, mask, scale) -> native.
 def fuse_attention(gm: GraphModule) -> int:
     """Every fp32 ``scaled_dot_product_attention`` without dropout or is_causal, whose mask is None or a float
     one, and whose heads group (enable_gqa, or as many K/V heads as query heads) -> attention. Returns sites."""
-    count = 0
-    for n in list(gm.graph.nodes):
-        m = _match_attention(n)
-        if m is None:
-            continue
-        with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(attention, m)
-        new.meta.update(n.meta)
-        n.replace_all_uses_with(new)
-        gm.graph.erase_node(n)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    return _fuse(gm, attention, lambda n: (args, []) if (args := _match_attention(n)) is not None else None)
 
 
 def _source_val(n) -> torch.Tensor | None:

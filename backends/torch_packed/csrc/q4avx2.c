@@ -1498,8 +1498,8 @@ int lut_linear(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n
 
 /* ------------------------------------------------------------------------------------ attention (decode)
  * attention_f32: out = softmax(q k^T * scale + mask) v for a few query rows against n keys: the decode step's
- * attention, where torch's scaled_dot_product_attention costs tens of microseconds of set-up per call for one
- * query row (its flash kernel is blocked for long rows). Grouped query heads: hq = g * hkv, query head h reads K/V
+ * attention, for which torch's scaled_dot_product_attention runs a flash kernel blocked for long query runs.
+ * Grouped query heads: hq = g * hkv, query head h reads K/V
  * head h / g, and the g query rows of one K/V head are scored together, so each key row is read once for all g.
  *   q    [b, hq, t, d]   strides (qsb, qsh, qst) in elements, the last dim contiguous
  *   k    [b, hkv, n, d]  strides (ksb, ksh, ksn), last dim contiguous (a slice of a static cache is fine)
