@@ -292,7 +292,7 @@ Q4_CASES = [  # (N, K, block, symmetric, full_range): N % 4 != 0, partial last g
     (37, 200, (1, 32), True, False), (37, 200, (1, 64), False, False), (64, 300, (1, 128), True, True),
     (6, 256, (1, 16), True, True), (21, 200, (1, -1), True, False), (21, 203, (1, -1), False, False),
     (40, 96, (1, 48), True, False), (24, 128, (-1, -1), True, True), (24, 128, (8, -1), False, False),
-    (32, 96, (16, 16), True, False)]
+    (32, 96, (16, 16), True, False), (20, 512, (1, 256), False, False), (12, 640, (1, -1), True, False)]
 
 
 @pytest.mark.parametrize("case", Q4_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}-{'sym' if c[3] else 'asym'}"
@@ -389,7 +389,7 @@ def test_native_q4a8_kernel_is_the_q4_product_on_int8_rounded_inputs(q4lib, case
     mod, wfq, b = int4_linear(n, k, block, symmetric=symmetric, full_range=full_range)
     assert "q4a8" in tp.kernels.candidates(mod) and "q4a8" not in tp.kernels.candidates(mod, "exact")
     wf = mod.wf
-    xb = 16 if wf.q4_group % 32 else 32
+    xb = q4lib.a8_block(wf.q4_group)                     # 128, or the weight group where it is narrower
     g = torch.Generator().manual_seed(2)
     for m in (1, 2, 3, 4, 5, 9):                        # 4 input rows per pass, then the rest
         x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g).pow(4) * 10   # blocks of unequal range
@@ -406,7 +406,7 @@ def test_native_q4a8_kernel_is_the_q4_product_on_int8_rounded_inputs(q4lib, case
         xp = torch.nn.functional.pad(x, (0, wf.k16 - k)).contiguous()
         sc = mod.q4_scale if mod.q4_scale is not None else mod.scale
         zp = mod.q4_zero if mod.q4_zero is not None else mod.zero
-        for isa in range(3):                            # every instruction set this CPU runs: the same sums
+        for isa in range(4):                            # every instruction set this CPU runs: the same sums
             if not (q4lib.a8_isas >> isa) & 1:
                 continue
             o = torch.empty(m, n)

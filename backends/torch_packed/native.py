@@ -2,8 +2,9 @@
 
     csrc/q4avx2.c     int4 x fp32 linear layer (AVX2 + FMA, OpenMP over output rows) on the ``q4`` layout
                       (packing.py); exact up to fp32 summation order. See the file's header for the math.
-                      Also ``q4_linear_a8``: the same layer with the input rounded to int8 in blocks of 32
-                      columns first (vpmaddubsw on the codes; the approximate, bandwidth-bound decode path),
+                      Also ``q4_linear_a8``: the same layer with the input rounded to int8 first, in blocks of
+                      128 columns (or of the weight group where it is 64, 32 or 16 wide: ``a8_block``), integer
+                      dot products on the codes (the approximate, bandwidth-bound decode path),
                       and ``q4_linear_i8``: the same integer path on a W4A8 layer's own int8 input codes (exact).
                       Also ``i8_linear``: int8 x int8 -> int32 W8A8 linear (exact integer sums, then the fp32
                       scales), on the module's int8 [N, K] weights; see its comment in the same file.
@@ -65,7 +66,7 @@ ENV_DISABLE = "QPASS_NO_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "q4avx2.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-ABI_VERSION = 9
+ABI_VERSION = 10
 ISAS = ("AVX2", "AVX512")           # torch's CPU capabilities that imply AVX2 + FMA
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -106,7 +107,10 @@ class Q4Library:
         self.linear_i8 = lib.q4_linear_i8                    # W4A8 on int8 input codes (exact)
         self.linear_i8.restype = ctypes.c_int
         self.linear_i8.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P, _P, ctypes.c_int]
-        self.a8_isa = lib.q4_linear_a8_isa                   # tests: force AVX2 (0), AVX-VNNI (1), AVX512-VNNI (2)
+        self.a8_isa = lib.q4_linear_a8_isa                   # tests: force AVX2 (0), AVX-VNNI (1), AVX512-VNNI on
+                                                             # 256-bit (2) or 512-bit registers (3)
+        lib.q4_a8_block.restype, lib.q4_a8_block.argtypes = _I, [_I]
+        self.a8_block = lib.q4_a8_block                      # a8_block(group): the input block of q4_linear_a8
         self.a8_isa.restype, self.a8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         lib.q4_a8_isas.restype = ctypes.c_int
         self.a8_isas = lib.q4_a8_isas()                      # bit i: isa i runs here

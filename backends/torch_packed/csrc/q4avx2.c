@@ -58,7 +58,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 9; }
+int q4_abi_version(void) { return 10; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -336,6 +336,7 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
  * registers it as an approximate kernel (exact=False), chosen by measurement like the bf16 ones.
  */
 #define A8_MAXM 4
+#define A8_MAXCB 8             /* chunks (16 columns) per input block: xb <= 128 */
 #ifndef A8_PREFETCH
 #define A8_PREFETCH 8192      /* bytes ahead, one prefetch per 64-byte line. Chosen by a scratch sweep
                                   (1 KB, as the exact path, was slower than 8 KB at M = 1); what a tool
@@ -401,7 +402,7 @@ ATTR INLINE void NAME(const int MB, const int CB, const int8_t *xq, int64_t k16,
             _mm256_castps128_ps256(_mm_setr_ps(s[g], s[groups + g], s[2 * groups + g], s[3 * groups + g])), dup); \
         for (int64_t bb = 0; bb < gblocks; bb++) {                                                              \
             const int64_t b = g * gblocks + bb, c0 = b * CB;                                                    \
-            __m256i lo[2], hi[2];                                                                               \
+            __m256i lo[A8_MAXCB], hi[A8_MAXCB];                                                                 \
             for (int cc = 0; cc < CB; cc++) {                                                                   \
                 const uint8_t *wc = w + (c0 + cc) * 32;                                                         \
                 if (!((c0 + cc) & 1)) _mm_prefetch((const char *)(wc + A8_PREFETCH), QP_HINT);              \
@@ -424,7 +425,16 @@ ATTR INLINE void NAME(const int MB, const int CB, const int8_t *xq, int64_t k16,
     }                                                                                                           \
 }
 
-/* One full layout block against every input row, A8_MAXM at a time (MB and CB constants for the compiler). */
+/* One full layout block against every input row, A8_MAXM at a time (MB and CB constants for the compiler: CB is
+ * xb / 16, one of 1, 2, 4, 8). */
+#define A8_MB(DIRECT, MBV, CBV) DIRECT(MBV, CBV, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo)
+#define A8_CB(DIRECT, CBV)                                                                                      \
+    do {                                                                                                        \
+        if (mb == 1) A8_MB(DIRECT, 1, CBV);                                                                     \
+        else if (mb == 2) A8_MB(DIRECT, 2, CBV);                                                                \
+        else if (mb == 3) A8_MB(DIRECT, 3, CBV);                                                                \
+        else A8_MB(DIRECT, 4, CBV);                                                                             \
+    } while (0)
 #define A8_BLOCK(NAME, ATTR, DIRECT)                                                                            \
 ATTR static void NAME(const int CB, const int8_t *xq, int64_t m, int64_t k16, const float *sx, int64_t nb,      \
                       const float *xs, const uint8_t *w, const float *s, const uint8_t *z, int64_t groups,       \
@@ -434,28 +444,26 @@ ATTR static void NAME(const int CB, const int8_t *xq, int64_t m, int64_t k16, co
         const int8_t *xi = xq + i * k16;                                                                        \
         const float *sxi = sx + i * nb, *xsi = xs + i * groups;                                                 \
         float *oi = out + i * ldo;                                                                              \
-        if (CB == 2) {                                                                                          \
-            if (mb == 1) DIRECT(1, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);          \
-            else if (mb == 2) DIRECT(2, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
-            else if (mb == 3) DIRECT(3, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
-            else DIRECT(4, 2, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);                  \
-        } else {                                                                                                \
-            if (mb == 1) DIRECT(1, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);          \
-            else if (mb == 2) DIRECT(2, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
-            else if (mb == 3) DIRECT(3, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);     \
-            else DIRECT(4, 1, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo);                  \
-        }                                                                                                       \
+        if (CB == 8) A8_CB(DIRECT, 8);                                                                          \
+        else if (CB == 4) A8_CB(DIRECT, 4);                                                                     \
+        else if (CB == 2) A8_CB(DIRECT, 2);                                                                     \
+        else A8_CB(DIRECT, 1);                                                                                  \
     }                                                                                                           \
 }
 
 /* AVX2: vpmaddubsw (u8 code x s8 input -> s16 pairs, |pair| <= 3840: two chunks' lo + hi still fit int16),
- * then vpmaddwd with ones to int32. */
+ * then vpmaddwd with ones to int32, per two chunks. */
 INLINE __m256i a8_dot_avx2(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {
-    __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[0], bcast8(xp)), _mm256_maddubs_epi16(hi[0], bcast8(xp + 8)));
-    if (CB == 2)
-        t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(lo[1], bcast8(xp + 16)),
-                                                 _mm256_maddubs_epi16(hi[1], bcast8(xp + 24))));
-    return _mm256_madd_epi16(t, _mm256_set1_epi16(1));
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < CB; c += 2) {
+        const int8_t *x = xp + 16 * c;
+        __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], bcast8(x)), _mm256_maddubs_epi16(hi[c], bcast8(x + 8)));
+        if (c + 1 < CB)
+            t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c + 1], bcast8(x + 16)),
+                                                     _mm256_maddubs_epi16(hi[c + 1], bcast8(x + 24))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(t, _mm256_set1_epi16(1)));
+    }
+    return acc;
 }
 A8_DIRECT(a8_direct_avx2, , a8_dot_avx2)
 A8_BLOCK(a8_block_avx2, , a8_direct_avx2)
@@ -469,13 +477,13 @@ A8_BLOCK(a8_block_avx2, , a8_direct_avx2)
 #define T_AVX512VNNI __attribute__((target("avx512vnni,avx512vl")))
 #define A8_DOT_VNNI(NAME, ATTR, DPBUSD)                                                                         \
 ATTR INLINE __m256i NAME(const __m256i *lo, const __m256i *hi, const int8_t *xp, const int CB) {                 \
-    __m256i t = DPBUSD(_mm256_setzero_si256(), lo[0], bcast8(xp));                                              \
-    t = DPBUSD(t, hi[0], bcast8(xp + 8));                                                                       \
-    if (CB == 2) {                                                                                              \
-        t = DPBUSD(t, lo[1], bcast8(xp + 16));                                                                  \
-        t = DPBUSD(t, hi[1], bcast8(xp + 24));                                                                  \
+    __m256i t0 = DPBUSD(_mm256_setzero_si256(), lo[0], bcast8(xp));                                             \
+    __m256i t1 = DPBUSD(_mm256_setzero_si256(), hi[0], bcast8(xp + 8));                                         \
+    for (int c = 1; c < CB; c++) {                                                                              \
+        t0 = DPBUSD(t0, lo[c], bcast8(xp + 16 * c));                                                            \
+        t1 = DPBUSD(t1, hi[c], bcast8(xp + 16 * c + 8));                                                        \
     }                                                                                                           \
-    return t;                                                                                                   \
+    return _mm256_add_epi32(t0, t1);                                                                            \
 }
 A8_DOT_VNNI(a8_dot_avxvnni, T_AVXVNNI, _mm256_dpbusd_avx_epi32)
 A8_DOT_VNNI(a8_dot_avx512vnni, T_AVX512VNNI, _mm256_dpbusd_epi32)
@@ -483,7 +491,115 @@ A8_DIRECT(a8_direct_avxvnni, T_AVXVNNI, a8_dot_avxvnni)
 A8_BLOCK(a8_block_avxvnni, T_AVXVNNI, a8_direct_avxvnni)
 A8_DIRECT(a8_direct_avx512vnni, T_AVX512VNNI, a8_dot_avx512vnni)
 A8_BLOCK(a8_block_avx512vnni, T_AVX512VNNI, a8_direct_avx512vnni)
+
+/* AVX-512 on 512-bit registers (AVX512-VNNI + BW), input blocks of 32, 64 or 128 columns (P = xb / 32 pairs of
+ * chunks): one load takes a pair (4 rows x 32 columns), one and / shift / and unpacks it, and two vpdpbusd
+ * multiply it with the pair's input as a8_expand lays it out (qwords 0, 2 under the two chunks' rows, then qwords
+ * 1, 3), so the input needs no shuffle in the loop. The int32 sums run over the whole block, then one conversion
+ * and one FMA per block. Per 64 weight bytes: 3 logic ops, 2 vpdpbusd and 3 / P float ops, against 6, 4 and 3 / P
+ * on 256-bit registers. */
+#define T_AVX512W __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl")))
+T_AVX512W INLINE void a8_direct_512(const int MB, const int P, const int8_t *xe, int64_t k16, const float *sx,
+                                    int64_t nb, const float *xs, const uint8_t *w, const float *s, const uint8_t *z,
+                                    int64_t groups, int64_t gblocks, const float *bias, float *out, int64_t ldo) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i dup = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
+    __m512 acc[A8_MAXM];
+    for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512 sw = _mm512_permutexvar_ps(
+            dup, _mm512_castps128_ps512(_mm_setr_ps(s[g], s[groups + g], s[2 * groups + g], s[3 * groups + g])));
+        for (int64_t bb = 0; bb < gblocks; bb++) {
+            const int64_t b = g * gblocks + bb;
+            if (MB == 1) {                    /* one input row: each pair multiplied as soon as it is loaded */
+                const int8_t *xp = xe + 128 * P * b;
+                __m512i t0 = _mm512_setzero_si512(), t1 = _mm512_setzero_si512();
+                /* not unrolled: the unrolled loop (4 prefetches, then the loads) streamed cold weights ~8% slower
+                 * in a scratch A/B on this Xeon */
+                _Pragma("GCC unroll 1") for (int p = 0; p < P; p++) {
+                    const uint8_t *wc = w + (b * P + p) * 64;
+                    _mm_prefetch((const char *)(wc + A8_PREFETCH), QP_HINT);
+                    __m512i v = _mm512_loadu_si512((const void *)wc);
+                    __asm__("" : "+v"(v));        /* one load per line: else the and and the shift each load it */
+                    t0 = _mm512_dpbusd_epi32(t0, _mm512_and_si512(v, m4), _mm512_loadu_si512((const void *)(xp + 128 * p)));
+                    t1 = _mm512_dpbusd_epi32(t1, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                                             _mm512_loadu_si512((const void *)(xp + 128 * p + 64)));
+                }
+                acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)),
+                                         _mm512_mul_ps(sw, _mm512_set1_ps(sx[b])), acc[0]);
+                continue;
+            }
+            __m512i lo[A8_MAXCB / 2], hi[A8_MAXCB / 2];
+            for (int p = 0; p < P; p++) {
+                const uint8_t *wc = w + (b * P + p) * 64;
+                _mm_prefetch((const char *)(wc + A8_PREFETCH), QP_HINT);
+                __m512i v = _mm512_loadu_si512((const void *)wc);
+                __asm__("" : "+v"(v));
+                lo[p] = _mm512_and_si512(v, m4);
+                hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            for (int m = 0; m < MB; m++) {
+                const int8_t *xp = xe + m * 4 * k16 + 128 * P * b;
+                __m512i t0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_loadu_si512((const void *)xp));
+                __m512i t1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[0],
+                                                 _mm512_loadu_si512((const void *)(xp + 64)));
+                for (int p = 1; p < P; p++) {
+                    t0 = _mm512_dpbusd_epi32(t0, lo[p], _mm512_loadu_si512((const void *)(xp + 128 * p)));
+                    t1 = _mm512_dpbusd_epi32(t1, hi[p], _mm512_loadu_si512((const void *)(xp + 128 * p + 64)));
+                }
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(t0, t1)),
+                                         _mm512_mul_ps(sw, _mm512_set1_ps(sx[m * nb + b])), acc[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        float res[16];
+        _mm512_storeu_ps(res, acc[m]);
+        for (int r = 0; r < RB; r++) {
+            const float zt = zero_term(s + r * groups, z ? z + r * groups : NULL, xs + m * groups, groups);
+            out[m * ldo + r] = ((res[2 * r] + res[2 * r + 1]) + (res[8 + 2 * r] + res[9 + 2 * r])) - zt +
+                               (bias ? bias[r] : 0.f);
+        }
+    }
+}
+
+/* A8_BLOCK's loop for the 512-bit kernel; CB (= 2P) is 2, 4 or 8 here (a8_run checks), xq the expanded input */
+#define A8_MB512(MBV, PV) a8_direct_512(MBV, PV, xi, k16, sxi, nb, xsi, w, s, z, groups, gblocks, bias, oi, ldo)
+#define A8_P512(PV)                                                                                             \
+    do {                                                                                                        \
+        if (mb == 1) A8_MB512(1, PV);                                                                           \
+        else if (mb == 2) A8_MB512(2, PV);                                                                      \
+        else if (mb == 3) A8_MB512(3, PV);                                                                      \
+        else A8_MB512(4, PV);                                                                                   \
+    } while (0)
+T_AVX512W static void a8_block_512(const int CB, const int8_t *xq, int64_t m, int64_t k16, const float *sx,
+                                   int64_t nb, const float *xs, const uint8_t *w, const float *s, const uint8_t *z,
+                                   int64_t groups, int64_t gblocks, const float *bias, float *out, int64_t ldo) {
+    for (int64_t i = 0; i < m; i += A8_MAXM) {
+        const int mb = m - i < A8_MAXM ? (int)(m - i) : A8_MAXM;
+        const int8_t *xi = xq + i * 4 * k16;
+        const float *sxi = sx + i * nb, *xsi = xs + i * groups;
+        float *oi = out + i * ldo;
+        if (CB == 8) A8_P512(4);
+        else if (CB == 4) A8_P512(2);
+        else A8_P512(1);
+    }
+}
 #endif
+
+/* The 512-bit kernel's input: per 32-column block of xq (k16 % 32 == 0), its qwords 0, 2 under the two chunks'
+ * rows (4 copies each) then qwords 1, 3: 128 bytes, so that the kernel's inner loop loads them as they are. */
+__attribute__((unused)) static void a8_expand(const int8_t *xq, int64_t m, int64_t k16, int8_t *xe) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t b = 0; b < k16 / 32; b++) {
+            const int8_t *q = xq + i * k16 + 32 * b;
+            int8_t *e = xe + i * 4 * k16 + 128 * b;
+            for (int r = 0; r < 4; r++) {
+                memcpy(e + 8 * r, q, 8), memcpy(e + 32 + 8 * r, q + 16, 8);
+                memcpy(e + 64 + 8 * r, q + 8, 8), memcpy(e + 96 + 8 * r, q + 24, 8);
+            }
+        }
+}
 
 /* AVX512-VNNI + VL usable (the OS saves the AVX-512 state too: XCR0 bits 1, 2, 5..7) */
 static int a8_isa_avx512(void) {
@@ -497,10 +613,23 @@ static int a8_isa_avx512(void) {
 #endif
 }
 
-/* 0: AVX2, 1: AVX-VNNI, 2: AVX512-VNNI (+VL), as far as the compiler and the CPU both have them */
+/* AVX512F + BW usable as well (the 512-bit kernel's and / shift on zmm registers) */
+static int a8_isa_avx512w(void) {
+#if A8_VNNI
+    unsigned a, b, c, d;
+    return a8_isa_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1) && ((b >> 30) & 1);
+#else
+    return 0;
+#endif
+}
+
+/* 0: AVX2, 1: AVX-VNNI, 2: AVX512-VNNI (+VL) on 256-bit registers, 3: AVX512-VNNI (+BW) on 512-bit registers
+ * (input blocks of 32 columns or more; the 256-bit AVX512-VNNI kernel for blocks of 16), as far as the compiler
+ * and the CPU both have them. The best: 3, else 1, else 2, else 0. */
 static int a8_isa(void) {
 #if A8_VNNI
     unsigned a, b, c, d;
+    if (a8_isa_avx512w()) return 3;
     if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1)) return 1;
     if (a8_isa_avx512()) return 2;
 #endif
@@ -538,12 +667,20 @@ static void a8_run(int isa, const int8_t *xq, const float *sx, const float *xs, 
                    const uint8_t *w, int64_t n, const float *s, const uint8_t *z, int64_t group, const float *bias,
                    float *out, int threads) {
     a8_block_fn block = a8_block_avx2;
-#if A8_VNNI
-    if (isa == 1) block = a8_block_avxvnni;
-    else if (isa == 2) block = a8_block_avx512vnni;
-#endif
     const int64_t nb = k16 / xb, groups = k16 / group, gblocks = group / xb;
     const int CB = (int)(xb / 16);
+    int8_t *xe = NULL;
+    const int8_t *xk = xq;                               /* the block kernel's input */
+#if A8_VNNI
+    if (isa == 1) block = a8_block_avxvnni;
+    else if (isa >= 2) block = a8_block_avx512vnni;
+    /* 64-byte aligned: the kernel loads it in whole cache lines (a split load costs about a tenth of the speed) */
+    if (isa == 3 && CB >= 2 && (xe = aligned_alloc(64, (size_t)(4 * m * k16))) != NULL) {   /* no memory: 256-bit */
+        a8_expand(xq, m, k16, xe);
+        block = a8_block_512;
+        xk = xe;
+    }
+#endif
     const int64_t blocks = (n + RB - 1) / RB;
     const int parallel = threads > 1 && m * n * k16 >= PARALLEL_MIN;
     #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
@@ -554,8 +691,9 @@ static void a8_run(int isa, const int8_t *xq, const float *sx, const float *xs, 
         const float *sb = s + n0 * groups, *bb = bias ? bias + n0 : NULL;
         const uint8_t *zb = z ? z + n0 * groups : NULL;
         if (R < RB) a8_rows(R, xq, m, k16, sx, nb, xs, xb, wb, sb, zb, groups, bb, out + n0, n);
-        else block(CB, xq, m, k16, sx, nb, xs, wb, sb, zb, groups, gblocks, bb, out + n0, n);
+        else block(CB, xk, m, k16, sx, nb, xs, wb, sb, zb, groups, gblocks, bb, out + n0, n);
     }
+    free(xe);
 }
 
 static int q4_args_bad(int64_t m, int64_t n, int64_t k16, int64_t group) {
@@ -625,6 +763,12 @@ int q4_dequant(const uint8_t *w, int64_t n, int64_t k16, const float *s, const u
     return 0;
 }
 
+/* The input block of q4_linear_a8 / _i8 for weight groups of `group` columns (a multiple of 16; k16 for per-channel
+ * weights): the largest of 128, 64, 32, 16 that divides it, so that a block never straddles two weight groups. */
+int64_t q4_a8_block(int64_t group) {
+    return group % 128 == 0 ? 128 : group % 64 == 0 ? 64 : group % 32 == 0 ? 32 : 16;
+}
+
 /* The prepared input of a8_run: int8 codes [m, k16], block scales [m, nb], group sums of x^ [m, groups]. */
 typedef struct {
     int8_t *xq;
@@ -635,7 +779,7 @@ typedef struct {
 static void a8_input_free(A8Input *in) { free(in->xq), free(in->sx), free(in->xs); }
 
 static int a8_input(A8Input *in, int64_t m, int64_t k16, int64_t group) {
-    in->xb = group % 32 ? 16 : 32, in->nb = k16 / in->xb, in->groups = k16 / group;
+    in->xb = q4_a8_block(group), in->nb = k16 / in->xb, in->groups = k16 / group;
     in->xq = malloc((size_t)(m * k16));
     in->sx = malloc(sizeof(float) * m * in->nb), in->xs = malloc(sizeof(float) * m * in->groups);
     if (!in->xq || !in->sx || !in->xs) {
@@ -671,13 +815,18 @@ int q4_linear_a8(const float *x, int64_t m, int64_t k16, const uint8_t *w, int64
 
 /* For tests: the instruction sets this library and CPU can run (bit i: isa i of a8_isa), and one forced. */
 int q4_a8_isas(void) {
-    const int best = a8_isa();
-    return 1 | (best >= 1 ? 2 : 0) | (best == 2 ? 4 : 0) | (best == 1 && a8_isa_avx512() ? 4 : 0);
+#if A8_VNNI
+    unsigned a, b, c, d;
+    const int avxvnni = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+#else
+    const int avxvnni = 0;
+#endif
+    return 1 | (avxvnni ? 2 : 0) | (a8_isa_avx512() ? 4 : 0) | (a8_isa_avx512w() ? 8 : 0);
 }
 
 int q4_linear_a8_isa(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
                      const uint8_t *z, int64_t group, const float *bias, float *out, int threads) {
-    if (isa < 0 || isa > 2 || !((q4_a8_isas() >> isa) & 1)) return -2;
+    if (isa < 0 || isa > 3 || !((q4_a8_isas() >> isa) & 1)) return -2;
     return a8_all(isa, x, m, k16, w, n, s, z, group, bias, out, threads);
 }
 
