@@ -532,6 +532,42 @@ def test_native_i8_kernel_sums_extreme_codes_exactly(q4lib, k):
             assert q4lib.i8_linear(a.data_ptr(), m, k, w.data_ptr(), n, ones_m.data_ptr(), ones_n.data_ptr(), None,
                                    out.data_ptr(), threads) == 0
             assert torch.equal(out, exact.float()), (m, threads)    # |sums| < 2^24: exact in fp32
+            for isa in range(2):                         # every instruction set this CPU runs: the same sums
+                if (q4lib.i8_isas >> isa) & 1:
+                    o = torch.empty(m, n)
+                    assert q4lib.i8_isa(isa, a.data_ptr(), m, k, w.data_ptr(), n, ones_m.data_ptr(),
+                                        ones_n.data_ptr(), None, o.data_ptr(), threads) == 0
+                    assert torch.equal(o, exact.float()), (isa, m, threads)
+
+
+@pytest.mark.parametrize("n,k", [(37, 200), (8, 64), (5, 1000), (12, 130)])
+def test_native_i8_instruction_sets_give_the_same_outputs(q4lib, n, k):
+    """The AVX512-VNNI path (u8 x s8 with the input shifted by 128, masked K tails) and the int16 one: the same
+    int32 sums, then the same fp32 steps, so bit for bit the same outputs, with scales and bias."""
+    if not (q4lib.i8_isas >> 1) & 1:
+        pytest.skip("no AVX512-VNNI here")
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    ws, bias = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g)
+    for m in (1, 2, 3, 5):
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        sa = torch.rand(m, generator=g)
+        outs = []
+        for isa in (0, 1):
+            for threads in (1, 2):
+                o = torch.empty(m, n)
+                assert q4lib.i8_isa(isa, a.data_ptr(), m, k, w.data_ptr(), n, sa.data_ptr(), ws.data_ptr(),
+                                    bias.data_ptr(), o.data_ptr(), threads) == 0
+                outs.append(o)
+        wsum = w.to(torch.int32).sum(1, dtype=torch.int32)   # the rows' code sums given (PackedLinear.colsum)
+        for threads in (1, 2):
+            o = torch.empty(m, n)
+            assert q4lib.i8_linear_ws(a.data_ptr(), m, k, w.data_ptr(), n, sa.data_ptr(), ws.data_ptr(),
+                                      bias.data_ptr(), o.data_ptr(), threads, wsum.data_ptr()) == 0
+            outs.append(o)
+        assert all(torch.equal(o, outs[0]) for o in outs), m
+        ref = (a.double() @ w.double().t()) * sa.double()[:, None] * ws.double() + bias.double()
+        assert torch.allclose(outs[0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_native_kernel_is_built_once_into_the_cache(fresh_native):

@@ -23,9 +23,11 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      exact up to fp32 summation order.
     q4a8             weight-only int4 (no input quantizer: W4A8's inputs are already int8 codes, and rounding
                      them again would only add error) in the q4 layout on the same C library's
-                     ``q4_linear_a8``: the input is rounded to int8 per token in blocks of 32 columns (16
-                     where groups are 16 wide), x^ = s * rint(x / s), s = max|block| / 127, and the codes are
-                     multiplied as integers (vpmaddubsw): fewer vector ops per weight byte, so decode runs
+                     ``q4_linear_a8``: the input is rounded to int8 per token in blocks of 128 columns (64,
+                     32 or 16 where the weight groups are that narrow: ``native.q4().a8_block``), x^ = s *
+                     rint(x / s), s = max|block| / 127, and the codes are multiplied as integers (vpmaddubsw,
+                     vpdpbusd; 512-bit registers where AVX512-VNNI is there), the int32 sums running over a whole
+                     block: fewer vector ops per weight byte, so decode runs
                      nearer the memory bandwidth. Exact on x^ up to summation order; x^ itself is the
                      approximation (relative error <= 1/254 of each block's largest input), the same trade as
                      llama.cpp's Q8 activations and onnxruntime's MatMulNBits accuracy level 4.
@@ -182,7 +184,7 @@ def _f32_rows(x: Tensor, fq, k: int, k_pad: int) -> Tensor:
 def _bind_q4avx2(mod, *, a8: bool = False):
     """The q4 kernel through ctypes: x as fp32 [..., k16] (zero-padded), bias added in the kernel. Returns
     [..., N] (x's leading dims: the module then has nothing left to reshape; calls here cost microseconds).
-    a8: ``q4_linear_a8`` (the input rounded to int8 in blocks of 32 columns inside the kernel) instead."""
+    a8: ``q4_linear_a8`` (the input rounded to int8 in blocks of up to 128 columns inside the kernel) instead."""
     wf, fq = mod.wf, _fake_quant(mod)
     lib = native.q4()
     k, k16, n, group, call = wf.k, wf.k16, wf.n, wf.q4_group, lib.linear_a8 if a8 else lib.linear
@@ -357,9 +359,10 @@ def _bind_i8avx2(mod):
     the common dynamic per-token quantizer the codes and scales come from one native.token_quant call (the
     same codes and scales, bit for bit, on finite tokens; a token holding inf/NaN gets a NaN scale, so its
     outputs are all NaN as in the fake-quant graph). Returns [..., N] (x's leading dims)."""
-    codes, k, n, call = _codes(mod), mod.wf.k, mod.wf.n, native.q4().i8_linear
-    tensors = (mod.qweight, mod.row_scale, mod.bias)             # kept alive with the pointers below
-    qw, rs, b = (t.data_ptr() if t is not None else None for t in tensors)
+    codes, k, n, call = _codes(mod), mod.wf.k, mod.wf.n, native.q4().i8_linear_ws
+    wsum = mod.colsum.to(torch.int32).contiguous()               # the rows' code sums (|sum| < 2^31: K < 2^24)
+    tensors = (mod.qweight, mod.row_scale, mod.bias, wsum)       # kept alive with the pointers below
+    qw, rs, b, cs = (t.data_ptr() if t is not None else None for t in tensors)
     threads, bits, tq = torch.get_num_threads, _native_act_bits(mod), native.token_quant
 
     def run(x: Tensor) -> Tensor:
@@ -372,7 +375,7 @@ def _bind_i8avx2(mod):
             m = a.shape[0]
             sa = sa.float().reshape(-1).expand(m).contiguous()
         out = torch.empty(*x.shape[:-1], n)        # x's leading dims: nothing left for the module to reshape
-        if call(a.data_ptr(), m, k, qw, n, sa.data_ptr(), rs, b, out.data_ptr(), threads()):
+        if call(a.data_ptr(), m, k, qw, n, sa.data_ptr(), rs, b, out.data_ptr(), threads(), cs):
             raise RuntimeError(f"i8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
         return out
     run.tensors = tensors
@@ -383,7 +386,7 @@ def _i8avx2_applies(mod) -> bool:
     return (_w8a8(mod) and mod.act.symmetric and mod.wf.symmetric and mod.wf.k == mod.wf.kp and _cpu(mod)
             and mod.qweight.dtype == torch.int8 and mod.qweight.is_contiguous()
             and mod.row_scale.dtype == torch.float32 and (mod.bias is None or mod.bias.dtype == torch.float32)
-            and native.available())
+            and mod.colsum is not None and native.available())
 
 
 def _bind_w8avx2(mod):

@@ -123,6 +123,12 @@ class Q4Library:
         self.w8_linear.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _P, ctypes.c_int]
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
+        self.i8_isa = lib.i8_linear_isa                      # tests: force vpmaddwd (0) or AVX512-VNNI (1)
+        self.i8_isa.restype, self.i8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_I8_ARGS]
+        self.i8_linear_ws = lib.i8_linear_ws                 # the same with the weight rows' code sums (colsum)
+        self.i8_linear_ws.restype, self.i8_linear_ws.argtypes = ctypes.c_int, [*_I8_ARGS, _P]
+        lib.i8_isas.restype = ctypes.c_int
+        self.i8_isas = lib.i8_isas()                         # bit i: isa i runs here
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
                                ("rope", "rope_f32", _ROPE_ARGS), ("kv_store", "kv_store", _KVS_ARGS),
                                ("kv_load", "kv_load", _KVL_ARGS), ("lut_linear", "lut_linear", _LUT_ARGS),

@@ -320,7 +320,8 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
 /* ------------------------------------------------------------------------- int8-activation direct path
  *
  * q4_linear_a8: the same product with the input rounded to int8 first, in blocks of XB columns of a token
- * (XB = 32, or 16 where the weight groups are 16 columns or k16 is not a multiple of 32):
+ * (q4_a8_block: XB = 128, or 64, 32, 16 where the weight group, k16 for per-channel weights, is not a multiple of
+ * 128; a block never straddles two groups):
  *
  *     sx = max|x_b| / 127,  xq = rint(x / sx) (0 where sx = 0),  x^ = sx * xq,
  *     out[m, n] = bias[n] + sum_g s[n, g] * (sum_{k in g} x^_k u[n, k] - z[n, g] sum_{k in g} x^_k)
@@ -332,6 +333,12 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
  * an and, a shift, an and and two vpmaddubsw (u8 code x s8 input: |sum| <= 2 * 15 * 128, no saturation, and
  * two chunks still fit int16), the int32 widening, conversion and one FMA coming once per XB-column block.
  * The input's 8-byte halves are broadcast to the 4 rows of a block straight from memory (vpbroadcastq).
+ * Why blocks of 128 rather than 32 (the choice until ABI 10): the float work per block is a third of the ops
+ * per weight byte at 32, under a tenth at 128, and the 512-bit kernel then streams cold weights at 1.06-1.08x
+ * (1 thread) and 1.13x (2 threads) the speed of the 32-column 256-bit one (0.5 B model shapes, scratch A/B);
+ * the input rounding error grows with the block's range (the bound below is per block), and what it costs in
+ * perplexity is measured by tools/kernel_accuracy.py (docs/benchmarks.md). onnxruntime's MatMulNBits at
+ * accuracy level 4 rounds its input in blocks of the weight block length too, and llama.cpp's K-quants in 256.
  * The same trade llama.cpp (Q8 activations) and onnxruntime's MatMulNBits at accuracy level 4 make; kernels.py
  * registers it as an approximate kernel (exact=False), chosen by measurement like the bf16 ones.
  */
@@ -880,6 +887,9 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
  * in L1 while the int16 input streams by (cache-blocking K measured no faster). Columns beyond the last
  * whole 16 are summed in scalar code (weight rows are not padded). Threads: OpenMP over blocks of 4 output
  * columns (weight rows), dynamic in runs of CHUNK.
+ * With AVX512-VNNI (+BW) the same sums come from vpdpbusd instead (i8_tile_512 below): 64 products per
+ * instruction on the input made unsigned. Cold 0.5 B model shapes at M = 1 (scratch A/B, Intel Xeon): 1 thread
+ * 11.3 -> 13.2 GB/s, 2 threads 19.4 -> 25.2 GB/s, given the rows' code sums (i8_linear_ws); in L2 4.6x.
  */
 #define I8_NR 4
 #define I8_MR 2
@@ -951,13 +961,103 @@ static void i8_block(const int nr, const int8_t *a8, const int16_t *a, int64_t m
     }
 }
 
-/* The W8A8 entry point. Returns 0, or -1 on bad arguments or a failed allocation (out is then undefined). */
-int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa, const float *ws,
-              const float *bias, float *out, int threads) {
+#if A8_VNNI
+/* AVX512-VNNI (+BW) on 512-bit registers: vpdpbusd multiplies u8 x s8 and sums four products into an int32 lane,
+ * 64 products per instruction (vpmaddwd on int16 above: 16, after a widening per 16 weight codes). The input is
+ * made unsigned, u = a + 128 (u8, once per call), and sum_k a w = sum_k u w - 128 sum_k w, the second sum by a
+ * vpdpbusd of the constant 128 with the same weight vector: both exact in int32 for K <= I8_VNNI_MAXK (|u w| <=
+ * 255 * 128). NR = 4 weight rows x MR = 2 input rows per pass; the last partial 64 columns through a masked load
+ * (zero codes beyond K: no padding of the weights). The same int32 sums as i8_tile, so the same outputs. */
+#define I8_VNNI_MAXK 65536
+T_AVX512W INLINE void i8_tile_512(const int mr, const int nr, const uint8_t *u, int64_t ldu, const int8_t *w,
+                                  int64_t ldw, int64_t k, const int32_t *wsum, int32_t *acc) {
+    __m512i c[I8_MR][I8_NR], cw[I8_NR];
+    const __m512i c128 = _mm512_set1_epi8((char)128);
+    for (int r = 0; r < nr; r++) {
+        cw[r] = _mm512_setzero_si512();
+        for (int m = 0; m < mr; m++) c[m][r] = _mm512_setzero_si512();
+    }
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        __m512i wv[I8_NR];
+        for (int r = 0; r < nr; r++) {
+            _mm_prefetch((const char *)(w + r * ldw + j + I8_PREFETCH), _MM_HINT_T0);
+            wv[r] = _mm512_loadu_si512((const void *)(w + r * ldw + j));
+            if (!wsum) cw[r] = _mm512_dpbusd_epi32(cw[r], c128, wv[r]);
+        }
+        for (int m = 0; m < mr; m++) {
+            const __m512i uv = _mm512_loadu_si512((const void *)(u + m * ldu + j));
+            for (int r = 0; r < nr; r++) c[m][r] = _mm512_dpbusd_epi32(c[m][r], uv, wv[r]);
+        }
+    }
+    if (j < k) {
+        const __mmask64 tail = (__mmask64)((1ULL << (k - j)) - 1);   /* k - j < 64 */
+        __m512i wv[I8_NR];
+        for (int r = 0; r < nr; r++) {
+            wv[r] = _mm512_maskz_loadu_epi8(tail, (const void *)(w + r * ldw + j));
+            if (!wsum) cw[r] = _mm512_dpbusd_epi32(cw[r], c128, wv[r]);
+        }
+        for (int m = 0; m < mr; m++) {
+            const __m512i uv = _mm512_loadu_si512((const void *)(u + m * ldu + j));
+            for (int r = 0; r < nr; r++) c[m][r] = _mm512_dpbusd_epi32(c[m][r], uv, wv[r]);
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int r = 0; r < nr; r++)
+            acc[m * I8_NR + r] = wsum ? _mm512_reduce_add_epi32(c[m][r]) - 128 * wsum[r]
+                                      : _mm512_reduce_add_epi32(_mm512_sub_epi32(c[m][r], cw[r]));
+}
+
+T_AVX512W static void i8_block_512(const int nr, const uint8_t *u, int64_t ldu, int64_t mrows, int64_t k,
+                                   const int8_t *w, const int32_t *wsum, const float *sa, const float *ws,
+                                   const float *bias, float *out, int64_t n) {
+    int32_t acc[I8_MR * I8_NR];
+    for (int64_t m = 0; m < mrows; m += I8_MR) {
+        const int mr = mrows - m < I8_MR ? (int)(mrows - m) : I8_MR;
+        const uint8_t *um = u + m * ldu;
+        if (mr == I8_MR && nr == I8_NR) i8_tile_512(I8_MR, I8_NR, um, ldu, w, k, k, wsum, acc);
+        else if (mr == 1 && nr == I8_NR) i8_tile_512(1, I8_NR, um, ldu, w, k, k, wsum, acc);
+        else
+            for (int i = 0; i < mr; i++)
+                for (int r = 0; r < nr; r++)
+                    i8_tile_512(1, 1, um + i * ldu, ldu, w + r * k, k, k, wsum ? wsum + r : NULL, acc + i * I8_NR + r);
+        i8_store(acc, mr, nr, sa + m, ws, bias, out + m * n, n);
+    }
+}
+#endif
+
+/* 0: vpmaddwd on int16 (AVX2), 1: vpdpbusd on 512-bit registers (AVX512-VNNI + BW), where K allows */
+static int i8_isa_cached = -1;
+
+static int i8_all(int isa, const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
+                  const float *ws, const float *bias, float *out, int threads, const int32_t *wsum) {
     if (m < 0 || n < 0 || k <= 0) return -1;
     if (m == 0 || n == 0) return 0;
     if (threads < 1) threads = 1;
-    const int64_t k16 = (k + 15) & ~(int64_t)15, blocks = (n + I8_NR - 1) / I8_NR;
+    const int64_t blocks = (n + I8_NR - 1) / I8_NR;
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+#if A8_VNNI
+    if (isa == 1 && k <= I8_VNNI_MAXK) {
+        const int64_t ldu = (k + 63) & ~(int64_t)63;
+        uint8_t *u = aligned_alloc(64, (size_t)(m * ldu));
+        if (!u) return -1;
+        for (int64_t i = 0; i < m; i++) {
+            for (int64_t j = 0; j < k; j++) u[i * ldu + j] = (uint8_t)((int)a8[i * k + j] + 128);
+            memset(u + i * ldu + k, 0, (size_t)(ldu - k));
+        }
+        #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * I8_NR;
+            i8_block_512(n - n0 < I8_NR ? (int)(n - n0) : I8_NR, u, ldu, m, k, w + n0 * k, wsum ? wsum + n0 : NULL,
+                         sa, ws + n0, bias ? bias + n0 : NULL, out + n0, n);
+        }
+        free(u);
+        return 0;
+    }
+#else
+    (void)isa, (void)wsum;
+#endif
+    const int64_t k16 = (k + 15) & ~(int64_t)15;
     int16_t *a = aligned_alloc(32, sizeof(int16_t) * m * k16);
     if (!a) return -1;
     for (int64_t i = 0; i < m; i++) {
@@ -968,7 +1068,6 @@ int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n
         for (; j < k; j++) a[i * k16 + j] = a8[i * k + j];
         for (; j < k16; j++) a[i * k16 + j] = 0;
     }
-    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
     #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * I8_NR;
@@ -977,6 +1076,33 @@ int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n
     }
     free(a);
     return 0;
+}
+
+/* The W8A8 entry point: the fastest instruction set this CPU has. Returns 0, or -1 on bad arguments or a failed
+ * allocation (out is then undefined). */
+int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa, const float *ws,
+              const float *bias, float *out, int threads) {
+    int isa = __atomic_load_n(&i8_isa_cached, __ATOMIC_RELAXED);
+    if (isa < 0) __atomic_store_n(&i8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
+    return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, NULL);
+}
+
+/* i8_linear with the weight rows' code sums given (wsum int32 [N], sum_k w[n, k]: PackedLinear's colsum): the
+ * AVX512-VNNI path then needs one vpdpbusd per 64 weight codes and input row instead of two at M = 1. */
+int i8_linear_ws(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
+                 const float *ws, const float *bias, float *out, int threads, const int32_t *wsum) {
+    int isa = __atomic_load_n(&i8_isa_cached, __ATOMIC_RELAXED);
+    if (isa < 0) __atomic_store_n(&i8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
+    return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, wsum);
+}
+
+/* For tests: the instruction sets i8_linear can use here (bit i: isa i), and one forced (-2: not here). */
+int i8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
+
+int i8_linear_isa(int isa, const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
+                  const float *ws, const float *bias, float *out, int threads) {
+    if (isa < 0 || isa > 1 || !((i8_isas() >> isa) & 1)) return -2;
+    return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, NULL);
 }
 
 /* ------------------------------------------------------------------------------ int8 weights x fp32
