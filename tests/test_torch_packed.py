@@ -490,7 +490,7 @@ def test_native_i8_kernel_equals_the_int_mm_kernel(q4lib, case):
 
 
 @pytest.mark.parametrize("case", [(37, 200, True, True), (6, 45, False, False), (21, 203, True, True),
-                                  (64, 96, False, True), (5, 7, False, True)], ids=str)
+                                  (64, 96, False, True), (5, 7, False, True), (12, 328, True, False)], ids=str)
 def test_native_w8_kernel_equals_the_fake_quant_product(q4lib, case):
     """w8avx2 (W8A16, int8 weights x fp32 input): N % 4, K tails of 8 and 32, symmetric and asymmetric, M = 1..5
     on 1 and 2 threads, against the dequant kernel and F.linear on the fake-quantized weight."""
@@ -511,6 +511,48 @@ def test_native_w8_kernel_equals_the_fake_quant_product(q4lib, case):
             out = mod(x)
             force(mod, "dequant")
             assert out.shape == (2, m, n) and rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads)
+    lib = tp.native.q4()
+    zc = mod.zero_c.data_ptr() if mod.zero_c is not None else None
+    for isa in range(2):                                # every instruction set this CPU runs
+        if not (lib.w8_isas >> isa) & 1:
+            continue
+        for m in (1, 2, 3):
+            x = torch.randn(m, k, generator=g)
+            o = torch.empty(m, n)
+            assert lib.w8_isa(isa, x.data_ptr(), m, k, mod.qweight.data_ptr(), n, mod.row_scale.data_ptr(), zc,
+                              b.data_ptr() if bias else None, o.data_ptr(), 1) == 0
+            assert rel(o, torch.nn.functional.linear(x, wfq, b if bias else None)) <= 1e-5, (isa, m)
+
+
+@pytest.mark.parametrize("case", [(37, 200, True, True), (6, 45, False, False), (21, 256, True, True),
+                                  (8, 300, False, True), (12, 130, True, False)], ids=str)
+def test_native_q8a8_kernel_is_the_w8_product_on_int8_rounded_inputs(q4lib, case):
+    """q8a8 (W8A16 on int8-rounded input blocks of 128 columns, AVX512-VNNI): N % 4, K tails inside and past a
+    64-byte half, symmetric and asymmetric codes, M = 1..5 on 1 and 2 threads, against F.linear of the
+    fake-quantized weight on the same rounded input; offered only where the library has the instructions."""
+    n, k, symmetric, bias = case
+    g = torch.Generator().manual_seed(n + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    spec = QSpec(format_from_name("int8"), PerTensor(), symmetric=symmetric)
+    scale, zp = Q.choose_qparams(w, spec, block_size=(1, -1))
+    mod = tp.PackedLinear.from_weight(w, scale, zp, (1, -1), "int8", bias=b if bias else None)
+    if not q4lib.w8_isas & 2:
+        assert "q8a8" not in tp.kernels.candidates(mod)
+        pytest.skip("no AVX512-VNNI here")
+    assert "q8a8" in tp.kernels.candidates(mod) and "q8a8" not in tp.kernels.candidates(mod, "exact")
+    wfq = Q.fake_quantize(w, scale, zp, (1, -1), "int8")
+    kb = -(-k // 128) * 128
+    for m in (1, 2, 3, 5):
+        x = torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g).pow(4) * 10
+        if k > 128:
+            x[0, :128] = 0                              # an all-zero block: s = 0
+        ref = torch.nn.functional.linear(int8_blocks(x, kb, 128)[:, :k], wfq, b if bias else None)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            force(mod, "q8a8")
+            out = mod(x)
+            assert rel(out, ref) <= 1e-5, (m, threads, rel(out, ref))
+        assert 0 < rel(out, torch.nn.functional.linear(x, wfq, b if bias else None)) <= 2e-2
 
 
 @pytest.mark.parametrize("k", [16, 45, 203, 4096])

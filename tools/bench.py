@@ -600,9 +600,10 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
     lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
               "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "
-              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen); `q4a8` rounds the "
-              "input to int8 in blocks of 128 columns, or of the weight group where it is narrower (≤ 1/254 of each block's largest input) and is otherwise exact, so "
-              "greedy tokens can differ from the fake-quant model only at near-ties of its logits. Their cost in "
+              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen); `q4a8` and `q8a8` "
+              "round the input to int8 in blocks of 128 columns, or of the weight group where it is narrower (≤ 1/254 of each "
+              "block's largest input) and are otherwise exact, so greedy tokens can differ from the fake-quant model only at "
+              "near-ties of its logits. Their cost in "
               "perplexity on the bundled models is the next section's table.", ""]
     for kept in KEPT_SECTIONS[1:]:
         lines += kept_section(ctx.args.out, *kept)

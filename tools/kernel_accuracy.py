@@ -1,12 +1,12 @@
 """What the torch backend's approximate kernels cost in perplexity on the bundled models.
 
     python tools/kernel_accuracy.py [--model models/tiny-llama ...] [--recipe w4a16_g128.yaml ...]
-                                    [--kernels exact,q4a8] [--eval-tokens N] [--out docs/benchmarks.md]
+                                    [--kernels exact,q4a8,q8a8] [--eval-tokens N] [--out docs/benchmarks.md]
 
 For each model and recipe (presets in recipes/, weight-only: no calibration), the fake-quant model and the model
 lowered by the torch backend with each kernel policy in --kernels (a kernel name forces that kernel wherever it
-applies and at every M bucket, so every token of every window goes through it; 'exact' allows only the exact
-kernels) score the same held-out windows of 256 tokens (the text the model's qpass_data.json names for eval).
+applies and at every M bucket, so every token of every window goes through it; a kernel that applies to none of a
+recipe's layers gets no row for it; 'exact' allows only the exact kernels) score the same held-out windows of 256 tokens (the text the model's qpass_data.json names for eval).
 Rows: perplexity, its difference from the fake-quant model's with a 95% interval paired over windows, whether
 that is within noise, KL(fake-quant ‖ lowered) per token and top-1 agreement with the fake-quant model. This is
 the measurement behind the choice of approximate kernels under the default policy ('auto': the fastest measured
@@ -82,15 +82,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", default=[], help="model directory (default: both bundled models)")
     ap.add_argument("--recipe", action="append", default=[], help="preset in recipes/ (default: w4a16_g128.yaml, "
-                    "w4a16.yaml)")
-    ap.add_argument("--kernels", default="exact,q4a8", help="comma-separated policies / kernel names")
+                    "w4a16.yaml, w8a16.yaml)")
+    ap.add_argument("--kernels", default="exact,q4a8,q8a8", help="comma-separated policies / kernel names")
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens (0: the whole eval text)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     models = args.model or [m for m in MODELS if os.path.isdir(m)]
-    recipes = args.recipe or ["w4a16_g128.yaml", "w4a16.yaml"]
+    recipes = args.recipe or ["w4a16_g128.yaml", "w4a16.yaml", "w8a16.yaml"]
     policies = [p.strip() for p in args.kernels.split(",") if p.strip()]
     t0 = time.perf_counter()
     sections = []
@@ -108,12 +108,14 @@ def main(argv=None) -> int:
             used = {}
             for pol in policies:
                 pm = tp.lower(qm, kernels=pol, repeats=1)
+                if pol in tp.kernels.KERNELS and pol not in kernels_used(pm):
+                    continue                                # applies to none of this recipe's layers
                 used[pol] = kernels_used(pm)
                 runners[pol] = lambda x, pm=pm: pm(x).logits
             res = score(runners, wins)
             base = res["fake-quant"]
             body.append([recipe, "fake-quant graph", "–", f"{base['perplexity']:.3f}", "–", "–", "–", "–", "–"])
-            for pol in policies:
+            for pol in used:
                 r = res[pol]
                 m, hw = paired(base["window_nll"], r["window_nll"])
                 body.append([recipe, pol, ", ".join(used[pol]), f"{r['perplexity']:.3f}",

@@ -41,6 +41,13 @@ yet quantized) and ``run`` returns [M, N] (or [..., N]) float32. A module's plan
                      at a time, prefetched) on the module's int8 [N, K] codes, the scale once per dot product,
                      the zero point through the input's row sum: exact up to fp32 rounding order. The decode
                      GEMV of W8A16 (int8pack rounds to bf16). Only where the library builds on this machine.
+    q8a8             weight-only int8 (no input quantizer) on the same C library's ``w8_linear_a8``: the input
+                     rounded to int8 per token in blocks of 128 columns as q4a8 does, the codes multiplied as
+                     integers (vpdpbusd with the weight codes as the unsigned operand, sign bit flipped, and the
+                     input codes' block sums correcting the offset: exact int32), one float step per block. The
+                     W8A16 decode GEMV near the memory bandwidth: w8avx2 spends ~12 vector ops per 64 weight
+                     bytes on conversions and FMAs, this ~3.5. Approximate as q4a8 (x^ for x). Only on CPUs with
+                     AVX512-VNNI (+BW).
     int_mm           W8A8: int8 input codes (per token or per tensor, exactly the codes the input
                      fake-quant rounds to) x int8 weight codes with int32 accumulation (``torch._int_mm``),
                      then the scales: exact up to float rounding of the fp32 reference.
@@ -389,10 +396,12 @@ def _i8avx2_applies(mod) -> bool:
             and mod.colsum is not None and native.available())
 
 
-def _bind_w8avx2(mod):
+def _bind_w8avx2(mod, *, a8: bool = False):
     """w8_linear through ctypes on the module's int8 [N, K] codes, per-row scales and c-space zero points (the
-    input fake-quantized first where the recipe quantizes it, as q4avx2 does). Returns [..., N] (x's leading dims)."""
-    fq, k, n, call = _fake_quant(mod), mod.wf.k, mod.wf.n, native.q4().w8_linear
+    input fake-quantized first where the recipe quantizes it, as q4avx2 does). Returns [..., N] (x's leading dims).
+    a8: ``w8_linear_a8`` (the input rounded to int8 in blocks of 128 columns inside the kernel) instead."""
+    lib = native.q4()
+    fq, k, n, call = _fake_quant(mod), mod.wf.k, mod.wf.n, lib.w8_linear_a8 if a8 else lib.w8_linear
     zc = mod.zero_c.contiguous() if mod.zero_c is not None else None
     tensors = (mod.qweight, mod.row_scale, zc, mod.bias)             # kept alive with the pointers below
     qw, rs, z, b = (t.data_ptr() if t is not None else None for t in tensors)
@@ -403,7 +412,8 @@ def _bind_w8avx2(mod):
         out = torch.empty(*x.shape[:-1], n)
         m = x.numel() // k
         if call(x.data_ptr(), m, k, qw, n, rs, z, b, out.data_ptr(), threads()):
-            raise RuntimeError(f"w8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
+            raise RuntimeError(f"{'q8a8' if a8 else 'w8avx2'} failed for a {m}x{k} input and {n}x{k} weights (out of "
+                               "memory)")
         return out
     run.tensors = tensors
     return run
@@ -413,6 +423,11 @@ def _w8avx2_applies(mod) -> bool:
     return (_int8_rows(mod) and mod.wf.k == mod.wf.kp and _cpu(mod) and mod.qweight.dtype == torch.int8
             and mod.qweight.is_contiguous() and mod.row_scale.dtype == torch.float32
             and (mod.bias is None or mod.bias.dtype == torch.float32) and native.available())
+
+
+def _q8a8_applies(mod) -> bool:
+    """Weight-only int8 (no input quantizer, as q4a8) where the library has its AVX512-VNNI kernel."""
+    return mod.act is None and _w8avx2_applies(mod) and bool(native.q4().w8_isas & 2)
 
 
 def _bind_int8pack_codes(mod):
@@ -472,6 +487,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            "_weight_int8pack_mm, bf16 activations"),
     Kernel("w8avx2", True, _w8avx2_applies, _bind_w8avx2,
            "own AVX2 int8-weight x fp32 kernel (csrc/q4avx2.c w8_linear), exact"),
+    Kernel("q8a8", False, _q8a8_applies, lambda m: _bind_w8avx2(m, a8=True),
+           "own AVX512-VNNI int8 kernel with int8 input blocks (csrc/q4avx2.c w8_linear_a8)"),
     Kernel("int_mm", True, _w8a8, _bind_int_mm, "int8 x int8 -> int32 (torch._int_mm)"),
     Kernel("i8avx2", True, _i8avx2_applies, _bind_i8avx2, "own AVX2 int8 x int8 -> int32 kernel (csrc/q4avx2.c)"),
     Kernel("int8pack_codes", False, lambda m: _w8a8(m) and m.wf.symmetric and _cpu(m) and _int8pack_k(m),

@@ -620,14 +620,20 @@ static int a8_isa_avx512(void) {
 #endif
 }
 
-/* AVX512F + BW usable as well (the 512-bit kernel's and / shift on zmm registers) */
+/* AVX512F + BW usable as well (the 512-bit kernel's and / shift on zmm registers). Asked of cpuid once per process:
+ * in a VM cpuid traps to the hypervisor (~35 us a call here, more than a decode GEMV's own work at small sizes). */
+static int avx512w_cached = -1;
 static int a8_isa_avx512w(void) {
+    int v = __atomic_load_n(&avx512w_cached, __ATOMIC_RELAXED);
+    if (v >= 0) return v;
 #if A8_VNNI
     unsigned a, b, c, d;
-    return a8_isa_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1) && ((b >> 30) & 1);
+    v = a8_isa_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 16) & 1) && ((b >> 30) & 1);
 #else
-    return 0;
+    v = 0;
 #endif
+    __atomic_store_n(&avx512w_cached, v, __ATOMIC_RELAXED);
+    return v;
 }
 
 /* 0: AVX2, 1: AVX-VNNI, 2: AVX512-VNNI (+VL) on 256-bit registers, 3: AVX512-VNNI (+BW) on 512-bit registers
@@ -821,14 +827,19 @@ int q4_linear_a8(const float *x, int64_t m, int64_t k16, const uint8_t *w, int64
 }
 
 /* For tests: the instruction sets this library and CPU can run (bit i: isa i of a8_isa), and one forced. */
+static int a8_isas_cached = -1;
 int q4_a8_isas(void) {
+    int v = __atomic_load_n(&a8_isas_cached, __ATOMIC_RELAXED);
+    if (v >= 0) return v;
 #if A8_VNNI
     unsigned a, b, c, d;
     const int avxvnni = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
 #else
     const int avxvnni = 0;
 #endif
-    return 1 | (avxvnni ? 2 : 0) | (a8_isa_avx512() ? 4 : 0) | (a8_isa_avx512w() ? 8 : 0);
+    v = 1 | (avxvnni ? 2 : 0) | (a8_isa_avx512() ? 4 : 0) | (a8_isa_avx512w() ? 8 : 0);
+    __atomic_store_n(&a8_isas_cached, v, __ATOMIC_RELAXED);
+    return v;
 }
 
 int q4_linear_a8_isa(int isa, const float *x, int64_t m, int64_t k16, const uint8_t *w, int64_t n, const float *s,
@@ -889,7 +900,7 @@ int q4_linear_i8(const int8_t *a, const float *sa, int64_t m, int64_t k, int64_t
  * columns (weight rows), dynamic in runs of CHUNK.
  * With AVX512-VNNI (+BW) the same sums come from vpdpbusd instead (i8_tile_512 below): 64 products per
  * instruction on the input made unsigned. Cold 0.5 B model shapes at M = 1 (scratch A/B, Intel Xeon): 1 thread
- * 11.3 -> 13.2 GB/s, 2 threads 19.4 -> 25.2 GB/s, given the rows' code sums (i8_linear_ws); in L2 4.6x.
+ * 11.9 -> 13.2 GB/s, 2 threads 22.0 -> 25.6 GB/s, given the rows' code sums (i8_linear_ws); in L2 1.9x.
  */
 #define I8_NR 4
 #define I8_MR 2
@@ -1169,8 +1180,85 @@ INLINE void w8_dots(const int MB, const int R, const float *x, int64_t ldx, int6
         }
 }
 
+#if A8_VNNI
+/* w8_dots on 512-bit registers (AVX512F): 16 codes per sign-extending load, conversion and FMA (half the ops of
+ * the 256-bit loop per weight byte), four accumulators per row at M = 1; the columns past the last whole 64 as
+ * w8_dots does them. The same products, summed in another order. Cold 0.5 B shapes at M = 1 (scratch A/B, Intel
+ * Xeon): 1 thread 10.5 -> 10.9 GB/s, 2 threads 18.7 -> 20.1 GB/s; the conversions still bound it (q8a8 below). */
+T_AVX512W INLINE void w8_dots_512(const int MB, const int R, const float *x, int64_t ldx, int64_t k, const int8_t *w,
+                                  int64_t ldw, float *res) {
+    const int NA = MB == 1 ? 4 : 2;
+    __m512 acc[2][W8_RB][4];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++)
+            for (int a = 0; a < NA; a++) acc[m][r][a] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        for (int r = 0; r < R; r++)
+            _mm_prefetch((const char *)(w + r * ldw + j + (W8_PREFETCH ? W8_PREFETCH : W8_PF_BLOCKS * W8_RB * ldw)),
+                         _MM_HINT_T0);
+        for (int q = 0; q < 4; q++) {
+            __m512 wv[W8_RB];
+            for (int r = 0; r < R; r++)
+                wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * ldw + j + 16 * q))));
+            for (int m = 0; m < MB; m++) {
+                const __m512 xv = _mm512_loadu_ps(x + m * ldx + j + 16 * q);
+                for (int r = 0; r < R; r++) acc[m][r][q % NA] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][q % NA]);
+            }
+        }
+    }
+    __m256 tail[2][W8_RB];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) tail[m][r] = _mm256_setzero_ps();
+    for (; j + 8 <= k; j += 8)
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j))));
+            for (int m = 0; m < MB; m++) tail[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + j), tail[m][r]);
+        }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            __m512 a = acc[m][r][0];
+            for (int i = 1; i < NA; i++) a = _mm512_add_ps(a, acc[m][r][i]);
+            float t = _mm512_reduce_add_ps(a) + hsum(tail[m][r]);
+            for (int64_t i = j; i < k; i++) t += x[m * ldx + i] * (float)w[r * ldw + i];
+            res[m * W8_RB + r] = t;
+        }
+}
+T_AVX512W static void w8_dots_512_1(const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw, float *res) {
+    w8_dots_512(1, W8_RB, x, ldx, k, w, ldw, res);
+}
+T_AVX512W static void w8_dots_512_2(const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw, float *res) {
+    w8_dots_512(2, W8_RB, x, ldx, k, w, ldw, res);
+}
+#define W8_DOTS_512(MB, R, ...) ((MB) == 1 ? w8_dots_512_1(__VA_ARGS__) : w8_dots_512_2(__VA_ARGS__))
+#else
+#define W8_DOTS_512(...) w8_dots(__VA_ARGS__)
+#endif
+
+static int w8_isa_cached = -1;
+
+/* The W8A16 product on one instruction set (0: 256-bit, 1: 512-bit) */
+static int w8_all(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
+                  const int32_t *zc, const float *bias, float *out, int threads);
+
 int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
               const float *bias, float *out, int threads) {
+    int isa = __atomic_load_n(&w8_isa_cached, __ATOMIC_RELAXED);
+    if (isa < 0) __atomic_store_n(&w8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
+    return w8_all(isa, x, m, k, w, n, ws, zc, bias, out, threads);
+}
+
+/* For tests: the instruction sets w8_linear can use here (bit i: isa i), and one forced (-2: not here). */
+int w8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
+
+int w8_linear_isa(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
+                  const int32_t *zc, const float *bias, float *out, int threads) {
+    if (isa < 0 || isa > 1 || !((w8_isas() >> isa) & 1)) return -2;
+    return w8_all(isa, x, m, k, w, n, ws, zc, bias, out, threads);
+}
+
+static int w8_all(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
+                  const int32_t *zc, const float *bias, float *out, int threads) {
     if (m < 0 || n < 0 || k <= 0) return -1;
     if (m == 0 || n == 0) return 0;
     if (threads < 1) threads = 1;
@@ -1197,7 +1285,10 @@ int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, 
             const int mb = m - i < 2 ? 1 : 2;
             float res[2 * W8_RB];
             const float *xi = x + i * k;
-            if (R == W8_RB) {
+            if (R == W8_RB && isa == 1) {
+                if (mb == 1) W8_DOTS_512(1, W8_RB, xi, k, k, w + n0 * k, k, res);
+                else W8_DOTS_512(2, W8_RB, xi, k, k, w + n0 * k, k, res);
+            } else if (R == W8_RB) {
                 if (mb == 1) w8_dots(1, W8_RB, xi, k, k, w + n0 * k, k, res);
                 else w8_dots(2, W8_RB, xi, k, k, w + n0 * k, k, res);
             } else {
@@ -1220,6 +1311,179 @@ int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, 
     }
     free(xs);
     return 0;
+}
+
+/* ------------------------------------------------------------------------- int8 weights x int8-rounded input
+ *
+ * w8_linear_a8: w8_linear's product with the input rounded to int8 first, in blocks of W8A8_XB = 128 columns of a
+ * token (the last block of a row may be shorter), as q4_linear_a8 does for int4 weights:
+ *
+ *     sx = max|x_b| / 127,  xq = rint(x / sx) (0 where sx = 0),  x^ = sx * xq,
+ *     out[m, n] = ((sum_k x^_k c[n, k]) - zc[n] * sum_k x^_k) * ws[n]  (+ bias[n])
+ *
+ * i.e. exactly w8_linear on x^ up to fp32 summation order. AVX512-VNNI (+BW) only: vpdpbusd takes the weight codes
+ * as its unsigned operand, u = c + 128 (one xor of the sign bit per 64 codes), and the input codes as the signed
+ * one, so sum_b c xq = sum_b u xq - 128 sum_b xq, the last sum once per block of the input (int32, exact):
+ * about 3.5 vector ops per 64 weight bytes against 12 for w8_linear's conversions and FMAs on 512-bit registers,
+ * so a decode GEMV streams the weights near the memory's read bandwidth (cold 0.5 B shapes at M = 1, scratch A/B
+ * against w8_linear: 1 thread 10.8 -> 12.1 GB/s, 2 threads 19.4 -> 23.9 GB/s; in L2 2.1x). 4 weight rows x up to 2 input rows per
+ * pass; the columns past the last whole 64 through masked loads. Returns -2 where the CPU or the compiler lacks
+ * the instructions (kernels.py offers the kernel only where w8_isas() has bit 1).
+ */
+#define W8A8_XB 128
+
+/* x [m, k] -> xq int8 [m, kb] (kb = k rounded up to W8A8_XB, zero-padded), sx [m, nb], qs [m, nb] (sum of the
+ * block's codes), xs [m] (sum of x^ over the row) */
+static void w8a8_quantize(const float *x, int64_t m, int64_t k, int64_t kb, int8_t *xq, float *sx, int32_t *qs,
+                          float *xs) {
+    const int64_t nb = kb / W8A8_XB;
+    for (int64_t i = 0; i < m; i++) {
+        float rowsum = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t j0 = b * W8A8_XB, len = k - j0 < W8A8_XB ? k - j0 : W8A8_XB;
+            const float *xp = x + i * k + j0;
+            int8_t *qp = xq + i * kb + j0;
+            const int64_t len8 = len & ~(int64_t)7;
+            float a = len8 ? hmax_abs(xp, len8) : 0.f;
+            for (int64_t j = len8; j < len; j++) a = fmaxf(a, fabsf(xp[j]));
+            const float sc = a / 127.f;
+            int32_t isum = 0;
+            memset(qp, 0, W8A8_XB);
+            if (sc > 0.f) {                             /* x / sc rounded half to even (MXCSR's default mode) */
+                const __m256 sv = _mm256_set1_ps(sc);
+                for (int64_t j = 0; j < len8; j += 8) {
+                    const __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(xp + j), sv));
+                    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                    _mm_storel_epi64((__m128i *)(qp + j), _mm_packs_epi16(w16, w16));
+                    isum += hsum_i32(q);
+                }
+                for (int64_t j = len8; j < len; j++) {
+                    const int q = _mm_cvtss_si32(_mm_set_ss(xp[j] / sc));
+                    qp[j] = (int8_t)q;
+                    isum += q;
+                }
+            }
+            sx[i * nb + b] = sc, qs[i * nb + b] = isum;
+            rowsum += sc * (float)isum;
+        }
+        xs[i] = rowsum;
+    }
+}
+
+#if A8_VNNI
+/* acc[m * W8_RB + r] = sum_b sx[m, b] * (sum_{k in b} xq[m, k] c[r, k]) for MB input rows, 4 weight rows */
+T_AVX512W INLINE void w8a8_dots(const int MB, const int8_t *xq, int64_t kb, const float *sx, const int32_t *qs,
+                                int64_t k, const int8_t *w, int64_t ldw, float *res) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int64_t nb = kb / W8A8_XB;
+    __m512 acc[2][W8_RB];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < W8_RB; r++) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t j = b * W8A8_XB;
+        __m512i u0[W8_RB], u1[W8_RB];
+        if (j + W8A8_XB <= k) {
+            for (int r = 0; r < W8_RB; r++) {
+                const int8_t *wr = w + r * ldw + j;
+                _mm_prefetch((const char *)(wr + W8_PF_BLOCKS * W8_RB * ldw), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wr + 64 + W8_PF_BLOCKS * W8_RB * ldw), _MM_HINT_T0);
+                u0[r] = _mm512_xor_si512(_mm512_loadu_si512((const void *)wr), flip);
+                u1[r] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + 64)), flip);
+            }
+        } else {                                     /* the last, partial block: codes past k read as 0 */
+            const int64_t n0 = k - j, n1 = n0 > 64 ? n0 - 64 : 0;
+            const __mmask64 m0 = n0 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n0) - 1);
+            const __mmask64 m1 = n1 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n1) - 1);
+            for (int r = 0; r < W8_RB; r++) {
+                const int8_t *wr = w + r * ldw + j;
+                u0[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m0, (const void *)wr), flip);
+                u1[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m1, (const void *)(wr + 64)), flip);
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            const int8_t *xp = xq + m * kb + j;
+            const __m512i x0 = _mm512_loadu_si512((const void *)xp), x1 = _mm512_loadu_si512((const void *)(xp + 64));
+            const __m512i corr = _mm512_set1_epi32(128 * qs[m * nb + b]);   /* 128 sum xq, on lane 0 only below */
+            const __m512 sc = _mm512_set1_ps(sx[m * nb + b]);
+            for (int r = 0; r < W8_RB; r++) {
+                __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0[r], x0);
+                t = _mm512_dpbusd_epi32(t, u1[r], x1);
+                t = _mm512_mask_sub_epi32(t, 1, t, corr);                    /* the lanes' sum loses 128 sum xq */
+                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sc, acc[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < W8_RB; r++) res[m * W8_RB + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+T_AVX512W static void w8a8_dots_1(const int8_t *xq, int64_t kb, const float *sx, const int32_t *qs, int64_t k,
+                                  const int8_t *w, int64_t ldw, float *res) {
+    w8a8_dots(1, xq, kb, sx, qs, k, w, ldw, res);
+}
+T_AVX512W static void w8a8_dots_2(const int8_t *xq, int64_t kb, const float *sx, const int32_t *qs, int64_t k,
+                                  const int8_t *w, int64_t ldw, float *res) {
+    w8a8_dots(2, xq, kb, sx, qs, k, w, ldw, res);
+}
+#endif
+
+int w8_linear_a8(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
+                 const float *bias, float *out, int threads) {
+    if (m < 0 || n < 0 || k <= 0) return -1;
+    int isa = __atomic_load_n(&w8_isa_cached, __ATOMIC_RELAXED);      /* cpuid once: it can trap to a hypervisor */
+    if (isa < 0) __atomic_store_n(&w8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
+    if (isa != 1) return -2;
+#if A8_VNNI
+    if (m == 0 || n == 0) return 0;
+    if (threads < 1) threads = 1;
+    const int64_t kb = (k + W8A8_XB - 1) / W8A8_XB * W8A8_XB, nb = kb / W8A8_XB;
+    int8_t *xq = aligned_alloc(64, (size_t)(m * kb));
+    float *sx = malloc(sizeof(float) * m * nb), *xs = malloc(sizeof(float) * m);
+    int32_t *qs = malloc(sizeof(int32_t) * m * nb);
+    if (!xq || !sx || !xs || !qs) {
+        free(xq), free(sx), free(xs), free(qs);
+        return -1;
+    }
+    w8a8_quantize(x, m, k, kb, xq, sx, qs, xs);
+    const int64_t blocks = (n + W8_RB - 1) / W8_RB;
+    const int parallel = threads > 1 && m * n * k >= PARALLEL_MIN;
+    #pragma omp parallel for schedule(dynamic, CHUNK) num_threads(threads) if (parallel)
+    for (int64_t bl = 0; bl < blocks; bl++) {
+        const int64_t n0 = bl * W8_RB;
+        const int R = n - n0 < W8_RB ? (int)(n - n0) : W8_RB;
+        for (int64_t i = 0; i < m; i += 2) {
+            const int mb = m - i < 2 ? 1 : 2;
+            float res[2 * W8_RB];
+            if (R == W8_RB) {
+                if (mb == 1) w8a8_dots_1(xq + i * kb, kb, sx + i * nb, qs + i * nb, k, w + n0 * k, k, res);
+                else w8a8_dots_2(xq + i * kb, kb, sx + i * nb, qs + i * nb, k, w + n0 * k, k, res);
+            } else {                                   /* the last R < 4 rows: scalar, the same sums */
+                for (int mm = 0; mm < mb; mm++)
+                    for (int r = 0; r < R; r++) {
+                        float t = 0.f;
+                        for (int64_t b = 0; b < nb; b++) {
+                            int32_t isum = 0;
+                            for (int64_t j = b * W8A8_XB; j < k && j < (b + 1) * W8A8_XB; j++)
+                                isum += (int32_t)w[(n0 + r) * k + j] * (int32_t)xq[(i + mm) * kb + j];
+                            t += (float)isum * sx[(i + mm) * nb + b];
+                        }
+                        res[mm * W8_RB + r] = t;
+                    }
+            }
+            for (int mm = 0; mm < mb; mm++)
+                for (int r = 0; r < R; r++) {
+                    float y = res[mm * W8_RB + r];
+                    if (zc) y -= (float)zc[n0 + r] * xs[i + mm];
+                    y *= ws[n0 + r];
+                    out[(i + mm) * n + n0 + r] = bias ? y + bias[n0 + r] : y;
+                }
+        }
+    }
+    free(xq), free(sx), free(xs), free(qs);
+    return 0;
+#else
+    (void)x, (void)w, (void)ws, (void)zc, (void)bias, (void)out, (void)threads;
+    return -2;
+#endif
 }
 
 /* ------------------------------------------------------------------------------------ small fp32 ops
