@@ -62,7 +62,7 @@ from qpass.graph import META_CAPTURE
 from qpass.recipe import Recipe
 from qpass.version import __version__
 
-from . import native
+from . import hugepages, native
 from .kernels import BUCKETS, KERNELS, TuneRecord, tune
 from .kv import PackedKVCache
 from .linear import PackedLinear
@@ -287,6 +287,7 @@ def lower(qm, *, kernels: str | Mapping = "auto", repeats: int = 5) -> PackedMod
     mods = lower_linears(gm)
     simplify(gm)
     mods = {**mods, **_codebooks(gm)}      # learned codebooks: their kernel (lutavx2 or the reference) measured too
+    hugepages.place(gm)                    # large packed weights on 2 MB pages (hugepages.py), before measuring
     records = tune(list(mods.values()), kernels, repeats=repeats)
     return PackedModel(gm, qm.recipe, qm.source, kernels=kernels, records=records, plans=qm.plans)
 
@@ -317,6 +318,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, *, kernel
     mods = lower_linears(gm, empty=True)
     simplify(gm)
     load_tensors(gm, directory, art.weights)
+    hugepages.place(gm)
     mods = {**mods, **_codebooks(gm)}
     policy = _policy(art.meta.get("kernels"), os.path.join(directory, META)) if kernels is None else _policy(kernels)
     saved = _measured_plan(directory, policy, mods) if kernels is None and policy in MEASURED else None
