@@ -511,17 +511,6 @@ def test_native_w8_kernel_equals_the_fake_quant_product(q4lib, case):
             out = mod(x)
             force(mod, "dequant")
             assert out.shape == (2, m, n) and rel(out, mod(x)) <= 1e-5 and rel(out, ref) <= 1e-5, (m, threads)
-    lib = tp.native.q4()
-    zc = mod.zero_c.data_ptr() if mod.zero_c is not None else None
-    for isa in range(2):                                # every instruction set this CPU runs
-        if not (lib.w8_isas >> isa) & 1:
-            continue
-        for m in (1, 2, 3):
-            x = torch.randn(m, k, generator=g)
-            o = torch.empty(m, n)
-            assert lib.w8_isa(isa, x.data_ptr(), m, k, mod.qweight.data_ptr(), n, mod.row_scale.data_ptr(), zc,
-                              b.data_ptr() if bias else None, o.data_ptr(), 1) == 0
-            assert rel(o, torch.nn.functional.linear(x, wfq, b if bias else None)) <= 1e-5, (isa, m)
 
 
 @pytest.mark.parametrize("case", [(37, 200, True, True), (6, 45, False, False), (21, 256, True, True),

@@ -121,12 +121,10 @@ class Q4Library:
         self.w8_linear = lib.w8_linear                       # W8A16: int8 weights x fp32 input (kernels.py w8avx2)
         self.w8_linear.restype = ctypes.c_int
         self.w8_linear.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _P, ctypes.c_int]
-        self.w8_isa = lib.w8_linear_isa                      # tests: force 256-bit (0) or 512-bit registers (1)
-        self.w8_isa.restype, self.w8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *self.w8_linear.argtypes]
         self.w8_linear_a8 = lib.w8_linear_a8                 # W8A16 on int8-rounded input blocks (kernels.py q8a8)
         self.w8_linear_a8.restype, self.w8_linear_a8.argtypes = ctypes.c_int, self.w8_linear.argtypes
         lib.w8_isas.restype = ctypes.c_int
-        self.w8_isas = lib.w8_isas()                         # bit i: isa i runs here
+        self.w8_isas = lib.w8_isas()                         # bit 1: w8_linear_a8 (q8a8) runs here
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         self.i8_isa = lib.i8_linear_isa                      # tests: force vpmaddwd (0) or AVX512-VNNI (1)

@@ -1180,85 +1180,14 @@ INLINE void w8_dots(const int MB, const int R, const float *x, int64_t ldx, int6
         }
 }
 
-#if A8_VNNI
-/* w8_dots on 512-bit registers (AVX512F): 16 codes per sign-extending load, conversion and FMA (half the ops of
- * the 256-bit loop per weight byte), four accumulators per row at M = 1; the columns past the last whole 64 as
- * w8_dots does them. The same products, summed in another order. Cold 0.5 B shapes at M = 1 (scratch A/B, Intel
- * Xeon): 1 thread 10.5 -> 10.9 GB/s, 2 threads 18.7 -> 20.1 GB/s; the conversions still bound it (q8a8 below). */
-T_AVX512W INLINE void w8_dots_512(const int MB, const int R, const float *x, int64_t ldx, int64_t k, const int8_t *w,
-                                  int64_t ldw, float *res) {
-    const int NA = MB == 1 ? 4 : 2;
-    __m512 acc[2][W8_RB][4];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++)
-            for (int a = 0; a < NA; a++) acc[m][r][a] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 64 <= k; j += 64) {
-        for (int r = 0; r < R; r++)
-            _mm_prefetch((const char *)(w + r * ldw + j + (W8_PREFETCH ? W8_PREFETCH : W8_PF_BLOCKS * W8_RB * ldw)),
-                         _MM_HINT_T0);
-        for (int q = 0; q < 4; q++) {
-            __m512 wv[W8_RB];
-            for (int r = 0; r < R; r++)
-                wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * ldw + j + 16 * q))));
-            for (int m = 0; m < MB; m++) {
-                const __m512 xv = _mm512_loadu_ps(x + m * ldx + j + 16 * q);
-                for (int r = 0; r < R; r++) acc[m][r][q % NA] = _mm512_fmadd_ps(wv[r], xv, acc[m][r][q % NA]);
-            }
-        }
-    }
-    __m256 tail[2][W8_RB];
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) tail[m][r] = _mm256_setzero_ps();
-    for (; j + 8 <= k; j += 8)
-        for (int r = 0; r < R; r++) {
-            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + j))));
-            for (int m = 0; m < MB; m++) tail[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + j), tail[m][r]);
-        }
-    for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) {
-            __m512 a = acc[m][r][0];
-            for (int i = 1; i < NA; i++) a = _mm512_add_ps(a, acc[m][r][i]);
-            float t = _mm512_reduce_add_ps(a) + hsum(tail[m][r]);
-            for (int64_t i = j; i < k; i++) t += x[m * ldx + i] * (float)w[r * ldw + i];
-            res[m * W8_RB + r] = t;
-        }
-}
-T_AVX512W static void w8_dots_512_1(const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw, float *res) {
-    w8_dots_512(1, W8_RB, x, ldx, k, w, ldw, res);
-}
-T_AVX512W static void w8_dots_512_2(const float *x, int64_t ldx, int64_t k, const int8_t *w, int64_t ldw, float *res) {
-    w8_dots_512(2, W8_RB, x, ldx, k, w, ldw, res);
-}
-#define W8_DOTS_512(MB, R, ...) ((MB) == 1 ? w8_dots_512_1(__VA_ARGS__) : w8_dots_512_2(__VA_ARGS__))
-#else
-#define W8_DOTS_512(...) w8_dots(__VA_ARGS__)
-#endif
-
 static int w8_isa_cached = -1;
 
-/* The W8A16 product on one instruction set (0: 256-bit, 1: 512-bit) */
-static int w8_all(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
-                  const int32_t *zc, const float *bias, float *out, int threads);
+/* For q8a8 (kernels.py): the instruction sets of the W8A16 kernels here (bit 0: w8_linear, always; bit 1:
+ * w8_linear_a8, AVX512-VNNI + BW). */
+int w8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
 
 int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
               const float *bias, float *out, int threads) {
-    int isa = __atomic_load_n(&w8_isa_cached, __ATOMIC_RELAXED);
-    if (isa < 0) __atomic_store_n(&w8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
-    return w8_all(isa, x, m, k, w, n, ws, zc, bias, out, threads);
-}
-
-/* For tests: the instruction sets w8_linear can use here (bit i: isa i), and one forced (-2: not here). */
-int w8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
-
-int w8_linear_isa(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
-                  const int32_t *zc, const float *bias, float *out, int threads) {
-    if (isa < 0 || isa > 1 || !((w8_isas() >> isa) & 1)) return -2;
-    return w8_all(isa, x, m, k, w, n, ws, zc, bias, out, threads);
-}
-
-static int w8_all(int isa, const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws,
-                  const int32_t *zc, const float *bias, float *out, int threads) {
     if (m < 0 || n < 0 || k <= 0) return -1;
     if (m == 0 || n == 0) return 0;
     if (threads < 1) threads = 1;
@@ -1285,10 +1214,7 @@ static int w8_all(int isa, const float *x, int64_t m, int64_t k, const int8_t *w
             const int mb = m - i < 2 ? 1 : 2;
             float res[2 * W8_RB];
             const float *xi = x + i * k;
-            if (R == W8_RB && isa == 1) {
-                if (mb == 1) W8_DOTS_512(1, W8_RB, xi, k, k, w + n0 * k, k, res);
-                else W8_DOTS_512(2, W8_RB, xi, k, k, w + n0 * k, k, res);
-            } else if (R == W8_RB) {
+            if (R == W8_RB) {
                 if (mb == 1) w8_dots(1, W8_RB, xi, k, k, w + n0 * k, k, res);
                 else w8_dots(2, W8_RB, xi, k, k, w + n0 * k, k, res);
             } else {
