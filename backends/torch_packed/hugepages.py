@@ -13,7 +13,10 @@ values are copied bit for bit. Where the kernel has transparent huge pages set t
 ``QPASS_HUGE_PAGES=0`` in the environment it does nothing (``available()``). Tensors the lowered model shares
 with the QuantizedModel (an lm_head left in float, embeddings) are not moved: moving them would copy them.
 The mappings are ordinary CPU tensors (torch.frombuffer): saving, moving to another device and copying work as
-for any tensor; the memory is returned when the last tensor viewing it goes.
+for any tensor; the memory is returned when the last tensor viewing it goes. Cost: each moved tensor may hold up
+to one huge page more than its size (the kernel backs the last, partial 2 MB of the mapping with a whole page),
+so at most 2 MB per moved tensor of at least 2 MB; each gets its own mapping so that no two tensors share storage
+(safetensors refuses to save tensors that do).
 """
 from __future__ import annotations
 
