@@ -1180,6 +1180,20 @@ INLINE void w8_dots(const int MB, const int R, const float *x, int64_t ldx, int6
         }
 }
 
+/* The W8 kernels' outputs from their dot products res[mm * W8_RB + r] (mb input rows from i, R weight rows from
+ * n0; xs, ws, bias, out already offset to them): the zero point through the input's row sum, the row scale,
+ * the bias, in that order (w8_linear, w8_linear_a8). */
+INLINE void w8_store(const float *res, int mb, int R, const int32_t *zc, const float *xs, const float *ws,
+                     const float *bias, float *out, int64_t ldo, int64_t n0) {
+    for (int mm = 0; mm < mb; mm++)
+        for (int r = 0; r < R; r++) {
+            float y = res[mm * W8_RB + r];
+            if (zc) y -= (float)zc[n0 + r] * xs[mm];
+            y *= ws[r];
+            out[mm * ldo + r] = bias ? y + bias[r] : y;
+        }
+}
+
 static int w8_isa_cached = -1;
 
 /* For q8a8 (kernels.py): the instruction sets of the W8A16 kernels here (bit 0: w8_linear, always; bit 1:
@@ -1226,13 +1240,7 @@ int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, 
                     res[W8_RB + r] = one[W8_RB];
                 }
             }
-            for (int mm = 0; mm < mb; mm++)
-                for (int r = 0; r < R; r++) {
-                    float y = res[mm * W8_RB + r];
-                    if (zc) y -= (float)zc[n0 + r] * xs[i + mm];
-                    y *= ws[n0 + r];
-                    out[(i + mm) * n + n0 + r] = bias ? y + bias[n0 + r] : y;
-                }
+            w8_store(res, mb, R, zc, xs + i, ws + n0, bias ? bias + n0 : NULL, out + i * n + n0, n, n0);
         }
     }
     free(xs);
@@ -1395,13 +1403,7 @@ int w8_linear_a8(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t 
                         res[mm * W8_RB + r] = t;
                     }
             }
-            for (int mm = 0; mm < mb; mm++)
-                for (int r = 0; r < R; r++) {
-                    float y = res[mm * W8_RB + r];
-                    if (zc) y -= (float)zc[n0 + r] * xs[i + mm];
-                    y *= ws[n0 + r];
-                    out[(i + mm) * n + n0 + r] = bias ? y + bias[n0 + r] : y;
-                }
+            w8_store(res, mb, R, zc, xs + i, ws + n0, bias ? bias + n0 : NULL, out + i * n + n0, n, n0);
         }
     }
     free(xq), free(sx), free(xs), free(qs);
