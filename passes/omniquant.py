@@ -17,7 +17,8 @@ Changes   LWC: per scale block of each weight (per output channel, or per group)
           decay 0), the recipe's quantizers live, weight quantizer scales recomputed from the transformed weight
           every step; best step kept (on held-out samples by default), the block left as it was when that is
           better. ``aug_loss`` (the reference's --aug_loss, used by its W2A16 g64 LLaMA scripts): the engine's
-          second target, the float block on the student's (quantized) inputs, added to the MSE. Baked: norm weights and biases, linear biases, and each weight as its dequantized value under
+          second target, the float block on the student's (quantized) inputs, added to the MSE.
+          Baked: norm weights and biases, linear biases, and each weight as its dequantized value under
           the learned scale / zero point (which the quantizer maps to itself); LET adds zero biases where a shift
           needs one and there is none (RMSNorm, bias-free linears: the plan's ``edits``), no other node
           NOT done here: the q/k scale inside attention (RoPE sits between q_proj / k_proj and the product on

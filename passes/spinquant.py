@@ -165,7 +165,6 @@ def _qparams(x: torch.Tensor, q: Quantizer, mode: str) -> tuple[torch.Tensor, to
     return choose_qparams(x, spec, block_size=q.block)
 
 
-
 # ------------------------------------------------------------------------------------- R2 (per head)
 
 _HEAD_PATH = P.RESHAPES | P.TRANSPOSES | P.CASTS | frozenset({

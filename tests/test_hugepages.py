@@ -31,8 +31,9 @@ def test_to_huge_copies_bit_for_bit_into_an_aligned_mapping(dtype):
     h = hugepages.to_huge(t)
     assert h.dtype == t.dtype and h.shape == t.shape and h.is_contiguous() and torch.equal(h, t)
     assert h.data_ptr() % hugepages.HUGE == 0 and h.data_ptr() != t.data_ptr()
-    h[0, 0] = 1                                          # writable, and its own memory
-    assert t[0, 0] != h[0, 0] or t[0, 0] == 1
+    before = t[0, 0].clone()
+    h[0, 0] = before + 1                                 # writable, and its own memory: t keeps its value
+    assert t[0, 0] == before and h[0, 0] != before
 
 
 @needs_thp

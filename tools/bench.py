@@ -180,10 +180,10 @@ def linears(ctx: Ctx) -> tuple[str, list[dict]]:
 
 def _linears(ctx: Ctx, threads: int) -> list[dict]:
     rows = []
-    working_set = 0 if ctx.quick else WORKING_SET_L3 * l3_bytes()   # a decode step streams every layer: never from cache
+    working_set = 0 if ctx.quick else WORKING_SET_L3 * l3_bytes()   # a decode step streams every layer
     ctx.notes_linear = (f"Each variant cycles through copies of its weight totalling at least {working_set >> 20} MB "
-                        f"({WORKING_SET_L3}x the {l3_bytes() >> 20} MB L3), as consecutive layers do in a model, so no variant "
-                        "runs from cache." if working_set else "--quick: one copy of each weight (runs from cache).")
+                        f"({WORKING_SET_L3}x the {l3_bytes() >> 20} MB L3), as consecutive layers do in a model, so "
+                        "no variant runs from cache." if working_set else "--quick: one copy of each weight (runs from cache).")
     if ctx.cpu_clock:
         ctx.notes_linear += (" One-thread rows (and the bandwidth table) are timed by the thread's CPU time "
                              "(--cpu-clock: the machine was shared, and wall time would count the other jobs' turns).")
@@ -488,7 +488,8 @@ def model_section(ctx: Ctx) -> tuple[str, list[dict]]:
             "\nx eager: against transformers' own forward with its dynamic cache; x FP32 graph: against the same "
             "static-cache decode loop the lowered models run, with nothing quantized (like for like). Runtime "
             "passes (backends/torch_packed/runtime.py: attention over the written cache prefix only, fused "
-            "RMSNorm and RoPE, the native decode-attention kernel, flat attribute access) are on in every decode loop except the rows that say "
+            "RMSNorm and RoPE, the native decode-attention kernel, flat attribute access) are on in every decode "
+            "loop except the rows that say "
             "'runtime passes off'. Greedy = fake-quant: decode steps where the fake-quant model, fed the same "
             "tokens, picks the same next token."]
     plans = [(r["variant"], rec) for r in rows for rec in r.get("plan", [])]
@@ -606,11 +607,11 @@ def render(ctx: Ctx, info: dict, sections: list[tuple[str, str]], cmd: str, elap
     lines += ["Accuracy of the kernels (tests/test_torch_packed.py): `dequant`, `int_mm`, `i8avx2` and `q4avx2` compute the "
               "fake-quant graph's math in float32 (the same weight values; outputs within float summation order, "
               "≤ 1e-5 of max |output|); `int4pack`, `int8pack` and `int8pack_codes` round activations, scales and "
-              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen); `q4a8` and `q8a8` "
-              "round the input to int8 in blocks of 128 columns, or of the weight group where it is narrower (≤ 1/254 of each "
-              "block's largest input) and are otherwise exact, so greedy tokens can differ from the fake-quant model only at "
-              "near-ties of its logits. Their cost in "
-              "perplexity on the bundled models is the next section's table.", ""]
+              "results to bf16 (max |Δ| ≤ 1% of max |output| per linear; 0.6% is the worst seen); `q4a8` and "
+              "`q8a8` round the input to int8 in blocks of 128 columns, or of the weight group where it is narrower "
+              "(≤ 1/254 of each block's largest input) and are otherwise exact, so greedy tokens can differ from the "
+              "fake-quant model only at near-ties of its logits. Their cost in perplexity on the bundled models is "
+              "the next section's table.", ""]
     for kept in KEPT_SECTIONS[1:]:
         lines += kept_section(ctx.args.out, *kept)
     return "\n".join(lines)

@@ -427,7 +427,7 @@ def _w8avx2_applies(mod) -> bool:
 
 def _q8a8_applies(mod) -> bool:
     """Weight-only int8 (no input quantizer, as q4a8) where the library has its AVX512-VNNI kernel."""
-    return mod.act is None and _w8avx2_applies(mod) and bool(native.q4().w8_isas & 2)
+    return mod.act is None and _w8avx2_applies(mod) and native.q4().vnni512
 
 
 def _bind_int8pack_codes(mod):

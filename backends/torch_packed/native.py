@@ -109,9 +109,9 @@ class Q4Library:
         self.linear_i8.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P, _P, ctypes.c_int]
         self.a8_isa = lib.q4_linear_a8_isa                   # tests: force AVX2 (0), AVX-VNNI (1), AVX512-VNNI on
                                                              # 256-bit (2) or 512-bit registers (3)
+        self.a8_isa.restype, self.a8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         lib.q4_a8_block.restype, lib.q4_a8_block.argtypes = _I, [_I]
         self.a8_block = lib.q4_a8_block                      # a8_block(group): the input block of q4_linear_a8
-        self.a8_isa.restype, self.a8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
         lib.q4_a8_isas.restype = ctypes.c_int
         self.a8_isas = lib.q4_a8_isas()                      # bit i: isa i runs here
         self.path.restype, self.path.argtypes = ctypes.c_int, [ctypes.c_int, *_ARGS]
@@ -123,16 +123,14 @@ class Q4Library:
         self.w8_linear.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _P, ctypes.c_int]
         self.w8_linear_a8 = lib.w8_linear_a8                 # W8A16 on int8-rounded input blocks (kernels.py q8a8)
         self.w8_linear_a8.restype, self.w8_linear_a8.argtypes = ctypes.c_int, self.w8_linear.argtypes
-        lib.w8_isas.restype = ctypes.c_int
-        self.w8_isas = lib.w8_isas()                         # bit 1: w8_linear_a8 (q8a8) runs here
         self.i8_linear = lib.i8_linear
         self.i8_linear.restype, self.i8_linear.argtypes = ctypes.c_int, _I8_ARGS
         self.i8_isa = lib.i8_linear_isa                      # tests: force vpmaddwd (0) or AVX512-VNNI (1)
         self.i8_isa.restype, self.i8_isa.argtypes = ctypes.c_int, [ctypes.c_int, *_I8_ARGS]
         self.i8_linear_ws = lib.i8_linear_ws                 # the same with the weight rows' code sums (colsum)
         self.i8_linear_ws.restype, self.i8_linear_ws.argtypes = ctypes.c_int, [*_I8_ARGS, _P]
-        lib.i8_isas.restype = ctypes.c_int
-        self.i8_isas = lib.i8_isas()                         # bit i: isa i runs here
+        lib.q4_vnni512.restype = ctypes.c_int
+        self.vnni512 = bool(lib.q4_vnni512())               # the 512-bit VNNI kernels run (i8 isa 1, w8_linear_a8)
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),
                                ("rope", "rope_f32", _ROPE_ARGS), ("kv_store", "kv_store", _KVS_ARGS),
                                ("kv_load", "kv_load", _KVL_ARGS), ("lut_linear", "lut_linear", _LUT_ARGS),

@@ -337,10 +337,10 @@ int q4_linear_path(int path, const float *x, int64_t m, int64_t k16, const uint8
  * per weight byte at 32, under a tenth at 128, and the 512-bit kernel then streams cold weights at 1.06-1.08x
  * (1 thread) and 1.13x (2 threads) the speed of the 32-column 256-bit one (0.5 B model shapes, scratch A/B);
  * the input rounding error grows with the block's range (the bound below is per block), and what it costs in
- * perplexity is measured by tools/kernel_accuracy.py (docs/benchmarks.md). onnxruntime's MatMulNBits at
- * accuracy level 4 rounds its input in blocks of the weight block length too, and llama.cpp's K-quants in 256.
- * The same trade llama.cpp (Q8 activations) and onnxruntime's MatMulNBits at accuracy level 4 make; kernels.py
- * registers it as an approximate kernel (exact=False), chosen by measurement like the bf16 ones.
+ * perplexity is measured by tools/kernel_accuracy.py (docs/benchmarks.md). The same trade llama.cpp (Q8
+ * activations; its K-quants in blocks of 256) and onnxruntime's MatMulNBits at accuracy level 4 (blocks of the
+ * weight block length) make; kernels.py registers it as an approximate kernel (exact=False), chosen by
+ * measurement like the bf16 ones.
  */
 #define A8_MAXM 4
 #define A8_MAXCB 8             /* chunks (16 columns) per input block: xb <= 128 */
@@ -464,7 +464,8 @@ INLINE __m256i a8_dot_avx2(const __m256i *lo, const __m256i *hi, const int8_t *x
     __m256i acc = _mm256_setzero_si256();
     for (int c = 0; c < CB; c += 2) {
         const int8_t *x = xp + 16 * c;
-        __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], bcast8(x)), _mm256_maddubs_epi16(hi[c], bcast8(x + 8)));
+        __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(lo[c], bcast8(x)),
+                                     _mm256_maddubs_epi16(hi[c], bcast8(x + 8)));
         if (c + 1 < CB)
             t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_maddubs_epi16(lo[c + 1], bcast8(x + 16)),
                                                      _mm256_maddubs_epi16(hi[c + 1], bcast8(x + 24))));
@@ -499,6 +500,20 @@ A8_BLOCK(a8_block_avxvnni, T_AVXVNNI, a8_direct_avxvnni)
 A8_DIRECT(a8_direct_avx512vnni, T_AVX512VNNI, a8_dot_avx512vnni)
 A8_BLOCK(a8_block_avx512vnni, T_AVX512VNNI, a8_direct_avx512vnni)
 
+/* The 512-bit kernel's input: per 32-column block of xq (k16 % 32 == 0), its qwords 0, 2 under the two chunks'
+ * rows (4 copies each) then qwords 1, 3: 128 bytes, so that the kernel's inner loop loads them as they are. */
+static void a8_expand(const int8_t *xq, int64_t m, int64_t k16, int8_t *xe) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t b = 0; b < k16 / 32; b++) {
+            const int8_t *q = xq + i * k16 + 32 * b;
+            int8_t *e = xe + i * 4 * k16 + 128 * b;
+            for (int r = 0; r < 4; r++) {
+                memcpy(e + 8 * r, q, 8), memcpy(e + 32 + 8 * r, q + 16, 8);
+                memcpy(e + 64 + 8 * r, q + 8, 8), memcpy(e + 96 + 8 * r, q + 24, 8);
+            }
+        }
+}
+
 /* AVX-512 on 512-bit registers (AVX512-VNNI + BW), input blocks of 32, 64 or 128 columns (P = xb / 32 pairs of
  * chunks): one load takes a pair (4 rows x 32 columns), one and / shift / and unpacks it, and two vpdpbusd
  * multiply it with the pair's input as a8_expand lays it out (qwords 0, 2 under the two chunks' rows, then qwords
@@ -528,7 +543,8 @@ T_AVX512W INLINE void a8_direct_512(const int MB, const int P, const int8_t *xe,
                     _mm_prefetch((const char *)(wc + A8_PREFETCH), QP_HINT);
                     __m512i v = _mm512_loadu_si512((const void *)wc);
                     __asm__("" : "+v"(v));        /* one load per line: else the and and the shift each load it */
-                    t0 = _mm512_dpbusd_epi32(t0, _mm512_and_si512(v, m4), _mm512_loadu_si512((const void *)(xp + 128 * p)));
+                    t0 = _mm512_dpbusd_epi32(t0, _mm512_and_si512(v, m4),
+                                             _mm512_loadu_si512((const void *)(xp + 128 * p)));
                     t1 = _mm512_dpbusd_epi32(t1, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
                                              _mm512_loadu_si512((const void *)(xp + 128 * p + 64)));
                 }
@@ -593,20 +609,6 @@ T_AVX512W static void a8_block_512(const int CB, const int8_t *xq, int64_t m, in
     }
 }
 #endif
-
-/* The 512-bit kernel's input: per 32-column block of xq (k16 % 32 == 0), its qwords 0, 2 under the two chunks'
- * rows (4 copies each) then qwords 1, 3: 128 bytes, so that the kernel's inner loop loads them as they are. */
-__attribute__((unused)) static void a8_expand(const int8_t *xq, int64_t m, int64_t k16, int8_t *xe) {
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t b = 0; b < k16 / 32; b++) {
-            const int8_t *q = xq + i * k16 + 32 * b;
-            int8_t *e = xe + i * 4 * k16 + 128 * b;
-            for (int r = 0; r < 4; r++) {
-                memcpy(e + 8 * r, q, 8), memcpy(e + 32 + 8 * r, q + 16, 8);
-                memcpy(e + 64 + 8 * r, q + 8, 8), memcpy(e + 96 + 8 * r, q + 24, 8);
-            }
-        }
-}
 
 /* AVX512-VNNI + VL usable (the OS saves the AVX-512 state too: XCR0 bits 1, 2, 5..7) */
 static int a8_isa_avx512(void) {
@@ -1037,9 +1039,7 @@ T_AVX512W static void i8_block_512(const int nr, const uint8_t *u, int64_t ldu, 
 }
 #endif
 
-/* 0: vpmaddwd on int16 (AVX2), 1: vpdpbusd on 512-bit registers (AVX512-VNNI + BW), where K allows */
-static int i8_isa_cached = -1;
-
+/* isa 0: vpmaddwd on int16 (AVX2), 1: vpdpbusd on 512-bit registers (AVX512-VNNI + BW), where K allows */
 static int i8_all(int isa, const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
                   const float *ws, const float *bias, float *out, int threads, const int32_t *wsum) {
     if (m < 0 || n < 0 || k <= 0) return -1;
@@ -1093,26 +1093,24 @@ static int i8_all(int isa, const int8_t *a8, int64_t m, int64_t k, const int8_t 
  * allocation (out is then undefined). */
 int i8_linear(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa, const float *ws,
               const float *bias, float *out, int threads) {
-    int isa = __atomic_load_n(&i8_isa_cached, __ATOMIC_RELAXED);
-    if (isa < 0) __atomic_store_n(&i8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
-    return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, NULL);
+    return i8_all(a8_isa_avx512w(), a8, m, k, w, n, sa, ws, bias, out, threads, NULL);
 }
 
 /* i8_linear with the weight rows' code sums given (wsum int32 [N], sum_k w[n, k]: PackedLinear's colsum): the
  * AVX512-VNNI path then needs one vpdpbusd per 64 weight codes and input row instead of two at M = 1. */
 int i8_linear_ws(const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
                  const float *ws, const float *bias, float *out, int threads, const int32_t *wsum) {
-    int isa = __atomic_load_n(&i8_isa_cached, __ATOMIC_RELAXED);
-    if (isa < 0) __atomic_store_n(&i8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
-    return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, wsum);
+    return i8_all(a8_isa_avx512w(), a8, m, k, w, n, sa, ws, bias, out, threads, wsum);
 }
 
-/* For tests: the instruction sets i8_linear can use here (bit i: isa i), and one forced (-2: not here). */
-int i8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
+/* The 512-bit VNNI kernels run here (AVX512-VNNI + BW, and a compiler that has them): i8_linear's isa 1 and
+ * w8_linear_a8 (kernels.py offers q8a8 only where this is 1). */
+int q4_vnni512(void) { return a8_isa_avx512w(); }
 
+/* For tests: i8_linear on one instruction set (0, or 1 where q4_vnni512; -2 otherwise). */
 int i8_linear_isa(int isa, const int8_t *a8, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *sa,
                   const float *ws, const float *bias, float *out, int threads) {
-    if (isa < 0 || isa > 1 || !((i8_isas() >> isa) & 1)) return -2;
+    if (isa < 0 || isa > 1 || (isa == 1 && !a8_isa_avx512w())) return -2;
     return i8_all(isa, a8, m, k, w, n, sa, ws, bias, out, threads, NULL);
 }
 
@@ -1194,12 +1192,6 @@ INLINE void w8_store(const float *res, int mb, int R, const int32_t *zc, const f
         }
 }
 
-static int w8_isa_cached = -1;
-
-/* For q8a8 (kernels.py): the instruction sets of the W8A16 kernels here (bit 0: w8_linear, always; bit 1:
- * w8_linear_a8, AVX512-VNNI + BW). */
-int w8_isas(void) { return 1 | (a8_isa_avx512w() ? 2 : 0); }
-
 int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
               const float *bias, float *out, int threads) {
     if (m < 0 || n < 0 || k <= 0) return -1;
@@ -1260,9 +1252,9 @@ int w8_linear(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, 
  * one, so sum_b c xq = sum_b u xq - 128 sum_b xq, the last sum once per block of the input (int32, exact):
  * about 3.5 vector ops per 64 weight bytes against 12 for w8_linear's conversions and FMAs on 512-bit registers,
  * so a decode GEMV streams the weights near the memory's read bandwidth (cold 0.5 B shapes at M = 1, scratch A/B
- * against w8_linear: 1 thread 10.8 -> 12.1 GB/s, 2 threads 19.4 -> 23.9 GB/s; in L2 2.1x). 4 weight rows x up to 2 input rows per
- * pass; the columns past the last whole 64 through masked loads. Returns -2 where the CPU or the compiler lacks
- * the instructions (kernels.py offers the kernel only where w8_isas() has bit 1).
+ * against w8_linear: 1 thread 10.8 -> 12.1 GB/s, 2 threads 19.4 -> 23.9 GB/s; in L2 2.1x). 4 weight rows x up
+ * to 2 input rows per pass; the columns past the last whole 64 through masked loads. Returns -2 where the CPU or
+ * the compiler lacks the instructions (kernels.py offers the kernel only where q4_vnni512() is 1).
  */
 #define W8A8_XB 128
 
@@ -1363,9 +1355,7 @@ T_AVX512W static void w8a8_dots_2(const int8_t *xq, int64_t kb, const float *sx,
 int w8_linear_a8(const float *x, int64_t m, int64_t k, const int8_t *w, int64_t n, const float *ws, const int32_t *zc,
                  const float *bias, float *out, int threads) {
     if (m < 0 || n < 0 || k <= 0) return -1;
-    int isa = __atomic_load_n(&w8_isa_cached, __ATOMIC_RELAXED);      /* cpuid once: it can trap to a hypervisor */
-    if (isa < 0) __atomic_store_n(&w8_isa_cached, isa = a8_isa_avx512w() ? 1 : 0, __ATOMIC_RELAXED);
-    if (isa != 1) return -2;
+    if (!a8_isa_avx512w()) return -2;
 #if A8_VNNI
     if (m == 0 || n == 0) return 0;
     if (threads < 1) threads = 1;
