@@ -803,7 +803,8 @@ def _decode_setup(kv=None):
     return pm, steps
 
 
-def test_a_lowered_decode_graph_holds_the_ops_and_keeps_its_logits():
+def test_a_lowered_decode_graph_holds_the_ops_and_keeps_its_logits(monkeypatch):
+    monkeypatch.setenv("QPASS_NATIVE_SEGMENTS", "0")      # the ops as graph nodes (test_segments: inside segments)
     pm, steps = _decode_setup({"bits": 4, "granularity": "per_token", "dynamic": True})
     gm = pm.decode_graph(64)
     count = lambda t: sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is t)   # noqa: E731

@@ -732,9 +732,10 @@ def test_low_bit_kv_cache_is_stored_and_matches_the_fake_quant_cache():
     caches = [m for m in dg.modules() if isinstance(m, tp.PackedKVCache)]
     assert len(caches) == 4 and all(c.codes.dtype == torch.uint8 and c.codes.shape[-1] == 4 for c in caches)
     aten = torch.ops.aten                               # simplify(): no runtime checks, K/V heads not repeated
-    assert not [n for n in dg.graph.nodes if n.target is aten._assert_tensor_metadata.default]
-    from qpass.backends.torch_packed import runtime         # native attention op (GQA by shape) or SDPA
-    attention = [n for n in dg.graph.nodes if n.target in (aten.scaled_dot_product_attention.default, runtime.attention)]
+    from qpass.backends.torch_packed import runtime, segments   # native attention op (GQA by shape) or SDPA
+    nodes = list(segments.graph_nodes(dg))                  # the nodes native segments hold included
+    assert not [n for n in nodes if n.target is aten._assert_tensor_metadata.default]
+    attention = [n for n in nodes if n.target in (aten.scaled_dot_product_attention.default, runtime.attention)]
     assert len(attention) == 2 and all(n.target is runtime.attention or n.kwargs.get("enable_gqa") for n in attention)
     assert all(n.args[i].meta["val"].shape[1] == 2 for n in attention for i in (1, 2))   # the 2 K/V heads
     assert not [n for n, _ in dg.named_buffers() if "key_cache" in n or "value_cache" in n]

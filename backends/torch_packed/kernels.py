@@ -83,6 +83,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,16 @@ BUCKETS = (1, 8, 128)          # representative M of: decode (1), small batches 
 FALLBACK = "dequant"
 Q4DEQ_TILE_BYTES = 8 << 20     # fp32 bytes per q4deq tile: a scratch sweep at M = 32 and 128 (4096-, 11008-wide
                                # layers, 1 thread, 2 MB L2) had 8 MB fastest, 2 MB 1.3x and 16 MB up to 1.3x slower
+
+
+class NativeCall(NamedTuple):
+    """What a native runner calls, for the decode tape (segments.py): the kernel family, the layer's input and
+    output widths and the rest of its arguments (data pointers of the tensors in ``run.tensors``, sizes, the
+    input quantizer's bits where the kernel rounds the input first). Runners without one are not taped."""
+    kind: str                   # q4 (q4avx2 / q4a8), q4i8, w8 (w8avx2 / q8a8), i8 (i8avx2)
+    k: int
+    n: int
+    args: dict
 
 
 def bucket(m: int) -> int:
@@ -207,6 +218,10 @@ def _bind_q4avx2(mod, *, a8: bool = False):
                                "shape or out of memory)")
         return out
     run.tensors = tensors
+    bits = _native_act_bits(mod)
+    if mod.act is None or bits is not None:
+        run.native = NativeCall("q4", k, n, dict(k16=k16, group=group, w=qw, s=s, z=z, bias=b, a8=int(a8),
+                                                 bits=bits or 0))
     return run
 
 
@@ -298,6 +313,7 @@ def _bind_q4i8(mod):
             raise RuntimeError(f"q4i8 failed for a {m}x{k} input and {n}x{k} weights (bad shape or out of memory)")
         return out
     run.tensors = tensors
+    run.native = NativeCall("q4i8", k, n, dict(k16=k16, group=group, w=qw, s=s, z=z, bias=b, bits=bits))
     return run
 
 
@@ -386,6 +402,8 @@ def _bind_i8avx2(mod):
             raise RuntimeError(f"i8avx2 failed for a {m}x{k} input and {n}x{k} weights (out of memory)")
         return out
     run.tensors = tensors
+    if bits is not None:
+        run.native = NativeCall("i8", k, n, dict(w=qw, ws=rs, bias=b, wsum=cs, bits=bits))
     return run
 
 
@@ -416,6 +434,9 @@ def _bind_w8avx2(mod, *, a8: bool = False):
                                "memory)")
         return out
     run.tensors = tensors
+    bits = _native_act_bits(mod)
+    if mod.act is None or bits is not None:
+        run.native = NativeCall("w8", k, n, dict(w=qw, ws=rs, zc=z, bias=b, a8=int(a8), bits=bits or 0))
     return run
 
 

@@ -34,6 +34,12 @@ freeze            The step's calling convention without the pytree (de)flattenin
                   The frozen graph is a runner: it keeps its module tree (state_dict, named_modules work) but
                   is not meant to be edited, copied or moved afterwards (PackedModel rebuilds it instead).
 
+native_segments  (segments.py, last) Every run of the step's kernels and the view / elementwise ops between
+                  them becomes one call of a Segment, which after two decode calls replays the run as one C
+                  call (a "tape": no Python, dispatch or allocation between kernels; 1.28x at 0.5 B, 1 thread,
+                  docs/benchmarks.md bench-size). Other sizes (prefill) run the run's own nodes. Bit for bit
+                  but SiLU (a polynomial exp). QPASS_NATIVE_SEGMENTS=0 keeps the nodes in the graph.
+
 fuse_* need the native library (native.py) and fp32 tensors; elsewhere the graph keeps the aten ops. The
 fused nodes are torch operators (native.py registers the ``qpass_native`` namespace, with fake kernels), so
 the graph stays traceable and prints them by name; each op call costs ~1.5 us of dispatch more than calling
@@ -59,7 +65,8 @@ aten = torch.ops.aten
 META_RUNTIME = "qpass_runtime"            # gm.meta key: what optimize_decode changed
 
 
-def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: bool = False) -> dict[str, int]:
+def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: bool = False,
+                    segments: bool = True) -> dict[str, int]:
     """All passes, in order; returns (and records in ``gm.meta[META_RUNTIME]``) how many sites each changed.
     direct_ops: freeze calls the fused qpass_native ops' wrappers instead of the ops (see freeze)."""
     stats = {"prefix_attention": prefix_attention(gm)}
@@ -68,6 +75,9 @@ def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: boo
         stats["rope"] = fuse_rope(gm)
         stats["attention"] = fuse_attention(gm)
     stats.update(freeze(gm, direct_ops=direct_ops))
+    if segments and native_ops:
+        from .segments import native_segments
+        stats.update(native_segments(gm))
     gm.meta[META_RUNTIME] = stats
     return stats
 
@@ -110,6 +120,9 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `mask` allows attending, -inf elsewhere: what scaled_dot_product_attention turns a boolean
     mask into (``convert_boolean_attn_mask``), so passing this instead gives the same result bit for bit."""
     return torch.where(mask.logical_not(), float("-inf"), 0.0).to(dtype)
+
+
+n_keys._qpass_pure = additive_mask._qpass_pure = True      # read only their arguments (segments.py may move them)
 
 
 def prefix_attention(gm: GraphModule) -> int:
@@ -350,6 +363,9 @@ def grad_mode_call(enabled: bool, fn, *args):
     step), without the higher-order op's Python dispatch (pytree flattening and a dynamo frame per call)."""
     with torch.set_grad_enabled(enabled):
         return fn(*args)
+
+
+grad_mode_call._qpass_pure = True
 
 
 def freeze(gm: GraphModule, *, direct_ops: bool = False) -> dict[str, int]:

@@ -58,7 +58,7 @@
 #define CHUNK 16               /* row blocks a thread takes at a time (dynamic: a thread the OS preempts
                                   does not hold the others up) */
 
-int q4_abi_version(void) { return 10; }
+int q4_abi_version(void) { return 11; }
 
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -2131,4 +2131,161 @@ int attention_f32(const float *q, int64_t b, int64_t hq, int64_t t, int64_t d, i
         free(s);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------- decode tape
+ *
+ * A recorded run of a decode step's ops (segments.py compiles it from the FX graph): one call runs every
+ * kernel of the run in order, with no Python, op dispatch or allocation between them. The program is a flat
+ * int64 array of instructions [op, words, fields...] (words: the fields' count, checked). A pointer field is
+ * two words, (slot, byte offset): slots[slot] + offset, or NULL for slot -1; the slots are set by the caller
+ * (the segment's buffers, the graph's tensors of this call). An int field TAPE_DYN is the call's `dyn` (the
+ * number of written cache slots, n_keys); a float field is a double's bits. Each instruction calls the same
+ * kernel the op would, with the same arguments, so the results are the op's (silu: the polynomial exp, not
+ * torch's; within a few ulp). Returns 0, or 1 + the index of the first instruction that failed (bad program
+ * or a kernel's error: nothing after it ran). */
+
+#define TAPE_DYN (-((int64_t)1 << 62))
+enum { T_Q4 = 1, T_Q4I8, T_W8, T_I8, T_RMS, T_ROPE, T_ATT, T_ADD, T_MUL, T_SILU, T_SILU_MUL, T_ROWCOPY,
+       T_KVSTORE, T_COPY, T_KVLOAD, T_FQ };
+
+static const int tape_words[] = {0, 17, 23, 22, 21, 9, 15, 30, 7, 7, 5, 7, 17, 18, 5, 12, 10};
+
+INLINE void *tape_ptr(void *const *slots, const int64_t *f) {
+    return f[0] < 0 ? NULL : (void *)((char *)slots[f[0]] + f[1]);
+}
+
+INLINE int64_t tape_int(int64_t v, int64_t dyn) { return v == TAPE_DYN ? dyn : v; }
+
+INLINE double tape_float(int64_t v) {
+    double d;
+    memcpy(&d, &v, sizeof d);
+    return d;
+}
+
+INLINE __m256 silu256(__m256 x) {
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+static void tape_silu(const float *a, const float *b, float *out, int64_t count) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256 y = silu256(_mm256_loadu_ps(a + i));
+        if (b) y = _mm256_mul_ps(y, _mm256_loadu_ps(b + i));
+        _mm256_storeu_ps(out + i, y);
+    }
+    if (i < count) {
+        const __m256i tail = tail_mask(count - i);
+        __m256 y = silu256(_mm256_maskload_ps(a + i, tail));
+        if (b) y = _mm256_mul_ps(y, _mm256_maskload_ps(b + i, tail));
+        _mm256_maskstore_ps(out + i, tail, y);
+    }
+}
+
+/* out[b, h, idx[t], :d] = src[b, h, t, :d] (index_copy_ along dim 2 of a [B, H, L, D] cache; the last dims
+ * contiguous). -1 if an index is outside [0, L). */
+static int tape_rowcopy(float *dst, const float *src, const int64_t *idx, int64_t nb, int64_t nh, int64_t nt,
+                        int64_t d, int64_t dsb, int64_t dsh, int64_t dsl, int64_t len, int64_t ssb, int64_t ssh,
+                        int64_t sst) {
+    for (int64_t t = 0; t < nt; t++)
+        if (idx[t] < 0 || idx[t] >= len) return -1;
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t h = 0; h < nh; h++)
+            for (int64_t t = 0; t < nt; t++)
+                memcpy(dst + b * dsb + h * dsh + idx[t] * dsl, src + b * ssb + h * ssh + t * sst, sizeof(float) * d);
+    return 0;
+}
+
+int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, int threads) {
+    int64_t pc = 0, ins = 0;
+    for (; pc < len; ins++) {
+        const int64_t op = prog[pc], words = pc + 1 < len ? prog[pc + 1] : -1;
+        if (op < T_Q4 || op > T_FQ || words != tape_words[op] || pc + 2 + words > len) return (int)(ins + 1);
+        const int64_t *f = prog + pc + 2;
+#define P(i) tape_ptr(slots, f + (i))
+#define N(i) tape_int(f[i], dyn)
+        int rc = 0;
+        switch (op) {
+        case T_Q4:      /* x, m, k16, w, n, s, z, group, bias, out, a8 */
+            rc = (f[16] ? q4_linear_a8 : q4_linear)(P(0), N(2), N(3), P(4), N(6), P(7), P(9), N(11), P(12), P(14),
+                                                     threads);
+            break;
+        case T_Q4I8:    /* x, m, k, k16, w, n, s, z, group, bias, out, qmin, qmax, codes, scales */
+            rc = token_quant(P(0), N(2), N(3), (int)f[17], (int)f[18], P(19), NULL, P(21));
+            if (!rc) rc = q4_linear_i8(P(19), P(21), N(2), N(3), N(4), P(5), N(7), P(8), P(10), N(12), P(13), P(15),
+                                       threads);
+            break;
+        case T_W8: {    /* x, m, k, w, n, ws, zc, bias, out, a8, qmin, qmax, fq, fq scales (qmax 0: none) */
+            const float *x = P(0);
+            if (f[17]) {
+                rc = token_quant(x, N(2), N(3), (int)f[16], (int)f[17], NULL, P(18), P(20));
+                x = P(18);
+            }
+            if (!rc) rc = (f[15] ? w8_linear_a8 : w8_linear)(x, N(2), N(3), P(4), N(6), P(7), P(9), P(11), P(13),
+                                                             threads);
+            break;
+        }
+        case T_I8:      /* x, m, k, w, n, ws, bias, out, wsum, qmin, qmax, codes, scales */
+            rc = token_quant(P(0), N(2), N(3), (int)f[15], (int)f[16], P(17), NULL, P(19));
+            if (!rc) rc = i8_linear_ws(P(17), N(2), N(3), P(4), N(6), P(19), P(7), P(9), P(11), threads, P(13));
+            break;
+        case T_RMS:     /* x, m, d, w, eps, out */
+            rc = rms_norm_f32(P(0), N(2), N(3), P(4), (float)tape_float(f[6]), P(7));
+            break;
+        case T_ROPE:    /* x, b, h, t, d, sb, sh, st, cos, sin, out */
+            rc = rope_f32(P(0), N(2), N(3), N(4), N(5), N(6), N(7), N(8), P(9), P(11), P(13));
+            break;
+        case T_ATT:     /* q, b, hq, t, d, qsb, qsh, qst, k, hkv, n, ksb, ksh, ksn, v, dv, vsb, vsh, vsn, mask,
+                           msb, msh, mst, scale, out */
+            rc = attention_f32(P(0), N(2), N(3), N(4), N(5), N(6), N(7), N(8), P(9), N(11), N(12), N(13), N(14),
+                               N(15), P(16), N(18), N(19), N(20), N(21), P(22), N(24), N(25), N(26),
+                               (float)tape_float(f[27]), P(28), threads);
+            break;
+        case T_ADD: case T_MUL: {   /* a, b, out, count */
+            const float *a = P(0), *b = P(2);
+            float *o = P(4);
+            const int64_t c = N(6);
+            if (op == T_ADD) for (int64_t i = 0; i < c; i++) o[i] = a[i] + b[i];
+            else for (int64_t i = 0; i < c; i++) o[i] = a[i] * b[i];
+            break;
+        }
+        case T_SILU:    /* a, out, count */
+            tape_silu(P(0), NULL, P(2), N(4));
+            break;
+        case T_SILU_MUL:    /* a, b, out, count: silu(a) * b */
+            tape_silu(P(0), P(2), P(4), N(6));
+            break;
+        case T_ROWCOPY:     /* dst, src, idx, b, h, t, d, dsb, dsh, dsl, len, ssb, ssh, sst */
+            rc = tape_rowcopy(P(0), P(2), P(4), N(6), N(7), N(8), N(9), N(10), N(11), N(12), N(13), N(14), N(15),
+                              N(16));
+            break;
+        case T_KVSTORE:     /* k, b, h, t, d, sb, sh, st, pos, max_len, bits, shared, codes, scales */
+            rc = kv_store(P(0), N(2), N(3), N(4), N(5), N(6), N(7), N(8), P(9), N(11), (int)f[12], (int)f[13],
+                          P(14), P(16));
+            break;
+        case T_COPY:        /* dst, src, bytes */
+            memcpy(P(0), P(2), (size_t)N(4));
+            break;
+        case T_FQ:          /* x, m, k, qmin, qmax, out, scales: token_quant's fake-quant values */
+            rc = token_quant(P(0), N(2), N(3), (int)f[4], (int)f[5], NULL, P(6), P(8));
+            break;
+        case T_KVLOAD: {    /* codes, scales, bh, max_len, n, d, bits, per, out: kv_load, each head's n rows at
+                               the start of its max_len slots of out [bh, max_len, d] (strides independent of n) */
+            const int64_t bh = N(4), ml = N(5), n = N(6), d = N(7), bits = f[8], per = N(9);
+            const uint8_t *codes = P(0);
+            const float *scales = P(2);
+            float *out = P(10);
+            const int64_t w = bits == 8 ? d : d / 2;
+            for (int64_t i = 0; i < bh && !rc && per > 0; i++)
+                rc = kv_load(codes + i * ml * w, scales + (i / per) * ml, 1, ml, n, d, (int)bits, 1, out + i * ml * d);
+            if (per < 1) rc = -1;
+            break;
+        }
+        }
+#undef P
+#undef N
+        if (rc) return (int)(ins + 1);
+        pc += 2 + words;
+    }
+    return 0;
 }
