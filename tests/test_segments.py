@@ -220,12 +220,12 @@ def test_a_bad_program_is_refused_with_its_instruction_index():
     slots = (ctypes.c_void_p * 2)(x.data_ptr(), out.data_ptr())
     good = [S.T_SILU, 5, 0, 0, 1, 0, 8]
     prog = torch.tensor(good + [S.T_ADD, 6, 0, 0, 0, 0, 1, 0], dtype=torch.int64)    # ADD takes 7 words
-    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1) == 2
+    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1, None) == 2
     torch.testing.assert_close(out, torch.nn.functional.silu(x))                     # the first one ran
     prog = torch.tensor([99, 0], dtype=torch.int64)
-    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1) == 1
+    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1, None) == 1
     prog = torch.tensor(good[:4], dtype=torch.int64)                                  # truncated
-    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1) == 1
+    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1, None) == 1
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 13, 64])
@@ -239,7 +239,7 @@ def test_tape_silu_and_silu_mul_match_torch(count):
     slots = (ctypes.c_void_p * 4)(x.data_ptr(), y.data_ptr(), out.data_ptr(), out2.data_ptr())
     prog = torch.tensor([S.T_SILU, 5, 0, 0, 2, 0, count, S.T_SILU_MUL, 7, 0, 0, 1, 0, 3, 0, count],
                         dtype=torch.int64)
-    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1) == 0
+    assert lib.tape_run(prog.data_ptr(), prog.numel(), ctypes.addressof(slots), 0, 1, None) == 0
     torch.testing.assert_close(out[:count], torch.nn.functional.silu(x), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out2[:count], torch.nn.functional.silu(x) * y, rtol=1e-6, atol=1e-7)
     assert out[count] == 7.0 and out2[count] == 7.0                          # nothing written past the end

@@ -488,8 +488,9 @@ def model_section(ctx: Ctx) -> tuple[str, list[dict]]:
             "\nx eager: against transformers' own forward with its dynamic cache; x FP32 graph: against the same "
             "static-cache decode loop the lowered models run, with nothing quantized (like for like). Runtime "
             "passes (backends/torch_packed/runtime.py: attention over the written cache prefix only, fused "
-            "RMSNorm and RoPE, the native decode-attention kernel, flat attribute access) are on in every decode "
-            "loop except the rows that say "
+            "RMSNorm and RoPE, the native decode-attention kernel, flat attribute access, and native segments: "
+            "each run of kernels replayed by one C call once two decode steps showed its sizes) are on in every "
+            "decode loop except the rows that say "
             "'runtime passes off'. Greedy = fake-quant: decode steps where the fake-quant model, fed the same "
             "tokens, picks the same next token."]
     plans = [(r["variant"], rec) for r in rows for rec in r.get("plan", [])]

@@ -130,7 +130,7 @@ class Q4Library:
         self.i8_linear_ws = lib.i8_linear_ws                 # the same with the weight rows' code sums (colsum)
         self.i8_linear_ws.restype, self.i8_linear_ws.argtypes = ctypes.c_int, [*_I8_ARGS, _P]
         self.tape_run = lib.tape_run                         # a native segment's program (segments.py)
-        self.tape_run.restype, self.tape_run.argtypes = ctypes.c_int, [_P, _I, _P, _I, ctypes.c_int]
+        self.tape_run.restype, self.tape_run.argtypes = ctypes.c_int, [_P, _I, _P, _I, ctypes.c_int, _P]
         lib.q4_vnni512.restype = ctypes.c_int
         self.vnni512 = bool(lib.q4_vnni512())               # the 512-bit VNNI kernels run (i8 isa 1, w8_linear_a8)
         for name, fn, args in (("token_quant", "token_quant", _TQ_ARGS), ("rms_norm", "rms_norm_f32", _RMS_ARGS),

@@ -298,6 +298,21 @@ class Segment:
         self.calls["fallback"] += 1
         return self.fallback(*args)
 
+    def profile(self, fn, *, top: int | None = None) -> list[tuple[str, float]]:
+        """Run fn() (e.g. a few decode steps) with the tape timing each instruction; returns (instruction,
+        seconds summed over the calls), slowest first: where a native decode step spends its time."""
+        t = self.tape
+        if t is None:
+            raise RuntimeError(f"{self.name} has no tape yet ({self.why or 'it compiles after two decode calls'})")
+        times = torch.zeros(t.count, dtype=torch.float64)
+        t.times = times.data_ptr()
+        try:
+            fn()
+        finally:
+            t.times = None
+        rows = sorted(zip(t.names, times.tolist()), key=lambda r: -r[1])
+        return rows[:top] if top else rows
+
     def _observe(self, args) -> None:
         sig = _signature(args)
         seen, self._seen = self._seen, (args, sig)
@@ -386,6 +401,8 @@ class _Tape:
         self.outputs = b.outputs                           # per output: ("arg", i) | ("fixed", t) | ("fresh", (shape, stride), slot)
         self.fresh = [(o[1], o[2]) for o in b.outputs if o[0] == "fresh"]
         self.call = native.q4().tape_run
+        self.times = None                                  # profile(): a float64 tensor's address
+        self.names = b.names                               # per instruction: op and node
         self.threads = torch.get_num_threads
 
     def valid(self) -> bool:
@@ -421,7 +438,7 @@ class _Tape:
             slots[slot] = t.data_ptr()
             fresh.append(t)
         rc = self.call(self._prog[0], self._prog[1], self._slots, args[self.dyn] if self.dyn is not None else 0,
-                               self.threads())
+                       self.threads(), self.times)
         if rc:
             raise RuntimeError(f"{self.seg.name}: the native tape failed at instruction {rc - 1} (a position outside "
                                "the cache, or out of memory)")
@@ -452,6 +469,8 @@ class _Builder:
         self.count = 0
         self.outputs = []
         self.silu: dict[Node, int] = {}                   # silu node -> index of its instruction
+        self.names: list[str] = []                        # per instruction (profile)
+        self.current = ""
         self.ptr_args: list[int] = []
         env: dict[Node, object] = {}
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
@@ -468,6 +487,7 @@ class _Builder:
         for n in self.graph.nodes:
             if n.op in ("placeholder", "output"):
                 continue
+            self.current = n.name
             env[n] = self.node(n, env)
         for n in out_node.args[0]:
             v = env[n]
@@ -527,6 +547,7 @@ class _Builder:
         return [slot, t.data_ptr() - base]
 
     def ins(self, op: int, *fields) -> int:
+        self.names.append(f"{_OP_NAMES.get(op, op)} {self.current}")
         words = []
         for f in fields:
             if isinstance(f, list):
@@ -634,6 +655,7 @@ class _Builder:
                 if i is not None and len(x.users) == 1 and x not in self.fresh_nodes:
                     # silu(x) * y: one silu_mul here (y may come after the silu) instead of silu then mul
                     src = self.prog[i + 2:i + 4]
+                    del self.names[_ordinal(self.prog, i)]
                     del self.prog[i:i + 7]
                     self.count -= 1
                     for j, at in self.silu.items():           # the instructions after it moved by 7 words
@@ -735,6 +757,17 @@ class _Builder:
         if n_keys is not None and len(n.args) > 3 and n.args[3] is getattr(self, "dyn_node", None):
             self.dyn_max = max_len if self.dyn_max is None else min(self.dyn_max, max_len)
         return out[:, :, :nk]
+
+
+def _ordinal(prog: list[int], at: int) -> int:
+    """The index of the instruction that starts at word `at`."""
+    pc = k = 0
+    while pc < at:
+        pc, k = pc + 2 + prog[pc + 1], k + 1
+    return k
+
+
+_OP_NAMES = {v: k[2:].lower() for k, v in dict(globals()).items() if k.startswith("T_") and isinstance(v, int)}
 
 
 def _qrange(bits: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <time.h>
 
 #define INLINE static inline __attribute__((always_inline))
 /* The cache level the int4 kernels' weight-stream prefetches fill (q4_linear, q4_linear_a8 / _i8): L2 (T1). A
@@ -2143,7 +2144,8 @@ int attention_f32(const float *q, int64_t b, int64_t hq, int64_t t, int64_t d, i
  * number of written cache slots, n_keys); a float field is a double's bits. Each instruction calls the same
  * kernel the op would, with the same arguments, so the results are the op's (silu: the polynomial exp, not
  * torch's; within a few ulp). Returns 0, or 1 + the index of the first instruction that failed (bad program
- * or a kernel's error: nothing after it ran). */
+ * or a kernel's error: nothing after it ran). times: NULL, or one double per instruction to which each adds the
+ * seconds it took (Segment.profile). */
 
 #define TAPE_DYN (-((int64_t)1 << 62))
 enum { T_Q4 = 1, T_Q4I8, T_W8, T_I8, T_RMS, T_ROPE, T_ATT, T_ADD, T_MUL, T_SILU, T_SILU_MUL, T_ROWCOPY,
@@ -2196,8 +2198,15 @@ static int tape_rowcopy(float *dst, const float *src, const int64_t *idx, int64_
     return 0;
 }
 
-int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, int threads) {
+static double tape_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, int threads, double *times) {
     int64_t pc = 0, ins = 0;
+    double t0 = times ? tape_now() : 0.;
     for (; pc < len; ins++) {
         const int64_t op = prog[pc], words = pc + 1 < len ? prog[pc + 1] : -1;
         if (op < T_Q4 || op > T_FQ || words != tape_words[op] || pc + 2 + words > len) return (int)(ins + 1);
@@ -2285,6 +2294,11 @@ int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, 
 #undef P
 #undef N
         if (rc) return (int)(ins + 1);
+        if (times) {                        /* profiling: seconds per instruction, added up over calls */
+            const double t1 = tape_now();
+            times[ins] += t1 - t0;
+            t0 = t1;
+        }
         pc += 2 + words;
     }
     return 0;
