@@ -36,9 +36,10 @@ freeze            The step's calling convention without the pytree (de)flattenin
 
 native_segments  (segments.py, last) Every run of the step's kernels and the view / elementwise ops between
                   them becomes one call of a Segment, which after two decode calls replays the run as one C
-                  call (a "tape": no Python, dispatch or allocation between kernels; 1.28x at 0.5 B, 1 thread,
-                  docs/benchmarks.md bench-size). Other sizes (prefill) run the run's own nodes. Bit for bit
-                  but SiLU (a polynomial exp). QPASS_NATIVE_SEGMENTS=0 keeps the nodes in the graph.
+                  call (a "tape": no Python, dispatch or allocation between kernels, the step's prologue of
+                  position / mask / rotary ops included; 1.26x at 0.5 B, 1 thread, 1.41x at 2). Other sizes
+                  (prefill) run the run's own nodes. Bit for bit but SiLU and cos / sin (within a few ulp).
+                  QPASS_NATIVE_SEGMENTS=0 keeps the nodes in the graph.
 
 fuse_* need the native library (native.py) and fp32 tensors; elsewhere the graph keeps the aten ops. The
 fused nodes are torch operators (native.py registers the ``qpass_native`` namespace, with fake kernels), so
@@ -123,6 +124,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 n_keys._qpass_pure = additive_mask._qpass_pure = True      # read only their arguments (segments.py may move them)
+additive_mask._qpass_mask = True                            # segments.py: T_EW's mask op
 
 
 def prefix_attention(gm: GraphModule) -> int:

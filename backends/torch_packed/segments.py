@@ -3,19 +3,20 @@
 After the runtime passes (runtime.py) a decode step of a Llama-like model is mostly native kernels already:
 the packed linears, RMSNorm, RoPE, the cache writes and attention. What is left between them is the graph's
 own machinery: one Python call, a ctypes call and a tensor allocation per kernel, the view ops between them,
-and the small elementwise ops (the residual add, SiLU, the gate product) through torch's dispatcher. At 0.5 B
-parameters that is ~2-4 ms of a ~20 ms step (docs/benchmarks.md, bench-size: "rest"), serial at any thread
-count, and the weight stream evicts the code and data it runs on, so each of those ops costs 2-3x its hot
-cost. This pass removes it for the steps that repeat: one token at a time.
+the small elementwise ops (the residual add, SiLU, the gate product) through torch's dispatcher, and a
+prologue of ~40-60 tiny ops (positions, the causal mask, the rotary tables, per-layer cache indices). At 0.5 B
+parameters that was ~2-4 ms of a ~20 ms step (docs/benchmarks.md, bench-size: "rest"), serial at any thread
+count: the weight stream evicts the code and data it runs on, so each of those ops cost 2-3x its hot cost.
+This pass removes it for the steps that repeat: one token at a time.
 
 ``native_segments(gm)`` (a graph pass, run last by ``optimize_decode``):
 
-1. marks the nodes a tape can run: the fused native ops (rms_norm, rope, attention), fp32 ``add`` / ``mul``
-   / ``silu``, ``index_copy_`` into a cache, the forward of a PackedLinear or PackedKVCache, and view ops on
-   fp32 tensors;
-2. moves every other node that depends on none of them (the position and mask arithmetic, the rotary
-   tables, the attribute reads) above the first marked node, unless that would move a write across a read
-   or write of the same tensor (checked on the ops' schemas; an op without one stays where it is);
+1. marks the nodes a tape can run: the fused native ops (rms_norm, rope, attention), ``silu``, ``index_copy_``
+   into a cache, the forward of a PackedLinear or PackedKVCache, view ops, and the small ops of GENERIC on
+   fp32 / int64 / bool tensors (arithmetic and comparisons with broadcasting, casts, ``copy_`` / ``add_``,
+   cos / sin, ``arange``, ``cat``, ``embedding``, runtime.additive_mask);
+2. moves every other node that depends on none of them above the first marked node, unless that would move a
+   write across a read or write of the same tensor (checked on the ops' schemas; an op without one stays);
 3. replaces each run of marked nodes by one call of a :class:`Segment`, which holds the run as a small
    GraphModule (its *fallback*) and, once compiled, a tape.
 
@@ -23,13 +24,17 @@ A segment compiles itself from two consecutive calls that differ only in one int
 written cache slots, ``n_keys``) and in the tensor dims that equal it: it replays the run's ops on
 placeholder buffers twice, once per call's sizes, and turns each op into a tape instruction (the kernel it
 calls, the data pointers as (slot, offset) and its sizes; a size that differs between the two replays and
-equals the int input becomes "the call's n"). Every intermediate gets its own preallocated buffer; an
-output that leaves through the graph's output is allocated per call. A call whose inputs do not have the
-compiled sizes (a prefill, another batch) runs the fallback, as does every call of a segment whose run holds
-something the tape cannot express (an odd stride, a kernel without a native form: ``Segment.why``).
+equals the int input becomes "the call's n"). Every intermediate gets its own preallocated buffer (one whose
+size follows n: allocated at n's bound, the cache length); an output that leaves through the graph's output
+is allocated per call. A call whose inputs do not have the compiled sizes (a prefill, another batch) runs
+the fallback, as does every call of a segment whose run holds something the tape cannot express (an odd
+stride, a kernel without a native form, a size that follows n with no cache to bound it: ``Segment.why``).
+``Segment.profile`` times each instruction.
 
 What a tape computes is what the ops compute: the same kernels with the same arguments, so bit for bit,
-except SiLU (a polynomial exp, within a few ulp of torch's) and the gate product fused with it.
+except SiLU (a polynomial exp, within a few ulp of torch's) and cos / sin (libm's, within an ulp of torch's).
+Scratch A/B at 0.5 B (W4A16 g128 + lm_head int4, one process): 19.84 -> 15.76 ms per token at 1 thread,
+13.10 -> 9.31 ms at 2 (docs/benchmarks.md, bench-size, for the tool's table).
 """
 from __future__ import annotations
 
@@ -53,7 +58,10 @@ log = logging.getLogger("qpass.backends.torch_packed")
 aten = torch.ops.aten
 
 T_Q4, T_Q4I8, T_W8, T_I8, T_RMS, T_ROPE, T_ATT, T_ADD, T_MUL, T_SILU, T_SILU_MUL, T_ROWCOPY, T_KVSTORE, T_COPY, \
-    T_KVLOAD, T_FQ = range(1, 17)
+    T_KVLOAD, T_FQ, T_EW, T_ARANGE, T_GATHER = range(1, 20)
+EW_COPY, EW_ADD, EW_SUB, EW_MUL, EW_DIV, EW_LE, EW_LT, EW_GE, EW_GT, EW_EQ, EW_NE, EW_COS, EW_SIN, EW_NEG, EW_MASK, \
+    EW_NOT = range(16)
+DTYPES = {torch.float32: 0, torch.int64: 1, torch.bool: 2}     # what T_EW reads and writes
 DYN = -(1 << 62)                      # TAPE_DYN: the call's n
 ENV_OFF = "QPASS_NATIVE_SEGMENTS"     # "0": decode graphs keep their nodes (no segments)
 
@@ -62,6 +70,23 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, ate
          aten.permute.default, aten.select.int, aten.t.default}
 ELEMENTWISE = {aten.add.Tensor: T_ADD, aten.mul.Tensor: T_MUL}
 PURE_FUNCTIONS = {operator.getitem}   # call_function targets without a schema known to read only their args
+# the step's prologue and any other small op: T_EW (elementwise, broadcast, fp32 / int64 / bool), T_ARANGE, T_GATHER
+GENERIC = {aten.add.Tensor: EW_ADD, aten.add.Scalar: EW_ADD, aten.sub.Tensor: EW_SUB, aten.sub.Scalar: EW_SUB,
+           aten.mul.Tensor: EW_MUL, aten.mul.Scalar: EW_MUL, aten.div.Tensor: EW_DIV, aten.div.Scalar: EW_DIV,
+           aten.le.Tensor: EW_LE, aten.le.Scalar: EW_LE, aten.lt.Tensor: EW_LT, aten.lt.Scalar: EW_LT,
+           aten.ge.Tensor: EW_GE, aten.ge.Scalar: EW_GE, aten.gt.Tensor: EW_GT, aten.gt.Scalar: EW_GT,
+           aten.eq.Tensor: EW_EQ, aten.eq.Scalar: EW_EQ, aten.ne.Tensor: EW_NE, aten.ne.Scalar: EW_NE,
+           aten.cos.default: EW_COS, aten.sin.default: EW_SIN, aten.neg.default: EW_NEG,
+           aten.logical_not.default: EW_NOT, aten.copy_.default: EW_COPY, aten.add_.Tensor: EW_ADD,
+           aten.to.dtype: EW_COPY, aten.to.dtype_layout: EW_COPY, aten.to.device: EW_COPY,
+           aten._to_copy.default: EW_COPY, aten.clone.default: EW_COPY, aten.arange.default: None,
+           aten.arange.start: None, aten.cat.default: None, aten.embedding.default: None}
+SMALL = set(DTYPES)
+TO = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.clone.default}
+
+
+class _Resize(Exception):
+    """A buffer's size follows the call's n: compile again with it allocated at n's bound."""
 
 
 class Unsupported(Exception):
@@ -82,6 +107,20 @@ def _fp32(n) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype == torch.float32
 
 
+def _small(n) -> bool:
+    """A CPU tensor of a dtype T_EW handles (fp32, int64, bool); nodes without a recorded value count when
+    they are lists of such (cat's inputs are checked one by one)."""
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    if v is None and isinstance(n, Node) and "val" not in n.meta:
+        return n.op in ("call_function", "get_attr", "placeholder")
+    return isinstance(v, torch.Tensor) and v.dtype in SMALL and v.device.type == "cpu"
+
+
+def _scalar(n) -> bool:
+    v = n.meta.get("val") if isinstance(n, Node) else None
+    return isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+
+
 def _holder(gm: GraphModule, n) -> object:
     return getattr(gm, n.target, None) if isinstance(n, Node) and n.op == "get_attr" else None
 
@@ -99,10 +138,10 @@ def _taped(gm: GraphModule, n: Node, targets: dict) -> bool:
     if n.target in targets:
         return True
     if n.target in VIEWS:                       # sizes may be int nodes (the step's length, n_keys); nodes the
-        return bool(n.args) and _fp32(n.args[0]) and (_fp32(n) or "val" not in n.meta)   # runtime passes add
-                                                                                         # have no value
-    if n.target in ELEMENTWISE:                 # tensor (op) tensor: a scalar operand stays in torch
-        return (_fp32(n) and len(n.args) == 2 and not n.kwargs and all(_fp32(a) for a in n.args))
+        return bool(n.args) and _small(n.args[0]) and (_small(n) or "val" not in n.meta)  # runtime passes add
+                                                                                          # have no value
+    if n.target in GENERIC or getattr(n.target, "_qpass_mask", False):
+        return (_small(n) or "val" not in n.meta) and all(_small(a) or _scalar(a) for a in n.all_input_nodes)
     if n.target is aten.silu.default:
         return _fp32(n) and _fp32(n.args[0])
     if n.target is aten.index_copy_.default:
@@ -358,10 +397,27 @@ class _Tape:
     @classmethod
     def compile(cls, seg: Segment, args_a, args_b, dyn: int | None) -> "_Tape":
         builder = _Builder(seg, dyn)
-        prog_a = builder.emit(args_a)
-        prog_b = builder.emit(args_b)
+        for _ in range(8):                                # each round finds buffers whose size follows n
+            try:
+                builder.arena.clear()
+                builder.n_prev = builder.n_now = None
+                prog_a = builder.emit(args_a)
+                builder.n_prev = args_a[dyn] if dyn is not None else None
+                outs_a = builder.outputs
+                prog_b = builder.emit(args_b)
+                break
+            except _Resize:
+                continue
+        else:
+            raise Unsupported("sizes that follow n could not be settled")
         if len(prog_a) != len(prog_b):
             raise Unsupported("the run's instructions differ between two calls")
+        for x, y in zip(outs_a, builder.outputs):
+            if x[0] == "view" and x != y:
+                raise Unsupported("an output view of an input changes between calls")
+            if x[0] == "fixed" and not (y[0] == "fixed" and x[1].data_ptr() == y[1].data_ptr()
+                                        and x[1].shape == y[1].shape and x[1].stride() == y[1].stride()):
+                raise Unsupported("an output view changes between calls")
         prog = []
         na, nb = (args_a[dyn], args_b[dyn]) if dyn is not None else (None, None)
         for x, y in zip(prog_a, prog_b):
@@ -400,6 +456,8 @@ class _Tape:
         self.modules = list(b.modules.values())            # (module, its runners when compiled)
         self.outputs = b.outputs                           # per output: ("arg", i) | ("fixed", t) | ("fresh", (shape, stride), slot)
         self.fresh = [(o[1], o[2]) for o in b.outputs if o[0] == "fresh"]
+        if any(o[0] == "dyn" for o in b.outputs) and dyn is None:
+            raise Unsupported("an output's size follows n, but no input gives n")
         self.call = native.q4().tape_run
         self.times = None                                  # profile(): a float64 tensor's address
         self.names = b.names                               # per instruction: op and node
@@ -433,8 +491,8 @@ class _Tape:
         for i in self.tensor_args:
             slots[i] = args[i].data_ptr()
         fresh = []
-        for (shape, stride), slot in self.fresh:
-            t = torch.empty_strided(shape, stride)
+        for (shape, stride, dtype), slot in self.fresh:
+            t = torch.empty_strided(shape, stride, dtype=dtype)
             slots[slot] = t.data_ptr()
             fresh.append(t)
         rc = self.call(self._prog[0], self._prog[1], self._slots, args[self.dyn] if self.dyn is not None else 0,
@@ -443,8 +501,16 @@ class _Tape:
             raise RuntimeError(f"{self.seg.name}: the native tape failed at instruction {rc - 1} (a position outside "
                                "the cache, or out of memory)")
         out, f = [], iter(fresh)
-        for kind, v, *_ in self.outputs:
-            out.append(args[v] if kind == "arg" else v if kind == "fixed" else next(f))
+        for kind, v, *rest in self.outputs:
+            if kind == "dyn":
+                n = args[self.dyn]
+                out.append(v[tuple(slice(0, n) if d else slice(None) for d in rest[0])])
+            elif kind == "view":
+                a = args[v]
+                shape, stride, offset = rest[0]
+                out.append(a.as_strided(shape, stride, a.storage_offset() + offset))
+            else:
+                out.append(args[v] if kind == "arg" else v if kind == "fixed" else next(f))
         return tuple(out)
 
 
@@ -459,6 +525,8 @@ class _Builder:
         self.modules: dict[int, tuple] = {}
         self.targets, _ = _native_targets()
         self.dyn_max = None
+        self.dyn_dims: dict[Node, set[int]] = {}           # buffers whose dims follow n
+        self.n_prev = self.n_now = None
 
     # slots: the args first (set per call), then fresh outputs, then fixed pointers (buffers, weights)
     def emit(self, args) -> list[int]:
@@ -479,7 +547,7 @@ class _Builder:
             if isinstance(a, Tensor):
                 self.bases.setdefault(a.untyped_storage().data_ptr(), (i, a.data_ptr()))
             if i == self.dyn:
-                self.dyn_node = p
+                self.dyn_node, self.n_now = p, a
         out_node = next(n for n in self.graph.nodes if n.op == "output")
         fresh_nodes = {n for n, f in zip(out_node.args[0], self.seg.fresh) if f}
         self.fresh_nodes = fresh_nodes
@@ -495,24 +563,54 @@ class _Builder:
             if arg is not None:
                 self.outputs.append(("arg", arg))
             elif n in self.fresh_slots:
-                self.outputs.append(("fresh", (tuple(v.shape), v.stride()), self.fresh_slots[n]))
+                self.outputs.append(("fresh", (tuple(v.shape), v.stride(), v.dtype), self.fresh_slots[n]))
+            elif isinstance(v, Tensor) and n in self.dyn_dims and n in self.arena and \
+                    v.untyped_storage().data_ptr() == self.arena[n].untyped_storage().data_ptr():
+                full = self.arena[n]                      # its first n along the dims that follow n, per call
+                self.outputs.append(("dyn", full, tuple(i in self.dyn_dims[n] for i in range(full.dim()))))
             elif isinstance(v, Tensor) and self._is_buffer(v):
                 self.outputs.append(("fixed", v))
+            elif isinstance(v, Tensor) and (i := self._input_of(v, args)) is not None:
+                a = args[i]                               # a view of an input: made again per call
+                self.outputs.append(("view", i, (tuple(v.shape), v.stride(), v.storage_offset() - a.storage_offset())))
             else:
                 raise Unsupported(f"output {n.name} is neither an input nor one of the segment's buffers")
         return self.prog
 
+    @staticmethod
+    def _input_of(t: Tensor, args) -> int | None:
+        sp = t.untyped_storage().data_ptr()
+        return next((i for i, a in enumerate(args) if isinstance(a, Tensor) and a.untyped_storage().data_ptr() == sp
+                     and a.dtype == t.dtype), None)
+
     def _is_buffer(self, t: Tensor) -> bool:
-        return any(t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and t.shape == b.shape
-                   and t.stride() == b.stride() for b in self.arena.values())
+        """t is one of the segment's buffers or a view of one (the same in every call: checked by compile)."""
+        return any(t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for b in self.arena.values())
 
     # -- operands
     def buffer(self, n: Node, shape, stride=None, dtype=torch.float32) -> Tensor:
-        """n's output buffer: allocated on the first replay, the same tensor on the second."""
+        """n's output buffer: allocated on the first replay, the same tensor on the second. A buffer whose size
+        follows the call's n is allocated at the bound of n and returned as the view of the first n."""
+        shape = tuple(shape)
+        dims = self.dyn_dims.get(n)
+        if dims is not None:
+            full = self.arena.get(n)
+            if full is None:
+                if self.dyn_max is None or stride is not None:
+                    raise Unsupported(f"{n.name}: a buffer whose size follows n, with no bound on n")
+                full = self.arena[n] = torch.empty(
+                    tuple(self.dyn_max if i in dims else s for i, s in enumerate(shape)), dtype=dtype)
+            return full[tuple(slice(0, s) for s in shape)]
         t = self.arena.get(n)
         if t is None or tuple(t.shape) != tuple(shape) or (stride is not None and t.stride() != tuple(stride)):
             if t is not None:
-                raise Unsupported(f"{n.name}: its output size changes between calls")
+                diff = {i for i, (x, y) in enumerate(zip(t.shape, shape)) if x != y}
+                if (self.dyn is None or len(t.shape) != len(shape) or not diff
+                        or n in self.fresh_nodes or not all(t.shape[i] == self.n_prev and shape[i] == self.n_now
+                                                            for i in diff)):
+                    raise Unsupported(f"{n.name}: its output size changes between calls")
+                self.dyn_dims[n] = diff
+                raise _Resize()
             t = torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype) if stride is not None else \
                 torch.empty(tuple(shape), dtype=dtype)
             self.arena[n] = t
@@ -587,13 +685,108 @@ class _Builder:
             return self.rope(n, *args)
         if kind == "attention":
             return self.attention(n, *args, **kwargs)
-        if t in ELEMENTWISE:
-            return self.elementwise(n, ELEMENTWISE[t], *args, **kwargs)
+        if t in ELEMENTWISE and not kwargs and len(args) == 2 and all(
+                isinstance(a, Tensor) and a.dtype == torch.float32 and a.is_contiguous() for a in args) \
+                and args[0].shape == args[1].shape:
+            return self.elementwise(n, ELEMENTWISE[t], *args)
         if t is aten.silu.default:
             return self.silu_(n, *args)
         if t is aten.index_copy_.default:
             return self.index_copy(n, *args)
+        if t in GENERIC or getattr(t, "_qpass_mask", False):
+            return self.generic(n, t, args, kwargs)
         raise Unsupported(f"{n.name}: {t}")
+
+    # -- the small ops: T_EW, T_ARANGE, T_GATHER
+    def ew(self, n, op: int, a, b, out: Tensor) -> None:
+        """out = op(a, b) with a, b broadcast to out (b None: unary; a number: T_EW's scalar)."""
+        if out.dim() > 4:
+            raise Unsupported(f"{n.name}: more than 4 dims")
+        try:
+            av = a.expand(out.shape)
+            bv = b.expand(out.shape) if isinstance(b, Tensor) else None
+        except RuntimeError as e:
+            raise Unsupported(f"{n.name}: operands do not broadcast to the output ({e})") from None
+        if any(t is not None and t.dtype not in DTYPES for t in (av, bv, out)):
+            raise Unsupported(f"{n.name}: a dtype T_EW does not take")
+        if b is not None and not isinstance(b, (Tensor, int, float)):
+            raise Unsupported(f"{n.name}: operand {b!r}")
+
+        def four(t):
+            pad = 4 - t.dim()
+            return [1] * pad + list(t.shape), [0] * pad + [st if sz > 1 else 0 for st, sz in zip(t.stride(), t.shape)]
+        size, so = four(out)
+        _, sa = four(av)
+        sb = four(bv)[1] if bv is not None else [0] * 4
+        scalar = float(b) if b is not None and not isinstance(b, Tensor) else 0.0
+        self.ins(T_EW, op, DTYPES[av.dtype], DTYPES[bv.dtype] if bv is not None else 0, DTYPES[out.dtype], *size,
+                 self.ref(av), *sa, self.ref(bv), *sb, scalar, self.ref(out), *so)
+
+    def generic(self, n, t, args, kwargs):
+        if t in (aten.arange.default, aten.arange.start):
+            start, end = (0, args[0]) if t is aten.arange.default else (args[0], args[1])
+            dtype = kwargs.get("dtype") or (torch.int64 if all(isinstance(v, int) for v in (start, end))
+                                            else torch.float32)
+            if not (isinstance(start, int) and isinstance(end, int)) or dtype not in (torch.int64, torch.float32):
+                raise Unsupported(f"{n.name}: arange of non-int bounds or dtype {dtype}")
+            out = self.buffer(n, (max(end - start, 0),), dtype=dtype)
+            self.ins(T_ARANGE, self.ref(out), DTYPES[dtype], start, out.numel())
+            return out
+        if t is aten.embedding.default:
+            w, ids = args[0], args[1]
+            if not (w.dtype == torch.float32 and w.dim() == 2 and w.stride(1) == 1 and ids.dtype == torch.int64
+                    and ids.is_contiguous()):
+                raise Unsupported(f"{n.name}: embedding of {w.dtype} rows by {ids.dtype} ids")
+            out = self.buffer(n, (*ids.shape, w.shape[1]))
+            self.ins(T_GATHER, self.ref(out), self.ref(w), self.ref(ids), ids.numel(), w.shape[1], w.shape[0],
+                     w.stride(0))
+            return out
+        if t in TO:                                       # the dtype it asks for; the same: the input itself
+            x = args[0]
+            dtype = (args[1] if t is aten.to.dtype and len(args) > 1 else args[2] if t is aten.to.device
+                     and len(args) > 2 else None) or kwargs.get("dtype") or x.dtype
+            device = args[1] if t is aten.to.device else kwargs.get("device")
+            if device is not None and torch.device(device).type != "cpu":
+                raise Unsupported(f"{n.name}: a copy to {device}")
+            if dtype == x.dtype and t in (aten.to.dtype, aten.to.dtype_layout, aten.to.device) and not kwargs.get(
+                    "copy", False) and not (len(args) > 3 and args[3]):
+                return x
+            out = self.buffer(n, x.shape, dtype=dtype)
+            self.ew(n, EW_COPY, x, None, out)
+            return out
+        meta = torch.fx.node.map_aggregate(
+            (args, kwargs), lambda a: torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+            if isinstance(a, Tensor) else a)
+        try:
+            res = t(*meta[0], **meta[1])
+        except Exception as e:                            # noqa: BLE001 (any op's own error: not taped)
+            raise Unsupported(f"{n.name}: {t} on these arguments ({e})") from None
+        if not isinstance(res, Tensor):
+            raise Unsupported(f"{n.name}: {t} returns {type(res).__name__}")
+        if t is aten.cat.default:
+            parts = args[0]
+            dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % res.dim()
+            out = self.buffer(n, res.shape, dtype=res.dtype)
+            at = 0
+            for part in parts:
+                self.ew(n, EW_COPY, part, None, out.narrow(dim, at, part.shape[dim]))
+                at += part.shape[dim]
+            return out
+        if t in (aten.copy_.default, aten.add_.Tensor):
+            if kwargs.get("alpha", 1) != 1 or len(args) > 2 and t is aten.copy_.default and args[2]:
+                raise Unsupported(f"{n.name}: {t} with options")
+            self.ew(n, GENERIC[t], args[1] if t is aten.copy_.default else args[0],
+                    None if t is aten.copy_.default else args[1], args[0])
+            return args[0]
+        if res is meta[0][0]:                             # to() that changes nothing: the input itself
+            return args[0]
+        if kwargs.get("alpha", 1) != 1:
+            raise Unsupported(f"{n.name}: {t} with alpha")
+        out = self.buffer(n, res.shape, dtype=res.dtype)
+        op = EW_MASK if getattr(t, "_qpass_mask", False) else GENERIC[t]
+        unary = op in (EW_COPY, EW_COS, EW_SIN, EW_NEG, EW_MASK, EW_NOT)
+        self.ew(n, op, args[0], None if unary else args[1], out)
+        return out
 
     @staticmethod
     def _f32c(n: Node, *ts) -> None:

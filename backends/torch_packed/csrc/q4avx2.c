@@ -2149,9 +2149,9 @@ int attention_f32(const float *q, int64_t b, int64_t hq, int64_t t, int64_t d, i
 
 #define TAPE_DYN (-((int64_t)1 << 62))
 enum { T_Q4 = 1, T_Q4I8, T_W8, T_I8, T_RMS, T_ROPE, T_ATT, T_ADD, T_MUL, T_SILU, T_SILU_MUL, T_ROWCOPY,
-       T_KVSTORE, T_COPY, T_KVLOAD, T_FQ };
+       T_KVSTORE, T_COPY, T_KVLOAD, T_FQ, T_EW, T_ARANGE, T_GATHER };
 
-static const int tape_words[] = {0, 17, 23, 22, 21, 9, 15, 30, 7, 7, 5, 7, 17, 18, 5, 12, 10};
+static const int tape_words[] = {0, 17, 23, 22, 21, 9, 15, 30, 7, 7, 5, 7, 17, 18, 5, 12, 10, 27, 5, 10};
 
 INLINE void *tape_ptr(void *const *slots, const int64_t *f) {
     return f[0] < 0 ? NULL : (void *)((char *)slots[f[0]] + f[1]);
@@ -2204,12 +2204,66 @@ static double tape_now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+/* The small ops of a step's prologue (positions, the causal mask, the rotary tables) and any elementwise op
+ * the fast fp32 instructions do not cover: out = f(a, b) over up to 4 dims with strides (0 where a or b is
+ * broadcast), dtypes fp32 / int64 / bool. Where fp32 takes part, the operands (a scalar too) are rounded to
+ * fp32 first, as torch computes; then combined in double and rounded once to the output type: the IEEE result
+ * of + - * / on fp32 (and exact on int64 below 2^53); cos / sin are
+ * libm's, within an ulp of torch's vectorized ones. */
+enum { EW_COPY, EW_ADD, EW_SUB, EW_MUL, EW_DIV, EW_LE, EW_LT, EW_GE, EW_GT, EW_EQ, EW_NE, EW_COS, EW_SIN, EW_NEG,
+       EW_MASK, EW_NOT };
+enum { DT_F32, DT_I64, DT_BOOL };
+
+INLINE double ew_ld(const char *p, int dt, int64_t i) {
+    return dt == DT_F32 ? (double)((const float *)p)[i] : dt == DT_I64 ? (double)((const int64_t *)p)[i]
+                                                                       : (double)((const uint8_t *)p)[i];
+}
+
+static int tape_ew(int op, int dta, int dtb, int dto, const int64_t *size, const char *a, const int64_t *sa,
+                   const char *b, const int64_t *sb, double scalar, char *out, const int64_t *so) {
+    if (op < EW_COPY || op > EW_NOT || dta < 0 || dta > 2 || dtb < 0 || dtb > 2 || dto < 0 || dto > 2 || !a || !out)
+        return -1;
+    const int f32 = dta == DT_F32 || (b && dtb == DT_F32) || dto == DT_F32;
+    for (int64_t i0 = 0; i0 < size[0]; i0++)
+        for (int64_t i1 = 0; i1 < size[1]; i1++)
+            for (int64_t i2 = 0; i2 < size[2]; i2++)
+                for (int64_t i3 = 0; i3 < size[3]; i3++) {
+                    double x = ew_ld(a, dta, i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3]);
+                    double y = b ? ew_ld(b, dtb, i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3]) : scalar;
+                    if (f32) x = (float)x, y = (float)y;      /* torch computes in fp32: operands rounded first */
+                    double r;
+                    switch (op) {
+                    case EW_ADD: r = x + y; break;
+                    case EW_SUB: r = x - y; break;
+                    case EW_MUL: r = x * y; break;
+                    case EW_DIV: r = x / y; break;
+                    case EW_LE: r = x <= y; break;
+                    case EW_LT: r = x < y; break;
+                    case EW_GE: r = x >= y; break;
+                    case EW_GT: r = x > y; break;
+                    case EW_EQ: r = x == y; break;
+                    case EW_NE: r = x != y; break;
+                    case EW_COS: r = cosf((float)x); break;
+                    case EW_SIN: r = sinf((float)x); break;
+                    case EW_NEG: r = -x; break;
+                    case EW_MASK: r = x != 0. ? 0. : -INFINITY; break;     /* allowed -> 0, masked -> -inf */
+                    case EW_NOT: r = x == 0.; break;
+                    default: r = x;
+                    }
+                    const int64_t o = i0 * so[0] + i1 * so[1] + i2 * so[2] + i3 * so[3];
+                    if (dto == DT_F32) ((float *)out)[o] = (float)r;
+                    else if (dto == DT_I64) ((int64_t *)out)[o] = (int64_t)r;
+                    else ((uint8_t *)out)[o] = r != 0.;
+                }
+    return 0;
+}
+
 int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, int threads, double *times) {
     int64_t pc = 0, ins = 0;
     double t0 = times ? tape_now() : 0.;
     for (; pc < len; ins++) {
         const int64_t op = prog[pc], words = pc + 1 < len ? prog[pc + 1] : -1;
-        if (op < T_Q4 || op > T_FQ || words != tape_words[op] || pc + 2 + words > len) return (int)(ins + 1);
+        if (op < T_Q4 || op > T_GATHER || words != tape_words[op] || pc + 2 + words > len) return (int)(ins + 1);
         const int64_t *f = prog + pc + 2;
 #define P(i) tape_ptr(slots, f + (i))
 #define N(i) tape_int(f[i], dyn)
@@ -2278,6 +2332,28 @@ int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, 
         case T_FQ:          /* x, m, k, qmin, qmax, out, scales: token_quant's fake-quant values */
             rc = token_quant(P(0), N(2), N(3), (int)f[4], (int)f[5], NULL, P(6), P(8));
             break;
+        case T_EW:          /* op, dta, dtb, dto, size[4], a, sa[4], b, sb[4], scalar, out, so[4] */
+            rc = tape_ew((int)f[0], (int)f[1], (int)f[2], (int)f[3], (int64_t[]){N(4), N(5), N(6), N(7)}, P(8),
+                         (int64_t[]){N(10), N(11), N(12), N(13)}, P(14), (int64_t[]){N(16), N(17), N(18), N(19)},
+                         tape_float(f[20]), P(21), (int64_t[]){N(23), N(24), N(25), N(26)});
+            break;
+        case T_ARANGE: {    /* out, dtype, start, count: out[i] = start + i */
+            const int64_t start = N(3), count = N(4);
+            if (f[2] == DT_I64) for (int64_t i = 0; i < count; i++) ((int64_t *)P(0))[i] = start + i;
+            else if (f[2] == DT_F32) for (int64_t i = 0; i < count; i++) ((float *)P(0))[i] = (float)(start + i);
+            else rc = -1;
+            break;
+        }
+        case T_GATHER: {    /* out, table, ids, count, d, rows, row stride: out[j, :d] = table[ids[j], :d] (fp32) */
+            const int64_t *ids = P(4), count = N(6), d = N(7), rows = N(8), stride = N(9);
+            const float *table = P(2);
+            float *out = P(0);
+            for (int64_t j = 0; j < count && !rc; j++) {
+                if (ids[j] < 0 || ids[j] >= rows) rc = -1;
+                else memcpy(out + j * d, table + ids[j] * stride, sizeof(float) * d);
+            }
+            break;
+        }
         case T_KVLOAD: {    /* codes, scales, bh, max_len, n, d, bits, per, out: kv_load, each head's n rows at
                                the start of its max_len slots of out [bh, max_len, d] (strides independent of n) */
             const int64_t bh = N(4), ml = N(5), n = N(6), d = N(7), bits = f[8], per = N(9);
