@@ -326,3 +326,18 @@ def test_a_frozen_step_takes_its_inputs_by_position_too():
     with torch.no_grad():
         for ids, pos in _steps(3):
             torch.testing.assert_close(a(ids, pos), b(input_ids=ids, cache_position=pos), rtol=0, atol=0)
+
+
+def test_chunked_prefill_and_decode_get_a_tape_each():
+    pm = _lowered(_recipe(W4), "q4a8")
+    for m in pm.linears().values():                      # two-row chunks on the same kernel (bucket 8)
+        m.plan = {**m.plan, 8: "q4a8"}
+    gm, ref = _pair(pm)
+    ids = toy.token_ids(1, 16)
+    chunk = lambda p, t: (ids[:, p:p + t], torch.arange(p, p + t))      # noqa: E731
+    steps = [chunk(0, 5), chunk(5, 2), chunk(7, 2), chunk(9, 1), chunk(10, 1), chunk(11, 1), chunk(12, 2)]
+    got, want = _decode(gm, steps), _decode(ref, steps)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    seg = _segments(gm)[0]
+    assert len(seg.tapes) == 2 and seg.calls == {"tape": 2, "fallback": 5} and seg.why is None

@@ -316,23 +316,34 @@ class Segment:
     """A run of a decode graph's nodes: its fallback GraphModule, and a tape once two calls showed the sizes
     (see the module doc). ``why``: why there is no tape (None while there is one, or before it compiled)."""
 
+    MAX_TAPES = 4                                   # sizes taped at once (decode, chunked prefill, ...)
+    MAX_FAILURES = 4                                # sizes found untapeable before it stops trying
+
     def __init__(self, fallback: GraphModule, persistent: list[bool], fresh: list[bool], name: str = ""):
         self.fallback, self.persistent, self.fresh, self.name = fallback, persistent, fresh, name
-        self.tape: _Tape | None = None
-        self.why: str | None = None
+        self.tapes: list[_Tape] = []
+        self.failed: dict[tuple, str] = {}          # the sizes of a pair of calls -> why they are not taped
         self.calls = {"tape": 0, "fallback": 0}
         self._seen = None                           # (args, signature) of the last call, while compiling
 
+    @property
+    def tape(self) -> "_Tape | None":
+        """The first tape (the one for decode steps where they came first), or None."""
+        return self.tapes[0] if self.tapes else None
+
+    @property
+    def why(self) -> str | None:
+        """Why the last sizes that could have been taped were not (None: no such sizes yet)."""
+        return next(reversed(self.failed.values()), None)
+
     def __call__(self, *args):
-        t = self.tape
-        if t is not None:
+        for t in self.tapes:
             if t.accepts(args):
                 self.calls["tape"] += 1
                 return t.run(args)
-            if not t.valid():                       # a kernel plan changed since: compile again
-                self.tape, self._seen = None, None
-                self._observe(args)
-        elif self.why is None:
+        if self.tapes and not all(t.valid() for t in self.tapes):   # a kernel plan changed since: compile again
+            self.tapes = [t for t in self.tapes if t.valid()]
+        if len(self.tapes) < self.MAX_TAPES and len(self.failed) < self.MAX_FAILURES:
             self._observe(args)
         self.calls["fallback"] += 1
         return self.fallback(*args)
@@ -362,13 +373,18 @@ class Segment:
             log.debug("%s: not compiled yet, calls differ: %s", self.name,
                       [(i, x, y) for i, (x, y) in enumerate(zip(seen[1], sig)) if x != y][:4])
             return
+        key = tuple(x if x == y else None for x, y in zip(seen[1], sig))
+        if key in self.failed:
+            return
+        self._seen = None
         try:
-            self.tape = _Tape.compile(self, seen[0], args, dyn)
-            self._seen = None
-            log.debug("%s: taped, %d instructions", self.name, self.tape.count)
+            tape = _Tape.compile(self, seen[0], args, dyn)
         except Unsupported as e:
-            self.why, self._seen = str(e), None
-            log.debug("%s stays on its fallback: %s", self.name, e)
+            self.failed[key] = str(e)
+            log.debug("%s stays on its fallback for these sizes: %s", self.name, e)
+            return
+        self.tapes.append(tape)
+        log.debug("%s: taped, %d instructions", self.name, tape.count)
 
 
 def _dynamic_input(a: list, b: list):
@@ -600,6 +616,7 @@ class _Builder:
                     raise Unsupported(f"{n.name}: a buffer whose size follows n, with no bound on n")
                 full = self.arena[n] = torch.empty(
                     tuple(self.dyn_max if i in dims else s for i, s in enumerate(shape)), dtype=dtype)
+            self._own(full)
             return full[tuple(slice(0, s) for s in shape)]
         t = self.arena.get(n)
         if t is None or tuple(t.shape) != tuple(shape) or (stride is not None and t.stride() != tuple(stride)):
@@ -617,12 +634,20 @@ class _Builder:
         if n in self.fresh_nodes and n not in self.fresh_slots:
             self.fresh_slots[n] = self._new_slot(None)
             self.bases[t.untyped_storage().data_ptr()] = (self.fresh_slots[n], t.data_ptr())
+        self._own(t)
         return t
+
+    def _own(self, t: Tensor) -> None:
+        """t's memory is the segment's (a buffer): a fixed slot."""
+        sp = t.untyped_storage().data_ptr()
+        if sp not in self.bases:
+            self.bases[sp] = (self._new_slot(sp), sp)
 
     def scratch_buffer(self, key, shape, dtype) -> Tensor:
         t = self.scratch.get(key)
         if t is None:
             t = self.scratch[key] = torch.empty(shape, dtype=dtype)
+        self._own(t)
         return t
 
     def _new_slot(self, ptr) -> int:
@@ -638,9 +663,9 @@ class _Builder:
                 self.fixed[t] = self._new_slot(t)
             return [self.fixed[t], 0]
         sp = t.untyped_storage().data_ptr()
-        if sp not in self.bases:
-            slot = self._new_slot(sp)
-            self.bases[sp] = (slot, sp)
+        if sp not in self.bases:       # e.g. a copy an op made while compiling: nothing writes it per call
+            raise Unsupported(f"{self.current}: reads memory that is neither an input nor one of the segment's "
+                              "buffers")
         slot, base = self.bases[sp]
         return [slot, t.data_ptr() - base]
 
@@ -672,6 +697,14 @@ class _Builder:
         t = n.target
         if t in VIEWS:
             v = t(*args, **kwargs)
+            x = args[0]
+            if isinstance(v, Tensor) and v.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+                # a reshape that copies (a non-contiguous input): copy into a contiguous buffer, then view it
+                buf = self.buffer(n, x.shape, dtype=x.dtype)
+                self.ew(n, EW_COPY, x, None, buf)
+                v = t(buf, *args[1:], **kwargs)
+                if v.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr():
+                    raise Unsupported(f"{n.name}: {t} copies even a contiguous input")
             if t is aten.slice.Tensor and len(n.args) > 3 and n.args[3] is getattr(self, "dyn_node", None):
                 base = args[0]
                 dim = args[1] if len(args) > 1 else 0
@@ -941,6 +974,8 @@ class _Builder:
         if (cb, ch) != (b, h) or pos.numel() != t or not (codes.is_contiguous() and scales.is_contiguous()):
             raise Unsupported(f"{n.name}: cache layout")
         shared = int(scales.numel() != b * h * max_len)
+        self._own(codes)                                  # the module's own buffers: fixed for the graph's life
+        self._own(scales)
         self.ins(T_KVSTORE, self.ref(k), b, h, t, d, *k.stride()[:3], self.ref(pos), max_len, bits, shared,
                  self.ref(codes), self.ref(scales))
         nk = max_len if n_keys is None else min(int(n_keys), max_len)
