@@ -381,6 +381,7 @@ class Segment:
             tape = _Tape.compile(self, seen[0], args, dyn)
         except Unsupported as e:
             self.failed[key] = str(e)
+            self._seen = (args, sig)                # the next call may pair with this one
             log.debug("%s stays on its fallback for these sizes: %s", self.name, e)
             return
         self.tapes.append(tape)
@@ -395,6 +396,8 @@ def _dynamic_input(a: list, b: list):
     if len(ints) > 1 or len(a) != len(b):
         return False
     dyn = ints[0] if ints else None
+    if dyn is not None and b[dyn] <= a[dyn]:       # decode steps grow n; a prefill then a decode shrink the length
+        return False
     for i in diff:
         if i == dyn:
             continue
@@ -553,6 +556,7 @@ class _Builder:
         self.count = 0
         self.outputs = []
         self.silu: dict[Node, int] = {}                   # silu node -> index of its instruction
+        self.dyn_views: dict[Node, tuple] = {}            # node -> (its full buffer, which dims follow n)
         self.names: list[str] = []                        # per instruction (profile)
         self.current = ""
         self.ptr_args: list[int] = []
@@ -580,10 +584,9 @@ class _Builder:
                 self.outputs.append(("arg", arg))
             elif n in self.fresh_slots:
                 self.outputs.append(("fresh", (tuple(v.shape), v.stride(), v.dtype), self.fresh_slots[n]))
-            elif isinstance(v, Tensor) and n in self.dyn_dims and n in self.arena and \
-                    v.untyped_storage().data_ptr() == self.arena[n].untyped_storage().data_ptr():
-                full = self.arena[n]                      # its first n along the dims that follow n, per call
-                self.outputs.append(("dyn", full, tuple(i in self.dyn_dims[n] for i in range(full.dim()))))
+            elif isinstance(v, Tensor) and n in self.dyn_views and \
+                    v.untyped_storage().data_ptr() == self.dyn_views[n][0].untyped_storage().data_ptr():
+                self.outputs.append(("dyn", *self.dyn_views[n]))     # its first n along those dims, per call
             elif isinstance(v, Tensor) and self._is_buffer(v):
                 self.outputs.append(("fixed", v))
             elif isinstance(v, Tensor) and (i := self._input_of(v, args)) is not None:
@@ -617,6 +620,7 @@ class _Builder:
                 full = self.arena[n] = torch.empty(
                     tuple(self.dyn_max if i in dims else s for i, s in enumerate(shape)), dtype=dtype)
             self._own(full)
+            self.dyn_views[n] = (full, tuple(i in dims for i in range(full.dim())))
             return full[tuple(slice(0, s) for s in shape)]
         t = self.arena.get(n)
         if t is None or tuple(t.shape) != tuple(shape) or (stride is not None and t.stride() != tuple(stride)):
@@ -984,6 +988,7 @@ class _Builder:
                  self.ref(out))
         if n_keys is not None and len(n.args) > 3 and n.args[3] is getattr(self, "dyn_node", None):
             self.dyn_max = max_len if self.dyn_max is None else min(self.dyn_max, max_len)
+            self.dyn_views[n] = (out, (False, False, True, False))
         return out[:, :, :nk]
 
 
