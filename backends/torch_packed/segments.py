@@ -404,7 +404,7 @@ def _dynamic_input(a: list, b: list):
         x, y = a[i], b[i]
         if dyn is None or not (isinstance(x, tuple) and isinstance(y, tuple)) or x[2] != y[2] or len(x[0]) != len(y[0]):
             return False
-        for sx, sy in zip(x[0], y[0]):
+        for sx, sy in zip((*x[0], *x[1]), (*y[0], *y[1])):      # sizes, then strides
             if sx != sy and not (sx == a[dyn] and sy == b[dyn]):
                 return False
     return dyn
@@ -466,13 +466,22 @@ class _Tape:
                 continue
             if isinstance(args[i], Tensor):
                 shape, stride, dtype = sb[i]
-                if sa[i] != sb[i]:                         # sizes that follow n: a template, strides unchecked
+                if sa[i] != sb[i]:                         # sizes / strides that follow n: templates (None: n)
                     shape = tuple(None if x != y else y for x, y in zip(sa[i][0], shape))
-                    stride = None
+                    stride = tuple(None if x != y else y for x, y in zip(sa[i][1], stride))
                 self.checks.append((i, shape, stride, dtype))
             else:
                 self.checks.append((i, sb[i], None, None))
         self.modules = list(b.modules.values())            # (module, its runners when compiled)
+        # inputs that share memory (views of one tensor): the tape addresses the later ones from the first
+        first: dict[int, int] = {}
+        self.shared = []
+        for i in self.tensor_args:
+            sp = args[i].untyped_storage().data_ptr()
+            if sp in first:
+                self.shared.append((first[sp], i, args[i].data_ptr() - args[first[sp]].data_ptr()))
+            else:
+                first[sp] = i
         self.outputs = b.outputs                           # per output: ("arg", i) | ("fixed", t) | ("fresh", (shape, stride), slot)
         self.fresh = [(o[1], o[2]) for o in b.outputs if o[0] == "fresh"]
         if any(o[0] == "dyn" for o in b.outputs) and dyn is None:
@@ -491,6 +500,11 @@ class _Tape:
         n = args[self.dyn] if self.dyn is not None else None
         if n is not None and (type(n) is not int or n < 1 or n > self.dyn_max):
             return False
+        for i, j, diff in self.shared:
+            a, b = args[i], args[j]
+            if (b.data_ptr() - a.data_ptr() != diff
+                    or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+                return False
         for i, shape, stride, dtype in self.checks:
             a = args[i]
             if dtype is None:
@@ -498,10 +512,11 @@ class _Tape:
                     return False
             elif type(a) is not Tensor or a.dtype != dtype:
                 return False
-            elif stride is not None:
+            elif None not in shape and None not in stride:
                 if a.shape != shape or a.stride() != stride:
                     return False
-            elif tuple(a.shape) != tuple(n if x is None else x for x in shape):
+            elif (tuple(a.shape) != tuple(n if x is None else x for x in shape)
+                  or a.stride() != tuple(n if x is None else x for x in stride)):
                 return False
         return self.valid()
 
