@@ -37,7 +37,8 @@ freeze            The step's calling convention without the pytree (de)flattenin
 native_segments  (segments.py, last) Every run of the step's kernels and the view / elementwise ops between
                   them becomes one call of a Segment, which after two decode calls replays the run as one C
                   call (a "tape": no Python, dispatch or allocation between kernels, the step's prologue of
-                  position / mask / rotary ops included; 1.26x at 0.5 B, 1 thread, 1.41x at 2). Other sizes
+                  position / mask / rotary ops included; a scratch A/B at 0.5 B in segments.py's doc: 1.26x
+                  at 1 thread, 1.41x at 2; the tool's table: docs/benchmarks.md bench-size). Other sizes
                   (prefill) run the run's own nodes. Bit for bit but SiLU and cos / sin (within a few ulp).
                   QPASS_NATIVE_SEGMENTS=0 keeps the nodes in the graph.
 
@@ -66,8 +67,7 @@ aten = torch.ops.aten
 META_RUNTIME = "qpass_runtime"            # gm.meta key: what optimize_decode changed
 
 
-def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: bool = False,
-                    segments: bool = True) -> dict[str, int]:
+def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: bool = False) -> dict[str, int]:
     """All passes, in order; returns (and records in ``gm.meta[META_RUNTIME]``) how many sites each changed.
     direct_ops: freeze calls the fused qpass_native ops' wrappers instead of the ops (see freeze)."""
     stats = {"prefix_attention": prefix_attention(gm)}
@@ -76,7 +76,7 @@ def optimize_decode(gm: GraphModule, *, native_ops: bool = True, direct_ops: boo
         stats["rope"] = fuse_rope(gm)
         stats["attention"] = fuse_attention(gm)
     stats.update(freeze(gm, direct_ops=direct_ops))
-    if segments and native_ops:
+    if native_ops:                                  # QPASS_NATIVE_SEGMENTS=0: off (segments.py)
         from .segments import native_segments
         stats.update(native_segments(gm))
     gm.meta[META_RUNTIME] = stats

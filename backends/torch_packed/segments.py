@@ -5,8 +5,8 @@ the packed linears, RMSNorm, RoPE, the cache writes and attention. What is left 
 own machinery: one Python call, a ctypes call and a tensor allocation per kernel, the view ops between them,
 the small elementwise ops (the residual add, SiLU, the gate product) through torch's dispatcher, and a
 prologue of ~40-60 tiny ops (positions, the causal mask, the rotary tables, per-layer cache indices). At 0.5 B
-parameters that was ~2-4 ms of a ~20 ms step (docs/benchmarks.md, bench-size: "rest"), serial at any thread
-count: the weight stream evicts the code and data it runs on, so each of those ops cost 2-3x its hot cost.
+parameters that was 3.3-4.3 ms of a ~20 ms step at 1 thread (the "rest" column of tools/bench_size.py's table
+before this pass, in git history: 86f5483), serial at any thread count: the weight stream evicts the code and data it runs on, so each of those ops cost 2-3x its hot cost.
 This pass removes it for the steps that repeat: one token at a time.
 
 ``native_segments(gm)`` (a graph pass, run last by ``optimize_decode``):
@@ -93,10 +93,11 @@ class Unsupported(Exception):
     """A run holds something the tape cannot express: the segment keeps its fallback (``Segment.why``)."""
 
 
-def _native_targets():
+def _native_targets() -> dict:
+    """The fused native ops' targets (the op, or its wrapper under freeze's direct_ops) -> their kind."""
     from . import runtime
-    return ({runtime.rms_norm: "rms_norm", native.rms_norm: "rms_norm", runtime.rope: "rope", native.rope: "rope",
-             runtime.attention: "attention", native.attention: "attention"}, runtime)
+    return {runtime.rms_norm: "rms_norm", native.rms_norm: "rms_norm", runtime.rope: "rope", native.rope: "rope",
+            runtime.attention: "attention", native.attention: "attention"}
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -190,7 +191,7 @@ def native_segments(gm: GraphModule, *, min_ops: int = 2) -> dict[str, int]:
     stats = {"segments": 0, "segment_nodes": 0, "hoisted": 0}
     if not native.available() or os.environ.get(ENV_OFF, "1") == "0":
         return stats
-    targets, _ = _native_targets()
+    targets = _native_targets()
     graph = gm.graph
     nodes = list(graph.nodes)
     taped = {n for n in nodes if _taped(gm, n, targets)}
@@ -313,8 +314,8 @@ def _signature(args) -> list:
 
 
 class Segment:
-    """A run of a decode graph's nodes: its fallback GraphModule, and a tape once two calls showed the sizes
-    (see the module doc). ``why``: why there is no tape (None while there is one, or before it compiled)."""
+    """A run of a decode graph's nodes: its fallback GraphModule, and a tape per sizes two calls showed (see
+    the module doc); ``why``: why the last sizes tried were not taped."""
 
     MAX_TAPES = 4                                   # sizes taped at once (decode, chunked prefill, ...)
     MAX_FAILURES = 4                                # sizes found untapeable before it stops trying
@@ -482,7 +483,9 @@ class _Tape:
                 self.shared.append((first[sp], i, args[i].data_ptr() - args[first[sp]].data_ptr()))
             else:
                 first[sp] = i
-        self.outputs = b.outputs                           # per output: ("arg", i) | ("fixed", t) | ("fresh", (shape, stride), slot)
+        # per output: ("arg", i) | ("fixed", buffer view) | ("fresh", (shape, stride, dtype), slot) |
+        # ("dyn", full buffer, dims that follow n) | ("view", i, (shape, stride, offset from input i))
+        self.outputs = b.outputs
         self.fresh = [(o[1], o[2]) for o in b.outputs if o[0] == "fresh"]
         if any(o[0] == "dyn" for o in b.outputs) and dyn is None:
             raise Unsupported("an output's size follows n, but no input gives n")
@@ -557,7 +560,7 @@ class _Builder:
         self.arena: dict[Node, Tensor] = {}             # node -> its buffer (the same across replays)
         self.scratch: dict[tuple, Tensor] = {}
         self.modules: dict[int, tuple] = {}
-        self.targets, _ = _native_targets()
+        self.targets = _native_targets()
         self.dyn_max = None
         self.dyn_dims: dict[Node, set[int]] = {}           # buffers whose dims follow n
         self.n_prev = self.n_now = None
@@ -574,7 +577,6 @@ class _Builder:
         self.dyn_views: dict[Node, tuple] = {}            # node -> (its full buffer, which dims follow n)
         self.names: list[str] = []                        # per instruction (profile)
         self.current = ""
-        self.ptr_args: list[int] = []
         env: dict[Node, object] = {}
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         for i, (p, a) in enumerate(zip(placeholders, args)):
@@ -889,10 +891,8 @@ class _Builder:
                  self.ref(v), dv, *v.stride()[:3], self.ref(mask), *ms, float(scale), self.ref(out))
         return out
 
-    def elementwise(self, n, op, a, b, **kw):
-        if kw or not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape:
-            raise Unsupported(f"{n.name}: {n.target} on operands of different shapes or with options")
-        self._f32c(n, a, b)
+    def elementwise(self, n, op, a, b):
+        """add / mul of two contiguous fp32 tensors of one shape (node() checks that; else T_EW)."""
         out = self.buffer(n, a.shape)
         if op == T_MUL:
             for x, y in ((n.args[0], b), (n.args[1], a)):
@@ -944,13 +944,13 @@ class _Builder:
         self.modules[id(mod)] = (mod, runners)
         a = call.args
         out = self.buffer(n, (*x.shape[:-1], call.n))
+        if call.kind in ("q4", "w8") and a["bits"]:    # the input fake-quantized per token first (W4A8 / W8A8 on
+            lo, hi = native._QRANGE[a["bits"]]          # a float kernel)
+            fq = self.scratch_buffer(("fq", m, k), (m, k), torch.float32)
+            sa = self.scratch_buffer(("scales", m), (m,), torch.float32)
+            self.ins(T_FQ, self.ref(x), m, k, lo, hi, self.ref(fq), self.ref(sa))
+            x = fq
         if call.kind == "q4":
-            if a["bits"]:                # the input fake-quantized per token first (W4A8 on the float kernel)
-                lo, hi = _qrange(a["bits"])
-                fq = self.scratch_buffer(("fq", m, k), (m, k), torch.float32)
-                sa = self.scratch_buffer(("scales", m), (m,), torch.float32)
-                self.ins(T_FQ, self.ref(x), m, k, lo, hi, self.ref(fq), self.ref(sa))
-                x = fq
             if a["k16"] != k:            # whole groups: the rows copied into a zero-padded buffer
                 xp = self.scratch_buffer(("pad", m, a["k16"]), (m, a["k16"]), torch.float32).zero_()
                 for r in range(m):
@@ -959,20 +959,17 @@ class _Builder:
             self.ins(T_Q4, self.ref(x), m, a["k16"], self.ref(a["w"]), call.n, self.ref(a["s"]), self.ref(a["z"]),
                      a["group"], self.ref(a["bias"]), self.ref(out), a["a8"])
         elif call.kind == "q4i8":
-            lo, hi = _qrange(a["bits"])
+            lo, hi = native._QRANGE[a["bits"]]
             codes = self.scratch_buffer(("codes", m, k), (m, k), torch.int8)
             sa = self.scratch_buffer(("scales", m), (m,), torch.float32)
             self.ins(T_Q4I8, self.ref(x), m, k, a["k16"], self.ref(a["w"]), call.n, self.ref(a["s"]),
                      self.ref(a["z"]), a["group"], self.ref(a["bias"]), self.ref(out), lo, hi, self.ref(codes),
                      self.ref(sa))
         elif call.kind == "w8":
-            lo, hi = _qrange(a["bits"]) if a["bits"] else (0, 0)
-            fq = self.scratch_buffer(("fq", m, k), (m, k), torch.float32) if a["bits"] else None
-            sa = self.scratch_buffer(("scales", m), (m,), torch.float32) if a["bits"] else None
             self.ins(T_W8, self.ref(x), m, k, self.ref(a["w"]), call.n, self.ref(a["ws"]), self.ref(a["zc"]),
-                     self.ref(a["bias"]), self.ref(out), a["a8"], lo, hi, self.ref(fq), self.ref(sa))
+                     self.ref(a["bias"]), self.ref(out), a["a8"])
         elif call.kind == "i8":
-            lo, hi = _qrange(a["bits"])
+            lo, hi = native._QRANGE[a["bits"]]
             codes = self.scratch_buffer(("codes", m, k), (m, k), torch.int8)
             sa = self.scratch_buffer(("scales", m), (m,), torch.float32)
             self.ins(T_I8, self.ref(x), m, k, self.ref(a["w"]), call.n, self.ref(a["ws"]), self.ref(a["bias"]),
@@ -1016,10 +1013,6 @@ def _ordinal(prog: list[int], at: int) -> int:
 
 
 _OP_NAMES = {v: k[2:].lower() for k, v in dict(globals()).items() if k.startswith("T_") and isinstance(v, int)}
-
-
-def _qrange(bits: int) -> tuple[int, int]:
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 __all__ = ["native_segments", "graph_nodes", "Segment", "Unsupported"]

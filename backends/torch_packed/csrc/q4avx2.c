@@ -2154,7 +2154,7 @@ int attention_f32(const float *q, int64_t b, int64_t hq, int64_t t, int64_t d, i
 enum { T_Q4 = 1, T_Q4I8, T_W8, T_I8, T_RMS, T_ROPE, T_ATT, T_ADD, T_MUL, T_SILU, T_SILU_MUL, T_ROWCOPY,
        T_KVSTORE, T_COPY, T_KVLOAD, T_FQ, T_EW, T_ARANGE, T_GATHER };
 
-static const int tape_words[] = {0, 17, 23, 22, 21, 9, 15, 30, 7, 7, 5, 7, 17, 18, 5, 12, 10, 27, 5, 10};
+static const int tape_words[] = {0, 17, 23, 16, 21, 9, 15, 30, 7, 7, 5, 7, 17, 18, 5, 12, 10, 27, 5, 10};
 
 INLINE void *tape_ptr(void *const *slots, const int64_t *f) {
     return f[0] < 0 ? NULL : (void *)((char *)slots[f[0]] + f[1]);
@@ -2281,16 +2281,9 @@ int tape_run(const int64_t *prog, int64_t len, void *const *slots, int64_t dyn, 
             if (!rc) rc = q4_linear_i8(P(19), P(21), N(2), N(3), N(4), P(5), N(7), P(8), P(10), N(12), P(13), P(15),
                                        threads);
             break;
-        case T_W8: {    /* x, m, k, w, n, ws, zc, bias, out, a8, qmin, qmax, fq, fq scales (qmax 0: none) */
-            const float *x = P(0);
-            if (f[17]) {
-                rc = token_quant(x, N(2), N(3), (int)f[16], (int)f[17], NULL, P(18), P(20));
-                x = P(18);
-            }
-            if (!rc) rc = (f[15] ? w8_linear_a8 : w8_linear)(x, N(2), N(3), P(4), N(6), P(7), P(9), P(11), P(13),
-                                                             threads);
+        case T_W8:      /* x, m, k, w, n, ws, zc, bias, out, a8 (an input fake quant: a T_FQ before it) */
+            rc = (f[15] ? w8_linear_a8 : w8_linear)(P(0), N(2), N(3), P(4), N(6), P(7), P(9), P(11), P(13), threads);
             break;
-        }
         case T_I8:      /* x, m, k, w, n, ws, bias, out, wsum, qmin, qmax, codes, scales */
             rc = token_quant(P(0), N(2), N(3), (int)f[15], (int)f[16], P(17), NULL, P(19));
             if (!rc) rc = i8_linear_ws(P(17), N(2), N(3), P(4), N(6), P(19), P(7), P(9), P(11), threads, P(13));
