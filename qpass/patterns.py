@@ -28,7 +28,10 @@ Matchers
   is_last_two_swap(n)         a transpose / permute of a tensor's last two axes
   weight_users(param)         users of a parameter, looking through transposes
   storage_twins(gm)           {tensor name: other names sharing its storage} (tied weights)
-  unrepeat_kv(n)              t if n is ``reshape(expand(unsqueeze(t, 2)))`` repeating heads (static shapes)
+  unrepeat_kv(n)              t if n is ``reshape(expand(unsqueeze(t, 2)))`` repeating heads (sizes static or
+                              provably equal symbols)
+  repeated_kv(gm)             SDPA sites whose K / V are repeat_kv'd (RepeatedKv); attend_grouped(gm, site) has
+                              SDPA read the K/V heads directly (enable_gqa)
   residual_stream(gm)         the residual adds ``h + f(h)`` of the hidden state, from the input embedding on
 """
 from __future__ import annotations
@@ -174,7 +177,8 @@ def is_last_two_swap(n) -> bool:
 
 def unrepeat_kv(n) -> Node | None:
     """t if n is ``reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d])`` (transformers'
-    ``repeat_kv``) with static shapes and no other users along the chain, else None."""
+    ``repeat_kv``) with no other users along the chain, else None. Sizes may be symbolic (a graph exported with
+    dynamic batch / length): they must then be provably equal, without adding guards."""
     if not (is_call(n, {aten.reshape.default, aten.view.default}) and len(n.users) == 1):
         return None
     e = n.args[0]
@@ -183,13 +187,60 @@ def unrepeat_kv(n) -> Node | None:
     u = e.args[0]
     if not (is_call(u, aten.unsqueeze.default) and u.args[1] == 2 and len(u.users) == 1):
         return None
-    t, out, mid = u.args[0], static_shape(n), static_shape(e)
-    src = static_shape(t)
-    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5:
+    t = u.args[0]
+    src, mid, out = (_shape(x) for x in (t, e, n))
+    if src is None or out is None or mid is None or len(src) != 4 or len(mid) != 5 or len(out) != 4:
         return None
     b, h, l, d = src
-    ok = mid == (b, h, mid[2], l, d) and out == (b, h * mid[2], l, d)
+    ok = _same(mid, (b, h, mid[2], l, d)) and _same(out, (b, h * mid[2], l, d))
     return t if ok else None
+
+
+def _shape(n) -> tuple | None:
+    val = n.meta.get("val") if isinstance(n, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(x == y if isinstance(x, int) and isinstance(y, int)
+                                    else statically_known_true(x == y) for x, y in zip(a, b))
+
+
+@dataclass(frozen=True)
+class RepeatedKv:
+    attention: Node             # scaled_dot_product_attention(q, rep(key), rep(value), ...)
+    key: Node                   # [b, kv_heads, l, d] before the repeat
+    value: Node
+
+
+def repeated_kv(gm: GraphModule, *, static: bool = True) -> list[RepeatedKv]:
+    """Every ``scaled_dot_product_attention(q, rep(k), rep(v), ...)`` (not already ``enable_gqa``) whose K and V
+    are repeated by ``repeat_kv`` (:func:`unrepeat_kv`) from as many heads each; `static`: only where K and V have
+    static shapes."""
+    out = []
+    for n in gm.graph.nodes:
+        if not is_call(n, SDPA) or len(n.args) > 7 or len(n.args) < 3 or n.kwargs.get("enable_gqa", False):
+            continue
+        k, v = unrepeat_kv(n.args[1]), unrepeat_kv(n.args[2])
+        ks, vs = (static_shape(k), static_shape(v)) if static else (_shape(k), _shape(v))
+        if ks is not None and vs is not None and ks[1] == vs[1]:
+            out.append(RepeatedKv(n, k, v))
+    return out
+
+
+def attend_grouped(gm: GraphModule, site: RepeatedKv) -> None:
+    """SDPA of `site` reads the K/V heads as they are (``enable_gqa=True``: the same result, no repeated copy of
+    K and V); the repeat chains left without users are erased."""
+    a = site.attention
+    dead = [a.args[1], a.args[2]]
+    a.args = (a.args[0], site.key, site.value, *a.args[3:])
+    a.kwargs = {**a.kwargs, "enable_gqa": True}
+    for rep in dict.fromkeys(dead):         # reshape <- expand <- unsqueeze, each used only by the next
+        for node in (rep, rep.args[0], rep.args[0].args[0]):
+            if not node.users:
+                gm.graph.erase_node(node)
 
 
 def static_shape(n) -> tuple[int, ...] | None:
@@ -305,5 +356,6 @@ def _attr(gm: GraphModule, target: str):
 
 __all__ = ["SOFTMAX", "SDPA", "MATMULS", "TRANSPOSES", "RESHAPES", "LAYOUT", "CASTS", "ACTIVATIONS",
            "POSITIVE_HOMOGENEOUS", "SCALE_COMMUTING", "PROBS_PASSTHROUGH", "REPEAT_KV", "SHAPE_ONLY", "is_call",
-           "arg", "AttentionSite", "attention_sites", "is_last_two_swap", "unrepeat_kv", "static_shape",
+           "arg", "AttentionSite", "attention_sites", "is_last_two_swap", "unrepeat_kv", "RepeatedKv",
+           "repeated_kv", "attend_grouped", "static_shape",
            "residual_stream", "weight_users", "storage_twins"]

@@ -105,3 +105,21 @@ def test_bench_py_keeps_every_other_tools_section(tmp_path):
     assert got["bench-qlora"][3] == "q rows" and got["kernel-accuracy"][3] == "k rows"
     assert "tools/bench_size.py" in got["bench-size"][3]            # absent: says how to make it
 
+
+
+def test_small_onnx_rows_compare_with_onnxruntimes_quantizer(tmp_path):
+    pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    doc = tmp_path / "bench.md"
+    doc.write_text("<!-- BEGIN bench-size -->\n<!-- END bench-size -->\n")
+    code = bench_size.main(["--size", "small", "--rows", "ort_w4,ort_nbits,ort_nbits_qpass", "--repeats", "1",
+                            "--prompt", "8", "--new-tokens", "4", "--onnx-sessions", "2", "--work",
+                            str(tmp_path / "work"), "--out", str(doc)])
+    assert code == 0
+    text = doc.read_text()
+    for label in ("qpass W4A16 g128 ONNX (MatMulNBits)", "ORT MatMulNBitsQuantizer g128 (torch.onnx FP32 export)",
+                  "ORT MatMulNBitsQuantizer g128 (qpass FP32 ONNX)", "2 onnxruntime sessions each",
+                  "vs onnxruntime's MatMulNBitsQuantizer model (of torch.onnx's FP32 export)", "a tie by construction"):
+        assert label in text
+    work = sorted(p.name for p in (tmp_path / "work").iterdir())    # one FP32 export per attention option
+    assert work == ["ort_nbits_acc4.grouped.onnx", "ort_nbits_acc4.torch.onnx", "w16.grouped", "w16.torch",
+                    "w4a16_g128.grouped"]

@@ -61,9 +61,9 @@ def build(model, work: str, levels=(0, 4)) -> dict[str, tuple[str, dict]]:
     return rows
 
 
-def ort_quantized(fp32_dir: str, work: str, level: int) -> str:
+def ort_quantized(fp32_dir: str, work: str, level: int, name: str | None = None) -> str:
     """onnxruntime's MatMulNBitsQuantizer (RTN, block 128, symmetric) on the FP32 ONNX, lm_head excluded (as
-    in qpass's recipes)."""
+    in qpass's recipes); written to `work`/`name` (default ort_nbits_acc<level>.onnx) unless it is there."""
     import logging
 
     import onnx
@@ -71,7 +71,7 @@ def ort_quantized(fp32_dir: str, work: str, level: int) -> str:
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # per-node INFO
 
-    out = os.path.join(work, f"ort_nbits_acc{level}.onnx")
+    out = os.path.join(work, name or f"ort_nbits_acc{level}.onnx")
     if os.path.isfile(out):
         return out
     model = onnx.load(os.path.join(fp32_dir, "model.onnx"))

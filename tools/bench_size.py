@@ -16,9 +16,16 @@ Rows (ROW names for --rows):
   ort_w4       recipes/w4a16_g128.yaml lowered to ONNX (DequantizeLinear + MatMul -> MatMulNBits, accuracy level
                as lowering records it: 4 by default), in onnxruntime
   ort_nbits    onnxruntime's own MatMulNBitsQuantizer (block 128, symmetric, accuracy level 4, lm_head excluded)
-               on ort_fp32's model (when onnxruntime.quantization.matmul_nbits_quantizer imports)
+               on torch.onnx's FP32 export: the same capture lowered with attention="torch" (torch.onnx's own
+               translation of scaled_dot_product_attention, as a plain torch.onnx.export has it), i.e. what a user
+               gets from an FP32 export and onnxruntime's quantizer (when onnxruntime.quantization imports)
+  ort_nbits_qpass  the same quantizer on ort_fp32's model (qpass's FP32 lowering, grouped attention): the same
+               graph as ort_w4 but for the quantizer's own scales, so a tie by construction (reported for that)
 Default: all rows (the ort_* rows only with onnxruntime installed and without --no-onnx). ONNX models are cached
-in --work (default .cache/bench-size/<size>) and reused when present: delete it after changing the lowering.
+in --work (default .cache/bench-size/<size>), one directory per recipe and attention option, and reused when
+present: delete it after changing the lowering otherwise. Each ONNX row runs in --onnx-sessions sessions (default
+2; every session every round, all in the medians): one session's weights sit where its allocation put them, and
+sessions of the same model differ by up to ~8% in decode speed on this machine.
 
 Each row: prefill ms (one step over a PROMPT-token prompt, empty cache), decode tokens/s (NEW greedy one-token
 steps after it), both x FP32 eager; bytes read per decode token (every weight the step reads: all tensors of the
@@ -56,13 +63,14 @@ SIZES = {
                   num_key_value_heads=2, vocab_size=512),
 }
 TORCH_RECIPES = ("w4a16_g128", "w4a16_g128_lmhead8", "w4a16_g128_lmhead4", "w8a16", "w8a8", "w4a8_kv4")
-ROWS = ("eager", "graph", *TORCH_RECIPES, "ort_fp32", "ort_w4", "ort_nbits")
+ROWS = ("eager", "graph", *TORCH_RECIPES, "ort_fp32", "ort_w4", "ort_nbits", "ort_nbits_qpass")
 LABELS = {"eager": "FP32 eager (transformers)", "graph": "FP32 graph (qpass decode loop)",
           "w4a16_g128": "W4A16 g128 packed", "w4a16_g128_lmhead8": "W4A16 g128 + lm_head int8 packed",
           "w4a16_g128_lmhead4": "W4A16 g128 + lm_head int4 packed", "w8a16": "W8A16 packed",
           "w8a8": "W8A8 packed", "w4a8_kv4": "W4A8KV4 packed", "ort_fp32": "FP32 ONNX (onnxruntime)",
           "ort_w4": "qpass W4A16 g128 ONNX (MatMulNBits)",
-          "ort_nbits": "ORT MatMulNBitsQuantizer g128 (fp32 export)"}
+          "ort_nbits": "ORT MatMulNBitsQuantizer g128 (torch.onnx FP32 export)",
+          "ort_nbits_qpass": "ORT MatMulNBitsQuantizer g128 (qpass FP32 ONNX)"}
 SECTION = "bench-size"
 
 
@@ -234,7 +242,7 @@ def build_torch_rows(model, want: list[str], length: int, repeats: int, say) -> 
     return rows
 
 
-def build_onnx_rows(model, want: list[str], work: str, threads: int, say) -> dict[str, Row]:
+def build_onnx_rows(model, want: list[str], work: str, threads: int, say, sessions: int = 2) -> dict[str, Row]:
     import qpass
     from qpass.backends.onnx_qdq import runtime
 
@@ -242,38 +250,41 @@ def build_onnx_rows(model, want: list[str], work: str, threads: int, say) -> dic
     fp32_kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     os.makedirs(work, exist_ok=True)
 
-    def lowered(recipe: str) -> str:
-        out = os.path.join(work, recipe)
+    def lowered(recipe: str, attention: str = "grouped") -> str:
+        out = os.path.join(work, f"{recipe}.{attention}")
         if not os.path.isfile(os.path.join(out, "model.onnx")):
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
             qpass.lower(qpass.apply(model, os.path.join(ROOT, "recipes", recipe + ".yaml"), progress=False),
-                        "onnx", out)
-            say(f"ONNX {recipe}: lowered in {time.perf_counter() - t0:.0f} s")
+                        "onnx", out, attention=attention)
+            say(f"ONNX {recipe} (attention {attention}): lowered in {time.perf_counter() - t0:.0f} s")
             gc.collect()
         return os.path.join(out, "model.onnx")
 
     paths = {}
-    if set(want) & {"ort_fp32", "ort_nbits"}:
+    if set(want) & {"ort_fp32", "ort_nbits_qpass"}:
         paths["ort_fp32"] = lowered("w16")
     if "ort_w4" in want:
         paths["ort_w4"] = lowered("w4a16_g128")
-    if "ort_nbits" in want:
+    for key, attention in (("ort_nbits", "torch"), ("ort_nbits_qpass", "grouped")):
+        if key not in want:
+            continue
         try:
             import bench_onnx
 
+            fp32 = lowered("w16", attention)
             t0 = time.perf_counter()
-            paths["ort_nbits"] = bench_onnx.ort_quantized(os.path.dirname(paths["ort_fp32"]), work, 4)
-            say(f"MatMulNBitsQuantizer: {time.perf_counter() - t0:.0f} s")
+            paths[key] = bench_onnx.ort_quantized(os.path.dirname(fp32), work, 4, f"ort_nbits_acc4.{attention}.onnx")
+            say(f"MatMulNBitsQuantizer on the {attention}-attention FP32 export: {time.perf_counter() - t0:.0f} s")
         except ImportError as e:
-            say(f"ort_nbits skipped: {e}")
+            say(f"{key} skipped: {e}")
     rows = {}
-    for key in ("ort_fp32", "ort_w4", "ort_nbits"):
+    for key in ("ort_fp32", "ort_w4", "ort_nbits", "ort_nbits_qpass"):
         if key in want and key in paths:
-            run = runtime.DecoderRunner(runtime.session(paths[key], threads=threads))
-            rows[key] = Row(key, run, "onnxruntime", onnx_bytes_per_token(paths[key]), fp32_kv)
+            runs = [runtime.DecoderRunner(runtime.session(paths[key], threads=threads)) for _ in range(sessions)]
+            rows[key] = Row(key, runs, "onnxruntime", onnx_bytes_per_token(paths[key]), fp32_kv)
     return rows
 
 
@@ -286,10 +297,11 @@ def measure(rows: dict[str, Row], vocab: int, prompt: int, new: int, repeats: in
     ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
     for r in range(repeats + 1):                         # round 0: warm-up
         for row in rows.values():
-            tpre, tdec, _ = run_steps(row.step, ids, new, clock)
-            if r:
-                row.prefill.append(tpre)
-                row.decode.append(tdec)
+            for step in row.step if isinstance(row.step, list) else [row.step]:   # an ONNX row: every session
+                tpre, tdec, _ = run_steps(step, ids, new, clock)
+                if r:
+                    row.prefill.append(tpre)
+                    row.decode.append(tdec)
             if row.linears:                              # the step's linears alone, back to back, 8 passes
                 with torch.no_grad():
                     t0 = clock()
@@ -344,7 +356,11 @@ def targets(rows: dict[str, Row], prompt: int, new: int, read_gbs: float) -> lis
 
     ratio("w4a16_g128_lmhead4", "eager", 5, "W4A16 with lm_head in int4, decode vs FP32 eager")
     ratio("w4a16_g128", "eager", 3, "W4A16 with lm_head in fp32, decode vs FP32 eager")
-    ratio("ort_w4", "ort_nbits", 1, "qpass ONNX W4 decode vs onnxruntime's MatMulNBitsQuantizer model")
+    ratio("ort_w4", "ort_nbits", 1, "qpass ONNX W4 decode vs onnxruntime's MatMulNBitsQuantizer model (of "
+          "torch.onnx's FP32 export)")
+    if "ort_w4" in dec and "ort_nbits_qpass" in dec:
+        out.append(f"qpass ONNX W4 decode vs the same quantizer on qpass's own FP32 ONNX (the same graph, a tie by "
+                   f"construction): {dec['ort_w4'] / dec['ort_nbits_qpass']:.2f}x")
     if "w8a8" in pre and "eager" in pre:
         x = pre["eager"] / pre["w8a8"]
         out.append(f"W8A8 packed prefill vs FP32 eager: {x:.2f}x ({'meets' if x > 1 else 'misses'} > 1x)")
@@ -369,6 +385,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--section", default=SECTION, help=f"the section of --out (default {SECTION}; e.g. "
                     f"{SECTION}-2t for a second table at another thread count)")
     ap.add_argument("--work", default=None, help="cache of the ONNX models (default .cache/bench-size/SIZE)")
+    ap.add_argument("--onnx-sessions", type=int, default=2, metavar="N",
+                    help="onnxruntime sessions per ONNX row, all timed every round (default 2)")
     ap.add_argument("--cpu-clock", action="store_true", help="time by this thread's CPU time instead of wall time "
                     "(with --threads 1 only: every row then runs on the calling thread; on a machine shared with other "
                     "jobs, whose turns wall time would count)")
@@ -386,8 +404,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
             want = [r for r in want if not r.startswith("ort_")]
-    if args.threads < 1 or args.repeats < 1 or args.prompt < 1 or args.new_tokens < 1:
-        ap.error("--threads, --repeats, --prompt and --new-tokens must be >= 1")
+    if min(args.threads, args.repeats, args.prompt, args.new_tokens, args.onnx_sessions) < 1:
+        ap.error("--threads, --repeats, --prompt, --new-tokens and --onnx-sessions must be >= 1")
     if args.cpu_clock and args.threads != 1:
         ap.error("--cpu-clock times the calling thread only: use it with --threads 1")
     args.want = want
@@ -418,7 +436,7 @@ def main(argv=None) -> int:
     length = -(-(args.prompt + args.new_tokens + 1) // 64) * 64
     rows = build_torch_rows(model, args.want, length, args.repeats, say)
     rows.update(build_onnx_rows(model, args.want, args.work or os.path.join(ROOT, ".cache", "bench-size", args.size),
-                                args.threads, say))
+                                args.threads, say, args.onnx_sessions))
     rows = {k: rows[k] for k in ROWS if k in rows}
     clock = time.thread_time if args.cpu_clock else time.perf_counter
     read_gbs = read_bandwidth(args.bandwidth_mb, args.repeats, clock)
@@ -443,6 +461,8 @@ def main(argv=None) -> int:
         f"vocab {c.vocab_size}, lm_head untied, random weights, seed 0); batch 1, prompt {args.prompt}, "
         f"{args.new_tokens} greedy decode steps; {args.threads} thread(s); medians of {args.repeats} rounds after "
         f"a warm-up, the rows interleaved in each round"
+        + (f" (ONNX rows: {args.onnx_sessions} onnxruntime sessions each, every session in every round)"
+           if any(k.startswith("ort_") for k in rows) else "")
         + ("; timed by the calling thread's CPU time (--cpu-clock), not wall time: every row runs on that one thread, "
            "and the turns of other jobs on the shared machine do not count" if args.cpu_clock else "") + ".", "",
         f"Machine: {info['cpu']}, {os.cpu_count()} cores, torch {torch.__version__} ({info['isa']}){onnx_note}, "

@@ -31,7 +31,7 @@ from qpass.errors import ArtifactError, UnsupportedOpError
 from qpass.version import __version__
 
 from . import capture, patterns, side_channels
-from .translations import TABLE
+from .translations import ATTENTION_TABLE, TABLE
 
 ONNX_NAMESPACES = ("aten", "prims", "qpass")   # ops torch.onnx or our translation table (TABLE) converts
 
@@ -96,7 +96,8 @@ def describe_accuracy_level(level: int) -> str:
 
 
 def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy_level: int = 4,
-          int8_weights: str = "u8", fused_accuracy_level: int = FUSED_ACCURACY_LEVEL, decoder: bool | None = None,
+          int8_weights: str = "u8", fused_accuracy_level: int = FUSED_ACCURACY_LEVEL, attention: str = "grouped",
+          decoder: bool | None = None,
           external_data: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
           progress: Callable[[str], None] | None = None) -> OnnxArtifact:
     """Lower `qm` to ONNX in `out_dir` (created; an existing non-empty directory is an error).
@@ -105,7 +106,9 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     ``session.qdq_matmulnbits_accuracy_level`` recorded for onnxruntime's DequantizeLinear+MatMul ->
     MatMulNBits fusion of weight-only linears (4, the default: int8 activations inside the kernel, fast, and
     onnxruntime's own default, so optimum runs the same; 0: exact w.r.t. the fake-quant graph, slower; the
-    perplexity cost of 4 on the bundled models is within noise: docs/onnx.md). decoder: export the KV-cache
+    perplexity cost of 4 on the bundled models is within noise: docs/onnx.md). attention: "grouped" (default:
+    attention over grouped K/V heads without repeated copies, ``translations.sdpa``) or "torch" (torch.onnx's
+    own translation of scaled_dot_product_attention: K and V repeated per query head). decoder: export the KV-cache
     decoder step (default for Hugging Face models) or the plain graph. external_data: None = only above
     ~2 GB. tokenizer_dir: copy tokenizer / generation-config files from there.
     """
@@ -114,7 +117,7 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
         raise UnsupportedOpError(f"fused_accuracy_level must be one of 0..4, got {fused_accuracy_level!r}",
                                  fix="0: exact, 4: fast (the default)")
     opts = patterns.LowerOptions(w4a8=w4a8, accuracy_level=accuracy_level, int8_weights=int8_weights,
-                                 fused_accuracy_level=fused_accuracy_level)
+                                 fused_accuracy_level=fused_accuracy_level, attention=attention)
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ArtifactError(f"{out_dir!r} exists and is not empty", fix="choose a new directory")
@@ -129,7 +132,7 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     if any(r.form.startswith("W") and "A16: DequantizeLinear + MatMul" in r.form for r in report.rows):
         say(describe_accuracy_level(fused_accuracy_level))
     say("exporting to ONNX (torch.onnx, dynamo)")
-    model = _export(gm, args, shapes, inputs, outputs)
+    model = _export(gm, args, shapes, inputs, outputs, ATTENTION_TABLE if opts.attention == "grouped" else {})
     fold_int4_casts(model)
     session_config = {"session.qdq_matmulnbits_accuracy_level": str(fused_accuracy_level)}
     _annotate(model, qm, session_config, decoder)
@@ -181,7 +184,7 @@ def _graph(qm, decoder: bool):
     return gm, args, shapes, [f"input_{i}" for i in range(len(args))], ["output"]
 
 
-def _export(gm, args, shapes, inputs, outputs):
+def _export(gm, args, shapes, inputs, outputs, extra: dict):
     import warnings
 
     quiet = logging.getLogger("torch.onnx")
@@ -191,7 +194,9 @@ def _export(gm, args, shapes, inputs, outputs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                                        output_names=outputs, custom_translation_table={**TABLE, **side_channels.translation_table()}, opset_version=OPSET,
+                                        output_names=outputs, custom_translation_table={**TABLE, **extra,
+                                                                          **side_channels.translation_table()},
+                                        opset_version=OPSET,
                                         optimize=True, verbose=False)
     finally:
         quiet.setLevel(level)
@@ -294,7 +299,7 @@ def _write_side_files(directory: str, qm, report, inputs, outputs, session_confi
                          "onnxscript": onnxscript.__version__},
             "inputs": inputs, "outputs": outputs, "session_config": session_config,
             "options": {"w4a8": opts.w4a8, "accuracy_level": opts.accuracy_level,
-                        "int8_weights": opts.int8_weights,
+                        "int8_weights": opts.int8_weights, "attention": opts.attention,
                         "fused_accuracy_level": int(session_config["session.qdq_matmulnbits_accuracy_level"])},
             "lowering": [vars(r) for r in report.rows], "tokenizer_files": copied,
             "files": {name: file_digest(os.path.join(directory, name)) for name in SEALED_FILES

@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, add_tensor, describe, get_attr, is_quantizer, linear_sites, module_path, param_of
-from qpass.patterns import TRANSPOSES
+from qpass.patterns import TRANSPOSES, attend_grouped, repeated_kv
 from qpass.primitives import hadamard
 from qpass.primitives import ops as qops
 from qpass.primitives import quantize as quantize_codes
@@ -68,6 +68,8 @@ class LowerOptions:
     int8_weights: Literal["u8", "s8"] = "u8"
     fused_accuracy_level: int = 4     # the weight-only MatMulNBits level (lower.py's session config), also the
                                       # attribute of an explicit MatMulNBits a tied table shares (tied_embedding)
+    attention: Literal["grouped", "torch"] = "grouped"   # "grouped": SDPA over grouped K/V heads without copies
+                                      # (group_attention + translations.sdpa); "torch": torch.onnx's translation
 
     def __post_init__(self):
         if self.w4a8 not in ("matmulnbits", "qdq"):
@@ -76,6 +78,8 @@ class LowerOptions:
             raise UnsupportedOpError(f"int8_weights must be 'u8' or 's8', got {self.int8_weights!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise UnsupportedOpError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
+        if self.attention not in ("grouped", "torch"):
+            raise UnsupportedOpError(f"attention must be 'grouped' or 'torch', got {self.attention!r}")
         if self.fused_accuracy_level not in (0, 1, 2, 3, 4):
             raise UnsupportedOpError(f"fused_accuracy_level must be 0..4, got {self.fused_accuracy_level!r}")
 
@@ -559,10 +563,21 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
     for n in list(gm.graph.nodes):
         if is_quantizer(n) and n.users and not r.past_cache(n):
             r.standalone(n)
+    if opts.attention == "grouped":     # after the quantizers: a K/V quantizer on cat([past, new]) is matched with
+        group_attention(gm)             # its readers as they were
     _erase_dead(gm)
     _note_shared_weights(gm, r)
     gm.recompile()
     return r.report
+
+
+def group_attention(gm: GraphModule) -> int:
+    """SDPA over transformers' ``repeat_kv`` copies of K and V -> SDPA over the K/V heads themselves
+    (``enable_gqa``), which ``translations.sdpa`` exports without copying them. Returns the count."""
+    sites = repeated_kv(gm, static=False)
+    for site in sites:
+        attend_grouped(gm, site)
+    return len(sites)
 
 
 def hadamards_to_matmul(gm: GraphModule) -> int:

@@ -25,15 +25,26 @@ docs/onnx.md:
                     QuantizeLinear); onnxruntime runs float8 Q/DQ on CPU (exact, unfused)
   gather_nbits      rows of a matmul_nbits weight (a tied embedding table): Gather of its bytes and scales,
                     nibbles split (BitwiseAnd / BitShift), (code - zero point) * scale
+  sdpa              aten.scaled_dot_product_attention (LowerOptions.attention "grouped", the default): grouped
+                    query heads meet their K/V head without a repeated copy (Q reshaped to [B, Hkv, G * L, E],
+                    one MatMul with K, mask added on a [B, Hkv, G, L, S] view), the scores as (K Qᵀ)ᵀ: only
+                    Q and the scores are transposed (small), K is read in place; the scale on Q only; a row a boolean mask blocks whole gives 0 (torch's safe softmax; torch.onnx's
+                    translation adds the float minimum there instead: the mean of V). torch.onnx's own translation (attention "torch") repeats K and V (Expand), and
+                    reshapes K to 3-D to transpose it, which onnxruntime runs as a copy: two copies of every
+                    cache per layer and step. Anything else (dropout, is_causal, heads or sizes not static, a mask
+                    of another head count) goes to torch.onnx's translation.
 Int4 codes are int8 initializers behind ``Cast(to=INT4)``; ``lower.fold_int4_casts`` turns them into real INT4
 initializers after export.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript
+import torch
 from onnxscript import opset21 as op
 
 from . import ops
@@ -57,6 +68,62 @@ def _matmul_nbits_schema() -> onnx.defs.OpSchema:
 
 
 _MATMUL_NBITS = onnxscript.values.Op(msft, "MatMulNBits", _matmul_nbits_schema())
+
+
+def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+         enable_gqa: bool = False):
+    """scaled_dot_product_attention without copies of K and V (see the module docstring)."""
+    hq, hk, e = (query.shape[1], key.shape[1], query.shape[3]) if len(query.shape) == 4 else (None,) * 3
+    mask_heads = rank = None
+    if attn_mask is not None:           # read before any op: a traced op's output carries no shape
+        rank = len(attn_mask.shape)
+        mask_heads = 1 if rank < 3 else attn_mask.shape[rank - 3]
+    plain = (dropout_p == 0.0 and not is_causal and len(key.shape) == 4 and len(value.shape) == 4
+             and all(isinstance(d, int) for d in (hq, hk, e)) and hk > 0 and hq % hk == 0
+             and (hq == hk or enable_gqa) and mask_heads in (None, 1, hq) and query.dtype == FLOAT)
+    if not plain:
+        from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+        return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                 enable_gqa)
+    g = hq // hk
+    q = op.Mul(query, _const(1.0 / math.sqrt(e) if scale is None else float(scale), np.float32))
+    if g > 1:
+        q = op.Reshape(q, _const([0, hk, -1, e], np.int64))                  # [B, Hkv, G * L, E]
+    # (K q^T)^T, not q K^T: no transpose of K, which would be a copy of the cache (a MatMul packs its B operand),
+    # and which onnxruntime's transpose optimizer would push up through a K/V quantizer's blocked
+    # QuantizeLinear (onnxruntime 1.32 then fails at run time: "x_scale and x must have the same shape")
+    scores = op.Transpose(op.MatMul(key, op.Transpose(q, perm=[0, 1, 3, 2])), perm=[0, 1, 3, 2])   # [B, Hkv, G*L, S]
+    boolean = attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL
+    if attn_mask is not None:
+        if boolean:
+            attn_mask = op.Where(attn_mask, _const(0.0, np.float32), _const(-np.inf, np.float32))
+        if g > 1:
+            flat = op.Shape(scores)
+            s5 = op.Concat(_const([0, hk, g, -1], np.int64), op.Shape(key, start=2, end=3), axis=0)
+            if rank == 3 and mask_heads == hq:                             # [Hq, L, S] -> [1, Hq, L, S]
+                attn_mask, rank = op.Unsqueeze(attn_mask, _const([0], np.int64)), 4
+            if rank == 4 and mask_heads == hq:                             # [B, Hq, L, S] -> [B, Hkv, G, L, S]
+                attn_mask = op.Reshape(attn_mask, op.Concat(op.Shape(attn_mask, start=0, end=1),
+                                                            _const([hk, g], np.int64),
+                                                            op.Shape(attn_mask, start=2), axis=0))
+            elif rank == 4:                                                # [B, 1, L, S] -> [B, 1, 1, L, S]
+                attn_mask = op.Unsqueeze(attn_mask, _const([1], np.int64))
+            probs = op.Softmax(op.Add(op.Reshape(scores, s5), attn_mask), axis=-1)
+        else:
+            probs = op.Softmax(op.Add(scores, attn_mask), axis=-1)
+        if boolean:             # a row a boolean mask blocks whole: 0, as torch's safe softmax gives (not NaN)
+            probs = op.Where(op.IsNaN(probs), _const(0.0, np.float32), probs)
+        if g > 1:
+            probs = op.Reshape(probs, flat)
+    else:
+        probs = op.Softmax(scores, axis=-1)
+    out = op.MatMul(probs, value)                                             # [B, Hkv, G * L, Ev]
+    if g > 1:
+        out = op.Reshape(out, op.Concat(_const([0, hq, -1], np.int64), op.Shape(value, start=3), axis=0))
+    return out
+
+
 def _const(value, dtype) -> "onnxscript.ir.Value":
     return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
 
@@ -254,6 +321,8 @@ def gather_nbits(ids, packed, scales, k: int = 0, bits: int = 4, block: int = 12
     w = op.Reshape(op.Mul(q, s), op.Concat(op.Shape(ids), _const([-1], np.int64), axis=0))
     return op.Slice(w, _const([0], np.int64), _const([k], np.int64), _const([-1], np.int64))
 
+
+ATTENTION_TABLE = {torch.ops.aten.scaled_dot_product_attention.default: sdpa}   # LowerOptions.attention "grouped"
 
 TABLE = {
     ops.gather_nbits: gather_nbits,

@@ -9,8 +9,8 @@ Changes   the pattern -> ``call_module PackedLinear(x)`` (one node; the input qu
           KvWrite (decode graphs): ``index_copy_(cache, 2, pos, kv_fq(k))`` -> ``call_module
           PackedKVCache(k, pos)``; the float cache buffer is removed.
 simplify  (after lowering) export's ``_assert_tensor_metadata`` nodes and casts to the dtype a tensor
-          already has are removed, and attention over repeated K/V heads (RepeatedKv) takes the grouped heads
-          directly (``enable_gqa``: same kernel, same result bit for bit, no copy of every cache per step).
+          already has are removed, and attention over repeated K/V heads (qpass.patterns.repeated_kv) takes
+          the grouped heads directly (``enable_gqa``: same kernel, same result bit for bit, no copy of every cache per step).
           The rotate pass's online Hadamards (``qpass.hadamard``) call the mixed-radix fast Walsh-Hadamard
           transform (``qpass.primitives.hadamard.hadamard_transform``) directly, without custom-op dispatch.
           A decode step of a small model is mostly per-op overhead: on the bundled model (1 thread) the
@@ -39,6 +39,7 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import META_ORIGIN, describe
+from qpass.patterns import attend_grouped, repeated_kv
 from qpass.primitives import hadamard as HD
 from qpass.primitives import quant as Q
 from qpass.primitives.formats import Codebook
@@ -51,8 +52,7 @@ from .ext import ExtLinear
 from .experts import lower_expert_weights
 from .kv import PackedKVCache
 from .linear import ActFormat, PackedLinear, WeightFormat, _normalize_block, choose_layout
-from .patterns import (KV_ROLES, QuantLinear, check_supported, kv_writes, quant_linears, repeated_kv,
-                       unsupported_quantizers)
+from .patterns import KV_ROLES, QuantLinear, check_supported, kv_writes, quant_linears, unsupported_quantizers
 
 aten = torch.ops.aten
 log = logging.getLogger("qpass.backends.torch_packed")
@@ -408,14 +408,7 @@ def simplify(gm: GraphModule) -> dict[str, int]:
             n.target = HD.hadamard_transform      # directly (no custom-op dispatch per step)
             stats["hadamards"] += 1
     for m in repeated_kv(gm):
-        dead = [m.attention.args[1], m.attention.args[2]]
-        m.attention.args = (m.attention.args[0], m.key, m.value, *m.attention.args[3:])
-        m.attention.kwargs = {**m.attention.kwargs, "enable_gqa": True}
-        for rep in dict.fromkeys(dead):         # reshape <- expand <- unsqueeze, each used only by the next
-            chain = [rep, rep.args[0], rep.args[0].args[0]]
-            for node in chain:
-                if not node.users:
-                    gm.graph.erase_node(node)
+        attend_grouped(gm, m)
         stats["gqa_attention"] += 1
     if any(stats.values()):
         gm.graph.lint()

@@ -5,9 +5,6 @@ QuantLinear   linear-like node (``linear`` / ``addmm`` / ``mm`` / ``matmul``, se
               input is optionally ``x -> input quantizer -> matmul``.
 KvWrite       ``index_copy_(cache, 2, pos, kv_quantizer(k))`` in a static-cache decode graph: the K/V cache
               write the ``kv_cache`` pass quantized (QuantMeta role ``key`` / ``value``).
-RepeatedKv    ``scaled_dot_product_attention(q, rep(k), rep(v), ...)`` with grouped K/V heads repeated by
-              ``rep(t) = reshape(expand(unsqueeze(t, 2), [b, h, g, l, d]), [b, h * g, l, d])`` (transformers'
-              ``repeat_kv``, which exported graphs keep): SDPA can take the K/V heads as they are.
 Every other quantizer is either a K/V quantizer outside a cache write (kept as fake-quant: it is the
 no-cache graph's simulation of the stored cache) or something this backend cannot lower
 (:func:`unsupported_quantizers` -> UnsupportedOpError naming node, module and a fix).
@@ -21,7 +18,6 @@ from torch.fx import GraphModule, Node
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph import LinearSite, describe, is_quantizer, linear_sites
-from qpass.patterns import SDPA, is_call, static_shape, unrepeat_kv
 from qpass.primitives.spec import BUILTIN_KINDS
 from qpass.quantizer import Quantizer, Support, quantizers, refuse, unsupported
 
@@ -132,22 +128,3 @@ def unsupported_quantizers(gm: GraphModule, handled: set[Node]) -> None:
                 "torch backend, or run the fake-quant model itself (qm(...)) for this recipe")
 
 
-@dataclass(frozen=True)
-class RepeatedKv:
-    attention: Node             # scaled_dot_product_attention(q, rep(key), rep(value), ...)
-    key: Node                   # [b, kv_heads, l, d] before the repeat
-    value: Node
-
-
-def repeated_kv(gm: GraphModule) -> list[RepeatedKv]:
-    out = []
-    for n in gm.graph.nodes:
-        if not is_call(n, SDPA):
-            continue
-        if len(n.args) > 7 or n.kwargs.get("enable_gqa", False) or len(n.args) < 3:
-            continue
-        k, v = unrepeat_kv(n.args[1]), unrepeat_kv(n.args[2])
-        ks, vs = static_shape(k), static_shape(v)
-        if ks is not None and vs is not None and ks[1] == vs[1]:
-            out.append(RepeatedKv(n, k, v))
-    return out
