@@ -135,13 +135,19 @@ def test_lower_cli_accuracy_level_option(tmp_path, capsys):
     spec.loader.exec_module(cli)
     src = toy.save_hf_dir(tmp_path / "llama")
     code = cli.main([src, "--recipe", str(ROOT / "recipes" / "w4a16_g128.yaml"), "--out", str(tmp_path / "o"),
-                     "--accuracy-level", "0"])
+                     "--accuracy-level", "0", "--attention", "torch"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "MatMulNBits accuracy level 0" in out and "--accuracy-level 4" in out
+    assert "attention over grouped K/V heads" not in out          # --attention torch: torch.onnx's translation
     meta = json.load(open(tmp_path / "o" / "qpass.json"))
     assert meta["options"]["fused_accuracy_level"] == 0 and meta["parity"]["max_abs_logit_diff"] < 1e-3
+    assert meta["options"]["attention"] == "torch"
     with pytest.raises(SystemExit) as e:
         cli.main([src, "--recipe", str(ROOT / "recipes" / "w4a16_g128.yaml"), "--out", str(tmp_path / "t"),
                   "--backend", "torch", "--accuracy-level", "0"])
     assert e.value.code == 2 and "--accuracy-level is an onnx backend option" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main([src, "--recipe", str(ROOT / "recipes" / "w4a16_g128.yaml"), "--out", str(tmp_path / "t"),
+                  "--backend", "torch", "--attention", "grouped"])
+    assert e.value.code == 2 and "--attention is an onnx backend option" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 symbolic sizes, group_attention on a captured decoder step, and translations.sdpa against torch's own
 scaled_dot_product_attention in onnxruntime (GQA, masks of every layout, the fully masked row, fallbacks)."""
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -158,7 +159,15 @@ def test_lowered_decoder_matches_hf_and_the_torch_translation_with_left_padding(
     out = {}
     for attention in ("grouped", "torch"):
         d = tmp_path / attention
-        qpass.lower(qm, "onnx", d, attention=attention)
+        said = []
+        qpass.lower(qm, "onnx", d, attention=attention, progress=said.append)
+        assert json.load(open(d / "qpass.json"))["options"]["attention"] == attention
+        told = [s for s in said if s.startswith("attention over grouped K/V heads")]
+        n_layers = model.config.num_hidden_layers
+        assert told == ([f"attention over grouped K/V heads at {n_layers} SDPA call(s): K/V read in place, not "
+                         f"repeated per query head (other choice: `qpass lower --attention torch` or lower(..., "
+                         f"attention='torch'), torch.onnx's translation)"]
+                        if attention == "grouped" and family == "llama" else []), said
         graph = onnx.load(d / "model.onnx").graph
         out[attention] = collections.Counter(n.op_type for n in graph.node)
         sess = runtime.session(d)

@@ -131,6 +131,10 @@ def lower(qm, out_dir: str | os.PathLike, *, w4a8: str = "matmulnbits", accuracy
     say(f"lowered quantizers:\n{report}")
     if any(r.form.startswith("W") and "A16: DequantizeLinear + MatMul" in r.form for r in report.rows):
         say(describe_accuracy_level(fused_accuracy_level))
+    if report.grouped_attention:
+        say(f"attention over grouped K/V heads at {report.grouped_attention} SDPA call(s): K/V read in place, not "
+            f"repeated per query head (other choice: `qpass lower --attention torch` or lower(..., "
+            f"attention='torch'), torch.onnx's translation)")
     say("exporting to ONNX (torch.onnx, dynamo)")
     model = _export(gm, args, shapes, inputs, outputs, ATTENTION_TABLE if opts.attention == "grouped" else {})
     fold_int4_casts(model)

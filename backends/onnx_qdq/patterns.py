@@ -564,7 +564,7 @@ def rewrite(gm: GraphModule, opts: LowerOptions = LowerOptions()) -> LoweringRep
         if is_quantizer(n) and n.users and not r.past_cache(n):
             r.standalone(n)
     if opts.attention == "grouped":     # after the quantizers: a K/V quantizer on cat([past, new]) is matched with
-        group_attention(gm)             # its readers as they were
+        r.report.grouped_attention = group_attention(gm)     # its readers as they were
     _erase_dead(gm)
     _note_shared_weights(gm, r)
     gm.recompile()

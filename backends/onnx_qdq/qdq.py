@@ -39,6 +39,7 @@ class Lowered:
 @dataclass
 class LoweringReport:
     rows: list[Lowered] = field(default_factory=list)
+    grouped_attention: int = 0          # SDPA calls made to read the K/V heads in place (LowerOptions.attention)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}

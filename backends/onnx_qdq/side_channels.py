@@ -128,7 +128,6 @@ def lower_linear(r, site: LinearSite, wq: Node, x: Node) -> tuple[Node, str, str
         r0, c0 = flat // cols, flat % cols                   # in the quantizer's layout
         oi = torch.stack([c0, r0], 1) if flip else torch.stack([r0, c0], 1)
         ov = t(side.outliers.value)
-    signed = codes.dtype == torch.int8
     node = r.call(site.node, dq_matmul_side, (
         x, r.buffer(site.node, f"{name}_codes", codes),
         None if args["scale_codes"] is not None else r.buffer(site.node, f"{name}_dq_scale", args["scale"]),

@@ -3,7 +3,7 @@ packed-torch directory.
 
     qpass lower MODEL_DIR --recipe R.yaml --out OUT_DIR [--calib TEXT_FILE] [--backend onnx|torch]
                 [--calib-samples N] [--seq-len L] [--force] [--torch-kernels auto|exact|reference]
-                [--accuracy-level 0..4]
+                [--accuracy-level 0..4] [--attention grouped|torch]
 
 The recipe, the paths and the backend are checked before the model is loaded, so a typo costs no time.
 Calibration (when --calib is given): the text is tokenized with the model's tokenizer and cut into N windows
@@ -53,6 +53,10 @@ def add_arguments(ap) -> None:
                     help="onnx backend: onnxruntime's MatMulNBits accuracy level for weight-only int4/int8 "
                          "linears, recorded in the model and qpass.json (default 4: int8 activations inside the "
                          "kernel, fast; 0: exact, the fake-quant model's numbers; docs/onnx.md)")
+    ap.add_argument("--attention", choices=("grouped", "torch"), default=None,
+                    help="onnx backend: how scaled_dot_product_attention is translated, recorded in qpass.json "
+                         "(default grouped: K/V heads read in place, no repeated copies of the cache; torch: "
+                         "torch.onnx's own translation; docs/onnx.md)")
     ap.add_argument("--torch-kernels", choices=("auto", "exact", "reference"), default="auto",
                     help="torch backend: measure kernels per shape on this machine (auto), only exact kernels, "
                          "or the dequantize reference (nothing measured)")
@@ -64,6 +68,9 @@ def check_args(args) -> None:
         raise UsageError("--calib-samples must be >= 1 and --seq-len >= 2")
     if getattr(args, "accuracy_level", None) is not None and args.backend != "onnx":
         raise UsageError("--accuracy-level is an onnx backend option (onnxruntime's MatMulNBits)")
+    if getattr(args, "attention", None) is not None and args.backend != "onnx":
+        raise UsageError("--attention is an onnx backend option (the torch backend's runtime groups K/V heads "
+                         "itself)")
     check_out(os.path.abspath(args.out), args.force)
     check_model_dir(args.model_dir)
     if args.calib is not None:
@@ -101,7 +108,7 @@ def calibration(args, model):
 
 
 def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: str = "auto",
-               accuracy_level: int | None = None):
+               accuracy_level: int | None = None, attention: str | None = None):
     """Lower into `out` (a fresh directory); return a callable input_ids -> logits of the lowered model."""
     import qpass
     from qpass.calibration import logits_of
@@ -110,6 +117,8 @@ def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: s
         from qpass.backends import onnx_qdq
 
         level = {} if accuracy_level is None else {"fused_accuracy_level": accuracy_level}
+        if attention is not None:
+            level["attention"] = attention
         with heartbeat("lowering to ONNX (the export takes minutes on large models)"):
             qpass.lower(qm, "onnx", out, tokenizer_dir=model_dir, progress=say, **level)
         sess = onnx_qdq.session(out)
@@ -171,7 +180,7 @@ def run(args, say=_say) -> int:
         staged = os.path.join(stage, "out")
         t0 = time.perf_counter()
         lowered = lower_into(qm, args.backend, staged, args.model_dir, say, args.torch_kernels,
-                             getattr(args, "accuracy_level", None))
+                             getattr(args, "accuracy_level", None), getattr(args, "attention", None))
         say(f"lowered ({args.backend}) in {time.perf_counter() - t0:.1f}s")
         fig = parity(qm, lowered, held)
         meta_path = os.path.join(staged, "qpass.json")
