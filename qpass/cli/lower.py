@@ -116,11 +116,9 @@ def lower_into(qm, backend: str, out: str, model_dir: str, say, torch_kernels: s
     if backend == "onnx":
         from qpass.backends import onnx_qdq
 
-        level = {} if accuracy_level is None else {"fused_accuracy_level": accuracy_level}
-        if attention is not None:
-            level["attention"] = attention
+        given = {k: v for k, v in (("fused_accuracy_level", accuracy_level), ("attention", attention)) if v is not None}
         with heartbeat("lowering to ONNX (the export takes minutes on large models)"):
-            qpass.lower(qm, "onnx", out, tokenizer_dir=model_dir, progress=say, **level)
+            qpass.lower(qm, "onnx", out, tokenizer_dir=model_dir, progress=say, **given)
         sess = onnx_qdq.session(out)
         return lambda ids: onnx_qdq.logits(sess, ids)
     what = "measuring kernels per shape on this machine" if torch_kernels == "auto" else f"{torch_kernels} kernels"
